@@ -1,0 +1,1 @@
+"""Throughput and latency of the backends and of the server, measured."""

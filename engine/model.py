@@ -1,0 +1,299 @@
+"""The U-Net registry, fold checkpoints, and the inspection model.
+
+``InspectionModel`` is the whole inspection computation as one torch module: uint8 camera
+frames in; cast, normalise, resize to the training resolution, every fold's U-Net, mean of the
+folds' sigmoid probabilities, resize back, then :func:`postprocess`. ``trainer export`` traces
+it into the ONNX inspection graph and the torch backend runs it eagerly as the reference, so
+the two cannot drift apart. torch is imported here: import this module only where torch is wanted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.metadata import ModelMetadata
+
+FOLD_FORMAT = "strip-inspection/fold-checkpoint/1"
+ENSEMBLE_FORMAT = "strip-inspection/ensemble/1"
+
+# Encoders the product supports, by the name users type. The thesis' set (ResNet-34/50/101,
+# EfficientNet-B0..B7) plus ResNet-18 and MobileNetV2, small enough for CPU training runs.
+ENCODERS: dict[str, str] = {
+    "resnet18": "resnet18",
+    "resnet34": "resnet34",
+    "resnet50": "resnet50",
+    "resnet101": "resnet101",
+    "mobilenet_v2": "mobilenet_v2",
+    **{f"efficientnet-b{i}": f"efficientnet-b{i}" for i in range(8)},
+}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything needed to rebuild a fold's U-Net from its state dict."""
+
+    encoder: str = "resnet34"
+    in_channels: int = 1
+    num_classes: int = 4
+    encoder_depth: int = 5
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
+        if len(self.decoder_channels) != self.encoder_depth:
+            raise ValueError(
+                f"decoder_channels has {len(self.decoder_channels)} entries, expected encoder_depth="
+                f"{self.encoder_depth}"
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
+        data = dict(data)
+        if "decoder_channels" in data:
+            data["decoder_channels"] = tuple(data["decoder_channels"])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["decoder_channels"] = list(self.decoder_channels)
+        return d
+
+
+def build_unet(cfg: UNetConfig, encoder_weights: str | None = None) -> nn.Module:
+    """Builds a segmentation-models-pytorch U-Net with raw logits as output."""
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet(
+        encoder_name=ENCODERS[cfg.encoder],
+        encoder_weights=encoder_weights,
+        encoder_depth=cfg.encoder_depth,
+        decoder_channels=list(cfg.decoder_channels),
+        in_channels=cfg.in_channels,
+        classes=cfg.num_classes,
+        activation=None,
+    )
+
+
+def prepare_for_export(unet: nn.Module) -> nn.Module:
+    """Switches off export-hostile pieces (EfficientNet's memory-efficient swish)."""
+    encoder = getattr(unet, "encoder", None)
+    if encoder is not None and hasattr(encoder, "set_swish"):
+        encoder.set_swish(memory_efficient=False)
+    return unet
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- pre/post-processing
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], src_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Resizes ``[N, C, H, W]`` float images or probabilities to ``size``.
+
+    ``src_size`` gives the input's (H, W) as plain ints; pass it when tracing for export so the
+    pooling kernel is a constant rather than a function of a traced shape.
+
+    An exact integer downscale is a box filter (average pooling), which is what area
+    interpolation does and exports to one ONNX AveragePool; anything else is bilinear.
+    Training and the exported graph both call this, so they see identical inputs.
+    """
+    h, w = (int(v) for v in (src_size if src_size is not None else x.shape[-2:]))
+    th, tw = size
+    if (h, w) == (th, tw):
+        return x
+    if h % th == 0 and w % tw == 0 and h >= th and w >= tw:
+        kh, kw = h // th, w // tw
+        return F.avg_pool2d(x, kernel_size=(kh, kw), stride=(kh, kw))
+    return F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
+
+
+def preprocess(frames: torch.Tensor, meta: ModelMetadata, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 frames ``[N, H, W]`` -> normalised network input ``[N, in_channels, th, tw]``."""
+    x = frames.unsqueeze(1).to(torch.float32) * (1.0 / 255.0)
+    if meta.mean != 0.0 or meta.std != 1.0:
+        x = (x - meta.mean) / meta.std
+    x = resize(x, meta.train_size, src_size=meta.input_size)
+    if meta.in_channels != 1:
+        x = x.expand(-1, meta.in_channels, -1, -1)
+    return x.to(dtype)
+
+
+def downscale_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """0/1 masks ``[N, C, H, W]`` -> training resolution: a pixel is set when >= half its area is."""
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks.to(torch.float32)
+    return (resize(masks.to(torch.float32), size) >= 0.5).to(torch.float32)
+
+
+def postprocess(
+    probs: torch.Tensor, thresholds: torch.Tensor, min_areas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities ``[N, C, H, W]`` -> (masks uint8, counts int32 ``[N, C]``, present bool ``[N, C]``).
+
+    A pixel is a defect when ``p >= threshold[c]``; a class is present when its exact pixel count
+    is ``>= min_area[c]``. Counting sums 0/1 values in float32, exact while H*W < 2**24, then
+    casts to int32 (a sum of ones in fp16 would stop being exact past 2048 pixels).
+    """
+    c = probs.shape[1]
+    hits = probs.to(torch.float32) >= thresholds.to(torch.float32).view(1, c, 1, 1)
+    counts = hits.to(torch.float32).sum(dim=(2, 3)).to(torch.int32)
+    present = counts >= min_areas.to(torch.int32).view(1, c)
+    return hits.to(torch.uint8), counts, present
+
+
+class InspectionModel(nn.Module):
+    """The inspection graph: uint8 frames ``[N, H, W]`` -> masks, counts, present (and probs).
+
+    Args:
+        folds: the fold U-Nets (logit outputs), averaged after the sigmoid.
+        meta: model metadata; input/train sizes, normalisation, thresholds and minimum areas.
+        with_probs: also return the mean probabilities ``[N, C, H, W]`` (float32), for debugging.
+        compute_dtype: dtype the U-Nets run in (float16 for the FP16 graph); pre- and
+            post-processing stay in float32.
+    """
+
+    def __init__(
+        self,
+        folds: Sequence[nn.Module],
+        meta: ModelMetadata,
+        with_probs: bool = False,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not folds:
+            raise ValueError("an inspection model needs at least one fold")
+        if meta.input_height * meta.input_width >= 2**24:
+            raise ValueError("frames of 2**24 pixels or more cannot be counted exactly in float32")
+        self.folds = nn.ModuleList(folds)
+        self.meta = meta
+        self.with_probs = with_probs
+        self.compute_dtype = compute_dtype
+        self.register_buffer("thresholds", torch.tensor(meta.thresholds, dtype=torch.float32), persistent=False)
+        self.register_buffer("min_areas", torch.tensor(meta.min_areas, dtype=torch.int32), persistent=False)
+
+    def probabilities(self, frames: torch.Tensor) -> torch.Tensor:
+        """Mean fold probabilities at input resolution, float32 ``[N, C, H, W]``."""
+        x = preprocess(frames, self.meta, self.compute_dtype)
+        total = None
+        for fold in self.folds:
+            p = torch.sigmoid(fold(x)).to(torch.float32)
+            total = p if total is None else total + p
+        probs = total * (1.0 / len(self.folds))
+        return resize(probs, self.meta.input_size, src_size=self.meta.train_size)
+
+    def forward(self, frames: torch.Tensor):  # noqa: D102 - see class docstring
+        probs = self.probabilities(frames)
+        masks, counts, present = postprocess(probs, self.thresholds, self.min_areas)
+        if self.with_probs:
+            return masks, counts, present, probs
+        return masks, counts, present
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_fold_checkpoint(path: str | Path, cfg: UNetConfig, unet: nn.Module, **extra: Any) -> None:
+    """Writes a fold checkpoint: the U-Net config, its state dict, and training facts in ``extra``
+    (fold, epoch, val_loss, train/input size, mean/std, optimiser state for resuming...)."""
+    state = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+    payload = {"format": FOLD_FORMAT, "unet": cfg.to_dict(), "state_dict": state, **extra}
+    tmp = Path(str(path) + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a fold checkpoint or ensemble bundle, with a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") not in (FOLD_FORMAT, ENSEMBLE_FORMAT):
+        raise ValueError(f"{path}: not a strip-inspection checkpoint (expected format {FOLD_FORMAT} or {ENSEMBLE_FORMAT})")
+    return payload
+
+
+def load_fold(path: str | Path) -> tuple[nn.Module, UNetConfig, dict[str, Any]]:
+    """Rebuilds a fold's U-Net (eval mode, CPU) from its checkpoint."""
+    payload = load_checkpoint(path)
+    if payload["format"] != FOLD_FORMAT:
+        raise ValueError(f"{path}: is an ensemble bundle, not a fold checkpoint")
+    cfg = UNetConfig.from_dict(payload["unet"])
+    unet = build_unet(cfg)
+    unet.load_state_dict(payload["state_dict"])
+    return unet.eval(), cfg, payload
+
+
+def save_ensemble(path: str | Path, cfg: UNetConfig, folds: Sequence[nn.Module], meta: ModelMetadata) -> None:
+    """Writes the ``.pt`` ensemble bundle the torch backend loads: config, metadata, every fold."""
+    payload = {
+        "format": ENSEMBLE_FORMAT,
+        "unet": cfg.to_dict(),
+        "metadata": meta.to_dict(),
+        "folds": [{k: v.detach().cpu() for k, v in f.state_dict().items()} for f in folds],
+    }
+    tmp = Path(str(path) + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_ensemble(path: str | Path) -> tuple[list[nn.Module], UNetConfig, ModelMetadata]:
+    """Loads a ``.pt`` ensemble bundle (or a single fold checkpoint as a one-fold ensemble)."""
+    payload = load_checkpoint(path)
+    cfg = UNetConfig.from_dict(payload["unet"])
+    if payload["format"] == ENSEMBLE_FORMAT:
+        meta = ModelMetadata.from_dict(payload["metadata"])
+        states = payload["folds"]
+    else:
+        meta = fold_metadata(payload, cfg, checkpoint_sha256=[file_sha256(path)])
+        states = [payload["state_dict"]]
+    folds = []
+    for state in states:
+        unet = build_unet(cfg)
+        unet.load_state_dict(state)
+        folds.append(unet.eval())
+    return folds, cfg, meta
+
+
+def fold_metadata(payload: dict[str, Any], cfg: UNetConfig, **overrides: Any) -> ModelMetadata:
+    """Metadata for a model made of folds trained like this checkpoint (thesis post-processing
+    defaults unless ``overrides`` says otherwise)."""
+    c = cfg.num_classes
+    input_h, input_w = payload.get("input_size", (256, 1600))
+    train_h, train_w = payload.get("train_size", (input_h, input_w))
+    fields: dict[str, Any] = dict(
+        num_classes=c,
+        class_names=list(payload.get("class_names", [f"class {i}" for i in range(1, c + 1)])),
+        input_height=int(input_h),
+        input_width=int(input_w),
+        train_height=int(train_h),
+        train_width=int(train_w),
+        thresholds=[0.5] * c,
+        min_areas=[200] * c,
+        folds=1,
+        encoder=cfg.encoder,
+        in_channels=cfg.in_channels,
+        mean=float(payload.get("mean", 0.0)),
+        std=float(payload.get("std", 1.0)),
+    )
+    fields.update(overrides)
+    return ModelMetadata(**fields)

@@ -1,0 +1,1 @@
+"""The gRPC streaming inspection service and its camera-simulating client."""
