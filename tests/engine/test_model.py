@@ -1,0 +1,67 @@
+"""The inspection model's pre- and post-processing: the torch mirror of the exported graph."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.metadata import ModelMetadata
+from engine.model import (
+    InspectionModel,
+    UNetConfig,
+    build_unet,
+    downscale_masks,
+    postprocess,
+    preprocess,
+    resize,
+)
+
+
+def test_postprocess_counts_exactly_and_applies_per_class_rules():
+    probs = torch.zeros(1, 3, 256, 1600)
+    probs[0, 0, :100, :100] = 0.7  # 10,000 px above 0.5
+    probs[0, 1, :10, :10] = 0.45  # below class 2's threshold 0.5
+    probs[0, 2] = 0.9  # the whole frame: 409,600 px, exact although past fp16's 2048
+    masks, counts, present = postprocess(probs, torch.tensor([0.5, 0.5, 0.8]), torch.tensor([10_001, 0, 200]))
+    assert masks.dtype == torch.uint8 and counts.dtype == torch.int32 and present.dtype == torch.bool
+    assert counts.tolist() == [[10_000, 0, 409_600]]
+    assert present.tolist() == [[False, True, True]]  # min area 0: present even when empty
+    assert int(masks[0, 0].sum()) == 10_000
+
+
+def test_threshold_is_inclusive():
+    masks, counts, _ = postprocess(torch.full((1, 1, 2, 2), 0.5), torch.tensor([0.5]), torch.tensor([1]))
+    assert counts.item() == 4
+
+
+def test_integer_downscale_is_a_box_filter_and_masks_need_half_coverage():
+    x = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
+    assert resize(x, (2, 2)).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[0, 0, 0, :2] = 1  # half of the top-left 2x2 block
+    masks[0, 0, 2, 2] = 1  # a quarter of the bottom-right block
+    assert downscale_masks(masks, (2, 2)).flatten().tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_preprocess_scales_normalises_and_resizes():
+    meta = ModelMetadata(input_height=4, input_width=8, train_height=2, train_width=4, mean=0.5, std=0.25)
+    frames = torch.full((3, 4, 8), 255, dtype=torch.uint8)
+    x = preprocess(frames, meta)
+    assert x.shape == (3, 1, 2, 4)
+    assert torch.allclose(x, torch.full_like(x, 2.0))  # (1.0 - 0.5) / 0.25
+
+
+def test_inspection_model_averages_folds_and_returns_full_resolution_outputs():
+    torch.manual_seed(0)
+    cfg = UNetConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
+    meta = ModelMetadata(input_height=64, input_width=320, train_height=32, train_width=160, folds=2)
+    folds = [build_unet(cfg).eval(), build_unet(cfg).eval()]
+    frames = torch.randint(0, 256, (2, 64, 320), dtype=torch.uint8)
+    model = InspectionModel(folds, meta, with_probs=True).eval()
+    with torch.no_grad():
+        masks, counts, present, probs = model(frames)
+        x = preprocess(frames, meta)
+        expected = (torch.sigmoid(folds[0](x)) + torch.sigmoid(folds[1](x))) / 2
+    assert masks.shape == (2, 4, 64, 320) and probs.shape == (2, 4, 64, 320)
+    assert torch.allclose(probs, resize(expected, (64, 320)), atol=1e-6)
+    assert torch.equal(counts, masks.to(torch.int64).sum(dim=(2, 3)).to(torch.int32))
+    assert torch.equal(present, counts >= 200)
