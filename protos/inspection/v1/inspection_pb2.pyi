@@ -1,0 +1,127 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RawImage(_message.Message):
+    __slots__ = ("width", "height", "channels", "data")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    channels: int
+    data: bytes
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class InspectRequest(_message.Message):
+    __slots__ = ("camera_id", "frame_id", "encoded_image", "raw_image", "captured_at_unix_ns")
+    CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    RAW_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_AT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    camera_id: str
+    frame_id: int
+    encoded_image: bytes
+    raw_image: RawImage
+    captured_at_unix_ns: int
+    def __init__(self, camera_id: _Optional[str] = ..., frame_id: _Optional[int] = ..., encoded_image: _Optional[bytes] = ..., raw_image: _Optional[_Union[RawImage, _Mapping]] = ..., captured_at_unix_ns: _Optional[int] = ...) -> None: ...
+
+class FrameError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DefectResult(_message.Message):
+    __slots__ = ("class_id", "present", "pixel_count", "rle")
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RLE_FIELD_NUMBER: _ClassVar[int]
+    class_id: int
+    present: bool
+    pixel_count: int
+    rle: str
+    def __init__(self, class_id: _Optional[int] = ..., present: _Optional[bool] = ..., pixel_count: _Optional[int] = ..., rle: _Optional[str] = ...) -> None: ...
+
+class InspectResponse(_message.Message):
+    __slots__ = ("camera_id", "frame_id", "error", "defects", "model_version", "timings")
+    CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DEFECTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    camera_id: str
+    frame_id: int
+    error: FrameError
+    defects: _containers.RepeatedCompositeFieldContainer[DefectResult]
+    model_version: str
+    timings: Timings
+    def __init__(self, camera_id: _Optional[str] = ..., frame_id: _Optional[int] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., defects: _Optional[_Iterable[_Union[DefectResult, _Mapping]]] = ..., model_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queue_us", "inference_us", "postprocess_us", "total_us", "decode_us", "batch_size")
+    QUEUE_US_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_US_FIELD_NUMBER: _ClassVar[int]
+    POSTPROCESS_US_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_US_FIELD_NUMBER: _ClassVar[int]
+    DECODE_US_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    queue_us: int
+    inference_us: int
+    postprocess_us: int
+    total_us: int
+    decode_us: int
+    batch_size: int
+    def __init__(self, queue_us: _Optional[int] = ..., inference_us: _Optional[int] = ..., postprocess_us: _Optional[int] = ..., total_us: _Optional[int] = ..., decode_us: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DefectClass(_message.Message):
+    __slots__ = ("class_id", "name")
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    class_id: int
+    name: str
+    def __init__(self, class_id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("classes", "input_height", "input_width", "thresholds", "min_areas", "backend", "precision", "model_version", "device", "max_batch", "folds", "encoder", "project_version")
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_AREAS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    FOLDS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedCompositeFieldContainer[DefectClass]
+    input_height: int
+    input_width: int
+    thresholds: _containers.RepeatedScalarFieldContainer[float]
+    min_areas: _containers.RepeatedScalarFieldContainer[int]
+    backend: str
+    precision: str
+    model_version: str
+    device: str
+    max_batch: int
+    folds: int
+    encoder: str
+    project_version: str
+    def __init__(self, classes: _Optional[_Iterable[_Union[DefectClass, _Mapping]]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., thresholds: _Optional[_Iterable[float]] = ..., min_areas: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., model_version: _Optional[str] = ..., device: _Optional[str] = ..., max_batch: _Optional[int] = ..., folds: _Optional[int] = ..., encoder: _Optional[str] = ..., project_version: _Optional[str] = ...) -> None: ...

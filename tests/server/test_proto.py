@@ -1,0 +1,59 @@
+"""The committed gRPC code is what `make proto` generates, and the contract's names hold."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PROTO = "protos/inspection/v1/inspection.proto"
+GENERATED = ("inspection_pb2.py", "inspection_pb2.pyi", "inspection_pb2_grpc.py")
+
+
+def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
+    # The same command as the Makefile's `proto` target, writing into a temporary tree.
+    subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={tmp_path}",
+         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", PROTO],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    )
+    for name in GENERATED:
+        fresh = (tmp_path / "protos/inspection/v1" / name).read_text()
+        committed = (REPO / "protos/inspection/v1" / name).read_text()
+        assert fresh == committed, f"protos/inspection/v1/{name} is stale: run `make proto` and commit the result"
+
+
+def test_contract_names_and_field_numbers() -> None:
+    from protos.inspection.v1 import inspection_pb2 as pb
+
+    service = pb.DESCRIPTOR.services_by_name["InspectionService"]
+    assert pb.DESCRIPTOR.package == "inspection.v1"
+    methods = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
+    assert methods == {"Inspect": (True, True), "InspectOne": (False, False), "GetModelInfo": (False, False)}
+
+    def numbers(message: type) -> dict[str, int]:
+        return {f.name: f.number for f in message.DESCRIPTOR.fields}
+
+    assert numbers(pb.RawImage) == {"width": 1, "height": 2, "channels": 3, "data": 4}
+    assert numbers(pb.InspectRequest) == {
+        "camera_id": 1, "frame_id": 2, "encoded_image": 3, "raw_image": 4, "captured_at_unix_ns": 5,
+    }
+    assert [f.name for f in pb.InspectRequest.DESCRIPTOR.oneofs_by_name["image"].fields] == [
+        "encoded_image", "raw_image",
+    ]
+    assert numbers(pb.FrameError) == {"code": 1, "message": 2}
+    assert numbers(pb.DefectResult) == {"class_id": 1, "present": 2, "pixel_count": 3, "rle": 4}
+    response = numbers(pb.InspectResponse)
+    assert response == {
+        "camera_id": 1, "frame_id": 2, "error": 3, "defects": 4, "model_version": 5, "timings": 6,
+    }
+
+
+@pytest.mark.parametrize("module", ["inspection_pb2", "inspection_pb2_grpc"])
+def test_generated_modules_import_from_the_repo_package(module: str) -> None:
+    # grpc_tools writes `from protos.inspection.v1 import inspection_pb2`; it must resolve to this repo.
+    imported = __import__(f"protos.inspection.v1.{module}", fromlist=[module])
+    assert Path(imported.__file__).resolve().parent == REPO / "protos/inspection/v1"
