@@ -1,0 +1,347 @@
+"""Severstal-format data: ``train.csv`` annotations, image files, samples and the training dataset.
+
+A data folder holds ``train_images/`` (JPEG or PNG frames) and ``train.csv`` in either published
+layout:
+
+* ``ImageId,ClassId,EncodedPixels``: one row per defective (image, class) pair;
+* ``ImageId_ClassId,EncodedPixels``: the older layout, one row per (image, class), empty = no defect.
+
+Images in the folder without rows are defect-free. Masks are decoded by :mod:`engine.rle`, the
+project's one RLE implementation, and downscaled by the same functions the exported inspection
+graph runs (:func:`engine.model.resize`, :func:`engine.model.downscale_masks`), so training sees
+exactly what inference computes.
+
+This module imports torch (for the dataset); command-line modules import it inside ``run``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from engine import rle
+from engine.metadata import DEFAULT_CLASS_NAMES
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+IMAGES_DIR = "train_images"
+ANNOTATIONS_FILE = "train.csv"
+NEW_LAYOUT = ("ImageId", "ClassId", "EncodedPixels")
+OLD_LAYOUT = ("ImageId_ClassId", "EncodedPixels")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the data looks like: class count and the camera frame size.
+
+    Attributes:
+        num_classes: defect classes C; class ids in the CSV are 1..C.
+        height, width: the camera frame size every image must have.
+        class_names: one name per class; defaults to the Severstal names for 4 classes,
+            ``"class k"`` otherwise.
+    """
+
+    num_classes: int = 4
+    height: int = 256
+    width: int = 1600
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"frame size must be positive, got {self.height}x{self.width}")
+        if self.class_names is None:
+            names = (
+                DEFAULT_CLASS_NAMES
+                if self.num_classes == len(DEFAULT_CLASS_NAMES)
+                else tuple(f"class {k}" for k in range(1, self.num_classes + 1))
+            )
+            object.__setattr__(self, "class_names", tuple(names))
+        else:
+            object.__setattr__(self, "class_names", tuple(self.class_names))
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} names, expected num_classes={self.num_classes}"
+            )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of a camera frame."""
+        return (self.height, self.width)
+
+    def scaled_size(self, scale: float) -> tuple[int, int]:
+        """(height, width) after downscaling by ``scale`` (0.5 = the thesis' 128x800)."""
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        h, w = round(self.height * scale), round(self.width * scale)
+        if h < 1 or w < 1:
+            raise ValueError(f"scale {scale} shrinks {self.height}x{self.width} frames to {h}x{w}")
+        return (h, w)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training image and its per-class RLE masks.
+
+    Attributes:
+        image_id: the file name, e.g. ``"0002cc93b.jpg"``.
+        path: the image file.
+        rles: one RLE per class (``""`` = no defect of that class); ``len == num_classes``.
+        source: the data folder the image came from.
+    """
+
+    image_id: str
+    path: Path
+    rles: tuple[str, ...]
+    source: Path
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        """The 1-based ids of the classes present in this image."""
+        return tuple(k + 1 for k, r in enumerate(self.rles) if r)
+
+
+# --------------------------------------------------------------------------- annotations
+
+
+def _read_rows(
+    csv_path: Path, num_classes: int, height: int | None, width: int | None
+) -> dict[str, tuple[int, list[str]]]:
+    """image id -> (first CSV line naming it, one RLE per class)."""
+    csv_path = Path(csv_path)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"annotations file {csv_path} does not exist")
+    out: dict[str, tuple[int, list[str]]] = {}
+    seen: dict[tuple[str, int], int] = {}
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(
+                f"{csv_path}: empty file; expected a header {','.join(NEW_LAYOUT)} or {','.join(OLD_LAYOUT)}"
+            )
+        header_t = tuple(h.strip() for h in header)
+        if header_t not in (NEW_LAYOUT, OLD_LAYOUT):
+            raise ValueError(
+                f"{csv_path}:1: unexpected header {','.join(header)!r}; expected "
+                f"{','.join(NEW_LAYOUT)!r} or {','.join(OLD_LAYOUT)!r}"
+            )
+        old = header_t == OLD_LAYOUT
+        for row in reader:
+            line = reader.line_num
+            where = f"{csv_path}:{line}"
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(header_t):
+                raise ValueError(f"{where}: expected {len(header_t)} fields ({','.join(header_t)}), got {len(row)}")
+            if old:
+                key, encoded = row[0].strip(), row[1]
+                image_id, sep, class_text = key.rpartition("_")
+                if not sep or not image_id:
+                    raise ValueError(f"{where}: ImageId_ClassId {key!r} is not of the form '<image>_<class id>'")
+            else:
+                image_id, class_text, encoded = row[0].strip(), row[1], row[2]
+                if not image_id:
+                    raise ValueError(f"{where}: empty ImageId")
+            try:
+                class_id = int(class_text.strip())
+            except ValueError:
+                raise ValueError(f"{where}: ClassId {class_text.strip()!r} is not an integer") from None
+            if not 1 <= class_id <= num_classes:
+                raise ValueError(f"{where}: ClassId {class_id} out of range 1..{num_classes} (image {image_id})")
+            if (image_id, class_id) in seen:
+                raise ValueError(
+                    f"{where}: duplicate row for image {image_id} class {class_id} "
+                    f"(first at line {seen[image_id, class_id]})"
+                )
+            seen[image_id, class_id] = line
+            encoded = encoded.strip()
+            if encoded and height is not None and width is not None:
+                try:
+                    rle.decode(encoded, height, width)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{where}: malformed EncodedPixels for image {image_id} class {class_id}: {exc}"
+                    ) from None
+            entry = out.setdefault(image_id, (line, [""] * num_classes))
+            entry[1][class_id - 1] = encoded
+    return out
+
+
+def read_annotations(
+    csv_path: Path, num_classes: int, height: int | None = None, width: int | None = None
+) -> dict[str, list[str]]:
+    """Reads a Severstal ``train.csv`` (either layout) into image id -> one RLE per class.
+
+    Every image named by a row is a key, also when all its RLEs are empty (old layout).
+
+    Args:
+        csv_path: the CSV file.
+        num_classes: class ids must be 1..num_classes.
+        height, width: the frame size; when given, every RLE is decoded at that size so a
+            malformed one is reported with its line (:func:`load_samples` always passes them).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: bad header, wrong field count, ClassId not an integer or out of range,
+            duplicate (image, class) row, malformed RLE; the message names file and line.
+    """
+    return {k: v[1] for k, v in _read_rows(csv_path, num_classes, height, width).items()}
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def _image_files(images_dir: Path) -> dict[str, Path]:
+    return {
+        p.name: p
+        for p in images_dir.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    }
+
+
+def load_samples(data_dirs: Path | Sequence[Path], cfg: DataConfig) -> list[Sample]:
+    """Every image of one or more data folders, with its masks, sorted by image id.
+
+    Raises:
+        FileNotFoundError: a folder, its ``train_images/`` or ``train.csv`` is missing, or a CSV
+            row names an image that is not in ``train_images/`` (the message names the line).
+        ValueError: any CSV problem (see :func:`read_annotations`); the same image id in two folders.
+    """
+    dirs = [Path(data_dirs)] if isinstance(data_dirs, (str, Path)) else [Path(d) for d in data_dirs]
+    if not dirs:
+        raise ValueError("no data folder given")
+    samples: dict[str, Sample] = {}
+    for data_dir in dirs:
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"data folder {data_dir} does not exist")
+        images_dir = data_dir / IMAGES_DIR
+        if not images_dir.is_dir():
+            raise FileNotFoundError(f"data folder {data_dir} has no {IMAGES_DIR}/ folder of images")
+        csv_path = data_dir / ANNOTATIONS_FILE
+        rows = _read_rows(csv_path, cfg.num_classes, cfg.height, cfg.width)
+        files = _image_files(images_dir)
+        for image_id, (line, _) in rows.items():
+            if image_id not in files:
+                raise FileNotFoundError(f"{csv_path}:{line}: image {image_id} not found in {images_dir}")
+        for image_id, path in files.items():
+            if image_id in samples:
+                raise ValueError(
+                    f"image {image_id} is in two data folders: {samples[image_id].source} and {data_dir}"
+                )
+            rles = rows[image_id][1] if image_id in rows else [""] * cfg.num_classes
+            samples[image_id] = Sample(image_id=image_id, path=path, rles=tuple(rles), source=data_dir)
+        log.debug("%s: %d images, %d with annotation rows", data_dir, len(files), len(rows))
+    return [samples[k] for k in sorted(samples)]
+
+
+def label_matrix(samples: Sequence[Sample], num_classes: int) -> np.ndarray:
+    """bool ``[N, C]``: ``[i, k]`` is True when image i has a defect of class k+1."""
+    out = np.zeros((len(samples), num_classes), dtype=bool)
+    for i, s in enumerate(samples):
+        if len(s.rles) != num_classes:
+            raise ValueError(f"image {s.image_id} has {len(s.rles)} class masks, expected {num_classes}")
+        out[i] = [bool(r) for r in s.rles]
+    return out
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def read_image(path: Path, cfg: DataConfig) -> np.ndarray:
+    """Reads an image file as uint8 grayscale ``[H, W]`` (Severstal JPEGs are three equal channels).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file cannot be decoded, or its size is not the configured frame size.
+    """
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ValueError(f"image file {path} cannot be read: not a decodable JPEG/PNG image")
+    if image.shape != cfg.size:
+        raise ValueError(
+            f"image file {path} is {image.shape[1]}x{image.shape[0]} (width x height), expected "
+            f"{cfg.width}x{cfg.height}"
+        )
+    return image
+
+
+def sample_masks(sample: Sample, cfg: DataConfig) -> np.ndarray:
+    """uint8 0/1 masks ``[C, H, W]`` of a sample, decoded by :mod:`engine.rle`."""
+    if len(sample.rles) != cfg.num_classes:
+        raise ValueError(f"image {sample.image_id} has {len(sample.rles)} class masks, expected {cfg.num_classes}")
+    try:
+        return rle.decode_many(sample.rles, cfg.height, cfg.width)
+    except ValueError as exc:
+        raise ValueError(f"image {sample.image_id}: {exc}") from None
+
+
+Item = Union[Sample, tuple[Sample, Union[str, None]]]
+
+
+def _as_pair(item: Item) -> tuple[Sample, str | None]:
+    if isinstance(item, Sample):
+        return item, None
+    sample, transform = item
+    if not isinstance(sample, Sample):
+        raise TypeError(f"expected a Sample or (Sample, transform name), got {type(item).__name__}")
+    return sample, transform
+
+
+class SeverstalDataset(Dataset):
+    """Images and masks for training: ``(image uint8 [h, w], masks uint8 [C, h, w])``.
+
+    Args:
+        items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.augment.balance_plan`.
+        cfg: the data configuration (frame size, classes).
+        scale: downscale factor; ``(h, w) = (round(H * scale), round(W * scale))``. Images go
+            through :func:`engine.model.resize` and are rounded back to uint8, masks through
+            :func:`engine.model.downscale_masks`, as in the exported graph. A transform is applied
+            at full resolution, before downscaling.
+    """
+
+    def __init__(self, items: Sequence[Item], cfg: DataConfig, scale: float = 1.0) -> None:
+        from trainer.augment import TRANSFORMS
+
+        self.items = [_as_pair(item) for item in items]
+        for sample, name in self.items:
+            if name is not None and name not in TRANSFORMS:
+                raise ValueError(f"image {sample.image_id}: unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
+        self.cfg = cfg
+        self.scale = float(scale)
+        self.size = cfg.scaled_size(self.scale)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from engine.model import downscale_masks, resize
+        from trainer.augment import apply_transform
+
+        sample, transform = self.items[index]
+        image = torch.from_numpy(read_image(sample.path, self.cfg))
+        masks = torch.from_numpy(sample_masks(sample, self.cfg))
+        if transform is not None:
+            image, masks = apply_transform(image, masks, transform)
+        if self.size != self.cfg.size:
+            scaled = resize(image[None, None].to(torch.float32), self.size)[0, 0]
+            image = scaled.round_().clamp_(0, 255).to(torch.uint8)
+            masks = downscale_masks(masks[None], self.size)[0].to(torch.uint8)
+        return image, masks
