@@ -1,3 +1,112 @@
 """Shared test fixtures (tiny models, synthetic data), loaded by tests/conftest.py."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# --------------------------------------------------------------------------- tiny models (Task C)
+# A "run directory" as the trainer writes it, holding randomly initialised tiny U-Nets, and its
+# ONNX export. Camera frames 64x320, U-Nets at 32x160 (exercises the in-graph resize).
+
+TINY_INPUT_SIZE = (64, 320)
+TINY_TRAIN_SIZE = (32, 160)
+TINY_UNET = {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
+
+
+def make_tiny_run(
+    run_dir: Path,
+    folds: int = 2,
+    unet: dict | None = None,
+    postprocess: dict | None = None,
+    input_size: tuple[int, int] = TINY_INPUT_SIZE,
+    train_size: tuple[int, int] = TINY_TRAIN_SIZE,
+    seed: int = 0,
+) -> Path:
+    """Writes ``run_dir/fold<k>/best.pt`` for ``folds`` random U-Nets, config.json and postprocess.json."""
+    import torch
+
+    from engine.metadata import DEFAULT_CLASS_NAMES
+    from engine.model import UNetConfig, build_unet, save_fold_checkpoint
+
+    cfg = UNetConfig.from_dict(unet or TINY_UNET)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for k in range(folds):
+        torch.manual_seed(seed + k)
+        (run_dir / f"fold{k}").mkdir(exist_ok=True)
+        save_fold_checkpoint(
+            run_dir / f"fold{k}" / "best.pt",
+            cfg,
+            build_unet(cfg).eval(),
+            fold=k,
+            epoch=1,
+            val_loss=0.5,
+            input_size=input_size,
+            train_size=train_size,
+            class_names=list(DEFAULT_CLASS_NAMES[: cfg.num_classes]),
+            mean=0.5,
+            std=0.25,
+        )
+    (run_dir / "config.json").write_text(json.dumps({"unet": cfg.to_dict(), "folds": folds}))
+    if postprocess is not None:
+        (run_dir / "postprocess.json").write_text(json.dumps(postprocess))
+    return run_dir
+
+
+def tiny_postprocess(run_dir: Path, frames: np.ndarray) -> dict:
+    """Thresholds/min areas that make the random U-Nets' outputs non-trivial on ``frames``.
+
+    Random U-Nets output probabilities in a narrow band around 0.5, so the thesis' 0.5/200 would
+    make every class present or absent everywhere. Chosen from the ensemble's probabilities:
+    class 1 present in some frames only, class 2 present in every frame, class 3 with defect
+    pixels but never enough to be present, class 4 with no defect pixel at all.
+    """
+    import torch
+
+    from engine.model import InspectionModel
+    from trainer.export import load_run
+
+    run = load_run(run_dir)
+    with torch.no_grad():
+        probs = InspectionModel(run.folds, run.metadata).probabilities(torch.from_numpy(frames)).numpy()
+    p = [probs[:, k] for k in range(probs.shape[1])]
+    thresholds = [
+        round(float(np.quantile(p[0], 0.85)), 4),
+        round(float(np.quantile(p[1], 0.5)), 4),
+        round(float(np.quantile(p[2], 0.998)), 4),
+        round(min(0.999, float(p[3].max()) + 0.05), 4),
+    ]
+    counts0 = (p[0] >= thresholds[0]).sum(axis=(1, 2))
+    min_areas = [int(np.median(counts0)) + 1, 50, int(p[2][0].size), 200]
+    return {"thresholds": thresholds, "min_areas": min_areas}
+
+
+@pytest.fixture(scope="session")
+def tiny_frames() -> np.ndarray:
+    """Six deterministic strip-like uint8 frames [6, 64, 320]."""
+    from engine.parity import synthetic_frames
+
+    return synthetic_frames(6, *TINY_INPUT_SIZE, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_frames: np.ndarray) -> Path:
+    """A 2-fold run of random tiny U-Nets (64x320 frames, 32x160 training) with a postprocess.json
+    of non-default thresholds and minimum areas (see :func:`tiny_postprocess`)."""
+    run_dir = make_tiny_run(tmp_path_factory.mktemp("tiny_run") / "run")
+    postprocess = tiny_postprocess(run_dir, tiny_frames)
+    (run_dir / "postprocess.json").write_text(json.dumps(postprocess))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
+    """``tiny_run`` exported to an fp32 ONNX inspection graph (parity-checked by the export)."""
+    from trainer.export import export_onnx
+
+    out = tmp_path_factory.mktemp("tiny_onnx") / "model.onnx"
+    export_onnx(tiny_run, out)
+    return out

@@ -10,6 +10,7 @@ from engine.cli_util import run_cli
 COMMANDS = {
     "synth": "trainer.synth",
     "split": "trainer.splits",
+    "export": "trainer.export",
 }
 
 

@@ -1,0 +1,177 @@
+"""ONNX Runtime backend: the exported inspection graph on the CPU, or on CUDA/TensorRT providers.
+
+The CPU provider is the default and runs everywhere. With ``onnxruntime-gpu`` installed, the
+CUDA (or, with ``provider="tensorrt"``, the TensorRT) execution provider runs the graph and IO
+binding keeps frames and masks on the device: frames arrive as a CUDA tensor (or are copied up
+once), outputs are written into preallocated device tensors and copied to the host once per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
+from engine.metadata import ModelMetadata
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "frames"
+REQUIRED_OUTPUTS = ("masks", "counts", "present")
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+GPU_HINT = (
+    "install onnxruntime-gpu in place of onnxruntime (pip uninstall onnxruntime && pip install "
+    "'strip-inspection[gpu]') on a machine with an NVIDIA driver and CUDA"
+)
+
+
+def parse_device(device: str) -> tuple[str, int]:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` -> (kind, index)."""
+    device = str(device).strip().lower()
+    if device in ("auto", "cpu", "cuda"):
+        return device, 0
+    if device.startswith("cuda:"):
+        try:
+            return "cuda", int(device.split(":", 1)[1])
+        except ValueError:
+            pass
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def choose_providers(device: str, available: list[str], provider: str | None = None) -> tuple[str, list[Any]]:
+    """Picks the execution providers for ``device`` among ``available`` (pure: testable without a GPU).
+
+    Returns:
+        (device string for :attr:`Backend.device`, providers list for ``InferenceSession``).
+
+    Raises:
+        BackendUnavailable: a GPU was asked for and this onnxruntime has no such provider.
+    """
+    kind, index = parse_device(device)
+    if provider is not None and provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if provider == "cpu" and kind not in ("auto", "cpu"):
+        raise ValueError(f"provider 'cpu' contradicts device {device!r}")
+    if kind == "cpu" or provider == "cpu":
+        return "cpu", ["CPUExecutionProvider"]
+    wanted = PROVIDERS[provider or "cuda"]
+    if wanted not in available:
+        if kind == "auto" and provider is None:
+            return "cpu", ["CPUExecutionProvider"]
+        raise BackendUnavailable(
+            f"onnxruntime here has no {wanted} (available: {', '.join(available)}): {GPU_HINT}"
+        )
+    chain: list[Any] = []
+    if wanted == "TensorrtExecutionProvider":
+        chain.append((wanted, {"device_id": index, "trt_fp16_enable": True, "trt_engine_cache_enable": True}))
+    if "CUDAExecutionProvider" in available:
+        chain.append(("CUDAExecutionProvider", {"device_id": index}))
+    chain.append("CPUExecutionProvider")
+    return f"cuda:{index}", chain
+
+
+class OnnxRuntimeBackend(Backend):
+    """Runs an exported ``.onnx`` inspection graph with ONNX Runtime.
+
+    Args:
+        path: the ``.onnx`` file written by ``trainer export``.
+        device: ``auto`` (CUDA when onnxruntime-gpu and a GPU are present, else CPU), ``cpu``,
+            ``cuda`` or ``cuda:N``.
+        threads: CPU intra-op threads (0 = ONNX Runtime's default: one per physical core).
+        provider: force ``cpu``, ``cuda`` or ``tensorrt`` (the TensorRT execution provider).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int = 0, provider: str | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"onnxruntime is not installed ({exc}): pip install 'strip-inspection[cpu]' (or [gpu] for CUDA)"
+            ) from exc
+        self.path = Path(path)
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        self.device, providers = choose_providers(device, ort.get_available_providers(), provider)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
+            raise ValueError(f"{self.path}: ONNX Runtime cannot load this model ({type(exc).__name__}: {exc})") from exc
+        self.metadata = ModelMetadata.from_onnx_props(
+            dict(self.session.get_modelmeta().custom_metadata_map), source=str(self.path)
+        )
+        self.precision = self.metadata.precision
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [INPUT_NAME] or any(name not in outputs for name in REQUIRED_OUTPUTS):
+            raise ValueError(
+                f"{self.path}: not an inspection graph: inputs {inputs}, outputs {outputs} "
+                f"(expected input {INPUT_NAME!r} and outputs {', '.join(REQUIRED_OUTPUTS)})"
+            )
+        self.output_names = outputs
+        self.providers = self.session.get_providers()
+        self.threads = threads
+        log.info("loaded %s on %s (%s)", self.path, self.device, ", ".join(self.providers))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "providers": self.providers, "threads": self.threads}
+
+    def infer(self, frames: Any) -> InspectionResult:
+        check_frames(frames, self.metadata)
+        if self.device.startswith("cuda"):
+            return self._infer_bound(frames)
+        if not isinstance(frames, np.ndarray):
+            # A torch tensor (CPU or CUDA) on the CPU provider: one copy to the host.
+            frames = frames.detach().cpu().numpy()
+        values = self.session.run(self.output_names, {INPUT_NAME: np.ascontiguousarray(frames)})
+        out = dict(zip(self.output_names, values))
+        return InspectionResult(
+            masks=out["masks"], counts=out["counts"], present=out["present"], probs=out.get("probs")
+        )
+
+    def _infer_bound(self, frames: Any) -> InspectionResult:
+        """IO-bound run on the GPU: device frames in, outputs into device tensors, one copy out."""
+        import torch
+
+        index = int(self.device.split(":")[1])
+        gpu = torch.device("cuda", index)
+        if isinstance(frames, np.ndarray):
+            frames = torch.from_numpy(np.ascontiguousarray(frames)).pin_memory().to(gpu, non_blocking=True)
+        else:
+            frames = frames.to(gpu).contiguous()
+        n = int(frames.shape[0])
+        c = self.metadata.num_classes
+        h, w = self.metadata.input_size
+        outputs = {
+            "masks": torch.empty((n, c, h, w), dtype=torch.uint8, device=gpu),
+            "counts": torch.empty((n, c), dtype=torch.int32, device=gpu),
+            "present": torch.empty((n, c), dtype=torch.bool, device=gpu),
+        }
+        if "probs" in self.output_names:
+            outputs["probs"] = torch.empty((n, c, h, w), dtype=torch.float32, device=gpu)
+        dtypes = {"masks": np.uint8, "counts": np.int32, "present": np.bool_, "probs": np.float32}
+        binding = self.session.io_binding()
+        # ORT reads the input on its own stream: the upload must have finished first.
+        torch.cuda.current_stream(gpu).synchronize()
+        binding.bind_input(INPUT_NAME, "cuda", index, np.uint8, tuple(frames.shape), frames.data_ptr())
+        for name, tensor in outputs.items():
+            binding.bind_output(name, "cuda", index, dtypes[name], tuple(tensor.shape), tensor.data_ptr())
+        self.session.run_with_iobinding(binding)
+        host = {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+        return InspectionResult(
+            masks=host["masks"], counts=host["counts"], present=host["present"], probs=host.get("probs")
+        )
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]

@@ -1,0 +1,190 @@
+"""Parity between two runs of the inspection graph: an exported model against its reference.
+
+``trainer export`` compares ONNX Runtime with the torch eager reference (and an FP16 graph with
+the FP32 reference); the backend tests compare backends with each other. Everything here is
+numpy: the outputs of any backend can be compared.
+
+What is measured, and why:
+
+- ``max_prob_diff``: largest absolute difference of the mean fold probabilities.
+- ``mask_mismatch_fraction``: fraction of mask pixels that differ, *excluding* pixels whose
+  reference probability lies within ``threshold_band`` of their class threshold. Such a pixel may
+  legitimately land on either side of the threshold after any rounding; a pixel far from it may not.
+- ``max_count_diff``: largest per-(image, class) pixel-count difference. Counts must also equal the
+  sum of the candidate's own masks (a count accumulated in fp16 would not), and ``present`` must
+  equal ``counts >= min_area``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Limits beyond which a parity check fails.
+
+    Attributes:
+        max_prob_diff: largest allowed absolute probability difference.
+        max_mask_mismatch: largest allowed fraction of differing mask pixels outside the band.
+        threshold_band: pixels whose reference probability is within this distance of the threshold
+            are excluded from the mask comparison.
+    """
+
+    max_prob_diff: float
+    max_mask_mismatch: float
+    threshold_band: float = 1e-3
+
+
+# FP32 ONNX Runtime vs FP32 torch: the same arithmetic in a different order; float32 rounding of
+# a few hundred accumulated terms stays far below 1e-4, so any mask pixel outside the 1e-3 band
+# that differs is a real bug.
+FP32_TOLERANCE = Tolerance(max_prob_diff=1e-4, max_mask_mismatch=0.0)
+# FP16 U-Nets vs FP32: half precision keeps ~3 decimal digits; after the sigmoid and the fold mean,
+# probability errors of a few 1e-3 are normal, so pixels just outside the band can flip. 1e-2 and
+# 0.1 % of pixels catch a broken conversion (overflow, wrong cast) without failing a healthy one.
+FP16_TOLERANCE = Tolerance(max_prob_diff=1e-2, max_mask_mismatch=1e-3)
+
+
+def tolerance_for(precision: str) -> Tolerance:
+    """The tolerance a graph of ``precision`` is held to against the FP32 reference."""
+    if precision == "fp32":
+        return FP32_TOLERANCE
+    if precision == "fp16":
+        return FP16_TOLERANCE
+    raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+
+
+@dataclass
+class ParityReport:
+    """The outcome of comparing a candidate's outputs with a reference's on the same frames."""
+
+    reference: str
+    candidate: str
+    frames: int
+    tolerance: Tolerance
+    max_prob_diff: float | None
+    mask_mismatch_fraction: float
+    near_threshold_fraction: float
+    max_count_diff: int
+    present_mismatches: int
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        prob = "n/a" if self.max_prob_diff is None else f"{self.max_prob_diff:.3g}"
+        verdict = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        return (
+            f"{self.candidate} vs {self.reference} on {self.frames} frames: max |dprob| {prob} "
+            f"(<= {self.tolerance.max_prob_diff:g}), differing mask pixels {self.mask_mismatch_fraction:.3g} "
+            f"(<= {self.tolerance.max_mask_mismatch:g}, excluding {self.near_threshold_fraction:.3g} within "
+            f"{self.tolerance.threshold_band:g} of the threshold), max |dcount| {self.max_count_diff}, "
+            f"present mismatches {self.present_mismatches}: {verdict}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def _get(outputs: Any, name: str) -> Any:
+    return outputs[name] if isinstance(outputs, dict) else getattr(outputs, name)
+
+
+def compare_outputs(
+    reference: Any,
+    candidate: Any,
+    thresholds: np.ndarray | list[float],
+    min_areas: np.ndarray | list[int],
+    tolerance: Tolerance,
+    reference_name: str = "reference",
+    candidate_name: str = "candidate",
+) -> ParityReport:
+    """Compares two sets of inspection outputs (``InspectionResult`` or dicts of arrays).
+
+    ``reference`` must carry ``probs`` (they define the near-threshold band); the probability
+    difference is measured only when ``candidate`` has them too.
+    """
+    ref_probs = np.asarray(_get(reference, "probs"), dtype=np.float32)
+    ref_masks = np.asarray(_get(reference, "masks"))
+    cand_masks = np.asarray(_get(candidate, "masks"))
+    ref_counts = np.asarray(_get(reference, "counts"), dtype=np.int64)
+    cand_counts = np.asarray(_get(candidate, "counts"), dtype=np.int64)
+    cand_present = np.asarray(_get(candidate, "present"), dtype=bool)
+    ref_present = np.asarray(_get(reference, "present"), dtype=bool)
+    cand_probs = _get(candidate, "probs")
+    if ref_masks.shape != cand_masks.shape:
+        raise ValueError(f"mask shapes differ: {reference_name} {ref_masks.shape}, {candidate_name} {cand_masks.shape}")
+    c = ref_masks.shape[1]
+    t = np.asarray(thresholds, dtype=np.float32).reshape(1, c, 1, 1)
+    near = np.abs(ref_probs - t) <= tolerance.threshold_band
+    differ = ref_masks != cand_masks
+    far = ~near
+    far_pixels = int(far.sum())
+    mismatch = float((differ & far).sum() / far_pixels) if far_pixels else 0.0
+    max_prob_diff = None
+    if cand_probs is not None:
+        max_prob_diff = float(np.abs(ref_probs - np.asarray(cand_probs, dtype=np.float32)).max())
+    count_diff = np.abs(ref_counts - cand_counts)
+    report = ParityReport(
+        reference=reference_name,
+        candidate=candidate_name,
+        frames=int(ref_masks.shape[0]),
+        tolerance=tolerance,
+        max_prob_diff=max_prob_diff,
+        mask_mismatch_fraction=mismatch,
+        near_threshold_fraction=float(near.mean()),
+        max_count_diff=int(count_diff.max()),
+        present_mismatches=int((ref_present != cand_present).sum()),
+    )
+    if max_prob_diff is not None and max_prob_diff > tolerance.max_prob_diff:
+        report.failures.append(f"max |dprob| {max_prob_diff:.3g} exceeds {tolerance.max_prob_diff:g}")
+    if mismatch > tolerance.max_mask_mismatch:
+        report.failures.append(
+            f"{mismatch:.3g} of the mask pixels away from the threshold differ (allowed {tolerance.max_mask_mismatch:g})"
+        )
+    own_sums = cand_masks.astype(np.int64).sum(axis=(2, 3))
+    if not np.array_equal(own_sums, cand_counts):
+        n, k = np.argwhere(own_sums != cand_counts)[0]
+        report.failures.append(
+            f"{candidate_name} counts disagree with its own masks (image {n}, class {k + 1}: count "
+            f"{cand_counts[n, k]}, mask pixels {own_sums[n, k]})"
+        )
+    expected_present = cand_counts >= np.asarray(min_areas, dtype=np.int64).reshape(1, c)
+    if not np.array_equal(expected_present, cand_present):
+        report.failures.append(f"{candidate_name} present disagrees with counts >= min_area")
+    return report
+
+
+def synthetic_frames(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Deterministic strip-like uint8 frames ``[n, height, width]`` for parity checks and tests.
+
+    A rolled-steel look (a brightness gradient across the strip, rolling streaks along it, sensor
+    noise) with dark pits and bright scratches, so networks see varied inputs rather than flat
+    noise, and their outputs vary from frame to frame.
+    """
+    if n < 1 or height < 1 or width < 1:
+        raise ValueError(f"need n, height, width >= 1, got {n}, {height}, {width}")
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0.0, 1.0, height, dtype=np.float32)[None, :, None]
+    x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, None, :]
+    level = rng.uniform(90, 150, size=(n, 1, 1)).astype(np.float32)
+    tilt = rng.uniform(-30, 30, size=(n, 1, 1)).astype(np.float32)
+    streaks = rng.normal(0, 6, size=(n, height, 1)).astype(np.float32)
+    frames = level + tilt * y + streaks + rng.normal(0, 8, size=(n, height, width)).astype(np.float32)
+    spots = 6
+    cy = rng.uniform(0, 1, size=(n, spots, 1, 1)).astype(np.float32)
+    cx = rng.uniform(0, 1, size=(n, spots, 1, 1)).astype(np.float32)
+    ry = rng.uniform(0.05, 0.25, size=(n, spots, 1, 1)).astype(np.float32)
+    rx = rng.uniform(0.005, 0.08, size=(n, spots, 1, 1)).astype(np.float32)
+    depth = rng.choice([-90.0, 80.0], size=(n, spots, 1, 1)).astype(np.float32)
+    inside = ((y[:, None] - cy) / ry) ** 2 + ((x[:, None] - cx) / rx) ** 2 <= 1.0
+    frames += (inside * depth).sum(axis=1)
+    return np.clip(frames, 0, 255).astype(np.uint8)

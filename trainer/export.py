@@ -1,0 +1,437 @@
+"""``trainer export``: a training run's fold checkpoints -> one ONNX inspection graph (or a .pt bundle).
+
+The graph takes uint8 camera frames ``[N, H, W]`` and returns masks, exact counts and present
+labels (see :class:`engine.model.InspectionModel`); thresholds and minimum areas from the run's
+``postprocess.json`` and everything else a consumer needs travel in its ``metadata_props``.
+
+Before the file is written the export checks itself: ``onnx.checker``, then ONNX Runtime against
+the torch eager reference on synthetic frames (:mod:`engine.parity`); it fails when the outputs
+differ beyond the stated tolerance. An FP16 graph is compared with the FP32 reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.cli_util import CLIError
+from engine.metadata import ModelMetadata
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from engine.model import UNetConfig
+    from engine.parity import ParityReport
+
+log = logging.getLogger(__name__)
+
+HELP = "export a run's folds as one ONNX inspection graph (or a .pt ensemble bundle)"
+DESCRIPTION = (
+    "Writes the inspection graph: uint8 frames [N,H,W] -> masks uint8 [N,C,H,W], counts int32 [N,C], "
+    "present bool [N,C]. The export checks itself against the torch eager reference and fails beyond "
+    "tolerance. '--out model.pt' writes the torch backend's ensemble bundle instead."
+)
+
+INPUT_NAME = "frames"
+OUTPUT_NAMES = ("masks", "counts", "present")
+PROBS_NAME = "probs"
+FOLD_DIR = re.compile(r"^fold(\d+)$")
+
+
+@dataclass
+class RunModel:
+    """A run's selected folds, rebuilt, with the metadata of the model they make together."""
+
+    run_dir: Path
+    folds: list[nn.Module]
+    fold_ids: list[int]
+    checkpoints: list[Path]
+    config: UNetConfig
+    metadata: ModelMetadata
+
+
+@dataclass
+class ExportReport:
+    """What ``export_onnx``/``export_ensemble`` wrote and how it compared with the reference."""
+
+    out_path: Path
+    precision: str
+    fold_ids: list[int]
+    metadata: ModelMetadata
+    sha256: str
+    size_bytes: int
+    opset: int | None = None
+    parity: list[ParityReport] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"wrote {self.out_path} ({self.size_bytes / 1e6:.1f} MB, {self.precision}, folds "
+            f"{','.join(map(str, self.fold_ids))}, sha256 {self.sha256[:12]})",
+            f"  input frames uint8 [N, {self.metadata.input_height}, {self.metadata.input_width}], "
+            f"U-Nets at {self.metadata.train_height}x{self.metadata.train_width}, thresholds "
+            f"{self.metadata.thresholds}, min areas {self.metadata.min_areas}",
+        ]
+        lines += [f"  parity: {p.summary()}" for p in self.parity]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_path": str(self.out_path),
+            "precision": self.precision,
+            "fold_ids": self.fold_ids,
+            "metadata": self.metadata.to_dict(),
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "opset": self.opset,
+            "parity": [p.to_dict() for p in self.parity],
+        }
+
+
+class ExportParityError(ValueError):
+    """The exported graph's outputs differ from the reference beyond tolerance."""
+
+
+# --------------------------------------------------------------------------- reading a run
+
+
+def parse_folds(folds: str | Sequence[int]) -> list[int] | None:
+    """``"all"`` -> None (every fold found); ``"0,2"`` or ``[0, 2]`` -> ``[0, 2]``."""
+    if isinstance(folds, str):
+        if folds.strip().lower() == "all":
+            return None
+        try:
+            ids = [int(tok) for tok in folds.split(",") if tok.strip()]
+        except ValueError:
+            raise ValueError(f"--folds must be 'all' or comma-separated fold numbers like 0,1,2; got {folds!r}") from None
+    else:
+        ids = [int(f) for f in folds]
+    if not ids:
+        raise ValueError("--folds selects no fold")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"--folds lists a fold twice: {ids}")
+    return ids
+
+
+def find_fold_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """``{fold: RUN/fold{k}/best.pt}`` for every fold directory holding a best checkpoint."""
+    found = {}
+    for child in sorted(run_dir.iterdir()):
+        m = FOLD_DIR.match(child.name)
+        if m and child.is_dir() and (child / "best.pt").is_file():
+            found[int(m.group(1))] = child / "best.pt"
+    return found
+
+
+def read_postprocess(run_dir: Path, num_classes: int) -> tuple[list[float], list[int]]:
+    """Thresholds and minimum areas from ``RUN/postprocess.json`` (thesis 0.5 / 200 when absent)."""
+    path = run_dir / "postprocess.json"
+    if not path.is_file():
+        log.info("%s absent: using the thesis defaults (threshold 0.5, min area 200)", path)
+        return [0.5] * num_classes, [200] * num_classes
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'thresholds' and 'min_areas'")
+    thresholds = data.get("thresholds", [0.5] * num_classes)
+    min_areas = data.get("min_areas", [200] * num_classes)
+    for name, values in (("thresholds", thresholds), ("min_areas", min_areas)):
+        if not isinstance(values, list) or len(values) != num_classes:
+            raise ValueError(f"{path}: '{name}' must be a list of {num_classes} values (one per class), got {values!r}")
+    try:
+        return [float(t) for t in thresholds], [int(a) for a in min_areas]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: thresholds must be numbers and min_areas integers ({exc})") from exc
+
+
+# Facts every fold of one model must share; a mismatch means the folds come from different runs.
+_SHARED_FACTS = ("input_size", "train_size", "class_names", "mean", "std")
+
+
+def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunModel:
+    """Rebuilds a run's selected folds (eval mode, CPU) and the metadata of their ensemble.
+
+    Raises:
+        FileNotFoundError: no run directory, or a selected fold has no ``best.pt``.
+        ValueError: folds that disagree on architecture or data facts, a bad postprocess.json.
+    """
+    from engine.model import file_sha256, fold_metadata, load_fold
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    available = find_fold_checkpoints(run_dir)
+    wanted = parse_folds(folds)
+    if wanted is None:
+        if not available:
+            raise FileNotFoundError(f"{run_dir}: no fold checkpoints (expected {run_dir}/fold<k>/best.pt)")
+        wanted = sorted(available)
+    missing = [k for k in wanted if k not in available]
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir}: no checkpoint for fold(s) {missing} (expected {run_dir}/fold<k>/best.pt; "
+            f"found folds {sorted(available) or 'none'})"
+        )
+    nets, payloads, checkpoints = [], [], []
+    config = None
+    for k in wanted:
+        unet, cfg, payload = load_fold(available[k])
+        if config is None:
+            config = cfg
+        elif cfg != config:
+            raise ValueError(f"{available[k]}: U-Net {cfg} differs from fold {wanted[0]}'s {config}")
+        first = payloads[0] if payloads else payload
+        for fact in _SHARED_FACTS:
+            if _normalise(payload.get(fact)) != _normalise(first.get(fact)):
+                raise ValueError(
+                    f"{available[k]}: {fact} {payload.get(fact)!r} differs from fold {wanted[0]}'s "
+                    f"{first.get(fact)!r}; all folds of one model must share it"
+                )
+        nets.append(unet)
+        payloads.append(payload)
+        checkpoints.append(available[k])
+    assert config is not None
+    thresholds, min_areas = read_postprocess(run_dir, config.num_classes)
+    shas = [file_sha256(p) for p in checkpoints]
+    combined = hashlib.sha256("".join(shas).encode()).hexdigest()[:12]
+    meta = fold_metadata(
+        payloads[0],
+        config,
+        thresholds=thresholds,
+        min_areas=min_areas,
+        folds=len(nets),
+        checkpoint_sha256=shas,
+        model_version=f"{run_dir.resolve().name}-{combined}",
+    )
+    return RunModel(run_dir, nets, list(wanted), checkpoints, config, meta)
+
+
+def _normalise(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_onnx(
+    run_dir: str | Path,
+    out_path: str | Path,
+    folds: str | Sequence[int] = "all",
+    precision: str = "fp32",
+    opset: int = 17,
+    with_probs: bool = False,
+    parity_frames: int = 2,
+) -> ExportReport:
+    """Exports a run's folds as one ONNX inspection graph and checks it.
+
+    Args:
+        run_dir: training run directory (``fold<k>/best.pt``, optional ``postprocess.json``).
+        out_path: the ``.onnx`` file to write (replaced atomically, only after the checks pass).
+        folds: ``"all"``, ``"0,1"`` or a list of fold numbers.
+        precision: ``fp32``, or ``fp16`` (U-Nets in half precision; uint8 input, fp32/int32/bool
+            outputs and the pre/post-processing stay as they are).
+        opset: ONNX opset.
+        with_probs: also output the mean probabilities (``probs``), for debugging.
+        parity_frames: synthetic frames for the ONNX Runtime vs torch check; 0 skips it (not advised).
+
+    Raises:
+        ExportParityError: the exported graph differs from the reference beyond tolerance.
+    """
+    import onnx
+    import torch
+
+    from engine.model import InspectionModel, prepare_for_export
+    from engine.parity import compare_outputs, synthetic_frames, tolerance_for
+
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"--precision must be fp32 or fp16, got {precision!r}")
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".onnx":
+        raise ValueError(f"{out_path}: an ONNX export must end in .onnx")
+    if parity_frames < 0:
+        raise ValueError(f"--parity-frames must be >= 0, got {parity_frames}")
+    run = load_run(run_dir, folds)
+    meta = ModelMetadata.from_dict({**run.metadata.to_dict(), "precision": precision})
+    frames = synthetic_frames(max(parity_frames, 1), meta.input_height, meta.input_width, seed=1234)
+
+    reference_model = InspectionModel([prepare_for_export(f) for f in run.folds], meta, with_probs=True).eval()
+    reference = None
+    if parity_frames:
+        with torch.no_grad():
+            masks, counts, present, probs = reference_model(torch.from_numpy(frames))
+        reference = {"masks": masks.numpy(), "counts": counts.numpy(), "present": present.numpy(), "probs": probs.numpy()}
+
+    if precision == "fp16":
+        import copy
+
+        halves = [copy.deepcopy(f).half() for f in reference_model.folds]
+        graph_model = InspectionModel(halves, meta, with_probs=True, compute_dtype=torch.float16).eval()
+    else:
+        graph_model = reference_model
+
+    output_names = [*OUTPUT_NAMES, PROBS_NAME]
+    buffer = io.BytesIO()
+    log.info("tracing the %s inspection graph (%d folds, opset %d)", precision, len(run.folds), opset)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The legacy (TorchScript) exporter is chosen on purpose: it is verified on this graph.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # EfficientNet's padding
+        torch.onnx.export(
+            graph_model,
+            (torch.from_numpy(frames[:1]),),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=output_names,
+            dynamic_axes={name: {0: "N"} for name in [INPUT_NAME, *output_names]},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    _set_signature(model, meta)
+    model.doc_string = f"strip-inspection graph: {meta.folds} x {meta.encoder} U-Net, {precision}"
+    del model.metadata_props[:]
+    for key, value in meta.to_onnx_props().items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+
+    reports = []
+    if reference is not None:
+        outputs = _run_onnxruntime(model.SerializeToString(), frames, output_names)
+        report = compare_outputs(
+            reference,
+            outputs,
+            meta.thresholds,
+            meta.min_areas,
+            tolerance_for(precision),
+            reference_name="torch eager fp32",
+            candidate_name=f"onnxruntime cpu {precision}",
+        )
+        log.info("parity: %s", report.summary())
+        reports.append(report)
+        if not report.passed:
+            raise ExportParityError(
+                f"{out_path}: not written: the exported graph disagrees with the reference: {report.summary()}"
+            )
+    else:
+        log.warning("parity check skipped (--parity-frames 0): the graph is not compared with the reference")
+
+    if not with_probs:
+        # The probabilities feed the threshold node, so dropping the graph output leaves no dead nodes.
+        keep = [o for o in model.graph.output if o.name != PROBS_NAME]
+        del model.graph.output[:]
+        model.graph.output.extend(keep)
+        onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out_path)
+    report = ExportReport(
+        out_path=out_path,
+        precision=precision,
+        fold_ids=run.fold_ids,
+        metadata=meta,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        opset=opset,
+        parity=reports,
+    )
+    log.info("wrote %s (%d bytes)", out_path, len(data))
+    return report
+
+
+def _set_signature(model: Any, meta: ModelMetadata) -> None:
+    """Writes the static dimensions of the inputs/outputs (the tracer names them symbolically)."""
+    c, h, w = meta.num_classes, meta.input_height, meta.input_width
+    shapes = {
+        INPUT_NAME: [h, w],
+        "masks": [c, h, w],
+        "counts": [c],
+        "present": [c],
+        PROBS_NAME: [c, h, w],
+    }
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        dims[0].dim_param = "N"
+        for dim, size in zip(dims[1:], shapes[value.name]):
+            dim.dim_value = size
+
+
+def _run_onnxruntime(model_bytes: bytes, frames: Any, output_names: Sequence[str]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    values = session.run(list(output_names), {INPUT_NAME: frames})
+    return dict(zip(output_names, values))
+
+
+def export_ensemble(run_dir: str | Path, out_path: str | Path, folds: str | Sequence[int] = "all") -> ExportReport:
+    """Writes the torch backend's ``.pt`` ensemble bundle (every selected fold + metadata)."""
+    from engine.model import file_sha256, save_ensemble
+
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".pt":
+        raise ValueError(f"{out_path}: an ensemble bundle must end in .pt")
+    run = load_run(run_dir, folds)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_ensemble(out_path, run.config, run.folds, run.metadata)
+    return ExportReport(
+        out_path=out_path,
+        precision="fp32",
+        fold_ids=run.fold_ids,
+        metadata=run.metadata,
+        sha256=file_sha256(out_path),
+        size_bytes=out_path.stat().st_size,
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="training run directory (fold<k>/best.pt)")
+    parser.add_argument("--out", required=True, type=Path, help="model.onnx (inspection graph) or model.pt (bundle)")
+    parser.add_argument("--folds", default="all", help="'all' or comma-separated fold numbers (default: all)")
+    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="U-Net precision (ONNX only)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument("--with-probs", action="store_true", help="also output the mean probabilities (debugging)")
+    parser.add_argument(
+        "--parity-frames", type=int, default=2, help="synthetic frames for the parity check (0 skips it; default 2)"
+    )
+    parser.add_argument("--report", type=Path, help="also write the export report as JSON here")
+
+
+def run(args: Any) -> int:
+    suffix = args.out.suffix.lower()
+    if suffix == ".onnx":
+        report = export_onnx(
+            args.run,
+            args.out,
+            folds=args.folds,
+            precision=args.precision,
+            opset=args.opset,
+            with_probs=args.with_probs,
+            parity_frames=args.parity_frames,
+        )
+    elif suffix == ".pt":
+        if args.precision != "fp32" or args.with_probs:
+            raise CLIError("--precision fp16 and --with-probs apply to ONNX exports only; a .pt bundle is fp32")
+        report = export_ensemble(args.run, args.out, folds=args.folds)
+    else:
+        raise CLIError(f"--out {args.out}: expected a .onnx (inspection graph) or .pt (ensemble bundle) file")
+    print(report.summary())
+    if args.report:
+        args.report.write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
