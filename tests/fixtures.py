@@ -110,3 +110,37 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
     out = tmp_path_factory.mktemp("tiny_onnx") / "model.onnx"
     export_onnx(tiny_run, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pt(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
+    """``tiny_run`` as the torch backend's ``.pt`` ensemble bundle."""
+    from trainer.export import export_ensemble
+
+    out = tmp_path_factory.mktemp("tiny_pt") / "model.pt"
+    export_ensemble(tiny_run, out)
+    return out
+
+
+# --------------------------------------------------------------------------- synthetic line data (Task A)
+# 48 frames of 64x320 from `trainer synth`, seed 0: 6/3/15/5 images with classes 1/2/3/4, two
+# images with two classes, 85 % of (image, class) pairs empty.
+
+SYNTH_SIZE = (64, 320)
+SYNTH_IMAGES = 48
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Severstal-format data folder (train_images/ + train.csv) written by ``trainer.synth.synthesize``."""
+    from trainer.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("synth") / "data", SYNTH_IMAGES, *SYNTH_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_cfg():
+    """The ``trainer.data.DataConfig`` matching ``synth_dir`` (4 classes, 64x320 frames)."""
+    from trainer.data import DataConfig
+
+    return DataConfig(num_classes=4, height=SYNTH_SIZE[0], width=SYNTH_SIZE[1])

@@ -1,0 +1,117 @@
+"""Torch backend: the eager reference. The fold U-Nets of a ``.pt`` ensemble bundle (or one fold
+checkpoint) run in :class:`engine.model.InspectionModel`, the module the ONNX graph is traced from.
+
+On the CPU it runs in fp32, the reference every exported model is compared with; on CUDA in fp16
+with channels_last weights (what tensor cores want), unless ``precision="fp32"`` is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
+
+log = logging.getLogger(__name__)
+
+
+def resolve_torch_device(device: str, cuda_available: bool, cuda_count: int = 1) -> str:
+    """``auto``/``cpu``/``cuda``/``cuda:N`` -> the device to use (pure: testable without a GPU).
+
+    Raises:
+        BackendUnavailable: CUDA asked for but missing.
+    """
+    device = str(device).strip().lower()
+    if device == "auto":
+        return "cuda:0" if cuda_available else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        index_text = device.partition(":")[2] or "0"
+        if not index_text.isdigit():
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        if not cuda_available:
+            raise BackendUnavailable(
+                f"device {device!r} asked for, but torch here sees no CUDA GPU (torch.cuda.is_available() is "
+                "False): install a CUDA build of torch on a machine with an NVIDIA GPU, or use device='cpu'"
+            )
+        if int(index_text) >= cuda_count:
+            raise BackendUnavailable(f"device {device!r} asked for, but torch sees only {cuda_count} CUDA device(s)")
+        return f"cuda:{int(index_text)}"
+    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+class TorchBackend(Backend):
+    """Runs a ``.pt`` ensemble bundle (``trainer export --out model.pt``) or a fold checkpoint eagerly.
+
+    Args:
+        path: ``.pt`` bundle or fold checkpoint.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32`` or ``fp16``; default fp32 on the CPU, fp16 on CUDA.
+        threads: torch CPU threads (process-wide; 0 leaves torch's setting alone).
+        with_probs: also return the mean probabilities (debugging, parity tests).
+    """
+
+    name = "torch"
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "auto",
+        precision: str | None = None,
+        threads: int = 0,
+        with_probs: bool = False,
+    ) -> None:
+        try:
+            import torch
+        except ImportError as exc:
+            raise BackendUnavailable(f"torch is not installed ({exc}): pip install strip-inspection") from exc
+        from engine.model import InspectionModel, load_ensemble, prepare_for_export
+
+        self.path = Path(path)
+        self.device = resolve_torch_device(device, torch.cuda.is_available(), torch.cuda.device_count())
+        on_cuda = self.device.startswith("cuda")
+        self.precision = precision or ("fp16" if on_cuda else "fp32")
+        if self.precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        if self.precision == "fp16" and not on_cuda:
+            raise ValueError("precision fp16 needs CUDA: half-precision convolutions on the CPU are slow and not the reference")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        if threads:
+            torch.set_num_threads(threads)
+        folds, _, self.metadata = load_ensemble(self.path)
+        dtype = torch.float16 if self.precision == "fp16" else torch.float32
+        folds = [prepare_for_export(f) for f in folds]
+        model = InspectionModel(folds, self.metadata, with_probs=with_probs, compute_dtype=dtype).eval()
+        model.folds.to(device=self.device, dtype=dtype)
+        if on_cuda:
+            model.folds.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device)
+        self.with_probs = with_probs
+        self._torch = torch
+        log.info("loaded %s on %s (%s, %d folds)", self.path, self.device, self.precision, len(folds))
+
+    def infer(self, frames: Any) -> InspectionResult:
+        torch = self._torch
+        check_frames(frames, self.metadata)
+        if isinstance(frames, np.ndarray):
+            frames = torch.from_numpy(np.ascontiguousarray(frames))
+            if self.device != "cpu":
+                frames = frames.pin_memory().to(self.device, non_blocking=True)
+        else:
+            frames = frames.to(self.device)
+        with torch.inference_mode():
+            outputs = self.model(frames)
+        masks, counts, present = (t.cpu().numpy() for t in outputs[:3])
+        probs = outputs[3].float().cpu().numpy() if self.with_probs else None
+        return InspectionResult(masks=masks, counts=counts, present=present, probs=probs)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "folds": self.metadata.folds}
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
