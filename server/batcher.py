@@ -1,0 +1,269 @@
+"""The dynamic batcher: decoded frames from every stream in, one inference batch at a time out.
+
+When the backend is free the batcher takes the largest batch available without waiting, up to
+``max_batch``. Only when that batch is not full does it wait for more frames, and never longer
+than ``max_delay`` after the oldest waiting frame arrived. While a batch runs, frames keep
+arriving, so a busy server forms full batches and an idle one answers a lone frame almost at once.
+
+Every call into the backend (loading, warm-up, inference) happens on one dedicated thread: the
+event loop keeps reading, decoding and replying while the model runs, and GPU runtimes see a
+single host thread. Run-length encoding of a finished batch runs in the worker pool while the
+next batch is already on the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from engine.backends.base import Backend, InspectionResult
+from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class FrameExpired(Exception):
+    """The frame's call deadline passed before its batch started; it was not run."""
+
+
+class InferenceFailed(RuntimeError):
+    """The backend raised while running the frame's batch."""
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """One frame's inspection: per-class counts, presence and RLE, and where its time went."""
+
+    counts: list[int]
+    present: list[bool]
+    rles: list[str]
+    queue_s: float
+    inference_s: float
+    postprocess_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)  # identity: queue removal must not compare frames
+class _Pending:
+    frame: np.ndarray
+    future: asyncio.Future[FrameResult]
+    enqueued: float  # time.perf_counter()
+    deadline: float | None  # loop.time()
+
+
+def _encode(result: InspectionResult) -> tuple[list[list[str]], list[list[int]], list[list[bool]]]:
+    return result.rle(), result.counts.tolist(), result.present.tolist()
+
+
+class DynamicBatcher:
+    """Forms inference batches across all streams and runs them on the backend's own thread.
+
+    Args:
+        backend: the loaded model; only ever called from the batcher's inference thread.
+        max_batch: most frames per batch (lowered to the backend's ``max_batch_size`` if smaller).
+        max_delay_s: longest a frame waits for a batch to fill; 0 never waits.
+        workers: pool for run-length encoding (shared with decoding).
+        metrics: where batch sizes and latencies go.
+        inference_thread: the executor the backend runs on (one thread); created when None.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        max_batch: int,
+        max_delay_s: float,
+        workers: Executor,
+        metrics: ServerMetrics,
+        inference_thread: ThreadPoolExecutor | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_delay_s < 0:
+            raise ValueError(f"max_delay must be >= 0, got {max_delay_s}")
+        limit = backend.max_batch_size
+        if limit is not None and limit < max_batch:
+            log.info("event=batch_limit max_batch=%d backend_max_batch=%d", max_batch, limit)
+            max_batch = limit
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self._workers = workers
+        self._metrics = metrics
+        self._owns_inference = inference_thread is None
+        self._inference = inference_thread or ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._queue: deque[_Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting for a batch (including ones whose stream has gone)."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
+
+    async def run_on_backend_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs ``fn(*args)`` on the inference thread (loading, warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._inference, fn, *args)
+
+    async def submit(self, frame: np.ndarray, deadline: float | None = None) -> FrameResult:
+        """Queues one uint8 ``[H, W]`` frame and waits for its result.
+
+        Args:
+            deadline: ``loop.time()`` after which the frame must not be run.
+
+        Raises:
+            FrameExpired: the deadline passed before the frame's batch started.
+            InferenceFailed: the backend raised on the frame's batch.
+        """
+        if self._closed:
+            raise RuntimeError("the batcher is closed")
+        future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
+        item = _Pending(frame, future, time.perf_counter(), deadline)
+        self._queue.append(item)
+        # Cancelling the caller cancels the future: a frame whose stream has gone leaves the queue
+        # at once rather than when the next batch forms.
+        future.add_done_callback(lambda f: self._discard(item) if f.cancelled() else None)
+        self._arrived.set()
+        return await future
+
+    def _discard(self, item: _Pending) -> None:
+        try:
+            self._queue.remove(item)
+        except ValueError:  # already taken into a batch
+            return
+        self._arrived.set()  # the oldest frame may have gone: the fill deadline moves
+
+    async def close(self) -> None:
+        """Stops forming batches and lets finished batches deliver (call once no frame is in flight)."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(InferenceFailed("the server stopped before the frame was run"))
+        self._queue.clear()
+        if self._owns_inference:
+            await asyncio.get_running_loop().run_in_executor(None, self._inference.shutdown, True)
+
+    # ------------------------------------------------------------------ the batching loop
+
+    async def _run(self) -> None:
+        while True:
+            await self._wait_for_batch()
+            batch = self._take_batch()
+            if batch:
+                await self._run_batch(batch)
+
+    async def _wait_for_batch(self) -> None:
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self.max_delay_s <= 0 or len(self._queue) >= self.max_batch:
+                return
+            # The delay counts from the oldest frame's arrival: a frame that already waited through
+            # a running batch is not held back any further.
+            remaining = self._queue[0].enqueued + self.max_delay_s - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()  # a frame arrived, or a cancelled one left
+            except TimeoutError:
+                if self._queue:
+                    return
+
+    def _take_batch(self) -> list[_Pending]:
+        now = asyncio.get_running_loop().time()
+        batch: list[_Pending] = []
+        while self._queue and len(batch) < self.max_batch:
+            item = self._queue.popleft()
+            if item.future.done():  # its stream was cancelled
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(FrameExpired("the call's deadline passed before the frame was run"))
+                continue
+            batch.append(item)
+        return batch
+
+    def _infer(self, frames: list[np.ndarray]) -> tuple[InspectionResult, float]:
+        stacked = np.stack(frames)
+        start = time.perf_counter()
+        result = self.backend.infer(stacked)
+        return result, time.perf_counter() - start
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        for item in batch:
+            self._metrics.queue_seconds.observe(started - item.enqueued)
+        self._metrics.batch_size.observe(len(batch))
+        try:
+            result, inference_s = await loop.run_in_executor(
+                self._inference, self._infer, [item.frame for item in batch]
+            )
+        except asyncio.CancelledError:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(InferenceFailed("the server stopped while the frame was running"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failing batch must not stop the server
+            log.error("event=inference_error batch_size=%d error=%r", len(batch), exc)
+            failure = InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(failure)
+            return
+        self._metrics.inference_seconds.observe(inference_s)
+        task = loop.create_task(self._finish(batch, result, started, inference_s))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(
+        self, batch: list[_Pending], result: InspectionResult, started: float, inference_s: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            rles, counts, present = await loop.run_in_executor(self._workers, _encode, result)
+        except Exception as exc:  # noqa: BLE001
+            log.error("event=postprocess_error batch_size=%d error=%r", len(batch), exc)
+            failure = InferenceFailed(f"post-processing failed: {type(exc).__name__}: {exc}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(failure)
+            return
+        postprocess_s = time.perf_counter() - start
+        self._metrics.postprocess_seconds.observe(postprocess_s)
+        for i, item in enumerate(batch):
+            if item.future.done():
+                continue
+            item.future.set_result(
+                FrameResult(
+                    counts=counts[i],
+                    present=present[i],
+                    rles=rles[i],
+                    queue_s=started - item.enqueued,
+                    inference_s=inference_s,
+                    postprocess_s=postprocess_s,
+                    batch_size=len(batch),
+                )
+            )

@@ -1,0 +1,75 @@
+"""Prometheus metrics of one inspection server, in its own registry.
+
+A per-server ``CollectorRegistry`` (not the process-global one) lets several servers live in one
+process (tests, ``bench stream``) without their series colliding.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# Latencies from tens of microseconds (tiny CPU models) to seconds (a saturated CPU server).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    """The server's series: frames by status, batch sizes, latencies, in-flight frames, open streams."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.frames = Counter(
+            "inspection_frames", "Frames answered, by outcome (a gRPC status code name, lower case)",
+            ["status"], registry=r,
+        )
+        self.batch_size = Histogram(
+            "inspection_batch_size", "Frames per inference batch", buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.decode_seconds = Histogram(
+            "inspection_decode_seconds", "Frame decoding (JPEG/PNG or raw conversion)",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "inspection_queue_seconds", "Time a decoded frame waited for its batch to start",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "inspection_inference_seconds", "Inference time per batch", buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.postprocess_seconds = Histogram(
+            "inspection_postprocess_seconds", "Run-length encoding time per batch",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.total_seconds = Histogram(
+            "inspection_total_seconds", "Frame read off the stream -> response ready",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inflight = Gauge(
+            "inspection_inflight_frames", "Frames accepted and not yet answered", registry=r,
+        )
+        self.open_streams = Gauge("inspection_open_streams", "Open Inspect streams", registry=r)
+        self._http: Any = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+        """Starts the ``/metrics`` HTTP endpoint (port 0 picks a free port) and returns its port."""
+        self._http, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
