@@ -1,0 +1,261 @@
+"""``server client``: simulated cameras streaming a folder of images to a server, results as a Kaggle CSV.
+
+The images are dealt round-robin to ``--streams`` cameras (``cam0``, ``cam1``...); each camera
+opens one ``Inspect`` stream and sends its images as frames 0, 1, 2... (``--fps`` paces each
+camera; 0 sends as fast as the server takes them). Encoded files are sent as they are (the server
+decodes them); ``--raw`` reads them here as grayscale and sends raw GRAY8 frames instead.
+
+The CSV (``ImageId,ClassId,EncodedPixels``, the Severstal ``train.csv`` layout that
+``trainer.data.read_annotations`` and ``trainer evaluate`` read) has one row per inspected image
+and class, so defect-free images are listed too. ``EncodedPixels`` is the class's mask when the
+server says the class is present (pixel count >= the model's minimum area) and empty otherwise:
+the decision rule applied, as a Kaggle submission has it. Frames that failed are not in the CSV;
+they are listed on stderr and make the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HELP = "stream a folder of images to a server as concurrent cameras; write a Kaggle-format CSV"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrameAnswer:
+    """The server's answer for one image."""
+
+    image_id: str
+    camera_id: str
+    frame_id: int
+    response: Any  # inspection.v1.InspectResponse
+    latency_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.response.HasField("error")
+
+
+@dataclass
+class CameraRun:
+    """What a client run got back.
+
+    Attributes:
+        answers: one per answered image, in (camera, frame) order.
+        unanswered: ``(image_id, reason)`` for images the server never answered (its stream ended early).
+        elapsed_s: wall time from the first frame sent to the last answer.
+    """
+
+    answers: list[FrameAnswer] = field(default_factory=list)
+    unanswered: list[tuple[str, str]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def failed(self) -> list[FrameAnswer]:
+        return [a for a in self.answers if not a.ok]
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The JPEG/PNG files of ``folder`` (or of its ``train_images/``, a Severstal data folder), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {folder}: no such folder")
+    for candidate in (folder, folder / "train_images"):
+        if candidate.is_dir():
+            images = sorted(p for p in candidate.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if images:
+                return images
+    raise ValueError(f"--images {folder}: no .jpg/.jpeg/.png files in it (or in its train_images/)")
+
+
+def make_request(camera_id: str, frame_id: int, path: Path, raw: bool) -> Any:
+    """An ``InspectRequest`` carrying the file's bytes, or (``raw``) its GRAY8 pixels."""
+    from protos.inspection.v1 import inspection_pb2 as pb
+
+    request = pb.InspectRequest(camera_id=camera_id, frame_id=frame_id, captured_at_unix_ns=time.time_ns())
+    if raw:
+        import cv2
+
+        gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if gray is None:
+            raise ValueError(f"{path}: cannot be read as an image")
+        request.raw_image.width, request.raw_image.height = gray.shape[1], gray.shape[0]
+        request.raw_image.channels = 1
+        request.raw_image.data = gray.tobytes()
+    else:
+        request.encoded_image = path.read_bytes()
+    return request
+
+
+def channel_credentials(tls_ca: Path | None) -> Any:
+    import grpc
+
+    if tls_ca is None:
+        return None
+    if not Path(tls_ca).is_file():
+        raise FileNotFoundError(f"--tls-ca {tls_ca}: no such file")
+    return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+
+
+async def run_cameras(
+    target: str,
+    images: Sequence[Path],
+    streams: int = 4,
+    fps: float = 0.0,
+    raw: bool = False,
+    credentials: Any = None,
+    max_message_bytes: int = 16 * 1024 * 1024,
+    on_answer: Callable[[FrameAnswer], None] | None = None,
+) -> CameraRun:
+    """Streams ``images`` to ``target`` as ``streams`` concurrent cameras.
+
+    Args:
+        credentials: ``grpc.ChannelCredentials`` for TLS, or None for plaintext.
+        on_answer: called on the event loop for every answer (progress display).
+
+    Raises:
+        grpc.aio.AioRpcError: a stream failed before any frame was answered on it for a reason
+            other than the server shutting down.
+    """
+    import grpc
+
+    from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+
+    if streams < 1:
+        raise ValueError(f"--streams must be >= 1, got {streams}")
+    if fps < 0:
+        raise ValueError(f"--fps must be >= 0, got {fps}")
+    options = [("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", max_message_bytes)]
+    channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials is not None
+               else grpc.aio.insecure_channel(target, options=options))
+    run = CameraRun()
+    started = time.perf_counter()
+
+    async def camera(index: int) -> None:
+        camera_id = f"cam{index}"
+        paths = list(images[index::streams])
+        if not paths:
+            return
+        sent_at: dict[int, float] = {}
+
+        async def frames():
+            t0 = time.perf_counter()
+            for frame_id, path in enumerate(paths):
+                if fps > 0:
+                    delay = t0 + frame_id / fps - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                request = await asyncio.to_thread(make_request, camera_id, frame_id, path, raw)
+                sent_at[frame_id] = time.perf_counter()
+                yield request
+
+        stub = pb_grpc.InspectionServiceStub(channel)
+        call = stub.Inspect(frames())
+        expected = 0
+        try:
+            async for response in call:
+                if response.camera_id != camera_id or response.frame_id != expected:
+                    raise RuntimeError(
+                        f"{camera_id}: expected the answer to frame {expected}, got "
+                        f"{response.camera_id!r}/{response.frame_id}: answers out of order"
+                    )
+                answer = FrameAnswer(paths[expected].name, camera_id, expected, response,
+                                     time.perf_counter() - sent_at.get(expected, started))
+                run.answers.append(answer)
+                if on_answer is not None:
+                    on_answer(answer)
+                expected += 1
+        except grpc.aio.AioRpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+            log.warning("camera=%s stream ended after %d of %d frames: %s", camera_id, expected, len(paths), reason)
+            run.unanswered.extend((p.name, reason) for p in paths[expected:])
+            return
+        if expected < len(paths):
+            run.unanswered.extend((p.name, "stream ended without an answer") for p in paths[expected:])
+
+    try:
+        await asyncio.gather(*(camera(i) for i in range(streams)))
+    finally:
+        await channel.close()
+    run.elapsed_s = time.perf_counter() - started
+    run.answers.sort(key=lambda a: (a.camera_id, a.frame_id))
+    return run
+
+
+def write_predictions_csv(path: Path, answers: Sequence[FrameAnswer]) -> int:
+    """Writes successful answers as ``ImageId,ClassId,EncodedPixels`` rows; returns the row count.
+
+    One row per (image, class), sorted by image id; ``EncodedPixels`` is empty unless the class is present.
+    """
+    rows = []
+    for answer in answers:
+        if not answer.ok:
+            continue
+        for defect in answer.response.defects:
+            rows.append((answer.image_id, defect.class_id, defect.rle if defect.present else ""))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(("ImageId", "ClassId", "EncodedPixels"))
+        writer.writerows(rows)
+    return len(rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", required=True, help="server address HOST:PORT")
+    parser.add_argument("--images", type=Path, required=True,
+                        help="folder of .jpg/.png images (or a Severstal data folder with train_images/)")
+    parser.add_argument("--streams", type=int, default=4, help="concurrent camera streams (default: 4)")
+    parser.add_argument("--fps", type=float, default=0.0, help="frames per second per camera; 0 = as fast as possible")
+    parser.add_argument("--out", type=Path, default=Path("results.csv"), help="CSV to write (default: results.csv)")
+    parser.add_argument("--raw", action="store_true", help="send raw GRAY8 pixels instead of the encoded files")
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM root certificate: connect with TLS")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    images = list_images(args.images)
+    credentials = channel_credentials(args.tls_ca)
+    bar = tqdm(total=len(images), unit="frame", desc="inspect", dynamic_ncols=True, file=sys.stderr)
+    failed = 0
+    latencies: list[float] = []
+
+    def on_answer(answer: FrameAnswer) -> None:
+        nonlocal failed
+        failed += not answer.ok
+        latencies.append(answer.latency_s)
+        bar.update(1)
+        if len(latencies) % 10 == 0 or len(latencies) == len(images):
+            window = sorted(latencies[-200:])
+            bar.set_postfix(errors=failed, p50_ms=f"{1000 * window[len(window) // 2]:.1f}", refresh=False)
+
+    try:
+        result = asyncio.run(run_cameras(args.target, images, args.streams, args.fps, args.raw, credentials,
+                                         on_answer=on_answer))
+    finally:
+        bar.close()
+    rows = write_predictions_csv(args.out, result.answers)
+    ok = len(result.answers) - len(result.failed)
+    rate = len(result.answers) / result.elapsed_s if result.elapsed_s > 0 else 0.0
+    print(f"{ok} of {len(images)} frames inspected in {result.elapsed_s:.2f} s ({rate:.1f} frames/s) over "
+          f"{args.streams} streams; {rows} rows written to {args.out}", file=sys.stderr)
+    for answer in result.failed:
+        print(f"  failed {answer.image_id}: {answer.response.error.message}", file=sys.stderr)
+    for image_id, reason in result.unanswered:
+        print(f"  unanswered {image_id}: {reason}", file=sys.stderr)
+    return 1 if result.failed or result.unanswered else 0
