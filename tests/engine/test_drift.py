@@ -210,6 +210,36 @@ def test_unshifted_frames_score_low_and_a_brightness_shift_crosses(reference, ca
     assert monitor.status()["shifted"].over == ()
 
 
+def synthetic_line(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` frames of ``trainer.synth`` (a quarter with one defect) and their masks' pixel counts."""
+    from trainer.synth import draw_frame
+
+    rng = np.random.default_rng(seed)
+    frames, counts = [], []
+    for i in range(n):
+        classes = (int(rng.integers(4)),) if rng.random() < 0.25 else ()
+        frame, masks = draw_frame(np.random.default_rng([seed, i]), H, W, classes, 4)
+        frames.append(frame)
+        counts.append(masks.reshape(4, -1).sum(axis=1))
+    return np.stack(frames), np.stack(counts)
+
+
+def test_brightness_shift_of_synthetic_line_frames_crosses_the_threshold():
+    reference_frames, reference_counts = synthetic_line(300, seed=1)
+    reference = drift.build_reference([reference_frames], reference_counts)
+    frames, counts = synthetic_line(200, seed=2)
+    brighter = np.clip(frames.astype(np.int16) + 20, 0, 255).astype(np.uint8)  # a lamp change
+    monitor = drift.DriftMonitor(reference, window=200, min_fill=200)
+    assert monitor.observe_batch(["steady"] * 200, frames, counts) == []
+    crossed = monitor.observe_batch(["brighter"] * 200, brighter, counts)
+    steady = monitor.scores("steady")
+    assert max(v["psi"] for v in steady.values()) < monitor.psi_threshold, steady
+    assert max(v["ks"] or 0.0 for v in steady.values()) < monitor.ks_threshold, steady
+    assert {("brightness", "psi"), ("brightness", "ks")} <= {(c.statistic, c.score) for c in crossed}
+    # The same defects were predicted on both cameras: their area statistics cannot have drifted.
+    assert monitor.scores("brighter")["area_class_3"] == steady["area_class_3"]
+
+
 def test_no_scores_before_the_minimum_fill(reference):
     monitor = drift.DriftMonitor(reference, window=100, min_fill=50)
     monitor.observe("cam", strips(49, seed=1), defect_counts(49, seed=1))

@@ -1,0 +1,636 @@
+"""Capture of line frames for retraining: a policy that picks frames, and an asynchronous writer.
+
+``server serve --capture-dir DIR --capture uncertain,defects,sample:0.01 --capture-quota-gb 5``
+saves chosen frames with the model's predictions as a Severstal-format folder::
+
+    DIR/train_images/<ImageId>   the frame: the camera's original JPEG/PNG bytes, or a raw frame
+                                 encoded losslessly as PNG
+    DIR/predictions.csv          ImageId,ClassId,EncodedPixels: every non-empty class mask the model
+                                 predicted, present or not (a reviewer sees the near misses too)
+    DIR/train.csv                ImageId,ClassId,EncodedPixels: the classes the model called present;
+                                 these ARE the training labels until a person reviews and corrects them
+    DIR/captures.csv             ImageId,CameraId,FrameId,CapturedAtNs,ModelVersion,Reason,PixelCounts,Labels
+
+so after review the folder trains as it is: ``trainer fit --data ORIGINAL --data DIR``.
+
+Capture never slows or loses inference. :meth:`CaptureWriter.offer` only decides and enqueues
+(a bounded queue); one writer thread encodes and writes. When the queue is full, the quota would
+be exceeded, or the disk fails, the capture is skipped and counted, and the frame's answer is
+unaffected. The quota counts every byte in DIR, including what earlier runs left there.
+
+A capture is written image-last: the image goes to a hidden temporary file, the CSV rows are
+appended, then the image is renamed into place. A crash in between leaves rows naming a missing
+image, which the next start removes (the trainer would otherwise refuse the folder), rather than
+an image without rows, which the trainer would silently read as defect-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.decode import image_format
+
+log = logging.getLogger(__name__)
+
+IMAGES_DIR = "train_images"
+PREDICTIONS_FILE = "predictions.csv"
+LABELS_FILE = "train.csv"
+CAPTURES_FILE = "captures.csv"
+ANNOTATION_HEADER = ("ImageId", "ClassId", "EncodedPixels")
+CAPTURES_HEADER = (
+    "ImageId", "CameraId", "FrameId", "CapturedAtNs", "ModelVersion", "Reason", "PixelCounts", "Labels",
+)
+HEADERS = {PREDICTIONS_FILE: ANNOTATION_HEADER, LABELS_FILE: ANNOTATION_HEADER, CAPTURES_FILE: CAPTURES_HEADER}
+
+POLICY_TOKENS = ("uncertain", "defects", "sample:P")
+DEFAULT_POLICY = "uncertain,defects,sample:0.01"
+#: A class is "uncertain" when its pixel count lies in [lo, hi] x its minimum area (and is not 0).
+DEFAULT_UNCERTAIN_BAND = (0.5, 2.0)
+DEFAULT_QUEUE_SIZE = 64
+DEFAULT_QUOTA_GB = 5.0
+RETRY_SECONDS = 30.0
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# --------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class CapturePolicy:
+    """Which frames to capture.
+
+    Attributes:
+        uncertain: frames with a class whose pixel count is near its minimum area, within
+            ``uncertain_band`` (``[lo, hi] x min_area``, count > 0): the decisions most likely wrong.
+            Defined on the exact counts the server has; probabilities are not output in production.
+        defects: frames with any present class.
+        sample: share of all frames captured at random (0 = none).
+        uncertain_band: the ``(lo, hi)`` multipliers of the minimum area.
+    """
+
+    uncertain: bool = False
+    defects: bool = False
+    sample: float = 0.0
+    uncertain_band: tuple[float, float] = DEFAULT_UNCERTAIN_BAND
+
+    def __post_init__(self) -> None:
+        lo, hi = self.uncertain_band
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= 1 <= hi):
+            raise ValueError(
+                f"uncertain band must be LO,HI with 0 <= LO <= 1 <= HI (multiples of the minimum area), got {lo},{hi}"
+            )
+        if not 0.0 <= self.sample <= 1.0:
+            raise ValueError(f"capture sample share must be in 0..1, got {self.sample}")
+
+    @classmethod
+    def parse(cls, text: str, uncertain_band: tuple[float, float] = DEFAULT_UNCERTAIN_BAND) -> CapturePolicy:
+        """Parses ``"uncertain,defects,sample:0.01"`` (any non-empty subset, any order).
+
+        Raises:
+            ValueError: empty policy, unknown or repeated token, or a bad sample share; the message
+                names the token.
+        """
+        tokens = [t.strip() for t in str(text).split(",")]
+        if not any(tokens):
+            raise ValueError(f"capture policy is empty; expected a comma-separated list of {', '.join(POLICY_TOKENS)}")
+        fields: dict[str, Any] = {}
+        for token in tokens:
+            name, sep, value = token.partition(":")
+            name = name.strip().lower()
+            if name in fields:
+                raise ValueError(f"capture policy {text!r}: token {token!r} repeats {name!r}")
+            if name in ("uncertain", "defects") and not sep:
+                fields[name] = True
+            elif name == "sample" and sep:
+                try:
+                    share = float(value)
+                except ValueError:
+                    share = math.nan
+                if not 0.0 < share <= 1.0:
+                    raise ValueError(
+                        f"capture policy {text!r}: token {token!r} needs a share in (0, 1], e.g. sample:0.01"
+                    )
+                fields[name] = share
+            else:
+                raise ValueError(
+                    f"capture policy {text!r}: unknown token {token!r}; expected {', '.join(POLICY_TOKENS)} "
+                    "(P a share in (0, 1])"
+                )
+        return cls(uncertain_band=tuple(uncertain_band), **fields)
+
+    def __str__(self) -> str:
+        parts = [n for n in ("uncertain", "defects") if getattr(self, n)]
+        if self.sample:
+            parts.append(f"sample:{self.sample:g}")
+        return ",".join(parts) or "none"
+
+    def reasons(
+        self, counts: np.ndarray, present: np.ndarray, min_areas: Sequence[int], rng: np.random.Generator
+    ) -> list[str]:
+        """Why each of N frames is captured (``""`` = not captured), vectorised over the batch.
+
+        A reason lists every rule that chose the frame, joined by ``+``: ``uncertain:<class ids>``,
+        ``defects``, ``sample``; e.g. ``uncertain:3+defects``.
+
+        Args:
+            counts: int ``[N, C]`` exact predicted pixels per class.
+            present: bool ``[N, C]`` the model's labels.
+            min_areas: ``[C]`` per-class minimum areas from the model metadata.
+            rng: draws the random sample (one draw per frame, whatever the policy).
+        """
+        counts = np.asarray(counts)
+        present = np.asarray(present, dtype=bool)
+        n = counts.shape[0]
+        areas = np.asarray(min_areas, dtype=np.float64)
+        if counts.ndim != 2 or present.shape != counts.shape or counts.shape[1] != areas.size:
+            raise ValueError(
+                f"counts and present must both be [N, {areas.size}] (one column per class), got "
+                f"{list(counts.shape)} and {list(present.shape)}"
+            )
+        draws = rng.random(n)
+        lo, hi = self.uncertain_band
+        near = (counts > 0) & (counts >= lo * areas) & (counts <= hi * areas) if self.uncertain else None
+        defective = present.any(axis=1) if self.defects else np.zeros(n, dtype=bool)
+        sampled = draws < self.sample
+        chosen = defective | sampled | (near.any(axis=1) if near is not None else False)
+        out = [""] * n
+        for i in np.flatnonzero(chosen):
+            parts = []
+            if near is not None and near[i].any():
+                parts.append("uncertain:" + ",".join(str(k + 1) for k in np.flatnonzero(near[i])))
+            if defective[i]:
+                parts.append("defects")
+            if sampled[i]:
+                parts.append("sample")
+            out[i] = "+".join(parts)
+        return out
+
+
+# --------------------------------------------------------------------------- writer
+
+
+@dataclass
+class _Capture:
+    frame: bytes | np.ndarray
+    suffix: str
+    stem: str
+    camera_id: str
+    frame_id: int
+    time_ns: int
+    model_version: str
+    reason: str
+    rles: tuple[str, ...]
+    counts: tuple[int, ...]
+    present: tuple[bool, ...]
+
+
+_STOP = object()
+
+
+def _image_suffix(data: bytes) -> str | None:
+    """The file suffix for encoded frame bytes (by content, as the server decodes them), or None."""
+    return {"png": ".png", "jpeg": ".jpg"}.get(image_format(data))
+
+
+def _csv_bytes(rows: Sequence[Sequence[Any]]) -> bytes:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return text.getvalue().encode("utf-8")
+
+
+def folder_bytes(directory: Path) -> int:
+    """Bytes of every file under ``directory`` (0 when it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:  # removed while walking
+                continue
+    return total
+
+
+class CaptureWriter:
+    """Saves chosen frames to a Severstal-format folder from its own thread, never blocking.
+
+    Counters (plain ints, read any time; the server exports them as metrics):
+    ``offered`` frames offered, ``selected`` chosen by the policy, ``written`` saved,
+    ``skipped_queue_full``, ``skipped_quota``, ``skipped_error`` (disk or folder failures, frames
+    that are neither JPEG/PNG bytes nor uint8 arrays), and ``bytes_used`` (bytes in the folder, -1
+    until the writer has counted them at start).
+
+    Args:
+        directory: the capture folder (created if missing).
+        policy: which frames to capture.
+        min_areas: per-class minimum areas (``ModelMetadata.min_areas``), for the "uncertain" rule.
+        quota_bytes: the folder's size limit, existing content included.
+        queue_size: captures waiting for the writer; memory is at most this many frames.
+        seed: seeds the "sample" draws, so a run's choice is reproducible.
+        retry_seconds: after the folder could not be prepared, offers are skipped without
+            queueing for this long before the writer tries again.
+        start: start the writer thread now (tests hold it back with False and call :meth:`start`).
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        policy: CapturePolicy,
+        min_areas: Sequence[int],
+        quota_bytes: int,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        seed: int = 0,
+        retry_seconds: float = RETRY_SECONDS,
+        start: bool = True,
+    ) -> None:
+        if quota_bytes < 1:
+            raise ValueError(f"capture quota must be at least 1 byte, got {quota_bytes}")
+        if queue_size < 1:
+            raise ValueError(f"capture queue size must be >= 1, got {queue_size}")
+        if not min_areas or any(a < 0 for a in min_areas):
+            raise ValueError(f"min_areas must be one non-negative area per class, got {list(min_areas)}")
+        self.directory = Path(directory)
+        self.policy = policy
+        self.min_areas = tuple(int(a) for a in min_areas)
+        self.num_classes = len(self.min_areas)
+        self.quota_bytes = int(quota_bytes)
+        self.queue_size = queue_size
+        self.retry_seconds = float(retry_seconds)
+        self.offered = 0
+        self.selected = 0
+        self.written = 0
+        self.skipped_queue_full = 0
+        self.skipped_quota = 0
+        self.skipped_error = 0
+        self.bytes_used = -1
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()  # counters, the random draws, the failure state
+        self._failed_until = 0.0
+        self._last_png_bytes = 0
+        self._closed = False
+        self._files: dict[str, Any] = {}
+        self._prepared = False
+        self._failing = False
+        self._thread = threading.Thread(target=self._run, name="capture-writer", daemon=True)
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ caller side
+
+    @property
+    def skipped(self) -> int:
+        """Captures chosen by the policy but not saved, for any reason."""
+        return self.skipped_queue_full + self.skipped_quota + self.skipped_error
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "offered": self.offered, "selected": self.selected, "written": self.written,
+                "skipped_queue_full": self.skipped_queue_full, "skipped_quota": self.skipped_quota,
+                "skipped_error": self.skipped_error, "skipped": self.skipped, "bytes_used": self.bytes_used,
+                "queued": self._queue.qsize(),
+            }
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def select(self, counts: np.ndarray, present: np.ndarray) -> list[str]:
+        """The policy's reasons for a batch ``[N, C]`` (``""`` = not chosen); thread-safe."""
+        with self._lock:
+            return self.policy.reasons(counts, present, self.min_areas, self._rng)
+
+    def offer(
+        self,
+        frame: bytes | bytearray | memoryview | np.ndarray,
+        *,
+        camera_id: str,
+        frame_id: int,
+        time_ns: int,
+        model_version: str,
+        rles: Sequence[str],
+        counts: Sequence[int] | np.ndarray,
+        present: Sequence[bool] | np.ndarray,
+        reason: str | None = None,
+        image_id: str | None = None,
+    ) -> bool:
+        """Offers one inspected frame; returns True when it was queued for saving. Never blocks.
+
+        Args:
+            frame: the camera's original JPEG/PNG bytes, or the uint8 frame (``[H, W]`` gray or
+                ``[H, W, 3]`` BGR; copied, so the caller may reuse its buffer).
+            camera_id, frame_id, time_ns: where and when the frame was taken.
+            model_version: the model that made the predictions.
+            rles: one RLE per class, at the frame's resolution (``""`` = empty mask).
+            counts, present: the model's per-class pixel counts and labels.
+            reason: the policy's reason when the caller already ran :meth:`select` on the batch;
+                None runs the policy on this frame here.
+            image_id: the file name stem; default ``<camera>_<frame id>_<time>``. Unsafe characters
+                become ``_``; the suffix follows the image format.
+        """
+        if len(rles) != self.num_classes or len(counts) != self.num_classes or len(present) != self.num_classes:
+            raise ValueError(
+                f"capture of frame {frame_id}: rles, counts and present need one entry per class "
+                f"({self.num_classes}), got {len(rles)}, {len(counts)}, {len(present)}"
+            )
+        with self._lock:
+            self.offered += 1
+        if self._closed:
+            return False
+        if reason is None:
+            reason = self.select(np.asarray(counts)[None], np.asarray(present)[None])[0]
+        if not reason:
+            return False
+        with self._lock:
+            self.selected += 1
+        if isinstance(frame, np.ndarray):
+            if frame.dtype != np.uint8 or not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)):
+                return self._skip_error(f"frame {frame_id} of camera {camera_id!r}: not a uint8 [H, W] or "
+                                        f"[H, W, 3] array (got {frame.dtype} {list(frame.shape)})")
+            payload: bytes | np.ndarray = np.array(frame, copy=True, order="C")
+            suffix, size = ".png", self._last_png_bytes
+        else:
+            payload = bytes(frame)
+            suffix = _image_suffix(payload)
+            if suffix is None:
+                return self._skip_error(f"frame {frame_id} of camera {camera_id!r}: bytes are neither JPEG nor PNG")
+            size = len(payload)
+        with self._lock:
+            if time.monotonic() < self._failed_until:
+                self.skipped_error += 1
+                return False
+            if self.bytes_used >= 0 and self.bytes_used + size > self.quota_bytes:
+                self.skipped_quota += 1
+                return False
+        stem = _UNSAFE.sub("_", image_id if image_id is not None else f"{camera_id}_{frame_id:012d}_{time_ns}")
+        item = _Capture(
+            frame=payload, suffix=suffix, stem=stem.strip("._") or "frame", camera_id=str(camera_id),
+            frame_id=int(frame_id), time_ns=int(time_ns), model_version=str(model_version), reason=reason,
+            rles=tuple(str(r) for r in rles), counts=tuple(int(c) for c in counts),
+            present=tuple(bool(p) for p in present),
+        )
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            with self._lock:
+                self.skipped_queue_full += 1
+            return False
+        return True
+
+    def _skip_error(self, message: str) -> bool:
+        with self._lock:
+            self.skipped_error += 1
+        log.warning("capture skipped: %s", message)
+        return False
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops taking offers, writes what is queued (up to ``timeout`` seconds) and stops the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=timeout)
+            except queue.Full:
+                pass
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("capture writer did not finish within %.0f s; %d queued captures are lost",
+                            timeout, self._queue.qsize())
+                return
+        self._close_files()
+
+    def __enter__(self) -> CaptureWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        self._try_prepare()
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                break
+            if not self._prepared and (time.monotonic() < self._failed_until or not self._try_prepare()):
+                with self._lock:
+                    self.skipped_error += 1
+                continue
+            try:
+                self._write(item)
+            except Exception:  # noqa: BLE001 - the writer thread must outlive any one capture
+                log.exception("capture of frame %d from camera %r failed", item.frame_id, item.camera_id)
+                with self._lock:
+                    self.skipped_error += 1
+        self._close_files()
+
+    def _try_prepare(self) -> bool:
+        try:
+            self._prepare()
+        except (OSError, ValueError) as exc:
+            self._close_files()
+            with self._lock:
+                self._failed_until = time.monotonic() + self.retry_seconds
+            log.error("capture folder %s is unusable, captures are skipped (retry in %.0f s): %s",
+                      self.directory, self.retry_seconds, exc)
+            return False
+        with self._lock:
+            self._failed_until = 0.0
+        self._prepared = True
+        return True
+
+    def _prepare(self) -> None:
+        images = self.directory / IMAGES_DIR
+        images.mkdir(parents=True, exist_ok=True)
+        for leftover in images.glob(".*.tmp"):
+            leftover.unlink()
+        present = {p.name for p in images.iterdir()}
+        for name, header in HEADERS.items():
+            path = self.directory / name
+            _repair_csv(path, header, present)
+            self._files[name] = open(path, "ab")  # noqa: SIM115 - kept open for the writer's life
+        used = folder_bytes(self.directory)
+        with self._lock:
+            self.bytes_used = used
+        log.info("capturing %s to %s: %.3f of %.3f GB used", self.policy, self.directory, used / 1e9,
+                 self.quota_bytes / 1e9)
+
+    def _close_files(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+        self._files = {}
+        self._prepared = False
+
+    def _write(self, item: _Capture) -> None:
+        images = self.directory / IMAGES_DIR
+        if isinstance(item.frame, np.ndarray):
+            import cv2
+
+            ok, encoded = cv2.imencode(".png", item.frame)
+            if not ok:
+                self._skip_error(f"frame {item.frame_id} of camera {item.camera_id!r}: PNG encoding failed")
+                return
+            data = encoded.tobytes()
+            self._last_png_bytes = len(data)
+        else:
+            data = item.frame
+        image_id = item.stem + item.suffix
+        n = 1
+        while (images / image_id).exists():  # a camera's frame ids can restart; never overwrite
+            n += 1
+            image_id = f"{item.stem}-{n}{item.suffix}"
+        rows = self._rows(image_id, item)
+        need = len(data) + sum(len(b) for b in rows.values())
+        with self._lock:
+            if self.bytes_used + need > self.quota_bytes:
+                self.skipped_quota += 1
+                return
+        tmp = images / f".{image_id}.tmp"
+        sizes: dict[str, int] = {}
+        try:
+            tmp.write_bytes(data)
+            for name, payload in rows.items():
+                f = self._files[name]
+                sizes[name] = f.tell()
+                f.write(payload)
+                f.flush()
+            os.replace(tmp, images / image_id)
+        except OSError as exc:
+            self._undo(tmp, sizes)
+            # Reopen (and repair) the folder before the next capture: the failed write may have
+            # left half a row in a file buffer or on disk.
+            self._close_files()
+            with self._lock:
+                self.skipped_error += 1
+            if not self._failing:
+                log.warning("capture of frame %d from camera %r failed, skipping captures until the disk "
+                            "recovers: %s", item.frame_id, item.camera_id, exc)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("captures are being written again to %s", self.directory)
+            self._failing = False
+        with self._lock:
+            self.written += 1
+            self.bytes_used += need
+
+    def _rows(self, image_id: str, item: _Capture) -> dict[str, bytes]:
+        predictions = [(image_id, k + 1, r) for k, r in enumerate(item.rles) if r]
+        labels = [(image_id, k + 1, r) for k, r in enumerate(item.rles) if r and item.present[k]]
+        capture = (
+            image_id, item.camera_id, item.frame_id, item.time_ns, item.model_version, item.reason,
+            " ".join(map(str, item.counts)), " ".join(str(k + 1) for k, p in enumerate(item.present) if p),
+        )
+        return {
+            PREDICTIONS_FILE: _csv_bytes(predictions),
+            LABELS_FILE: _csv_bytes(labels),
+            CAPTURES_FILE: _csv_bytes([capture]),
+        }
+
+    def _undo(self, tmp: Path, sizes: dict[str, int]) -> None:
+        """Best effort after a failed capture: no half rows, no stray temporary image."""
+        for name, size in sizes.items():
+            try:
+                self._files[name].truncate(size)
+            except (OSError, ValueError):
+                pass
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _repair_csv(path: Path, header: tuple[str, ...], images: set[str]) -> None:
+    """Creates ``path`` with ``header``, or repairs what a crash left: a half-written last line and
+    rows naming an image that never made it to ``train_images/``.
+
+    Raises:
+        ValueError: the file exists with another header (not a capture folder of this layout).
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        path.write_bytes(_csv_bytes([header]))
+        return
+    text = path.read_bytes().decode("utf-8-sig")
+    complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]
+    rows = list(csv.reader(io.StringIO(complete)))
+    if not rows or tuple(c.strip() for c in rows[0]) != header:
+        raise ValueError(f"{path}: header is {rows[0] if rows else 'missing'}, expected {','.join(header)}")
+    kept = [r for r in rows[1:] if r and r[0] in images]
+    dropped = len(rows) - 1 - len(kept)
+    if dropped or complete != text:
+        log.warning("%s: removed %d rows of captures interrupted before their image was saved%s", path, dropped,
+                    " and a half-written last line" if complete != text else "")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(_csv_bytes([header, *kept]))
+        os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _band(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.5,2), got {text!r}") from None
+    return lo, hi
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--capture*`` flags of ``server serve``."""
+    group = parser.add_argument_group("capture for retraining")
+    group.add_argument("--capture-dir", type=Path, default=None,
+                       help="save chosen frames with their predictions to this Severstal-format folder")
+    group.add_argument("--capture", default=None, metavar="POLICY",
+                       help=f"which frames: comma-separated {', '.join(POLICY_TOKENS)} (default {DEFAULT_POLICY})")
+    group.add_argument("--capture-quota-gb", type=float, default=DEFAULT_QUOTA_GB,
+                       help="size limit of the capture folder, existing files included (default %(default)s)")
+    group.add_argument("--capture-queue", type=int, default=DEFAULT_QUEUE_SIZE,
+                       help="captures waiting for the disk before new ones are skipped (default %(default)s)")
+    group.add_argument("--capture-uncertain-band", type=_band, default=DEFAULT_UNCERTAIN_BAND, metavar="LO,HI",
+                       help="'uncertain': a class with LO..HI x its minimum area pixels (default 0.5,2)")
+    group.add_argument("--capture-seed", type=int, default=0, help="seed of the 'sample' draws (default 0)")
+
+
+def writer_from_args(args: argparse.Namespace, min_areas: Sequence[int]) -> CaptureWriter | None:
+    """The writer the ``--capture*`` flags ask for, or None without ``--capture-dir``.
+
+    Raises:
+        ValueError: a bad policy, band, quota or queue size, or ``--capture`` without ``--capture-dir``.
+    """
+    if args.capture_dir is None:
+        if args.capture is not None:
+            raise ValueError("--capture needs --capture-dir (where to save the captured frames)")
+        return None
+    try:
+        policy = CapturePolicy.parse(args.capture or DEFAULT_POLICY, uncertain_band=args.capture_uncertain_band)
+    except ValueError as exc:
+        raise ValueError(f"--capture/--capture-uncertain-band: {exc}") from None
+    if not (math.isfinite(args.capture_quota_gb) and args.capture_quota_gb > 0):
+        raise ValueError(f"--capture-quota-gb must be a positive number of gigabytes, got {args.capture_quota_gb}")
+    if args.capture_queue < 1:
+        raise ValueError(f"--capture-queue must be >= 1, got {args.capture_queue}")
+    return CaptureWriter(
+        args.capture_dir, policy, min_areas=min_areas, quota_bytes=int(args.capture_quota_gb * 1e9),
+        queue_size=args.capture_queue, seed=args.capture_seed,
+    )
