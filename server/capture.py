@@ -358,18 +358,17 @@ class CaptureWriter:
             return False
         with self._lock:
             self.selected += 1
-        if isinstance(frame, np.ndarray):
+        raw = isinstance(frame, np.ndarray)
+        if raw:
             if frame.dtype != np.uint8 or not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)):
                 return self._skip_error(f"frame {frame_id} of camera {camera_id!r}: not a uint8 [H, W] or "
                                         f"[H, W, 3] array (got {frame.dtype} {list(frame.shape)})")
-            payload: bytes | np.ndarray = np.array(frame, copy=True, order="C")
-            suffix, size = ".png", self._last_png_bytes
+            suffix, size = ".png", self._last_png_bytes  # the PNG size is known once encoded: estimate
         else:
-            payload = bytes(frame)
-            suffix = _image_suffix(payload)
+            suffix = _image_suffix(bytes(frame[:8]))
             if suffix is None:
                 return self._skip_error(f"frame {frame_id} of camera {camera_id!r}: bytes are neither JPEG nor PNG")
-            size = len(payload)
+            size = len(frame)
         with self._lock:
             if time.monotonic() < self._failed_until:
                 self.skipped_error += 1
@@ -377,7 +376,9 @@ class CaptureWriter:
             if self.bytes_used >= 0 and self.bytes_used + size > self.quota_bytes:
                 self.skipped_quota += 1
                 return False
-        stem = _UNSAFE.sub("_", image_id if image_id is not None else f"{camera_id}_{frame_id:012d}_{time_ns}")
+        # Copied only now, when it is going to the queue: the caller may reuse its buffers.
+        payload: bytes | np.ndarray = np.array(frame, copy=True, order="C") if raw else bytes(frame)
+        stem = _UNSAFE.sub("_", image_id if image_id is not None else f"{camera_id}_{int(frame_id):012d}_{int(time_ns)}")
         item = _Capture(
             frame=payload, suffix=suffix, stem=stem.strip("._") or "frame", camera_id=str(camera_id),
             frame_id=int(frame_id), time_ns=int(time_ns), model_version=str(model_version), reason=reason,
@@ -413,6 +414,8 @@ class CaptureWriter:
                 log.warning("capture writer did not finish within %.0f s; %d queued captures are lost",
                             timeout, self._queue.qsize())
                 return
+        elif not self._queue.empty():
+            log.warning("capture writer was never started; %d queued captures are dropped", self._queue.qsize())
         self._close_files()
 
     def __enter__(self) -> CaptureWriter:

@@ -116,7 +116,7 @@ def test_captured_folder_loads_as_training_data(tmp_path):
     with CaptureWriter(out, CapturePolicy(uncertain=True), MIN_AREAS, quota_bytes=10**9) as writer:
         assert offer(writer, 1)  # raw frame -> PNG
         assert offer(writer, 2, frame=np.repeat(frame_and_prediction(2)["frame"][:, :, None], 3, axis=2))  # BGR
-        assert offer(writer, 5, frame=jpeg, camera_id="cam/2 west")  # original bytes, unsafe camera id
+        assert offer(writer, 5, frame=memoryview(jpeg), camera_id="cam/2 west")  # original bytes, unsafe camera id
         nothing = frame_and_prediction(9)
         assert not writer.offer(nothing["frame"], camera_id="cam-1", frame_id=9, time_ns=0, model_version="m1",
                                 rles=[""] * 4, counts=[0] * 4, present=[False] * 4)
