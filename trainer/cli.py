@@ -10,6 +10,8 @@ from engine.cli_util import run_cli
 COMMANDS = {
     "synth": "trainer.synth",
     "split": "trainer.splits",
+    "fit": "trainer.fit",
+    "evaluate": "trainer.evaluate",
     "export": "trainer.export",
 }
 

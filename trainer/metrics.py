@@ -183,9 +183,12 @@ def mask_stats(masks: Any, truth_masks: Any, present: Any | None = None, min_are
             f"predicted and true masks must both be [N, C, H, W] of the same shape, got "
             f"{list(masks_t.shape)} and {list(truth_t.shape)}"
         )
-    intersection = (masks_t & truth_t).sum(dim=(2, 3)).numpy()
-    predicted = masks_t.sum(dim=(2, 3)).numpy()
-    truth = truth_t.sum(dim=(2, 3)).numpy()
+    if truth_t.device != masks_t.device:
+        truth_t = truth_t.to(masks_t.device)
+    # Reduced where the masks live (a GPU's outputs stay there); only [N, C] counts come back.
+    intersection = (masks_t & truth_t).sum(dim=(2, 3)).cpu().numpy()
+    predicted = masks_t.sum(dim=(2, 3)).cpu().numpy()
+    truth = truth_t.sum(dim=(2, 3)).cpu().numpy()
     if present is None:
         areas = np.ones(predicted.shape[1], dtype=np.int64) if min_areas is None else np.asarray(min_areas)
         present = predicted >= areas.reshape(1, -1)
@@ -198,7 +201,7 @@ def _as_bool_tensor(x: Any):
     import torch
 
     if isinstance(x, torch.Tensor):
-        return x.detach().cpu() != 0
+        return x.detach() != 0
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x)) != 0)
 
 

@@ -1,0 +1,214 @@
+"""``trainer fit`` on tiny synthetic data: run directory contents, resume, settings pinning, config, offline weights."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.model import InspectionModel, fold_metadata, load_checkpoint, load_fold
+from trainer import fit as fit_module
+from trainer.config import FitConfig, FitOptions, read_config_file, resolve
+from trainer.fit import EpochEnd, check_pretrained_reachable, read_metrics, run_fit
+from trainer.splits import read_folds
+
+
+def tiny_config(data: Path, **overrides) -> FitConfig:
+    """A U-Net small enough for seconds per epoch on one shared CPU core (64x320 frames, trained at 32x160)."""
+    values = dict(data=[str(data)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
+                  decoder_channels=(16, 8, 4), scale=0.5, folds=2, holdout=0.15, epochs=2, patience=5, batch_size=8)
+    values.update(overrides)
+    return resolve(FitConfig(**values))
+
+
+def options(out: Path, **overrides) -> FitOptions:
+    return FitOptions(**{"out": str(out), "fold": 0, "device": "cpu", "workers": 0, "progress": False, **overrides})
+
+
+def test_short_fit_writes_checkpoints_metrics_curves_and_report(synth_dir: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_config(synth_dir)
+    out = tmp_path / "run"
+    outcomes = run_fit(cfg, options(out))
+    assert [o.fold for o in outcomes] == [0] and outcomes[0].finished
+
+    saved = json.loads((out / "config.json").read_text())
+    assert saved == cfg.to_dict()
+    assert saved["height"] == 64 and saved["width"] == 320  # read from the data
+    assignment = read_folds(out / "folds.csv")
+    assert sorted(set(assignment.values())) == [-1, 0, 1]
+
+    fold_dir = out / "fold0"
+    for name in ("best.pt", "last.pt", "metrics.csv", "curves.png", "config.json"):
+        assert (fold_dir / name).is_file(), name
+    assert (fold_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = read_metrics(fold_dir / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_dice_4", "val_dice_1", "lr", "seconds"} <= set(rows[0])
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])  # it learns something
+
+    unet, ucfg, payload = load_fold(fold_dir / "best.pt")
+    best_epoch = min(rows, key=lambda r: float(r["val_loss"]))["epoch"]
+    assert payload["epoch"] == int(best_epoch)
+    assert tuple(payload["input_size"]) == (64, 320) and tuple(payload["train_size"]) == (32, 160)
+    assert payload["mean"] == 0.0 and payload["std"] == 1.0
+    assert ucfg.decoder_channels == (16, 8, 4)
+    last = load_checkpoint(fold_dir / "last.pt")
+    assert last["epoch"] == 2 and last["finished"] and "optimizer" in last
+
+    # The checkpoint makes an inspection model as export will: full-size frames in, full-size masks out.
+    meta = fold_metadata(payload, ucfg)
+    masks, counts, present = InspectionModel([unet], meta)(torch.zeros(1, 64, 320, dtype=torch.uint8))
+    assert masks.shape == (1, 4, 64, 320) and counts.dtype == torch.int32
+
+    fold_config = json.loads((fold_dir / "config.json").read_text())
+    assert fold_config["fold"] == 0
+    assert fold_config["model"]["params_trainable"] == fold_config["model"]["params_total"] > 0
+    # Balancing raised the rarest class's training records.
+    data = fold_config["data"]
+    assert min(data["class_counts_after_balancing"]) > min(data["class_counts_before_balancing"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["folds"][0]["best_epoch"] == int(best_epoch)
+    assert "| 0 | 2 |" in (out / "report.md").read_text()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_continues_and_matches_an_uninterrupted_run(synth_dir: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_config(synth_dir, epochs=3)
+    run_fit(cfg, options(tmp_path / "straight"))
+
+    def stop_after_two(event: EpochEnd) -> None:
+        if event.epoch == 2:
+            raise Interrupted
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(Interrupted):
+        run_fit(cfg, options(out), on_epoch_end=stop_after_two)
+    metrics = out / "fold0" / "metrics.csv"
+    assert [int(r["epoch"]) for r in read_metrics(metrics)] == [1, 2]
+    assert load_checkpoint(out / "fold0" / "last.pt")["epoch"] == 2
+    # An epoch cut short after its metrics row but before last.pt: the row must be redone, not kept.
+    with open(metrics, "a") as f:
+        f.write("3,9,9,0,0,0,0,0,0,0,0,0,0,0.001,1\n")
+
+    seen: list[int] = []
+    run_fit(cfg, options(out), on_epoch_end=lambda e: seen.append(e.epoch))
+    assert seen == [3]
+    rows = read_metrics(metrics)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    straight_rows = read_metrics(tmp_path / "straight" / "fold0" / "metrics.csv")
+    for column in ("train_loss", "val_loss", "val_dice"):
+        assert [float(r[column]) for r in rows] == pytest.approx([float(r[column]) for r in straight_rows], rel=1e-6)
+    resumed = load_checkpoint(out / "fold0" / "last.pt")["state_dict"]
+    straight = load_checkpoint(tmp_path / "straight" / "fold0" / "last.pt")["state_dict"]
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+    # A finished fold is skipped on the next call.
+    seen.clear()
+    run_fit(cfg, options(out), on_epoch_end=lambda e: seen.append(e.epoch))
+    assert seen == []
+
+
+def test_other_settings_are_refused_unless_restart(synth_dir: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    run_fit(tiny_config(synth_dir, epochs=1), options(out))
+    changed = tiny_config(synth_dir, epochs=1, lr=0.01)
+    with pytest.raises(ValueError, match=r"(?s)other settings.*lr: 0\.001 -> 0\.01.*--restart"):
+        run_fit(changed, options(out))
+    (out / "fold0" / "keep.txt").write_text("x")
+    run_fit(changed, options(out, restart=True))
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.01
+    assert not (out / "fold0" / "keep.txt").exists()
+    assert len(read_metrics(out / "fold0" / "metrics.csv")) == 1
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    fit_module.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_config_file_flags_precedence_and_unknown_keys(synth_dir: Path, tmp_path: Path) -> None:
+    config_file = tmp_path / "fit.yaml"
+    config_file.write_text(f"data: [{synth_dir}]\nencoder: resnet18\nencoder-weights: none\nencoder_depth: 3\n"
+                           "lr: 0.005\nepochs: 7\npos_weight: [2, 2, 1, 1.5]\nworkers: 0\n")
+    cfg, opts = fit_module.config_from_args(_parse(["--config", str(config_file), "--out", str(tmp_path / "r"),
+                                                    "--epochs", "3", "--no-balance"]))
+    assert cfg.lr == 0.005 and cfg.epochs == 3 and cfg.balance is False  # flags beat the file
+    assert cfg.pos_weight == (2.0, 2.0, 1.0, 1.5) and cfg.decoder_channels == (256, 128, 64)
+    assert cfg.patience == 15 and opts.workers == 0 and opts.out == str(tmp_path / "r")
+
+    config_file.write_text("encoder: resnet18\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"fit\.yaml: unknown key 'learning_rate'"):
+        read_config_file(config_file)
+    config_file.write_text("epochs: many\n")
+    with pytest.raises(ValueError, match=r"epochs='many'"):
+        read_config_file(config_file)
+
+
+def test_impossible_combinations_name_the_flags(synth_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"--encoder-depth 5 needs both sides divisible by 32"):
+        tiny_config(synth_dir, encoder_depth=5, decoder_channels=None, scale=0.25)
+    with pytest.raises(ValueError, match=r"--pos-weight needs 4 positive numbers"):
+        tiny_config(synth_dir, pos_weight=(1.0, 2.0))
+    with pytest.raises(ValueError, match=r"--fold 5 is out of range"):
+        run_fit(tiny_config(synth_dir), FitOptions(out="unused", fold=5))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pretrained_weights_offline_stop_with_advice(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"cannot be reached.*--encoder-weights none"):
+        check_pretrained_reachable("resnet18", endpoint=f"http://127.0.0.1:{_closed_port()}",
+                                   cache_dir=str(tmp_path / "empty-cache"))
+
+
+def test_cli_fit_with_unreachable_weights_prints_one_error_line(
+    synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import huggingface_hub.constants as hf
+
+    from trainer.cli import main
+
+    monkeypatch.setattr(hf, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    rc = main(["fit", "--data", str(synth_dir), "--out", str(tmp_path / "run"), "--encoder", "resnet18",
+               "--encoder-weights", "imagenet", "--encoder-depth", "3", "--folds", "2", "--epochs", "1",
+               "--device", "cpu", "--workers", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "trainer fit: error: --encoder-weights imagenet" in err and "Traceback" not in err
+
+
+def test_dataset_frames_through_preprocess_match_the_graph_input(synth_dir: Path) -> None:
+    """Training feeds full-size frames through engine.model.preprocess: the exported graph's first step."""
+    from engine.model import preprocess
+    from trainer.data import SeverstalDataset, load_samples
+
+    cfg = tiny_config(synth_dir, mean=0.3, std=0.2)
+    meta = fit_module.preprocessing_metadata(cfg)
+    samples = load_samples(synth_dir, fit_module.data_config(cfg))[:2]
+    frames = torch.stack([SeverstalDataset(samples, fit_module.data_config(cfg))[i][0] for i in range(2)])
+    x = preprocess(frames, meta)
+    expected = torch.nn.functional.avg_pool2d((frames.float()[:, None] / 255 - 0.3) / 0.2, 2)
+    assert x.shape == (2, 1, 32, 160)
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+    assert dataclasses.asdict(meta)["train_height"] == 32 and np.isclose(meta.mean, 0.3)

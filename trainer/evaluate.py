@@ -1,0 +1,381 @@
+"""``trainer evaluate``: score a run's fold ensemble (or an exported model file) and tune post-processing.
+
+Splits:
+
+- ``holdout`` (default): the images ``folds.csv`` kept out of every fold, scored by the ensemble of
+  every fold's ``best.pt`` (built by :func:`trainer.export.load_run`, exactly what export ships,
+  and run through :class:`engine.model.InspectionModel`, the eager twin of the exported graph), or
+  by ``--model FILE`` through its engine backend, so the exported artifact itself is scored.
+- ``oof``: every non-holdout image, each predicted by the one fold model that did not train on
+  it. The per-class threshold and minimum area maximising the Kaggle metric are searched on these
+  predictions (:mod:`trainer.postsearch`) and written to ``RUN/postprocess.json`` for export.
+- ``all``: every image of ``--data`` (e.g. a separate labelled test folder).
+
+Masks are scored at the frame's full resolution. The result goes to
+``RUN/evaluations/<name>.json`` (and ``--json OUT``), the run report is rebuilt, and ``--render N``
+writes N overlays to ``RUN/renders/<name>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.metadata import ModelMetadata
+    from trainer.config import FitConfig
+    from trainer.data import Sample
+
+log = logging.getLogger(__name__)
+
+HELP = "score a run's fold ensemble or an exported model (holdout / out-of-fold) and tune post-processing"
+DESCRIPTION = __doc__.split("\n\n", 1)[0].split(": ", 1)[1]
+SPLITS = ("holdout", "oof", "all")
+BASELINE_THRESHOLD = 0.5
+BASELINE_MIN_AREA = 200
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, metavar="RUN", help="training run directory")
+    parser.add_argument("--data", action="append", metavar="DIR",
+                        help="data folder(s); default: the run's training data")
+    parser.add_argument("--split", choices=SPLITS, default="holdout", help="which images to score (default holdout)")
+    parser.add_argument("--model", metavar="FILE", help="score this exported model (.onnx/.pt/.engine) instead of "
+                        "the run's fold checkpoints")
+    parser.add_argument("--json", metavar="OUT", help="also write the evaluation JSON here")
+    parser.add_argument("--render", type=int, default=0, metavar="N", help="write N overlay PNGs")
+    parser.add_argument("--batch-size", type=int, default=8, help="frames per inference batch (default 8)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
+    parser.add_argument("--thresholds", metavar="T1,T2,..", help="threshold grid of the oof search "
+                        "(default 0.10..0.95 step 0.05)")
+    parser.add_argument("--min-areas", metavar="A1,A2,..", help="minimum-area grid of the oof search "
+                        "(default scaled from 1..10000 for 256x1600 frames)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    def numbers(text: str | None, kind: type, flag: str) -> list | None:
+        if text is None:
+            return None
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+    if args.render < 0 or args.batch_size < 1 or args.workers < 0:
+        raise ValueError("--render and --workers must be >= 0, --batch-size >= 1")
+    result = evaluate_run(
+        Path(args.run), data_dirs=args.data, split=args.split, model_path=args.model, render=args.render,
+        batch_size=args.batch_size, device=args.device, workers=args.workers,
+        threshold_grid=numbers(args.thresholds, float, "--thresholds"),
+        min_area_grid=numbers(args.min_areas, int, "--min-areas"), progress=args.progress,
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(summary(result))
+    return 0
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A few lines for the terminal."""
+    lines = [f"{result['split']}: {result['images']} images, {result['model']}"]
+    for name, rule in result["rules"].items():
+        s = rule["scores"]
+        lines.append(f"  {name:9s} thresholds {rule['thresholds']} min areas {rule['min_areas']}: Kaggle "
+                     f"{s['kaggle']:.4f}  thesis Dice {s['thesis_dice']:.4f}  label acc {s['label_accuracy']:.4f}  "
+                     f"per-class acc {s['mean_class_accuracy']:.4f}")
+    lines.append(f"  all-empty prediction: Kaggle {result['empty_kaggle']:.4f}")
+    if result.get("loss") is not None:
+        lines.append(f"  loss ({result['loss_kind']}, full resolution): {result['loss']:.4f}")
+    if result.get("postprocess_written"):
+        lines.append(f"  wrote {result['postprocess_written']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- predictors
+
+
+@dataclass
+class _Predictor:
+    """One way of predicting a group of images: a fold ensemble, one fold, or a model file."""
+
+    name: str
+    metadata: ModelMetadata
+    model: Any = None  # an InspectionModel on ``device``
+    backend: Any = None  # an engine backend
+    device: Any = None
+
+    def __call__(self, frames: torch.Tensor):
+        """uint8 frames (CPU) -> masks, counts, present, probs-or-None as torch tensors."""
+        import torch
+
+        if self.backend is not None:
+            out = self.backend.infer(frames.numpy())
+            probs = None if out.probs is None else torch.from_numpy(out.probs)
+            return torch.from_numpy(out.masks), torch.from_numpy(out.counts), torch.from_numpy(out.present), probs
+        with torch.inference_mode():
+            return self.model(frames.to(self.device, non_blocking=True))
+
+
+def _torch_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
+    return torch.device(device)
+
+
+def _ensemble(run_dir: Path, folds: Sequence[int] | str, device, override: dict[str, Any] | None = None) -> _Predictor:
+    from engine.model import InspectionModel
+    from trainer.export import load_run
+
+    loaded = load_run(run_dir, folds)
+    meta = dataclasses.replace(loaded.metadata, **(override or {}))
+    model = InspectionModel(loaded.folds, meta, with_probs=True).eval().to(device)
+    name = f"fold {loaded.fold_ids[0]}" if len(loaded.fold_ids) == 1 else f"ensemble of folds {loaded.fold_ids}"
+    return _Predictor(name=f"{name} of {run_dir}", metadata=meta, model=model, device=device)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _load_config(run_dir: Path) -> FitConfig:
+    from trainer.config import FitConfig
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run: {path} does not exist")
+    try:
+        return FitConfig.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _split_groups(
+    split: str, samples: Sequence[Sample], run_dir: Path, cfg: FitConfig
+) -> list[tuple[int | None, list[Sample]]]:
+    """``[(fold or None, samples)]``: one group for holdout/all, one per fold for oof."""
+    from trainer.splits import HOLDOUT, read_folds
+
+    if split == "all":
+        return [(None, list(samples))]
+    folds_path = run_dir / "folds.csv"
+    if not folds_path.is_file():
+        raise FileNotFoundError(f"{folds_path} does not exist: the run's split is unknown")
+    assignment = read_folds(folds_path)
+    by_id = {s.image_id: s for s in samples}
+    wanted = sorted(k for k, f in assignment.items() if (f == HOLDOUT) == (split == "holdout"))
+    missing = [k for k in wanted if k not in by_id]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} {split} images of {folds_path} are not in the data (e.g. {', '.join(missing[:3])}); "
+            "give the run's data folders with --data"
+        )
+    if not wanted:
+        raise ValueError(f"{folds_path} has no {split} images")
+    if split == "holdout":
+        return [(None, [by_id[k] for k in wanted])]
+    return [(k, [by_id[i] for i in wanted if assignment[i] == k]) for k in range(cfg.folds)]
+
+
+def _render_choice(samples: Sequence[Sample], count: int) -> set[str]:
+    """The first ``count`` images with a true defect, then defect-free ones if there are too few."""
+    defective = [s.image_id for s in samples if s.labels]
+    clean = [s.image_id for s in samples if not s.labels]
+    return set((defective + clean)[:count])
+
+
+def evaluate_run(
+    run_dir: Path,
+    data_dirs: Sequence[str | Path] | None = None,
+    split: str = "holdout",
+    model_path: str | Path | None = None,
+    render: int = 0,
+    batch_size: int = 8,
+    device: str = "auto",
+    workers: int = 0,
+    threshold_grid: Sequence[float] | None = None,
+    min_area_grid: Sequence[int] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Scores a split; for ``oof`` also searches and writes ``RUN/postprocess.json``. Returns the result dict.
+
+    Raises:
+        FileNotFoundError: run files, checkpoints, data images or the model file are missing.
+        ValueError: a combination that cannot be scored (``--model`` with ``oof``, a model whose
+            classes or frame size differ from the data).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from engine.backends import load_backend
+    from trainer.data import SeverstalDataset, load_samples
+    from trainer.fit import data_config
+    from trainer.losses import SegmentationLoss, logits_from_probs
+    from trainer.metrics import PixelStats, mask_stats, score
+    from trainer.postsearch import (
+        DEFAULT_THRESHOLDS,
+        ThresholdStats,
+        default_min_area_grid,
+        search,
+        threshold_stats,
+    )
+    from trainer.render import overlay, write_overlay
+    from trainer.report import EVALUATIONS_DIR, write_report
+
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if model_path is not None and split == "oof":
+        raise ValueError("--split oof scores each image with the fold model that did not train on it; an exported "
+                         "model averages every fold (each saw those images), so drop --model for oof")
+    cfg = _load_config(run_dir)
+    data_cfg = data_config(cfg)
+    dirs = [Path(d) for d in (data_dirs or cfg.data)]
+    samples = load_samples(dirs, data_cfg)
+    groups = _split_groups(split, samples, run_dir, cfg)
+    torch_device = _torch_device(device)
+    c = cfg.num_classes
+    baseline = {"thresholds": [BASELINE_THRESHOLD] * c, "min_areas": [BASELINE_MIN_AREA] * c}
+
+    backend = None
+    if model_path is not None:
+        backend = load_backend(model_path, device=device)
+        meta = backend.metadata
+        if meta.num_classes != c or meta.input_size != data_cfg.size:
+            raise ValueError(f"{model_path} takes {meta.input_height}x{meta.input_width} frames with {meta.num_classes} "
+                             f"classes; the data has {data_cfg.height}x{data_cfg.width} frames with {c} classes")
+        if backend.max_batch_size is not None:
+            batch_size = min(batch_size, backend.max_batch_size)
+
+    def predictor_for(fold: int | None) -> _Predictor:
+        if backend is not None:
+            return _Predictor(name=f"{model_path} ({backend.name}, {backend.device})", metadata=backend.metadata,
+                              backend=backend)
+        if fold is None:
+            predictor = _ensemble(run_dir, "all", torch_device)
+            if predictor.metadata.folds < cfg.folds:
+                log.warning("only %d of the run's %d folds have a best.pt; scoring their ensemble",
+                            predictor.metadata.folds, cfg.folds)
+            return predictor
+        return _ensemble(run_dir, [fold], torch_device, override=baseline)
+
+    criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(torch_device)
+    rendered_ids = _render_choice([s for _, group in groups for s in group], render)
+    render_dir = run_dir / "renders" / _evaluation_name(split, model_path)
+    stats_parts: list[PixelStats] = []
+    grid_parts: list[ThresholdStats] = []
+    loss_sum, loss_count, renders = 0.0, 0, []
+    model_names, metas = [], []
+    grid: list[float] | None = None
+    for fold, group in groups:
+        predictor = predictor_for(fold)
+        model_names.append(predictor.name)
+        metas.append(predictor.metadata)
+        grid = sorted(set(threshold_grid or DEFAULT_THRESHOLDS) | set(baseline["thresholds"])
+                      | set(predictor.metadata.thresholds))
+        loader = DataLoader(SeverstalDataset(group, data_cfg, scale=1.0), batch_size=batch_size, num_workers=workers,
+                            pin_memory=torch_device.type == "cuda")
+        position = 0
+        bar = tqdm(loader, desc=f"{split}{'' if fold is None else f' fold {fold}'}", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        for frames, truth in bar:
+            masks, counts, present, probs = predictor(frames)
+            truth_dev = truth.to(masks.device, non_blocking=True)
+            stats_parts.append(mask_stats(masks, truth_dev, present=present))
+            if probs is not None:
+                grid_parts.append(threshold_stats(probs, truth_dev, grid))
+                with torch.inference_mode():
+                    logits = logits_from_probs(probs.to(torch_device))
+                    loss = criterion(logits, truth.to(torch_device))
+                loss_sum += float(loss) * frames.shape[0]
+                loss_count += frames.shape[0]
+            for i in range(frames.shape[0]):
+                sample = group[position + i]
+                if sample.image_id in rendered_ids:
+                    render_dir.mkdir(parents=True, exist_ok=True)
+                    path = render_dir / f"{Path(sample.image_id).stem}.png"
+                    picture = overlay(frames[i].numpy(), truth[i].numpy(), masks[i].cpu().numpy(),
+                                      present[i].cpu().numpy().tolist(), list(cfg.class_names or []),
+                                      caption=f"{sample.image_id} ({split})")
+                    write_overlay(path, picture)
+                    renders.append(str(path))
+            position += frames.shape[0]
+        bar.close()
+
+    stats = PixelStats.concatenate(stats_parts)
+    meta = metas[0]
+    rules: dict[str, Any] = {}
+    model_rule = "thesis" if split == "oof" else "model"
+    rules[model_rule] = {"thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),
+                         "scores": score(stats).to_dict()}
+    result: dict[str, Any] = {
+        "split": split,
+        "model": model_names[0] if len(model_names) == 1 else f"each image by its out-of-fold model ({len(groups)} folds)",
+        "data": [str(d) for d in dirs],
+        "images": len(stats),
+        "primary": model_rule,
+        "loss": loss_sum / loss_count if loss_count else None,
+        "loss_kind": cfg.loss + ("" if cfg.pos_weight is None else f" pos_weight {list(cfg.pos_weight)}"),
+        "empty_kaggle": float((stats.truth == 0).mean()),
+        "metadata": {"thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),
+                     "model_version": meta.model_version, "folds": meta.folds},
+        "rules": rules,
+        "renders": renders,
+    }
+    if grid_parts:
+        grid_stats = ThresholdStats.concatenate(grid_parts)
+        if split != "oof" and list(meta.thresholds) + list(meta.min_areas) != baseline["thresholds"] + baseline[
+                "min_areas"]:
+            baseline_stats = grid_stats.pixel_stats(baseline["thresholds"], baseline["min_areas"])
+            rules["baseline"] = {**baseline, "scores": score(baseline_stats).to_dict()}
+        if split == "oof":
+            areas = sorted(set(min_area_grid or default_min_area_grid(data_cfg.height, data_cfg.width))
+                           | set(baseline["min_areas"]))
+            found = search(grid_stats, areas, baseline["thresholds"], baseline["min_areas"])
+            searched = grid_stats.pixel_stats(found.thresholds, found.min_areas)
+            rules["searched"] = {"thresholds": found.thresholds, "min_areas": found.min_areas,
+                                 "scores": score(searched).to_dict()}
+            result["primary"] = "searched"
+            postprocess = found.to_dict() | {
+                "split": "oof", "folds": cfg.folds, "run": str(run_dir),
+                "checkpoint_sha256": [m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in metas],
+                "written_by": "trainer evaluate --split oof",
+            }
+            path = run_dir / "postprocess.json"
+            tmp = Path(str(path) + ".tmp")
+            tmp.write_text(json.dumps(postprocess, indent=2) + "\n", encoding="utf-8")
+            tmp.replace(path)
+            result["postprocess"] = postprocess
+            result["postprocess_written"] = str(path)
+            log.info("wrote %s: thresholds %s, min areas %s; Kaggle metric %.4f -> %.4f", path, found.thresholds,
+                     found.min_areas, found.baseline_kaggle, found.kaggle)
+    elif split == "oof":
+        raise AssertionError("the fold ensemble always returns probabilities")
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    eval_dir = run_dir / EVALUATIONS_DIR
+    eval_dir.mkdir(exist_ok=True)
+    (eval_dir / f"{_evaluation_name(split, model_path)}.json").write_text(json.dumps(result, indent=2) + "\n",
+                                                                          encoding="utf-8")
+    write_report(run_dir)
+    if backend is not None:
+        backend.close()
+    return result
+
+
+def _evaluation_name(split: str, model_path: str | Path | None) -> str:
+    return split if model_path is None else f"{split}-{Path(model_path).name}"
