@@ -9,7 +9,9 @@ algorithm, both so that the split follows the line's data rather than chance:
 * part sizes are exact: a part that is full takes no more images (fold sizes differ by at most
   one, the holdout has exactly the size asked for);
 * besides the C classes, every pair of classes that occurs together is a label of its own, so
-  images with two defect kinds are spread over the folds too (second-order stratification).
+  images with two defect kinds are spread over the folds too (second-order stratification);
+* a final pass swaps images between parts while a swap brings the counts closer to their shares,
+  which matters for labels most images carry (not Severstal's, but nothing here assumes that).
 
 Defect-free images have no label and fill the remaining places at random. The assignment is
 written to ``folds.csv`` (``ImageId,fold,labels``; fold -1 = holdout) so later runs reuse it.
@@ -78,6 +80,12 @@ def iterative_stratification(labels: np.ndarray, sizes: Sequence[int], rng: np.r
     n = labels.shape[0]
     if sizes.sum() != n or (sizes < 0).any():
         raise ValueError(f"part sizes {sizes.tolist()} must be >= 0 and sum to the {n} images")
+    # A label most images carry is balanced through its absence: the few images without it go
+    # first, evenly; otherwise they fall wherever room is left and unbalance the label at the end.
+    given = labels
+    dense = labels.sum(axis=0) * 2 > n
+    if dense.any():
+        labels = np.concatenate([labels, ~labels[:, dense]], axis=1)
     parts = len(sizes)
     capacity = sizes.copy()
     # Desired count of each label in each part, proportional to the part's size.
@@ -100,6 +108,49 @@ def iterative_stratification(labels: np.ndarray, sizes: Sequence[int], rng: np.r
             remaining[labels[i]] -= 1
     free = np.flatnonzero(assignment < 0)
     assignment[free[rng.permutation(len(free))]] = np.repeat(np.arange(parts), capacity)
+    return _refine_by_swaps(given, assignment, sizes, rng)
+
+
+def _refine_by_swaps(
+    labels: np.ndarray, assignment: np.ndarray, sizes: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Swaps images between parts while a swap brings the label counts closer to their shares.
+
+    The greedy pass can leave a frequent, correlated label a few images off its share (its last
+    images go wherever room is left). Swapping two images keeps every part's size; each swap is
+    the one that most lowers the sum of squared deviations from the shares, found for all pairs of
+    parts and label patterns at once. Stops at a local optimum (each swap strictly improves).
+    """
+    parts = len(sizes)
+    if parts < 2 or labels.shape[1] == 0 or len(assignment) == 0:
+        return assignment
+    patterns, pattern_of = np.unique(labels, axis=0, return_inverse=True)
+    pattern_of = pattern_of.reshape(-1)
+    x = patterns.astype(np.float64)  # [U, L]
+    share = sizes[:, None] / len(assignment) * labels.sum(axis=0)[None, :]  # [P, L]
+    members = np.zeros((parts, len(patterns)), dtype=np.int64)  # images of pattern u in part p
+    np.add.at(members, (assignment, pattern_of), 1)
+    step = x[None, :, :] - x[:, None, :]  # [U(out), U(in), L]: change to the receiving part
+    step_norm = (step**2).sum(axis=-1)
+    for _ in range(len(assignment)):
+        deviation = members.astype(np.float64) @ x - share  # [P, L]
+        gap = deviation[:, None, :] - deviation[None, :, :]  # [P, Q, L]
+        # Pattern u leaves part p for part q, pattern v leaves q for p: p changes by x[v] - x[u].
+        gain = 2.0 * np.einsum("pql,uvl->pquv", gap, step) + 2.0 * step_norm[None, None]
+        valid = (members[:, None, :, None] > 0) & (members[None, :, None, :] > 0)
+        valid &= ~np.eye(parts, dtype=bool)[:, :, None, None]
+        gain = np.where(valid, gain, np.inf)
+        best = np.unravel_index(int(np.argmin(gain)), gain.shape)
+        if not gain[best] < -1e-9:
+            break
+        p, q, u, v = (int(i) for i in best)
+        a = rng.choice(np.flatnonzero((assignment == p) & (pattern_of == u)))
+        b = rng.choice(np.flatnonzero((assignment == q) & (pattern_of == v)))
+        assignment[a], assignment[b] = q, p
+        members[p, u] -= 1
+        members[q, u] += 1
+        members[q, v] -= 1
+        members[p, v] += 1
     return assignment
 
 
