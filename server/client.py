@@ -60,6 +60,7 @@ class CameraRun:
     answers: list[FrameAnswer] = field(default_factory=list)
     unanswered: list[tuple[str, str]] = field(default_factory=list)
     elapsed_s: float = 0.0
+    model_info: Any = None  # inspection.v1.ModelInfo of the server
 
     @property
     def failed(self) -> list[FrameAnswer]:
@@ -108,6 +109,29 @@ def channel_credentials(tls_ca: Path | None) -> Any:
     return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
 
 
+async def model_info(channel: Any, target: str, connect_timeout: float) -> Any:
+    """Waits for the connection and asks the server what it serves.
+
+    Raises:
+        ConnectionError: the server cannot be reached in ``connect_timeout`` seconds, or does not serve yet.
+    """
+    import grpc
+
+    from protos.inspection.v1 import inspection_pb2 as pb
+    from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+
+    try:
+        async with asyncio.timeout(connect_timeout):
+            await channel.channel_ready()
+    except TimeoutError:
+        raise ConnectionError(f"cannot reach an inspection server at {target} within {connect_timeout:g} s") from None
+    try:
+        return await pb_grpc.InspectionServiceStub(channel).GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=connect_timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise ConnectionError(f"{target}: {exc.code().name}: {exc.details()}") from None
+
+
 async def run_cameras(
     target: str,
     images: Sequence[Path],
@@ -116,17 +140,19 @@ async def run_cameras(
     raw: bool = False,
     credentials: Any = None,
     max_message_bytes: int = 16 * 1024 * 1024,
+    connect_timeout: float = 10.0,
     on_answer: Callable[[FrameAnswer], None] | None = None,
 ) -> CameraRun:
     """Streams ``images`` to ``target`` as ``streams`` concurrent cameras.
 
     Args:
         credentials: ``grpc.ChannelCredentials`` for TLS, or None for plaintext.
+        connect_timeout: seconds to wait for the server to answer at all.
         on_answer: called on the event loop for every answer (progress display).
 
     Raises:
-        grpc.aio.AioRpcError: a stream failed before any frame was answered on it for a reason
-            other than the server shutting down.
+        ConnectionError: the server cannot be reached or is not serving yet. A stream that ends
+            early (a server shutting down) is not an error: its remaining images are ``unanswered``.
     """
     import grpc
 
@@ -140,7 +166,14 @@ async def run_cameras(
                ("grpc.max_receive_message_length", max_message_bytes)]
     channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials is not None
                else grpc.aio.insecure_channel(target, options=options))
-    run = CameraRun()
+    try:
+        info = await model_info(channel, target, connect_timeout)
+    except BaseException:
+        await channel.close()
+        raise
+    log.info("server %s: model %s (%s %s on %s), frames %dx%d", target, info.model_version, info.backend,
+             info.precision, info.device, info.input_width, info.input_height)
+    run = CameraRun(model_info=info)
     started = time.perf_counter()
 
     async def camera(index: int) -> None:
@@ -224,6 +257,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("results.csv"), help="CSV to write (default: results.csv)")
     parser.add_argument("--raw", action="store_true", help="send raw GRAY8 pixels instead of the encoded files")
     parser.add_argument("--tls-ca", type=Path, default=None, help="PEM root certificate: connect with TLS")
+    parser.add_argument("--connect-timeout", type=float, default=10.0,
+                        help="seconds to wait for the server (default: 10)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = asyncio.run(run_cameras(args.target, images, args.streams, args.fps, args.raw, credentials,
-                                         on_answer=on_answer))
+                                         connect_timeout=args.connect_timeout, on_answer=on_answer))
     finally:
         bar.close()
     rows = write_predictions_csv(args.out, result.answers)

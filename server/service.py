@@ -145,6 +145,8 @@ class _CameraStream:
     async def read_frames(self) -> None:
         server = self.server
         try:
+            if self.stopped_reading:  # shutdown began before the first read
+                return
             async for request in self.requests:
                 received = time.perf_counter()
                 # Not reading while full is the backpressure: gRPC stops granting the camera

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -61,3 +62,41 @@ async def wait_until(predicate, timeout: float = 10.0, what: str = "condition") 
         if loop.time() > end:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+class ServerThread:
+    """A running server on its own event loop in a background thread, for tests that drive a
+    blocking client (the ``server client`` CLI in-process) from the test's thread."""
+
+    def __init__(self, model: Path, **config) -> None:
+        self.model = model
+        self.config = config
+        self.server = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="test-server", daemon=True)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            async with running_server(self.model, **self.config) as server:
+                self.server = server
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            self._failure = exc
+            self._ready.set()
+
+    def __enter__(self):
+        self._thread.start()
+        assert self._ready.wait(timeout=60), "the test server did not start"
+        if self._failure is not None:
+            raise self._failure
+        return self.server
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=60)

@@ -11,10 +11,9 @@ from pathlib import Path
 import cv2
 import grpc
 import numpy as np
-import pytest
 
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
-from tests.server.conftest import running_server
+from tests.server.conftest import ServerThread, running_server
 from tests.server.test_service import assert_equals_direct, make_request
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,69 +104,91 @@ def test_sigterm_during_streaming_answers_every_accepted_frame(tiny_onnx, camera
     assert inflight_at_signal > 0
 
 
-def test_serve_reports_a_bad_model_file(tmp_path: Path):
-    import subprocess
+def test_serve_reports_a_bad_model_file(tmp_path: Path, capsys):
+    from server.cli import main
 
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not an onnx model")
-    result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(bad), "--port", "0", "--metrics-port", "-1"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert f"{bad}" in result.stderr and "Traceback" not in result.stderr
+    assert main(["serve", "--model", str(bad), "--port", "0", "--metrics-port", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert f"server serve: error: {bad}: ONNX Runtime cannot load this model" in err
+    assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("raw", [False, True], ids=["encoded", "raw"])
-def test_client_csv_reads_back_as_the_backends_output(tiny_onnx, camera_frames, direct_output, tmp_path, raw):
+def write_images(folder: Path, frames: np.ndarray) -> list[str]:
+    folder.mkdir()
+    names = [f"{i:04d}.png" for i in range(len(frames))]
+    for name, frame in zip(names, frames):
+        cv2.imwrite(str(folder / name), frame)
+    return names
+
+
+def test_client_csv_reads_back_as_the_backends_output(tiny_onnx, camera_frames, direct_output, tmp_path, capsys):
+    from server.cli import main
     from trainer.data import read_annotations
 
-    images = tmp_path / "images"
-    images.mkdir()
-    names = [f"{i:04d}.png" for i in range(len(camera_frames))]
-    for name, frame in zip(names, camera_frames):
-        cv2.imwrite(str(images / name), frame)
+    names = write_images(tmp_path / "images", camera_frames)
     out = tmp_path / "results.csv"
-
-    async def main():
-        async with running_server(tiny_onnx) as server:
-            client = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.cli", "client", "--target", server.address, "--images", str(images),
-                "--streams", "3", "--out", str(out), *(["--raw"] if raw else []),
-                cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            )
-            _, stderr = await client.communicate()
-            return client.returncode, stderr.decode()
-
-    returncode, stderr = asyncio.run(main())
-    assert returncode == 0, stderr
-    assert "50 of 50 frames inspected" in stderr
+    with ServerThread(tiny_onnx) as server:
+        code = main(["client", "--target", server.address, "--images", str(tmp_path / "images"),
+                     "--streams", "3", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "50 of 50 frames inspected" in err
     predicted = read_annotations(out, num_classes=4, height=64, width=320)
     assert sorted(predicted) == names  # every image listed, defect-free ones too
     for i, name in enumerate(names):
-        expected = [rle if present else "" for rle, present in zip(direct_output["rles"][i], direct_output["present"][i])]
-        assert predicted[name] == expected
+        present = direct_output["present"][i]
+        assert predicted[name] == [rle if p else "" for rle, p in zip(direct_output["rles"][i], present)]
     assert any(any(r) for r in predicted.values()) and not all(all(r) for r in predicted.values())
 
 
-def test_client_lists_failed_frames_and_exits_1(tiny_onnx, camera_frames, tmp_path):
+def test_client_library_raw_frames(tiny_onnx, camera_frames, direct_output, tmp_path):
+    from server.client import list_images, run_cameras
+
+    names = write_images(tmp_path / "images", camera_frames[:12])
+
+    async def main():
+        async with running_server(tiny_onnx) as server:
+            return await run_cameras(server.address, list_images(tmp_path / "images"), streams=5, raw=True, fps=100)
+
+    run = asyncio.run(main())
+    assert run.model_info.input_width == 320 and not run.unanswered and not run.failed
+    assert [a.image_id for a in sorted(run.answers, key=lambda a: a.image_id)] == names
+    for answer in run.answers:
+        i = names.index(answer.image_id)
+        assert answer.camera_id == f"cam{i % 5}" and answer.frame_id == i // 5
+        assert_equals_direct(answer.response, direct_output, i)
+
+
+def test_client_lists_failed_frames_and_exits_1(tiny_onnx, camera_frames, tmp_path, capsys):
+    from server.cli import main
+
     images = tmp_path / "images"
     images.mkdir()
     cv2.imwrite(str(images / "good.png"), camera_frames[0])
     cv2.imwrite(str(images / "small.png"), np.zeros((10, 10), np.uint8))
     out = tmp_path / "results.csv"
-
-    async def main():
-        async with running_server(tiny_onnx) as server:
-            client = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.cli", "client", "--target", server.address, "--images", str(images),
-                "--out", str(out), cwd=REPO, stderr=asyncio.subprocess.PIPE,
-            )
-            _, stderr = await client.communicate()
-            return client.returncode, stderr.decode()
-
-    returncode, stderr = asyncio.run(main())
-    assert returncode == 1
-    assert "1 of 2 frames inspected" in stderr
-    assert "failed small.png: camera 'cam1' frame 0: PNG image is 10x10" in stderr
+    with ServerThread(tiny_onnx) as server:
+        code = main(["client", "--target", server.address, "--images", str(images), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "1 of 2 frames inspected" in err
+    assert "failed small.png: camera 'cam1' frame 0: PNG image is 10x10" in err
     assert {line.split(",")[0] for line in out.read_text().splitlines()[1:]} == {"good.png"}
+
+
+def test_client_reports_an_unreachable_server(camera_frames, tmp_path, capsys):
+    import socket
+
+    from server.cli import main
+
+    write_images(tmp_path / "images", camera_frames[:1])
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["client", "--target", f"127.0.0.1:{port}", "--images", str(tmp_path / "images"),
+                 "--out", str(tmp_path / "r.csv"), "--connect-timeout", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"cannot reach an inspection server at 127.0.0.1:{port}" in err and "Traceback" not in err

@@ -350,3 +350,40 @@ def test_tls(tiny_onnx, camera_frames, direct_output, tmp_path: Path):
     response, refused = asyncio.run(main())
     assert_equals_direct(response, direct_output, 2)
     assert refused.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_reflection_lists_the_services(tiny_onnx):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def main():
+        async with running_server(tiny_onnx) as server:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+                async def ask():
+                    yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+                return [r async for r in stub.ServerReflectionInfo(ask())]
+
+    (response,) = asyncio.run(main())
+    names = {s.name for s in response.list_services_response.service}
+    assert {"inspection.v1.InspectionService", "grpc.health.v1.Health"} <= names
+
+
+def test_frames_larger_than_grpcs_default_limit_reach_the_server(tiny_onnx):
+    # gRPC refuses messages over 4 MB unless told otherwise; a 2048x2048 GRAY8 frame (4.2 MB) must
+    # reach the frame checks (and fail there, being the wrong size) rather than the transport.
+    side = 2048
+    request = pb.InspectRequest(camera_id="big", frame_id=0, raw_image=pb.RawImage(
+        width=side, height=side, channels=1, data=bytes(side * side)))
+    assert request.ByteSize() > 4 * 1024 * 1024
+
+    async def main():
+        async with running_server(tiny_onnx) as server:
+            options = [("grpc.max_send_message_length", 16 << 20)]
+            async with grpc.aio.insecure_channel(server.address, options=options) as channel:
+                return await pb_grpc.InspectionServiceStub(channel).InspectOne(request)
+
+    response = asyncio.run(main())
+    assert response.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "raw_image is 2048x2048" in response.error.message
