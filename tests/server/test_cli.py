@@ -123,24 +123,42 @@ def write_images(folder: Path, frames: np.ndarray) -> list[str]:
     return names
 
 
-def test_client_csv_reads_back_as_the_backends_output(tiny_onnx, camera_frames, direct_output, tmp_path, capsys):
+def test_client_csv_is_the_models_answer_and_scores_like_it(tiny_onnx, direct_backend, tmp_path, capsys):
+    """The CSV of a labelled (synthetic Severstal-format) folder reads back through the trainer's CSV
+    reader as the backend's own gated masks, and the trainer's metrics score it exactly as they
+    score the backend's direct output against the same labels."""
+    from engine.rle import decode_many
     from server.cli import main
-    from trainer.data import read_annotations
+    from trainer.data import DataConfig, load_samples, read_annotations, read_image, sample_masks
+    from trainer.metrics import mask_stats, score
+    from trainer.synth import synthesize
 
-    names = write_images(tmp_path / "images", camera_frames)
+    data = synthesize(tmp_path / "data", images=16, height=64, width=320, seed=3)
+    cfg = DataConfig(height=64, width=320)
+    samples = load_samples(data, cfg)
     out = tmp_path / "results.csv"
     with ServerThread(tiny_onnx) as server:
-        code = main(["client", "--target", server.address, "--images", str(tmp_path / "images"),
-                     "--streams", "3", "--out", str(out)])
+        code = main(["client", "--target", server.address, "--images", str(data), "--streams", "3", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "50 of 50 frames inspected" in err
+    assert "16 of 16 frames inspected" in err
+
+    frames = np.stack([read_image(s.path, cfg) for s in samples])  # how training and evaluation read them
+    direct = direct_backend.infer(frames)
+    rles = direct.rle()
     predicted = read_annotations(out, num_classes=4, height=64, width=320)
-    assert sorted(predicted) == names  # every image listed, defect-free ones too
-    for i, name in enumerate(names):
-        present = direct_output["present"][i]
-        assert predicted[name] == [rle if p else "" for rle, p in zip(direct_output["rles"][i], present)]
-    assert any(any(r) for r in predicted.values()) and not all(all(r) for r in predicted.values())
+    assert sorted(predicted) == [s.image_id for s in samples]  # every image listed, defect-free ones too
+    for i, s in enumerate(samples):
+        assert predicted[s.image_id] == [r if p else "" for r, p in zip(rles[i], direct.present[i])]
+
+    truth = np.stack([sample_masks(s, cfg) for s in samples])
+    csv_masks = np.stack([decode_many(predicted[s.image_id], 64, 320) for s in samples])
+    from_csv = score(mask_stats(csv_masks, truth, present=csv_masks.any(axis=(2, 3))))
+    from_model = score(mask_stats(direct.masks, truth, present=direct.present))
+    assert from_csv.kaggle == from_model.kaggle
+    assert from_csv.label_accuracy == from_model.label_accuracy
+    assert from_csv.confusion == from_model.confusion
+    assert direct.present.any() and truth.any()
 
 
 def test_client_library_raw_frames(tiny_onnx, camera_frames, direct_output, tmp_path):
