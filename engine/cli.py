@@ -7,7 +7,10 @@ from collections.abc import Sequence
 
 from engine.cli_util import run_cli
 
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "build": "engine.build",
+    "info": "engine.info",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

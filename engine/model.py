@@ -125,7 +125,8 @@ def resize(x: torch.Tensor, size: tuple[int, int], src_size: tuple[int, int] | N
 
 def preprocess(frames: torch.Tensor, meta: ModelMetadata, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 frames ``[N, H, W]`` -> normalised network input ``[N, in_channels, th, tw]``."""
-    x = frames.unsqueeze(1).to(torch.float32) * (1.0 / 255.0)
+    # Cast first: TensorRT accepts a uint8 network input only as the input of a cast to float.
+    x = frames.to(torch.float32).unsqueeze(1) * (1.0 / 255.0)
     if meta.mean != 0.0 or meta.std != 1.0:
         x = (x - meta.mean) / meta.std
     x = resize(x, meta.train_size, src_size=meta.input_size)
@@ -151,9 +152,10 @@ def postprocess(
     casts to int32 (a sum of ones in fp16 would stop being exact past 2048 pixels).
     """
     c = probs.shape[1]
-    hits = probs.to(torch.float32) >= thresholds.to(torch.float32).view(1, c, 1, 1)
-    counts = hits.to(torch.float32).sum(dim=(2, 3)).to(torch.int32)
+    hits = (probs.to(torch.float32) >= thresholds.to(torch.float32).view(1, c, 1, 1)).to(torch.float32)
+    counts = hits.sum(dim=(2, 3)).to(torch.int32)
     present = counts >= min_areas.to(torch.int32).view(1, c)
+    # uint8 from float, not from bool: TensorRT converts uint8 only to and from float types.
     return hits.to(torch.uint8), counts, present
 
 

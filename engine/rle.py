@@ -10,10 +10,11 @@ evaluation, the backends, the server and the client.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["decode", "decode_many", "encode", "encode_batch", "runs_to_string"]
+__all__ = ["decode", "decode_many", "encode", "encode_batch", "encode_batch_torch", "runs_to_string"]
 
 
 def _column_range(column_any: np.ndarray) -> tuple[int, int] | None:
@@ -80,6 +81,36 @@ def encode_batch(masks: np.ndarray) -> list[list[str]]:
     out = [[""] * c for _ in range(n)]
     for i, k in zip(*np.nonzero(nonempty)):
         out[i][k] = _encode_2d(masks[i, k], column_any[i, k])
+    return out
+
+
+def encode_batch_torch(masks: Any) -> list[list[str]]:
+    """Encodes torch masks ``[N, C, H, W]`` (any device, typically CUDA) like :func:`encode_batch`.
+
+    Run boundaries are found where the masks live, with one ``nonzero`` over the whole batch, and
+    copied to the host once per batch (not once per mask); the host only formats the strings.
+    """
+    import torch
+
+    if masks.dim() != 4:
+        raise ValueError(f"encode_batch_torch expects masks of shape [N, C, H, W], got {tuple(masks.shape)}")
+    n, c, h, w = (int(v) for v in masks.shape)
+    # Column-major pixel order: transpose to [N, C, W, H] and flatten each mask; a zero pad on both
+    # ends makes every run open and close inside the row, so boundaries come in (start, end) pairs.
+    flat = (masks != 0).transpose(2, 3).reshape(n * c, h * w)
+    padded = torch.nn.functional.pad(flat.to(torch.uint8), (1, 1))
+    edges = torch.nonzero(padded[:, 1:] != padded[:, :-1]).cpu().numpy()  # [K, 2] (mask, position)
+    out = [[""] * c for _ in range(n)]
+    if edges.size == 0:
+        return out
+    rows = edges[0::2, 0]
+    starts = edges[0::2, 1]
+    lengths = edges[1::2, 1] - starts
+    bounds = np.flatnonzero(np.diff(rows)) + 1
+    for row, s, length in zip(
+        rows[np.concatenate(([0], bounds))], np.split(starts, bounds), np.split(lengths, bounds)
+    ):
+        out[row // c][row % c] = runs_to_string(s + 1, length)
     return out
 
 

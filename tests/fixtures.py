@@ -144,3 +144,45 @@ def synth_cfg():
     from trainer.data import DataConfig
 
     return DataConfig(num_classes=4, height=SYNTH_SIZE[0], width=SYNTH_SIZE[1])
+
+
+def write_engine_with_sidecar(engine_path: Path, onnx_path: Path, **overrides: object) -> Path:
+    """A stand-in engine file (opaque bytes; nothing here can run a real one) with the sidecar
+    ``engine build`` would write next to it, for the checks that need no TensorRT: sidecar
+    reading, file verification, version/GPU compatibility, ``engine info``."""
+    import hashlib
+
+    from engine.backends.tensorrt import EngineSidecar, write_sidecar
+    from engine.metadata import ModelMetadata, read_onnx_metadata
+    from engine.model import file_sha256
+
+    data = bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
+    engine_path.write_bytes(data)
+    meta = read_onnx_metadata(str(onnx_path))
+    h, w = meta.input_size
+    c = meta.num_classes
+    fields: dict = dict(
+        tensorrt_version="10.8.0.43",
+        gpu_name="NVIDIA A10",
+        compute_capability="8.6",
+        onnx_path=str(onnx_path),
+        onnx_sha256=file_sha256(onnx_path),
+        precision="fp16",
+        typing="fp16-builder-flag",
+        profile={"min": [1, h, w], "opt": [8, h, w], "max": [32, h, w]},
+        engine_size=len(data),
+        engine_sha256=hashlib.sha256(data).hexdigest(),
+        metadata=ModelMetadata.from_dict({**meta.to_dict(), "precision": "fp16"}),
+        build_seconds=12.5,
+        network_layers=120,
+        engine_layers=40,
+        io=[
+            {"name": "frames", "mode": "input", "dtype": "uint8", "shape": [-1, h, w]},
+            {"name": "masks", "mode": "output", "dtype": "uint8", "shape": [-1, c, h, w]},
+            {"name": "counts", "mode": "output", "dtype": "int32", "shape": [-1, c]},
+            {"name": "present", "mode": "output", "dtype": "bool", "shape": [-1, c]},
+        ],
+    )
+    fields.update(overrides)
+    write_sidecar(engine_path, EngineSidecar(**fields))
+    return engine_path

@@ -25,26 +25,35 @@ class InspectionResult:
         counts: int32 ``[N, C]`` exact defect pixel counts.
         present: bool ``[N, C]``: ``counts >= min_area`` per class.
         probs: float32 ``[N, C, H, W]`` mean probabilities, only when asked for (debugging).
+        encoded: RLE strings ``[image][class]`` already computed where the masks were produced
+            (GPU backends find run boundaries on the device), or None to encode on the host.
     """
 
     masks: np.ndarray
     counts: np.ndarray
     present: np.ndarray
     probs: np.ndarray | None = None
+    encoded: list[list[str]] | None = None
 
     def __len__(self) -> int:
         return int(self.counts.shape[0])
 
     def rle(self) -> list[list[str]]:
         """Kaggle RLE strings, ``[image][class]``, vectorised over the whole batch."""
+        if self.encoded is not None:
+            return self.encoded
         return encode_batch(self.masks)
 
     def subset(self, index: Any) -> InspectionResult:
+        encoded = None
+        if self.encoded is not None:
+            encoded = [self.encoded[i] for i in np.arange(len(self))[index].reshape(-1)]
         return InspectionResult(
             masks=self.masks[index],
             counts=self.counts[index],
             present=self.present[index],
             probs=None if self.probs is None else self.probs[index],
+            encoded=encoded,
         )
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
 from engine.metadata import ModelMetadata
+from engine.rle import encode_batch_torch
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +169,12 @@ class OnnxRuntimeBackend(Backend):
         for name, tensor in outputs.items():
             binding.bind_output(name, "cuda", index, dtypes[name], tuple(tensor.shape), tensor.data_ptr())
         self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        encoded = encode_batch_torch(outputs["masks"])
         host = {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
         return InspectionResult(
-            masks=host["masks"], counts=host["counts"], present=host["present"], probs=host.get("probs")
+            masks=host["masks"], counts=host["counts"], present=host["present"], probs=host.get("probs"),
+            encoded=encoded,
         )
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
+from engine.rle import encode_batch_torch
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +107,10 @@ class TorchBackend(Backend):
             frames = frames.to(self.device)
         with torch.inference_mode():
             outputs = self.model(frames)
+        encoded = encode_batch_torch(outputs[0]) if self.device != "cpu" else None
         masks, counts, present = (t.cpu().numpy() for t in outputs[:3])
         probs = outputs[3].float().cpu().numpy() if self.with_probs else None
-        return InspectionResult(masks=masks, counts=counts, present=present, probs=probs)
+        return InspectionResult(masks=masks, counts=counts, present=present, probs=probs, encoded=encoded)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "folds": self.metadata.folds}

@@ -182,3 +182,19 @@ def test_asking_for_a_missing_gpu_says_how_to_fix(tiny_onnx: Path, tiny_pt: Path
             load_backend(tiny_pt, device="cuda")
         with load_backend(tiny_pt) as backend:  # auto falls back to the CPU
             assert backend.device == "cpu" and backend.precision == "fp32"
+
+
+def test_torch_rle_equals_numpy_rle() -> None:
+    """The device RLE path (run boundaries by torch, one host copy) on CPU tensors: same strings."""
+    import torch
+
+    from engine.rle import encode_batch, encode_batch_torch
+
+    rng = np.random.default_rng(11)
+    for density in (0.0, 0.02, 0.5, 1.0):
+        masks = (rng.random((3, 4, 16, 40)) < density).astype(np.uint8)
+        masks[0, 1] = 0
+        masks[2, 3, :, 5:9] = 1
+        assert encode_batch_torch(torch.from_numpy(masks)) == encode_batch(masks)
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
+        encode_batch_torch(torch.zeros(4, 16, 40, dtype=torch.uint8))
