@@ -7,7 +7,9 @@ from collections.abc import Sequence
 
 from engine.cli_util import run_cli
 
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "throughput": "benchmarks.throughput",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

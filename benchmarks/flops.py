@@ -1,0 +1,210 @@
+"""FLOPs per image, counted, and the device's peak FLOP/s, measured.
+
+Two independent counts, one convention (a multiply-add is 2 FLOPs; only convolutions and matrix
+products count: bias, batch norm, activations, pooling and resizes are left out, as torch's
+``FlopCounterMode`` does):
+
+* :func:`count_flops_torch` runs the eager module once under
+  ``torch.utils.flop_counter.FlopCounterMode`` (``.pt`` models);
+* :func:`count_flops_onnx` walks the ONNX graph after shape inference at batch 1 and adds up
+  ``Conv``/``ConvTranspose``/``MatMul``/``Gemm`` (``.onnx`` models, and ``.engine`` files through
+  the ONNX they were built from).
+
+The peak is what a large matrix product reaches on the same device in the same run, so the
+achieved fraction compares like with like on a shared or throttled machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FlopCount:
+    """FLOPs of one image through the whole inspection graph (all folds)."""
+
+    flops_per_image: int
+    method: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PeakFlops:
+    """Best FLOP/s of a ``size`` x ``size`` matrix product on ``device`` in ``dtype``."""
+
+    device: str
+    dtype: str
+    size: int
+    flops_per_s: float
+    median_flops_per_s: float
+    repeats: int
+    threads: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def count_flops_torch(module: Any, frames: Any) -> int:
+    """FLOPs per image of ``module(frames)``, counted by ``FlopCounterMode`` (2 per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(frames)
+    return int(counter.get_total_flops()) // int(frames.shape[0])
+
+
+def _static_shapes(model: Any) -> dict[str, list[int]]:
+    """Every tensor's shape after ONNX shape inference (unknown dims as -1)."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes: dict[str, list[int]] = {}
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = value.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
+    return shapes
+
+
+def count_flops_onnx(path: str | Path) -> int:
+    """FLOPs per image of an ONNX inspection graph: its convolutions and matrix products at batch 1.
+
+    Raises:
+        ValueError: a counted node's shapes cannot be inferred (the count would be wrong).
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializer_names = {init.name for init in graph.initializer}
+    for graph_input in graph.input:
+        if graph_input.name in initializer_names:
+            continue
+        dims = graph_input.type.tensor_type.shape.dim
+        if dims:
+            # Fix the dynamic batch at 1 so every shape downstream is a number.
+            dims[0].ClearField("dim_param")
+            dims[0].dim_value = 1
+    shapes = _static_shapes(model)
+
+    def shape_of(name: str, node: Any) -> list[int]:
+        shape = shapes.get(name)
+        if shape is None or any(d < 0 for d in shape):
+            raise ValueError(f"{path}: cannot infer the shape of {name!r} (input of {node.op_type} {node.name!r})")
+        return shape
+
+    total = 0
+    for node in graph.node:
+        if node.op_type == "Conv":
+            w = shape_of(node.input[1], node)
+            y = shape_of(node.output[0], node)
+            total += 2 * math.prod(y) * math.prod(w[1:])
+        elif node.op_type == "ConvTranspose":
+            x = shape_of(node.input[0], node)
+            w = shape_of(node.input[1], node)
+            total += 2 * x[0] * math.prod(x[2:]) * math.prod(w)
+        elif node.op_type in ("MatMul", "Gemm"):
+            a = shape_of(node.input[0], node)
+            y = shape_of(node.output[0], node)
+            k = a[-1]
+            if node.op_type == "Gemm" and any(attr.name == "transA" and attr.i for attr in node.attribute):
+                k = a[0]
+            total += 2 * math.prod(y) * k
+    return total
+
+
+def sibling(path: Path, suffix: str) -> Path | None:
+    candidate = path.with_suffix(suffix)
+    return candidate if candidate.is_file() else None
+
+
+def model_flops(path: str | Path) -> FlopCount | None:
+    """FLOPs per image of a model file, counted the way its format allows; None when it cannot be.
+
+    ``.onnx``: graph walk. ``.pt``: ``FlopCounterMode`` on the eager ensemble. ``.engine``/``.plan``:
+    the graph walk of the ``.onnx`` beside it (same stem), else the ``.pt`` beside it.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return FlopCount(count_flops_onnx(path), "ONNX graph walk: Conv/ConvTranspose/MatMul/Gemm at batch 1")
+    if suffix == ".pt":
+        import torch
+
+        from engine.model import InspectionModel, load_ensemble
+
+        folds, _, meta = load_ensemble(path)
+        model = InspectionModel(folds, meta).eval()
+        frames = torch.zeros((1, *meta.input_size), dtype=torch.uint8)
+        return FlopCount(count_flops_torch(model, frames), "torch.utils.flop_counter.FlopCounterMode, eager fp32")
+    if suffix in (".engine", ".plan"):
+        for other in (".onnx", ".pt"):
+            found = sibling(path, other)
+            if found is not None:
+                count = model_flops(found)
+                if count is not None:
+                    count.method += f" (of {found.name}, the engine's source)"
+                return count
+        log.info("%s: no .onnx or .pt beside it, FLOPs not counted", path)
+    return None
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_flops(
+    device: str = "cpu", dtype: str = "float32", size: int | None = None, seconds: float = 1.0, min_repeats: int = 3
+) -> PeakFlops:
+    """Times ``size`` x ``size`` matrix products on ``device`` for about ``seconds``; best and median FLOP/s.
+
+    The default size (2048 on the CPU, 8192 on a GPU) is large enough to be compute bound.
+    TF32 is left at torch's default (off for float32 matmuls), so the float32 peak is true FP32.
+    """
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    if size is None:
+        size = 8192 if device.startswith("cuda") else 2048
+    a = torch.randn(size, size, device=device, dtype=torch_dtype)
+    b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    with torch.inference_mode():
+        torch.matmul(a, b)  # warm-up: allocation, kernel selection
+        _sync(device)
+        flops = 2 * size**3
+        rates: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while len(rates) < min_repeats or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            _sync(device)
+            rates.append(flops / (time.perf_counter() - start))
+            if len(rates) >= 200:
+                break
+    threads = torch.get_num_threads() if device == "cpu" else None
+    return PeakFlops(
+        device=device,
+        dtype=dtype,
+        size=size,
+        flops_per_s=max(rates),
+        median_flops_per_s=statistics.median(rates),
+        repeats=len(rates),
+        threads=threads,
+    )

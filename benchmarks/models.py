@@ -1,0 +1,179 @@
+"""Bench models: random-weight U-Net ensembles exported like trained ones, cached by their settings.
+
+Speed does not depend on the weights, so the bench builds fold checkpoints from randomly
+initialised U-Nets, writes a run directory the way training does, and exports it with the
+product's own exporters (``trainer.export``): an ONNX inspection graph (fp32, optionally fp16) and
+the ``.pt`` ensemble bundle the torch backend and the naive pipeline load. A cache directory
+keyed by the settings (and by the source of the model and exporter) is reused while both match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.metadata import DEFAULT_CLASS_NAMES
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = REPO_ROOT / "benchmarks" / "results" / "models"
+# A cached model is rebuilt when any of these change: they define what the files contain.
+SOURCES = ("engine/model.py", "engine/metadata.py", "trainer/export.py")
+
+
+@dataclass(frozen=True)
+class BenchModelSpec:
+    """What to build. The default is the small model ``bench throughput`` uses with no arguments:
+    a ResNet-18 U-Net with a slim decoder, one fold, at the thesis geometry (camera frames 256x1600,
+    U-Net at 128x800)."""
+
+    encoder: str = "resnet18"
+    folds: int = 1
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)
+    height: int = 256
+    width: int = 1600
+    train_height: int = 128
+    train_width: int = 800
+    fp16: bool = False  # also export the FP16 graph (TensorRT / ORT CUDA fp16)
+    seed: int = 0
+    # Random weights put every probability near 0.5: at the thesis threshold about half of each
+    # frame would be "defect" and RLE would cost far more than on a line. Thresholds are set per
+    # class at the probability quantile that leaves this fraction of pixels above it on synthetic
+    # strip frames; minimum areas are the 1st-place Kaggle solution's (full resolution).
+    defect_fraction: float = 0.003
+    min_areas: tuple[int, ...] = field(default=(600, 600, 900, 2000))
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.defect_fraction < 1.0:
+            raise ValueError(f"defect_fraction must lie in (0, 1), got {self.defect_fraction}")
+        if self.folds < 1:
+            raise ValueError(f"folds must be >= 1, got {self.folds}")
+        for name in ("height", "width", "train_height", "train_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.encoder}-d{'-'.join(map(str, self.decoder_channels))}-f{self.folds}-"
+            f"{self.height}x{self.width}-t{self.train_height}x{self.train_width}"
+        )
+
+    def key(self) -> dict[str, Any]:
+        sources = hashlib.sha256()
+        for rel in SOURCES:
+            path = REPO_ROOT / rel
+            sources.update(path.read_bytes() if path.is_file() else b"")
+        return {**asdict(self), "decoder_channels": list(self.decoder_channels), "sources": sources.hexdigest()}
+
+
+@dataclass
+class BenchModel:
+    """The files of one bench model."""
+
+    spec: BenchModelSpec
+    directory: Path
+    onnx: Path
+    pt: Path
+    onnx_fp16: Path | None
+
+    def files(self) -> list[Path]:
+        return [p for p in (self.onnx, self.pt, self.onnx_fp16) if p is not None]
+
+
+def calibrated_thresholds(folds: list[Any], spec: BenchModelSpec, frames: int = 2) -> list[float]:
+    """Per-class thresholds leaving ``spec.defect_fraction`` of pixels above them (see the spec)."""
+    import numpy as np
+    import torch
+
+    from engine.metadata import ModelMetadata
+    from engine.model import InspectionModel
+    from engine.parity import synthetic_frames
+
+    meta = ModelMetadata(
+        input_height=spec.height,
+        input_width=spec.width,
+        train_height=spec.train_height,
+        train_width=spec.train_width,
+        folds=len(folds),
+        encoder=spec.encoder,
+    )
+    model = InspectionModel(folds, meta).eval()
+    images = torch.from_numpy(synthetic_frames(frames, spec.height, spec.width, seed=spec.seed + 1))
+    with torch.inference_mode():
+        probs = model.probabilities(images).numpy()
+    quantiles = [float(np.quantile(probs[:, k], 1.0 - spec.defect_fraction)) for k in range(probs.shape[1])]
+    # Strictly inside (0, 1), as ModelMetadata requires, and short enough to read in a table.
+    return [min(max(round(q, 4), 1e-4), 1 - 1e-4) for q in quantiles]
+
+
+def _write_run(spec: BenchModelSpec, run_dir: Path) -> None:
+    import torch
+
+    from engine.model import UNetConfig, build_unet, save_fold_checkpoint
+
+    cfg = UNetConfig(
+        encoder=spec.encoder,
+        encoder_depth=len(spec.decoder_channels),
+        decoder_channels=tuple(spec.decoder_channels),
+    )
+    torch.manual_seed(spec.seed)
+    class_names = list(DEFAULT_CLASS_NAMES)
+    folds = [build_unet(cfg).eval() for _ in range(spec.folds)]
+    for fold, unet in enumerate(folds):
+        (run_dir / f"fold{fold}").mkdir(parents=True, exist_ok=True)
+        save_fold_checkpoint(
+            run_dir / f"fold{fold}" / "best.pt",
+            cfg,
+            unet,
+            fold=fold,
+            epoch=0,
+            val_loss=float("nan"),
+            input_size=(spec.height, spec.width),
+            train_size=(spec.train_height, spec.train_width),
+            class_names=class_names,
+            mean=0.0,
+            std=1.0,
+        )
+    postprocess = {"thresholds": calibrated_thresholds(folds, spec), "min_areas": list(spec.min_areas)}
+    (run_dir / "postprocess.json").write_text(json.dumps(postprocess, indent=2))
+
+
+def ensure_model(spec: BenchModelSpec | None = None, cache_dir: str | Path | None = None) -> BenchModel:
+    """Returns the bench model for ``spec``, building and exporting it unless a matching one is cached."""
+    from trainer.export import export_ensemble, export_onnx
+
+    spec = spec or BenchModelSpec()
+    directory = Path(cache_dir or DEFAULT_CACHE) / spec.name
+    model = BenchModel(
+        spec=spec,
+        directory=directory,
+        onnx=directory / "model.onnx",
+        pt=directory / "model.pt",
+        onnx_fp16=directory / "model-fp16.onnx" if spec.fp16 else None,
+    )
+    key_path = directory / "settings.json"
+    key = json.loads(json.dumps(spec.key()))  # as it reads back: tuples become lists
+    if key_path.is_file() and all(p.is_file() for p in model.files()):
+        try:
+            if json.loads(key_path.read_text()) == key:
+                log.info("reusing the bench model in %s", directory)
+                return model
+        except json.JSONDecodeError:
+            pass
+    log.info("building the bench model %s (random weights) in %s", spec.name, directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key_path.unlink(missing_ok=True)  # a half-built directory must not look reusable
+    run_dir = directory / "run"
+    _write_run(spec, run_dir)
+    export_onnx(run_dir, model.onnx, precision="fp32")
+    export_ensemble(run_dir, model.pt)
+    if model.onnx_fp16 is not None:
+        export_onnx(run_dir, model.onnx_fp16, precision="fp16")
+    key_path.write_text(json.dumps(key, indent=2))
+    return model

@@ -1,0 +1,129 @@
+"""Bench results as a Markdown table, a JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import machine_summary
+from benchmarks.pipeline import STAGE_TITLES, STAGES
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def throughput_markdown(report: dict[str, Any]) -> str:
+    """The ``bench throughput`` table with a heading that says what, where and how it was measured."""
+    rows = report["rows"]
+    out = [f"### bench throughput: {machine_summary(report['machine'])}", ""]
+    for model in report["models"]:
+        flops = model.get("flops")
+        flops_text = f"{flops['flops_per_image'] / 1e9:.2f} GFLOP/image ({flops['method']})" if flops else "FLOPs n/a"
+        out.append(f"- model `{model['file']}`: {model['summary']}; {flops_text}")
+    for peak in report["peaks"]:
+        out.append(
+            f"- peak: {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s ({peak['size']}x{peak['size']} {peak['dtype']} "
+            f"matmul on {peak['device']}, best of {peak['repeats']}"
+            + (f", {peak['threads']} threads" if peak.get("threads") else "")
+            + ")"
+        )
+    out.append("")
+    headers = ["backend", "model", "device", "prec", "batch", "img/s", "ms/batch p50", "p95", "runs"]
+    headers += [f"{STAGE_TITLES[s]} ms" for s in STAGES]
+    headers += ["GFLOP/s", "% peak", "x naive"]
+    table = []
+    for r in rows:
+        stages = []
+        for s in STAGES:
+            text = fmt_ms(r["stage_ms_median"][s])
+            if s == "d2h" and r["d2h_in_inference"] and r["stage_ms_median"][s] is not None:
+                text += "*"
+            stages.append(text)
+        achieved = r.get("achieved_flops_per_s")
+        fraction = r.get("peak_fraction")
+        speedup = r.get("speedup_vs_naive")
+        table.append(
+            [
+                r["backend"],
+                r["model"],
+                r["device"],
+                r["precision"],
+                str(r["batch_size"]) + (" (per image)" if r["backend"] == "naive" else ""),
+                fmt(r["images_per_s"], 2),
+                fmt_ms(r["ms_per_batch_median"]),
+                fmt_ms(r["ms_per_batch_p95"]),
+                str(r["repeats"]),
+                *stages,
+                fmt(None if achieved is None else achieved / 1e9, 1),
+                fmt(None if fraction is None else 100 * fraction, 1),
+                "n/a" if speedup is None else f"{speedup:.2f}x",
+            ]
+        )
+    out.append(markdown_table(headers, table))
+    out.append("")
+    for check in report.get("naive_agreement", []):
+        verdict = "equal to" if check["equal"] else "DIFFERENT from"
+        out.append(
+            f"- {check['backend']} ({check['model']}): outputs {verdict} the naive pipeline's on "
+            f"{check['frames']} frames (masks outside +-{check['band']:g} of the threshold: "
+            f"{check['differing_pixels']} differ; max count difference {check['max_count_difference']})"
+        )
+    out += [f"- {note}" for note in report.get("notes", [])]
+    return "\n".join(out)
+
+
+def write_json(path: str | Path, report: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
+
+
+def throughput_plot(path: str | Path, report: dict[str, Any]) -> Path:
+    """Images/sec vs batch size, one line per backend (and model), the naive pipeline as a level line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in report["rows"]:
+        if r["backend"] == "naive":
+            ax.axhline(r["images_per_s"], linestyle="--", color="grey", label=f"naive ({r['device']})")
+            continue
+        label = f"{r['backend']} {r['precision']} ({r['model']})"
+        series.setdefault(label, []).append((r["batch_size"], r["images_per_s"]))
+    for label, points in series.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("batch size (frames)")
+    ax.set_ylabel("images / second (decode to RLE)")
+    ax.set_title(machine_summary(report["machine"]), fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,189 @@
+"""``bench throughput`` on the tiny model: FLOP counts, the naive reference, the table/JSON/plot.
+
+No timing is asserted: only that every figure is produced, consistent and well-formed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import cli
+from benchmarks.pipeline import STAGES
+
+
+def test_flops_counted_two_ways_agree(tiny_models: tuple[Path, Path]) -> None:
+    from benchmarks.flops import count_flops_onnx, model_flops
+
+    onnx, pt = tiny_models
+    graph = count_flops_onnx(onnx)
+    eager = model_flops(pt)
+    assert eager is not None and "FlopCounterMode" in eager.method
+    # Same convention (2 FLOPs per multiply-add, convolutions and matmuls only), counted
+    # independently from the exported graph and from the eager folds: they must agree exactly.
+    assert graph == eager.flops_per_image > 0
+
+
+def test_onnx_flops_match_a_hand_count(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from benchmarks.flops import count_flops_onnx
+
+    # x [N,3,8,10] -> Conv 4x3x3x3 pad 1 -> [N,4,8,10]: 2 * (4*8*10) * (3*3*3) FLOPs per image.
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.zeros(108, np.float32))],
+    )
+    path = tmp_path / "conv.onnx"
+    onnx.save(helper.make_model(graph), path)
+    assert count_flops_onnx(path) == 2 * 4 * 8 * 10 * 27
+
+
+def test_naive_pipeline_equals_the_backends(tiny_models: tuple[Path, Path], tiny_frames: np.ndarray) -> None:
+    from benchmarks.naive import NaivePipeline, agreement
+    from engine.backends import load_backend
+    from engine.rle import encode
+
+    onnx, pt = tiny_models
+    naive = NaivePipeline.from_file(pt)
+    out = naive.run(tiny_frames)
+    meta = naive.metadata
+    assert set(out.stage_seconds) == {"h2d", "inference", "d2h", "postprocess_rle"}
+    # The fixture's thresholds make some classes present and others absent: a real comparison.
+    assert out.present.any() and not out.present.all()
+    for path in (onnx, pt):
+        with load_backend(path, device="cpu") as backend:
+            result = backend.infer(tiny_frames)
+        # fp32 everywhere: only pixels within 1e-4 of a threshold may flip (batched vs per-image
+        # convolutions and numpy vs torch sigmoid differ in the last bits).
+        a = agreement(out, result, meta.thresholds, meta.min_areas, band=1e-4)
+        assert a.equal, a
+        np.testing.assert_array_equal(result.counts, out.counts)
+        np.testing.assert_array_equal(result.present, out.present)
+        np.testing.assert_array_equal(result.masks, out.masks)
+        assert result.rle() == out.rles
+    assert out.rles[0] == [encode(m) for m in out.masks[0]]
+
+
+def test_agreement_detects_a_differing_pixel(tiny_models: tuple[Path, Path], tiny_frames: np.ndarray) -> None:
+    from benchmarks.naive import NaivePipeline, agreement
+    from engine.backends import InspectionResult
+
+    naive = NaivePipeline.from_file(tiny_models[1])
+    out = naive.run(tiny_frames[:2])
+    meta = naive.metadata
+    far = np.abs(out.probs - np.asarray(meta.thresholds).reshape(1, -1, 1, 1)) > 0.01
+    i, k, y, x = (int(v[0]) for v in np.nonzero(far))
+    masks = out.masks.copy()
+    masks[i, k, y, x] ^= 1
+    counts = out.counts.copy()
+    counts[i, k] += masks[0, 0].size  # more than any (image, class) can hold near the threshold
+    bad = InspectionResult(masks=masks, counts=counts, present=out.present.copy())
+    a = agreement(out, bad, meta.thresholds, meta.min_areas, band=1e-4)
+    assert not a.equal
+    assert a.differing_pixels == 1 and a.count_violations >= 1
+
+
+def test_naive_needs_a_pt(tiny_models: tuple[Path, Path]) -> None:
+    from benchmarks.naive import NaivePipeline
+
+    with pytest.raises(ValueError, match=r"model\.onnx: the naive pipeline runs torch eager and needs a \.pt"):
+        NaivePipeline.from_file(tiny_models[0])
+
+
+def test_throughput_writes_table_json_and_plot(
+    tiny_models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx, pt = tiny_models
+    out_json, out_png = tmp_path / "t.json", tmp_path / "t.png"
+    rc = cli.main(
+        ["throughput", "--model", str(onnx), "--model", str(pt), "--batch-sizes", "1,2", "--frames", "2",
+         "--min-repeats", "2", "--naive-frames", "2", "--peak-seconds", "0.05", "--peak-size", "256",
+         "--threads", "1", "--json", str(out_json),
+         "--plot", str(out_png)]
+    )
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    for title in ("img/s", "ms/batch p50", "p95", "decode ms", "H2D ms", "infer ms", "post+RLE ms", "D2H ms",
+                  "GFLOP/s", "% peak", "x naive"):
+        assert title in stdout
+    assert "| naive | model.pt | cpu | fp32 | 1 (per image) |" in stdout
+    assert "outputs equal to the naive pipeline's" in stdout
+
+    report = json.loads(out_json.read_text())
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cpus_usable"] >= 1 and machine["libraries"]["onnxruntime"]
+    assert machine["git"]["commit"]
+    assert report["peaks"][0]["device"] == "cpu" and report["peaks"][0]["flops_per_s"] > 0
+    rows = report["rows"]
+    assert sorted({(r["backend"], r["batch_size"]) for r in rows}) == [
+        ("naive", 1), ("onnxruntime", 1), ("onnxruntime", 2), ("torch", 1), ("torch", 2)
+    ]
+    flops = {m["file"]: m["flops"]["flops_per_image"] for m in report["models"]}
+    assert flops["model.onnx"] == flops["model.pt"] > 0
+    for r in rows:
+        assert set(r["stage_ms_median"]) == set(STAGES)
+        assert r["stage_ms_median"]["h2d"] is None and r["stage_ms_median"]["d2h"] is None  # CPU: n/a
+        assert r["repeats"] == len(r["total_seconds"]) >= 2
+        assert r["images_per_s"] == pytest.approx(r["batch_size"] / np.median(r["total_seconds"]))
+        assert r["ms_per_batch_p95"] >= r["ms_per_batch_median"] > 0
+        # The stages are parts of the timed batch: their medians cannot exceed its largest total.
+        parts = [r["stage_ms_median"][s] for s in ("decode", "inference", "postprocess_rle")]
+        assert all(p > 0 for p in parts) and max(parts) <= 1000 * max(r["total_seconds"])
+        assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_image"] * r["inference_images_per_s"])
+        assert 0 < r["peak_fraction"]
+        assert r["speedup_vs_naive"] > 0
+    assert [c["equal"] for c in report["naive_agreement"]] == [True, True]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_model_is_built_once_and_reused(tmp_path: Path) -> None:
+    from benchmarks.models import BenchModelSpec, ensure_model
+    from engine.backends import load_backend
+    from engine.parity import synthetic_frames
+
+    spec = BenchModelSpec(decoder_channels=(16, 8, 4), height=64, width=320, train_height=32, train_width=160,
+                          defect_fraction=0.01)
+    built = ensure_model(spec, tmp_path)
+    stamps = [p.stat().st_mtime_ns for p in built.files()]
+    again = ensure_model(spec, tmp_path)
+    assert again.onnx == built.onnx and [p.stat().st_mtime_ns for p in again.files()] == stamps
+    with load_backend(built.onnx, device="cpu") as backend:
+        meta = backend.metadata
+        # Thresholds were calibrated on these frames to leave defect_fraction of pixels above them.
+        masks = backend.infer(synthetic_frames(2, 64, 320, seed=spec.seed + 1)).masks
+    assert list(meta.min_areas) == list(spec.min_areas) and meta.encoder == "resnet18"
+    fraction = masks.mean(axis=(0, 2, 3))
+    assert np.all(np.abs(fraction - 0.01) < 0.005), fraction
+    other = BenchModelSpec(**{**spec.__dict__, "folds": 2})
+    assert other.name != spec.name and other.key() != spec.key()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--backends", "onnxruntime,tflite"], "--backends: unknown backend(s) ['tflite']"),
+        (["--batch-sizes", "1,x"], "--batch-sizes must be comma-separated integers"),
+        (["--batch-sizes", "0"], "--batch-sizes must be positive"),
+        (["--model", "missing.onnx"], "--model missing.onnx: no such file"),
+    ],
+)
+def test_bad_flags_are_clear_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["throughput", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cuda_backends_without_cuda_are_refused(tiny_models: tuple[Path, Path], capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["throughput", "--model", str(tiny_models[1]), "--backends", "torch-cuda-fp16"]) == 2
+    assert "torch sees no CUDA GPU here" in capsys.readouterr().err
