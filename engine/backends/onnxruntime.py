@@ -46,7 +46,9 @@ def parse_device(device: str) -> tuple[str, int]:
     raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
-def choose_providers(device: str, available: list[str], provider: str | None = None) -> tuple[str, list[Any]]:
+def choose_providers(
+    device: str, available: list[str], provider: str | None = None, cache_dir: str | None = None
+) -> tuple[str, list[Any]]:
     """Picks the execution providers for ``device`` among ``available`` (pure: testable without a GPU).
 
     Returns:
@@ -71,7 +73,12 @@ def choose_providers(device: str, available: list[str], provider: str | None = N
         )
     chain: list[Any] = []
     if wanted == "TensorrtExecutionProvider":
-        chain.append((wanted, {"device_id": index, "trt_fp16_enable": True, "trt_engine_cache_enable": True}))
+        # No trt_fp16_enable: precision comes from the graph (an FP16 export), as with strongly typed
+        # engines; the flag would let TensorRT count pixels in fp16, which is not exact.
+        options: dict[str, Any] = {"device_id": index, "trt_engine_cache_enable": True}
+        if cache_dir is not None:
+            options["trt_engine_cache_path"] = cache_dir
+        chain.append((wanted, options))
     if "CUDAExecutionProvider" in available:
         chain.append(("CUDAExecutionProvider", {"device_id": index}))
     chain.append("CPUExecutionProvider")
@@ -101,7 +108,8 @@ class OnnxRuntimeBackend(Backend):
         self.path = Path(path)
         if threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
-        self.device, providers = choose_providers(device, ort.get_available_providers(), provider)
+        cache_dir = str(self.path.with_name(self.path.name + ".ort-trt-cache"))
+        self.device, providers = choose_providers(device, ort.get_available_providers(), provider, cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3

@@ -150,8 +150,12 @@ def test_device_choice_for_onnxruntime() -> None:
     assert choose_providers("auto", gpu) == (
         "cuda:0", [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     )
-    device, chain = choose_providers("cuda:1", gpu, provider="tensorrt")
-    assert device == "cuda:1" and chain[0][0] == "TensorrtExecutionProvider" and chain[0][1]["device_id"] == 1
+    device, chain = choose_providers("cuda:1", gpu, provider="tensorrt", cache_dir="/models/m.onnx.ort-trt-cache")
+    assert device == "cuda:1" and chain[0] == (
+        "TensorrtExecutionProvider",
+        {"device_id": 1, "trt_engine_cache_enable": True, "trt_engine_cache_path": "/models/m.onnx.ort-trt-cache"},
+    )
+    assert chain[1:] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
     with pytest.raises(ValueError, match="provider 'cpu' contradicts device 'cuda'"):
         choose_providers("cuda", gpu, provider="cpu")
     with pytest.raises(BackendUnavailable, match="no CUDAExecutionProvider .* install onnxruntime-gpu"):

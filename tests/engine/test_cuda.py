@@ -71,3 +71,20 @@ def test_device_rle_equals_host_rle() -> None:
     masks[0, 0, :, 10:20] = 1  # runs crossing column boundaries
     masks[1, 3] = 1  # a full mask: one run
     assert encode_batch_torch(torch.from_numpy(masks).cuda()) == encode_batch(masks)
+
+
+def test_onnxruntime_tensorrt_provider(tiny_run: Path, tmp_path: Path, tiny_frames: np.ndarray, cpu_reference) -> None:
+    import onnxruntime as ort
+
+    from trainer.export import export_onnx
+
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no TensorrtExecutionProvider here (onnxruntime-gpu built with TensorRT needed)")
+    export_onnx(tiny_run, tmp_path / "fp16.onnx", precision="fp16")
+    with load_backend(tmp_path / "fp16.onnx", device="cuda", provider="tensorrt") as backend:
+        assert backend.providers[0] == "TensorrtExecutionProvider"
+        result = backend.infer(tiny_frames)
+    meta = backend.metadata
+    report = compare_outputs(cpu_reference, result, meta.thresholds, meta.min_areas, FP16_TOLERANCE)
+    assert report.passed, report.summary()
+    assert (tmp_path / "fp16.onnx.ort-trt-cache").is_dir()
