@@ -535,6 +535,23 @@ def run_fit(
             torch.distributed.destroy_process_group()
 
 
+def _average_buffers(unet: nn.Module, world: int) -> None:
+    """Averages BatchNorm running statistics over the processes.
+
+    DDP keeps parameters identical but each process's running statistics follow its own batches
+    (DDP only re-broadcasts rank 0's at the next forward). Averaging them once per epoch makes the
+    validated model, and the checkpoint rank 0 writes, the same on every rank and built from all data.
+    """
+    import torch.distributed as dist
+
+    for buffer in unet.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(world)
+        else:
+            dist.broadcast(buffer, src=0)
+
+
 def _loader(dataset, batch_size: int, sampler, workers: int, pin: bool):
     from torch.utils.data import DataLoader
 
@@ -710,6 +727,8 @@ def train_fold(
             accumulate(train_sums, loss, logits, y)
             bar.set_postfix(loss=f"{(train_sums[0] / train_sums[1]).item():.4f}")
         bar.close()
+        if d.distributed:
+            _average_buffers(unet, d.world)
         model.eval()
         val_sums = torch.zeros_like(train_sums)
         with torch.no_grad():

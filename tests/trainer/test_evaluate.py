@@ -1,0 +1,128 @@
+"""``trainer evaluate`` on a tiny trained run: out-of-fold search, holdout, exported-model scoring, overlays."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from engine.model import InspectionModel, fold_metadata, load_fold
+from trainer.config import FitConfig, FitOptions, resolve
+from trainer.data import SeverstalDataset, load_samples
+from trainer.evaluate import evaluate_run
+from trainer.fit import data_config, run_fit
+from trainer.metrics import PixelStats, kaggle_metric, mask_stats
+from trainer.splits import HOLDOUT, read_folds
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two folds, two epochs each, of a tiny U-Net on the 48 synthetic 64x320 frames."""
+    torch.set_num_threads(1)
+    cfg = resolve(FitConfig(data=[str(synth_dir)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
+                            decoder_channels=(16, 8, 4), folds=2, holdout=0.15, epochs=2, batch_size=8))
+    out = tmp_path_factory.mktemp("evaluate") / "run"
+    run_fit(cfg, FitOptions(out=str(out), device="cpu", workers=0, progress=False))
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    return target
+
+
+def test_oof_search_scores_each_image_with_its_own_fold_and_writes_postprocess(trained_run: Path,
+                                                                               tmp_path: Path) -> None:
+    run = _copy(trained_run, tmp_path)
+    result = evaluate_run(run, split="oof", device="cpu")
+
+    assignment = read_folds(run / "folds.csv")
+    assert result["images"] == sum(1 for f in assignment.values() if f != HOLDOUT)
+    before = result["rules"]["thesis"]["scores"]["kaggle"]
+    after = result["rules"]["searched"]["scores"]["kaggle"]
+    assert after >= before  # the baseline is a point of the searched grid
+    post = json.loads((run / "postprocess.json").read_text())
+    assert post["thresholds"] == result["rules"]["searched"]["thresholds"] and len(post["min_areas"]) == 4
+    assert post["kaggle_before"] == pytest.approx(before) and post["kaggle_after"] == pytest.approx(after)
+    assert len(post["checkpoint_sha256"]) == 2
+
+    # Recompute the baseline score independently: each fold's checkpoint on exactly its own validation images.
+    cfg = FitConfig.from_dict(json.loads((run / "config.json").read_text()))
+    samples = load_samples([Path(d) for d in cfg.data], data_config(cfg))
+    parts = []
+    for fold in (0, 1):
+        unet, ucfg, payload = load_fold(run / f"fold{fold}" / "best.pt")
+        model = InspectionModel([unet], fold_metadata(payload, ucfg)).eval()
+        group = [s for s in samples if assignment[s.image_id] == fold]
+        dataset = SeverstalDataset(group, data_config(cfg))
+        frames = torch.stack([dataset[i][0] for i in range(len(group))])
+        truth = torch.stack([dataset[i][1] for i in range(len(group))])
+        with torch.inference_mode():
+            masks, _, present = model(frames)
+        parts.append(mask_stats(masks, truth, present=present))
+    assert kaggle_metric(PixelStats.concatenate(parts)) == pytest.approx(before, abs=1e-12)
+
+    assert (run / "evaluations" / "oof.json").is_file()
+    report = (run / "report.md").read_text()
+    assert "Post-processing (searched on out-of-fold predictions)" in report and "## Evaluation: oof" in report
+
+
+def test_holdout_of_the_exported_onnx_scores_like_the_eager_ensemble(trained_run: Path, tmp_path: Path) -> None:
+    from trainer.export import export_onnx
+
+    run = _copy(trained_run, tmp_path)
+    eager = evaluate_run(run, split="holdout", device="cpu")
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(run, onnx_path)
+    exported = evaluate_run(run, split="holdout", model_path=onnx_path, device="cpu")
+
+    assert exported["images"] == eager["images"] == sum(1 for f in read_folds(run / "folds.csv").values()
+                                                         if f == HOLDOUT)
+    e, x = eager["rules"]["model"]["scores"], exported["rules"]["model"]["scores"]
+    # ONNX Runtime and eager torch agree on probabilities to ~1e-6 (float32 reassociation), so only a
+    # pixel within that of a threshold could flip: allow the Kaggle metric 1e-3, labels must match.
+    assert x["kaggle"] == pytest.approx(e["kaggle"], abs=1e-3)
+    assert x["confusion"] == e["confusion"]
+    assert exported["loss"] is None and eager["loss"] > 0  # the exported graph has no probs output
+    assert (run / "evaluations" / "holdout-model.onnx.json").is_file()
+
+    # The all-empty baseline is the fraction of empty (image, class) pairs, from the labels alone.
+    cfg = FitConfig.from_dict(json.loads((run / "config.json").read_text()))
+    holdout = [s for s in load_samples([Path(d) for d in cfg.data], data_config(cfg))
+               if read_folds(run / "folds.csv")[s.image_id] == HOLDOUT]
+    empty_pairs = np.mean([[not r for r in s.rles] for s in holdout])
+    assert eager["empty_kaggle"] == pytest.approx(empty_pairs)
+
+
+def test_cli_holdout_with_json_and_overlays(trained_run: Path, tmp_path: Path, capsys) -> None:
+    from trainer.cli import main
+
+    run = _copy(trained_run, tmp_path)
+    out_json = tmp_path / "holdout.json"
+    rc = main(["evaluate", "--run", str(run), "--json", str(out_json), "--render", "2", "--workers", "0",
+               "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    assert "holdout:" in capsys.readouterr().out
+    assert len(result["renders"]) == 2
+    for path in result["renders"]:
+        picture = cv2.imread(path)
+        assert picture.shape == (22 + 64 + 4 + 64, 320, 3)  # legend, truth outlines, separator, predictions
+    assert "## Evaluation: holdout" in (run / "report.md").read_text()
+
+
+def test_bad_requests_are_named(trained_run: Path, tmp_path: Path) -> None:
+    run = _copy(trained_run, tmp_path)
+    with pytest.raises(ValueError, match="drop --model for oof"):
+        evaluate_run(run, split="oof", model_path=tmp_path / "model.onnx")
+    (run / "fold1" / "best.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for fold\(s\) \[1\]"):
+        evaluate_run(run, split="oof", device="cpu")
+    with pytest.raises(FileNotFoundError, match="is not a training run"):
+        evaluate_run(tmp_path, split="holdout")
