@@ -7,26 +7,29 @@ to the machine, the code and how busy the machine was when it was taken.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import os
 import platform
 import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Libraries whose version changes the figures. Imported lazily; absent ones are reported as None.
-LIBRARIES = (
-    "torch",
-    "onnxruntime",
-    "tensorrt",
-    "numpy",
-    "cv2",
-    "segmentation_models_pytorch",
-    "onnx",
-    "grpc",
-)
+# Libraries whose version changes the figures -> the distributions that provide them (first
+# installed one wins). Read from package metadata: importing torch just to print its version would
+# cost seconds.
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-libs"),
+    "numpy": ("numpy",),
+    "opencv": ("opencv-python-headless", "opencv-python"),
+    "segmentation_models_pytorch": ("segmentation-models-pytorch", "segmentation_models_pytorch"),
+    "onnx": ("onnx",),
+    "grpcio": ("grpcio",),
+}
 
 
 def cpu_model() -> str:
@@ -67,23 +70,48 @@ def load_average() -> list[float] | None:
 
 
 def library_versions() -> dict[str, str | None]:
+    """``{library: version}``; None for a library that is not installed."""
     versions: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - a broken optional install counts as absent
-            versions[name] = None
-            continue
-        versions[name] = str(getattr(module, "__version__", "unknown"))
+    for name, distributions in LIBRARIES.items():
+        versions[name] = None
+        for dist in distributions:
+            try:
+                version = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+            # Say which distribution when it is not the usual one (onnxruntime-gpu, tensorrt-cu12...).
+            versions[name] = version if dist == distributions[0] else f"{version} ({dist})"
+            break
     return versions
 
 
-def gpus() -> list[dict[str, Any]]:
-    """CUDA devices torch can see (name, compute capability, memory), empty without CUDA."""
+def _nvidia_smi_gpus() -> list[dict[str, Any]]:
     try:
-        import torch
-    except ImportError:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,compute_cap,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
         return []
+    out = []
+    for line in done.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            memory = float(parts[3]) / 1024 if parts[3].replace(".", "").isdigit() else None
+            out.append({"index": int(parts[0]), "name": parts[1], "compute_capability": parts[2],
+                        "memory_gib": None if memory is None else round(memory, 1)})
+    return out
+
+
+def gpus() -> list[dict[str, Any]]:
+    """CUDA devices (name, compute capability, memory); empty without CUDA.
+
+    Asks torch when this process has already imported it, else ``nvidia-smi``, so describing the
+    machine never costs a torch import.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return _nvidia_smi_gpus()
     if not torch.cuda.is_available():
         return []
     out = []

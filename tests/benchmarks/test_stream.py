@@ -1,0 +1,109 @@
+"""``bench stream`` against real servers (in-process, subprocess, and a running one) with the tiny model.
+
+No timing is asserted: every frame must be answered, and every figure present and consistent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cli
+
+
+def read_report(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def check_setting(s: dict, frames: int, max_batch: int = 16) -> None:
+    assert s["answered"] == frames and s["errors"] == 0 and s["unanswered"] == 0
+    lat = s["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert s["frames_per_s"] > 0
+    assert 1 <= s["mean_batch_size"] <= max_batch
+    assert set(s["server_ms_median"]) == {"decode", "queue", "inference", "postprocess", "total"}
+    assert s["server_ms_median"]["inference"] > 0
+
+
+def test_stream_in_process_server(tiny_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "stream.json"
+    rc = cli.main(["stream", "--model", str(tiny_onnx), "--streams", "1,3", "--frames", "6", "--in-process",
+                   "--raw-repeats", "1", "--max-batch", "4", "--json", str(out)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    for title in ("frames/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "raw img/s @batch", "e2e/raw"):
+        assert title in stdout
+    report = read_report(out)
+    assert report["server"]["mode"] == "in-process" and report["server"]["backend"] == "onnxruntime"
+    assert report["machine"]["cpu"] and report["machine"]["git"]["commit"]
+    assert [s["streams"] for s in report["settings"]] == [1, 3]
+    for s in report["settings"]:
+        check_setting(s, 6, max_batch=4)
+        # Two independent counts of the batches this run formed: the server's Prometheus histogram
+        # and the batch size each response reports. They describe the same batches.
+        assert s["mean_batch_size_from_metrics"] == pytest.approx(s["mean_batch_size_from_responses"])
+        assert s["raw_batch_size"] == min(max(1, round(s["mean_batch_size"])), 4)
+        assert str(s["raw_batch_size"]) in report["raw"]
+        assert s["serving_ratio"] == pytest.approx(s["frames_per_s"] / s["raw_images_per_s"])
+
+
+def test_stream_subprocess_server_at_a_fixed_rate(tiny_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stream.json"
+    rc = cli.main(["stream", "--model", str(tiny_onnx), "--streams", "2", "--frames", "4", "--fps", "20",
+                   "--raw-repeats", "1", "--json", str(out)])
+    assert rc == 0
+    report = read_report(out)
+    assert report["server"]["mode"] == "subprocess"
+    (s,) = report["settings"]
+    check_setting(s, 4)
+    assert s["fps_per_stream"] == 20 and s["offered_fps"] == 40
+    assert s["batches_from_metrics"] >= 1
+
+
+def test_stream_against_a_running_server(tiny_onnx: Path, tmp_path: Path) -> None:
+    from benchmarks.stream import InProcessServer, StreamConfig
+
+    server = InProcessServer(StreamConfig(model=tiny_onnx, in_process=True), tiny_onnx)
+    try:
+        out = tmp_path / "stream.json"
+        assert cli.main(["stream", "--target", server.target, "--streams", "2", "--frames", "4",
+                         "--json", str(out)]) == 0
+        with_metrics = tmp_path / "stream-metrics.json"
+        assert cli.main(["stream", "--target", server.target, "--metrics-url", server.metrics_url,
+                         "--streams", "2", "--frames", "4", "--json", str(with_metrics)]) == 0
+    finally:
+        server.close()
+    (s,) = read_report(out)["settings"]
+    check_setting(s, 4)
+    # No model file given: no raw pipeline to compare with, and no metrics URL to read.
+    assert s.get("serving_ratio") is None and s["mean_batch_size_from_metrics"] is None
+    assert read_report(out)["server"]["mode"] == "target"
+    (m,) = read_report(with_metrics)["settings"]
+    assert m["mean_batch_size_from_metrics"] == pytest.approx(m["mean_batch_size_from_responses"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--streams", "1,0"], "--streams must be positive integers"),
+        (["--streams", "a"], "--streams must be comma-separated integers"),
+        (["--target", "localhost"], "--target must be HOST:PORT"),
+        (["--target", "127.0.0.1:1", "--in-process"], "--in-process starts a server; it contradicts --target"),
+        (["--fps", "-1"], "--fps must be >= 0"),
+        (["--model", "missing.onnx"], "--model missing.onnx: no such file"),
+    ],
+)
+def test_bad_flags_are_clear_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["stream", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreachable_target_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.stream import free_port
+
+    port = free_port()
+    assert cli.main(["stream", "--target", f"127.0.0.1:{port}", "--streams", "1", "--frames", "1",
+                     "--connect-timeout", "1"]) == 2
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err
