@@ -194,7 +194,8 @@ class InspectionModel(nn.Module):
         x = preprocess(frames, self.meta, self.compute_dtype)
         total = None
         for fold in self.folds:
-            p = torch.sigmoid(fold(x)).to(torch.float32)
+            # Sigmoid in float32: fp16 would quantise probabilities near 0.5 to steps of 2**-11.
+            p = torch.sigmoid(fold(x).to(torch.float32))
             total = p if total is None else total + p
         probs = total * (1.0 / len(self.folds))
         return resize(probs, self.meta.input_size, src_size=self.meta.train_size)
