@@ -10,7 +10,10 @@ The CSV (``ImageId,ClassId,EncodedPixels``, the Severstal ``train.csv`` layout t
 and class, so defect-free images are listed too. ``EncodedPixels`` is the class's mask when the
 server says the class is present (pixel count >= the model's minimum area) and empty otherwise:
 the decision rule applied, as a Kaggle submission has it. Frames that failed are not in the CSV;
-they are listed on stderr and make the exit status 1.
+they are listed on stderr and make the exit status 1, as do images a stream never got to (a server
+shutting down answers every frame it read, then ends the stream with UNAVAILABLE; while a camera
+is still sending, grpc's asyncio client may report that status as INTERNAL "Internal error from
+Core", grpc/grpc#36066, but the answers before it are complete and in order).
 """
 
 from __future__ import annotations

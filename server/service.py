@@ -197,7 +197,8 @@ class _Servicer(pb_grpc.InspectionServiceServicer):
             if stream.stopped_reading:
                 last = stream.last_frame
                 after = f"; the last frame read was {last[0]!r}/{last[1]}" if last else ""
-                log.info("event=stream_drained frames=%d", stream.answered)
+                log.info("event=stream_drained peer=%s frames_read=%d answered=%d", context.peer(), stream.read,
+                         stream.answered)
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
                     f"server is shutting down: answered all {stream.answered} frames it read{after}; "
@@ -367,7 +368,11 @@ class InspectionServer:
         )
         self._loading = asyncio.get_running_loop().create_task(self._load())
         if wait_ready:
-            await self.wait_ready()
+            try:
+                await self.wait_ready()
+            except BaseException:
+                await self.stop(grace=0)
+                raise
 
     def _tls_credentials(self) -> grpc.ServerCredentials:
         cfg = self.config
@@ -379,6 +384,15 @@ class InspectionServer:
         return grpc.ssl_server_credentials([(files["--tls-key"], files["--tls-cert"])])
 
     async def _load(self) -> None:
+        try:
+            await self._load_and_warm_up()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("event=load_error error=%r", exc)  # health stays NOT_SERVING
+            raise
+
+    async def _load_and_warm_up(self) -> None:
         started = time.perf_counter()
         cfg = self.config
         loop = asyncio.get_running_loop()

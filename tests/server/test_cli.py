@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import cv2
@@ -19,73 +21,75 @@ from tests.server.test_service import assert_equals_direct, make_request
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def start_serve(model: Path, *flags: str) -> tuple[asyncio.subprocess.Process, str, list[str]]:
-    """Starts ``server serve`` on a free port; returns the process, its address and its log (kept filling)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", "0", "--metrics-port", "-1",
-        "--device", "cpu", *flags, cwd=REPO, stderr=asyncio.subprocess.PIPE,
-    )
-    log: list[str] = []
-    address = None
-    async with asyncio.timeout(60):
-        while True:
-            line = (await process.stderr.readline()).decode()
-            if not line:
-                raise AssertionError("server serve exited before it was ready:\n" + "".join(log))
-            log.append(line)
+class ServeProcess:
+    """``server serve`` as a real process on a free port, its log collected by a reader thread."""
+
+    def __init__(self, model: Path, *flags: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", "0",
+             "--metrics-port", "-1", "--device", "cpu", *flags],
+            cwd=REPO, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: list[str] = []
+        self.address: str | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._read_log, daemon=True).start()
+        if not self._ready.wait(timeout=120) or self.address is None:
+            self.process.kill()
+            raise AssertionError("server serve did not become ready:\n" + self.log)
+
+    def _read_log(self) -> None:
+        for line in self.process.stderr:  # read to the end so the server never blocks on a full pipe
+            self.lines.append(line)
             if match := re.search(r"event=start address=(\S+)", line):
-                address = match.group(1)
+                self.address = match.group(1)
             if "event=ready" in line:
-                break
+                self._ready.set()
+        self._ready.set()
 
-    async def drain() -> None:  # keep reading so the server never blocks on a full pipe
-        async for raw in process.stderr:
-            log.append(raw.decode())
-
-    asyncio.get_running_loop().create_task(drain())
-    assert address is not None
-    return process, address, log
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
 
 
 def test_sigterm_during_streaming_answers_every_accepted_frame(tiny_onnx, camera_frames, direct_output):
-    async def main():
-        process, address, log = await start_serve(tiny_onnx, "--max-batch", "4", "--max-stream-inflight", "8")
-        try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = pb_grpc.InspectionServiceStub(channel)
-                answers: dict[str, list] = {"cam0": [], "cam1": []}
-                enough = asyncio.Event()
+    # The cameras use gRPC's synchronous API: the asyncio client may report a status that arrives
+    # while it is still writing as INTERNAL "Internal error from Core" (grpc/grpc#36066).
+    server = ServeProcess(tiny_onnx, "--max-batch", "4", "--max-stream-inflight", "8")
+    answers: dict[str, list] = {"cam0": [], "cam1": []}
+    endings: dict[str, tuple] = {}
+    enough = threading.Event()
 
-                async def camera(camera_id: str) -> grpc.StatusCode:
-                    async def endless():
-                        for i in range(100_000):
-                            yield make_request(camera_id, i, camera_frames[i % 50], "gray8")
+    def camera(camera_id: str) -> None:
+        def endless():
+            for i in range(100_000):
+                yield make_request(camera_id, i, camera_frames[i % 50], "gray8")
 
-                    try:
-                        async for response in stub.Inspect(endless()):
-                            answers[camera_id].append(response)
-                            if all(len(a) >= 5 for a in answers.values()):
-                                enough.set()
-                    except grpc.aio.AioRpcError as exc:
-                        return exc.code(), exc.details()
-                    return grpc.StatusCode.OK, ""
+        with grpc.insecure_channel(server.address) as channel:
+            try:
+                for response in pb_grpc.InspectionServiceStub(channel).Inspect(endless()):
+                    answers[camera_id].append(response)
+                    if all(len(a) >= 5 for a in answers.values()):
+                        enough.set()
+                endings[camera_id] = (grpc.StatusCode.OK, "")
+            except grpc.RpcError as exc:
+                endings[camera_id] = (exc.code(), exc.details())
 
-                streams = asyncio.gather(camera("cam0"), camera("cam1"))
-                await enough.wait()
-                process.send_signal(signal.SIGTERM)
-                endings = await streams
-            async with asyncio.timeout(60):
-                returncode = await process.wait()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-        await asyncio.sleep(0.1)  # the log reader takes the last lines
-        return answers, endings, returncode, "".join(log)
-
-    answers, endings, returncode, log = asyncio.run(main())
+    cameras = [threading.Thread(target=camera, args=(c,)) for c in answers]
+    try:
+        for thread in cameras:
+            thread.start()
+        assert enough.wait(timeout=120), "the cameras got no answers:\n" + server.log
+        server.process.send_signal(signal.SIGTERM)
+        for thread in cameras:
+            thread.join(timeout=120)
+        returncode = server.process.wait(timeout=60)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    log = server.log
     assert returncode == 0, log
-    for code, details in endings:
+    for code, details in endings.values():
         assert code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details, (code, details)
     for responses in answers.values():
         # A prefix of the stream, each frame answered once, in order, correctly.

@@ -387,3 +387,19 @@ def test_frames_larger_than_grpcs_default_limit_reach_the_server(tiny_onnx):
     response = asyncio.run(main())
     assert response.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "raw_image is 2048x2048" in response.error.message
+
+
+def test_start_raises_what_made_loading_fail(tmp_path: Path):
+    from engine.backends import load_backend
+    from server.service import InspectionServer, ServerConfig
+
+    missing = tmp_path / "missing.onnx"
+
+    async def main():
+        server = InspectionServer(lambda: load_backend(missing), ServerConfig(port=0, metrics_port=None))
+        with pytest.raises(FileNotFoundError, match="missing.onnx: no such model file"):
+            await server.start()
+        return server.stats()
+
+    stats = asyncio.run(main())
+    assert stats["open_streams"] == stats["inflight"] == 0
