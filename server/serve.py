@@ -7,6 +7,10 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.service import ServerConfig
 
 HELP = "serve a model (.onnx, .engine/.plan, .pt) over gRPC with dynamic batching"
 DESCRIPTION = (
@@ -45,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up batches before SERVING")
 
 
-def config_from_args(args: argparse.Namespace):  # -> ServerConfig
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
     from server.service import ServerConfig
 
     for flag in ("tls_cert", "tls_key"):
