@@ -30,6 +30,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [int(r["epoch"]) for r in rows]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
@@ -37,6 +38,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> 
         ax.plot(epochs, [float(r[f"train_{metric}"]) for r in rows], marker=".", label="train")
         ax.plot(epochs, [float(r[f"val_{metric}"]) for r in rows], marker=".", label="validation")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -212,3 +212,16 @@ def test_dataset_frames_through_preprocess_match_the_graph_input(synth_dir: Path
     assert x.shape == (2, 1, 32, 160)
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
     assert dataclasses.asdict(meta)["train_height"] == 32 and np.isclose(meta.mean, 0.3)
+
+
+@pytest.mark.gpu
+def test_cuda_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    outcomes = run_fit(tiny_config(synth_dir, epochs=1), options(out, device="cuda"))
+    assert outcomes[0].finished
+    rows = read_metrics(out / "fold0" / "metrics.csv")
+    assert np.isfinite(float(rows[0]["train_loss"])) and np.isfinite(float(rows[0]["val_loss"]))
+    state = load_checkpoint(out / "fold0" / "best.pt")["state_dict"]
+    # Mixed precision changes the arithmetic, not the weights: checkpoints stay float32 on the CPU.
+    assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in state.values() if v.is_floating_point())
+    assert json.loads((out / "fold0" / "config.json").read_text())["options"]["device"] == "cuda:0"
