@@ -10,6 +10,7 @@ from engine.cli_util import run_cli
 COMMANDS: dict[str, str] = {
     "throughput": "benchmarks.throughput",
     "stream": "benchmarks.stream",
+    "model": "benchmarks.models",
 }
 
 

@@ -144,8 +144,13 @@ def _write_run(spec: BenchModelSpec, run_dir: Path) -> None:
     (run_dir / "postprocess.json").write_text(json.dumps(postprocess, indent=2))
 
 
-def ensure_model(spec: BenchModelSpec | None = None, cache_dir: str | Path | None = None) -> BenchModel:
-    """Returns the bench model for ``spec``, building and exporting it unless a matching one is cached."""
+def ensure_model(
+    spec: BenchModelSpec | None = None, cache_dir: str | Path | None = None, parity_frames: int = 2
+) -> BenchModel:
+    """Returns the bench model for ``spec``, building and exporting it unless a matching one is cached.
+
+    ``parity_frames`` is the export's self-check size (fewer frames: a quicker build of big models).
+    """
     from trainer.export import export_ensemble, export_onnx
 
     spec = spec or BenchModelSpec()
@@ -171,9 +176,63 @@ def ensure_model(spec: BenchModelSpec | None = None, cache_dir: str | Path | Non
     key_path.unlink(missing_ok=True)  # a half-built directory must not look reusable
     run_dir = directory / "run"
     _write_run(spec, run_dir)
-    export_onnx(run_dir, model.onnx, precision="fp32")
+    export_onnx(run_dir, model.onnx, precision="fp32", parity_frames=parity_frames)
     export_ensemble(run_dir, model.pt)
     if model.onnx_fp16 is not None:
-        export_onnx(run_dir, model.onnx_fp16, precision="fp16")
+        export_onnx(run_dir, model.onnx_fp16, precision="fp16", parity_frames=parity_frames)
     key_path.write_text(json.dumps(key, indent=2))
     return model
+
+
+# --------------------------------------------------------------------------- CLI: bench model
+
+HELP = "build (or reuse) a random-weight bench model: fp32 ONNX, optional fp16 ONNX, and the .pt bundle"
+DESCRIPTION = (
+    "Writes fold checkpoints of randomly initialised U-Nets as a training run would, then exports them with "
+    "'trainer export' (ONNX inspection graph, optionally its FP16 twin, and the .pt ensemble bundle). Speed "
+    "does not depend on the weights. Reused while the settings and the model/export code are unchanged. "
+    "Prints the files, one per line."
+)
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(tok) for tok in text.split(",") if tok.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag} is empty")
+    return values
+
+
+def add_arguments(parser: Any) -> None:
+    defaults = BenchModelSpec()
+    parser.add_argument("--encoder", default=defaults.encoder, help="U-Net encoder (default %(default)s)")
+    parser.add_argument("--folds", type=int, default=defaults.folds, help="folds in the ensemble (default %(default)s)")
+    parser.add_argument("--decoder-channels", default=",".join(map(str, defaults.decoder_channels)),
+                        help="decoder widths; their count is the encoder depth (default %(default)s)")
+    parser.add_argument("--height", type=int, default=defaults.height, help="camera frame height (default %(default)s)")
+    parser.add_argument("--width", type=int, default=defaults.width, help="camera frame width (default %(default)s)")
+    parser.add_argument("--train-height", type=int, default=None, help="U-Net input height (default height / 2)")
+    parser.add_argument("--train-width", type=int, default=None, help="U-Net input width (default width / 2)")
+    parser.add_argument("--fp16", action="store_true", help="also export the FP16 graph (TensorRT, ORT CUDA fp16)")
+    parser.add_argument("--parity-frames", type=int, default=2,
+                        help="frames of the export's self-check against torch eager (default %(default)s)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {DEFAULT_CACHE}")
+
+
+def run(args: Any) -> int:
+    spec = BenchModelSpec(
+        encoder=args.encoder,
+        folds=args.folds,
+        decoder_channels=_ints(args.decoder_channels, "--decoder-channels"),
+        height=args.height,
+        width=args.width,
+        train_height=args.train_height or args.height // 2,
+        train_width=args.train_width or args.width // 2,
+        fp16=args.fp16,
+    )
+    model = ensure_model(spec, args.cache_dir, parity_frames=args.parity_frames)
+    for path in model.files():
+        print(path)
+    return 0

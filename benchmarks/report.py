@@ -89,6 +89,14 @@ def throughput_markdown(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def append_markdown(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(text.rstrip() + "\n\n")
+    return path
+
+
 def write_json(path: str | Path, report: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -463,6 +463,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for a --target server to answer (default %(default)s)")
     parser.add_argument("--raw-repeats", type=int, default=3,
                         help="timed batches of the raw pipeline per batch size (default %(default)s)")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="OUT.md",
+                        help="also append the table to this Markdown file (e.g. a results log)")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "stream.json", metavar="OUT",
                         help="write every figure and the machine description here (default %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -470,7 +472,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.report import write_json
+    from benchmarks.report import append_markdown, write_json
 
     cfg = StreamConfig(
         model=args.model,
@@ -489,7 +491,10 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
     )
     report = run_stream(cfg)
-    print(stream_markdown(report))
+    table = stream_markdown(report)
+    print(table)
+    if args.markdown:
+        append_markdown(args.markdown, table)
     if args.json:
         print(f"\nJSON: {write_json(args.json, report)}")
     failed = sum(s["errors"] + s["unanswered"] for s in report["settings"])

@@ -137,6 +137,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time spent measuring each matmul peak (default %(default)s)")
     parser.add_argument("--peak-size", type=int, default=None,
                         help="matrix size of the peak measurement (default 2048 on the CPU, 8192 on CUDA)")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="OUT.md",
+                        help="also append the table to this Markdown file (e.g. a results log)")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "throughput.json", metavar="OUT",
                         help="write every figure and the machine description here (default %(default)s)")
     parser.add_argument("--plot", type=Path, default=RESULTS_DIR / "throughput.png", metavar="OUT.png",
@@ -412,11 +414,14 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.report import throughput_markdown, throughput_plot, write_json
+    from benchmarks.report import append_markdown, throughput_markdown, throughput_plot, write_json
 
     cfg = config_from_args(args)
     report = run_throughput(cfg)
-    print(throughput_markdown(report))
+    table = throughput_markdown(report)
+    print(table)
+    if args.markdown:
+        append_markdown(args.markdown, table)
     if args.json:
         print(f"\nJSON: {write_json(args.json, report)}")
     if args.plot:
