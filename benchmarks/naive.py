@@ -162,6 +162,19 @@ class Agreement:
         return {**self.__dict__, "equal": self.equal}
 
 
+def agreement_band(precision: str, device: str) -> float:
+    """How far from the threshold a pixel may flip between a backend and the naive pipeline.
+
+    fp32 on the CPU: 1e-4 (last-bit rounding of per-image vs batched convolutions, numpy vs torch
+    sigmoid). fp32 on CUDA: 5e-3, since torch and ONNX Runtime run fp32 convolutions in TF32 there
+    (10-bit mantissa) and pick different algorithms per batch size. fp16: 5e-2, the max probability
+    difference the FP16 export is itself allowed against the fp32 reference.
+    """
+    if precision == "fp16":
+        return 5e-2
+    return 5e-3 if str(device).startswith("cuda") else 1e-4
+
+
 def agreement(naive: NaiveResult, result: Any, thresholds: Any, min_areas: Any, band: float) -> Agreement:
     """Compares ``result`` (masks/counts/present of a backend) with ``naive`` on the same frames."""
     c = naive.masks.shape[1]

@@ -80,6 +80,8 @@ class Measurement:
     ``stage_seconds[stage]`` is None where the stage does not apply (no device copies on the
     CPU). ``d2h_in_inference`` says the D2H figure is a separately timed copy of the outputs'
     bytes, already contained in ``inference`` (the backend returns host arrays).
+    ``rle_in_inference``: the backend found the RLE runs on the device inside its call, so
+    ``postprocess_rle`` only formats what it returned.
     """
 
     backend: str
@@ -90,6 +92,7 @@ class Measurement:
     total_seconds: list[float]
     stage_seconds: dict[str, list[float] | None]
     d2h_in_inference: bool = False
+    rle_in_inference: bool = False
     flops_per_image: int | None = None
     peak_flops_per_s: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -222,6 +225,7 @@ def time_backend(
         total_seconds=totals,
         stage_seconds=stage_seconds,
         d2h_in_inference=on_gpu,
+        rle_in_inference=getattr(result, "encoded", None) is not None,
     )
 
 

@@ -55,6 +55,8 @@ def throughput_markdown(report: dict[str, Any]) -> str:
             text = fmt_ms(r["stage_ms_median"][s])
             if s == "d2h" and r["d2h_in_inference"] and r["stage_ms_median"][s] is not None:
                 text += "*"
+            if s == "postprocess_rle" and r.get("rle_in_inference"):
+                text += "+"
             stages.append(text)
         achieved = r.get("achieved_flops_per_s")
         fraction = r.get("peak_fraction")

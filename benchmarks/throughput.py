@@ -47,6 +47,7 @@ VARIANTS: dict[str, Variant] = {
     "torch-cuda-fp32": Variant((".pt",), "cuda", {"precision": "fp32"}, "torch eager fp32 on CUDA"),
     "torch-cuda-fp16": Variant((".pt",), "cuda", {"precision": "fp16"}, "torch eager fp16, channels_last, CUDA"),
     "tensorrt": Variant((".engine", ".plan"), "cuda", {}, "TensorRT engine"),
+    "tensorrt-graphs": Variant((".engine", ".plan"), "cuda", {"cuda_graphs": True}, "TensorRT, CUDA graphs"),
     "naive": Variant((".pt",), "cpu", {}, "naive pipeline on the CPU (per image, numpy post-processing)"),
     "naive-cuda": Variant((".pt",), "cuda", {}, "naive pipeline with the U-Nets on CUDA"),
 }
@@ -237,7 +238,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
 
     from benchmarks.flops import measure_peak_flops, model_flops
     from benchmarks.machine import describe_machine, usable_cpus
-    from benchmarks.naive import NaivePipeline, agreement
+    from benchmarks.naive import NaivePipeline, agreement, agreement_band
     from benchmarks.pipeline import decode_frames, jpeg_frames, repeats_for, time_backend, time_naive
     from engine.backends import load_backend
 
@@ -362,7 +363,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
                                      f"(--check-frames above the max batch {backend.max_batch_size})")
                         continue
                     result = backend.infer(check_batch)
-                    band = 1e-4 if backend.precision == "fp32" else 2e-2
+                    band = agreement_band(str(backend.precision), str(backend.device))
                     a = agreement(naive_result, result, meta.thresholds, meta.min_areas, band)
                     checks.append({"backend": name, "model": path.name, "frames": len(check_batch), **a.to_dict()})
                     if not a.equal:
@@ -389,6 +390,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
         "post+RLE: RLE of the returned masks (the naive pipeline: its numpy sigmoid/threshold/count and RLE)",
         "H2D/D2H: n/a on the CPU (no device copies); on CUDA, H2D uploads the decoded frames, and D2H* is a "
         "separately timed copy of the outputs' bytes, already inside infer (backends return host arrays)",
+        "post+RLE+: the backend found the RLE runs on the GPU inside infer; post+RLE only formats them",
         "GFLOP/s: counted FLOPs per image x images/s of the infer stage; % peak: of the matmul peak above",
         f"threads: {threads} (torch and ONNX Runtime); CPU shared with other work: see load average "
         f"{machine_before.get('load_average')} before and the JSON's machine_after",
