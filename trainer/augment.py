@@ -59,6 +59,9 @@ def balance_plan(
     one class inflates the others as little as possible. Each copy of an image gets the next
     transform in :data:`TRANSFORMS`, from a seeded starting point per image, so repeated copies differ.
 
+    A record counts for every class its image holds; a +-10 degree rotation can turn part of a
+    defect near the frame's ends out of view (the thesis' augmentation has the same property).
+
     Args:
         samples: the training fold's samples (never validation or holdout).
         num_classes: C.
@@ -167,12 +170,22 @@ def apply_transform(image, masks, name: str | None):
     else:
         degrees = _ROTATIONS[name]
         h, w = image_t.shape
+        c = masks_t.shape[0]
+        # Up to 8 class masks travel as the bits of one uint8 channel: nearest-neighbour sampling
+        # copies whole source values, so the bits survive exactly (overlaps too), and padding and
+        # resampling one channel instead of C is most of the cost of a rotation.
+        packed = 0 < c <= 8 and masks_t.dtype == torch.uint8 and bool(masks_t.max() <= 1)
+        if packed:
+            bits = torch.tensor([1 << k for k in range(c)], dtype=torch.uint8).view(c, 1, 1)
+            msk = tv_tensors.Mask((masks_t * bits).sum(dim=0, keepdim=True, dtype=torch.uint8))
         pad_x, pad_y = _rotation_padding(h, w, degrees)
         img = _reflect_pad(img, pad_x, pad_y)
         msk = _reflect_pad(msk, pad_x, pad_y)
         img = F.rotate(img, degrees, interpolation=F.InterpolationMode.BILINEAR)
         msk = F.rotate(msk, degrees)
         img, msk = F.center_crop(img, [h, w]), F.center_crop(msk, [h, w])
+        if packed:
+            msk = (msk.as_subclass(torch.Tensor) & bits).ne(0).to(torch.uint8)
     out_image = img.as_subclass(torch.Tensor)[0]
     out_masks = msk.as_subclass(torch.Tensor)
     if as_numpy:

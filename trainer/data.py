@@ -29,6 +29,8 @@ from torch.utils.data import Dataset
 
 from engine import rle
 from engine.metadata import DEFAULT_CLASS_NAMES
+from engine.model import downscale_masks, resize
+from trainer.augment import TRANSFORMS, apply_transform
 
 log = logging.getLogger(__name__)
 
@@ -318,8 +320,6 @@ class SeverstalDataset(Dataset):
     """
 
     def __init__(self, items: Sequence[Item], cfg: DataConfig, scale: float = 1.0) -> None:
-        from trainer.augment import TRANSFORMS
-
         self.items = [_as_pair(item) for item in items]
         for sample, name in self.items:
             if name is not None and name not in TRANSFORMS:
@@ -332,9 +332,6 @@ class SeverstalDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from engine.model import downscale_masks, resize
-        from trainer.augment import apply_transform
-
         sample, transform = self.items[index]
         image = torch.from_numpy(read_image(sample.path, self.cfg))
         masks = torch.from_numpy(sample_masks(sample, self.cfg))

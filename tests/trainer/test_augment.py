@@ -77,6 +77,20 @@ def test_rotation_keeps_classes_disjoint_and_binary() -> None:
     assert abs(int(out[0].sum()) - int(masks[0].sum())) < 0.1 * masks[0].sum()
 
 
+def test_rotation_of_packed_masks_matches_one_channel_at_a_time() -> None:
+    """uint8 masks are rotated packed as bits of one channel; other dtypes channel by channel.
+    Both must agree exactly, overlapping masks included."""
+    rng = np.random.default_rng(0)
+    masks = (rng.random((4, H, W)) < 0.3).astype(np.uint8)
+    image = rng.integers(0, 255, (H, W), dtype=np.uint8)
+    for name in ("rot+10", "rot-10"):
+        packed = apply_transform(image, masks, name)
+        separate = apply_transform(image, masks.astype(np.int64), name)
+        assert packed[1].dtype == np.uint8 and separate[1].dtype == np.int64
+        np.testing.assert_array_equal(packed[1], separate[1])
+        np.testing.assert_array_equal(packed[0], separate[0])
+
+
 def test_torch_in_torch_out_and_unknown_name() -> None:
     image, masks = _marked(20, 100)
     out_image, out_masks = apply_transform(torch.from_numpy(image), torch.from_numpy(masks), "rot+10")
