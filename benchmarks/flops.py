@@ -175,11 +175,22 @@ def measure_peak_flops(
 ) -> PeakFlops:
     """Times ``size`` x ``size`` matrix products on ``device`` for about ``seconds``; best and median FLOP/s.
 
-    The default size (2048 on the CPU, 8192 on a GPU) is large enough to be compute bound.
-    TF32 is left at torch's default (off for float32 matmuls), so the float32 peak is true FP32.
+    ``dtype`` is ``float32``, ``float16``, ``bfloat16`` or ``tf32`` (float32 data, TF32 tensor-core
+    math: what cuDNN and ONNX Runtime CUDA use for fp32 convolutions by default, so it is the
+    ceiling fp32 rows on CUDA are compared with). The default size (2048 on the CPU, 8192 on a GPU)
+    is large enough to be compute bound.
     """
     import torch
 
+    if dtype == "tf32":
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            peak = measure_peak_flops(device, "float32", size, seconds, min_repeats)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        peak.dtype = "tf32"
+        return peak
     torch_dtype = getattr(torch, dtype)
     if size is None:
         size = 8192 if device.startswith("cuda") else 2048

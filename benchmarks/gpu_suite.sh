@@ -23,21 +23,25 @@
 # stream.json, stream-fps.json), else to benchmarks/results/. Models and engines are cached outside
 # $OUT (GPU_SUITE_CACHE, default /tmp/strip-bench-cache with $OUT, else benchmarks/results/models).
 #
-# Python: $PYTHON, else the repository's .venv, else python3. Packages missing on the lent machine
-# travel as wheels in .whl/ (installed into /tmp/site here). On this workplace's GPU image only
-# segmentation-models-pytorch and the server's grpcio-health-checking / grpcio-reflection are missing;
-# fetch them where pip works (versions matching the image's grpcio and protobuf), e.g.:
+# Python: $PYTHON, else the repository's .venv, else python3. The repository is used from its
+# checkout (PYTHONPATH), not installed. Packages missing on the lent machine travel as wheels in .whl/
+# (git-ignored; installed into /tmp/site here). This workplace's GPU image lacks
+# segmentation-models-pytorch (needed to build the models) and may lack the server's gRPC packages at the
+# versions the committed generated code needs (grpcio >= 1.85.1, protobuf >= 7.35.1). Fetch them
+# where pip works, then carry .whl with the run:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux2014_x86_64 -d .whl segmentation-models-pytorch grpcio-health-checking grpcio-reflection
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl segmentation-models-pytorch==0.6.0 grpcio==1.85.3 grpcio-health-checking==1.85.1 \
+#     grpcio-reflection==1.85.1 protobuf==7.36.2
 # onnxruntime-gpu and TensorRT wheels are far larger than what travels; without them their rows are
-# skipped and the summary says so.
+# skipped and the summary says so. Whatever is missing, the checks stage names it.
 set -uo pipefail
 
 DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         --cpu-dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument $arg (expected --cpu-dry-run)" >&2; exit 2 ;;
     esac
 done
@@ -196,7 +200,13 @@ else
 fi
 
 if [[ -z "$BACKENDS" || $HAVE_SMP != 1 ]]; then
-    note "no benchmark: $([[ $HAVE_SMP != 1 ]] && echo 'segmentation-models-pytorch is missing (carry its wheel, see the header)' || echo 'no backend can run here')"
+    if [[ "$FACTS" == "checks did not run" ]]; then
+        note "no benchmark: the checks did not run"
+    elif [[ $HAVE_SMP != 1 ]]; then
+        note "no benchmark: segmentation-models-pytorch is missing (carry its wheel, see the header)"
+    else
+        note "no benchmark: no backend can run here"
+    fi
     echo "suite done in $(($(date +%s) - START)) s; summary $SUMMARY"
     exit 1
 fi

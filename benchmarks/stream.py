@@ -3,14 +3,14 @@
 Starts ``server serve`` on the model (a subprocess on free local ports; ``--in-process`` runs
 the library server on a thread of this process instead) or uses a running server
 (``--target HOST:PORT``), then, for each stream count, streams JPEG strip frames through the
-project's own camera client (:func:`server.client.run_cameras`): as fast as the server takes them
+project's own camera client (server.client.run_cameras): as fast as the server takes them
 (``--fps 0``), or at a fixed rate per camera for latency under a production-like load.
 
 Per stream count it reports frames/sec, p50/p95/p99 end-to-end latency (frame handed to gRPC ->
 its answer back), errors, the mean batch size the server's batcher formed (from the responses'
 timings, and from its Prometheus ``/metrics`` when reachable), the server's own time split, and
 the serving overhead: end-to-end frames/sec over the same backend's raw pipeline throughput
-(decode -> inference -> RLE, :mod:`benchmarks.pipeline`) at the same batch size.
+(decode -> inference -> RLE, benchmarks.pipeline) at the same batch size.
 """
 
 from __future__ import annotations

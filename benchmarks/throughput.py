@@ -2,11 +2,11 @@
 
 With no arguments it builds (or reuses) the small default bench model (a one-fold ResNet-18 U-Net
 with a slim decoder at the thesis geometry: 256x1600 camera frames, U-Net at 128x800; random
-weights, see :mod:`benchmarks.models`) and measures ONNX Runtime and torch eager on the CPU, and
+weights, see benchmarks.models) and measures ONNX Runtime and torch eager on the CPU, and
 the naive pipeline, in about a minute on a 2-core machine.
 
 A timed batch runs JPEG decode -> (upload) -> backend inference -> RLE (see
-:mod:`benchmarks.pipeline`). The model's FLOPs per image are counted (see :mod:`benchmarks.flops`)
+benchmarks.pipeline). The model's FLOPs per image are counted (see benchmarks.flops)
 and the achieved FLOP/s of the inference stage is compared with the peak a large matrix product
 reaches on the same device in the same run.
 """
@@ -215,8 +215,12 @@ def read_metadata(path: Path) -> Any:
     return None
 
 
-def _device_kind(device: str) -> str:
-    return "cuda" if device.startswith("cuda") else "cpu"
+def peak_key(device: str, precision: str) -> tuple[str, str]:
+    """Which measured peak a row is compared with: fp16 rows with the fp16 matmul peak; fp32 rows on
+    CUDA with the TF32 one (their convolutions run in TF32 by default), on the CPU with FP32."""
+    if not device.startswith("cuda"):
+        return ("cpu", "float32")
+    return ("cuda", "float16" if precision == "fp16" else "tf32")
 
 
 def run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
@@ -259,7 +263,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     kinds = {VARIANTS[b].device for b in cfg.backends}
     for kind in sorted(kinds):
         device = "cuda:0" if kind == "cuda" else "cpu"
-        dtypes = ("float32", "float16") if kind == "cuda" else ("float32",)
+        dtypes = ("tf32", "float16") if kind == "cuda" else ("float32",)
         for dtype in dtypes:
             log.info("measuring the %s %s matmul peak", device, dtype)
             peaks[(kind, dtype)] = measure_peak_flops(device, dtype, size=cfg.peak_size, seconds=cfg.peak_seconds)
@@ -313,7 +317,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
             count = model_flops(reference)
             flops_by_model[reference] = count.flops_per_image if count else None
         m.flops_per_image = flops_by_model[reference]
-        peak = peaks.get((_device_kind(device), "float32"))
+        peak = peaks.get(peak_key(device, "fp32"))
         m.peak_flops_per_s = peak.flops_per_s if peak else None
         if naive_row is None:
             naive_row = m
@@ -343,8 +347,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
                 frames = frames_pool(backend.metadata)
                 info = next(i for i in model_info if i["path"] == str(path))
                 info.setdefault("summary", model_summary(backend.metadata))
-                dtype = "float16" if backend.precision == "fp16" else "float32"
-                peak = peaks.get((_device_kind(str(backend.device)), dtype))
+                peak = peaks.get(peak_key(str(backend.device), str(backend.precision)))
                 for batch_size in cfg.batch_sizes:
                     if backend.max_batch_size is not None and batch_size > backend.max_batch_size:
                         notes.append(f"{name} {path.name}: batch {batch_size} skipped, above the engine's "

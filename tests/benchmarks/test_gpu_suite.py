@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_suite.sh"
 EXPECTED_FILES = {
     "gpu_suite.md", "gpu_suite.log", "throughput-single.json", "throughput-single.png",
@@ -29,6 +31,20 @@ def test_unknown_argument_is_refused() -> None:
     assert done.returncode == 2 and "unknown argument --gpu" in done.stderr
 
 
+def test_stages_past_the_budget_are_skipped_and_reported(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_SUITE_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable,
+           "GPU_SUITE_BUDGET_S": "0"}
+    done = subprocess.run(["bash", str(SCRIPT), "--cpu-dry-run"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    summary = (out / "gpu_suite.md").read_text()
+    assert done.returncode == 1
+    assert "- checks: skipped, the suite's 0 s budget is spent" in summary
+    assert "- no benchmark: the checks did not run" in summary
+    assert {p.name for p in out.iterdir()} <= EXPECTED_FILES
+
+
+@pytest.mark.slow  # about a minute: nine Python processes importing torch, two model builds
 def test_cpu_dry_run_runs_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "GPU_SUITE_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable}

@@ -187,3 +187,16 @@ def test_cuda_backends_without_cuda_are_refused(tiny_models: tuple[Path, Path], 
         pytest.skip("this machine has CUDA")
     assert cli.main(["throughput", "--model", str(tiny_models[1]), "--backends", "torch-cuda-fp16"]) == 2
     assert "torch sees no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_peak_measurement_reports_what_it_measured() -> None:
+    import torch
+
+    from benchmarks.flops import measure_peak_flops
+
+    peak = measure_peak_flops("cpu", "float32", size=128, seconds=0.01)
+    assert peak.size == 128 and peak.repeats >= 3 and peak.threads == torch.get_num_threads()
+    assert peak.flops_per_s >= peak.median_flops_per_s > 0
+    before = torch.backends.cuda.matmul.allow_tf32
+    tf32 = measure_peak_flops("cpu", "tf32", size=128, seconds=0.01)
+    assert tf32.dtype == "tf32" and torch.backends.cuda.matmul.allow_tf32 == before
