@@ -105,9 +105,11 @@ def frame_stats(frames: np.ndarray) -> np.ndarray:
     # Centring on mid-grey while casting keeps the float32 mean square close to the variance, so
     # var = E[x^2] - E[x]^2 does not cancel away its precision (std then agrees with a float64
     # computation to ~1e-4 grey levels). BLAS accumulates in blocks, unlike numpy's naive einsum.
+    # Both sums are batched row-by-row dot products: a [N, L] @ [L] matrix-vector product goes to a
+    # multithreaded BLAS gemv that is several times slower next to busy inference/decode threads.
     x = np.subtract(flat, np.float32(128), dtype=np.float32)
-    ones = np.ones(pixels, dtype=np.float32)
-    centred_mean = (x @ ones).astype(np.float64) / pixels
+    ones = np.ones((pixels, 1), dtype=np.float32)
+    centred_mean = np.matmul(x[:, None, :], ones)[:, 0, 0].astype(np.float64) / pixels
     mean_square = np.matmul(x[:, None, :], x[:, :, None])[:, 0, 0].astype(np.float64) / pixels
     std = np.sqrt(np.maximum(mean_square - centred_mean * centred_mean, 0.0))
     mean = centred_mean + 128.0
