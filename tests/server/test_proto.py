@@ -32,7 +32,10 @@ def test_contract_names_and_field_numbers() -> None:
     service = pb.DESCRIPTOR.services_by_name["InspectionService"]
     assert pb.DESCRIPTOR.package == "inspection.v1"
     methods = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
-    assert methods == {"Inspect": (True, True), "InspectOne": (False, False), "GetModelInfo": (False, False)}
+    assert methods == {
+        "Inspect": (True, True), "InspectOne": (False, False), "GetModelInfo": (False, False),
+        "GetLineStatus": (False, False),
+    }
 
     def numbers(message: type) -> dict[str, int]:
         return {f.name: f.number for f in message.DESCRIPTOR.fields}
@@ -49,6 +52,24 @@ def test_contract_names_and_field_numbers() -> None:
     response = numbers(pb.InspectResponse)
     assert response == {
         "camera_id": 1, "frame_id": 2, "error": 3, "defects": 4, "model_version": 5, "timings": 6,
+    }
+    assert numbers(pb.GetLineStatusRequest) == {"camera_id": 1}
+    assert numbers(pb.DriftScore) == {
+        "statistic": 1, "psi": 2, "ks": 3, "psi_over_threshold": 4, "ks_over_threshold": 5,
+    }
+    assert pb.DriftScore.DESCRIPTOR.fields_by_name["ks"].has_presence  # unset where KS does not fit
+    assert numbers(pb.CameraDrift) == {
+        "camera_id": 1, "frames_seen": 2, "window_fill": 3, "scored": 4, "scores": 5, "over_threshold": 6,
+    }
+    assert numbers(pb.CaptureStatus) == {
+        "enabled": 1, "directory": 2, "policy": 3, "offered": 4, "selected": 5, "written": 6,
+        "skipped_queue_full": 7, "skipped_quota": 8, "skipped_error": 9, "bytes_used": 10, "quota_bytes": 11,
+        "queued": 12,
+    }
+    assert numbers(pb.LineStatus) == {
+        "drift_enabled": 1, "drift_state": 2, "psi_threshold": 3, "ks_threshold": 4, "drift_window": 5,
+        "drift_min_frames": 6, "statistics": 7, "cameras": 8, "capture": 9, "model_version": 10,
+        "feedback_skipped_batches": 11,
     }
 
 

@@ -125,3 +125,93 @@ class ModelInfo(_message.Message):
     encoder: str
     project_version: str
     def __init__(self, classes: _Optional[_Iterable[_Union[DefectClass, _Mapping]]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., thresholds: _Optional[_Iterable[float]] = ..., min_areas: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., model_version: _Optional[str] = ..., device: _Optional[str] = ..., max_batch: _Optional[int] = ..., folds: _Optional[int] = ..., encoder: _Optional[str] = ..., project_version: _Optional[str] = ...) -> None: ...
+
+class GetLineStatusRequest(_message.Message):
+    __slots__ = ("camera_id",)
+    CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
+    camera_id: str
+    def __init__(self, camera_id: _Optional[str] = ...) -> None: ...
+
+class DriftScore(_message.Message):
+    __slots__ = ("statistic", "psi", "ks", "psi_over_threshold", "ks_over_threshold")
+    STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    KS_FIELD_NUMBER: _ClassVar[int]
+    PSI_OVER_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    KS_OVER_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    statistic: str
+    psi: float
+    ks: float
+    psi_over_threshold: bool
+    ks_over_threshold: bool
+    def __init__(self, statistic: _Optional[str] = ..., psi: _Optional[float] = ..., ks: _Optional[float] = ..., psi_over_threshold: _Optional[bool] = ..., ks_over_threshold: _Optional[bool] = ...) -> None: ...
+
+class CameraDrift(_message.Message):
+    __slots__ = ("camera_id", "frames_seen", "window_fill", "scored", "scores", "over_threshold")
+    CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_SEEN_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FILL_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    OVER_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    camera_id: str
+    frames_seen: int
+    window_fill: int
+    scored: bool
+    scores: _containers.RepeatedCompositeFieldContainer[DriftScore]
+    over_threshold: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, camera_id: _Optional[str] = ..., frames_seen: _Optional[int] = ..., window_fill: _Optional[int] = ..., scored: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[DriftScore, _Mapping]]] = ..., over_threshold: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CaptureStatus(_message.Message):
+    __slots__ = ("enabled", "directory", "policy", "offered", "selected", "written", "skipped_queue_full", "skipped_quota", "skipped_error", "bytes_used", "quota_bytes", "queued")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    OFFERED_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_QUEUE_FULL_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_QUOTA_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    directory: str
+    policy: str
+    offered: int
+    selected: int
+    written: int
+    skipped_queue_full: int
+    skipped_quota: int
+    skipped_error: int
+    bytes_used: int
+    quota_bytes: int
+    queued: int
+    def __init__(self, enabled: _Optional[bool] = ..., directory: _Optional[str] = ..., policy: _Optional[str] = ..., offered: _Optional[int] = ..., selected: _Optional[int] = ..., written: _Optional[int] = ..., skipped_queue_full: _Optional[int] = ..., skipped_quota: _Optional[int] = ..., skipped_error: _Optional[int] = ..., bytes_used: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
+
+class LineStatus(_message.Message):
+    __slots__ = ("drift_enabled", "drift_state", "psi_threshold", "ks_threshold", "drift_window", "drift_min_frames", "statistics", "cameras", "capture", "model_version", "feedback_skipped_batches")
+    DRIFT_ENABLED_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_STATE_FIELD_NUMBER: _ClassVar[int]
+    PSI_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    KS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_MIN_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    CAMERAS_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_SKIPPED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    drift_enabled: bool
+    drift_state: str
+    psi_threshold: float
+    ks_threshold: float
+    drift_window: int
+    drift_min_frames: int
+    statistics: _containers.RepeatedScalarFieldContainer[str]
+    cameras: _containers.RepeatedCompositeFieldContainer[CameraDrift]
+    capture: CaptureStatus
+    model_version: str
+    feedback_skipped_batches: int
+    def __init__(self, drift_enabled: _Optional[bool] = ..., drift_state: _Optional[str] = ..., psi_threshold: _Optional[float] = ..., ks_threshold: _Optional[float] = ..., drift_window: _Optional[int] = ..., drift_min_frames: _Optional[int] = ..., statistics: _Optional[_Iterable[str]] = ..., cameras: _Optional[_Iterable[_Union[CameraDrift, _Mapping]]] = ..., capture: _Optional[_Union[CaptureStatus, _Mapping]] = ..., model_version: _Optional[str] = ..., feedback_skipped_batches: _Optional[int] = ...) -> None: ...

@@ -49,6 +49,11 @@ class InspectionServiceStub:
                 request_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetLineStatus = channel.unary_unary(
+                '/inspection.v1.InspectionService/GetLineStatus',
+                request_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineStatusRequest.SerializeToString,
+                response_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.LineStatus.FromString,
+                _registered_method=True)
 
 
 class InspectionServiceServicer:
@@ -76,6 +81,13 @@ class InspectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLineStatus(self, request, context):
+        """The line's health: drift scores per camera against the model's reference, and frame capture.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InspectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +105,11 @@ def add_InspectionServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetModelInfoRequest.FromString,
                     response_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetLineStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLineStatus,
+                    request_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineStatusRequest.FromString,
+                    response_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.LineStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +193,33 @@ class InspectionService:
             '/inspection.v1.InspectionService/GetModelInfo',
             protos_dot_inspection_dot_v1_dot_inspection__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_inspection_dot_v1_dot_inspection__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLineStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inspection.v1.InspectionService/GetLineStatus',
+            protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineStatusRequest.SerializeToString,
+            protos_dot_inspection_dot_v1_dot_inspection__pb2.LineStatus.FromString,
             options,
             channel_credentials,
             insecure,
