@@ -8,7 +8,9 @@ arriving, so a busy server forms full batches and an idle one answers a lone fra
 Every call into the backend (loading, warm-up, inference) happens on one dedicated thread: the
 event loop keeps reading, decoding and replying while the model runs, and GPU runtimes see a
 single host thread. Run-length encoding of a finished batch runs in the worker pool while the
-next batch is already on the backend.
+next batch is already on the backend. Once a batch's frames are answered, an optional ``on_batch``
+hook gets the whole batch (camera ids, the frames the model saw, the result): the server's line
+feedback (drift statistics, capture) works on it there, vectorised over the batch.
 """
 
 from __future__ import annotations
@@ -53,12 +55,33 @@ class FrameResult:
     batch_size: int
 
 
+@dataclass(frozen=True)
+class FinishedBatch:
+    """An inference batch after its frames were answered, for work that follows the answers.
+
+    Attributes:
+        camera_ids: the camera of each frame.
+        sources: what each frame's caller passed to :meth:`DynamicBatcher.submit` (the request).
+        frames: uint8 ``[N, H, W]``, the frames the model saw.
+        result: the backend's output for the batch.
+        rles: per frame, one RLE per class.
+    """
+
+    camera_ids: list[str]
+    sources: list[Any]
+    frames: np.ndarray
+    result: InspectionResult
+    rles: list[list[str]]
+
+
 @dataclass(eq=False)  # identity: queue removal must not compare frames
 class _Pending:
     frame: np.ndarray
     future: asyncio.Future[FrameResult]
     enqueued: float  # time.perf_counter()
     deadline: float | None  # loop.time()
+    camera_id: str = ""
+    source: Any = None
 
 
 def _encode(result: InspectionResult) -> tuple[list[list[str]], list[list[int]], list[list[bool]]]:
@@ -75,6 +98,8 @@ class DynamicBatcher:
         workers: pool for run-length encoding (shared with decoding).
         metrics: where batch sizes and latencies go.
         inference_thread: the executor the backend runs on (one thread); created when None.
+        on_batch: called on the event loop with each :class:`FinishedBatch` once its frames are
+            answered; it must return at once (hand heavy work to a thread). Its errors are logged.
     """
 
     def __init__(
@@ -85,6 +110,7 @@ class DynamicBatcher:
         workers: Executor,
         metrics: ServerMetrics,
         inference_thread: ThreadPoolExecutor | None = None,
+        on_batch: Callable[[FinishedBatch], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -99,6 +125,7 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self._workers = workers
         self._metrics = metrics
+        self._on_batch = on_batch
         self._owns_inference = inference_thread is None
         self._inference = inference_thread or ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._queue: deque[_Pending] = deque()
@@ -119,11 +146,15 @@ class DynamicBatcher:
         """Runs ``fn(*args)`` on the inference thread (loading, warm-up)."""
         return await asyncio.get_running_loop().run_in_executor(self._inference, fn, *args)
 
-    async def submit(self, frame: np.ndarray, deadline: float | None = None) -> FrameResult:
+    async def submit(
+        self, frame: np.ndarray, deadline: float | None = None, camera_id: str = "", source: Any = None
+    ) -> FrameResult:
         """Queues one uint8 ``[H, W]`` frame and waits for its result.
 
         Args:
             deadline: ``loop.time()`` after which the frame must not be run.
+            camera_id: the frame's camera (handed to ``on_batch``).
+            source: anything the ``on_batch`` hook needs about the frame (the server's request).
 
         Raises:
             FrameExpired: the deadline passed before the frame's batch started.
@@ -132,7 +163,7 @@ class DynamicBatcher:
         if self._closed:
             raise RuntimeError("the batcher is closed")
         future: asyncio.Future[FrameResult] = asyncio.get_running_loop().create_future()
-        item = _Pending(frame, future, time.perf_counter(), deadline)
+        item = _Pending(frame, future, time.perf_counter(), deadline, camera_id, source)
         self._queue.append(item)
         # Cancelling the caller cancels the future: a frame whose stream has gone leaves the queue
         # at once rather than when the next batch forms.
@@ -204,11 +235,11 @@ class DynamicBatcher:
             batch.append(item)
         return batch
 
-    def _infer(self, frames: list[np.ndarray]) -> tuple[InspectionResult, float]:
+    def _infer(self, frames: list[np.ndarray]) -> tuple[np.ndarray, InspectionResult, float]:
         stacked = np.stack(frames)
         start = time.perf_counter()
         result = self.backend.infer(stacked)
-        return result, time.perf_counter() - start
+        return stacked, result, time.perf_counter() - start
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
@@ -217,7 +248,7 @@ class DynamicBatcher:
             self._metrics.queue_seconds.observe(started - item.enqueued)
         self._metrics.batch_size.observe(len(batch))
         try:
-            result, inference_s = await loop.run_in_executor(
+            frames, result, inference_s = await loop.run_in_executor(
                 self._inference, self._infer, [item.frame for item in batch]
             )
         except asyncio.CancelledError:
@@ -233,12 +264,12 @@ class DynamicBatcher:
                     item.future.set_exception(failure)
             return
         self._metrics.inference_seconds.observe(inference_s)
-        task = loop.create_task(self._finish(batch, result, started, inference_s))
+        task = loop.create_task(self._finish(batch, frames, result, started, inference_s))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
     async def _finish(
-        self, batch: list[_Pending], result: InspectionResult, started: float, inference_s: float
+        self, batch: list[_Pending], frames: np.ndarray, result: InspectionResult, started: float, inference_s: float
     ) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
@@ -267,3 +298,11 @@ class DynamicBatcher:
                     batch_size=len(batch),
                 )
             )
+        if self._on_batch is not None:
+            # Frames whose stream went away are in it too: they were inspected all the same.
+            finished = FinishedBatch([item.camera_id for item in batch], [item.source for item in batch], frames,
+                                     result, rles)
+            try:
+                self._on_batch(finished)
+            except Exception:  # noqa: BLE001 - the answers are out; a failing hook must not stop batching
+                log.exception("event=on_batch_error batch_size=%d", len(batch))

@@ -36,7 +36,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,6 +393,49 @@ class CaptureWriter:
             return False
         return True
 
+    def offer_batch(
+        self,
+        frame_of: Callable[[int], bytes | bytearray | memoryview | np.ndarray],
+        *,
+        camera_ids: Sequence[str],
+        frame_ids: Sequence[int],
+        time_ns: Callable[[int], int],
+        model_version: str,
+        rles: Sequence[Sequence[str]],
+        counts: np.ndarray,
+        present: np.ndarray,
+    ) -> int:
+        """Offers one inference batch: the policy runs once over it, only chosen frames are fetched.
+
+        Args:
+            frame_of: frame ``i``'s original bytes or uint8 pixels (see :meth:`offer`); called only
+                for chosen frames, so the caller need not materialise every frame's bytes.
+            camera_ids, frame_ids: one per frame.
+            time_ns: frame ``i``'s capture time (called for chosen frames only).
+            rles: per frame, one RLE per class.
+            counts, present: ``[N, C]`` the model's pixel counts and labels.
+
+        Returns:
+            How many frames were queued for saving.
+        """
+        n = len(camera_ids)
+        if len(frame_ids) != n or len(rles) != n or len(counts) != n or len(present) != n:
+            raise ValueError(
+                f"capture batch: {n} camera ids, {len(frame_ids)} frame ids, {len(rles)} rles, "
+                f"{len(counts)} counts and {len(present)} labels rows; expected one of each per frame"
+            )
+        reasons = self.select(counts, present)
+        chosen = [i for i, reason in enumerate(reasons) if reason]
+        with self._lock:
+            self.offered += n - len(chosen)  # offer() counts the chosen ones
+        queued = 0
+        for i in chosen:
+            queued += self.offer(
+                frame_of(i), camera_id=camera_ids[i], frame_id=frame_ids[i], time_ns=time_ns(i),
+                model_version=model_version, rles=rles[i], counts=counts[i], present=present[i], reason=reasons[i],
+            )
+        return queued
+
     def _skip_error(self, message: str) -> bool:
         with self._lock:
             self.skipped_error += 1
@@ -615,8 +658,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--capture-seed", type=int, default=0, help="seed of the 'sample' draws (default 0)")
 
 
-def writer_from_args(args: argparse.Namespace, min_areas: Sequence[int]) -> CaptureWriter | None:
-    """The writer the ``--capture*`` flags ask for, or None without ``--capture-dir``.
+@dataclass(frozen=True)
+class CaptureConfig:
+    """What ``server serve --capture*`` asks for; :meth:`open` makes the writer once the model's
+    minimum areas are known (they come from the model file, after it is loaded).
+
+    Attributes:
+        directory: the capture folder.
+        policy: which frames to capture.
+        quota_bytes: the folder's size limit, existing content included.
+        queue_size: captures waiting for the writer.
+        seed: seeds the "sample" draws.
+    """
+
+    directory: Path
+    policy: CapturePolicy = CapturePolicy.parse(DEFAULT_POLICY)
+    quota_bytes: int = int(DEFAULT_QUOTA_GB * 1e9)
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.quota_bytes < 1:
+            raise ValueError(f"capture quota must be at least 1 byte, got {self.quota_bytes}")
+        if self.queue_size < 1:
+            raise ValueError(f"capture queue size must be >= 1, got {self.queue_size}")
+
+    def open(self, min_areas: Sequence[int]) -> CaptureWriter:
+        """Starts a :class:`CaptureWriter` on this folder (its thread prepares the folder)."""
+        return CaptureWriter(
+            self.directory, self.policy, min_areas=min_areas, quota_bytes=self.quota_bytes,
+            queue_size=self.queue_size, seed=self.seed,
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> CaptureConfig | None:
+    """The capture the ``--capture*`` flags ask for, or None without ``--capture-dir``.
 
     Raises:
         ValueError: a bad policy, band, quota or queue size, or ``--capture`` without ``--capture-dir``.
@@ -633,7 +709,17 @@ def writer_from_args(args: argparse.Namespace, min_areas: Sequence[int]) -> Capt
         raise ValueError(f"--capture-quota-gb must be a positive number of gigabytes, got {args.capture_quota_gb}")
     if args.capture_queue < 1:
         raise ValueError(f"--capture-queue must be >= 1, got {args.capture_queue}")
-    return CaptureWriter(
-        args.capture_dir, policy, min_areas=min_areas, quota_bytes=int(args.capture_quota_gb * 1e9),
-        queue_size=args.capture_queue, seed=args.capture_seed,
-    )
+    # At least one byte: a quota below a byte would otherwise round to an invalid 0.
+    quota = max(1, int(args.capture_quota_gb * 1e9))
+    return CaptureConfig(Path(args.capture_dir), policy, quota_bytes=quota, queue_size=args.capture_queue,
+                         seed=args.capture_seed)
+
+
+def writer_from_args(args: argparse.Namespace, min_areas: Sequence[int]) -> CaptureWriter | None:
+    """The writer the ``--capture*`` flags ask for, or None without ``--capture-dir``.
+
+    Raises:
+        ValueError: see :func:`config_from_args`.
+    """
+    config = config_from_args(args)
+    return None if config is None else config.open(min_areas)

@@ -57,6 +57,10 @@ class ServerMetrics:
             "inspection_inflight_frames", "Frames accepted and not yet answered", registry=r,
         )
         self.open_streams = Gauge("inspection_open_streams", "Open Inspect streams", registry=r)
+        self.feedback_seconds = Histogram(
+            "inspection_feedback_seconds", "Line feedback per batch (drift statistics and capture selection), "
+            "on its own thread after the batch's frames were answered", buckets=LATENCY_BUCKETS, registry=r,
+        )
         self._http: Any = None
         self._thread: threading.Thread | None = None
 

@@ -16,7 +16,9 @@ HELP = "serve a model (.onnx, .engine/.plan, .pt) over gRPC with dynamic batchin
 DESCRIPTION = (
     "Serves the inspection.v1.InspectionService on --bind:--port. Health says NOT_SERVING until the "
     "model is loaded and warmed up, SERVING after. SIGTERM/SIGINT: health NOT_SERVING, no new calls, "
-    "every frame already read is answered, exit 0."
+    "every frame already read is answered, exit 0. When the model carries a drift reference, every "
+    "camera's frame statistics are scored against it (GetLineStatus, /metrics, a log warning per "
+    "crossing); --capture-dir saves chosen frames with their predictions for retraining."
 )
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds to finish accepted frames on shutdown (default: 30)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up batches before SERVING")
+    from engine import drift
+    from server import capture
+
+    group = parser.add_argument_group("drift monitoring (when the model carries a drift reference)")
+    group.add_argument("--drift-window", type=int, default=drift.DEFAULT_WINDOW,
+                       help="frames per camera in the rolling window (default: %(default)s)")
+    group.add_argument("--drift-min-frames", type=int, default=drift.DEFAULT_MIN_FILL,
+                       help="frames a camera's window needs before it is scored (default: %(default)s)")
+    group.add_argument("--drift-psi-threshold", type=float, default=drift.DEFAULT_PSI_THRESHOLD,
+                       help="population stability index above which a statistic has drifted (default: %(default)s)")
+    group.add_argument("--drift-ks-threshold", type=float, default=drift.DEFAULT_KS_THRESHOLD,
+                       help="KS statistic above which a statistic has drifted (default: %(default)s)")
+    capture.add_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    from server import capture
     from server.service import ServerConfig
 
     for flag in ("tls_cert", "tls_key"):
@@ -69,6 +85,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         decode_workers=args.decode_workers,
         max_frame_pixels=args.max_frame_pixels,
         warmup=not args.no_warmup,
+        drift_window=args.drift_window,
+        drift_min_frames=args.drift_min_frames,
+        drift_psi_threshold=args.drift_psi_threshold,
+        drift_ks_threshold=args.drift_ks_threshold,
+        capture=capture.config_from_args(args),
     )
 
 

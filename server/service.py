@@ -7,15 +7,21 @@ pool) and queues that task in the stream's answer queue. The stream's writer awa
 queue order, so responses leave in frame order whatever order the batches finished in, and every
 frame that was read gets exactly one response, an error included.
 
+After a batch's frames are answered, the line feedback (:mod:`server.feedback`) takes the batch on
+its own thread: drift statistics per camera when the model carries a drift reference, and capture
+of chosen frames for retraining (``--capture-dir``). ``GetLineStatus`` and ``/metrics`` report both.
+
 Shutdown (:meth:`InspectionServer.stop`): health goes NOT_SERVING, new calls are refused with
 UNAVAILABLE, every stream stops reading, every frame already read is answered, then the stream
-ends with UNAVAILABLE so its camera knows to resend the rest elsewhere.
+ends with UNAVAILABLE so its camera knows to resend the rest elsewhere; the line feedback finishes
+its batches and the capture writer saves what it holds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +33,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from engine import drift
 from engine.backends.base import Backend
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
 from server.batcher import DynamicBatcher, FrameExpired, FrameResult, InferenceFailed
+from server.capture import CaptureConfig
 from server.decode import FrameRejected, decode_request
+from server.feedback import LineFeedback, LineFeedbackCollector
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,10 @@ class ServerConfig:
         max_frame_pixels: largest width x height a frame may declare (decompression bombs).
         max_message_bytes: gRPC message size limit, well above a full-resolution raw BGR8 frame.
         warmup: run the model once per batch shape before reporting SERVING.
+        drift_window: frames per camera in the drift monitor's rolling window.
+        drift_min_frames: frames a camera's window needs before it is scored.
+        drift_psi_threshold, drift_ks_threshold: drift scores above these are logged and flagged.
+        capture: frames to save for retraining; None saves none.
     """
 
     bind: str = "127.0.0.1"
@@ -74,6 +87,11 @@ class ServerConfig:
     max_frame_pixels: int = 4096 * 4096
     max_message_bytes: int = 16 * 1024 * 1024
     warmup: bool = True
+    drift_window: int = drift.DEFAULT_WINDOW
+    drift_min_frames: int = drift.DEFAULT_MIN_FILL
+    drift_psi_threshold: float = drift.DEFAULT_PSI_THRESHOLD
+    drift_ks_threshold: float = drift.DEFAULT_KS_THRESHOLD
+    capture: CaptureConfig | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -95,6 +113,18 @@ class ServerConfig:
             raise ValueError(f"metrics_port must lie in 0..65535, got {self.metrics_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        if self.drift_window < 1:
+            raise ValueError(f"drift_window (--drift-window) must be >= 1 frame, got {self.drift_window}")
+        if not 1 <= self.drift_min_frames <= self.drift_window:
+            raise ValueError(
+                f"drift_min_frames (--drift-min-frames) must lie in 1..drift_window ({self.drift_window}), "
+                f"got {self.drift_min_frames}"
+            )
+        for name in ("drift_psi_threshold", "drift_ks_threshold"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{name} ({flag}) must be a positive number, got {value}")
 
 
 def model_info(backend: Backend, max_batch: int) -> pb.ModelInfo:
@@ -255,6 +285,10 @@ class _Servicer(pb_grpc.InspectionServiceServicer):
         assert self.server._info is not None
         return self.server._info
 
+    async def GetLineStatus(self, request: pb.GetLineStatusRequest, context: grpc.aio.ServicerContext) -> pb.LineStatus:
+        await self.server._admit_call(context, draining_ok=True)
+        return self.server.line_status(request.camera_id)
+
 
 class InspectionServer:
     """A gRPC inspection server around one backend.
@@ -278,6 +312,8 @@ class InspectionServer:
         self._backend_source = backend
         self.backend: Backend | None = backend if isinstance(backend, Backend) else None
         self.metrics = ServerMetrics()
+        self.feedback: LineFeedback | None = None
+        self.metrics.registry.register(LineFeedbackCollector(lambda: self.feedback))
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -400,8 +436,14 @@ class InspectionServer:
             factory = self._backend_source
             self.backend = await loop.run_in_executor(self._inference_thread, factory)  # type: ignore[arg-type]
         backend = self.backend
+        self.feedback = LineFeedback(
+            backend.metadata, drift_window=cfg.drift_window, drift_min_frames=cfg.drift_min_frames,
+            psi_threshold=cfg.drift_psi_threshold, ks_threshold=cfg.drift_ks_threshold, capture=cfg.capture,
+            metrics=self.metrics,
+        )
         self._batcher = DynamicBatcher(
-            backend, cfg.max_batch, cfg.max_delay_ms / 1000.0, self._workers, self.metrics, self._inference_thread
+            backend, cfg.max_batch, cfg.max_delay_ms / 1000.0, self._workers, self.metrics, self._inference_thread,
+            on_batch=self.feedback.submit if self.feedback.active else None,
         )
         if cfg.warmup:
             sizes = tuple(sorted({1, self._batcher.max_batch}))
@@ -425,6 +467,12 @@ class InspectionServer:
         if self._loading is None:
             raise RuntimeError("the server has not been started")
         await asyncio.shield(self._loading)
+
+    def line_status(self, camera_id: str = "") -> pb.LineStatus:
+        """Drift per camera (every camera, or ``camera_id``'s) and capture counters."""
+        if self.feedback is None:
+            raise RuntimeError("the model is not loaded yet")
+        return self.feedback.status(camera_id)
 
     async def wait_for_termination(self) -> None:
         await self._stopped.wait()
@@ -460,6 +508,9 @@ class InspectionServer:
         if self._batcher is not None:
             await self._batcher.close()
         loop = asyncio.get_running_loop()
+        if self.feedback is not None:
+            # After the drain: the last batches' statistics are in and every chosen frame is on disk.
+            await loop.run_in_executor(None, self.feedback.close)
         await loop.run_in_executor(None, self._inference_thread.shutdown, True)
         await loop.run_in_executor(None, self._workers.shutdown, True)
         if self.backend is not None and self.backend is not self._backend_source:
@@ -542,7 +593,7 @@ class InspectionServer:
             )
             decode_s = time.perf_counter() - start
             self.metrics.decode_seconds.observe(decode_s)
-            result = await self._batcher.submit(frame, deadline)
+            result = await self._batcher.submit(frame, deadline, request.camera_id, request)
         except FrameRejected as exc:
             return self._error(request, grpc.StatusCode.INVALID_ARGUMENT, str(exc), received)
         except FrameExpired as exc:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 FRAME_SIZE = (64, 320)  # the tiny model's input (height, width)
+DRIFT_BINS = 5  # fewer bins than the default 10: steadier PSI on the tests' short windows
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +38,55 @@ def direct_output(direct_backend, camera_frames: np.ndarray) -> dict[str, list]:
     """The backend's own answer for every camera frame: counts, present and RLE per class."""
     result = direct_backend.infer(camera_frames)
     return {"counts": result.counts.tolist(), "present": result.present.tolist(), "rles": result.rle()}
+
+
+def line_frames(n: int, seed: int, brightness: int = 0) -> np.ndarray:
+    """``n`` frames of the synthetic line (``trainer.synth``, a quarter with one defect) at the tiny
+    model's input size, ``brightness`` grey levels brighter (a lamp change, clipped at 255)."""
+    from trainer.synth import draw_frame
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for i in range(n):
+        classes = (int(rng.integers(4)),) if rng.random() < 0.25 else ()
+        frames.append(draw_frame(np.random.default_rng([seed, i]), *FRAME_SIZE, classes, 4)[0])
+    return np.clip(np.stack(frames).astype(np.int16) + brightness, 0, 255).astype(np.uint8)
+
+
+def with_drift_reference(model: Path, reference: dict | None, out: Path) -> Path:
+    """A copy of an exported ONNX model whose metadata carries ``reference`` as its drift reference
+    (``trainer export`` has no option for one yet: the ``inspection.drift_reference`` prop is replaced)."""
+    import json
+
+    import onnx
+
+    from engine.metadata import PREFIX
+
+    proto = onnx.load(str(model))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert PREFIX + "drift_reference" in props, "the export writes every metadata field"
+    props[PREFIX + "drift_reference"] = json.dumps(reference)
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def drift_reference(direct_backend):
+    """The reference of 200 synthetic line frames and the tiny model's counts on them."""
+    from engine.drift import build_reference
+
+    frames = line_frames(200, seed=1)
+    return build_reference([frames], direct_backend.infer(frames).counts, bins=DRIFT_BINS)
+
+
+@pytest.fixture(scope="session")
+def drift_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path, drift_reference) -> Path:
+    """``tiny_onnx`` with ``drift_reference`` in its metadata."""
+    return with_drift_reference(tiny_onnx, drift_reference.to_dict(),
+                                tmp_path_factory.mktemp("drift_onnx") / "model.onnx")
 
 
 @contextlib.asynccontextmanager

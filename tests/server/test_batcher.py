@@ -12,13 +12,13 @@ from server.batcher import DynamicBatcher, FrameExpired
 from server.metrics import ServerMetrics
 
 
-def run_batcher(backend, scenario, max_batch: int, max_delay_s: float):
+def run_batcher(backend, scenario, max_batch: int, max_delay_s: float, on_batch=None):
     """Runs ``scenario(batcher)`` against a started batcher; returns its result and the metrics."""
     metrics = ServerMetrics()
 
     async def main():
         with ThreadPoolExecutor(2) as workers:
-            batcher = DynamicBatcher(backend, max_batch, max_delay_s, workers, metrics)
+            batcher = DynamicBatcher(backend, max_batch, max_delay_s, workers, metrics, on_batch=on_batch)
             batcher.start()
             try:
                 async with asyncio.timeout(30):  # a batcher that waited its whole delay would trip this
@@ -112,3 +112,31 @@ def test_backend_failure_fails_the_batch_not_the_batcher(direct_backend, camera_
 
     result, _ = run_batcher(direct_backend, scenario, max_batch=4, max_delay_s=0.0)
     assert result.batch_size == 1
+
+
+def test_finished_batches_reach_the_hook_and_a_failing_hook_changes_no_answer(
+    direct_backend, camera_frames, direct_output
+):
+    seen = []
+
+    def on_batch(batch):
+        seen.append(batch)
+        if len(seen) == 1:
+            raise RuntimeError("a broken line-feedback hook")
+
+    async def scenario(batcher):
+        return await asyncio.gather(
+            *(batcher.submit(f, camera_id=f"cam{i % 2}", source=i) for i, f in enumerate(camera_frames[:10]))
+        )
+
+    results, _ = run_batcher(direct_backend, scenario, max_batch=4, max_delay_s=0.0, on_batch=on_batch)
+    for i, r in enumerate(results):  # the hook raising on the first batch changed nothing
+        assert (r.counts, r.present, r.rles) == (
+            direct_output["counts"][i], direct_output["present"][i], direct_output["rles"][i]
+        )
+    assert [b.sources for b in seen] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    for batch in seen:
+        assert batch.camera_ids == [f"cam{i % 2}" for i in batch.sources]
+        np.testing.assert_array_equal(batch.frames, camera_frames[batch.sources])
+        assert batch.result.counts.tolist() == [direct_output["counts"][i] for i in batch.sources]
+        assert batch.rles == [direct_output["rles"][i] for i in batch.sources]

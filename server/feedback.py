@@ -1,0 +1,322 @@
+"""Line feedback in the server: drift monitoring and capture of frames for retraining.
+
+Once an inference batch's frames are answered, the batcher hands the whole batch to
+:class:`LineFeedback`, which works on it in a thread of its own (``line-feedback``): not on the
+event loop, not on the inference thread, and not in the decode pool, whose threads feed the next
+batches.
+
+* Drift, only when the model carries a reference (``ModelMetadata.drift_reference``):
+  ``DriftMonitor.observe_batch`` computes the frame statistics of the batch in a few numpy calls
+  and rescores each camera's rolling window. Without a reference drift is off, says so once in the
+  log, and ``GetLineStatus`` reports why. A score crossing its threshold is logged (a warning
+  naming the camera) by the monitor.
+* Capture (``--capture-dir``): the policy runs once over the batch; chosen frames (the camera's
+  original JPEG/PNG bytes, or the raw frame as the model saw it) go to the writer's bounded queue.
+
+At most ``max_pending`` batches wait for the thread; past that a batch's feedback is skipped and
+counted (``feedback_skipped_batches``), so a slow CPU never piles frames up in memory or holds
+anything back: the frames were answered before any of this runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from engine.drift import DriftMonitor, DriftReference
+from engine.metadata import ModelMetadata
+from protos.inspection.v1 import inspection_pb2 as pb
+from server.batcher import FinishedBatch
+from server.capture import CaptureConfig, CaptureWriter
+from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+#: Batches waiting for the feedback thread before new ones are skipped.
+DEFAULT_MAX_PENDING = 8
+DRIFT_ON = "on"
+NO_REFERENCE = "no reference in this model"
+#: A skipped batch is logged at most this often (seconds).
+SKIP_LOG_INTERVAL = 60.0
+CAPTURE_OUTCOMES = ("written", "skipped_queue_full", "skipped_quota", "skipped_error")
+
+
+def drift_monitor(
+    metadata: ModelMetadata, window: int, min_frames: int, psi_threshold: float, ks_threshold: float
+) -> tuple[DriftMonitor | None, str]:
+    """The monitor for a model, or None and why drift is off.
+
+    A reference that does not load (or does not fit the model's classes) turns drift off with the
+    reason; it does not stop the model from serving.
+    """
+    if metadata.drift_reference is None:
+        return None, NO_REFERENCE
+    try:
+        reference = DriftReference.from_dict(metadata.drift_reference)
+        if reference.num_classes not in (0, metadata.num_classes):
+            raise ValueError(
+                f"it has area statistics for {reference.num_classes} classes, the model has {metadata.num_classes}"
+            )
+    except ValueError as exc:
+        return None, f"drift reference in this model is unusable: {exc}"
+    monitor = DriftMonitor(reference, window=window, min_fill=min_frames, psi_threshold=psi_threshold,
+                           ks_threshold=ks_threshold)
+    return monitor, DRIFT_ON
+
+
+class LineFeedback:
+    """Drift monitoring and capture for one loaded model.
+
+    Args:
+        metadata: the model's metadata (drift reference, minimum areas, version).
+        drift_window, drift_min_frames, psi_threshold, ks_threshold: see :class:`DriftMonitor`.
+        capture: where and what to capture; None captures nothing.
+        metrics: where the per-batch feedback time goes.
+        max_pending: batches waiting for the feedback thread before new ones are skipped.
+
+    Raises:
+        ValueError: the capture cannot be set up for this model (e.g. no minimum areas).
+    """
+
+    def __init__(
+        self,
+        metadata: ModelMetadata,
+        *,
+        drift_window: int,
+        drift_min_frames: int,
+        psi_threshold: float,
+        ks_threshold: float,
+        capture: CaptureConfig | None = None,
+        metrics: ServerMetrics | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
+        self.model_version = metadata.model_version
+        self.window = drift_window
+        self.min_frames = drift_min_frames
+        self.monitor, self.drift_state = drift_monitor(
+            metadata, drift_window, drift_min_frames, psi_threshold, ks_threshold
+        )
+        self.psi_threshold = psi_threshold
+        self.ks_threshold = ks_threshold
+        self.capture = capture
+        self.writer: CaptureWriter | None = capture.open(metadata.min_areas) if capture is not None else None
+        self._metrics = metrics
+        self._slots = threading.BoundedSemaphore(max_pending)
+        self._lock = threading.Lock()
+        self.skipped_batches = 0
+        self._last_skip_log = -SKIP_LOG_INTERVAL
+        self._closed = False
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="line-feedback") if self.active else None
+        if self.monitor is not None:
+            log.info("event=drift_on statistics=%s window=%d min_frames=%d psi_threshold=%g ks_threshold=%g",
+                     ",".join(self.monitor.names), drift_window, drift_min_frames, psi_threshold, ks_threshold)
+        elif self.drift_state == NO_REFERENCE:
+            log.info("event=drift_off reason=%r", self.drift_state)
+        else:
+            log.error("event=drift_off reason=%r", self.drift_state)
+
+    @property
+    def active(self) -> bool:
+        """Whether there is any per-batch work (drift on, or capturing)."""
+        return self.monitor is not None or self.writer is not None
+
+    # ------------------------------------------------------------------ per batch
+
+    def submit(self, batch: FinishedBatch) -> None:
+        """Hands a batch to the feedback thread; returns at once (the batcher's ``on_batch`` hook)."""
+        if self._thread is None or self._closed:
+            return
+        if not self._slots.acquire(blocking=False):
+            self._skipped(len(batch.camera_ids))
+            return
+        try:
+            self._thread.submit(self._process, batch)
+        except RuntimeError:  # shut down between the check and the submit
+            self._slots.release()
+
+    def _skipped(self, frames: int) -> None:
+        with self._lock:
+            self.skipped_batches += 1
+            now = time.monotonic()
+            report = now - self._last_skip_log >= SKIP_LOG_INTERVAL
+            if report:
+                self._last_skip_log = now
+        if report:
+            log.warning("event=feedback_behind skipped_batches=%d frames=%d: drift statistics and capture fall "
+                        "behind inference; skipping batches (answers are unaffected)", self.skipped_batches, frames)
+
+    def _process(self, batch: FinishedBatch) -> None:
+        start = time.perf_counter()
+        try:
+            if self.monitor is not None:
+                try:
+                    self.monitor.observe_batch(batch.camera_ids, batch.frames, batch.result.counts)
+                except Exception:  # noqa: BLE001 - drift must never take the server down
+                    log.exception("event=drift_error batch_size=%d", len(batch.camera_ids))
+            if self.writer is not None:
+                try:
+                    self._capture(batch)
+                except Exception:  # noqa: BLE001 - nor must capture
+                    log.exception("event=capture_error batch_size=%d", len(batch.camera_ids))
+        finally:
+            self._slots.release()
+            if self._metrics is not None:
+                self._metrics.feedback_seconds.observe(time.perf_counter() - start)
+
+    def _capture(self, batch: FinishedBatch) -> None:
+        assert self.writer is not None
+        requests = batch.sources
+        now = time.time_ns()
+
+        def frame_of(i: int) -> Any:
+            request = requests[i]
+            # The camera's own bytes when it sent JPEG/PNG; a raw frame as the model saw it (gray).
+            return request.encoded_image if request.WhichOneof("image") == "encoded_image" else batch.frames[i]
+
+        self.writer.offer_batch(
+            frame_of,
+            camera_ids=batch.camera_ids,
+            frame_ids=[r.frame_id for r in requests],
+            time_ns=lambda i: requests[i].captured_at_unix_ns or now,
+            model_version=self.model_version,
+            rles=batch.rles,
+            counts=batch.result.counts,
+            present=batch.result.present,
+        )
+
+    def close(self) -> None:
+        """Finishes the queued batches, then closes the capture writer (writing what it holds)."""
+        self._closed = True
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+        if self.writer is not None:
+            self.writer.close()
+
+    # ------------------------------------------------------------------ reporting
+
+    def status(self, camera_id: str = "") -> pb.LineStatus:
+        """The ``GetLineStatus`` answer: every camera (or the one asked for), thresholds, capture."""
+        status = pb.LineStatus(
+            drift_enabled=self.monitor is not None,
+            drift_state=self.drift_state,
+            psi_threshold=self.monitor.psi_threshold if self.monitor else self.psi_threshold,
+            ks_threshold=self.monitor.ks_threshold if self.monitor else self.ks_threshold,
+            drift_window=self.window,
+            drift_min_frames=self.min_frames,
+            model_version=self.model_version,
+            feedback_skipped_batches=self.skipped_batches,
+        )
+        if self.monitor is not None:
+            status.statistics.extend(self.monitor.names)
+            for camera in self.monitor.status().values():
+                if camera_id and camera.camera_id != camera_id:
+                    continue
+                over = set(camera.over)
+                entry = status.cameras.add(
+                    camera_id=camera.camera_id, frames_seen=camera.frames_seen, window_fill=camera.window_fill,
+                    scored=camera.scores is not None, over_threshold=[f"{s}/{k}" for s, k in camera.over],
+                )
+                for name, scores in (camera.scores or {}).items():
+                    score = entry.scores.add(
+                        statistic=name, psi=scores["psi"], psi_over_threshold=(name, "psi") in over,
+                        ks_over_threshold=(name, "ks") in over,
+                    )
+                    if scores["ks"] is not None:
+                        score.ks = scores["ks"]
+        capture = status.capture
+        capture.enabled = self.writer is not None
+        if self.writer is not None:
+            c = self.writer.counters()
+            capture.directory = str(self.writer.directory)
+            capture.policy = str(self.writer.policy)
+            capture.quota_bytes = self.writer.quota_bytes
+            for name in ("offered", "selected", "written", "skipped_queue_full", "skipped_quota", "skipped_error",
+                         "bytes_used", "queued"):
+                setattr(capture, name, c[name])
+        return status
+
+
+class LineFeedbackCollector:
+    """Prometheus series read from the line feedback at scrape time (nothing to keep in step).
+
+    ``inspection_drift_score{camera,statistic,score}``, ``inspection_drift_over_threshold{...}``
+    (1 while over), ``inspection_drift_threshold{score}``, ``inspection_drift_enabled``,
+    ``inspection_drift_window_frames{camera}``, ``inspection_drift_frames_total{camera}``,
+    ``inspection_capture_total{outcome}`` (written, skipped_queue_full, skipped_quota,
+    skipped_error, not_selected), ``inspection_capture_queued``, ``inspection_capture_bytes``,
+    ``inspection_capture_quota_bytes`` and ``inspection_feedback_skipped_batches_total``.
+
+    Args:
+        source: returns the server's current :class:`LineFeedback` (None before the model loads).
+    """
+
+    def __init__(self, source: Callable[[], LineFeedback | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        feedback = self._source()
+        monitor = feedback.monitor if feedback is not None else None
+        enabled = GaugeMetricFamily("inspection_drift_enabled",
+                                    "1 when the model carries a drift reference and drift is monitored")
+        enabled.add_metric([], 1.0 if monitor is not None else 0.0)
+        yield enabled
+        if feedback is None:
+            return
+        if monitor is not None:
+            thresholds = GaugeMetricFamily("inspection_drift_threshold", "Drift score thresholds", labels=["score"])
+            thresholds.add_metric(["psi"], monitor.psi_threshold)
+            thresholds.add_metric(["ks"], monitor.ks_threshold)
+            scores = GaugeMetricFamily(
+                "inspection_drift_score", "Drift of a camera's rolling window against the model's reference "
+                "(psi: population stability index, ks: KS statistic)", labels=["camera", "statistic", "score"],
+            )
+            over = GaugeMetricFamily(
+                "inspection_drift_over_threshold", "1 while a drift score is over its threshold",
+                labels=["camera", "statistic", "score"],
+            )
+            fill = GaugeMetricFamily("inspection_drift_window_frames", "Frames in a camera's drift window",
+                                     labels=["camera"])
+            seen = CounterMetricFamily("inspection_drift_frames", "Frames a camera's drift monitor has seen",
+                                       labels=["camera"])
+            for camera in monitor.status().values():
+                fill.add_metric([camera.camera_id], camera.window_fill)
+                seen.add_metric([camera.camera_id], camera.frames_seen)
+                flagged = set(camera.over)
+                for name, values in (camera.scores or {}).items():
+                    for kind, value in values.items():
+                        if value is None:
+                            continue
+                        labels = [camera.camera_id, name, kind]
+                        scores.add_metric(labels, value)
+                        over.add_metric(labels, 1.0 if (name, kind) in flagged else 0.0)
+            yield from (thresholds, scores, over, fill, seen)
+        writer = feedback.writer
+        if writer is not None:
+            c = writer.counters()
+            outcomes = CounterMetricFamily("inspection_capture", "Frames offered to capture, by outcome",
+                                           labels=["outcome"])
+            for name in CAPTURE_OUTCOMES:
+                outcomes.add_metric([name], c[name])
+            outcomes.add_metric(["not_selected"], c["offered"] - c["selected"])
+            yield outcomes
+            for name, help_text, value in (
+                ("inspection_capture_queued", "Captures waiting for the writer", c["queued"]),
+                ("inspection_capture_bytes", "Bytes in the capture folder (-1 until counted)", c["bytes_used"]),
+                ("inspection_capture_quota_bytes", "Size limit of the capture folder", writer.quota_bytes),
+            ):
+                gauge = GaugeMetricFamily(name, help_text)
+                gauge.add_metric([], value)
+                yield gauge
+        skipped = CounterMetricFamily("inspection_feedback_skipped_batches",
+                                      "Batches whose drift statistics and capture were skipped: the feedback "
+                                      "thread was behind")
+        skipped.add_metric([], feedback.skipped_batches)
+        yield skipped
