@@ -1,4 +1,4 @@
-"""Class balancing for training folds (thesis section 5.1.1): oversample rare classes with flips and rotations.
+"""Class balancing for training folds (thesis section 5.1.1): oversample rare classes, flipped and rotated.
 
 :func:`balance_plan` lists every training image once, untransformed, plus transformed copies of
 images holding rare classes until each class appears in about ``target`` records. The dataset

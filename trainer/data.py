@@ -147,12 +147,16 @@ def _read_rows(
             if not row or all(not cell.strip() for cell in row):
                 continue
             if len(row) != len(header_t):
-                raise ValueError(f"{where}: expected {len(header_t)} fields ({','.join(header_t)}), got {len(row)}")
+                raise ValueError(
+                    f"{where}: expected {len(header_t)} fields ({','.join(header_t)}), got {len(row)}"
+                )
             if old:
                 key, encoded = row[0].strip(), row[1]
                 image_id, sep, class_text = key.rpartition("_")
                 if not sep or not image_id:
-                    raise ValueError(f"{where}: ImageId_ClassId {key!r} is not of the form '<image>_<class id>'")
+                    raise ValueError(
+                        f"{where}: ImageId_ClassId {key!r} is not of the form '<image>_<class id>'"
+                    )
             else:
                 image_id, class_text, encoded = row[0].strip(), row[1], row[2]
                 if not image_id:
@@ -162,7 +166,9 @@ def _read_rows(
             except ValueError:
                 raise ValueError(f"{where}: ClassId {class_text.strip()!r} is not an integer") from None
             if not 1 <= class_id <= num_classes:
-                raise ValueError(f"{where}: ClassId {class_id} out of range 1..{num_classes} (image {image_id})")
+                raise ValueError(
+                    f"{where}: ClassId {class_id} out of range 1..{num_classes} (image {image_id})"
+                )
             if (image_id, class_id) in seen:
                 raise ValueError(
                     f"{where}: duplicate row for image {image_id} class {class_id} "
@@ -288,7 +294,9 @@ def read_image(path: Path, cfg: DataConfig) -> np.ndarray:
 def sample_masks(sample: Sample, cfg: DataConfig) -> np.ndarray:
     """uint8 0/1 masks ``[C, H, W]`` of a sample, decoded by :mod:`engine.rle`."""
     if len(sample.rles) != cfg.num_classes:
-        raise ValueError(f"image {sample.image_id} has {len(sample.rles)} class masks, expected {cfg.num_classes}")
+        raise ValueError(
+            f"image {sample.image_id} has {len(sample.rles)} class masks, expected {cfg.num_classes}"
+        )
     try:
         return rle.decode_many(sample.rles, cfg.height, cfg.width)
     except ValueError as exc:
@@ -323,7 +331,9 @@ class SeverstalDataset(Dataset):
         self.items = [_as_pair(item) for item in items]
         for sample, name in self.items:
             if name is not None and name not in TRANSFORMS:
-                raise ValueError(f"image {sample.image_id}: unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
+                raise ValueError(
+                    f"image {sample.image_id}: unknown transform {name!r}; known: {', '.join(TRANSFORMS)}"
+                )
         self.cfg = cfg
         self.scale = float(scale)
         self.size = cfg.scaled_size(self.scale)

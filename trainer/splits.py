@@ -69,7 +69,9 @@ def _part_sizes(n: int, proportions: Sequence[float]) -> np.ndarray:
     return sizes
 
 
-def iterative_stratification(labels: np.ndarray, sizes: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+def iterative_stratification(
+    labels: np.ndarray, sizes: Sequence[int], rng: np.random.Generator
+) -> np.ndarray:
     """Assigns each row of a bool label matrix ``[N, L]`` to one of ``len(sizes)`` parts of the given sizes.
 
     Returns:
@@ -303,20 +305,26 @@ def load_or_make_folds(
     found = sorted({f for f, _ in rows.values() if f != HOLDOUT})
     if found != list(range(folds)):
         raise ValueError(
-            f"{path} has folds {found}, expected {folds} folds 0..{folds - 1}; delete it or pass the matching fold count"
+            f"{path} has folds {found}, expected {folds} folds 0..{folds - 1}; "
+            f"delete it or pass the matching fold count"
         )
     changed = [s.image_id for s in samples if rows[s.image_id][1] != " ".join(map(str, s.labels))]
     if changed:
         log.warning(
-            "%s: %d images' labels changed since the folds were made (e.g. %s); the split is no longer stratified "
-            "on the current labels",
+            "%s: %d images' labels changed since the folds were made (e.g. %s); "
+            "the split is no longer stratified on the current labels",
             path,
             len(changed),
             changed[0],
         )
     n_holdout = sum(1 for f, _ in rows.values() if f == HOLDOUT)
     if n_holdout != holdout_count(holdout, len(samples)):
-        log.warning("%s has %d holdout images; reusing it rather than the holdout asked for (%s)", path, n_holdout, holdout)
+        log.warning(
+            "%s has %d holdout images; reusing it rather than the holdout asked for (%s)",
+            path,
+            n_holdout,
+            holdout,
+        )
     log.info("reusing %s (%d folds, %d holdout images)", path, folds, n_holdout)
     return {k: v[0] for k, v in rows.items()}
 
@@ -350,10 +358,18 @@ class FoldCounts:
         rows = []
         for j, fold in enumerate(self.folds):
             rows.append(
-                ["holdout" if fold == HOLDOUT else str(fold), self.images[j], self.defect_free[j], self.multi[j]]
+                [
+                    "holdout" if fold == HOLDOUT else str(fold),
+                    self.images[j],
+                    self.defect_free[j],
+                    self.multi[j],
+                ]
                 + self.classes[j].tolist()
             )
-        rows.append(["total", self.images.sum(), self.defect_free.sum(), self.multi.sum()] + self.classes.sum(0).tolist())
+        rows.append(
+            ["total", self.images.sum(), self.defect_free.sum(), self.multi.sum()]
+            + self.classes.sum(0).tolist()
+        )
         table = [header] + [[str(v) for v in r] for r in rows]
         widths = [max(len(r[i]) for r in table) for i in range(len(header))]
         return "\n".join("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in table)
@@ -391,18 +407,30 @@ def parse_holdout(text: str) -> float | int:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1 or a count such as 250, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected a fraction such as 0.1 or a count such as 250, got {text!r}"
+            ) from None
     if (isinstance(value, int) and value < 0) or (isinstance(value, float) and not 0.0 <= value < 1.0):
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a count >= 0, got {text!r}")
     return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, action="append", required=True, metavar="DIR",
-                        help="data folder with train_images/ and train.csv (repeat for several)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="data folder with train_images/ and train.csv (repeat for several)",
+    )
     parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default 5)")
-    parser.add_argument("--holdout", type=parse_holdout, default=0.1,
-                        help="holdout size: a fraction (0.1) or an image count (250); default 0.1")
+    parser.add_argument(
+        "--holdout",
+        type=parse_holdout,
+        default=0.1,
+        help="holdout size: a fraction (0.1) or an image count (250); default 0.1",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--out", type=Path, help="folds file to write (default: FIRST_DIR/folds.csv)")
     parser.add_argument("--classes", type=int, default=4, help="number of defect classes (default 4)")

@@ -101,11 +101,17 @@ def _background(rng: np.random.Generator, height: int, width: int, u: float) -> 
     columns *= rng.uniform(2.5, 5.0) / (columns.std() + 1e-6)
     for _ in range(rng.poisson(4 * width / 1600)):
         centre, spread = rng.uniform(0, width), rng.uniform(0.7, 2.0) * max(u, 0.5)
-        columns += rng.choice([-1.0, 1.0]) * rng.uniform(4.0, 9.0) * np.exp(-0.5 * ((np.arange(width) - centre) / spread) ** 2)
+        columns += (
+            rng.choice([-1.0, 1.0])
+            * rng.uniform(4.0, 9.0)
+            * np.exp(-0.5 * ((np.arange(width) - centre) / spread) ** 2)
+        )
     along = 1.0 + 0.3 * _smooth_noise(rng, (height, 1), (4, 1))[:, 0]
     frame = base + drift_x[None, :] + drift_y[:, None] + along[:, None] * columns[None, :]
     # Mottling, stretched along the rolling direction.
-    frame += rng.uniform(2.0, 5.0) * _smooth_noise(rng, (height, width), (max(2, height // 24), max(2, width // 10)))
+    frame += rng.uniform(2.0, 5.0) * _smooth_noise(
+        rng, (height, width), (max(2, height // 24), max(2, width // 10))
+    )
     frame += rng.normal(0.0, rng.uniform(2.5, 4.5), size=(height, width)).astype(np.float32)
 
     steel = np.ones((height, width), dtype=bool)
@@ -236,7 +242,7 @@ def _draw_defect(kind: int, rng: np.random.Generator, u: float, height: int) -> 
 def draw_frame(
     rng: np.random.Generator, height: int, width: int, classes: tuple[int, ...], num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One frame (uint8 ``[H, W]``) holding a defect of each 0-based class in ``classes``, and masks ``[C, H, W]``."""
+    """A frame (uint8 ``[H, W]``) with a defect of each 0-based class in ``classes``; masks ``[C, H, W]``."""
     u = min(height / 256, width / 1600)
     frame, steel = _background(rng, height, width, u)
     masks = np.zeros((num_classes, height, width), dtype=bool)
@@ -321,14 +327,19 @@ def synthesize(
     if height < 16 or width < 16:
         raise ValueError(f"frames must be at least 16x16 pixels, got {height}x{width}")
     if not 1 <= num_classes <= len(KINDS):
-        raise ValueError(f"--classes must be 1..{len(KINDS)} (synth draws {len(KINDS)} defect kinds), got {num_classes}")
+        raise ValueError(
+            f"--classes must be 1..{len(KINDS)} (synth draws {len(KINDS)} defect kinds), got {num_classes}"
+        )
     out = Path(out)
     images_dir = out / "train_images"
     csv_path = out / "train.csv"
     existing = [p for p in images_dir.glob("*") if p.is_file()] if images_dir.is_dir() else []
     stale = [p for p in (csv_path, out / "folds.csv", out / "synth.json") if p.exists()]
     if (existing or stale) and not overwrite:
-        raise FileExistsError(f"{out} already holds a data set (train_images/ or train.csv); choose an empty folder or pass --force")
+        raise FileExistsError(
+            f"{out} already holds a data set (train_images/ or train.csv); "
+            f"choose an empty folder or pass --force"
+        )
     for p in existing + stale:
         p.unlink()
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +352,9 @@ def synthesize(
         if name in names:
             raise RuntimeError(f"image id collision for {name}; use another seed")
         names.add(name)
-        image, masks = draw_frame(np.random.default_rng([seed, index]), height, width, held[index], num_classes)
+        image, masks = draw_frame(
+            np.random.default_rng([seed, index]), height, width, held[index], num_classes
+        )
         if not cv2.imwrite(str(images_dir / name), image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
             raise OSError(f"could not write {images_dir / name}")
         for k, encoded in enumerate(rle.encode_batch(masks[None])[0]):
@@ -353,8 +366,16 @@ def synthesize(
         f.writelines(f"{name},{k},{encoded}\n" for name, k, encoded in rows)
     (out / "synth.json").write_text(
         json.dumps(
-            {"generator": "trainer synth", "images": images, "height": height, "width": width, "seed": seed,
-             "num_classes": num_classes, "class_names": list(KINDS[:num_classes]), "defect_rows": len(rows)},
+            {
+                "generator": "trainer synth",
+                "images": images,
+                "height": height,
+                "width": width,
+                "seed": seed,
+                "num_classes": num_classes,
+                "class_names": list(KINDS[:num_classes]),
+                "defect_rows": len(rows),
+            },
             indent=2,
         )
         + "\n"
@@ -383,7 +404,9 @@ def run(args: argparse.Namespace) -> int:
     from trainer.data import ANNOTATIONS_FILE
 
     start = time.perf_counter()
-    out = synthesize(args.out, args.images, args.height, args.width, args.seed, args.classes, overwrite=args.force)
+    out = synthesize(
+        args.out, args.images, args.height, args.width, args.seed, args.classes, overwrite=args.force
+    )
     seconds = time.perf_counter() - start
     counts = np.zeros(args.classes, dtype=np.int64)
     areas: list[list[int]] = [[] for _ in range(args.classes)]

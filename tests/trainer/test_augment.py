@@ -53,7 +53,9 @@ def test_small_rotations_move_the_mark_with_its_mask(name: str) -> None:
     angle = math.radians(10.0 if name == "rot+10" else -10.0)
     dy, dx = y - cy, x - cx
     # Counter-clockwise on screen, where y points down.
-    expected = np.array([cy + dy * math.cos(angle) - dx * math.sin(angle), cx + dx * math.cos(angle) + dy * math.sin(angle)])
+    expected = np.array(
+        [cy + dy * math.cos(angle) - dx * math.sin(angle), cx + dx * math.cos(angle) + dy * math.sin(angle)]
+    )
     mark = _centroid(out_image > 140)
     assert np.abs(mark - expected).max() <= 1.0
     assert np.abs(_centroid(out_masks[1]) - mark).max() <= 1.0
@@ -94,8 +96,14 @@ def test_rotation_of_packed_masks_matches_one_channel_at_a_time() -> None:
 def test_torch_in_torch_out_and_unknown_name() -> None:
     image, masks = _marked(20, 100)
     out_image, out_masks = apply_transform(torch.from_numpy(image), torch.from_numpy(masks), "rot+10")
-    assert isinstance(out_image, torch.Tensor) and out_image.dtype == torch.uint8 and out_image.shape == (H, W)
-    assert isinstance(out_masks, torch.Tensor) and out_masks.dtype == torch.uint8 and out_masks.shape == (4, H, W)
+    assert (
+        isinstance(out_image, torch.Tensor) and out_image.dtype == torch.uint8 and out_image.shape == (H, W)
+    )
+    assert (
+        isinstance(out_masks, torch.Tensor)
+        and out_masks.dtype == torch.uint8
+        and out_masks.shape == (4, H, W)
+    )
     same = apply_transform(image, masks, None)
     assert same[0] is image and same[1] is masks
     with pytest.raises(ValueError, match="unknown transform 'rot90'"):

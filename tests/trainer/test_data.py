@@ -73,16 +73,18 @@ def test_both_layouts_give_the_same_samples(tmp_path: Path) -> None:
     np.testing.assert_array_equal(sample_masks(new[0], CFG)[0], _mask(2, 6, 3, 9))
     np.testing.assert_array_equal(sample_masks(new[0], CFG)[2], _mask(8, 12, 20, 30))
     assert not sample_masks(new[2], CFG).any()
-    np.testing.assert_array_equal(
-        label_matrix(new, 4), [[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
-    )
+    np.testing.assert_array_equal(label_matrix(new, 4), [[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0]])
 
 
 def test_read_annotations_lists_every_named_image(tmp_path: Path) -> None:
     path = tmp_path / "train.csv"
     path.write_text(OLD_CSV)
     rows = read_annotations(path, 4, H, W)
-    assert rows == {"a.jpg": [RLE_A1, "", RLE_A3, ""], "b.jpg": ["", RLE_B2, "", ""], "c.png": ["", "", "", ""]}
+    assert rows == {
+        "a.jpg": [RLE_A1, "", RLE_A3, ""],
+        "b.jpg": ["", RLE_B2, "", ""],
+        "c.png": ["", "", "", ""],
+    }
 
 
 @pytest.mark.parametrize(
@@ -90,9 +92,15 @@ def test_read_annotations_lists_every_named_image(tmp_path: Path) -> None:
     [
         ("Image,Class,Pixels\n", r"train\.csv:1: unexpected header"),
         ("", r"train\.csv: empty file"),
-        (f"ImageId,ClassId,EncodedPixels\na.jpg,5,{RLE_A1}\n", r"train\.csv:2: ClassId 5 out of range 1\.\.4"),
+        (
+            f"ImageId,ClassId,EncodedPixels\na.jpg,5,{RLE_A1}\n",
+            r"train\.csv:2: ClassId 5 out of range 1\.\.4",
+        ),
         (f"ImageId,ClassId,EncodedPixels\na.jpg,0,{RLE_A1}\n", r"train\.csv:2: ClassId 0 out of range"),
-        (f"ImageId,ClassId,EncodedPixels\na.jpg,x,{RLE_A1}\n", r"train\.csv:2: ClassId 'x' is not an integer"),
+        (
+            f"ImageId,ClassId,EncodedPixels\na.jpg,x,{RLE_A1}\n",
+            r"train\.csv:2: ClassId 'x' is not an integer",
+        ),
         (
             f"ImageId,ClassId,EncodedPixels\na.jpg,1,{RLE_A1}\nb.jpg,2,{RLE_B2}\na.jpg,1,{RLE_A1}\n",
             r"train\.csv:4: duplicate row for image a\.jpg class 1 \(first at line 2\)",
@@ -102,14 +110,33 @@ def test_read_annotations_lists_every_named_image(tmp_path: Path) -> None:
             r"train\.csv:2: malformed EncodedPixels for image a\.jpg class 1: .*past the 16x40 mask",
         ),
         ("ImageId,ClassId,EncodedPixels\na.jpg,1,5 2 3\n", r"train\.csv:2: malformed .*odd number of tokens"),
-        ("ImageId,ClassId,EncodedPixels\na.jpg,1,9 2 3 1\n", r"train\.csv:2: malformed .*unsorted or overlapping"),
+        (
+            "ImageId,ClassId,EncodedPixels\na.jpg,1,9 2 3 1\n",
+            r"train\.csv:2: malformed .*unsorted or overlapping",
+        ),
         ("ImageId,ClassId,EncodedPixels\na.jpg,1\n", r"train\.csv:2: expected 3 fields"),
-        ("ImageId_ClassId,EncodedPixels\na.jpg,1 2\n", r"train\.csv:2: ImageId_ClassId 'a\.jpg' is not of the form"),
-        ("ImageId_ClassId,EncodedPixels\na.jpg_1,\na.jpg_1,\n", r"train\.csv:3: duplicate row for image a\.jpg"),
+        (
+            "ImageId_ClassId,EncodedPixels\na.jpg,1 2\n",
+            r"train\.csv:2: ImageId_ClassId 'a\.jpg' is not of the form",
+        ),
+        (
+            "ImageId_ClassId,EncodedPixels\na.jpg_1,\na.jpg_1,\n",
+            r"train\.csv:3: duplicate row for image a\.jpg",
+        ),
     ],
     ids=[
-        "bad-header", "empty-file", "class-too-high", "class-zero", "class-not-int", "duplicate",
-        "rle-past-frame", "rle-odd-tokens", "rle-overlap", "field-count", "old-layout-key", "old-duplicate",
+        "bad-header",
+        "empty-file",
+        "class-too-high",
+        "class-zero",
+        "class-not-int",
+        "duplicate",
+        "rle-past-frame",
+        "rle-odd-tokens",
+        "rle-overlap",
+        "field-count",
+        "old-layout-key",
+        "old-duplicate",
     ],
 )
 def test_bad_csv_is_reported_with_file_and_line(tmp_path: Path, csv_text: str, message: str) -> None:
@@ -191,7 +218,7 @@ def test_synth_loads_through_the_dataset(synth_dir: Path, synth_cfg: DataConfig)
 
 
 def test_dataset_downscale_is_a_box_filter_and_half_area_rule(synth_dir: Path, synth_cfg: DataConfig) -> None:
-    """At scale 0.5 each pixel is the rounded mean of its 2x2 block; a mask pixel is set when >= 2 of 4 are."""
+    """At scale 0.5 a pixel is the rounded mean of its 2x2 block; a mask pixel is set when >= 2 of 4 are."""
     sample = next(s for s in load_samples(synth_dir, synth_cfg) if len(s.labels) == 2)
     image, masks = SeverstalDataset([sample], synth_cfg, scale=0.5)[0]
     full = read_image(sample.path, synth_cfg).astype(np.float64)

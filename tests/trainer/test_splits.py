@@ -35,7 +35,9 @@ def _fake_samples(labels: np.ndarray) -> list[Sample]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_folds_are_disjoint_cover_the_rest_and_keep_class_proportions(samples: list[Sample], seed: int) -> None:
+def test_folds_are_disjoint_cover_the_rest_and_keep_class_proportions(
+    samples: list[Sample], seed: int
+) -> None:
     """Tolerance: every fold's count of each class is within ONE image of its exact share (total / K),
     and so is the holdout's; iterative stratification places each rare-label image where that label
     is most lacking, so no part can drift further than one image from its share on this data."""
@@ -97,7 +99,9 @@ def test_bad_split_arguments(samples: list[Sample], kwargs: dict, message: str) 
     rates=st.lists(st.floats(min_value=0.0, max_value=0.8), min_size=1, max_size=5),
     seed=st.integers(min_value=0, max_value=2**16),
 )
-def test_iterative_stratification_exact_sizes_and_near_shares(n: int, parts: int, rates: list[float], seed: int) -> None:
+def test_iterative_stratification_exact_sizes_and_near_shares(
+    n: int, parts: int, rates: list[float], seed: int
+) -> None:
     """Part sizes are exact, and each part's count of each label stays within 2 images of its share.
 
     Tolerance: exact shares are fractional and parts have fixed sizes, so a count can be off by more
@@ -129,7 +133,11 @@ def test_folds_file_round_trip_and_counts(tmp_path: Path, samples: list[Sample])
     assert counts.images.sum() == 48 and counts.classes.sum(axis=0).tolist() == [6, 3, 15, 5]
     assert counts.multi.sum() == 2 and counts.defect_free.sum() == 48 - sum(1 for s in samples if s.labels)
     table = counts.format(DataConfig().class_names)
-    assert "holdout" in table and "1:pits/dents" in table and table.splitlines()[-1].split()[:2] == ["total", "48"]
+    assert (
+        "holdout" in table
+        and "1:pits/dents" in table
+        and table.splitlines()[-1].split()[:2] == ["total", "48"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -182,3 +190,14 @@ def test_split_cli_writes_folds_and_prints_counts(
     assert trainer_main(argv + ["--seed", "5", "--force"]) == 0
     assert trainer_main(["split", "--data", str(tmp_path / "missing")]) == 2
     assert "data folder" in capsys.readouterr().err
+
+
+def test_reused_folds_warn_when_labels_changed(
+    tmp_path: Path, samples: list[Sample], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "folds.csv"
+    load_or_make_folds(path, samples, 4)
+    relabelled = [Sample(s.image_id, s.path, ("1 5",) + s.rles[1:], s.source) for s in samples]
+    with caplog.at_level("WARNING", logger="trainer.splits"):
+        load_or_make_folds(path, relabelled, 4)
+    assert "labels changed since the folds were made" in caplog.text

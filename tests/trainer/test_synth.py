@@ -38,7 +38,9 @@ def test_two_defects_never_share_a_pixel() -> None:
 def test_defects_at_full_resolution_exceed_the_default_min_area() -> None:
     """At 256x1600 the default 200-pixel minimum area should remove specks, not defects."""
     for kind in range(4):
-        areas = [draw_frame(np.random.default_rng([7, s]), 256, 1600, (kind,), 4)[1][kind].sum() for s in range(6)]
+        areas = [
+            draw_frame(np.random.default_rng([7, s]), 256, 1600, (kind,), 4)[1][kind].sum() for s in range(6)
+        ]
         assert min(areas) >= 200, (kind + 1, areas)
 
 
@@ -94,8 +96,11 @@ def test_fewer_classes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"images": 0}, "--images must be >= 1"), ({"num_classes": 5}, "--classes must be 1..4"),
-     ({"height": 8}, "at least 16x16")],
+    [
+        ({"images": 0}, "--images must be >= 1"),
+        ({"num_classes": 5}, "--classes must be 1..4"),
+        ({"height": 8}, "at least 16x16"),
+    ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
     args = {"images": 2, "height": 64, "width": 320} | kwargs
