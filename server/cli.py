@@ -10,6 +10,7 @@ from engine.cli_util import run_cli
 COMMANDS: dict[str, str] = {
     "serve": "server.serve",
     "client": "server.client",
+    "status": "server.status",
 }
 
 

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import csv
 import logging
+import time
 import urllib.request
 from dataclasses import fields
 from pathlib import Path
@@ -278,6 +279,58 @@ def test_capture_that_cannot_save_skips_and_counts_while_every_frame_is_answered
         assert not any((folder / "train_images").iterdir())
     else:
         assert folder.read_text() == "a file where the capture folder should be"
+
+
+# --------------------------------------------------------------------------- server status
+
+
+def test_server_status_prints_the_line_status(drift_onnx, camera_frames, tmp_path, capsys):
+    import json
+
+    import grpc
+
+    from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+    from server.cli import main
+    from tests.server.conftest import ServerThread
+
+    config = serve_config("--port", "0", "--metrics-port", "-1", "--drift-window", "10", "--drift-min-frames", "5",
+                          "--capture-dir", str(tmp_path / "c"), "--capture", "sample:1.0")
+    with ServerThread(drift_onnx, **config) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InspectionServiceStub(channel)
+            list(stub.Inspect(make_request("cam-a", i, f) for i, f in enumerate(camera_frames[:6])))
+            list(stub.Inspect(make_request("cam-b", i, f) for i, f in enumerate(camera_frames[:3])))
+        deadline = time.monotonic() + 30
+        while True:  # the line feedback runs after the answers: wait until it has taken all 9 frames
+            expected = server.line_status()
+            if expected.capture.written == sum(c.frames_seen for c in expected.cameras) == 9:
+                break
+            assert time.monotonic() < deadline, expected
+            time.sleep(0.01)
+        assert main(["status", "--target", server.address]) == 0
+        text = capsys.readouterr().out
+        assert main(["status", "--target", server.address, "--camera", "cam-b", "--json"]) == 0
+        as_json = json.loads(capsys.readouterr().out)
+    assert "drift: on; windows of 10 frames, scored from 5; thresholds PSI 0.25, KS 0.2" in text
+    a = {c.camera_id: c for c in expected.cameras}["cam-a"]
+    assert f"camera 'cam-a': 6 frames seen, window 6/10, over threshold: {', '.join(a.over_threshold) or 'none'}" in text
+    assert f"  brightness       PSI {a.scores[0].psi:7.3f}" in text
+    assert "camera 'cam-b': 3 frames seen, window 3/10" in text and "not scored until the window holds 5 frames" in text
+    assert "capture: sample:1 to " in text and "9 offered, 9 chosen, 9 written" in text
+    assert [c["camera_id"] for c in as_json["cameras"]] == ["cam-b"] and as_json["drift_state"] == "on"
+
+
+def test_server_status_reports_an_unreachable_server(capsys):
+    import socket
+
+    from server.cli import main
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["status", "--target", f"127.0.0.1:{port}", "--timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach an inspection server at 127.0.0.1:{port} within 1 s" in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- flags
