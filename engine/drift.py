@@ -532,10 +532,10 @@ class DriftMonitor:
 
     Threading: every method may be called from any thread. One lock guards all cameras, held only
     while rows are stored and scored (~0.4 ms for a 500-row window), not while statistics are
-    computed. The server is meant to call :meth:`observe_batch` from its post-processing worker
-    pool, next to the run-length encoding of the batch (about 0.5-1 ms of CPU per full-resolution
-    frame, off the inference thread and off the event loop), and :meth:`status` / :meth:`scores`
-    from RPC handlers and the metrics collector.
+    computed. The server calls :meth:`observe_batch` from its line-feedback thread once a batch's
+    frames are answered (about 1 ms of CPU per full-resolution frame, off the inference thread,
+    the decode pool and the event loop; see ``server.feedback``), and :meth:`status` /
+    :meth:`scores` from RPC handlers and the metrics collector.
 
     Args:
         reference: what the statistics are compared with.
