@@ -344,7 +344,8 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
             b = min(max(1, round(s["mean_batch_size"])), cfg.max_batch)
             s["raw_batch_size"] = b
             s["raw_images_per_s"] = raw[b]["images_per_s"]
-            s["serving_ratio"] = s["frames_per_s"] / raw[b]["images_per_s"]
+            # At a fixed rate the throughput is the offered load, not what serving can reach.
+            s["serving_ratio"] = None if s["offered_fps"] else s["frames_per_s"] / raw[b]["images_per_s"]
     else:
         notes.append("serving overhead n/a: give --model (the file the server runs) to measure the raw pipeline")
     notes += [
@@ -354,7 +355,9 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
         "from the responses' timings when the metrics endpoint is not reachable)",
         "server ms: medians of the responses' timings (decode, queue wait, batch inference, RLE, total in server)",
         "e2e/raw: frames/s end to end over the raw pipeline (decode -> inference -> RLE in one process, no "
-        "gRPC) at the mean batch size rounded; 1.0 = no serving overhead",
+        "gRPC) at the mean batch size rounded; 1.0 = no serving overhead, above 1: the server overlaps "
+        "decode and RLE (worker threads) with inference, which the sequential raw pipeline does not; "
+        "rate-limited at a fixed --fps (throughput = offered load)",
         "client and server share this machine's CPUs",
     ]
     return {
@@ -412,7 +415,7 @@ def stream_markdown(report: dict[str, Any]) -> str:
         raw = s.get("raw_images_per_s")
         rows.append([
             str(s["streams"]),
-            "max" if not s["fps_per_stream"] else f"{s['fps_per_stream']:g}",
+            "max" if not s["fps_per_stream"] else f"{s['fps_per_stream']:g} ({s['offered_fps']:g} total)",
             str(s["frames"]),
             str(s["errors"] + s["unanswered"]),
             fmt(s["frames_per_s"], 2),
@@ -422,12 +425,18 @@ def stream_markdown(report: dict[str, Any]) -> str:
             fmt(s["mean_batch_size"], 2),
             *(fmt_ms(server_ms[k]) for k in ("decode", "queue", "inference", "postprocess", "total")),
             "n/a" if raw is None else f"{raw:.2f} @{s['raw_batch_size']}",
-            "n/a" if s.get("serving_ratio") is None else f"{s['serving_ratio']:.2f}",
+            ratio_text(s),
         ])
     out.append(markdown_table(headers, rows))
     out.append("")
     out += [f"- {note}" for note in report["notes"]]
     return "\n".join(out)
+
+
+def ratio_text(setting: dict[str, Any]) -> str:
+    if setting.get("serving_ratio") is not None:
+        return f"{setting['serving_ratio']:.2f}"
+    return "rate-limited" if setting["offered_fps"] else "n/a"
 
 
 def parse_streams(text: str) -> tuple[int, ...]:

@@ -70,7 +70,7 @@ class ThroughputConfig:
     threads: int = 0
     reference: Path | None = None
     check_frames: int = 2
-    peak_seconds: float = 1.0
+    peak_seconds: float = 2.0
     peak_size: int | None = None
     cache_dir: Path | None = None
     encoder: str = "resnet18"
@@ -134,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-frames", type=int, default=2,
                         help="frames on which every backend's outputs are compared with the naive "
                         "pipeline's (0 = no check; default %(default)s)")
-    parser.add_argument("--peak-seconds", type=float, default=1.0,
+    parser.add_argument("--peak-seconds", type=float, default=2.0,
                         help="time spent measuring each matmul peak (default %(default)s)")
     parser.add_argument("--peak-size", type=int, default=None,
                         help="matrix size of the peak measurement (default 2048 on the CPU, 8192 on CUDA)")
@@ -394,7 +394,8 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
         "H2D/D2H: n/a on the CPU (no device copies); on CUDA, H2D uploads the decoded frames, and D2H* is a "
         "separately timed copy of the outputs' bytes, already inside infer (backends return host arrays)",
         "post+RLE+: the backend found the RLE runs on the GPU inside infer; post+RLE only formats them",
-        "GFLOP/s: counted FLOPs per image x images/s of the infer stage; % peak: of the matmul peak above",
+        "GFLOP/s: counted FLOPs per image x images/s of the infer stage; % peak: of the matmul peak above "
+        "(above 100 %: the machine was busier while the peak was measured than during that row)",
         f"threads: {threads} (torch and ONNX Runtime); CPU shared with other work: see load average "
         f"{machine_before.get('load_average')} before and the JSON's machine_after",
     ]
