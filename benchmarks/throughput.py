@@ -380,6 +380,8 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     for info in model_info:
         info.setdefault("summary", "")
 
+    if any(m.rle_in_inference for m in rows):
+        notes.append("post+RLE+: the backend found the RLE runs on the GPU inside infer; post+RLE only formats them")
     row_dicts = []
     for m in rows:
         d = m.to_dict()
@@ -393,7 +395,6 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
         "post+RLE: RLE of the returned masks (the naive pipeline: its numpy sigmoid/threshold/count and RLE)",
         "H2D/D2H: n/a on the CPU (no device copies); on CUDA, H2D uploads the decoded frames, and D2H* is a "
         "separately timed copy of the outputs' bytes, already inside infer (backends return host arrays)",
-        "post+RLE+: the backend found the RLE runs on the GPU inside infer; post+RLE only formats them",
         "GFLOP/s: counted FLOPs per image x images/s of the infer stage; % peak: of the matmul peak above "
         "(above 100 %: the machine was busier while the peak was measured than during that row)",
         f"threads: {threads} (torch and ONNX Runtime); CPU shared with other work: see load average "
