@@ -37,8 +37,10 @@ class FitConfig:
     """Everything that defines a training run's result (written to ``RUN/config.json``).
 
     Defaults are the thesis' protocol (U-Net/ResNet-34, half resolution, Adam 1e-3, BCE, batch 16,
-    150 epochs with patience 15, 5 folds, balanced training folds) except the encoder weights.
-    ``None`` values are resolved from the data by :func:`resolve`.
+    150 epochs with patience 15, 5 folds, balanced training folds), plus ``prior_init``: the
+    segmentation head's bias starts at each class's defect-pixel prior (as in RetinaNet), so early
+    epochs do not go into learning that ~99 % of pixels are background. ``None`` values are
+    resolved from the data by :func:`resolve`.
     """
 
     data: list[str] = field(default_factory=list)
@@ -65,6 +67,7 @@ class FitConfig:
     pos_weight: tuple[float, ...] | None = None
     balance: bool = True
     balance_target: int | None = None
+    prior_init: bool = True
     mean: float | None = None
     std: float | None = None
     amp: bool = True

@@ -191,10 +191,22 @@ def _split_groups(
 
 
 def _render_choice(samples: Sequence[Sample], count: int) -> set[str]:
-    """The first ``count`` images with a true defect, then defect-free ones if there are too few."""
-    defective = [s.image_id for s in samples if s.labels]
-    clean = [s.image_id for s in samples if not s.labels]
-    return set((defective + clean)[:count])
+    """``count`` images to draw: defective ones taking each class in turn (so every class shows up),
+    then defect-free ones if there are too few."""
+    by_class: dict[int, list[str]] = {}
+    for s in samples:
+        for k in s.labels:
+            by_class.setdefault(k, []).append(s.image_id)
+    chosen: list[str] = []
+    queues = [list(reversed(by_class[k])) for k in sorted(by_class)]
+    while len(chosen) < count and any(queues):
+        for queue in queues:
+            while queue and queue[-1] in chosen:
+                queue.pop()
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop())
+    chosen += [s.image_id for s in samples if not s.labels][: max(0, count - len(chosen))]
+    return set(chosen)
 
 
 def evaluate_run(
@@ -277,6 +289,9 @@ def evaluate_run(
     criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(torch_device)
     rendered_ids = _render_choice([s for _, group in groups for s in group], render)
     render_dir = run_dir / "renders" / _evaluation_name(split, model_path)
+    if render and render_dir.is_dir():
+        for stale in render_dir.glob("*.png"):  # from an earlier evaluation of this name
+            stale.unlink()
     stats_parts: list[PixelStats] = []
     grid_parts: list[ThresholdStats] = []
     loss_sum, loss_count, renders = 0.0, 0, []
@@ -311,7 +326,7 @@ def evaluate_run(
                     path = render_dir / f"{Path(sample.image_id).stem}.png"
                     picture = overlay(frames[i].numpy(), truth[i].numpy(), masks[i].cpu().numpy(),
                                       present[i].cpu().numpy().tolist(), list(cfg.class_names or []),
-                                      caption=f"{sample.image_id} ({split})")
+                                      caption=f"{sample.image_id} ({split}; top: truth, bottom: prediction)")
                     write_overlay(path, picture)
                     renders.append(str(path))
             position += frames.shape[0]

@@ -97,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=S,
                    help="oversample rare classes in training folds with flips/rotations (default on)")
     g.add_argument("--balance-target", type=int, default=S, help="records per class (default: the commonest's)")
+    g.add_argument("--prior-init", action=argparse.BooleanOptionalAction, default=S,
+                   help="start the output bias at each class's defect-pixel fraction (default on)")
     m = parser.add_argument_group("model")
     m.add_argument("--encoder", default=S, help=f"U-Net encoder (default {d.encoder})")
     m.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default=S,
@@ -499,6 +501,35 @@ def disable_unused_parameters(unet: nn.Module, cfg: FitConfig) -> int:
     return used
 
 
+def class_pixel_priors(samples: Sequence[Sample], cfg: FitConfig, floor: float = 1e-4) -> list[float]:
+    """Fraction of defect pixels per class over ``samples`` (decoded by the project's RLE), clipped
+    to ``[floor, 0.5]`` so a class absent from the fold still gets a finite, small bias."""
+    import numpy as np
+
+    from trainer.data import sample_masks
+
+    data_cfg = data_config(cfg)
+    pixels = np.zeros(cfg.num_classes, dtype=np.int64)
+    for sample in samples:
+        if sample.labels:
+            pixels += sample_masks(sample, data_cfg).reshape(cfg.num_classes, -1).sum(axis=1, dtype=np.int64)
+    fraction = pixels / max(1, len(samples) * int(cfg.height) * int(cfg.width))
+    return [float(v) for v in np.clip(fraction, floor, 0.5)]
+
+
+def init_output_prior(unet: nn.Module, priors: Sequence[float]) -> None:
+    """Sets the segmentation head's bias to ``logit(prior)`` per class (RetinaNet's prior initialisation)."""
+    import math
+
+    import torch
+
+    head = unet.segmentation_head[0]
+    if not isinstance(head, torch.nn.Conv2d) or head.bias is None or head.bias.numel() != len(priors):
+        raise ValueError(f"cannot set the output prior: unexpected segmentation head {head}")
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([math.log(p / (1 - p)) for p in priors]))
+
+
 def run_fit(
     cfg: FitConfig, options: FitOptions, on_epoch_end: Callable[[EpochEnd], None] | None = None
 ) -> list[FoldOutcome]:
@@ -602,6 +633,11 @@ def train_fold(
     torch.manual_seed(cfg.seed + fold)
     unet = build_model(cfg, pretrained=resume is None and d.main)
     total_params = disable_unused_parameters(unet, cfg)
+    if resume is None and cfg.prior_init:
+        priors = class_pixel_priors(train_samples, cfg)
+        init_output_prior(unet, priors)
+        if d.main:
+            log.info("fold %d: output bias set to the defect-pixel priors %s", fold, [f"{p:.2e}" for p in priors])
     if cfg.freeze_encoder:
         unet.encoder.requires_grad_(False)
     trainable_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)

@@ -118,7 +118,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{config.get('decoder_channels')}), frames {config.get('height')}x{config.get('width')} trained at scale "
             f"{config.get('scale')}, loss {config.get('loss')}, Adam lr {config.get('lr')}, batch "
             f"{config.get('batch_size')}, {config.get('folds')} folds, up to {config.get('epochs')} epochs "
-            f"(patience {config.get('patience')}), class balancing {'on' if config.get('balance') else 'off'}.",
+            f"(patience {config.get('patience')}), class balancing {'on' if config.get('balance') else 'off'}, "
+            f"pos_weight {config.get('pos_weight')}, output prior init {'on' if config.get('prior_init') else 'off'}.",
             "",
         ]
     training = report["training"]

@@ -225,3 +225,20 @@ def test_cuda_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path
     # Mixed precision changes the arithmetic, not the weights: checkpoints stay float32 on the CPU.
     assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in state.values() if v.is_floating_point())
     assert json.loads((out / "fold0" / "config.json").read_text())["options"]["device"] == "cuda:0"
+
+
+def test_output_prior_initialisation_matches_the_defect_pixel_fraction(synth_dir: Path) -> None:
+    from trainer.data import load_samples, sample_masks
+
+    cfg = tiny_config(synth_dir)
+    samples = load_samples(synth_dir, fit_module.data_config(cfg))
+    priors = fit_module.class_pixel_priors(samples, cfg)
+    masks = np.stack([sample_masks(s, fit_module.data_config(cfg)) for s in samples])
+    expected = np.clip(masks.mean(axis=(0, 2, 3)), 1e-4, 0.5)
+    assert priors == pytest.approx(expected.tolist(), rel=1e-9)
+
+    unet = fit_module.build_model(cfg, pretrained=False)
+    fit_module.init_output_prior(unet, priors)
+    with torch.no_grad():
+        probs = torch.sigmoid(unet.segmentation_head[0].bias)
+    assert probs.tolist() == pytest.approx(priors, rel=1e-5)

@@ -66,4 +66,4 @@ def test_default_min_area_grid_scales_with_frame_area() -> None:
     full = default_min_area_grid(256, 1600)
     assert 200 in full and full[0] == 1
     quarter = default_min_area_grid(128, 800)
-    assert 50 in quarter and max(quarter) == 2500
+    assert 50 in quarter and max(quarter) == 5000
