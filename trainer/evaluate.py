@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import torch
 
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLITS, default="holdout", help="which images to score (default holdout)")
     parser.add_argument("--model", metavar="FILE", help="score this exported model (.onnx/.pt/.engine) instead of "
                         "the run's fold checkpoints")
+    parser.add_argument("--predictions", metavar="CSV", help="score this Kaggle-format predictions CSV "
+                        "(ImageId,ClassId,EncodedPixels; e.g. from 'server client') instead of running a model; "
+                        "every scored image must appear in it")
     parser.add_argument("--json", metavar="OUT", help="also write the evaluation JSON here")
     parser.add_argument("--render", type=int, default=0, metavar="N", help="write N overlay PNGs")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per inference batch (default 8)")
@@ -75,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     if args.render < 0 or args.batch_size < 1 or args.workers < 0:
         raise ValueError("--render and --workers must be >= 0, --batch-size >= 1")
     result = evaluate_run(
-        Path(args.run), data_dirs=args.data, split=args.split, model_path=args.model, render=args.render,
+        Path(args.run), data_dirs=args.data, split=args.split, model_path=args.model,
+        predictions_path=args.predictions, render=args.render,
         batch_size=args.batch_size, device=args.device, workers=args.workers,
         threshold_grid=numbers(args.thresholds, float, "--thresholds"),
         min_area_grid=numbers(args.min_areas, int, "--min-areas"), progress=args.progress,
@@ -91,7 +97,9 @@ def summary(result: dict[str, Any]) -> str:
     lines = [f"{result['split']}: {result['images']} images, {result['model']}"]
     for name, rule in result["rules"].items():
         s = rule["scores"]
-        lines.append(f"  {name:9s} thresholds {rule['thresholds']} min areas {rule['min_areas']}: Kaggle "
+        rule_text = ("as in the predictions" if rule["thresholds"] is None
+                     else f"thresholds {rule['thresholds']} min areas {rule['min_areas']}")
+        lines.append(f"  {name:9s} {rule_text}: Kaggle "
                      f"{s['kaggle']:.4f}  thesis Dice {s['thesis_dice']:.4f}  label acc {s['label_accuracy']:.4f}  "
                      f"per-class acc {s['mean_class_accuracy']:.4f}")
     lines.append(f"  all-empty prediction: Kaggle {result['empty_kaggle']:.4f}")
@@ -110,15 +118,24 @@ class _Predictor:
     """One way of predicting a group of images: a fold ensemble, one fold, or a model file."""
 
     name: str
-    metadata: ModelMetadata
+    metadata: ModelMetadata | None  # None for a predictions CSV
     model: Any = None  # an InspectionModel on ``device``
     backend: Any = None  # an engine backend
     device: Any = None
+    predictions: dict[str, list[str]] | None = None  # image id -> one RLE per class
 
-    def __call__(self, frames: torch.Tensor):
+    def __call__(self, frames: torch.Tensor, image_ids: Sequence[str]):
         """uint8 frames (CPU) -> masks, counts, present, probs-or-None as torch tensors."""
         import torch
 
+        if self.predictions is not None:
+            from engine.rle import decode_many
+
+            h, w = frames.shape[-2:]
+            masks = torch.from_numpy(np.stack([decode_many(self.predictions[i], h, w) for i in image_ids]))
+            counts = masks.to(torch.int64).sum(dim=(2, 3)).to(torch.int32)
+            # A predictions CSV carries a mask only for the classes it calls present.
+            return masks, counts, counts > 0, None
         if self.backend is not None:
             out = self.backend.infer(frames.numpy())
             probs = None if out.probs is None else torch.from_numpy(out.probs)
@@ -214,6 +231,7 @@ def evaluate_run(
     data_dirs: Sequence[str | Path] | None = None,
     split: str = "holdout",
     model_path: str | Path | None = None,
+    predictions_path: str | Path | None = None,
     render: int = 0,
     batch_size: int = 8,
     device: str = "auto",
@@ -252,6 +270,10 @@ def evaluate_run(
     run_dir = Path(run_dir)
     if split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if model_path is not None and predictions_path is not None:
+        raise ValueError("give --model or --predictions, not both")
+    if predictions_path is not None and split == "oof":
+        raise ValueError("--split oof tunes post-processing on probabilities, which a predictions CSV does not have")
     if model_path is not None and split == "oof":
         raise ValueError("--split oof scores each image with the fold model that did not train on it; an exported "
                          "model averages every fold (each saw those images), so drop --model for oof")
@@ -274,7 +296,20 @@ def evaluate_run(
         if backend.max_batch_size is not None:
             batch_size = min(batch_size, backend.max_batch_size)
 
+    predictions = None
+    if predictions_path is not None:
+        from trainer.data import read_annotations
+
+        predictions = read_annotations(Path(predictions_path), c)
+        scored = [s.image_id for _, group in groups for s in group]
+        absent = [i for i in scored if i not in predictions]
+        if absent:
+            raise ValueError(f"{predictions_path} has no rows for {len(absent)} of the {len(scored)} {split} images "
+                             f"(e.g. {', '.join(absent[:3])}): every scored image must appear, even defect-free ones")
+
     def predictor_for(fold: int | None) -> _Predictor:
+        if predictions is not None:
+            return _Predictor(name=f"predictions {predictions_path}", metadata=None, predictions=predictions)
         if backend is not None:
             return _Predictor(name=f"{model_path} ({backend.name}, {backend.device})", metadata=backend.metadata,
                               backend=backend)
@@ -288,7 +323,7 @@ def evaluate_run(
 
     criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(torch_device)
     rendered_ids = _render_choice([s for _, group in groups for s in group], render)
-    render_dir = run_dir / "renders" / _evaluation_name(split, model_path)
+    render_dir = run_dir / "renders" / _evaluation_name(split, model_path or predictions_path)
     if render and render_dir.is_dir():
         for stale in render_dir.glob("*.png"):  # from an earlier evaluation of this name
             stale.unlink()
@@ -302,14 +337,15 @@ def evaluate_run(
         model_names.append(predictor.name)
         metas.append(predictor.metadata)
         grid = sorted(set(threshold_grid or DEFAULT_THRESHOLDS) | set(baseline["thresholds"])
-                      | set(predictor.metadata.thresholds))
+                      | set(predictor.metadata.thresholds if predictor.metadata else []))
         loader = DataLoader(SeverstalDataset(group, data_cfg, scale=1.0), batch_size=batch_size, num_workers=workers,
                             pin_memory=torch_device.type == "cuda")
         position = 0
         bar = tqdm(loader, desc=f"{split}{'' if fold is None else f' fold {fold}'}", disable=not progress,
                    leave=False, dynamic_ncols=True)
         for frames, truth in bar:
-            masks, counts, present, probs = predictor(frames)
+            ids = [s.image_id for s in group[position:position + frames.shape[0]]]
+            masks, counts, present, probs = predictor(frames, ids)
             truth_dev = truth.to(masks.device, non_blocking=True)
             stats_parts.append(mask_stats(masks, truth_dev, present=present))
             if probs is not None:
@@ -336,7 +372,8 @@ def evaluate_run(
     meta = metas[0]
     rules: dict[str, Any] = {}
     model_rule = "thesis" if split == "oof" else "model"
-    rules[model_rule] = {"thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),
+    rules[model_rule] = {"thresholds": None if meta is None else list(meta.thresholds),
+                         "min_areas": None if meta is None else list(meta.min_areas),
                          "scores": score(stats).to_dict()}
     result: dict[str, Any] = {
         "split": split,
@@ -347,8 +384,9 @@ def evaluate_run(
         "loss": loss_sum / loss_count if loss_count else None,
         "loss_kind": cfg.loss + ("" if cfg.pos_weight is None else f" pos_weight {list(cfg.pos_weight)}"),
         "empty_kaggle": float((stats.truth == 0).mean()),
-        "metadata": {"thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),
-                     "model_version": meta.model_version, "folds": meta.folds},
+        "metadata": None if meta is None else {
+            "thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),
+            "model_version": meta.model_version, "folds": meta.folds},
         "rules": rules,
         "renders": renders,
     }
@@ -384,7 +422,7 @@ def evaluate_run(
     result["seconds"] = round(time.perf_counter() - started, 2)
     eval_dir = run_dir / EVALUATIONS_DIR
     eval_dir.mkdir(exist_ok=True)
-    (eval_dir / f"{_evaluation_name(split, model_path)}.json").write_text(json.dumps(result, indent=2) + "\n",
+    (eval_dir / f"{_evaluation_name(split, model_path or predictions_path)}.json").write_text(json.dumps(result, indent=2) + "\n",
                                                                           encoding="utf-8")
     write_report(run_dir)
     if backend is not None:

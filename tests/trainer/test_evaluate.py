@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -126,3 +127,71 @@ def test_bad_requests_are_named(trained_run: Path, tmp_path: Path) -> None:
         evaluate_run(run, split="oof", device="cpu")
     with pytest.raises(FileNotFoundError, match="is not a training run"):
         evaluate_run(tmp_path, split="holdout")
+
+
+@contextlib.contextmanager
+def serving(model: Path):
+    """A real InspectionServer on 127.0.0.1 (free port), on its own event loop thread."""
+    import asyncio
+    import threading
+
+    from engine.backends import load_backend
+    from server.service import InspectionServer, ServerConfig
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = InspectionServer(lambda: load_backend(model, device="cpu"), ServerConfig(port=0, metrics_port=None))
+    asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=60)
+    try:
+        yield server.port
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(grace=10), loop).result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+def test_streamed_predictions_csv_scores_exactly_like_the_exported_model(trained_run: Path, tmp_path: Path,
+                                                                         capsys) -> None:
+    from server.cli import main as server_main
+    from trainer.cli import main as trainer_main
+    from trainer.export import export_onnx
+
+    run = _copy(trained_run, tmp_path)
+    onnx_path = tmp_path / "model.onnx"
+    export_onnx(run, onnx_path)
+    cfg = FitConfig.from_dict(json.loads((run / "config.json").read_text()))
+    holdout_ids = [k for k, f in read_folds(run / "folds.csv").items() if f == HOLDOUT]
+    cameras = tmp_path / "holdout" / "train_images"
+    cameras.mkdir(parents=True)
+    for image_id in holdout_ids:
+        shutil.copy(Path(cfg.data[0]) / "train_images" / image_id, cameras / image_id)
+
+    csv_path = tmp_path / "streamed.csv"
+    with serving(onnx_path) as port:
+        assert server_main(["client", "--target", f"127.0.0.1:{port}", "--images", str(cameras.parent),
+                            "--streams", "3", "--out", str(csv_path)]) == 0
+    assert trainer_main(["evaluate", "--run", str(run), "--predictions", str(csv_path),
+                         "--json", str(tmp_path / "streamed.json")]) == 0
+    assert "as in the predictions" in capsys.readouterr().out
+    streamed = json.loads((tmp_path / "streamed.json").read_text())
+    direct = evaluate_run(run, split="holdout", model_path=onnx_path, device="cpu")
+
+    s, d = streamed["rules"]["model"]["scores"], direct["rules"]["model"]["scores"]
+    assert streamed["images"] == direct["images"] == len(holdout_ids)
+    # Same model, same decoded frames: the gated figures agree exactly. (The thesis Dice scores the
+    # raw masks of absent classes too, which a submission CSV by design does not carry.)
+    for key in ("kaggle", "label_accuracy", "mean_class_accuracy", "confusion"):
+        assert s[key] == d[key], key
+
+
+def test_predictions_csv_must_cover_every_scored_image(trained_run: Path, tmp_path: Path) -> None:
+    run = _copy(trained_run, tmp_path)
+    csv_path = tmp_path / "partial.csv"
+    csv_path.write_text("ImageId,ClassId,EncodedPixels\n")
+    with pytest.raises(ValueError, match="has no rows for .* holdout images"):
+        evaluate_run(run, split="holdout", predictions_path=csv_path)
+    with pytest.raises(ValueError, match="oof tunes post-processing"):
+        evaluate_run(run, split="oof", predictions_path=csv_path)
+    with pytest.raises(ValueError, match="not both"):
+        evaluate_run(run, split="holdout", predictions_path=csv_path, model_path=csv_path)
