@@ -255,6 +255,16 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
             f"use CPU backends ({', '.join(b for b, v in VARIANTS.items() if v.device == 'cpu')})"
         )
     models, reference, default_spec = resolve_models(cfg)
+    runnable = [
+        b for b in cfg.backends
+        if (reference is not None if b.startswith("naive") else any(
+            p.suffix.lower() in VARIANTS[b].suffixes for p in models))
+    ]
+    if not runnable:
+        raise ValueError(
+            f"nothing to measure: no model file suits --backends {','.join(cfg.backends)} (models: "
+            f"{', '.join(p.name for p in models)}; the naive pipeline needs a .pt)"
+        )
     notes: list[str] = []
     machine_before = describe_machine()
 

@@ -180,6 +180,11 @@ def test_bad_flags_are_clear_errors(argv: list[str], message: str, capsys: pytes
     assert message in capsys.readouterr().err
 
 
+def test_nothing_to_measure_is_an_error(tiny_models: tuple[Path, Path], capsys) -> None:
+    assert cli.main(["throughput", "--model", str(tiny_models[0]), "--backends", "torch"]) == 2
+    assert "nothing to measure: no model file suits --backends torch (models: model.onnx" in capsys.readouterr().err
+
+
 def test_cuda_backends_without_cuda_are_refused(tiny_models: tuple[Path, Path], capsys) -> None:
     import torch
 
