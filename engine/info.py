@@ -214,7 +214,25 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"  note        {info['io_note']}")
     if meta.get("checkpoint_sha256"):
         lines.append("  checkpoints " + ", ".join(s[:12] for s in meta["checkpoint_sha256"]))
+    lines.append(f"  drift       {drift_line(meta.get('drift_reference'))}")
     return "\n".join(lines)
+
+
+def drift_line(reference: Any) -> str:
+    """Whether the model carries a usable drift reference, in one line."""
+    from engine.drift import DriftReference
+
+    if reference is None:
+        return "no reference: a server will not monitor drift (re-export with 'trainer export --drift-frames N')"
+    try:
+        loaded = DriftReference.from_dict(reference)
+    except ValueError as exc:
+        return f"unusable reference ({exc}): a server will not monitor drift"
+    ks = [s.name for s in loaded.stats if s.ks_applies]
+    return (
+        f"reference of {loaded.frames} training frames ({loaded.count_frames} with out-of-fold areas), "
+        f"{len(loaded.stats)} statistics, PSI on all, KS on {', '.join(ks) or 'none'}"
+    )
 
 
 def add_arguments(parser: Any) -> None:

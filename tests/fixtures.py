@@ -122,6 +122,38 @@ def tiny_pt(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
     return out
 
 
+def attach_data(run_dir: Path, data_dirs: list[Path], folds: int = 2, holdout: float = 0.1, seed: int = 0) -> Path:
+    """Records training data in a run directory as ``trainer fit`` does: ``config.json`` names the data
+    folders, ``folds.csv`` holds a stratified split of their images (what export's drift reference reads)."""
+    from trainer.data import DataConfig, load_samples
+    from trainer.splits import make_folds, write_folds
+
+    config = json.loads((run_dir / "config.json").read_text())
+    num_classes = config["unet"]["num_classes"]
+    samples = load_samples(data_dirs, DataConfig(num_classes, *TINY_INPUT_SIZE))
+    assignment = make_folds(samples, num_classes, folds=folds, holdout=holdout, seed=seed)
+    write_folds(run_dir / "folds.csv", assignment, samples)
+    (run_dir / "config.json").write_text(json.dumps({**config, "data": [str(d) for d in data_dirs]}))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_data_run(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
+    """``tiny_run`` (same checkpoints and post-processing, so the same graph) with training data: 560
+    ``trainer synth`` frames of 64x320 (seed 5) in ``data/`` next to it, named by its config.json, and a
+    2-fold folds.csv with a 5 % holdout: each fold holds over 256 images, so a drift reference of fold 0
+    alone gets the export's default 256 frames. Its export builds a drift reference."""
+    import shutil
+
+    from trainer.synth import synthesize
+
+    root = tmp_path_factory.mktemp("tiny_data_run")
+    data = synthesize(root / "data", 560, *TINY_INPUT_SIZE, seed=5)
+    run_dir = root / "run"
+    shutil.copytree(tiny_run, run_dir)
+    return attach_data(run_dir, [data], folds=2, holdout=0.05)
+
+
 # --------------------------------------------------------------------------- synthetic line data (Task A)
 # 48 frames of 64x320 from `trainer synth`, seed 0: 6/3/15/5 images with classes 1/2/3/4, two
 # images with two classes, 85 % of (image, class) pairs empty.

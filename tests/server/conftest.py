@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 FRAME_SIZE = (64, 320)  # the tiny model's input (height, width)
-DRIFT_BINS = 5  # fewer bins than the default 10: steadier PSI on the tests' short windows
+DRIFT_BINS = 5  # fewer bins than the default 10: steadier PSI on the tests' 200-frame windows
 
 
 @pytest.fixture(scope="session")
@@ -41,21 +41,24 @@ def direct_output(direct_backend, camera_frames: np.ndarray) -> dict[str, list]:
 
 
 def line_frames(n: int, seed: int, brightness: int = 0) -> np.ndarray:
-    """``n`` frames of the synthetic line (``trainer.synth``, a quarter with one defect) at the tiny
-    model's input size, ``brightness`` grey levels brighter (a lamp change, clipped at 255)."""
-    from trainer.synth import draw_frame
+    """``n`` frames of the synthetic line as its camera sends them: ``trainer synth`` frames (the training
+    data's generator and JPEG compression) decoded to uint8 at the tiny model's input size,
+    ``brightness`` grey levels brighter (a lamp change, clipped at 255)."""
+    import tempfile
 
-    rng = np.random.default_rng(seed)
-    frames = []
-    for i in range(n):
-        classes = (int(rng.integers(4)),) if rng.random() < 0.25 else ()
-        frames.append(draw_frame(np.random.default_rng([seed, i]), *FRAME_SIZE, classes, 4)[0])
-    return np.clip(np.stack(frames).astype(np.int16) + brightness, 0, 255).astype(np.uint8)
+    from trainer.data import DataConfig, load_samples, read_image
+    from trainer.synth import synthesize
+
+    cfg = DataConfig(num_classes=4, height=FRAME_SIZE[0], width=FRAME_SIZE[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = synthesize(Path(tmp) / "line", n, *FRAME_SIZE, seed=seed)
+        frames = np.stack([read_image(s.path, cfg) for s in load_samples(folder, cfg)])
+    return np.clip(frames.astype(np.int16) + brightness, 0, 255).astype(np.uint8)
 
 
 def with_drift_reference(model: Path, reference: dict | None, out: Path) -> Path:
-    """A copy of an exported ONNX model whose metadata carries ``reference`` as its drift reference
-    (``trainer export`` has no option for one yet: the ``inspection.drift_reference`` prop is replaced)."""
+    """A copy of an exported ONNX model whose ``inspection.drift_reference`` prop is replaced by
+    ``reference`` (None, or a malformed one: what a model without a usable reference looks like)."""
     import json
 
     import onnx
@@ -74,19 +77,42 @@ def with_drift_reference(model: Path, reference: dict | None, out: Path) -> Path
 
 
 @pytest.fixture(scope="session")
-def drift_reference(direct_backend):
-    """The reference of 200 synthetic line frames and the tiny model's counts on them."""
-    from engine.drift import build_reference
+def drift_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_data_run: Path) -> Path:
+    """Fold 0 of ``tiny_data_run`` as ``trainer export --folds 0 --drift-bins 5`` writes it, with its drift
+    reference: 256 of the run's training frames, areas predicted out of fold.
 
-    frames = line_frames(200, seed=1)
-    return build_reference([frames], direct_backend.infer(frames).counts, bins=DRIFT_BINS)
+    One fold, so the out-of-fold predictor is the served model itself: the reference's areas are
+    what the server sees on unshifted frames. (The mean of two random U-Nets predicts far smaller
+    areas than either alone; trained folds agree much more, but not exactly.)
+    """
+    import torch
+
+    from trainer.export import export_onnx
+
+    torch.set_num_threads(1)  # the machine's cores are shared: more threads only wait on each other
+    out = tmp_path_factory.mktemp("drift_onnx") / "model.onnx"
+    report = export_onnx(tiny_data_run, out, folds="0", drift_frames=256, drift_bins=DRIFT_BINS)
+    assert report.drift.frames == 256
+    return out
 
 
 @pytest.fixture(scope="session")
-def drift_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path, drift_reference) -> Path:
-    """``tiny_onnx`` with ``drift_reference`` in its metadata."""
-    return with_drift_reference(tiny_onnx, drift_reference.to_dict(),
-                                tmp_path_factory.mktemp("drift_onnx") / "model.onnx")
+def drift_reference(drift_onnx: Path):
+    """The drift reference ``drift_onnx`` carries, as read back from its metadata."""
+    from engine.drift import DriftReference
+    from engine.metadata import read_onnx_metadata
+
+    return DriftReference.from_dict(read_onnx_metadata(str(drift_onnx)).drift_reference)
+
+
+@pytest.fixture(scope="session")
+def drift_backend(drift_onnx: Path):
+    """``drift_onnx`` loaded directly: the counts the server's drift statistics are compared with."""
+    from engine.backends import load_backend
+
+    backend = load_backend(drift_onnx, device="cpu")
+    yield backend
+    backend.close()
 
 
 @contextlib.asynccontextmanager
