@@ -86,3 +86,40 @@ def test_cpu_encoder_exports_and_matches_onnx_runtime(tmp_path):
     probs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probs"], {"frames": frames.numpy()})[0]
     # float32 reassociation between runtimes only: 1e-5 is two orders above what was seen (2e-7).
     assert np.abs(probs - expected).max() < 1e-5
+
+
+def test_stages_beyond_the_encoder_depth_are_dropped_and_the_output_is_unchanged(tmp_path):
+    """A ResNet-18 cut to 3 stages: smp builds layer3/layer4 (10.5 M parameters) and never runs them."""
+    import segmentation_models_pytorch as smp
+
+    from engine.model import UnusedStage, load_fold, prepare_for_export, save_fold_checkpoint
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
+    unet = build_unet(cfg).eval()
+    full = smp.Unet(encoder_name="resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=[16, 8, 8],
+                    in_channels=1, classes=4, activation=None).eval()
+    assert isinstance(unet.encoder.layer3, UnusedStage) and isinstance(unet.encoder.layer4, UnusedStage)
+    assert not isinstance(unet.encoder.layer2, UnusedStage)
+    dropped = sum(p.numel() for p in full.encoder.layer3.parameters()) + sum(
+        p.numel() for p in full.encoder.layer4.parameters())
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in full.parameters()) - dropped
+    # The same weights in both give the same output: nothing that runs was dropped.
+    missing = full.load_state_dict(unet.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(("encoder.layer3.", "encoder.layer4.")) for k in missing)
+    x = torch.rand(2, 1, 64, 320)
+    with torch.no_grad():
+        assert torch.equal(unet(x), full(x))
+
+    # EfficientNet: blocks past the depth are dropped, and its export switch still reaches every block.
+    eff = build_unet(UNetConfig(encoder="efficientnet-b0", encoder_depth=3, decoder_channels=(16, 8, 8)))
+    assert any(isinstance(b, UnusedStage) for b in eff.encoder._blocks)
+    prepare_for_export(eff)
+
+    # Checkpoints hold the used weights only and load back into the same network.
+    path = tmp_path / "fold.pt"
+    save_fold_checkpoint(path, cfg, unet)
+    assert path.stat().st_size < 1.5 * 4 * sum(p.numel() for p in unet.parameters())  # not the 11 M of the full encoder
+    loaded, _, _ = load_fold(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), unet(x))
