@@ -117,9 +117,14 @@ def holdout_folder(data: Path, folds_csv: Path, dest: Path) -> int:
     return len(ids)
 
 
-def headline(evaluation: dict) -> dict:
-    keys = ("kaggle_metric", "dice", "label_accuracy", "per_class_accuracy")
-    return {k: evaluation[k] for k in keys if k in evaluation}
+def headline(path: Path) -> dict:
+    """The decision-level figures of a ``trainer evaluate --json`` file (see trainer.evaluate.decision_scores)."""
+    from trainer.evaluate import decision_scores
+
+    try:
+        return decision_scores(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        raise StepFailed(f"{path}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,14 +185,18 @@ def main(argv: list[str] | None = None) -> int:
                  "--predictions", str(results), "--json", str(out / "holdout-streamed.json"))
         demo.run("6c-score-exported", "trainer", "evaluate", "--run", str(run), "--split", "holdout",
                  "--model", str(model), "--device", "cpu", "--json", str(out / "holdout-onnx.json"))
-        streamed = headline(json.loads((out / "holdout-streamed.json").read_text()))
-        exported = headline(json.loads((out / "holdout-onnx.json").read_text()))
-        eager = headline(json.loads((out / "holdout-folds.json").read_text()))
-        print(json.dumps({"streamed through the server": streamed, "exported ONNX, direct": exported,
-                          "fold checkpoints, torch eager": eager}, indent=1))
+        streamed = headline(out / "holdout-streamed.json")
+        exported = headline(out / "holdout-onnx.json")
+        eager = headline(out / "holdout-folds.json")
+        print(f"{'holdout':32s} {'Kaggle':>7s} {'labels':>7s} {'per class':>9s}  confusion [TN FP FN TP] per class")
+        for name, s in (("streamed through the server", streamed), ("exported ONNX, run directly", exported),
+                        ("fold checkpoints, torch eager", eager)):
+            print(f"{name:32s} {s['kaggle']:7.4f} {s['label_accuracy']:7.4f} {s['mean_class_accuracy']:9.4f}  "
+                  f"{s['confusion']['per_class']}")
         if streamed != exported:
-            raise StepFailed("the streamed results do not score the same as the exported model run directly")
-        print("streamed results score exactly as the exported model run directly")
+            differ = [k for k in streamed if streamed[k] != exported[k]]
+            raise StepFailed(f"the streamed results do not score as the exported model run directly ({', '.join(differ)})")
+        print("streamed results score exactly as the exported model run directly (Kaggle metric, labels, confusion)")
 
         demo.banner("bench throughput: the exported model, ONNX Runtime vs torch eager vs the naive pipeline")
         demo.run("7-bench", "bench", "throughput", "--model", str(model), "--model", str(model.with_suffix(".pt")),

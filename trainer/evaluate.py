@@ -430,5 +430,30 @@ def evaluate_run(
     return result
 
 
+# The figures of an evaluation that depend only on what the product answers per (image, class):
+# the presence decision and the masks of present classes. A Kaggle-format predictions CSV (what the
+# server's client writes) carries exactly that, so these agree between a model run directly and its
+# answers streamed through the server; the thesis Dice also scores absent classes' raw masks.
+DECISION_SCORES = ("kaggle", "kaggle_per_class", "label_accuracy", "per_class_accuracy", "mean_class_accuracy",
+                   "confusion")
+
+
+def decision_scores(result: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`DECISION_SCORES` of an :func:`evaluate_run` result (or its ``--json`` file), for its
+    primary rule.
+
+    Raises:
+        ValueError: ``result`` is not an evaluation, or lacks one of the figures.
+    """
+    try:
+        scores = result["rules"][result["primary"]]["scores"]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a 'trainer evaluate' result: no scores for its primary rule ({exc!r})") from None
+    missing = [k for k in DECISION_SCORES if k not in scores]
+    if missing:
+        raise ValueError(f"evaluation scores lack {', '.join(missing)}")
+    return {k: scores[k] for k in DECISION_SCORES}
+
+
 def _evaluation_name(split: str, model_path: str | Path | None) -> str:
     return split if model_path is None else f"{split}-{Path(model_path).name}"

@@ -15,7 +15,7 @@ import torch
 from engine.model import InspectionModel, fold_metadata, load_fold
 from trainer.config import FitConfig, FitOptions, resolve
 from trainer.data import SeverstalDataset, load_samples
-from trainer.evaluate import evaluate_run
+from trainer.evaluate import DECISION_SCORES, decision_scores, evaluate_run
 from trainer.fit import data_config, run_fit
 from trainer.metrics import PixelStats, kaggle_metric, mask_stats
 from trainer.splits import HOLDOUT, read_folds
@@ -177,12 +177,17 @@ def test_streamed_predictions_csv_scores_exactly_like_the_exported_model(trained
     streamed = json.loads((tmp_path / "streamed.json").read_text())
     direct = evaluate_run(run, split="holdout", model_path=onnx_path, device="cpu")
 
-    s, d = streamed["rules"]["model"]["scores"], direct["rules"]["model"]["scores"]
     assert streamed["images"] == direct["images"] == len(holdout_ids)
     # Same model, same decoded frames: the gated figures agree exactly. (The thesis Dice scores the
     # raw masks of absent classes too, which a submission CSV by design does not carry.)
-    for key in ("kaggle", "label_accuracy", "mean_class_accuracy", "confusion"):
-        assert s[key] == d[key], key
+    s, d = decision_scores(streamed), decision_scores(direct)
+    assert set(s) == set(DECISION_SCORES) and s["confusion"]["per_class"]
+    assert s == d
+    with pytest.raises(ValueError, match="not a 'trainer evaluate' result"):
+        decision_scores({"kaggle": 0.9})
+    with pytest.raises(ValueError, match="lack label_accuracy"):
+        decision_scores({"primary": "model", "rules": {"model": {"scores": {
+            k: v for k, v in s.items() if k != "label_accuracy"}}}})
 
 
 def test_predictions_csv_must_cover_every_scored_image(trained_run: Path, tmp_path: Path) -> None:
