@@ -122,19 +122,8 @@ def drop_unused_encoder_stages(unet: nn.Module, in_channels: int) -> int:
     if encoder is None:
         return 0
     was_training = unet.training
+    called, used, expected, probe = probe_usage(unet, in_channels)
     unet.eval()
-    called: set[int] = set()
-    hooks = [m.register_forward_pre_hook(lambda mod, _: called.add(id(mod))) for m in encoder.modules()]
-    probe = torch.linspace(-1.0, 1.0, 64 * 64).reshape(1, 1, 64, 64).expand(1, in_channels, 64, 64).contiguous()
-    try:
-        unet.zero_grad(set_to_none=True)
-        expected = unet(probe)
-        expected.sum().backward()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    used = {id(p) for p in unet.parameters() if p.grad is not None}
-    unet.zero_grad(set_to_none=True)
 
     def unused(module: nn.Module) -> bool:
         weights = list(module.parameters()) + list(module.buffers())
@@ -155,7 +144,7 @@ def drop_unused_encoder_stages(unet: nn.Module, in_channels: int) -> int:
     dropped = sum(p.numel() for _, _, child in replaced for p in child.parameters())
     with torch.no_grad():
         try:
-            same = torch.equal(unet(probe), expected.detach())
+            same = torch.equal(unet(probe), expected)
         except RuntimeError:
             same = False
     if not same:
@@ -164,6 +153,34 @@ def drop_unused_encoder_stages(unet: nn.Module, in_channels: int) -> int:
         dropped = 0
     unet.train(was_training)
     return dropped
+
+
+def probe_usage(unet: nn.Module, in_channels: int) -> tuple[set[int], set[int], torch.Tensor, torch.Tensor]:
+    """What one forward and backward pass of a small probe reaches.
+
+    Runs in eval mode, so no BatchNorm statistic moves, and leaves no gradient behind. 64x64 suits
+    every encoder depth (both sides divisible by 2**5).
+
+    Returns:
+        ids of the modules called, ids of the parameters given a gradient, the output (detached),
+        and the probe input.
+    """
+    was_training = unet.training
+    unet.eval()
+    called: set[int] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _: called.add(id(mod))) for m in unet.modules()]
+    probe = torch.linspace(-1.0, 1.0, 64 * 64).reshape(1, 1, 64, 64).expand(1, in_channels, 64, 64).contiguous()
+    try:
+        unet.zero_grad(set_to_none=True)
+        output = unet(probe)
+        output.sum().backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    used = {id(p) for p in unet.parameters() if p.grad is not None}
+    unet.zero_grad(set_to_none=True)
+    unet.train(was_training)
+    return called, used, output.detach(), probe
 
 
 def prepare_for_export(unet: nn.Module) -> nn.Module:

@@ -478,26 +478,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def disable_unused_parameters(unet: nn.Module, cfg: FitConfig) -> int:
     """Stops training the parameters the forward pass never reaches; returns the count of those it does.
 
-    smp keeps every encoder stage when ``encoder_depth`` < 5 but runs only the first ones. Left
-    trainable, those parameters would break DistributedDataParallel (it waits for their gradients)
-    and inflate the parameter counts in the report. One backward pass on a tiny input, in eval mode
-    so no BatchNorm statistic moves, finds them.
+    ``engine.model.build_unet`` already drops the encoder stages smp builds beyond ``encoder_depth``;
+    anything else left unreached and trainable would break DistributedDataParallel (it waits for
+    their gradients) and inflate the parameter counts in the report.
     """
-    import torch
+    from engine.model import probe_usage
 
-    side = 2 ** cfg.encoder_depth * 2
-    was_training = unet.training
-    unet.eval()
-    unet.zero_grad(set_to_none=True)
-    unet(torch.zeros(1, cfg.in_channels, side, side)).sum().backward()
+    _, reached, _, _ = probe_usage(unet, cfg.in_channels)
     used = 0
     for p in unet.parameters():
-        if p.grad is None:
-            p.requires_grad_(False)
-        else:
+        if id(p) in reached:
             used += p.numel()
-    unet.zero_grad(set_to_none=True)
-    unet.train(was_training)
+        else:
+            p.requires_grad_(False)
     return used
 
 
