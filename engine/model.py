@@ -10,7 +10,6 @@ the two cannot drift apart. torch is imported here: import this module only wher
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.decision import default_min_areas, default_thresholds
+from engine.hashing import file_sha256
 from engine.metadata import ModelMetadata
 
 FOLD_FORMAT = "strip-inspection/fold-checkpoint/1"
@@ -189,14 +190,6 @@ def prepare_for_export(unet: nn.Module) -> nn.Module:
     if encoder is not None and hasattr(encoder, "set_swish"):
         encoder.set_swish(memory_efficient=False)
     return unet
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- pre/post-processing
@@ -389,8 +382,8 @@ def fold_metadata(payload: dict[str, Any], cfg: UNetConfig, **overrides: Any) ->
         input_width=int(input_w),
         train_height=int(train_h),
         train_width=int(train_w),
-        thresholds=[0.5] * c,
-        min_areas=[200] * c,
+        thresholds=default_thresholds(c),
+        min_areas=default_min_areas(c),
         folds=1,
         encoder=cfg.encoder,
         in_channels=cfg.in_channels,

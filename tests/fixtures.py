@@ -185,8 +185,8 @@ def write_engine_with_sidecar(engine_path: Path, onnx_path: Path, **overrides: o
     import hashlib
 
     from engine.backends.tensorrt import EngineSidecar, write_sidecar
+    from engine.hashing import file_sha256
     from engine.metadata import ModelMetadata, read_onnx_metadata
-    from engine.model import file_sha256
 
     data = bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
     engine_path.write_bytes(data)

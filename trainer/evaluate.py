@@ -30,6 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.decision import default_min_areas, default_thresholds
+from engine.devices import parse_device
+from engine.devices import torch_device as torch_device_for
+
 if TYPE_CHECKING:
     import torch
 
@@ -42,8 +46,6 @@ log = logging.getLogger(__name__)
 HELP = "score a run's fold ensemble or an exported model (holdout / out-of-fold) and tune post-processing"
 DESCRIPTION = __doc__.split("\n\n", 1)[0].split(": ", 1)[1]
 SPLITS = ("holdout", "oof", "all")
-BASELINE_THRESHOLD = 0.5
-BASELINE_MIN_AREA = 200
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,16 +144,6 @@ class _Predictor:
             return torch.from_numpy(out.masks), torch.from_numpy(out.counts), torch.from_numpy(out.present), probs
         with torch.inference_mode():
             return self.model(frames.to(self.device, non_blocking=True))
-
-
-def _torch_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
-    return torch.device(device)
 
 
 def _ensemble(run_dir: Path, folds: Sequence[int] | str, device, override: dict[str, Any] | None = None) -> _Predictor:
@@ -282,9 +274,9 @@ def evaluate_run(
     dirs = [Path(d) for d in (data_dirs or cfg.data)]
     samples = load_samples(dirs, data_cfg)
     groups = _split_groups(split, samples, run_dir, cfg)
-    torch_device = _torch_device(device)
+    torch_device = torch_device_for(parse_device(device, "--device"))
     c = cfg.num_classes
-    baseline = {"thresholds": [BASELINE_THRESHOLD] * c, "min_areas": [BASELINE_MIN_AREA] * c}
+    baseline = {"thresholds": default_thresholds(c), "min_areas": default_min_areas(c)}
 
     backend = None
     if model_path is not None:

@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine import devices, graph
 from engine.cli_util import CLIError
+from engine.decision import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, default_min_areas, default_thresholds
+from engine.devices import parse_device
 from engine.metadata import ModelMetadata
 
 if TYPE_CHECKING:
@@ -51,9 +54,6 @@ DESCRIPTION = (
     "predicted areas (--drift-frames; the run's data folders must be reachable, or given with --data)."
 )
 
-INPUT_NAME = "frames"
-OUTPUT_NAMES = ("masks", "counts", "present")
-PROBS_NAME = "probs"
 FOLD_DIR = re.compile(r"^fold(\d+)$")
 
 #: Training frames sampled for the drift reference (0 = none).
@@ -194,16 +194,17 @@ def read_postprocess(run_dir: Path, num_classes: int) -> tuple[list[float], list
     """Thresholds and minimum areas from ``RUN/postprocess.json`` (thesis 0.5 / 200 when absent)."""
     path = run_dir / "postprocess.json"
     if not path.is_file():
-        log.info("%s absent: using the thesis defaults (threshold 0.5, min area 200)", path)
-        return [0.5] * num_classes, [200] * num_classes
+        log.info("%s absent: using the thesis defaults (threshold %s, min area %d)", path, DEFAULT_THRESHOLD,
+                 DEFAULT_MIN_AREA)
+        return default_thresholds(num_classes), default_min_areas(num_classes)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'thresholds' and 'min_areas'")
-    thresholds = data.get("thresholds", [0.5] * num_classes)
-    min_areas = data.get("min_areas", [200] * num_classes)
+    thresholds = data.get("thresholds", default_thresholds(num_classes))
+    min_areas = data.get("min_areas", default_min_areas(num_classes))
     for name, values in (("thresholds", thresholds), ("min_areas", min_areas)):
         if not isinstance(values, list) or len(values) != num_classes:
             raise ValueError(f"{path}: '{name}' must be a list of {num_classes} values (one per class), got {values!r}")
@@ -224,7 +225,8 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
         FileNotFoundError: no run directory, or a selected fold has no ``best.pt``.
         ValueError: folds that disagree on architecture or data facts, a bad postprocess.json.
     """
-    from engine.model import file_sha256, fold_metadata, load_fold
+    from engine.hashing import file_sha256
+    from engine.model import fold_metadata, load_fold
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -414,7 +416,7 @@ def build_drift_reference(
         raise ValueError(f"drift batch size must be >= 1, got {batch_size}")
     if frames == 0:
         return None, DriftSummary(skipped="--drift-frames 0")
-    torch_device = _torch_device(device)
+    torch_device = devices.torch_device(parse_device(device, "--device"))
     started = time.perf_counter()
     try:
         samples, fold_of, dirs = drift_sample(run.run_dir, run.fold_ids, meta, frames, data_dirs, seed)
@@ -459,16 +461,6 @@ def build_drift_reference(
                            frames_per_fold=per_fold, data=[str(d) for d in dirs])
     log.info("drift reference: %s", summary.summary())
     return reference, summary
-
-
-def _torch_device(device: str) -> Any:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------- export
@@ -541,7 +533,7 @@ def export_onnx(
     else:
         graph_model = reference_model
 
-    output_names = [*OUTPUT_NAMES, PROBS_NAME]
+    output_names = [*graph.OUTPUT_NAMES, graph.PROBS_NAME]
     buffer = io.BytesIO()
     log.info("tracing the %s inspection graph (%d folds, opset %d)", precision, len(run.folds), opset)
     with torch.no_grad(), warnings.catch_warnings():
@@ -552,9 +544,9 @@ def export_onnx(
             graph_model,
             (torch.from_numpy(frames[:1]),),
             buffer,
-            input_names=[INPUT_NAME],
+            input_names=[graph.INPUT_NAME],
             output_names=output_names,
-            dynamic_axes={name: {0: "N"} for name in [INPUT_NAME, *output_names]},
+            dynamic_axes={name: {0: "N"} for name in [graph.INPUT_NAME, *output_names]},
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
@@ -590,7 +582,7 @@ def export_onnx(
 
     if not with_probs:
         # The probabilities feed the threshold node, so dropping the graph output leaves no dead nodes.
-        keep = [o for o in model.graph.output if o.name != PROBS_NAME]
+        keep = [o for o in model.graph.output if o.name != graph.PROBS_NAME]
         del model.graph.output[:]
         model.graph.output.extend(keep)
         onnx.checker.check_model(model)
@@ -616,14 +608,7 @@ def export_onnx(
 
 def _set_signature(model: Any, meta: ModelMetadata) -> None:
     """Writes the static dimensions of the inputs/outputs (the tracer names them symbolically)."""
-    c, h, w = meta.num_classes, meta.input_height, meta.input_width
-    shapes = {
-        INPUT_NAME: [h, w],
-        "masks": [c, h, w],
-        "counts": [c],
-        "present": [c],
-        PROBS_NAME: [c, h, w],
-    }
+    shapes = graph.static_dims(meta.num_classes, meta.input_height, meta.input_width)
     for value in [*model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim
         dims[0].dim_param = "N"
@@ -637,7 +622,7 @@ def _run_onnxruntime(model_bytes: bytes, frames: Any, output_names: Sequence[str
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    values = session.run(list(output_names), {INPUT_NAME: frames})
+    values = session.run(list(output_names), {graph.INPUT_NAME: frames})
     return dict(zip(output_names, values))
 
 
@@ -652,7 +637,8 @@ def export_ensemble(
 ) -> ExportReport:
     """Writes the torch backend's ``.pt`` ensemble bundle (every selected fold + metadata, drift
     reference included; the drift arguments as in :func:`export_onnx`)."""
-    from engine.model import file_sha256, save_ensemble
+    from engine.hashing import file_sha256
+    from engine.model import save_ensemble
 
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".pt":

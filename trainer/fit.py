@@ -182,11 +182,14 @@ def setup_distributed(device: str) -> Dist:
     import torch
     import torch.distributed as dist
 
+    from engine.devices import parse_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
+    parsed = parse_device(device, "--device")
+    use_cuda = parsed.is_cuda or (parsed.is_auto and torch.cuda.is_available())
+    if parsed.is_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu or auto")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
@@ -312,13 +315,14 @@ def data_config(cfg: FitConfig) -> DataConfig:
 
 def preprocessing_metadata(cfg: FitConfig) -> ModelMetadata:
     """The metadata :func:`engine.model.preprocess` needs, as the exported graph will carry it."""
+    from engine.decision import default_min_areas, default_thresholds
     from engine.metadata import ModelMetadata
 
     th, tw = cfg.train_size
     c = cfg.num_classes
     return ModelMetadata(
         num_classes=c, class_names=list(cfg.class_names or []), input_height=int(cfg.height),
-        input_width=int(cfg.width), train_height=th, train_width=tw, thresholds=[0.5] * c, min_areas=[200] * c,
+        input_width=int(cfg.width), train_height=th, train_width=tw, thresholds=default_thresholds(c), min_areas=default_min_areas(c),
         encoder=cfg.encoder, in_channels=cfg.in_channels, mean=float(cfg.mean), std=float(cfg.std),
     )
 
