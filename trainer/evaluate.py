@@ -33,13 +33,14 @@ import numpy as np
 from engine.decision import default_min_areas, default_thresholds
 from engine.devices import parse_device
 from engine.devices import torch_device as torch_device_for
+from trainer import run as rundir
 
 if TYPE_CHECKING:
     import torch
 
     from engine.metadata import ModelMetadata
     from trainer.config import FitConfig
-    from trainer.data import Sample
+    from trainer.samples import Sample
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def _ensemble(run_dir: Path, folds: Sequence[int] | str, device, override: dict[
 def _load_config(run_dir: Path) -> FitConfig:
     from trainer.config import FitConfig
 
-    path = run_dir / "config.json"
+    path = run_dir / rundir.CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run: {path} does not exist")
     try:
@@ -180,7 +181,7 @@ def _split_groups(
 
     if split == "all":
         return [(None, list(samples))]
-    folds_path = run_dir / "folds.csv"
+    folds_path = run_dir / rundir.FOLDS
     if not folds_path.is_file():
         raise FileNotFoundError(f"{folds_path} does not exist: the run's split is unknown")
     assignment = read_folds(folds_path)
@@ -256,7 +257,7 @@ def evaluate_run(
         threshold_stats,
     )
     from trainer.render import overlay, write_overlay
-    from trainer.report import EVALUATIONS_DIR, write_report
+    from trainer.report import write_report
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -315,7 +316,7 @@ def evaluate_run(
 
     criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(torch_device)
     rendered_ids = _render_choice([s for _, group in groups for s in group], render)
-    render_dir = run_dir / "renders" / _evaluation_name(split, model_path or predictions_path)
+    render_dir = run_dir / rundir.RENDERS / _evaluation_name(split, model_path or predictions_path)
     if render and render_dir.is_dir():
         for stale in render_dir.glob("*.png"):  # from an earlier evaluation of this name
             stale.unlink()
@@ -401,10 +402,8 @@ def evaluate_run(
                 "checkpoint_sha256": [m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in metas],
                 "written_by": "trainer evaluate --split oof",
             }
-            path = run_dir / "postprocess.json"
-            tmp = Path(str(path) + ".tmp")
-            tmp.write_text(json.dumps(postprocess, indent=2) + "\n", encoding="utf-8")
-            tmp.replace(path)
+            path = run_dir / rundir.POSTPROCESS
+            rundir.atomic_write_text(path, json.dumps(postprocess, indent=2) + "\n")
             result["postprocess"] = postprocess
             result["postprocess_written"] = str(path)
             log.info("wrote %s: thresholds %s, min areas %s; Kaggle metric %.4f -> %.4f", path, found.thresholds,
@@ -412,7 +411,7 @@ def evaluate_run(
     elif split == "oof":
         raise AssertionError("the fold ensemble always returns probabilities")
     result["seconds"] = round(time.perf_counter() - started, 2)
-    eval_dir = run_dir / EVALUATIONS_DIR
+    eval_dir = run_dir / rundir.EVALUATIONS
     eval_dir.mkdir(exist_ok=True)
     (eval_dir / f"{_evaluation_name(split, model_path or predictions_path)}.json").write_text(json.dumps(result, indent=2) + "\n",
                                                                           encoding="utf-8")

@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from engine.cli_util import CLIError
 from engine.decision import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, default_min_areas, default_thresholds
 from engine.devices import parse_device
 from engine.metadata import ModelMetadata
+from trainer import run as rundir
 
 if TYPE_CHECKING:
     from torch import nn
@@ -54,7 +54,6 @@ DESCRIPTION = (
     "predicted areas (--drift-frames; the run's data folders must be reachable, or given with --data)."
 )
 
-FOLD_DIR = re.compile(r"^fold(\d+)$")
 
 #: Training frames sampled for the drift reference (0 = none).
 DEFAULT_DRIFT_FRAMES = 256
@@ -180,19 +179,9 @@ def parse_folds(folds: str | Sequence[int]) -> list[int] | None:
     return ids
 
 
-def find_fold_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """``{fold: RUN/fold{k}/best.pt}`` for every fold directory holding a best checkpoint."""
-    found = {}
-    for child in sorted(run_dir.iterdir()):
-        m = FOLD_DIR.match(child.name)
-        if m and child.is_dir() and (child / "best.pt").is_file():
-            found[int(m.group(1))] = child / "best.pt"
-    return found
-
-
 def read_postprocess(run_dir: Path, num_classes: int) -> tuple[list[float], list[int]]:
     """Thresholds and minimum areas from ``RUN/postprocess.json`` (thesis 0.5 / 200 when absent)."""
-    path = run_dir / "postprocess.json"
+    path = run_dir / rundir.POSTPROCESS
     if not path.is_file():
         log.info("%s absent: using the thesis defaults (threshold %s, min area %d)", path, DEFAULT_THRESHOLD,
                  DEFAULT_MIN_AREA)
@@ -231,7 +220,7 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    available = find_fold_checkpoints(run_dir)
+    available = rundir.best_checkpoints(run_dir)
     wanted = parse_folds(folds)
     if wanted is None:
         if not available:
@@ -243,30 +232,30 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
             f"{run_dir}: no checkpoint for fold(s) {missing} (expected {run_dir}/fold<k>/best.pt; "
             f"found folds {sorted(available) or 'none'})"
         )
-    nets, payloads, checkpoints = [], [], []
+    nets, facts, checkpoints = [], [], []
     config = None
     for k in wanted:
-        unet, cfg, payload = load_fold(available[k])
+        unet, cfg, fold_facts = load_fold(available[k])
         if config is None:
             config = cfg
         elif cfg != config:
             raise ValueError(f"{available[k]}: U-Net {cfg} differs from fold {wanted[0]}'s {config}")
-        first = payloads[0] if payloads else payload
+        first = facts[0] if facts else fold_facts
         for fact in _SHARED_FACTS:
-            if _normalise(payload.get(fact)) != _normalise(first.get(fact)):
+            if getattr(fold_facts, fact) != getattr(first, fact):
                 raise ValueError(
-                    f"{available[k]}: {fact} {payload.get(fact)!r} differs from fold {wanted[0]}'s "
-                    f"{first.get(fact)!r}; all folds of one model must share it"
+                    f"{available[k]}: {fact} {getattr(fold_facts, fact)!r} differs from fold {wanted[0]}'s "
+                    f"{getattr(first, fact)!r}; all folds of one model must share it"
                 )
         nets.append(unet)
-        payloads.append(payload)
+        facts.append(fold_facts)
         checkpoints.append(available[k])
     assert config is not None
     thresholds, min_areas = read_postprocess(run_dir, config.num_classes)
     shas = [file_sha256(p) for p in checkpoints]
     combined = hashlib.sha256("".join(shas).encode()).hexdigest()[:12]
     meta = fold_metadata(
-        payloads[0],
+        facts[0],
         config,
         thresholds=thresholds,
         min_areas=min_areas,
@@ -275,10 +264,6 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
         model_version=f"{run_dir.resolve().name}-{combined}",
     )
     return RunModel(run_dir, nets, list(wanted), checkpoints, config, meta)
-
-
-def _normalise(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 # --------------------------------------------------------------------------- drift reference
@@ -290,7 +275,7 @@ class _NoDriftData(Exception):
 
 def _recorded_data(run_dir: Path) -> list[Path]:
     """The data folders ``trainer fit`` recorded in ``RUN/config.json``."""
-    path = run_dir / "config.json"
+    path = run_dir / rundir.CONFIG
     if not path.is_file():
         raise _NoDriftData(f"{path} does not exist, so the run's data folders are unknown")
     try:
@@ -342,7 +327,7 @@ def drift_sample(
     if absent:
         raise _NoDriftData(f"{run_dir / 'config.json'} names the data folder {absent}, which is not on this machine "
                            "(was the run copied away from its data?)")
-    folds_path = run_dir / "folds.csv"
+    folds_path = run_dir / rundir.FOLDS
     if not folds_path.is_file():
         raise missing_error(f"{folds_path} does not exist, so which fold did not train on an image is unknown")
     assignment = read_folds(folds_path)
@@ -501,7 +486,7 @@ def export_onnx(
     import onnx
     import torch
 
-    from engine.model import InspectionModel, prepare_for_export
+    from engine.model import InspectionModel
     from engine.parity import compare_outputs, synthetic_frames, tolerance_for
 
     if precision not in ("fp32", "fp16"):
@@ -518,7 +503,7 @@ def export_onnx(
         meta = ModelMetadata.from_dict({**meta.to_dict(), "drift_reference": reference.to_dict()})
     frames = synthetic_frames(max(parity_frames, 1), meta.input_height, meta.input_width, seed=1234)
 
-    reference_model = InspectionModel([prepare_for_export(f) for f in run.folds], meta, with_probs=True).eval()
+    reference_model = InspectionModel(list(run.folds), meta, with_probs=True).eval()
     reference = None
     if parity_frames:
         with torch.no_grad():

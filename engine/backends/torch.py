@@ -45,7 +45,7 @@ class TorchBackend(Backend):
             import torch
         except ImportError as exc:
             raise BackendUnavailable(f"torch is not installed ({exc}): pip install strip-inspection") from exc
-        from engine.model import InspectionModel, load_ensemble, prepare_for_export
+        from engine.model import InspectionModel, load_ensemble
 
         self.path = Path(path)
         self.device = resolve_torch_device(device, torch.cuda.is_available(), torch.cuda.device_count())
@@ -61,7 +61,6 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         folds, _, self.metadata = load_ensemble(self.path)
         dtype = torch.float16 if self.precision == "fp16" else torch.float32
-        folds = [prepare_for_export(f) for f in folds]
         model = InspectionModel(folds, self.metadata, with_probs=with_probs, compute_dtype=dtype).eval()
         model.folds.to(device=self.device, dtype=dtype)
         if on_cuda:
