@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 PREFIX = "inspection."
 DEFAULT_CLASS_NAMES = ("pits/dents", "stains", "scratches", "cracks/scabs")
+#: Flip test-time augmentation inside the graph: the mean of the network's probabilities over these
+#: views of each frame (each flipped back). ``hvflip`` is the frame, its horizontal and its vertical flip.
+TTA_MODES = ("none", "hflip", "hvflip")
 
 
 def project_version() -> str:
@@ -52,6 +55,7 @@ class ModelMetadata:
         model_version: identifies this model (run name and checkpoint hash prefix).
         project_version: version of this software that wrote the artifact.
         drift_reference: reference statistics for drift monitoring, or ``None``.
+        tta: flip test-time augmentation the graph applies (one of :data:`TTA_MODES`).
     """
 
     num_classes: int = 4
@@ -72,6 +76,7 @@ class ModelMetadata:
     model_version: str = "unversioned"
     project_version: str = field(default_factory=project_version)
     drift_reference: dict[str, Any] | None = None
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,6 +99,8 @@ class ModelMetadata:
             raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
         if self.std <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
+        if self.tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
 
     @property
     def class_ids(self) -> list[int]:

@@ -222,6 +222,60 @@ def downscale_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (resize(masks.to(torch.float32), size) >= 0.5).to(torch.float32)
 
 
+def network_stride(net: nn.Module) -> int:
+    """What both sides of a network's input must be multiples of: 2**(encoder stages run).
+
+    smp encoders say it (``output_stride``, else one ``out_channels`` entry per stage plus the input);
+    a U-Net or FPN downsamples by 2 per stage and joins the stages back, so any other size breaks them.
+    """
+    encoder = getattr(net, "encoder", None)
+    stride = getattr(encoder, "output_stride", None)
+    if stride is not None:
+        return int(stride)
+    channels = getattr(encoder, "out_channels", None)
+    return 1 if channels is None else 2 ** (len(channels) - 1)
+
+
+def padded_logits(net: nn.Module, x: torch.Tensor, size: tuple[int, int], stride: int) -> Any:
+    """``net(x)`` for inputs of any size: pads ``x`` ``[N, C, H, W]`` (``size`` = (H, W) as plain ints)
+    to multiples of ``stride`` by repeating its edge pixels, then crops the masks' logits back.
+
+    Training and the exported graph both call this, so a 200x200 frame trains, exports and serves
+    with the same padding. A network with a classification head returns ``(mask logits, class
+    logits)``; the class logits need no crop.
+    """
+    h, w = (int(v) for v in size)
+    pad_h, pad_w = (-h) % stride, (-w) % stride
+    if pad_h or pad_w:
+        top, left = pad_h // 2, pad_w // 2
+        x = F.pad(x, (left, pad_w - left, top, pad_h - top), mode="replicate")
+    out = net(x)
+    if not (pad_h or pad_w):
+        return out
+    masks = out[0] if isinstance(out, (tuple, list)) else out
+    masks = masks[..., top:top + h, left:left + w]
+    return (masks, *out[1:]) if isinstance(out, (tuple, list)) else masks
+
+
+#: The flips (tensor dims of ``[N, C, H, W]``) each TTA mode averages over; ``()`` is the frame itself.
+TTA_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {"none": ((),), "hflip": ((), (3,)), "hvflip": ((), (3,), (2,))}
+
+
+def fold_probabilities(net: nn.Module, x: torch.Tensor, size: tuple[int, int], stride: int,
+                       tta: str = "none") -> torch.Tensor:
+    """One network's mask probabilities (float32) on ``x``, averaged over the ``tta`` flips, each
+    flipped back; see :func:`padded_logits` for ``size`` and ``stride``."""
+    total = None
+    for dims in TTA_VIEWS[tta]:
+        out = padded_logits(net, x.flip(dims) if dims else x, size, stride)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        # Sigmoid in float32: fp16 would quantise probabilities near 0.5 to steps of 2**-11.
+        p = torch.sigmoid(logits.to(torch.float32))
+        p = p.flip(dims) if dims else p
+        total = p if total is None else total + p
+    return total if len(TTA_VIEWS[tta]) == 1 else total * (1.0 / len(TTA_VIEWS[tta]))
+
+
 def postprocess(
     probs: torch.Tensor, thresholds: torch.Tensor, min_areas: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,6 +317,7 @@ class InspectionModel(nn.Module):
         if meta.input_height * meta.input_width >= 2**24:
             raise ValueError("frames of 2**24 pixels or more cannot be counted exactly in float32")
         self.folds = nn.ModuleList(folds)
+        self.strides = [network_stride(f) for f in folds]
         self.meta = meta
         self.with_probs = with_probs
         self.compute_dtype = compute_dtype
@@ -270,12 +325,11 @@ class InspectionModel(nn.Module):
         self.register_buffer("min_areas", torch.tensor(meta.min_areas, dtype=torch.int32), persistent=False)
 
     def probabilities(self, frames: torch.Tensor) -> torch.Tensor:
-        """Mean fold probabilities at input resolution, float32 ``[N, C, H, W]``."""
+        """Mean fold probabilities at input resolution, float32 ``[N, C, H, W]`` (over the TTA views too)."""
         x = preprocess(frames, self.meta, self.compute_dtype)
         total = None
-        for fold in self.folds:
-            # Sigmoid in float32: fp16 would quantise probabilities near 0.5 to steps of 2**-11.
-            p = torch.sigmoid(fold(x).to(torch.float32))
+        for fold, stride in zip(self.folds, self.strides):
+            p = fold_probabilities(fold, x, self.meta.train_size, stride, self.meta.tta)
             total = p if total is None else total + p
         probs = total * (1.0 / len(self.folds))
         return resize(probs, self.meta.input_size, src_size=self.meta.train_size)

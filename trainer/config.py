@@ -288,13 +288,13 @@ def resolve(cfg: FitConfig) -> FitConfig:
         class_names=tuple(names), mean=float(mean), std=float(std), folds_file=folds_file,
     )
     th, tw = resolved.train_size
+    if th < 1 or tw < 1:
+        raise ValueError(f"--scale {cfg.scale} shrinks {height}x{width} frames to {th}x{tw}; pick a larger --scale")
     stride = 2**cfg.encoder_depth
-    if th % stride or tw % stride or th < stride or tw < stride:
-        raise ValueError(
-            f"--scale {cfg.scale} trains at {th}x{tw} (from {height}x{width} frames), but a U-Net with "
-            f"--encoder-depth {cfg.encoder_depth} needs both sides divisible by {stride}; pick another "
-            "--scale or a smaller --encoder-depth"
-        )
+    if th % stride or tw % stride:
+        # engine.model.padded_logits pads to the stride and crops back, in training and in the graph.
+        log.info("training at %dx%d, padded to multiples of %d for the network (--encoder-depth %d)", th, tw, stride,
+                 cfg.encoder_depth)
     return resolved
 
 

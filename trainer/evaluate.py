@@ -149,7 +149,14 @@ def _split_groups(
         raise ValueError(f"{folds_path} has no {split} images")
     if split == "holdout":
         return [(None, [by_id[k] for k in wanted])]
-    return [(k, [by_id[i] for i in wanted if assignment[i] == k]) for k in range(cfg.folds)]
+    trained = [k for k in range(cfg.folds) if k in rundir.best_checkpoints(run_dir)]
+    if not trained:
+        raise FileNotFoundError(f"{run_dir}: no fold checkpoints (expected {run_dir}/fold<k>/best.pt); "
+                                "train a fold first ('trainer fit ... --fold 0')")
+    if len(trained) < cfg.folds:
+        log.warning("only %d of the run's %d folds have a best.pt; scoring out of fold on the images of folds %s",
+                    len(trained), cfg.folds, trained)
+    return [(k, [by_id[i] for i in wanted if assignment[i] == k]) for k in trained]
 
 
 def _render_choice(samples: Sequence[Sample], count: int) -> set[str]:
@@ -303,6 +310,7 @@ class _Scoring:
         self.loss_sum, self.loss_count = 0.0, 0
         self.renders: list[str] = []
         self.model_names: list[str] = []
+        self.folds: list[int | None] = []
         self.metas: list[ModelMetadata | None] = []
         self.render_dir: Path | None = None
         self.rendered_ids: set[str] = set()
@@ -323,6 +331,7 @@ class _Scoring:
 
         self.model_names.append(predictor.name)
         self.metas.append(predictor.metadata)
+        self.folds.append(fold)
         self.grid = sorted(set(self.threshold_grid or DEFAULT_THRESHOLDS) | set(self.baseline["thresholds"])
                            | set(predictor.metadata.thresholds if predictor.metadata else []))
         loader = DataLoader(SeverstalDataset(group, self.data_cfg, scale=1.0), batch_size=batch_size,
@@ -423,7 +432,7 @@ def _compare_and_search(result: dict[str, Any], scoring: _Scoring, run_dir: Path
                          "scores": score(searched).to_dict()}
     result["primary"] = "searched"
     postprocess = found.to_dict() | {
-        "split": "oof", "folds": cfg.folds, "run": str(run_dir),
+        "split": "oof", "folds": cfg.folds, "scored_folds": scoring.folds, "run": str(run_dir),
         "checkpoint_sha256": [m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in scoring.metas],
         "written_by": "trainer evaluate --split oof",
     }

@@ -526,6 +526,7 @@ class FoldTrainer:
                  train_samples: Sequence[Sample], val_samples: Sequence[Sample], fresh: bool = True) -> None:
         import torch
 
+        from engine.model import network_stride
         from trainer.losses import SegmentationLoss
 
         self.cfg, self.options, self.d, self.fold, self.paths = cfg, options, d, fold, paths
@@ -541,6 +542,7 @@ class FoldTrainer:
         if cfg.freeze_encoder:
             self.unet.encoder.requires_grad_(False)
         self.trainable_params = sum(p.numel() for p in self.unet.parameters() if p.requires_grad)
+        self.stride = network_stride(self.unet)
         self.meta = preprocessing_metadata(cfg)
         self.on_cuda = d.device.type == "cuda"
         self.memory_format = torch.channels_last if self.on_cuda else torch.contiguous_format
@@ -678,6 +680,8 @@ class FoldTrainer:
         """One pass over the training loader; returns the summed statistics (this process's share)."""
         from tqdm import tqdm
 
+        from engine.model import padded_logits
+
         self.sampler.set_epoch(epoch)
         self.model.train()
         if self.cfg.freeze_encoder:
@@ -689,7 +693,7 @@ class FoldTrainer:
         for x, y in bar:
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
-                logits = self.model(x)
+                logits = padded_logits(self.model, x, self.cfg.train_size, self.stride)
             loss = self.criterion(logits, y)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -707,12 +711,14 @@ class FoldTrainer:
         """The validation loader's summed statistics (this process's share)."""
         import torch
 
+        from engine.model import padded_logits
+
         self.model.eval()
         sums = self._new_sums()
         with torch.no_grad():
             for x, y in self.batches(self.val_loader):
                 with self._autocast():
-                    logits = self.unet(x)
+                    logits = padded_logits(self.unet, x, self.cfg.train_size, self.stride)
                 self._accumulate(sums, self.criterion(logits, y), logits, y)
         return sums
 

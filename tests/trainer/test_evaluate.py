@@ -122,9 +122,6 @@ def test_bad_requests_are_named(trained_run: Path, tmp_path: Path) -> None:
     run = _copy(trained_run, tmp_path)
     with pytest.raises(ValueError, match="drop --model for oof"):
         evaluate_run(run, split="oof", model_path=tmp_path / "model.onnx")
-    (run / "fold1" / "best.pt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint for fold\(s\) \[1\]"):
-        evaluate_run(run, split="oof", device="cpu")
     with pytest.raises(FileNotFoundError, match="is not a training run"):
         evaluate_run(tmp_path, split="holdout")
 
@@ -200,3 +197,21 @@ def test_predictions_csv_must_cover_every_scored_image(trained_run: Path, tmp_pa
         evaluate_run(run, split="oof", predictions_path=csv_path)
     with pytest.raises(ValueError, match="not both"):
         evaluate_run(run, split="holdout", predictions_path=csv_path, model_path=csv_path)
+
+
+def test_oof_on_a_partial_run_scores_the_trained_folds_with_a_warning(trained_run: Path, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """'trainer fit --fold 0' alone: the out-of-fold search runs on fold 0's validation images."""
+    run = _copy(trained_run, tmp_path)
+    shutil.rmtree(run / "fold1")
+    with caplog.at_level("WARNING", logger="trainer.evaluate"):
+        result = evaluate_run(run, split="oof", device="cpu")
+    assert "only 1 of the run's 2 folds have a best.pt" in caplog.text
+    assignment = read_folds(run / "folds.csv")
+    assert result["images"] == sum(1 for f in assignment.values() if f == 0)
+    post = json.loads((run / "postprocess.json").read_text())
+    assert post["scored_folds"] == [0] and len(post["checkpoint_sha256"]) == 1
+    assert post["kaggle_after"] >= post["kaggle_before"]
+    shutil.rmtree(run / "fold0")
+    with pytest.raises(FileNotFoundError, match="no fold checkpoints"):
+        evaluate_run(run, split="oof", device="cpu")
