@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine import graph
 from engine.backends.base import BackendUnavailable
 from engine.backends.tensorrt import (
-    INPUT_NAME,
     EngineSidecar,
     gpu_identity,
     import_tensorrt,
@@ -219,7 +219,7 @@ def build_engine(plan: BuildPlan) -> BuildReport:
         log.info("FP16 builder flag; %d pre/post-processing layers pinned to fp32", pinned)
     profile = builder.create_optimization_profile()
     shapes = plan.profile()
-    profile.set_shape(INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
+    profile.set_shape(graph.INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(profile)
     if plan.timing_cache is not None:
         previous = plan.timing_cache.read_bytes() if plan.timing_cache.is_file() else b""
@@ -265,7 +265,7 @@ def build_engine(plan: BuildPlan) -> BuildReport:
 
     import hashlib
 
-    from engine.model import file_sha256
+    from engine.hashing import file_sha256
 
     plan.out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = plan.out_path.with_name(plan.out_path.name + ".tmp")

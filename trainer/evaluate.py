@@ -30,20 +30,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.decision import default_min_areas, default_thresholds
+from engine.devices import parse_device
+from engine.devices import torch_device as torch_device_for
+from trainer import run as rundir
+
 if TYPE_CHECKING:
     import torch
 
     from engine.metadata import ModelMetadata
     from trainer.config import FitConfig
-    from trainer.data import Sample
+    from trainer.samples import Sample
 
 log = logging.getLogger(__name__)
 
 HELP = "score a run's fold ensemble or an exported model (holdout / out-of-fold) and tune post-processing"
 DESCRIPTION = __doc__.split("\n\n", 1)[0].split(": ", 1)[1]
 SPLITS = ("holdout", "oof", "all")
-BASELINE_THRESHOLD = 0.5
-BASELINE_MIN_AREA = 200
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,16 +147,6 @@ class _Predictor:
             return self.model(frames.to(self.device, non_blocking=True))
 
 
-def _torch_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
-    return torch.device(device)
-
-
 def _ensemble(run_dir: Path, folds: Sequence[int] | str, device, override: dict[str, Any] | None = None) -> _Predictor:
     from engine.model import InspectionModel
     from trainer.export import load_run
@@ -171,7 +164,7 @@ def _ensemble(run_dir: Path, folds: Sequence[int] | str, device, override: dict[
 def _load_config(run_dir: Path) -> FitConfig:
     from trainer.config import FitConfig
 
-    path = run_dir / "config.json"
+    path = run_dir / rundir.CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run: {path} does not exist")
     try:
@@ -188,7 +181,7 @@ def _split_groups(
 
     if split == "all":
         return [(None, list(samples))]
-    folds_path = run_dir / "folds.csv"
+    folds_path = run_dir / rundir.FOLDS
     if not folds_path.is_file():
         raise FileNotFoundError(f"{folds_path} does not exist: the run's split is unknown")
     assignment = read_folds(folds_path)
@@ -264,7 +257,7 @@ def evaluate_run(
         threshold_stats,
     )
     from trainer.render import overlay, write_overlay
-    from trainer.report import EVALUATIONS_DIR, write_report
+    from trainer.report import write_report
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -282,9 +275,9 @@ def evaluate_run(
     dirs = [Path(d) for d in (data_dirs or cfg.data)]
     samples = load_samples(dirs, data_cfg)
     groups = _split_groups(split, samples, run_dir, cfg)
-    torch_device = _torch_device(device)
+    torch_device = torch_device_for(parse_device(device, "--device"))
     c = cfg.num_classes
-    baseline = {"thresholds": [BASELINE_THRESHOLD] * c, "min_areas": [BASELINE_MIN_AREA] * c}
+    baseline = {"thresholds": default_thresholds(c), "min_areas": default_min_areas(c)}
 
     backend = None
     if model_path is not None:
@@ -323,7 +316,7 @@ def evaluate_run(
 
     criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(torch_device)
     rendered_ids = _render_choice([s for _, group in groups for s in group], render)
-    render_dir = run_dir / "renders" / _evaluation_name(split, model_path or predictions_path)
+    render_dir = run_dir / rundir.RENDERS / _evaluation_name(split, model_path or predictions_path)
     if render and render_dir.is_dir():
         for stale in render_dir.glob("*.png"):  # from an earlier evaluation of this name
             stale.unlink()
@@ -409,10 +402,8 @@ def evaluate_run(
                 "checkpoint_sha256": [m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in metas],
                 "written_by": "trainer evaluate --split oof",
             }
-            path = run_dir / "postprocess.json"
-            tmp = Path(str(path) + ".tmp")
-            tmp.write_text(json.dumps(postprocess, indent=2) + "\n", encoding="utf-8")
-            tmp.replace(path)
+            path = run_dir / rundir.POSTPROCESS
+            rundir.atomic_write_text(path, json.dumps(postprocess, indent=2) + "\n")
             result["postprocess"] = postprocess
             result["postprocess_written"] = str(path)
             log.info("wrote %s: thresholds %s, min areas %s; Kaggle metric %.4f -> %.4f", path, found.thresholds,
@@ -420,7 +411,7 @@ def evaluate_run(
     elif split == "oof":
         raise AssertionError("the fold ensemble always returns probabilities")
     result["seconds"] = round(time.perf_counter() - started, 2)
-    eval_dir = run_dir / EVALUATIONS_DIR
+    eval_dir = run_dir / rundir.EVALUATIONS
     eval_dir.mkdir(exist_ok=True)
     (eval_dir / f"{_evaluation_name(split, model_path or predictions_path)}.json").write_text(json.dumps(result, indent=2) + "\n",
                                                                           encoding="utf-8")

@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -30,8 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine import devices, graph
 from engine.cli_util import CLIError
+from engine.decision import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, default_min_areas, default_thresholds
+from engine.devices import parse_device
 from engine.metadata import ModelMetadata
+from trainer import run as rundir
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,10 +54,6 @@ DESCRIPTION = (
     "predicted areas (--drift-frames; the run's data folders must be reachable, or given with --data)."
 )
 
-INPUT_NAME = "frames"
-OUTPUT_NAMES = ("masks", "counts", "present")
-PROBS_NAME = "probs"
-FOLD_DIR = re.compile(r"^fold(\d+)$")
 
 #: Training frames sampled for the drift reference (0 = none).
 DEFAULT_DRIFT_FRAMES = 256
@@ -180,30 +179,21 @@ def parse_folds(folds: str | Sequence[int]) -> list[int] | None:
     return ids
 
 
-def find_fold_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """``{fold: RUN/fold{k}/best.pt}`` for every fold directory holding a best checkpoint."""
-    found = {}
-    for child in sorted(run_dir.iterdir()):
-        m = FOLD_DIR.match(child.name)
-        if m and child.is_dir() and (child / "best.pt").is_file():
-            found[int(m.group(1))] = child / "best.pt"
-    return found
-
-
 def read_postprocess(run_dir: Path, num_classes: int) -> tuple[list[float], list[int]]:
     """Thresholds and minimum areas from ``RUN/postprocess.json`` (thesis 0.5 / 200 when absent)."""
-    path = run_dir / "postprocess.json"
+    path = run_dir / rundir.POSTPROCESS
     if not path.is_file():
-        log.info("%s absent: using the thesis defaults (threshold 0.5, min area 200)", path)
-        return [0.5] * num_classes, [200] * num_classes
+        log.info("%s absent: using the thesis defaults (threshold %s, min area %d)", path, DEFAULT_THRESHOLD,
+                 DEFAULT_MIN_AREA)
+        return default_thresholds(num_classes), default_min_areas(num_classes)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'thresholds' and 'min_areas'")
-    thresholds = data.get("thresholds", [0.5] * num_classes)
-    min_areas = data.get("min_areas", [200] * num_classes)
+    thresholds = data.get("thresholds", default_thresholds(num_classes))
+    min_areas = data.get("min_areas", default_min_areas(num_classes))
     for name, values in (("thresholds", thresholds), ("min_areas", min_areas)):
         if not isinstance(values, list) or len(values) != num_classes:
             raise ValueError(f"{path}: '{name}' must be a list of {num_classes} values (one per class), got {values!r}")
@@ -224,12 +214,13 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
         FileNotFoundError: no run directory, or a selected fold has no ``best.pt``.
         ValueError: folds that disagree on architecture or data facts, a bad postprocess.json.
     """
-    from engine.model import file_sha256, fold_metadata, load_fold
+    from engine.hashing import file_sha256
+    from engine.model import fold_metadata, load_fold
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    available = find_fold_checkpoints(run_dir)
+    available = rundir.best_checkpoints(run_dir)
     wanted = parse_folds(folds)
     if wanted is None:
         if not available:
@@ -241,30 +232,30 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
             f"{run_dir}: no checkpoint for fold(s) {missing} (expected {run_dir}/fold<k>/best.pt; "
             f"found folds {sorted(available) or 'none'})"
         )
-    nets, payloads, checkpoints = [], [], []
+    nets, facts, checkpoints = [], [], []
     config = None
     for k in wanted:
-        unet, cfg, payload = load_fold(available[k])
+        unet, cfg, fold_facts = load_fold(available[k])
         if config is None:
             config = cfg
         elif cfg != config:
             raise ValueError(f"{available[k]}: U-Net {cfg} differs from fold {wanted[0]}'s {config}")
-        first = payloads[0] if payloads else payload
+        first = facts[0] if facts else fold_facts
         for fact in _SHARED_FACTS:
-            if _normalise(payload.get(fact)) != _normalise(first.get(fact)):
+            if getattr(fold_facts, fact) != getattr(first, fact):
                 raise ValueError(
-                    f"{available[k]}: {fact} {payload.get(fact)!r} differs from fold {wanted[0]}'s "
-                    f"{first.get(fact)!r}; all folds of one model must share it"
+                    f"{available[k]}: {fact} {getattr(fold_facts, fact)!r} differs from fold {wanted[0]}'s "
+                    f"{getattr(first, fact)!r}; all folds of one model must share it"
                 )
         nets.append(unet)
-        payloads.append(payload)
+        facts.append(fold_facts)
         checkpoints.append(available[k])
     assert config is not None
     thresholds, min_areas = read_postprocess(run_dir, config.num_classes)
     shas = [file_sha256(p) for p in checkpoints]
     combined = hashlib.sha256("".join(shas).encode()).hexdigest()[:12]
     meta = fold_metadata(
-        payloads[0],
+        facts[0],
         config,
         thresholds=thresholds,
         min_areas=min_areas,
@@ -273,10 +264,6 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
         model_version=f"{run_dir.resolve().name}-{combined}",
     )
     return RunModel(run_dir, nets, list(wanted), checkpoints, config, meta)
-
-
-def _normalise(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 # --------------------------------------------------------------------------- drift reference
@@ -288,7 +275,7 @@ class _NoDriftData(Exception):
 
 def _recorded_data(run_dir: Path) -> list[Path]:
     """The data folders ``trainer fit`` recorded in ``RUN/config.json``."""
-    path = run_dir / "config.json"
+    path = run_dir / rundir.CONFIG
     if not path.is_file():
         raise _NoDriftData(f"{path} does not exist, so the run's data folders are unknown")
     try:
@@ -340,7 +327,7 @@ def drift_sample(
     if absent:
         raise _NoDriftData(f"{run_dir / 'config.json'} names the data folder {absent}, which is not on this machine "
                            "(was the run copied away from its data?)")
-    folds_path = run_dir / "folds.csv"
+    folds_path = run_dir / rundir.FOLDS
     if not folds_path.is_file():
         raise missing_error(f"{folds_path} does not exist, so which fold did not train on an image is unknown")
     assignment = read_folds(folds_path)
@@ -414,7 +401,7 @@ def build_drift_reference(
         raise ValueError(f"drift batch size must be >= 1, got {batch_size}")
     if frames == 0:
         return None, DriftSummary(skipped="--drift-frames 0")
-    torch_device = _torch_device(device)
+    torch_device = devices.torch_device(parse_device(device, "--device"))
     started = time.perf_counter()
     try:
         samples, fold_of, dirs = drift_sample(run.run_dir, run.fold_ids, meta, frames, data_dirs, seed)
@@ -461,16 +448,6 @@ def build_drift_reference(
     return reference, summary
 
 
-def _torch_device(device: str) -> Any:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu")
-    return torch.device(device)
-
-
 # --------------------------------------------------------------------------- export
 
 
@@ -509,7 +486,7 @@ def export_onnx(
     import onnx
     import torch
 
-    from engine.model import InspectionModel, prepare_for_export
+    from engine.model import InspectionModel
     from engine.parity import compare_outputs, synthetic_frames, tolerance_for
 
     if precision not in ("fp32", "fp16"):
@@ -526,7 +503,7 @@ def export_onnx(
         meta = ModelMetadata.from_dict({**meta.to_dict(), "drift_reference": reference.to_dict()})
     frames = synthetic_frames(max(parity_frames, 1), meta.input_height, meta.input_width, seed=1234)
 
-    reference_model = InspectionModel([prepare_for_export(f) for f in run.folds], meta, with_probs=True).eval()
+    reference_model = InspectionModel(list(run.folds), meta, with_probs=True).eval()
     reference = None
     if parity_frames:
         with torch.no_grad():
@@ -541,7 +518,7 @@ def export_onnx(
     else:
         graph_model = reference_model
 
-    output_names = [*OUTPUT_NAMES, PROBS_NAME]
+    output_names = [*graph.OUTPUT_NAMES, graph.PROBS_NAME]
     buffer = io.BytesIO()
     log.info("tracing the %s inspection graph (%d folds, opset %d)", precision, len(run.folds), opset)
     with torch.no_grad(), warnings.catch_warnings():
@@ -552,9 +529,9 @@ def export_onnx(
             graph_model,
             (torch.from_numpy(frames[:1]),),
             buffer,
-            input_names=[INPUT_NAME],
+            input_names=[graph.INPUT_NAME],
             output_names=output_names,
-            dynamic_axes={name: {0: "N"} for name in [INPUT_NAME, *output_names]},
+            dynamic_axes={name: {0: "N"} for name in [graph.INPUT_NAME, *output_names]},
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
@@ -590,7 +567,7 @@ def export_onnx(
 
     if not with_probs:
         # The probabilities feed the threshold node, so dropping the graph output leaves no dead nodes.
-        keep = [o for o in model.graph.output if o.name != PROBS_NAME]
+        keep = [o for o in model.graph.output if o.name != graph.PROBS_NAME]
         del model.graph.output[:]
         model.graph.output.extend(keep)
         onnx.checker.check_model(model)
@@ -616,14 +593,7 @@ def export_onnx(
 
 def _set_signature(model: Any, meta: ModelMetadata) -> None:
     """Writes the static dimensions of the inputs/outputs (the tracer names them symbolically)."""
-    c, h, w = meta.num_classes, meta.input_height, meta.input_width
-    shapes = {
-        INPUT_NAME: [h, w],
-        "masks": [c, h, w],
-        "counts": [c],
-        "present": [c],
-        PROBS_NAME: [c, h, w],
-    }
+    shapes = graph.static_dims(meta.num_classes, meta.input_height, meta.input_width)
     for value in [*model.graph.input, *model.graph.output]:
         dims = value.type.tensor_type.shape.dim
         dims[0].dim_param = "N"
@@ -637,7 +607,7 @@ def _run_onnxruntime(model_bytes: bytes, frames: Any, output_names: Sequence[str
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    values = session.run(list(output_names), {INPUT_NAME: frames})
+    values = session.run(list(output_names), {graph.INPUT_NAME: frames})
     return dict(zip(output_names, values))
 
 
@@ -652,7 +622,8 @@ def export_ensemble(
 ) -> ExportReport:
     """Writes the torch backend's ``.pt`` ensemble bundle (every selected fold + metadata, drift
     reference included; the drift arguments as in :func:`export_onnx`)."""
-    from engine.model import file_sha256, save_ensemble
+    from engine.hashing import file_sha256
+    from engine.model import save_ensemble
 
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".pt":

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model import InspectionModel, fold_metadata, load_checkpoint, load_fold
+from engine.model import InspectionModel, fold_metadata, load_checkpoint, load_fold, read_fold_checkpoint
 from trainer import fit as fit_module
 from trainer.config import FitConfig, FitOptions, read_config_file, resolve
 from trainer.fit import EpochEnd, check_pretrained_reachable, read_metrics, run_fit
@@ -36,7 +36,7 @@ def test_short_fit_writes_checkpoints_metrics_curves_and_report(synth_dir: Path,
     cfg = tiny_config(synth_dir)
     out = tmp_path / "run"
     outcomes = run_fit(cfg, options(out))
-    assert [o.fold for o in outcomes] == [0] and outcomes[0].finished
+    assert [o.fold for o in outcomes] == [0] and not outcomes[0].stopped_early and outcomes[0].epochs_run == 2
 
     saved = json.loads((out / "config.json").read_text())
     assert saved == cfg.to_dict()
@@ -53,17 +53,19 @@ def test_short_fit_writes_checkpoints_metrics_curves_and_report(synth_dir: Path,
     assert {"train_dice_4", "val_dice_1", "lr", "seconds"} <= set(rows[0])
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])  # it learns something
 
-    unet, ucfg, payload = load_fold(fold_dir / "best.pt")
+    unet, ucfg, facts = load_fold(fold_dir / "best.pt")
     best_epoch = min(rows, key=lambda r: float(r["val_loss"]))["epoch"]
-    assert payload["epoch"] == int(best_epoch)
-    assert tuple(payload["input_size"]) == (64, 320) and tuple(payload["train_size"]) == (32, 160)
-    assert payload["mean"] == 0.0 and payload["std"] == 1.0
+    assert facts.epoch == int(best_epoch) and facts.fold == 0
+    assert facts.input_size == (64, 320) and facts.train_size == (32, 160)
+    assert facts.mean == 0.0 and facts.std == 1.0 and facts.val_loss == pytest.approx(float(
+        rows[int(best_epoch) - 1]["val_loss"]))
     assert ucfg.decoder_channels == (16, 8, 4)
-    last = load_checkpoint(fold_dir / "last.pt")
-    assert last["epoch"] == 2 and last["finished"] and "optimizer" in last
+    last = read_fold_checkpoint(fold_dir / "last.pt")
+    assert last.facts.epoch == 2 and last.training["finished"] and "optimizer" in last.training
+    assert read_fold_checkpoint(fold_dir / "best.pt").training is None
 
     # The checkpoint makes an inspection model as export will: full-size frames in, full-size masks out.
-    meta = fold_metadata(payload, ucfg)
+    meta = fold_metadata(facts, ucfg)
     masks, counts, present = InspectionModel([unet], meta)(torch.zeros(1, 64, 320, dtype=torch.uint8))
     assert masks.shape == (1, 4, 64, 320) and counts.dtype == torch.int32
 
@@ -96,7 +98,7 @@ def test_resume_after_interruption_continues_and_matches_an_uninterrupted_run(sy
         run_fit(cfg, options(out), on_epoch_end=stop_after_two)
     metrics = out / "fold0" / "metrics.csv"
     assert [int(r["epoch"]) for r in read_metrics(metrics)] == [1, 2]
-    assert load_checkpoint(out / "fold0" / "last.pt")["epoch"] == 2
+    assert read_fold_checkpoint(out / "fold0" / "last.pt").facts.epoch == 2
     # An epoch cut short after its metrics row but before last.pt: the row must be redone, not kept.
     with open(metrics, "a") as f:
         f.write("3,9,9,0,0,0,0,0,0,0,0,0,0,0.001,1\n")
@@ -218,7 +220,7 @@ def test_dataset_frames_through_preprocess_match_the_graph_input(synth_dir: Path
 def test_cuda_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     outcomes = run_fit(tiny_config(synth_dir, epochs=1), options(out, device="cuda"))
-    assert outcomes[0].finished
+    assert outcomes[0].epochs_run == 1
     rows = read_metrics(out / "fold0" / "metrics.csv")
     assert np.isfinite(float(rows[0]["train_loss"])) and np.isfinite(float(rows[0]["val_loss"]))
     state = load_checkpoint(out / "fold0" / "best.pt")["state_dict"]

@@ -14,8 +14,9 @@ import torch
 from engine import rle
 from server.capture import CapturePolicy, CaptureWriter
 from trainer.config import FitConfig, FitOptions, resolve
-from trainer.data import DataConfig, label_matrix, load_samples, read_image
+from trainer.data import DataConfig, load_samples, read_image
 from trainer.fit import run_fit
+from trainer.samples import label_matrix
 from trainer.splits import HOLDOUT, read_folds
 from trainer.synth import draw_frame, synthesize
 
