@@ -44,7 +44,7 @@ class TorchBackend(Backend):
         try:
             import torch
         except ImportError as exc:
-            raise BackendUnavailable(f"torch is not installed ({exc}): pip install strip-inspection") from exc
+            raise BackendUnavailable(f"torch is not installed ({exc}): pip install 'strip-inspection[train]'") from exc
         from engine.model import InspectionModel, load_ensemble
 
         self.path = Path(path)

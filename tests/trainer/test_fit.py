@@ -244,3 +244,43 @@ def test_output_prior_initialisation_matches_the_defect_pixel_fraction(synth_dir
     with torch.no_grad():
         probs = torch.sigmoid(unet.segmentation_head[0].bias)
     assert probs.tolist() == pytest.approx(priors, rel=1e-5)
+
+
+def test_fold_training_steps_one_by_one(synth_dir: Path, tmp_path: Path) -> None:
+    """The units train_fold is made of: set-up, loaders, validate, one epoch, save, restore."""
+    from trainer.data import load_samples
+    from trainer.distributed import setup_distributed
+    from trainer.fit import FoldPaths, FoldTrainer, read_resume, split_fold
+    from trainer.splits import make_folds
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(synth_dir, balance=False)
+    opts = options(tmp_path / "run")
+    samples = load_samples(synth_dir, fit_module.data_config(cfg))
+    assignment = make_folds(samples, 4, folds=2, holdout=0.15, seed=0)
+    train, val = split_fold(samples, assignment, 0)
+    assert {s.image_id for s in train}.isdisjoint({s.image_id for s in val}) and all(
+        assignment[s.image_id] == 0 for s in val)
+    paths = FoldPaths.of(opts.out, 0)
+    d = setup_distributed("cpu")
+    trainer = FoldTrainer(cfg, opts, d, 0, paths, train, val)
+    trainer.make_loaders()
+    assert json.loads(paths.config.read_text())["data"]["val_images"] == len(val)
+    before = trainer.summarise(trainer.validate())
+    sums = trainer.validate()
+    assert int(sums[1]) == len(val)  # every validation image once
+    weights = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    assert int(trainer.train_epoch(1)[1]) == len(train)
+    assert any(not torch.equal(weights[k], v) for k, v in trainer.unet.state_dict().items() if v.is_floating_point())
+    assert trainer.summarise(trainer.validate()) != before
+    assert read_resume(paths) is None
+    row, finished = trainer.run_epoch(2)
+    assert row["epoch"] == 2 and finished  # epochs=2
+    checkpoint, state = read_resume(paths)
+    assert checkpoint.facts.epoch == 2 and state.finished and state.best_epoch == trainer.stopping.best_epoch
+
+    again = FoldTrainer(cfg, opts, d, 0, paths, train, val, fresh=False)
+    again.restore(checkpoint, state)
+    assert again.start_epoch == 3 and again.stopping == trainer.stopping
+    for key, value in trainer.unet.state_dict().items():
+        assert torch.equal(again.unet.state_dict()[key], value), key
