@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 LOSSES = ("bce", "bce+dice")
 ENCODER_WEIGHTS = ("none", "imagenet")
 LR_SCHEDULES = ("none", "plateau")
+#: ``--augment`` levels (see :mod:`trainer.augment_random`).
+AUGMENT_LEVELS = ("none", "light", "strong")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 # Grayscale equivalents of the ImageNet RGB statistics (means of the three channels): what a
@@ -66,6 +68,7 @@ class FitConfig:
     loss: str = "bce"
     pos_weight: tuple[float, ...] | None = None
     balance: bool = True
+    augment: str = "none"
     balance_target: int | None = None
     prior_init: bool = True
     mean: float | None = None
@@ -302,6 +305,8 @@ def _check_choices(cfg: FitConfig) -> None:
         raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if cfg.augment not in AUGMENT_LEVELS:
+        raise ValueError(f"--augment must be one of {', '.join(AUGMENT_LEVELS)}, got {cfg.augment!r}")
     if not 1 <= cfg.encoder_depth <= 5:
         raise ValueError(f"--encoder-depth must be 1..5, got {cfg.encoder_depth}")
 
@@ -329,8 +334,11 @@ def _check_numbers(cfg: FitConfig) -> None:
 def differences(saved: dict[str, Any], current: FitConfig) -> list[str]:
     """Human-readable ``key: saved -> current`` lines where a saved run config differs."""
     now = current.to_dict()
+    defaults = FitConfig().to_dict()
     lines = []
     for key in sorted(set(saved) | set(now)):
+        if key not in saved and key in defaults and now.get(key) == defaults[key]:
+            continue  # a setting added since the run was made, at the value it had before it existed
         if saved.get(key, "<absent>") != now.get(key, "<absent>"):
             lines.append(f"{key}: {saved.get(key, '<absent>')!r} -> {now.get(key, '<absent>')!r}")
     return lines

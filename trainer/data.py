@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -294,9 +294,13 @@ class SeverstalDataset(Dataset):
             through :func:`engine.model.resize` and are rounded back to uint8, masks through
             :func:`engine.model.downscale_masks`, as in the exported graph. A transform is applied
             at full resolution, before downscaling.
+        augment: a random augmentation (:class:`trainer.augment_random.RandomAugment`), applied at
+            full resolution after the transform; indices may then be ``(index, epoch)`` pairs
+            (from :class:`trainer.augment_random.EpochSampler`), which seed each record's draw.
     """
 
-    def __init__(self, items: Sequence[Item], cfg: DataConfig, scale: float = 1.0) -> None:
+    def __init__(self, items: Sequence[Item], cfg: DataConfig, scale: float = 1.0,
+                 augment: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         self.items = [_as_pair(item) for item in items]
         for sample, name in self.items:
             if name is not None and name not in TRANSFORMS:
@@ -306,16 +310,20 @@ class SeverstalDataset(Dataset):
         self.cfg = cfg
         self.scale = float(scale)
         self.size = cfg.scaled_size(self.scale)
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, epoch = index if isinstance(index, tuple) else (index, 0)
         sample, transform = self.items[index]
         image = torch.from_numpy(read_image(sample.path, self.cfg))
         masks = torch.from_numpy(sample_masks(sample, self.cfg))
         if transform is not None:
             image, masks = apply_transform(image, masks, transform)
+        if self.augment is not None:
+            image, masks = self.augment(image, masks, index, epoch)
         if self.size != self.cfg.size:
             scaled = resize(image[None, None].to(torch.float32), self.size)[0, 0]
             image = scaled.round_().clamp_(0, 255).to(torch.uint8)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainer import run as rundir
 from trainer.config import (
+    AUGMENT_LEVELS,
     DEVICES,
     ENCODER_WEIGHTS,
     LOSSES,
@@ -94,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="use this folds.csv (e.g. from 'trainer split'); default: make one for the run")
     g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=S,
                    help="oversample rare classes in training folds with flips/rotations (default on)")
+    g.add_argument("--augment", choices=AUGMENT_LEVELS, default=S,
+                   help="random augmentation of every training batch: flips, brightness/contrast (light); plus "
+                        "shift/scale, gamma, defect blackout (strong); default none")
     g.add_argument("--balance-target", type=int, default=S, help="records per class (default: the commonest's)")
     g.add_argument("--prior-init", action=argparse.BooleanOptionalAction, default=S,
                    help="start the output bias at each class's defect-pixel fraction (default on)")
@@ -602,9 +606,10 @@ class FoldTrainer:
 
     def make_loaders(self) -> None:
         import torch
-        from torch.utils.data import DistributedSampler, Subset
+        from torch.utils.data import Subset
 
         from trainer.augment import balance_plan
+        from trainer.augment_random import EpochSampler, RandomAugment
         from trainer.data import SeverstalDataset
 
         cfg, d = self.cfg, self.d
@@ -613,10 +618,11 @@ class FoldTrainer:
         if d.main:
             self._write_fold_config(items)
         data_cfg = data_config(cfg)
-        train_set = SeverstalDataset(items, data_cfg, scale=1.0)
+        augment = None if cfg.augment == "none" else RandomAugment(cfg.augment, cfg.seed, self.fold)
+        train_set = SeverstalDataset(items, data_cfg, scale=1.0, augment=augment)
         val_set = SeverstalDataset(self.val_samples, data_cfg, scale=1.0)
-        self.sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
-                                          seed=cfg.seed + self.fold)
+        self.sampler = EpochSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
+                                    seed=cfg.seed + self.fold)
         self.train_loader = _loader(train_set, cfg.batch_size, self.sampler, self.options.workers, self.on_cuda)
         self.val_loader = _loader(Subset(val_set, range(d.rank, len(val_set), d.world)), cfg.batch_size, None,
                                   self.options.workers, self.on_cuda)

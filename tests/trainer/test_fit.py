@@ -84,9 +84,12 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_after_interruption_continues_and_matches_an_uninterrupted_run(synth_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("augment", ["none", "strong"])
+def test_resume_after_interruption_continues_and_matches_an_uninterrupted_run(synth_dir: Path, tmp_path: Path,
+                                                                              augment: str) -> None:
+    """Also with random augmentation: its draws are seeded per (seed, fold, epoch, record)."""
     torch.set_num_threads(1)
-    cfg = tiny_config(synth_dir, epochs=3)
+    cfg = tiny_config(synth_dir, epochs=3, augment=augment)
     run_fit(cfg, options(tmp_path / "straight"))
 
     def stop_after_two(event: EpochEnd) -> None:
@@ -284,3 +287,21 @@ def test_fold_training_steps_one_by_one(synth_dir: Path, tmp_path: Path) -> None
     assert again.start_epoch == 3 and again.stopping == trainer.stopping
     for key, value in trainer.unet.state_dict().items():
         assert torch.equal(again.unet.state_dict()[key], value), key
+
+
+def test_augment_is_recorded_and_changes_what_training_sees(synth_dir: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    losses = {}
+    for level in ("none", "strong"):
+        out = tmp_path / level
+        run_fit(tiny_config(synth_dir, epochs=1, augment=level), options(out))
+        assert json.loads((out / "config.json").read_text())["augment"] == level
+        assert json.loads((out / "fold0" / "config.json").read_text())["config"]["augment"] == level
+        losses[level] = float(read_metrics(out / "fold0" / "metrics.csv")[0]["train_loss"])
+    assert losses["none"] != losses["strong"]  # same seed and weights: only the batches differ
+    # A run made before --augment existed (its config.json lacks the key) still resumes.
+    saved = json.loads((tmp_path / "none" / "config.json").read_text())
+    del saved["augment"]
+    assert fit_module.differences(saved, tiny_config(synth_dir, epochs=1)) == []
+    assert fit_module.differences(saved, tiny_config(synth_dir, epochs=1, augment="light")) == [
+        "augment: '<absent>' -> 'light'"]
