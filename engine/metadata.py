@@ -22,6 +22,8 @@ DEFAULT_CLASS_NAMES = ("pits/dents", "stains", "scratches", "cracks/scabs")
 #: Flip test-time augmentation inside the graph: the mean of the network's probabilities over these
 #: views of each frame (each flipped back). ``hvflip`` is the frame, its horizontal and its vertical flip.
 TTA_MODES = ("none", "hflip", "hvflip")
+#: Segmentation networks (smp decoders) a fold can be: both export into the same inspection graph.
+ARCHS = ("unet", "fpn")
 
 
 def project_version() -> str:
@@ -49,6 +51,7 @@ class ModelMetadata:
         folds: number of fold models averaged in the graph.
         checkpoint_sha256: sha256 of each fold checkpoint, in fold order.
         encoder: the U-Net encoder name (e.g. ``resnet34``).
+        arch: the segmentation network (``unet``, ``fpn``).
         in_channels: channels the U-Net takes (1 = grayscale).
         mean, std: input normalisation after scaling to 0..1: ``x = (frame / 255 - mean) / std``.
         precision: ``fp32`` or ``fp16`` (the compute precision of the graph).
@@ -69,6 +72,7 @@ class ModelMetadata:
     folds: int = 1
     checkpoint_sha256: list[str] = field(default_factory=list)
     encoder: str = "resnet34"
+    arch: str = "unet"
     in_channels: int = 1
     mean: float = 0.0
     std: float = 1.0
@@ -99,6 +103,8 @@ class ModelMetadata:
             raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
         if self.std <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if self.tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
 

@@ -23,7 +23,7 @@ from torch import nn
 from engine.checkpoint import ENSEMBLE_FORMAT, FOLD_FORMAT, FORMATS, FoldCheckpoint, FoldFacts
 from engine.decision import default_min_areas, default_thresholds
 from engine.hashing import file_sha256
-from engine.metadata import ModelMetadata
+from engine.metadata import ARCHS, ModelMetadata
 
 # Encoders the product supports, by the name users type. The thesis' set (ResNet-34/50/101,
 # EfficientNet-B0..B7) plus ResNet-18, MobileNetV2 and timm's MobileNetV3-small (width 0.5 and
@@ -43,17 +43,29 @@ ENCODERS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Everything needed to rebuild a fold's U-Net from its state dict."""
+    """Everything needed to rebuild a fold's network from its state dict.
+
+    ``arch`` ``fpn`` (smp's FPN) reads ``decoder_channels[0]`` as its pyramid width and
+    ``decoder_channels[1]`` (else the same) as its segmentation width; it needs 3..5 encoder stages.
+    """
 
     encoder: str = "resnet34"
     in_channels: int = 1
     num_classes: int = 4
     encoder_depth: int = 5
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    arch: str = "unet"
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.arch == "fpn" and not 3 <= self.encoder_depth <= 5:
+            raise ValueError(f"an FPN needs encoder_depth 3..5, got {self.encoder_depth}")
+        if self.arch == "fpn" and self.decoder_channels[min(1, len(self.decoder_channels) - 1)] % 32:
+            raise ValueError(f"an FPN's segmentation width (decoder_channels[1]) must be a multiple of 32 (its "
+                             f"GroupNorm has 32 groups), got decoder_channels {list(self.decoder_channels)}")
         if len(self.decoder_channels) != self.encoder_depth:
             raise ValueError(
                 f"decoder_channels has {len(self.decoder_channels)} entries, expected encoder_depth="
@@ -81,15 +93,16 @@ def build_unet(cfg: UNetConfig, encoder_weights: str | None = None) -> nn.Module
     """
     import segmentation_models_pytorch as smp
 
-    unet = smp.Unet(
-        encoder_name=ENCODERS[cfg.encoder],
-        encoder_weights=encoder_weights,
-        encoder_depth=cfg.encoder_depth,
-        decoder_channels=list(cfg.decoder_channels),
-        in_channels=cfg.in_channels,
-        classes=cfg.num_classes,
-        activation=None,
-    )
+    common = dict(encoder_name=ENCODERS[cfg.encoder], encoder_weights=encoder_weights,
+                  encoder_depth=cfg.encoder_depth, in_channels=cfg.in_channels, classes=cfg.num_classes,
+                  activation=None)
+    if cfg.arch == "fpn":
+        widths = cfg.decoder_channels
+        # smp 0.6's FPN decoder ends at stride 2**(depth - 3): upsample by that to the input's size.
+        unet = smp.FPN(decoder_pyramid_channels=widths[0], decoder_segmentation_channels=widths[min(1, len(widths) - 1)],
+                       upsampling=2 ** (cfg.encoder_depth - 3), **common)
+    else:
+        unet = smp.Unet(decoder_channels=list(cfg.decoder_channels), **common)
     if cfg.encoder_depth < 5:
         drop_unused_encoder_stages(unet, cfg.in_channels)
     return unet
@@ -439,6 +452,7 @@ def fold_metadata(facts: FoldFacts, cfg: UNetConfig, **overrides: Any) -> ModelM
         min_areas=default_min_areas(c),
         folds=1,
         encoder=cfg.encoder,
+        arch=cfg.arch,
         in_channels=cfg.in_channels,
         mean=float(facts.mean),
         std=float(facts.std),

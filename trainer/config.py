@@ -46,6 +46,7 @@ class FitConfig:
     """
 
     data: list[str] = field(default_factory=list)
+    arch: str = "unet"
     encoder: str = "resnet34"
     encoder_weights: str = "imagenet"
     freeze_encoder: bool = False
@@ -299,6 +300,12 @@ def _check_choices(cfg: FitConfig) -> None:
 
     if cfg.encoder not in ENCODERS:
         raise ValueError(f"--encoder {cfg.encoder!r} is not supported; choose one of {', '.join(ENCODERS)}")
+    from engine.metadata import ARCHS
+
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {cfg.arch!r}")
+    if cfg.arch == "fpn" and not 3 <= cfg.encoder_depth <= 5:
+        raise ValueError(f"--arch fpn needs --encoder-depth 3..5, got {cfg.encoder_depth}")
     if cfg.encoder_weights not in ENCODER_WEIGHTS:
         raise ValueError(f"--encoder-weights must be one of {', '.join(ENCODER_WEIGHTS)}, got {cfg.encoder_weights!r}")
     if cfg.loss not in LOSSES:

@@ -30,7 +30,9 @@ from engine.backends.base import InspectionResult
 from engine.decision import default_min_areas, default_thresholds
 from engine.devices import parse_device
 from engine.devices import torch_device as torch_device_for
+from engine.metadata import TTA_MODES
 from trainer import run as rundir
+from trainer.export import resolve_tta
 from trainer.predictors import PredictionsFile, Predictor
 
 if TYPE_CHECKING:
@@ -65,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 0.10..0.95 step 0.05)")
     parser.add_argument("--min-areas", metavar="A1,A2,..", help="minimum-area grid of the oof search "
                         "(default scaled from 1..10000 for 256x1600 frames)")
+    parser.add_argument("--tta", choices=TTA_MODES, default=None,
+                        help="flip TTA of the run's folds (none, hflip, hvflip); the oof search records it in "
+                             "postprocess.json for export; default: the one postprocess.json was searched with")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -84,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         predictions_path=args.predictions, render=args.render,
         batch_size=args.batch_size, device=args.device, workers=args.workers,
         threshold_grid=numbers(args.thresholds, float, "--thresholds"),
-        min_area_grid=numbers(args.min_areas, int, "--min-areas"), progress=args.progress,
+        min_area_grid=numbers(args.min_areas, int, "--min-areas"), progress=args.progress, tta=args.tta,
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -191,6 +196,7 @@ def evaluate_run(
     threshold_grid: Sequence[float] | None = None,
     min_area_grid: Sequence[int] | None = None,
     progress: bool = False,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Scores a split; for ``oof`` also searches and writes ``RUN/postprocess.json``. Returns the result dict.
 
@@ -211,6 +217,7 @@ def evaluate_run(
     dirs = [Path(d) for d in (data_dirs or cfg.data)]
     groups = _split_groups(split, load_samples(dirs, data_cfg), run_dir, cfg)
     scoring = _Scoring(cfg, data_cfg, split, torch_device_for(parse_device(device, "--device")), threshold_grid)
+    scoring.tta = resolve_tta(run_dir, tta)
     backend = None if model_path is None else _open_model(model_path, device, data_cfg)
     if backend is not None and backend.max_batch_size is not None:
         batch_size = min(batch_size, backend.max_batch_size)
@@ -285,8 +292,8 @@ def _read_predictions(path: Path, groups: list[tuple[int | None, list[Sample]]],
 def _run_predictor(run_dir: Path, fold: int | None, cfg: FitConfig, scoring: _Scoring) -> Predictor:
     """The run's ensemble (holdout, all), or the one fold that did not train on ``fold`` (oof)."""
     if fold is not None:
-        return Predictor.of_run(run_dir, [fold], scoring.device, override=scoring.baseline)
-    predictor = Predictor.of_run(run_dir, "all", scoring.device)
+        return Predictor.of_run(run_dir, [fold], scoring.device, override={**scoring.baseline, "tta": scoring.tta})
+    predictor = Predictor.of_run(run_dir, "all", scoring.device, override={"tta": scoring.tta})
     if predictor.metadata.folds < cfg.folds:
         log.warning("only %d of the run's %d folds have a best.pt; scoring their ensemble",
                     predictor.metadata.folds, cfg.folds)
@@ -303,6 +310,7 @@ class _Scoring:
         c = cfg.num_classes
         self.cfg, self.data_cfg, self.split, self.device = cfg, data_cfg, split, device
         self.threshold_grid = threshold_grid
+        self.tta = "none"
         self.baseline = {"thresholds": default_thresholds(c), "min_areas": default_min_areas(c)}
         self.criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(device)
         self.stats_parts: list[Any] = []
@@ -403,7 +411,7 @@ class _Scoring:
             "empty_kaggle": float((self.stats.truth == 0).mean()),
             "metadata": None if meta is None else {
                 "thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),
-                "model_version": meta.model_version, "folds": meta.folds},
+                "model_version": meta.model_version, "folds": meta.folds, "tta": meta.tta},
             "rules": rules,
             "renders": self.renders,
         }
@@ -432,7 +440,7 @@ def _compare_and_search(result: dict[str, Any], scoring: _Scoring, run_dir: Path
                          "scores": score(searched).to_dict()}
     result["primary"] = "searched"
     postprocess = found.to_dict() | {
-        "split": "oof", "folds": cfg.folds, "scored_folds": scoring.folds, "run": str(run_dir),
+        "split": "oof", "folds": cfg.folds, "scored_folds": scoring.folds, "tta": scoring.tta, "run": str(run_dir),
         "checkpoint_sha256": [m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in scoring.metas],
         "written_by": "trainer evaluate --split oof",
     }

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from engine import graph
 from engine.cli_util import CLIError
 from engine.decision import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, default_min_areas, default_thresholds
-from engine.metadata import ModelMetadata
+from engine.metadata import TTA_MODES, ModelMetadata
 from trainer import run as rundir
 from trainer.drift_reference import DEFAULT_DRIFT_FRAMES, DriftSummary, build_drift_reference
 
@@ -84,8 +84,8 @@ class ExportReport:
             f"wrote {self.out_path} ({self.size_bytes / 1e6:.1f} MB, {self.precision}, folds "
             f"{','.join(map(str, self.fold_ids))}, sha256 {self.sha256[:12]})",
             f"  input frames uint8 [N, {self.metadata.input_height}, {self.metadata.input_width}], "
-            f"U-Nets at {self.metadata.train_height}x{self.metadata.train_width}, thresholds "
-            f"{self.metadata.thresholds}, min areas {self.metadata.min_areas}",
+            f"{self.metadata.arch} networks at {self.metadata.train_height}x{self.metadata.train_width}, TTA "
+            f"{self.metadata.tta}, thresholds {self.metadata.thresholds}, min areas {self.metadata.min_areas}",
         ]
         lines += [f"  parity: {p.summary()}" for p in self.parity]
         if self.drift is not None:
@@ -155,12 +155,39 @@ def read_postprocess(run_dir: Path, num_classes: int) -> tuple[list[float], list
         raise ValueError(f"{path}: thresholds must be numbers and min_areas integers ({exc})") from exc
 
 
+def read_postprocess_tta(run_dir: Path) -> str:
+    """The flip TTA ``RUN/postprocess.json`` was searched with (``none`` when absent): what export and
+    evaluation use unless told otherwise, so the thresholds are used with the TTA they were chosen for."""
+    path = run_dir / rundir.POSTPROCESS
+    if not path.is_file():
+        return "none"
+    try:
+        tta = json.loads(path.read_text()).get("tta", "none")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a JSON object ({exc})") from exc
+    if tta not in TTA_MODES:
+        raise ValueError(f"{path}: 'tta' must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    return tta
+
+
+def resolve_tta(run_dir: Path, tta: str | None) -> str:
+    """``tta``, or the run's when None; warns when it differs from the one the thresholds were searched with."""
+    searched = read_postprocess_tta(run_dir)
+    if tta is None:
+        return searched
+    if tta != searched and (run_dir / rundir.POSTPROCESS).is_file():
+        log.warning("--tta %s, but %s was searched with --tta %s: its thresholds may not suit", tta,
+                    run_dir / rundir.POSTPROCESS, searched)
+    return tta
+
+
 # Facts every fold of one model must share; a mismatch means the folds come from different runs.
 _SHARED_FACTS = ("input_size", "train_size", "class_names", "mean", "std")
 
 
-def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunModel:
-    """Rebuilds a run's selected folds (eval mode, CPU) and the metadata of their ensemble.
+def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all", tta: str | None = None) -> RunModel:
+    """Rebuilds a run's selected folds (eval mode, CPU) and the metadata of their ensemble (flip
+    TTA ``tta``, default the run's: see :func:`resolve_tta`).
 
     Raises:
         FileNotFoundError: no run directory, or a selected fold has no ``best.pt``.
@@ -214,6 +241,7 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
         folds=len(nets),
         checkpoint_sha256=shas,
         model_version=f"{run_dir.resolve().name}-{combined}",
+        tta=resolve_tta(run_dir, tta),
     )
     return RunModel(run_dir, nets, list(wanted), checkpoints, config, meta)
 
@@ -236,6 +264,7 @@ def export_onnx(
     drift_data: Sequence[str | Path] | None = None,
     drift_bins: int | None = None,
     device: str = "cpu",
+    tta: str | None = None,
 ) -> ExportReport:
     """Exports a run's folds as one ONNX inspection graph and checks it.
 
@@ -251,6 +280,8 @@ def export_onnx(
         drift_frames, drift_data, drift_bins, device: the drift reference's sample size (0 = no
             reference), the run's data folders when not where it recorded them, histogram bins, and
             where the out-of-fold predictions run (see :func:`trainer.drift_reference.build_drift_reference`).
+        tta: flip TTA in the graph (``none``, ``hflip``, ``hvflip``); default the one ``postprocess.json``
+            was searched with.
 
     Raises:
         ExportParityError: the exported graph differs from the eager reference beyond tolerance.
@@ -268,7 +299,7 @@ def export_onnx(
         raise ValueError(f"{out_path}: an ONNX export must end in .onnx")
     if parity_frames < 0:
         raise ValueError(f"--parity-frames must be >= 0, got {parity_frames}")
-    run = load_run(run_dir, folds)
+    run = load_run(run_dir, folds, tta)
     meta, drift = _with_drift_reference(
         run, ModelMetadata.from_dict({**run.metadata.to_dict(), "precision": precision}),
         drift_frames, drift_data, drift_bins, device)
@@ -341,7 +372,7 @@ def _trace(graph_model: Any, frames: Any, meta: ModelMetadata, opset: int) -> An
         )
     model = onnx.load_from_string(buffer.getvalue())
     _set_signature(model, meta)
-    model.doc_string = f"strip-inspection graph: {meta.folds} x {meta.encoder} U-Net, {meta.precision}"
+    model.doc_string = f"strip-inspection graph: {meta.folds} x {meta.encoder} {meta.arch}, {meta.precision}"
     del model.metadata_props[:]
     for key, value in meta.to_onnx_props().items():
         model.metadata_props.add(key=key, value=value)
@@ -413,6 +444,7 @@ def export_ensemble(
     drift_data: Sequence[str | Path] | None = None,
     drift_bins: int | None = None,
     device: str = "cpu",
+    tta: str | None = None,
 ) -> ExportReport:
     """Writes the torch backend's ``.pt`` ensemble bundle (every selected fold + metadata, drift
     reference included; the drift arguments as in :func:`export_onnx`)."""
@@ -422,7 +454,7 @@ def export_ensemble(
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".pt":
         raise ValueError(f"{out_path}: an ensemble bundle must end in .pt")
-    run = load_run(run_dir, folds)
+    run = load_run(run_dir, folds, tta)
     meta, drift = _with_drift_reference(run, run.metadata, drift_frames, drift_data, drift_bins, device)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_ensemble(out_path, run.config, run.folds, meta)
@@ -451,6 +483,9 @@ def add_arguments(parser: Any) -> None:
         "--parity-frames", type=int, default=2, help="synthetic frames for the parity check (0 skips it; default 2)"
     )
     parser.add_argument("--report", type=Path, help="also write the export report as JSON here")
+    parser.add_argument("--tta", choices=TTA_MODES, default=None,
+                        help="flip test-time augmentation inside the graph: none, hflip, or hvflip (frame, "
+                             "horizontal and vertical flip); default: the one postprocess.json was searched with")
     drift = parser.add_argument_group("drift reference (server drift monitoring)")
     drift.add_argument(
         "--drift-frames", type=int, default=DEFAULT_DRIFT_FRAMES, metavar="N",
@@ -469,7 +504,7 @@ def add_arguments(parser: Any) -> None:
 def run(args: Any) -> int:
     suffix = args.out.suffix.lower()
     drift = {"drift_frames": args.drift_frames, "drift_data": args.data, "drift_bins": args.drift_bins,
-             "device": args.device}
+             "device": args.device, "tta": args.tta}
     if suffix == ".onnx":
         report = export_onnx(
             args.run,

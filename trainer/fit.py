@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.metadata import ARCHS
 from trainer import run as rundir
 from trainer.config import (
     AUGMENT_LEVELS,
@@ -102,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--prior-init", action=argparse.BooleanOptionalAction, default=S,
                    help="start the output bias at each class's defect-pixel fraction (default on)")
     m = parser.add_argument_group("model")
+    m.add_argument("--arch", choices=ARCHS, default=S,
+                   help="segmentation network: smp U-Net or FPN (default unet; FPN: decoder-channels[0] is the "
+                        "pyramid width, [1] the segmentation width)")
     m.add_argument("--encoder", default=S, help=f"U-Net encoder (default {d.encoder})")
     m.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default=S,
                    help=f"encoder initialisation (default {d.encoder_weights}; needs the internet once)")
@@ -178,7 +182,7 @@ def unet_config(cfg: FitConfig):
 
     return UNetConfig(
         encoder=cfg.encoder, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
-        encoder_depth=cfg.encoder_depth, decoder_channels=tuple(cfg.decoder_channels or ()),
+        encoder_depth=cfg.encoder_depth, decoder_channels=tuple(cfg.decoder_channels or ()), arch=cfg.arch,
     )
 
 
@@ -798,7 +802,7 @@ class FoldTrainer:
 
         rows = read_metrics(self.paths.metrics) + [row]
         write_metrics(self.paths.metrics, rows, metrics_columns(self.cfg.num_classes))
-        plot_curves(rows, self.paths.curves, title=f"fold {self.fold}: {self.cfg.encoder} U-Net")
+        plot_curves(rows, self.paths.curves, title=f"fold {self.fold}: {self.cfg.encoder} {self.cfg.arch}")
         facts = self.facts(row)
         ucfg = unet_config(self.cfg)
         save_fold_checkpoint(self.paths.last, ucfg, self.unet, facts, self.training_state(finished).to_dict())

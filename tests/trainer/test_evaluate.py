@@ -215,3 +215,20 @@ def test_oof_on_a_partial_run_scores_the_trained_folds_with_a_warning(trained_ru
     shutil.rmtree(run / "fold0")
     with pytest.raises(FileNotFoundError, match="no fold checkpoints"):
         evaluate_run(run, split="oof", device="cpu")
+
+
+def test_tta_of_the_oof_search_is_what_holdout_and_export_use(trained_run: Path, tmp_path: Path) -> None:
+    from engine.metadata import read_onnx_metadata
+    from trainer.export import export_onnx
+
+    run = _copy(trained_run, tmp_path)
+    plain = evaluate_run(run, split="oof", device="cpu")
+    flipped = evaluate_run(run, split="oof", device="cpu", tta="hflip")
+    assert json.loads((run / "postprocess.json").read_text())["tta"] == "hflip"
+    assert flipped["loss"] != plain["loss"]  # the folds saw other inputs
+    holdout = evaluate_run(run, split="holdout", device="cpu")
+    assert holdout["metadata"]["tta"] == "hflip"
+    export_onnx(run, tmp_path / "model.onnx", drift_frames=0)
+    assert read_onnx_metadata(str(tmp_path / "model.onnx")).tta == "hflip"
+    export_onnx(run, tmp_path / "plain.onnx", drift_frames=0, tta="none")  # told otherwise: a warning, not refused
+    assert read_onnx_metadata(str(tmp_path / "plain.onnx")).tta == "none"
