@@ -70,6 +70,7 @@ class FitConfig:
     pos_weight: tuple[float, ...] | None = None
     balance: bool = True
     augment: str = "none"
+    crop: tuple[int, ...] | None = None
     balance_target: int | None = None
     prior_init: bool = True
     mean: float | None = None
@@ -286,6 +287,9 @@ def resolve(cfg: FitConfig) -> FitConfig:
     th, tw = resolved.train_size
     if th < 1 or tw < 1:
         raise ValueError(f"--scale {cfg.scale} shrinks {height}x{width} frames to {th}x{tw}; pick a larger --scale")
+    if cfg.crop is not None and (len(cfg.crop) != 2 or not 1 <= cfg.crop[0] <= th or not 1 <= cfg.crop[1] <= tw):
+        raise ValueError(f"--crop {'x'.join(map(str, cfg.crop))} must be HxW within the training size {th}x{tw} "
+                         f"(--scale {cfg.scale} of {height}x{width} frames)")
     stride = 2**cfg.encoder_depth
     if th % stride or tw % stride:
         # engine.model.padded_logits pads to the stride and crops back, in training and in the graph.

@@ -46,6 +46,7 @@ from trainer.config import (
     read_config_file,
     resolve,
 )
+from trainer.crops import parse_crop
 from trainer.distributed import Dist, barrier, on_main_then_share, setup_distributed, teardown
 from trainer.pretrained import build_pretrained_unet, check_pretrained_reachable
 from trainer.run import metrics_columns, read_metrics, write_metrics
@@ -99,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--augment", choices=AUGMENT_LEVELS, default=S,
                    help="random augmentation of every training batch: flips, brightness/contrast (light); plus "
                         "shift/scale, gamma, defect blackout (strong); default none")
+    g.add_argument("--crop", type=parse_crop, default=S, metavar="HxW",
+                   help="train on random HxW crops at the training scale, centred on a rare class's defect "
+                        "pixels 70%% of the time; validation and export use whole frames (default: whole frames)")
     g.add_argument("--balance-target", type=int, default=S, help="records per class (default: the commonest's)")
     g.add_argument("--prior-init", action=argparse.BooleanOptionalAction, default=S,
                    help="start the output bias at each class's defect-pixel fraction (default on)")
@@ -609,6 +613,7 @@ class FoldTrainer:
     # ------------------------------------------------------------------ data
 
     def make_loaders(self) -> None:
+        import numpy as np
         import torch
         from torch.utils.data import Subset
 
@@ -621,6 +626,13 @@ class FoldTrainer:
             if cfg.balance else list(self.train_samples)
         if d.main:
             self._write_fold_config(items)
+        self.crops = None
+        if cfg.crop is not None:
+            from trainer.augment import class_counts
+            from trainer.crops import CropSampler
+
+            rarity = np.argsort(class_counts(self.train_samples, cfg.num_classes), kind="stable").tolist()
+            self.crops = CropSampler(tuple(cfg.crop), rarity, cfg.seed, self.fold)
         data_cfg = data_config(cfg)
         augment = None if cfg.augment == "none" else RandomAugment(cfg.augment, cfg.seed, self.fold)
         train_set = SeverstalDataset(items, data_cfg, scale=1.0, augment=augment)
@@ -703,10 +715,12 @@ class FoldTrainer:
         bar = tqdm(self.batches(self.train_loader), total=len(self.train_loader),
                    desc=f"fold {self.fold} epoch {epoch}/{self.cfg.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (self.d.main and self.options.progress))
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar):
+            if self.crops is not None:
+                x, y = self.crops(x, y, epoch, step)
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
-                logits = padded_logits(self.model, x, self.cfg.train_size, self.stride)
+                logits = padded_logits(self.model, x, tuple(x.shape[-2:]), self.stride)
             loss = self.criterion(logits, y)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)

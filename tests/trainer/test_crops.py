@@ -1,0 +1,66 @@
+"""Crop training (``trainer fit --crop HxW``): defect-aware crops, seeded, whole-frame validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.crops import CropSampler, parse_crop
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """8 frames 32x160, class 3 (index 2) a 2x2 spot at a different place in each, class 1 everywhere in frame 0."""
+    x = torch.arange(8 * 32 * 160, dtype=torch.float32).reshape(8, 1, 32, 160)
+    y = torch.zeros(8, 4, 32, 160)
+    for i in range(8):
+        y[i, 2, 3 * i:3 * i + 2, 18 * i:18 * i + 2] = 1
+    y[0, 0] = 1
+    return x, y
+
+
+def test_crops_centre_on_the_rarest_class_present_and_move_image_and_masks_together() -> None:
+    x, y = _batch()
+    crops = CropSampler((16, 48), rarity=[2, 3, 1, 0], seed=0, fold=0, defect_p=1.0)
+    cx, cy = crops(x, y, epoch=1, batch=0)
+    assert cx.shape == (8, 1, 16, 48) and cy.shape == (8, 4, 16, 48)
+    assert (cy[:, 2].flatten(1).sum(1) > 0).all()  # every crop holds its frame's rare spot
+    for i, (top, left) in enumerate(crops.origins(y, 1, 0)):
+        assert torch.equal(cx[i], x[i, :, top:top + 16, left:left + 48])
+        assert torch.equal(cy[i], y[i, :, top:top + 16, left:left + 48])
+
+
+def test_crops_are_seeded_per_epoch_and_batch() -> None:
+    _, y = _batch()
+    crops = CropSampler((16, 48), rarity=[2, 3, 1, 0], seed=0, fold=0, defect_p=0.0)
+    assert crops.origins(y, 1, 0) == crops.origins(y, 1, 0)
+    assert crops.origins(y, 1, 0) != crops.origins(y, 2, 0)
+    assert CropSampler((16, 48), [2, 3, 1, 0], seed=0, fold=1, defect_p=0.0).origins(y, 1, 0) != \
+        crops.origins(y, 1, 0)
+
+
+def test_parse_crop_names_bad_values() -> None:
+    assert parse_crop("64x256") == (64, 256)
+    with pytest.raises(ValueError, match="HEIGHTxWIDTH"):
+        parse_crop("64,256")
+
+
+def test_fit_on_crops_validates_and_saves_whole_frame_folds(synth_dir: Path, tmp_path: Path) -> None:
+    from engine.model import load_fold
+    from trainer.config import FitConfig, FitOptions, resolve
+    from trainer.fit import read_metrics, run_fit
+
+    torch.set_num_threads(1)
+    values = dict(data=[str(synth_dir)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
+                  decoder_channels=(16, 8, 4), folds=2, holdout=0.15, epochs=1, batch_size=8)
+    with pytest.raises(ValueError, match="within the training size 32x160"):
+        resolve(FitConfig(**values, crop=(48, 64)))
+    cfg = resolve(FitConfig(**values, crop=(20, 60)))  # not a multiple of the stride either: padded
+    out = tmp_path / "run"
+    run_fit(cfg, FitOptions(out=str(out), fold=0, device="cpu", workers=0, progress=False))
+    assert json.loads((out / "config.json").read_text())["crop"] == [20, 60]
+    assert len(read_metrics(out / "fold0" / "metrics.csv")) == 1
+    _, _, facts = load_fold(out / "fold0" / "best.pt")
+    assert facts.train_size == (32, 160)  # the whole-frame training size: export builds the graph from it
