@@ -1,0 +1,160 @@
+"""The product's trainer against a plain baseline, with the same wall-clock budget and the same holdout.
+
+    python tools/compare_training.py --data ../shared/data/neu-det --classes 6 --budget-min 20 --out compare
+
+- baseline: what a first attempt does: smp U-Net (the same encoder, depth, decoder and training
+  resolution), BCE, Adam, best epoch by validation loss, threshold 0.5 and the thesis' minimum
+  area; no balancing, no output-prior initialisation, no augmentation, no crops, no TTA;
+- product: the same network budget with the product's options (``--product`` overrides them:
+  ``--product augment=strong --product loss=bce+dice``), then the out-of-fold search of thresholds
+  and minimum areas on the fold it trained (a partial run) and the TTA it names.
+
+Each trains fold 0 of one split (written once, used by both) until its budget is spent (checked
+after every epoch, so one epoch always runs) or its epochs run out, then both are scored on the
+same holdout. Writes ``OUT/comparison.md`` (Kaggle metric, per-class Dice, label accuracy, epochs,
+minutes) and ``OUT/comparison.json``. Figures mean something only on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.config import FitConfig, FitOptions, resolve  # noqa: E402
+
+log = logging.getLogger("compare_training")
+
+#: Settings both share (the network and the resolution; the budget decides the epochs).
+NETWORK = {"encoder": "resnet18", "encoder_weights": "none", "encoder_depth": 3, "decoder_channels": (32, 16, 8),
+           "scale": 0.5, "batch_size": 8, "lr": 0.002, "folds": 5, "holdout": 0.15, "epochs": 1000,
+           "patience": 1000}
+#: The plain baseline: every product option off.
+BASELINE = {"arch": "unet", "loss": "bce", "pos_weight": None, "balance": False, "prior_init": False,
+            "augment": "none", "crop": None}
+#: The product's preset (to be tuned by measurement; ``tta`` is the evaluation's and export's).
+PRODUCT = {"loss": "bce+dice", "pos_weight": None, "balance": True, "prior_init": True, "augment": "light",
+           "tta": "hflip"}
+
+
+class BudgetSpent(Exception):
+    """Raised after the epoch that used up a run's wall-clock budget."""
+
+
+def _value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return tuple(_value(v) for v in text.split(",")) if "," in text else text
+
+
+def overrides(pairs: list[str], flag: str) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} {pair!r}: expected key=value, e.g. augment=strong")
+        out[key.replace("-", "_")] = _value(text)
+    return out
+
+
+def train(name: str, values: dict[str, Any], out: Path, budget_s: float, workers: int) -> dict[str, Any]:
+    """Trains fold 0 of ``values`` into ``out / name`` until the budget is spent; returns what happened."""
+    from trainer.fit import run_fit
+
+    cfg = resolve(FitConfig(**values))
+    started = time.monotonic()
+    epochs: list[int] = []
+
+    def stop_when_spent(event: Any) -> None:
+        epochs.append(event.epoch)
+        if time.monotonic() - started >= budget_s:
+            raise BudgetSpent
+
+    try:
+        run_fit(cfg, FitOptions(out=str(out / name), fold=0, device="cpu", workers=workers, progress=False,
+                                restart=True), on_epoch_end=stop_when_spent)
+    except BudgetSpent:
+        log.info("%s: budget of %.1f min spent after epoch %d", name, budget_s / 60, epochs[-1])
+    return {"epochs": len(epochs), "minutes": round((time.monotonic() - started) / 60, 2),
+            "config": cfg.to_dict()}
+
+
+def score(name: str, run: Path, tta: str | None, search: bool) -> dict[str, Any]:
+    from trainer.evaluate import evaluate_run
+
+    if search:
+        evaluate_run(run, split="oof", device="cpu", tta=tta)
+    result = evaluate_run(run, split="holdout", device="cpu", tta=tta)
+    scores = result["rules"][result["primary"]]["scores"]
+    return {"name": name, "images": result["images"], "kaggle": scores["kaggle"],
+            "kaggle_per_class": scores["kaggle_per_class"], "label_accuracy": scores["label_accuracy"],
+            "empty_kaggle": result["empty_kaggle"], "thresholds": result["metadata"]["thresholds"],
+            "min_areas": result["metadata"]["min_areas"], "tta": result["metadata"]["tta"]}
+
+
+def table(rows: list[dict[str, Any]], class_names: list[str]) -> str:
+    head = ["model", "epochs", "minutes", "Kaggle metric", *[f"Dice {k + 1} {n}" for k, n in enumerate(class_names)],
+            "label accuracy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["name"], str(r["epochs"]), f"{r['minutes']:.1f}", f"{r['kaggle']:.4f}",
+                 *[f"{v:.4f}" for v in r["kaggle_per_class"]], f"{r['label_accuracy']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"\nholdout: {rows[0]['images']} images; predicting nothing scores Kaggle {rows[0]['empty_kaggle']:.4f}. "
+                 "Per-class Dice is the Kaggle metric of each class (1 for a pair both empty).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", action="append", required=True, metavar="DIR", help="Severstal-format data folder")
+    parser.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default compare/)")
+    parser.add_argument("--budget-min", type=float, required=True, help="wall-clock minutes of training per model")
+    parser.add_argument("--classes", type=int, default=4, help="defect classes (NEU-DET: 6)")
+    parser.add_argument("--network", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a shared setting, e.g. encoder=resnet34 or scale=1.0")
+    parser.add_argument("--product", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a product setting, e.g. augment=strong, crop=64,64 or tta=none")
+    parser.add_argument("--workers", type=int, default=0, help="data-loader workers (default 0)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    network = {**NETWORK, **overrides(args.network, "--network"), "data": args.data, "num_classes": args.classes}
+    product = {**PRODUCT, **overrides(args.product, "--product")}
+    tta = product.pop("tta", "none")
+    budget_s = args.budget_min * 60
+    args.out.mkdir(parents=True, exist_ok=True)
+    baseline_run = train("baseline", {**network, **BASELINE}, args.out, budget_s, args.workers)
+    # The product trains on the baseline's split, so both are scored on the same holdout.
+    folds_file = str(args.out / "baseline" / "folds.csv")
+    product_run = train("product", {**network, **BASELINE, **product, "folds_file": folds_file}, args.out, budget_s,
+                        args.workers)
+    rows = [{**score("baseline (U-Net, BCE, Adam, 0.5)", args.out / "baseline", "none", search=False), **baseline_run},
+            {**score(f"product (oof search, TTA {tta})", args.out / "product", tta, search=True), **product_run}]
+    names = list(resolve(FitConfig(**network)).class_names or [])
+    markdown = table(rows, names)
+    (args.out / "comparison.md").write_text(markdown, encoding="utf-8")
+    (args.out / "comparison.json").write_text(json.dumps(rows, indent=2, default=_json) + "\n", encoding="utf-8")
+    print(markdown)
+    return 0
+
+
+def _json(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
