@@ -59,6 +59,9 @@ class ModelMetadata:
         project_version: version of this software that wrote the artifact.
         drift_reference: reference statistics for drift monitoring, or ``None``.
         tta: flip test-time augmentation the graph applies (one of :data:`TTA_MODES`).
+        gate_thresholds: per-class threshold of the folds' gate heads (their mean class probability);
+            when set, a class is present only when its count reaches its minimum area and its class
+            probability reaches this; None = no gate.
     """
 
     num_classes: int = 4
@@ -81,6 +84,7 @@ class ModelMetadata:
     project_version: str = field(default_factory=project_version)
     drift_reference: dict[str, Any] | None = None
     tta: str = "none"
+    gate_thresholds: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,6 +109,9 @@ class ModelMetadata:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.gate_thresholds is not None and (len(self.gate_thresholds) != c
+                                                 or any(not 0.0 <= t <= 1.0 for t in self.gate_thresholds)):
+            raise ValueError(f"gate_thresholds must be {c} values in [0, 1], got {self.gate_thresholds}")
         if self.tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
 

@@ -47,6 +47,8 @@ class UNetConfig:
 
     ``arch`` ``fpn`` (smp's FPN) reads ``decoder_channels[0]`` as its pyramid width and
     ``decoder_channels[1]`` (else the same) as its segmentation width; it needs 3..5 encoder stages.
+    ``gate`` adds smp's classification head on the encoder (``aux_params``): one presence logit per
+    class, and the network returns ``(mask logits, class logits)``.
     """
 
     encoder: str = "resnet34"
@@ -55,6 +57,7 @@ class UNetConfig:
     encoder_depth: int = 5
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     arch: str = "unet"
+    gate: bool = False
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -95,7 +98,7 @@ def build_unet(cfg: UNetConfig, encoder_weights: str | None = None) -> nn.Module
 
     common = dict(encoder_name=ENCODERS[cfg.encoder], encoder_weights=encoder_weights,
                   encoder_depth=cfg.encoder_depth, in_channels=cfg.in_channels, classes=cfg.num_classes,
-                  activation=None)
+                  activation=None, aux_params={"classes": cfg.num_classes, "activation": None} if cfg.gate else None)
     if cfg.arch == "fpn":
         widths = cfg.decoder_channels
         # smp 0.6's FPN decoder ends at stride 2**(depth - 3): upsample by that to the input's size.
@@ -154,7 +157,7 @@ def drop_unused_encoder_stages(unet: nn.Module, in_channels: int) -> int:
     dropped = sum(p.numel() for _, _, child in replaced for p in child.parameters())
     with torch.no_grad():
         try:
-            same = torch.equal(unet(probe), expected)
+            same = torch.equal(_mask_logits(unet(probe)), expected)
         except RuntimeError:
             same = False
     if not same:
@@ -163,6 +166,11 @@ def drop_unused_encoder_stages(unet: nn.Module, in_channels: int) -> int:
         dropped = 0
     unet.train(was_training)
     return dropped
+
+
+def _mask_logits(out: Any) -> torch.Tensor:
+    """The mask logits of a network's output (a gated network returns them with class logits)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def probe_usage(unet: nn.Module, in_channels: int) -> tuple[set[int], set[int], torch.Tensor, torch.Tensor]:
@@ -182,7 +190,7 @@ def probe_usage(unet: nn.Module, in_channels: int) -> tuple[set[int], set[int], 
     probe = torch.linspace(-1.0, 1.0, 64 * 64).reshape(1, 1, 64, 64).expand(1, in_channels, 64, 64).contiguous()
     try:
         unet.zero_grad(set_to_none=True)
-        output = unet(probe)
+        output = _mask_logits(unet(probe))
         output.sum().backward()
     finally:
         for hook in hooks:
@@ -278,15 +286,28 @@ def fold_probabilities(net: nn.Module, x: torch.Tensor, size: tuple[int, int], s
                        tta: str = "none") -> torch.Tensor:
     """One network's mask probabilities (float32) on ``x``, averaged over the ``tta`` flips, each
     flipped back; see :func:`padded_logits` for ``size`` and ``stride``."""
-    total = None
-    for dims in TTA_VIEWS[tta]:
+    return fold_outputs(net, x, size, stride, tta)[0]
+
+
+def fold_outputs(net: nn.Module, x: torch.Tensor, size: tuple[int, int], stride: int,
+                 tta: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask probabilities ``[N, C, h, w]``, class probabilities ``[N, C]`` of a gate head or None),
+    float32, each averaged over the ``tta`` flips."""
+    masks, gates = None, None
+    views = TTA_VIEWS[tta]
+    for dims in views:
         out = padded_logits(net, x.flip(dims) if dims else x, size, stride)
-        logits = out[0] if isinstance(out, (tuple, list)) else out
         # Sigmoid in float32: fp16 would quantise probabilities near 0.5 to steps of 2**-11.
-        p = torch.sigmoid(logits.to(torch.float32))
+        p = torch.sigmoid(_mask_logits(out).to(torch.float32))
         p = p.flip(dims) if dims else p
-        total = p if total is None else total + p
-    return total if len(TTA_VIEWS[tta]) == 1 else total * (1.0 / len(TTA_VIEWS[tta]))
+        masks = p if masks is None else masks + p
+        if isinstance(out, (tuple, list)):
+            g = torch.sigmoid(out[1].to(torch.float32))
+            gates = g if gates is None else gates + g
+    if len(views) > 1:
+        masks = masks * (1.0 / len(views))
+        gates = None if gates is None else gates * (1.0 / len(views))
+    return masks, gates
 
 
 def postprocess(
@@ -336,20 +357,34 @@ class InspectionModel(nn.Module):
         self.compute_dtype = compute_dtype
         self.register_buffer("thresholds", torch.tensor(meta.thresholds, dtype=torch.float32), persistent=False)
         self.register_buffer("min_areas", torch.tensor(meta.min_areas, dtype=torch.int32), persistent=False)
+        gate_thresholds = meta.gate_thresholds if meta.gate_thresholds is not None else [0.5] * meta.num_classes
+        self.register_buffer("gate_thresholds", torch.tensor(gate_thresholds, dtype=torch.float32), persistent=False)
 
     def probabilities(self, frames: torch.Tensor) -> torch.Tensor:
         """Mean fold probabilities at input resolution, float32 ``[N, C, H, W]`` (over the TTA views too)."""
+        return self.outputs(frames)[0]
+
+    def outputs(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mean fold mask probabilities at input resolution and mean gate probabilities ``[N, C]``
+        (None unless every fold has a gate head)."""
         x = preprocess(frames, self.meta, self.compute_dtype)
-        total = None
+        total, gates = None, []
         for fold, stride in zip(self.folds, self.strides):
-            p = fold_probabilities(fold, x, self.meta.train_size, stride, self.meta.tta)
+            p, g = fold_outputs(fold, x, self.meta.train_size, stride, self.meta.tta)
             total = p if total is None else total + p
+            gates.append(g)
         probs = total * (1.0 / len(self.folds))
-        return resize(probs, self.meta.input_size, src_size=self.meta.train_size)
+        gate = None if any(g is None for g in gates) else sum(gates[1:], gates[0]) * (1.0 / len(gates))
+        return resize(probs, self.meta.input_size, src_size=self.meta.train_size), gate
 
     def forward(self, frames: torch.Tensor):  # noqa: D102 - see class docstring
-        probs = self.probabilities(frames)
+        probs, gate = self.outputs(frames)
         masks, counts, present = postprocess(probs, self.thresholds, self.min_areas)
+        if self.meta.gate_thresholds is not None:
+            if gate is None:
+                raise ValueError("the metadata has gate thresholds, but the folds have no gate head")
+            # The empty-frame gate: present only when the class head agrees as well as the pixel count.
+            present = present & (gate >= self.gate_thresholds.view(1, -1))
         if self.with_probs:
             return masks, counts, present, probs
         return masks, counts, present

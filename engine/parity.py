@@ -118,8 +118,12 @@ def compare_outputs(
     tolerance: Tolerance,
     reference_name: str = "reference",
     candidate_name: str = "candidate",
+    gated: bool = False,
 ) -> ParityReport:
     """Compares two sets of inspection outputs (``InspectionResult`` or dicts of arrays).
+
+    ``gated``: the model has an empty-frame gate, so ``present`` may be false where the count
+    reaches the minimum area (never the other way round).
 
     ``reference`` must carry ``probs`` (they define the near-threshold band); the probability
     difference is measured only when ``candidate`` has them too.
@@ -179,7 +183,9 @@ def compare_outputs(
             f"{cand_counts[n, k]}, mask pixels {own_sums[n, k]})"
         )
     expected_present = cand_counts >= np.asarray(min_areas, dtype=np.int64).reshape(1, c)
-    if not np.array_equal(expected_present, cand_present):
+    if gated and (cand_present & ~expected_present).any():
+        report.failures.append(f"{candidate_name} present where counts < min_area")
+    elif not gated and not np.array_equal(expected_present, cand_present):
         report.failures.append(f"{candidate_name} present disagrees with counts >= min_area")
     return report
 

@@ -47,6 +47,7 @@ class FitConfig:
 
     data: list[str] = field(default_factory=list)
     arch: str = "unet"
+    gate: bool = False
     encoder: str = "resnet34"
     encoder_weights: str = "imagenet"
     freeze_encoder: bool = False

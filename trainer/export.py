@@ -170,6 +170,17 @@ def read_postprocess_tta(run_dir: Path) -> str:
     return tta
 
 
+def read_gate_thresholds(run_dir: Path, num_classes: int) -> list[float]:
+    """``gate_thresholds`` of ``RUN/postprocess.json``, else 0.5 per class (folds trained with ``--gate``)."""
+    path = run_dir / rundir.POSTPROCESS
+    values = json.loads(path.read_text()).get("gate_thresholds") if path.is_file() else None
+    if values is None:
+        return [DEFAULT_THRESHOLD] * num_classes
+    if not isinstance(values, list) or len(values) != num_classes:
+        raise ValueError(f"{path}: 'gate_thresholds' must be a list of {num_classes} values, got {values!r}")
+    return [float(v) for v in values]
+
+
 def resolve_tta(run_dir: Path, tta: str | None) -> str:
     """``tta``, or the run's when None; warns when it differs from the one the thresholds were searched with."""
     searched = read_postprocess_tta(run_dir)
@@ -242,6 +253,7 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all", tta: str |
         checkpoint_sha256=shas,
         model_version=f"{run_dir.resolve().name}-{combined}",
         tta=resolve_tta(run_dir, tta),
+        gate_thresholds=read_gate_thresholds(run_dir, config.num_classes) if config.gate else None,
     )
     return RunModel(run_dir, nets, list(wanted), checkpoints, config, meta)
 
@@ -387,7 +399,8 @@ def _check_parity(model: Any, frames: Any, eager_outputs: dict[str, Any], meta: 
 
     outputs = _run_onnxruntime(model.SerializeToString(), frames, [*graph.OUTPUT_NAMES, graph.PROBS_NAME])
     report = compare_outputs(eager_outputs, outputs, meta.thresholds, meta.min_areas, tolerance_for(meta.precision),
-                             reference_name="torch eager fp32", candidate_name=f"onnxruntime cpu {meta.precision}")
+                             reference_name="torch eager fp32", candidate_name=f"onnxruntime cpu {meta.precision}",
+                             gated=meta.gate_thresholds is not None)
     log.info("parity: %s", report.summary())
     if not report.passed:
         raise ExportParityError(

@@ -110,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--arch", choices=ARCHS, default=S,
                    help="segmentation network: smp U-Net or FPN (default unet; FPN: decoder-channels[0] is the "
                         "pyramid width, [1] the segmentation width)")
+    m.add_argument("--gate", action=argparse.BooleanOptionalAction, default=S,
+                   help="a classification head on the encoder trained on presence labels; in the graph a class "
+                        "is present only when its head's probability also reaches the gate threshold (default off)")
     m.add_argument("--encoder", default=S, help=f"U-Net encoder (default {d.encoder})")
     m.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default=S,
                    help=f"encoder initialisation (default {d.encoder_weights}; needs the internet once)")
@@ -187,6 +190,7 @@ def unet_config(cfg: FitConfig):
     return UNetConfig(
         encoder=cfg.encoder, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
         encoder_depth=cfg.encoder_depth, decoder_channels=tuple(cfg.decoder_channels or ()), arch=cfg.arch,
+        gate=cfg.gate,
     )
 
 
@@ -701,6 +705,15 @@ class FoldTrainer:
         sums[2 + c:2 + 2 * c] += p.sum((0, 2, 3))
         sums[2 + 2 * c:] += y.sum((0, 2, 3))
 
+    def _loss(self, out, y):
+        """(mask logits, loss): the segmentation loss, plus the gate head's BCE on presence labels."""
+        import torch.nn.functional as F
+
+        if not isinstance(out, (tuple, list)):
+            return out, self.criterion(out, y)
+        presence = y.flatten(2).amax(dim=2)
+        return out[0], self.criterion(out[0], y) + F.binary_cross_entropy_with_logits(out[1].float(), presence)
+
     def train_epoch(self, epoch: int):
         """One pass over the training loader; returns the summed statistics (this process's share)."""
         from tqdm import tqdm
@@ -720,8 +733,8 @@ class FoldTrainer:
                 x, y = self.crops(x, y, epoch, step)
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
-                logits = padded_logits(self.model, x, tuple(x.shape[-2:]), self.stride)
-            loss = self.criterion(logits, y)
+                out = padded_logits(self.model, x, tuple(x.shape[-2:]), self.stride)
+            logits, loss = self._loss(out, y)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -745,8 +758,9 @@ class FoldTrainer:
         with torch.no_grad():
             for x, y in self.batches(self.val_loader):
                 with self._autocast():
-                    logits = padded_logits(self.unet, x, self.cfg.train_size, self.stride)
-                self._accumulate(sums, self.criterion(logits, y), logits, y)
+                    out = padded_logits(self.unet, x, self.cfg.train_size, self.stride)
+                logits, loss = self._loss(out, y)
+                self._accumulate(sums, loss, logits, y)
         return sums
 
     def summarise(self, sums) -> tuple[float, float, list[float]]:
