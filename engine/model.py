@@ -364,6 +364,16 @@ class InspectionModel(nn.Module):
         """Mean fold probabilities at input resolution, float32 ``[N, C, H, W]`` (over the TTA views too)."""
         return self.outputs(frames)[0]
 
+    def decide(self, probs: torch.Tensor, gate: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(masks, counts, present) from :meth:`outputs`: :func:`postprocess`, then the gate if set."""
+        masks, counts, present = postprocess(probs, self.thresholds, self.min_areas)
+        if self.meta.gate_thresholds is not None:
+            if gate is None:
+                raise ValueError("the metadata has gate thresholds, but the folds have no gate head")
+            # The empty-frame gate: present only when the class head agrees as well as the pixel count.
+            present = present & (gate >= self.gate_thresholds.view(1, -1))
+        return masks, counts, present
+
     def outputs(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean fold mask probabilities at input resolution and mean gate probabilities ``[N, C]``
         (None unless every fold has a gate head)."""
@@ -379,12 +389,7 @@ class InspectionModel(nn.Module):
 
     def forward(self, frames: torch.Tensor):  # noqa: D102 - see class docstring
         probs, gate = self.outputs(frames)
-        masks, counts, present = postprocess(probs, self.thresholds, self.min_areas)
-        if self.meta.gate_thresholds is not None:
-            if gate is None:
-                raise ValueError("the metadata has gate thresholds, but the folds have no gate head")
-            # The empty-frame gate: present only when the class head agrees as well as the pixel count.
-            present = present & (gate >= self.gate_thresholds.view(1, -1))
+        masks, counts, present = self.decide(probs, gate)
         if self.with_probs:
             return masks, counts, present, probs
         return masks, counts, present

@@ -292,7 +292,8 @@ def _read_predictions(path: Path, groups: list[tuple[int | None, list[Sample]]],
 def _run_predictor(run_dir: Path, fold: int | None, cfg: FitConfig, scoring: _Scoring) -> Predictor:
     """The run's ensemble (holdout, all), or the one fold that did not train on ``fold`` (oof)."""
     if fold is not None:
-        return Predictor.of_run(run_dir, [fold], scoring.device, override={**scoring.baseline, "tta": scoring.tta})
+        return Predictor.of_run(run_dir, [fold], scoring.device,
+                                override={**scoring.baseline, "tta": scoring.tta, "gate_thresholds": None})
     predictor = Predictor.of_run(run_dir, "all", scoring.device, override={"tta": scoring.tta})
     if predictor.metadata.folds < cfg.folds:
         log.warning("only %d of the run's %d folds have a best.pt; scoring their ensemble",
@@ -368,7 +369,9 @@ class _Scoring:
             return
         probs = torch.from_numpy(result.probs).to(self.device)
         truth_dev = truth.to(self.device, non_blocking=True)
-        self.grid_parts.append(threshold_stats(probs, truth_dev, self.grid))
+        part = threshold_stats(probs, truth_dev, self.grid)
+        part.gate = result.gate
+        self.grid_parts.append(part)
         with torch.inference_mode():
             loss = self.criterion(logits_from_probs(probs), truth_dev)
         self.loss_sum += float(loss) * frames.shape[0]
@@ -422,7 +425,7 @@ def _compare_and_search(result: dict[str, Any], scoring: _Scoring, run_dir: Path
     """Adds the baseline rule's scores (when the model's rule differs) and, for oof, the searched rule,
     writing ``RUN/postprocess.json``."""
     from trainer.metrics import score
-    from trainer.postsearch import ThresholdStats, default_min_area_grid, search
+    from trainer.postsearch import ThresholdStats, default_min_area_grid, search, search_gate
 
     grid_stats = ThresholdStats.concatenate(scoring.grid_parts)
     baseline, meta, rules = scoring.baseline, scoring.metas[0], result["rules"]
@@ -435,15 +438,21 @@ def _compare_and_search(result: dict[str, Any], scoring: _Scoring, run_dir: Path
     areas = sorted(set(min_area_grid or default_min_area_grid(data_cfg.height, data_cfg.width))
                    | set(baseline["min_areas"]))
     found = search(grid_stats, areas, baseline["thresholds"], baseline["min_areas"])
-    searched = grid_stats.pixel_stats(found.thresholds, found.min_areas)
-    rules["searched"] = {"thresholds": found.thresholds, "min_areas": found.min_areas,
+    gate = None
+    if grid_stats.gate is not None:  # folds with a gate head: its thresholds, given the pixel rule's
+        gate, _ = search_gate(grid_stats, found.thresholds, found.min_areas)
+    searched = grid_stats.pixel_stats(found.thresholds, found.min_areas, gate)
+    rules["searched"] = {"thresholds": found.thresholds, "min_areas": found.min_areas, "gate_thresholds": gate,
                          "scores": score(searched).to_dict()}
     result["primary"] = "searched"
     postprocess = found.to_dict() | {
-        "split": "oof", "folds": cfg.folds, "scored_folds": scoring.folds, "tta": scoring.tta, "run": str(run_dir),
+        "split": "oof", "folds": cfg.folds, "scored_folds": scoring.folds, "tta": scoring.tta,
+        "gate_thresholds": gate, "run": str(run_dir),
         "checkpoint_sha256": [m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in scoring.metas],
         "written_by": "trainer evaluate --split oof",
     }
+    if gate is not None:
+        postprocess["kaggle_after_gate"] = rules["searched"]["scores"]["kaggle"]
     path = run_dir / rundir.POSTPROCESS
     rundir.atomic_write_text(path, json.dumps(postprocess, indent=2) + "\n")
     result["postprocess"] = postprocess

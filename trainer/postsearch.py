@@ -58,12 +58,14 @@ class ThresholdStats:
         predicted: int64 ``[N, C, T]`` pixels with ``p >= thresholds[t]``.
         intersection: int64 ``[N, C, T]`` of those, pixels that are true defect pixels.
         truth: int64 ``[N, C]`` true defect pixels.
+        gate: float32 ``[N, C]`` class probabilities of a gate head, or None.
     """
 
     thresholds: np.ndarray
     predicted: np.ndarray
     intersection: np.ndarray
     truth: np.ndarray
+    gate: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.truth.shape[0])
@@ -80,6 +82,7 @@ class ThresholdStats:
             predicted=np.concatenate([p.predicted for p in parts]),
             intersection=np.concatenate([p.intersection for p in parts]),
             truth=np.concatenate([p.truth for p in parts]),
+            gate=None if any(p.gate is None for p in parts) else np.concatenate([p.gate for p in parts]),
         )
 
     def threshold_index(self, threshold: float) -> int:
@@ -90,8 +93,9 @@ class ThresholdStats:
             )
         return int(hits[0])
 
-    def pixel_stats(self, thresholds: Sequence[float], min_areas: Sequence[int]) -> PixelStats:
-        """The pixel statistics :func:`engine.model.postprocess` would give with these settings."""
+    def pixel_stats(self, thresholds: Sequence[float], min_areas: Sequence[int],
+                    gate_thresholds: Sequence[float] | None = None) -> PixelStats:
+        """The pixel statistics :func:`engine.model.postprocess` (and the gate, when given) would give."""
         c = self.truth.shape[1]
         if len(thresholds) != c or len(min_areas) != c:
             raise ValueError(f"expected {c} thresholds and {c} min areas, got {len(thresholds)} and {len(min_areas)}")
@@ -100,6 +104,10 @@ class ThresholdStats:
         predicted = self.predicted[:, classes, index]
         intersection = self.intersection[:, classes, index]
         present = predicted >= np.asarray(min_areas, dtype=np.int64).reshape(1, c)
+        if gate_thresholds is not None:
+            if self.gate is None:
+                raise ValueError("gate thresholds given, but these statistics hold no gate probabilities")
+            present &= self.gate >= np.asarray(gate_thresholds, dtype=np.float32).reshape(1, c)
         return PixelStats(intersection, predicted, self.truth, present)
 
 
@@ -145,6 +153,32 @@ def threshold_stats(probs: Any, truth_masks: Any, thresholds: Sequence[float] = 
         intersection=at_or_above(true_histogram),
         truth=truth_t.sum(dim=(2, 3)).cpu().numpy().astype(np.int64),
     )
+
+
+#: Candidate gate thresholds (class probability of the gate head); 0 = the gate never vetoes.
+DEFAULT_GATE_THRESHOLDS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def search_gate(stats: ThresholdStats, thresholds: Sequence[float], min_areas: Sequence[int],
+                grid: Sequence[float] = DEFAULT_GATE_THRESHOLDS) -> tuple[list[float], list[float]]:
+    """Per class, the gate threshold maximising the Kaggle metric given the chosen pixel threshold and
+    minimum area (lowest on ties; 0 is in the grid, so it never scores below no gate).
+
+    Returns:
+        the gate thresholds, and the per-class Kaggle metric with them.
+    """
+    if stats.gate is None:
+        raise ValueError("no gate probabilities: the folds have no gate head (trainer fit --gate)")
+    c = stats.truth.shape[1]
+    grid = sorted({float(g) for g in grid} | {0.0})
+    base = stats.pixel_stats(thresholds, min_areas)
+    scores = np.zeros((c, len(grid)))
+    for j, g in enumerate(grid):
+        present = base.present & (stats.gate >= np.float32(g))
+        scores[:, j] = kaggle_metric(PixelStats(base.intersection, base.predicted, base.truth, present),
+                                     per_class=True)
+    best = scores.argmax(axis=1)
+    return [grid[j] for j in best], [float(scores[k, j]) for k, j in enumerate(best)]
 
 
 @dataclass

@@ -55,10 +55,12 @@ class RunEnsembleBackend(Backend):
         check_frames(frames, self.metadata)
         torch = self._torch
         with torch.inference_mode():
-            masks, counts, present, probs = self.model(torch.from_numpy(np.ascontiguousarray(frames))
-                                                       .to(self._torch_device, non_blocking=True))
+            probs, gate = self.model.outputs(torch.from_numpy(np.ascontiguousarray(frames))
+                                             .to(self._torch_device, non_blocking=True))
+            masks, counts, present = self.model.decide(probs, gate)
         return InspectionResult(masks=masks.cpu().numpy(), counts=counts.cpu().numpy(),
-                                present=present.cpu().numpy(), probs=probs.cpu().numpy())
+                                present=present.cpu().numpy(), probs=probs.cpu().numpy(),
+                                gate=None if gate is None else gate.cpu().numpy())
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

@@ -25,6 +25,8 @@ class InspectionResult:
         counts: int32 ``[N, C]`` exact defect pixel counts.
         present: bool ``[N, C]``: ``counts >= min_area`` per class.
         probs: float32 ``[N, C, H, W]`` mean probabilities, only when asked for (debugging).
+        gate: float32 ``[N, C]`` mean class probabilities of the folds' gate heads, where a
+            backend reports them (the trainer's run ensemble, for the gate's threshold search).
         encoded: RLE strings ``[image][class]`` already computed where the masks were produced
             (GPU backends find run boundaries on the device), or None to encode on the host.
     """
@@ -34,6 +36,7 @@ class InspectionResult:
     present: np.ndarray
     probs: np.ndarray | None = None
     encoded: list[list[str]] | None = None
+    gate: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.counts.shape[0])

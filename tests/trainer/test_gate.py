@@ -45,3 +45,13 @@ def test_gated_fold_trains_and_the_graph_requires_the_class_head_to_agree(synth_
     expected = by_count & (gate.numpy() >= np.asarray(gate_thresholds, dtype=np.float32))
     np.testing.assert_array_equal(present, expected)
     assert 0 < present.sum() < present.size  # the gate removed some classes the pixels alone would report
+
+    # The gate's thresholds are searched out of fold (on the trained fold), after the pixel rule's.
+    from trainer.evaluate import evaluate_run
+
+    result = evaluate_run(run, split="oof", device="cpu")
+    post = json.loads((run / "postprocess.json").read_text())
+    assert len(post["gate_thresholds"]) == 4 and all(0 <= g <= 1 for g in post["gate_thresholds"])
+    assert post["kaggle_after_gate"] >= post["kaggle_after"] - 1e-12  # 0 (no veto) is in the grid
+    assert result["rules"]["searched"]["gate_thresholds"] == post["gate_thresholds"]
+    assert load_run(run).metadata.gate_thresholds == post["gate_thresholds"]
