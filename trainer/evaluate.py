@@ -252,6 +252,7 @@ def evaluate_run(
     from tqdm import tqdm
 
     from engine.backends import load_backend
+    from engine.overlay import render_evaluation, write_png
     from trainer.data import SeverstalDataset, load_samples
     from trainer.fit import data_config
     from trainer.losses import SegmentationLoss, logits_from_probs
@@ -263,7 +264,6 @@ def evaluate_run(
         search,
         threshold_stats,
     )
-    from trainer.render import overlay, write_overlay
     from trainer.report import EVALUATIONS_DIR, write_report
 
     started = time.perf_counter()
@@ -359,11 +359,15 @@ def evaluate_run(
                 sample = group[position + i]
                 if sample.image_id in rendered_ids:
                     render_dir.mkdir(parents=True, exist_ok=True)
-                    path = render_dir / f"{Path(sample.image_id).stem}.png"
-                    picture = overlay(frames[i].numpy(), truth[i].numpy(), masks[i].cpu().numpy(),
-                                      present[i].cpu().numpy().tolist(), list(cfg.class_names or []),
-                                      caption=f"{sample.image_id} ({split}; top: truth, bottom: prediction)")
-                    write_overlay(path, picture)
+                    rendering = render_evaluation(
+                        frames[i].numpy(), truth[i].numpy(), masks[i].cpu().numpy(), counts[i].cpu().tolist(),
+                        present[i].cpu().tolist(),
+                        list(cfg.class_names or (predictor.metadata.class_names if predictor.metadata else [])),
+                        min_areas=predictor.metadata.min_areas if predictor.metadata else None,
+                        title=f"{sample.image_id} ({split})")
+                    # The outcomes in the name: TP4-FN3.png reads as "class 4 found, class 3 missed".
+                    path = render_dir / f"{Path(sample.image_id).stem}_{rendering.outcome_tag}.png"
+                    write_png(path, rendering.image)
                     renders.append(str(path))
             position += frames.shape[0]
         bar.close()
