@@ -275,22 +275,6 @@ def render_evaluation(
     return Rendering(image=image, classes=classes, caption=lines)
 
 
-def render_live(
-    frame: np.ndarray,
-    masks: np.ndarray,
-    counts: Sequence[int],
-    present: Sequence[bool],
-    class_names: Sequence[str],
-    min_areas: Sequence[int] | None = None,
-    size: tuple[int, int] | None = None,
-) -> Rendering:
-    """The console's display variant: the prediction panel alone (at ``size``), no caption drawn in;
-    the page shows the legend and the per-class facts from ``classes``."""
-    classes = verdicts(counts, present, class_names, min_areas)
-    image = draw_prediction(frame, masks, present, size=size)
-    return Rendering(image=image, classes=classes, caption=tuple(v.caption() for v in classes))
-
-
 def write_png(path: str, image: np.ndarray) -> None:
     """Writes a BGR picture as PNG (smallest file: renders are few and kept); raises OSError when OpenCV cannot."""
     if not cv2.imwrite(str(path), image, [cv2.IMWRITE_PNG_COMPRESSION, 9]):
@@ -299,5 +283,5 @@ def write_png(path: str, image: np.ndarray) -> None:
 
 __all__ = [
     "CLASS_COLOURS_BGR", "ClassVerdict", "Rendering", "class_colour", "class_colour_hex", "draw_prediction",
-    "outcome", "render_evaluation", "render_live", "verdicts", "write_png",
+    "outcome", "render_evaluation", "verdicts", "write_png",
 ]

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds to finish accepted frames on shutdown (default: 30)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up batches before SERVING")
+    parser.add_argument("--console-port", type=int, default=None, metavar="N",
+                        help="serve the live web console at http://BIND:N/ (https with --tls-cert); "
+                             "0 picks a free port (default: off)")
     from engine import drift
     from server import capture
 
@@ -113,11 +116,16 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start(wait_ready=False)
+    console = None
+    if args.console_port is not None:
+        console = await _start_console(server, args)
     ready = loop.create_task(server.wait_ready())
     stop_wait = loop.create_task(stop.wait())
     await asyncio.wait({ready, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     if ready.done() and ready.exception() is not None:
         stop_wait.cancel()
+        if console is not None:
+            await console.stop()
         await server.stop(grace=0)
         raise ready.exception()  # type: ignore[misc]
     await stop_wait
@@ -125,9 +133,25 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     await server.stop(grace=args.grace)
+    if console is not None:
+        await console.stop()
     ready.cancel()
     await asyncio.gather(ready, return_exceptions=True)
     return 0
+
+
+async def _start_console(server, args: argparse.Namespace):
+    from server.console import Console, ConsoleConfig
+
+    console = Console(server, ConsoleConfig(port=args.console_port, bind=args.bind, tls_cert=args.tls_cert,
+                                            tls_key=args.tls_key))
+    try:
+        await console.start()
+    except BaseException:
+        await server.stop(grace=0)
+        raise
+    print(f"console: {console.url}", flush=True)
+    return console
 
 
 def run(args: argparse.Namespace) -> int:

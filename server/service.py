@@ -37,7 +37,7 @@ from engine import drift
 from engine.backends.base import Backend
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
-from server.batcher import DynamicBatcher, FrameExpired, FrameResult, InferenceFailed
+from server.batcher import DynamicBatcher, FinishedBatch, FrameExpired, FrameResult, InferenceFailed
 from server.capture import CaptureConfig
 from server.decode import FrameRejected, decode_request
 from server.feedback import LineFeedback, LineFeedbackCollector
@@ -336,6 +336,10 @@ class InspectionServer:
         self.accepted = 0
         self.answered = 0
         self.abandoned = 0
+        #: Called on the event loop with each FinishedBatch once its frames are answered (the
+        #: console's frame buffer); each must return at once.
+        self.batch_listeners: list[Callable[[FinishedBatch], None]] = []
+        self.metrics.inflight_limit.set(self.config.max_inflight)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -443,7 +447,7 @@ class InspectionServer:
         )
         self._batcher = DynamicBatcher(
             backend, cfg.max_batch, cfg.max_delay_ms / 1000.0, self._workers, self.metrics, self._inference_thread,
-            on_batch=self.feedback.submit if self.feedback.active else None,
+            on_batch=self._batch_finished,
         )
         if cfg.warmup:
             sizes = tuple(sorted({1, self._batcher.max_batch}))
@@ -454,6 +458,7 @@ class InspectionServer:
         if not self._stopping:
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, SERVING)
+            self.metrics.serving.set(1)
         meta = backend.metadata
         log.info(
             "event=ready model_version=%s backend=%s device=%s precision=%s input=%dx%d classes=%d "
@@ -461,6 +466,12 @@ class InspectionServer:
             meta.model_version, backend.name, backend.device, backend.precision, meta.input_width,
             meta.input_height, meta.num_classes, self._batcher.max_batch, time.perf_counter() - started,
         )
+
+    def _batch_finished(self, batch: FinishedBatch) -> None:
+        if self.feedback is not None and self.feedback.active:
+            self.feedback.submit(batch)
+        for listener in self.batch_listeners:
+            listener(batch)
 
     async def wait_ready(self) -> None:
         """Waits for the model to load; re-raises what made loading fail."""
@@ -490,6 +501,7 @@ class InspectionServer:
         started = time.perf_counter()
         log.info("event=stopping open_streams=%d inflight=%d grace_s=%g", self.open_streams, self.inflight, grace)
         await self._health.enter_graceful_shutdown()
+        self.metrics.serving.set(0)
         for stream in list(self._streams):
             stream.stop_reading()
         try:

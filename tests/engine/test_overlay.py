@@ -12,7 +12,6 @@ from engine.overlay import (
     class_colour_hex,
     draw_prediction,
     render_evaluation,
-    render_live,
     verdicts,
 )
 
@@ -86,16 +85,12 @@ def test_discarded_pixels_are_hatched_and_listed(scene) -> None:
     assert (region[~coloured] == 90).all()
 
 
-def test_live_variant_draws_at_display_size_without_truth(scene) -> None:
+def test_display_variant_draws_at_display_size(scene) -> None:
     frame, truth, _ = scene
-    live = render_live(frame, truth, [0, 0, 1000, 0], [False, False, True, False], NAMES, [200] * 4,
-                       size=(32, 160))
-    assert live.image.shape == (32, 160, 3)
-    assert (live.image[12, 55] != 90).any()  # inside the scratch at half size
-    assert all(v.truth is None and v.outcome is None for v in live.classes)
-    assert live.outcome_tag == ""
-    full = draw_prediction(frame, truth, [False, False, True, False])
-    assert full.shape == (H, W, 3)
+    small = draw_prediction(frame, truth, [False, False, True, False], size=(32, 160))
+    assert small.shape == (32, 160, 3)
+    assert (small[12, 55] != 90).any() and (small[2, 5] == 90).all()  # inside the scratch at half size; outside
+    assert draw_prediction(frame, truth, [False, False, True, False]).shape == (H, W, 3)
 
 
 def test_verdicts_check_lengths_and_colours_are_html() -> None:
