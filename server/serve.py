@@ -150,7 +150,6 @@ async def _start_console(server, args: argparse.Namespace):
     except BaseException:
         await server.stop(grace=0)
         raise
-    print(f"console: {console.url}", flush=True)
     return console
 
 
