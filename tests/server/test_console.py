@@ -167,3 +167,38 @@ def test_quantile_from_buckets_and_bad_config() -> None:
         ConsoleConfig(port=70000)
     with pytest.raises(ValueError, match="private key"):
         ConsoleConfig(tls_cert="cert.pem")
+
+
+def test_console_serves_https_with_the_servers_tls_pair(tiny_onnx, tmp_path) -> None:
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+
+    async def main():
+        async with running_server(tiny_onnx) as server:
+            console = Console(server, ConsoleConfig(port=0, tls_cert=cert, tls_key=key))
+            await console.start()
+            try:
+                trusted = ssl.create_default_context(cafile=str(cert))
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(console.url, ssl=trusted) as response:
+                        page = await response.text()
+                    with pytest.raises(aiohttp.ClientError):
+                        async with session.get(console.url.replace("https:", "http:")) as response:
+                            await response.read()
+            finally:
+                await console.stop()
+            return console.url, page
+
+    url, page = asyncio.run(main())
+    assert url.startswith("https://127.0.0.1:")
+    assert "<title>Strip inspection console</title>" in page and 'new EventSource("events")' in page
