@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from server.console_state import camera_state, latency_buckets, server_state
+
 if TYPE_CHECKING:
     from aiohttp import web
 
@@ -311,8 +313,6 @@ class Console:
 
     async def state(self) -> dict[str, Any]:
         """What the page shows, as JSON-ready data; encodes the images it names (once each)."""
-        from server.console_state import camera_state, server_state
-
         self._sample_load()
         shown: list[asyncio.Future[bytes]] = []
         cameras = []
@@ -320,7 +320,7 @@ class Console:
             if camera.latest is not None:
                 shown.append(self._image(camera.latest, "frame"))
             shown.extend(self._image(s, "thumb") for s in camera.defective)
-            cameras.append(camera_state(camera, self.config, self._load))
+            cameras.append(camera_state(camera, self.config.bucket_s, self.config.history_s, self._load))
         self._forget_images()
         for failure in await asyncio.gather(*shown, return_exceptions=True):
             if isinstance(failure, BaseException):
@@ -330,8 +330,6 @@ class Console:
 
     def _sample_load(self) -> None:
         """One sample of the counters behind frames/s and p95 latency (kept for LOAD_WINDOW_S)."""
-        from server.console_state import latency_buckets
-
         now = time.monotonic()
         frames = {camera_id: camera.frames for camera_id, camera in self._cameras.items()}
         self._load.append((now, self.server.answered, frames, latency_buckets(self.server.metrics)))

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from server.console import ConsoleConfig, _Camera
     from server.metrics import ServerMetrics
     from server.service import InspectionServer
 
@@ -133,8 +132,9 @@ def _shot_state(shot: Any, kind: str) -> dict[str, Any]:
     }
 
 
-def camera_state(camera: _Camera, config: ConsoleConfig, load: Load) -> dict[str, Any]:
-    """One camera's card: latest frame, thumbnails (newest first), totals, defect-rate history."""
+def camera_state(camera: Any, bucket_s: float, history_s: float, load: Load) -> dict[str, Any]:
+    """One camera's card (a ``server.console._Camera``): latest frame, thumbnails (newest first),
+    totals, defect-rate history in buckets of ``bucket_s`` over ``history_s``."""
     history = [{"start": b[0], "frames": b[1], "defects": b[2].tolist()} for b in camera.buckets]
     return {
         "id": camera.camera_id,
@@ -143,5 +143,5 @@ def camera_state(camera: _Camera, config: ConsoleConfig, load: Load) -> dict[str
         "defective_frames": camera.defective_frames.tolist(),
         "latest": None if camera.latest is None else _shot_state(camera.latest, "frame"),
         "thumbnails": [_shot_state(s, "thumb") for s in reversed(camera.defective)],
-        "rate": {"bucket_s": config.bucket_s, "history_s": config.history_s, "buckets": history},
+        "rate": {"bucket_s": bucket_s, "history_s": history_s, "buckets": history},
     }
