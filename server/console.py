@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -72,6 +74,8 @@ class ConsoleConfig:
         bucket_s: width of one defect-rate bucket, seconds.
         display_width: width the live frame is drawn at (the frame's own when smaller).
         thumbnail_width: width of a thumbnail.
+        encodes_per_s: most images drawn and encoded per second, over all cameras (with many
+            cameras each one's frame refreshes less often; the inspection's CPU stays its own).
     """
 
     port: int = 0
@@ -84,6 +88,7 @@ class ConsoleConfig:
     bucket_s: float = 10.0
     display_width: int = 800
     thumbnail_width: int = 320
+    encodes_per_s: float = 8.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -92,6 +97,8 @@ class ConsoleConfig:
             raise ValueError("console TLS needs both a certificate and its private key")
         if not 0 < self.refresh_hz <= 20:
             raise ValueError(f"refresh_hz must lie in (0, 20], got {self.refresh_hz}")
+        if not self.encodes_per_s > 0:
+            raise ValueError(f"encodes_per_s must be positive, got {self.encodes_per_s}")
         if self.thumbnails < 0 or self.display_width < 16 or self.thumbnail_width < 16:
             raise ValueError("thumbnails must be >= 0, display_width and thumbnail_width >= 16")
         if not 0 < self.bucket_s <= self.history_s:
@@ -110,6 +117,15 @@ class _Shot:
     rles: list[str]
     counts: np.ndarray  # int [C]
     present: np.ndarray  # bool [C]
+
+
+def _lowest_priority() -> None:
+    """Runs the encoder thread at the lowest CPU priority (Linux: a thread's own nice value), so a
+    busy CPU serves inference first and the console's pictures wait."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed
+        log.debug("console encoder keeps its priority: %s", exc)
 
 
 def _newer(shot: _Shot, other: _Shot) -> bool:
@@ -136,6 +152,8 @@ class _Camera:
     camera_id: str
     num_classes: int
     latest: _Shot | None = None
+    shown: _Shot | None = None  # the latest frame whose image is ready: what the page shows
+    shown_at: float = 0.0  # time.monotonic() it was shown
     defective: list[_Shot] = field(default_factory=list)  # the last defective frames, oldest first
     frames: int = 0
     defective_frames: np.ndarray = field(default=None)  # type: ignore[assignment]  # int64 [C]
@@ -165,7 +183,7 @@ class Console:
         self._ignored_frames = 0
         self._viewers: set[asyncio.Queue[str | None]] = set()
         self._images: dict[tuple[int, str], asyncio.Future[bytes]] = {}
-        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="console-encode")
+        self._encoder = ThreadPoolExecutor(1, thread_name_prefix="console-encode", initializer=_lowest_priority)
         self._load: deque[tuple[float, int, dict[str, int], np.ndarray]] = deque()
         self._last_state: str | None = None
         self._refresh: asyncio.Task[None] | None = None
@@ -251,15 +269,16 @@ class Console:
             web.get(r"/frames/{seq:\d+}.jpg", self._frame_image),
             web.get(r"/thumbs/{seq:\d+}.jpg", self._thumb_image),
         ])
+        ssl_context = self._ssl_context()
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.bind, cfg.port, ssl_context=self._ssl_context())
+        site = web.TCPSite(self._runner, cfg.bind, cfg.port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
             raise OSError(f"console cannot listen on {cfg.bind}:{cfg.port}: {exc}") from None
-        self.port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        self.port = int(self._runner.addresses[0][1])
         self.server.batch_listeners.append(self.observe)
         self._refresh = asyncio.get_running_loop().create_task(self._refresh_loop())
         log.info("event=console_start url=%s refresh_hz=%g", self.url, cfg.refresh_hz)
@@ -312,21 +331,42 @@ class Console:
                 queue.put_nowait(self._last_state)
 
     async def state(self) -> dict[str, Any]:
-        """What the page shows, as JSON-ready data; encodes the images it names (once each)."""
+        """What the page shows, as JSON-ready data: frames and thumbnails whose images are ready."""
         self._sample_load()
-        shown: list[asyncio.Future[bytes]] = []
-        cameras = []
-        for camera in self._cameras.values():
-            if camera.latest is not None:
-                shown.append(self._image(camera.latest, "frame"))
-            shown.extend(self._image(s, "thumb") for s in camera.defective)
-            cameras.append(camera_state(camera, self.config.bucket_s, self.config.history_s, self._load))
-        self._forget_images()
-        for failure in await asyncio.gather(*shown, return_exceptions=True):
-            if isinstance(failure, BaseException):
-                log.error("event=console_image_error error=%r", failure)
+        await self._encode_some()
+        cameras = [
+            camera_state(camera, [s for s in camera.defective if self._ready(s, "thumb")], self.config.bucket_s,
+                         self.config.history_s, self._load)
+            for camera in self._cameras.values()
+        ]
         return {"time": time.time(), **server_state(self.server, self._load), "cameras": cameras,
                 "ignored_frames": self._ignored_frames}
+
+    async def _encode_some(self) -> None:
+        """Encodes the images the page lacks, at most the tick's budget: cameras' latest frames
+        first (the one refreshed longest ago first), then new thumbnails. A camera keeps showing
+        its previous frame until its turn comes."""
+        wanted = []
+        for camera in self._cameras.values():
+            if camera.latest is not None and camera.latest is not camera.shown:
+                wanted.append((0, camera.shown_at, camera, camera.latest, "frame"))
+            wanted.extend((1, s.time, camera, s, "thumb") for s in camera.defective if (s.seq, "thumb") not in self._images)
+        wanted.sort(key=lambda item: item[:2])
+        budget = max(1, round(self.config.encodes_per_s / self.config.refresh_hz))
+        chosen = wanted[:budget]
+        results = await asyncio.gather(*(self._image(shot, kind) for *_, shot, kind in chosen), return_exceptions=True)
+        now = time.monotonic()
+        for (_, _, camera, shot, kind), result in zip(chosen, results):
+            if isinstance(result, BaseException):
+                log.error("event=console_image_error camera=%r frame=%d error=%r", shot.camera_id, shot.frame_id,
+                          result)
+            elif kind == "frame" and (camera.shown is None or _newer(shot, camera.shown)):
+                camera.shown, camera.shown_at = shot, now
+        self._forget_images()
+
+    def _ready(self, shot: _Shot, kind: str) -> bool:
+        future = self._images.get((shot.seq, kind))
+        return future is not None and future.done() and future.exception() is None
 
     def _sample_load(self) -> None:
         """One sample of the counters behind frames/s and p95 latency (kept for LOAD_WINDOW_S)."""
@@ -340,8 +380,7 @@ class Console:
 
     def _retained(self) -> Iterable[_Shot]:
         for camera in self._cameras.values():
-            if camera.latest is not None:
-                yield camera.latest
+            yield from (s for s in (camera.latest, camera.shown) if s is not None)
             yield from camera.defective
 
     def _find(self, seq: int) -> _Shot | None:

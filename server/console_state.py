@@ -8,6 +8,7 @@ series of :class:`server.metrics.ServerMetrics`, the line feedback's ``LineStatu
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -132,16 +133,17 @@ def _shot_state(shot: Any, kind: str) -> dict[str, Any]:
     }
 
 
-def camera_state(camera: Any, bucket_s: float, history_s: float, load: Load) -> dict[str, Any]:
-    """One camera's card (a ``server.console._Camera``): latest frame, thumbnails (newest first),
-    totals, defect-rate history in buckets of ``bucket_s`` over ``history_s``."""
-    history = [{"start": b[0], "frames": b[1], "defects": b[2].tolist()} for b in camera.buckets]
+def camera_state(camera: Any, thumbnails: Sequence[Any], bucket_s: float, history_s: float, load: Load) -> dict[str, Any]:
+    """One camera's card (a ``server.console._Camera``): the frame shown, ``thumbnails`` (oldest
+    first, listed newest first), totals, defect-rate history in buckets of ``bucket_s`` over ``history_s``."""
+    since = time.time() - history_s  # a camera that stopped sending keeps its old buckets until its next frame
+    history = [{"start": b[0], "frames": b[1], "defects": b[2].tolist()} for b in camera.buckets if b[0] >= since]
     return {
         "id": camera.camera_id,
         "frames": camera.frames,
         "frames_per_s": _rate(load, lambda s: s[2].get(camera.camera_id, 0)),
         "defective_frames": camera.defective_frames.tolist(),
-        "latest": None if camera.latest is None else _shot_state(camera.latest, "frame"),
-        "thumbnails": [_shot_state(s, "thumb") for s in reversed(camera.defective)],
+        "latest": None if camera.shown is None else _shot_state(camera.shown, "frame"),
+        "thumbnails": [_shot_state(s, "thumb") for s in reversed(thumbnails)],
         "rate": {"bucket_s": bucket_s, "history_s": history_s, "buckets": history},
     }

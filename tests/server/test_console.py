@@ -64,7 +64,7 @@ def expected_camera(answers: list[pb.InspectResponse]) -> dict:
 def test_console_state_matches_the_answers_and_encodes_once_per_frame(tiny_onnx, camera_frames) -> None:
     async def main():
         async with running_server(tiny_onnx, max_batch=4) as server:
-            console = Console(server, ConsoleConfig(port=0, refresh_hz=10, thumbnails=4))
+            console = Console(server, ConsoleConfig(port=0, refresh_hz=10, thumbnails=4, encodes_per_s=100))
             await console.start()
             try:
                 answers = {cam: await stream_camera(server, cam, camera_frames[k::2])
@@ -116,7 +116,7 @@ def test_frame_image_is_the_overlay_drawing(tiny_onnx, camera_frames, direct_out
 
     async def main():
         async with running_server(tiny_onnx, max_batch=4) as server:
-            console = Console(server, ConsoleConfig(port=0, refresh_hz=10, display_width=160))
+            console = Console(server, ConsoleConfig(port=0, refresh_hz=10, display_width=160, encodes_per_s=100))
             await console.start()
             try:
                 await stream_camera(server, "cam", camera_frames)
@@ -139,6 +139,32 @@ def test_frame_image_is_the_overlay_drawing(tiny_onnx, camera_frames, direct_out
     # drawing of its own frame and prediction than to another's.
     error = np.abs(shown.astype(int) - drawn.astype(int)).mean()
     assert error < 0.5 * np.abs(shown.astype(int) - other.astype(int)).mean(), error
+
+
+def test_encoding_keeps_to_its_budget(tiny_onnx, camera_frames) -> None:
+    async def main():
+        async with running_server(tiny_onnx, max_batch=4) as server:
+            # One image per tick: the latest frame of the camera refreshed longest ago first.
+            console = Console(server, ConsoleConfig(port=0, refresh_hz=10, encodes_per_s=10, thumbnails=2))
+            await console.start()
+            try:
+                for camera in ("cam-a", "cam-b"):
+                    await stream_camera(server, camera, camera_frames[:6])
+                async with aiohttp.ClientSession() as session:
+                    states = await read_events(session, console.url, 4)
+            finally:
+                await console.stop()
+            return states, console.encoded
+
+    states, encoded = asyncio.run(main())
+
+    def shown(state: dict) -> tuple[int, int]:
+        return (sum(c["latest"] is not None for c in state["cameras"]),
+                sum(len(c["thumbnails"]) for c in state["cameras"]))
+
+    # Each state has at most one more image than the one before: frames first, then thumbnails.
+    assert [shown(s) for s in states] == [(1, 0), (2, 0), (2, 1), (2, 2)]
+    assert encoded in (4, 5)  # one per state (and one more if a tick ran before the viewer's close was seen)
 
 
 def test_stop_ends_open_event_streams(tiny_onnx) -> None:

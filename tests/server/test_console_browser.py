@@ -142,9 +142,15 @@ def test_console_in_chromium_shows_the_streamed_answers(drift_onnx, tmp_path: Pa
             driver.get(console.url)
             wait_for(driver, lambda: driver.find_element(By.ID, "connection").text == "live", 30, "the event stream")
             answers = {cam: stream(server.address, cam, frames[k::2]) for k, cam in enumerate(("cam-1", "cam-2"))}
-            for camera_id in answers:
-                wait_for(driver, lambda c=camera_id: page_camera(driver, c)["frames"] == FRAMES_PER_CAMERA, 60,
-                         f"camera {camera_id}'s {FRAMES_PER_CAMERA} frames on the page")
+            for camera_id, camera_answers in answers.items():
+                want = expected_camera(camera_answers)
+
+                def complete(c=camera_id, want=want) -> bool:
+                    page = page_camera(driver, c)
+                    return (page["frames"] == FRAMES_PER_CAMERA and page["latest_frame"] == want["latest_frame"]
+                            and len(page["thumbnails"]) == min(4, len(want["defective_ids"])))
+
+                wait_for(driver, complete, 60, f"camera {camera_id}'s {FRAMES_PER_CAMERA} frames on the page")
             wait_for(driver, lambda: all(
                 driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img)
                 for img in driver.find_elements(By.CSS_SELECTOR, "img.live, figure.thumb img")), 30, "the images")
