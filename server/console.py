@@ -372,7 +372,7 @@ class Console:
         """One sample of the counters behind frames/s and p95 latency (kept for LOAD_WINDOW_S)."""
         now = time.monotonic()
         frames = {camera_id: camera.frames for camera_id, camera in self._cameras.items()}
-        self._load.append((now, self.server.answered, frames, latency_buckets(self.server.metrics)))
+        self._load.append((now, self.server.stats()["answered"], frames, latency_buckets(self.server.metrics)))
         while len(self._load) > 2 and self._load[1][0] <= now - LOAD_WINDOW_S:
             self._load.popleft()
 

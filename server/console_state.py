@@ -61,15 +61,16 @@ def server_state(server: InspectionServer, load: Load) -> dict[str, Any]:
         status = sample.labels.get("status")
         if sample.name.endswith("_total") and status != "ok" and sample.value:
             errors[status] = int(sample.value)
+    stats = server.stats()
     return {
         "phase": "serving" if server.backend is not None and server.feedback is not None else "loading",
         "load": {
             "frames_per_s": _rate(load, lambda s: s[1]),
             "p95_latency_s": p95,
-            "inflight": server.inflight,
+            "inflight": stats["inflight"],
             "max_inflight": server.config.max_inflight,
-            "open_streams": server.open_streams,
-            "answered": server.answered,
+            "open_streams": stats["open_streams"],
+            "answered": stats["answered"],
             "errors": errors,
         },
         **model_state(server),
