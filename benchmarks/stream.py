@@ -496,7 +496,8 @@ def stream_markdown(report: dict[str, Any]) -> str:
         f"- server ({srv['mode']}): {srv['backend']} {srv['precision']} on {srv['device']}, max batch "
         f"{srv['max_batch']}, max delay {report['config']['max_delay_ms']} ms; model "
         f"{Path(report['model']).name if report['model'] else srv['model_version']}, frames "
-        f"{srv['input_size'][0]}x{srv['input_size'][1]} JPEG",
+        f"{srv['input_size'][0]}x{srv['input_size'][1]} JPEG; console "
+        f"{'open, one viewer' if report.get('console', {}).get('open') else 'closed'}",
         "",
     ]
     headers = ["streams", "fps/stream", "frames", "errors", "frames/s", "p50 ms", "p95 ms", "p99 ms",
