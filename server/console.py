@@ -60,6 +60,14 @@ REORDER_S = 1.0
 JPEG_QUALITY = 80
 
 
+def add_arguments(parser: Any) -> None:
+    """``server serve``'s console flags."""
+    group = parser.add_argument_group("live console")
+    group.add_argument("--console-port", type=int, default=None, metavar="N",
+                       help="serve the live web console at http://BIND:N/ (https with --tls-cert); 0 picks a "
+                       "free port (default: off)")
+
+
 @dataclass(frozen=True)
 class ConsoleConfig:
     """Where the console listens and what it keeps.
@@ -258,7 +266,10 @@ class Console:
             OSError: the address cannot be bound.
             FileNotFoundError: a TLS file is missing.
         """
-        from aiohttp import web
+        try:
+            from aiohttp import web
+        except ImportError as exc:
+            raise RuntimeError(f"the console needs aiohttp ({exc}): pip install -e '.[serve]'") from None
 
         cfg = self.config
         app = web.Application()

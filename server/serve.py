@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from server.console import add_arguments as add_console_arguments
+
+    add_console_arguments(parser)  # --console-port, a group of its own (listed after the server's options)
     parser.add_argument("--model", type=Path, required=True, help="model file: .onnx, .engine/.plan or .pt")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--threads", type=int, default=None,
@@ -49,9 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds to finish accepted frames on shutdown (default: 30)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up batches before SERVING")
-    parser.add_argument("--console-port", type=int, default=None, metavar="N",
-                        help="serve the live web console at http://BIND:N/ (https with --tls-cert); "
-                             "0 picks a free port (default: off)")
     from engine import drift
     from server import capture
 

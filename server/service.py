@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,13 +38,16 @@ from engine import drift
 from engine.backends.base import Backend
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
-from server.batcher import DynamicBatcher, FinishedBatch, FrameExpired, FrameResult, InferenceFailed
+from server.batcher import DynamicBatcher, FrameExpired, FrameResult, InferenceFailed
 from server.capture import CaptureConfig
 from server.decode import FrameRejected, decode_request
 from server.feedback import LineFeedback, LineFeedbackCollector
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from server.batcher import FinishedBatch
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InspectionService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -312,6 +316,10 @@ class InspectionServer:
         self._backend_source = backend
         self.backend: Backend | None = backend if isinstance(backend, Backend) else None
         self.metrics = ServerMetrics()
+        self.metrics.inflight_limit.set(self.config.max_inflight)
+        #: Called on the event loop with each FinishedBatch once its frames are answered (the
+        #: console's frame buffer, server/console.py); each must return at once.
+        self.batch_listeners: list[Callable[[FinishedBatch], None]] = []
         self.feedback: LineFeedback | None = None
         self.metrics.registry.register(LineFeedbackCollector(lambda: self.feedback))
         self.port: int | None = None
@@ -336,10 +344,6 @@ class InspectionServer:
         self.accepted = 0
         self.answered = 0
         self.abandoned = 0
-        #: Called on the event loop with each FinishedBatch once its frames are answered (the
-        #: console's frame buffer); each must return at once.
-        self.batch_listeners: list[Callable[[FinishedBatch], None]] = []
-        self.metrics.inflight_limit.set(self.config.max_inflight)
 
     # ------------------------------------------------------------------ lifecycle
 
