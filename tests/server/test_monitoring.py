@@ -88,6 +88,10 @@ def served_series(model: Path, capture_dir: Path, camera_frames) -> set[str]:
                 None, lambda: urllib.request.urlopen(url, timeout=10).read().decode())
 
     text = asyncio.run(main())
+    samples = {sample.name: sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if not sample.labels}
+    # The two gauges the alerts add: health SERVING, and the in-flight bound (ServerConfig's default).
+    assert samples["inspection_serving"] == 1 and samples["inspection_inflight_limit"] == 256
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
