@@ -68,15 +68,15 @@ def test_stream_with_the_console_open(tiny_onnx: Path, tmp_path: Path, in_proces
     # server serve --console-port (or the library Console) with one viewer following its events
     # and fetching its images while the frames stream.
     out = tmp_path / "stream.json"
-    argv = ["stream", "--model", str(tiny_onnx), "--streams", "2", "--frames", "16", "--fps", "10",
+    argv = ["stream", "--model", str(tiny_onnx), "--streams", "2", "--frames", "30", "--fps", "10",
             "--raw-repeats", "1", "--console", "--json", str(out)]
     assert cli.main(argv + (["--in-process"] if in_process else [])) == 0
     report = read_report(out)
     (s,) = report["settings"]
-    check_setting(s, 16)
+    check_setting(s, 30)
     console = report["console"]
     assert console["open"] and console["failure"] is None
-    assert console["updates"] >= 2  # 0.8 s of streaming at 2 states a second, and the first state
+    assert console["updates"] >= 2  # the first state, then 1.5 s of streaming at 2 states a second
     assert console["images"] >= 1 and console["image_bytes"] > 1000
     assert any(note.startswith("console: open") for note in report["notes"])
 
