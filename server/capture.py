@@ -26,7 +26,6 @@ an image without rows, which the trainer would silently read as defect-free.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
@@ -43,7 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from server.decode import image_format
+from engine.decode import image_format
+from server.config import DEFAULT_CAPTURE_QUEUE, DEFAULT_UNCERTAIN_BAND, check_capture_limits
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ CAPTURES_HEADER = (
 HEADERS = {PREDICTIONS_FILE: ANNOTATION_HEADER, LABELS_FILE: ANNOTATION_HEADER, CAPTURES_FILE: CAPTURES_HEADER}
 
 POLICY_TOKENS = ("uncertain", "defects", "sample:P")
-DEFAULT_POLICY = "uncertain,defects,sample:0.01"
-#: A class is "uncertain" when its pixel count lies in [lo, hi] x its minimum area (and is not 0).
-DEFAULT_UNCERTAIN_BAND = (0.5, 2.0)
-DEFAULT_QUEUE_SIZE = 64
-DEFAULT_QUOTA_GB = 5.0
 RETRY_SECONDS = 30.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -252,15 +247,12 @@ class CaptureWriter:
         policy: CapturePolicy,
         min_areas: Sequence[int],
         quota_bytes: int,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_size: int = DEFAULT_CAPTURE_QUEUE,
         seed: int = 0,
         retry_seconds: float = RETRY_SECONDS,
         start: bool = True,
     ) -> None:
-        if quota_bytes < 1:
-            raise ValueError(f"capture quota must be at least 1 byte, got {quota_bytes}")
-        if queue_size < 1:
-            raise ValueError(f"capture queue size must be >= 1, got {queue_size}")
+        check_capture_limits(quota_bytes, queue_size)
         if not min_areas or any(a < 0 for a in min_areas):
             raise ValueError(f"min_areas must be one non-negative area per class, got {list(min_areas)}")
         self.directory = Path(directory)
@@ -629,97 +621,3 @@ def _repair_csv(path: Path, header: tuple[str, ...], images: set[str]) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(_csv_bytes([header, *kept]))
         os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _band(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.5,2), got {text!r}") from None
-    return lo, hi
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--capture*`` flags of ``server serve``."""
-    group = parser.add_argument_group("capture for retraining")
-    group.add_argument("--capture-dir", type=Path, default=None,
-                       help="save chosen frames with their predictions to this Severstal-format folder")
-    group.add_argument("--capture", default=None, metavar="POLICY",
-                       help=f"which frames: comma-separated {', '.join(POLICY_TOKENS)} (default {DEFAULT_POLICY})")
-    group.add_argument("--capture-quota-gb", type=float, default=DEFAULT_QUOTA_GB,
-                       help="size limit of the capture folder, existing files included (default %(default)s)")
-    group.add_argument("--capture-queue", type=int, default=DEFAULT_QUEUE_SIZE,
-                       help="captures waiting for the disk before new ones are skipped (default %(default)s)")
-    group.add_argument("--capture-uncertain-band", type=_band, default=DEFAULT_UNCERTAIN_BAND, metavar="LO,HI",
-                       help="'uncertain': a class with LO..HI x its minimum area pixels (default 0.5,2)")
-    group.add_argument("--capture-seed", type=int, default=0, help="seed of the 'sample' draws (default 0)")
-
-
-@dataclass(frozen=True)
-class CaptureConfig:
-    """What ``server serve --capture*`` asks for; :meth:`open` makes the writer once the model's
-    minimum areas are known (they come from the model file, after it is loaded).
-
-    Attributes:
-        directory: the capture folder.
-        policy: which frames to capture.
-        quota_bytes: the folder's size limit, existing content included.
-        queue_size: captures waiting for the writer.
-        seed: seeds the "sample" draws.
-    """
-
-    directory: Path
-    policy: CapturePolicy = CapturePolicy.parse(DEFAULT_POLICY)
-    quota_bytes: int = int(DEFAULT_QUOTA_GB * 1e9)
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.quota_bytes < 1:
-            raise ValueError(f"capture quota must be at least 1 byte, got {self.quota_bytes}")
-        if self.queue_size < 1:
-            raise ValueError(f"capture queue size must be >= 1, got {self.queue_size}")
-
-    def open(self, min_areas: Sequence[int]) -> CaptureWriter:
-        """Starts a :class:`CaptureWriter` on this folder (its thread prepares the folder)."""
-        return CaptureWriter(
-            self.directory, self.policy, min_areas=min_areas, quota_bytes=self.quota_bytes,
-            queue_size=self.queue_size, seed=self.seed,
-        )
-
-
-def config_from_args(args: argparse.Namespace) -> CaptureConfig | None:
-    """The capture the ``--capture*`` flags ask for, or None without ``--capture-dir``.
-
-    Raises:
-        ValueError: a bad policy, band, quota or queue size, or ``--capture`` without ``--capture-dir``.
-    """
-    if args.capture_dir is None:
-        if args.capture is not None:
-            raise ValueError("--capture needs --capture-dir (where to save the captured frames)")
-        return None
-    try:
-        policy = CapturePolicy.parse(args.capture or DEFAULT_POLICY, uncertain_band=args.capture_uncertain_band)
-    except ValueError as exc:
-        raise ValueError(f"--capture/--capture-uncertain-band: {exc}") from None
-    if not (math.isfinite(args.capture_quota_gb) and args.capture_quota_gb > 0):
-        raise ValueError(f"--capture-quota-gb must be a positive number of gigabytes, got {args.capture_quota_gb}")
-    if args.capture_queue < 1:
-        raise ValueError(f"--capture-queue must be >= 1, got {args.capture_queue}")
-    # At least one byte: a quota below a byte would otherwise round to an invalid 0.
-    quota = max(1, int(args.capture_quota_gb * 1e9))
-    return CaptureConfig(Path(args.capture_dir), policy, quota_bytes=quota, queue_size=args.capture_queue,
-                         seed=args.capture_seed)
-
-
-def writer_from_args(args: argparse.Namespace, min_areas: Sequence[int]) -> CaptureWriter | None:
-    """The writer the ``--capture*`` flags ask for, or None without ``--capture-dir``.
-
-    Raises:
-        ValueError: see :func:`config_from_args`.
-    """
-    config = config_from_args(args)
-    return None if config is None else config.open(min_areas)

@@ -144,6 +144,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[FitConfig, FitOptions]:
 
 def run(args: argparse.Namespace) -> int:
     cfg, options = config_from_args(args)
+    from trainer.imagecheck import check_training_images  # every image, before any training starts
+
+    check_training_images([Path(d) for d in cfg.data], (cfg.height, cfg.width), progress=options.progress)
     try:
         outcomes = run_fit(cfg, options)
     except KeyboardInterrupt:
