@@ -33,7 +33,6 @@ whole stream on it): it is answered locally with an error, and nothing else is a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
@@ -45,6 +44,7 @@ import grpc
 
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+from server.config import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,6 @@ RETRYABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED,
 })
-
-
-def server_message_limit() -> int:
-    """The server's default gRPC message size limit (its ``ServerConfig``), the camera's default too."""
-    from server import service
-
-    return next(f.default for f in dataclasses.fields(service.ServerConfig) if f.name == "max_message_bytes")
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -83,7 +76,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None,
                  max_message_bytes: int | None = None) -> grpc.aio.Channel:
     """A channel to ``target`` (``HOST:PORT``) for cameras: TLS with ``credentials``, else plaintext."""
-    options = channel_options(max_message_bytes or server_message_limit())
+    options = channel_options(max_message_bytes or MAX_MESSAGE_BYTES)
     if credentials is not None:
         return grpc.aio.secure_channel(target, credentials, options=options)
     return grpc.aio.insecure_channel(target, options=options)
@@ -175,7 +168,7 @@ class CameraStream:
         policy: ``"block"`` (send waits while the buffer is full) or ``"drop_oldest"``.
         backoff: reconnect delays, and when to give up.
         max_message_bytes: frames whose request is larger are answered locally, never sent
-            (default: the server's limit).
+            (default: the server's, ``server.config.MAX_MESSAGE_BYTES``).
         seed: for the jitter (tests).
     """
 
@@ -184,6 +177,9 @@ class CameraStream:
                  seed: int | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if not camera_id or len(camera_id.encode()) > MAX_CAMERA_ID_BYTES:
+            raise ValueError(f"camera_id must be 1..{MAX_CAMERA_ID_BYTES} bytes of UTF-8, got "
+                             f"{len(camera_id.encode())} bytes")
         if max_unanswered < 1:
             raise ValueError(f"max_unanswered must be >= 1, got {max_unanswered}")
         self.camera_id = camera_id
@@ -192,7 +188,7 @@ class CameraStream:
         self._max_unanswered = max_unanswered
         self._policy = policy
         self._backoff = backoff or Backoff()
-        self._limit = max_message_bytes or server_message_limit()
+        self._limit = max_message_bytes or MAX_MESSAGE_BYTES
         self._rng = random.Random(seed)
         self._state = _State()
         self._answers: asyncio.Queue[Answer | None] = asyncio.Queue()

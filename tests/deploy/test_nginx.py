@@ -9,7 +9,15 @@ import subprocess
 import grpc
 import pytest
 
-from deploy.balanced import NGINX_CONF, REPLICAS, Balancer, BalancedSetup, find_nginx, nginx_missing_reason, render
+from deploy.balanced import (
+    NGINX_CONF,
+    REPLICAS,
+    BalancedSetup,
+    Balancer,
+    find_nginx,
+    nginx_missing_reason,
+    render,
+)
 
 needs_nginx = pytest.mark.skipif(nginx_missing_reason() is not None, reason=str(nginx_missing_reason()))
 

@@ -133,9 +133,7 @@ def test_a_bad_frame_is_an_answer_not_a_reason_to_resend(tiny_onnx, camera_frame
 
 def test_a_frame_over_the_message_limit_is_refused_locally_and_the_stream_goes_on(tiny_onnx, camera_frames):
     from protos.inspection.v1 import inspection_pb2 as pb
-    from server.camera import server_message_limit
-
-    limit = server_message_limit()
+    from server.config import MAX_MESSAGE_BYTES as limit
 
     async def main():
         async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
@@ -232,11 +230,13 @@ def test_drop_oldest_policy_answers_dropped_frames_locally_in_their_turn(tiny_on
     assert sum("event=frame_dropped" in r.message for r in caplog.records) == 8
 
 
-def test_frame_ids_must_increase_and_policy_is_checked(camera_frames):
+def test_frame_ids_must_increase_and_settings_are_checked(camera_frames):
     async def main():
         async with open_channel("127.0.0.1:1") as channel:
             with pytest.raises(ValueError, match="policy must be one of block, drop_oldest"):
                 CameraStream(channel, "cam0", policy="newest")
+            with pytest.raises(ValueError, match="camera_id must be 1..256 bytes of UTF-8, got 300 bytes"):
+                CameraStream(channel, "c" * 300)
             async with CameraStream(channel, "cam0") as camera:
                 await camera.send(make_request("cam0", 5, camera_frames[0], "gray8"))
                 with pytest.raises(ValueError, match="frame ids must increase; frame 5 after frame 5"):
