@@ -226,7 +226,7 @@ class BalancedSetup:
                 self._tmp.cleanup()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deploy.balanced", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "demo" / "model.onnx",
                         help="model file every replica serves (default: demo/model.onnx, from make demo)")
@@ -234,6 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--replica-ports", default="50051,50052,50053", help="three gRPC ports")
     parser.add_argument("--metrics-ports", default="9101,9102,9103", help="three /metrics ports")
     parser.add_argument("--workdir", type=Path, default=None, help="nginx prefix and logs (default: a temp dir)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Other flags go to every ``server serve`` (e.g. ``--max-batch 8 --device cpu``)."""
+    parser = build_parser()
     args, serve_flags = parser.parse_known_args(argv)
     if not args.model.is_file():
         parser.error(f"--model {args.model}: no such file (make demo writes demo/model.onnx)")
