@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import threading
@@ -217,7 +216,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=25.0,
                         help="frames/s per camera in the paced runs and the fault run (default: 25)")
     parser.add_argument("--alone", type=float, default=2.5, help="seconds with one replica up (default: 2.5)")
-    parser.add_argument("--report", type=Path, default=None, help="write the report as JSON here")
+    parser.add_argument("--report", "--json", type=Path, default=None, help="write the report as JSON here")
+    parser.add_argument("--markdown", type=Path, default=None, metavar="OUT.md",
+                        help="append the table to this file (e.g. benchmarks/RESULTS.md)")
 
 
 def small_model() -> Path:
@@ -244,6 +245,32 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def failover_markdown(report: dict[str, Any]) -> str:
+    from benchmarks.machine import machine_summary
+    from benchmarks.report import fmt, fmt_ms, markdown_table
+
+    f = report["failover"]
+    out = [f"### bench failover: {machine_summary(report['machine'])}", "",
+           f"- {report['cameras']} cameras x {report['frames_per_camera']} frames (raw GRAY8), model "
+           f"{Path(report['model']).name}; replicas `server serve {' '.join(SERVE_FLAGS)}`; latency = camera "
+           f"send() to answer, resends included; paced runs at {report['fps_per_camera']:g} frames/s per camera", ""]
+    rows = []
+    for name, label in (("direct", "direct, one replica"), ("balanced", "nginx + 3 replicas")):
+        r = report[name]
+        rows.append([label, "none", fmt(r["frames_per_s"]), fmt_ms(r["saturated_p99_ms"]), fmt_ms(r["p50_ms"]),
+                     fmt_ms(r["p99_ms"])])
+    rows.append(["nginx + 3 replicas", "drain r1, kill r2, r3 alone, both back", f"({fmt(f['frames_per_s'])} paced)",
+                 "", fmt_ms(f["p50_ms"]), fmt_ms(f["p99_ms"])])
+    out.append(markdown_table(["path", "faults", "frames/s unpaced", "p99 ms unpaced", "p50 ms paced",
+                               "p99 ms paced"], rows))
+    out += ["", f"- fault run: frames {f['expected']}, sent {f['sent']}, answered {f['answered']}, resent "
+            f"{f['resent']}, duplicates dropped {f['duplicates']}, reconnects {f['reconnects']}, lost {f['lost']}, "
+            f"wrong or out of order {f['problem_count']}; replica 1 drained and exited {f['drain_exit']}, final "
+            f"SIGTERM exits {f['final_exits']}",
+            "- " + "; ".join(f"t={t:.1f} s {what}" for t, what in f["events"])]
+    return "\n".join(out)
+
+
 def run(args: argparse.Namespace) -> int:
     from deploy.balanced import nginx_missing_reason
 
@@ -251,11 +278,16 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(reason)
     report = run_failover(args.model or small_model(), args.cameras, args.frames, args.fps, args.alone)
     from benchmarks.machine import describe_machine
+    from benchmarks.report import append_markdown, write_json
 
     report["machine"] = describe_machine()
     print("\n".join(summary_lines(report)), file=sys.stderr)
+    table = failover_markdown(report)
+    print(table)
+    if args.markdown is not None:
+        append_markdown(args.markdown, table)
     if args.report is not None:
-        args.report.write_text(json.dumps(report, indent=2))
+        write_json(args.report, report)
     f = report["failover"]
     ok = f["lost"] == 0 and not f["problem_count"] and f["drain_exit"] == 0 and all(c == 0 for c in f["final_exits"])
     return 0 if ok else 1

@@ -243,3 +243,27 @@ def test_frame_ids_must_increase_and_settings_are_checked(camera_frames):
                     await camera.send(make_request("cam0", 5, camera_frames[0], "gray8"))
 
     asyncio.run(main())
+
+
+def test_the_readme_camera_example_runs_as_shown(tiny_onnx, camera_frames, direct_output, capsys):
+    """The README's camera-side section shows the whole API: that code, run against a real server."""
+    import re
+    from pathlib import Path
+
+    import cv2
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Camera side: `server.camera`"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    pngs = [cv2.imencode(".png", f)[1].tobytes() for f in camera_frames[:5]]
+
+    async def main():
+        async with running_server(tiny_onnx) as server:
+            namespace: dict = {}
+            exec(code.replace("127.0.0.1:50050", server.address), namespace)  # noqa: S102 - the README's code
+            await namespace["camera"](pngs)
+
+    asyncio.run(main())
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:5] == [f"{i} {direct_output['counts'][i]}" for i in range(5)]
+    assert lines[5].startswith("CameraCounters(sent=5, answered=5, resent=0")
