@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine import graph
 from engine.backends.base import BackendUnavailable
 from engine.backends.tensorrt import (
-    INPUT_NAME,
     EngineSidecar,
     gpu_identity,
     import_tensorrt,
@@ -184,51 +184,10 @@ def build_engine(plan: BuildPlan) -> BuildReport:
         raise BackendUnavailable("engine build needs a CUDA GPU (the engine is built for the GPU it runs on); none is visible here")
     gpu_name, capability = gpu_identity(0)
     lines: list[str] = []
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: Any, msg: str) -> None:
-            lines.append(f"[{severity.name if hasattr(severity, 'name') else severity}] {msg}")
-            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                log.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                log.warning("TensorRT: %s", msg)
-            else:
-                log.debug("TensorRT: %s", msg)
-
-    logger = _Logger()
+    logger = _build_logger(trt, lines)
     builder = trt.Builder(logger)
-    flags = 0
-    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    if plan.typing == STRONGLY_TYPED and strongly_typed is not None:
-        flags |= 1 << int(strongly_typed)  # TensorRT 11 is always strongly typed and may lack the flag
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(plan.onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"{plan.onnx_path}: the TensorRT ONNX parser failed: {errors}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan.workspace_gb * (1 << 30)))
-    if plan.typing == FP16_FLAG:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
-        pinned = _pin_outside_unets_to_fp32(trt, network)
-        log.info("FP16 builder flag; %d pre/post-processing layers pinned to fp32", pinned)
-    profile = builder.create_optimization_profile()
-    shapes = plan.profile()
-    profile.set_shape(INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(profile)
-    if plan.timing_cache is not None:
-        previous = plan.timing_cache.read_bytes() if plan.timing_cache.is_file() else b""
-        cache = config.create_timing_cache(previous)
-        if not config.set_timing_cache(cache, ignore_mismatch=False):
-            log.warning("%s was written for another GPU or TensorRT: starting a fresh timing cache", plan.timing_cache)
-            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-        else:
-            log.info("timing cache %s: %d bytes reused", plan.timing_cache, len(previous))
+    network, parser = _parse_network(trt, builder, logger, plan)
+    config = _builder_config(trt, builder, network, plan)
 
     log.info(
         "building %s engine from %s (%d network layers, %s, batch %d/%d/%d) on %s...",
@@ -245,11 +204,77 @@ def build_engine(plan: BuildPlan) -> BuildReport:
             " (if it mentions memory, raise --workspace-gb or lower --max-batch)"
         )
     data = bytes(serialized)
+    del parser
     if plan.timing_cache is not None:
         tmp = plan.timing_cache.with_name(plan.timing_cache.name + ".tmp")
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
         tmp.replace(plan.timing_cache)
+    io, engine_layers = _engine_io(trt, logger, data)
+    facts = {"gpu_name": gpu_name, "compute_capability": capability, "build_seconds": round(build_seconds, 3),
+             "network_layers": int(network.num_layers), "engine_layers": engine_layers, "io": io}
+    return _write_engine(trt, plan, data, facts, lines)
 
+
+def _build_logger(trt: Any, lines: list[str]) -> Any:
+    """A TensorRT logger that keeps every line (for the build log) and forwards warnings and errors."""
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            lines.append(f"[{severity.name if hasattr(severity, 'name') else severity}] {msg}")
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                log.error("TensorRT: %s", msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                log.warning("TensorRT: %s", msg)
+            else:
+                log.debug("TensorRT: %s", msg)
+
+    return _Logger()
+
+
+def _parse_network(trt: Any, builder: Any, logger: Any, plan: BuildPlan) -> tuple[Any, Any]:
+    """The network definition parsed from the plan's ONNX file (strongly typed when the plan says), and
+    the parser, which the caller keeps alive until the build is done (it owns weights the network uses)."""
+    flags = 0
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if plan.typing == STRONGLY_TYPED and strongly_typed is not None:
+        flags |= 1 << int(strongly_typed)  # TensorRT 11 is always strongly typed and may lack the flag
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(plan.onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"{plan.onnx_path}: the TensorRT ONNX parser failed: {errors}")
+    return network, parser
+
+
+def _builder_config(trt: Any, builder: Any, network: Any, plan: BuildPlan) -> Any:
+    """Workspace, FP16 flag (with pinned pre/post-processing), the batch profile and the timing cache."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan.workspace_gb * (1 << 30)))
+    if plan.typing == FP16_FLAG:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+        pinned = _pin_outside_unets_to_fp32(trt, network)
+        log.info("FP16 builder flag; %d pre/post-processing layers pinned to fp32", pinned)
+    profile = builder.create_optimization_profile()
+    shapes = plan.profile()
+    profile.set_shape(graph.INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+    if plan.timing_cache is not None:
+        previous = plan.timing_cache.read_bytes() if plan.timing_cache.is_file() else b""
+        cache = config.create_timing_cache(previous)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            log.warning("%s was written for another GPU or TensorRT: starting a fresh timing cache", plan.timing_cache)
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        else:
+            log.info("timing cache %s: %d bytes reused", plan.timing_cache, len(previous))
+    return config
+
+
+def _engine_io(trt: Any, logger: Any, data: bytes) -> tuple[list[dict[str, Any]], int | None]:
+    """The built engine's I/O tensors (as the sidecar records them) and its layer count."""
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(data)
     io = []
@@ -262,10 +287,14 @@ def build_engine(plan: BuildPlan) -> BuildReport:
             "shape": [int(d) for d in engine.get_tensor_shape(name)],
         })
     engine_layers = getattr(engine, "num_layers", None)
+    return io, int(engine_layers) if engine_layers is not None else None
 
+
+def _write_engine(trt: Any, plan: BuildPlan, data: bytes, facts: dict[str, Any], lines: list[str]) -> BuildReport:
+    """Writes the engine (atomically), its sidecar and its build log."""
     import hashlib
 
-    from engine.model import file_sha256
+    from engine.hashing import file_sha256
 
     plan.out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = plan.out_path.with_name(plan.out_path.name + ".tmp")
@@ -273,23 +302,18 @@ def build_engine(plan: BuildPlan) -> BuildReport:
     tmp.replace(plan.out_path)
     sidecar = EngineSidecar(
         tensorrt_version=trt.__version__,
-        gpu_name=gpu_name,
-        compute_capability=capability,
         onnx_path=str(plan.onnx_path.resolve()),
         onnx_sha256=file_sha256(plan.onnx_path),
         precision=plan.precision,
         typing=plan.typing,
-        profile=shapes,
+        profile=plan.profile(),
         engine_size=len(data),
         engine_sha256=hashlib.sha256(data).hexdigest(),
         metadata=plan.metadata,
-        build_seconds=round(build_seconds, 3),
-        network_layers=int(network.num_layers),
-        engine_layers=int(engine_layers) if engine_layers is not None else None,
         workspace_gb=plan.workspace_gb,
         timing_cache=str(plan.timing_cache) if plan.timing_cache else None,
-        io=io,
         built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **facts,
     )
     side = write_sidecar(plan.out_path, sidecar)
     log_path = plan.out_path.with_name(plan.out_path.name + ".build.log")

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from engine import graph
+from engine.hashing import file_sha256
 from engine.metadata import ModelMetadata
 
 HELP = "show a model file's metadata and inputs/outputs (.onnx, .engine/.plan, .pt)"
@@ -27,8 +29,6 @@ def _onnx_dtype(elem_type: int) -> str:
 def describe_onnx(path: Path) -> dict[str, Any]:
     import onnx
     from google.protobuf.message import DecodeError
-
-    from engine.model import file_sha256
 
     try:
         model = onnx.load(str(path), load_external_data=False)
@@ -128,28 +128,23 @@ def _live_engine_io(path: Path) -> list[dict[str, Any]] | str:
 
 
 def describe_torch(path: Path) -> dict[str, Any]:
-    from engine.model import ENSEMBLE_FORMAT, UNetConfig, file_sha256, fold_metadata, load_checkpoint
+    from engine.checkpoint import ENSEMBLE_FORMAT, FoldCheckpoint
+    from engine.model import UNetConfig, fold_metadata, load_checkpoint
 
     payload = load_checkpoint(path)
     cfg = UNetConfig.from_dict(payload["unet"])
     if payload["format"] == ENSEMBLE_FORMAT:
         metadata, kind = ModelMetadata.from_dict(payload["metadata"]), "ensemble bundle"
     else:
-        metadata = fold_metadata(payload, cfg, checkpoint_sha256=[file_sha256(path)])
-        kind = f"fold {payload.get('fold', '?')} checkpoint (epoch {payload.get('epoch', '?')})"
-    h, w = metadata.input_size
-    c = metadata.num_classes
+        facts = FoldCheckpoint.from_payload(payload, source=str(path)).facts
+        metadata = fold_metadata(facts, cfg, checkpoint_sha256=[file_sha256(path)])
+        kind = f"fold {facts.fold} checkpoint (epoch {facts.epoch})"
     return {
         "file": str(path),
         "format": f"torch {kind}",
         "size_bytes": path.stat().st_size,
         "unet": cfg.to_dict(),
-        "io": [
-            {"name": "frames", "mode": "input", "dtype": "uint8", "shape": ["N", h, w]},
-            {"name": "masks", "mode": "output", "dtype": "uint8", "shape": ["N", c, h, w]},
-            {"name": "counts", "mode": "output", "dtype": "int32", "shape": ["N", c]},
-            {"name": "present", "mode": "output", "dtype": "bool", "shape": ["N", c]},
-        ],
+        "io": graph.signature(metadata.num_classes, metadata.input_height, metadata.input_width),
         "metadata": metadata.to_dict(),
     }
 

@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.decision import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD
+
 log = logging.getLogger(__name__)
 
 PREFIX = "inspection."
@@ -58,8 +60,8 @@ class ModelMetadata:
     input_width: int = 1600
     train_height: int = 128
     train_width: int = 800
-    thresholds: list[float] = field(default_factory=lambda: [0.5] * 4)
-    min_areas: list[int] = field(default_factory=lambda: [200] * 4)
+    thresholds: list[float] = field(default_factory=lambda: [DEFAULT_THRESHOLD] * len(DEFAULT_CLASS_NAMES))
+    min_areas: list[int] = field(default_factory=lambda: [DEFAULT_MIN_AREA] * len(DEFAULT_CLASS_NAMES))
     folds: int = 1
     checkpoint_sha256: list[str] = field(default_factory=list)
     encoder: str = "resnet34"
@@ -133,9 +135,6 @@ class ModelMetadata:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{source}: malformed inspection metadata: {exc}") from exc
         return cls.from_dict(data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def read_onnx_metadata(path: str) -> ModelMetadata:

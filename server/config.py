@@ -17,12 +17,10 @@ import argparse
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.drift import DEFAULT_MIN_FILL
-
-if TYPE_CHECKING:
-    from server.capture import CapturePolicy, CaptureWriter
+from server.capture_policy import DEFAULT_CAPTURE_POLICY, DEFAULT_UNCERTAIN_BAND, POLICY_TOKENS, CapturePolicy
 
 #: Longest ``camera_id`` (UTF-8 bytes) a request may carry; longer ones are answered INVALID_ARGUMENT.
 #: Bounded so that nothing a camera sends can make an answer (which echoes the id) exceed the
@@ -55,9 +53,6 @@ DEFAULT_PSI_THRESHOLD = 0.25
 DEFAULT_KS_THRESHOLD = 0.2
 DEFAULT_DRIFT_MAX_CAMERAS = 256
 
-DEFAULT_CAPTURE_POLICY = "uncertain,defects,sample:0.01"
-#: A class is "uncertain" when its pixel count lies in [lo, hi] x its minimum area (and is not 0).
-DEFAULT_UNCERTAIN_BAND = (0.5, 2.0)
 DEFAULT_CAPTURE_QUEUE = 64
 DEFAULT_CAPTURE_QUOTA_GB = 5.0
 
@@ -94,15 +89,13 @@ def check_capture_limits(quota_bytes: int, queue_size: int) -> None:
 
 
 def _default_policy() -> CapturePolicy:
-    from server.capture import CapturePolicy
-
     return CapturePolicy.parse(DEFAULT_CAPTURE_POLICY)
 
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """What ``server serve --capture*`` asks for; :meth:`open` makes the writer once the model's
-    minimum areas are known (they come from the model file, after it is loaded).
+    """What ``server serve --capture*`` asks for; ``server.capture.CaptureWriter.from_config`` makes
+    the writer once the model's minimum areas are known (they come from the model file).
 
     Attributes:
         directory: the capture folder.
@@ -120,15 +113,6 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         check_capture_limits(self.quota_bytes, self.queue_size)
-
-    def open(self, min_areas: Any) -> CaptureWriter:
-        """Starts a :class:`CaptureWriter` on this folder (its thread prepares the folder)."""
-        from server.capture import CaptureWriter
-
-        return CaptureWriter(
-            self.directory, self.policy, min_areas=min_areas, quota_bytes=self.quota_bytes,
-            queue_size=self.queue_size, seed=self.seed,
-        )
 
 
 def _setting(default: Any, help: str, flag: bool = True, **argparse_options: Any) -> Any:
@@ -243,8 +227,6 @@ def _band(text: str) -> tuple[float, float]:
 
 def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``--capture*`` flags of ``server serve`` (defaults: :class:`CaptureConfig`'s)."""
-    from server.capture import POLICY_TOKENS
-
     group = parser.add_argument_group("capture for retraining")
     group.add_argument("--capture-dir", type=Path, default=None,
                        help="save chosen frames with their predictions to this Severstal-format folder")
@@ -266,8 +248,6 @@ def capture_from_args(args: argparse.Namespace) -> CaptureConfig | None:
     Raises:
         ValueError: a bad policy, band, quota or queue size, or ``--capture`` without ``--capture-dir``.
     """
-    from server.capture import CapturePolicy
-
     if args.capture_dir is None:
         if args.capture is not None:
             raise ValueError("--capture needs --capture-dir (where to save the captured frames)")

@@ -115,7 +115,7 @@ class LineFeedback:
         self.psi_threshold = psi_threshold
         self.ks_threshold = ks_threshold
         self.capture = capture
-        self.writer: CaptureWriter | None = capture.open(metadata.min_areas) if capture is not None else None
+        self.writer: CaptureWriter | None = CaptureWriter.from_config(capture, metadata.min_areas) if capture is not None else None
         self._metrics = metrics
         self._slots = threading.BoundedSemaphore(max_pending)
         self._lock = threading.Lock()

@@ -39,9 +39,10 @@ def tensorrt_missing_reason() -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     runslow = config.getoption("--runslow")
     for item in items:
-        if "slow" in item.keywords and not runslow:
+        # get_closest_marker, not `in item.keywords`: a parametrize id such as "gpu" is a keyword too.
+        if item.get_closest_marker("slow") and not runslow:
             item.add_marker(pytest.mark.skip(reason="slow test: run with --runslow"))
-        if "gpu" in item.keywords and (reason := cuda_missing_reason()):
+        if item.get_closest_marker("gpu") and (reason := cuda_missing_reason()):
             item.add_marker(pytest.mark.skip(reason=reason))
-        if "trt" in item.keywords and (reason := tensorrt_missing_reason()):
+        if item.get_closest_marker("trt") and (reason := tensorrt_missing_reason()):
             item.add_marker(pytest.mark.skip(reason=reason))

@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from engine import graph
 from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
+from engine.devices import parse_device
 from engine.metadata import ModelMetadata
 from engine.rle import encode_batch_torch
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "frames"
-REQUIRED_OUTPUTS = ("masks", "counts", "present")
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
@@ -31,19 +31,6 @@ GPU_HINT = (
     "install onnxruntime-gpu in place of onnxruntime (pip uninstall onnxruntime && pip install "
     "'strip-inspection[gpu]') on a machine with an NVIDIA driver and CUDA"
 )
-
-
-def parse_device(device: str) -> tuple[str, int]:
-    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` -> (kind, index)."""
-    device = str(device).strip().lower()
-    if device in ("auto", "cpu", "cuda"):
-        return device, 0
-    if device.startswith("cuda:"):
-        try:
-            return "cuda", int(device.split(":", 1)[1])
-        except ValueError:
-            pass
-    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def choose_providers(
@@ -57,7 +44,8 @@ def choose_providers(
     Raises:
         BackendUnavailable: a GPU was asked for and this onnxruntime has no such provider.
     """
-    kind, index = parse_device(device)
+    parsed = parse_device(device)
+    kind, index = parsed.kind, parsed.index
     if provider is not None and provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
     if provider == "cpu" and kind not in ("auto", "cpu"):
@@ -121,14 +109,10 @@ class OnnxRuntimeBackend(Backend):
             dict(self.session.get_modelmeta().custom_metadata_map), source=str(self.path)
         )
         self.precision = self.metadata.precision
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != [INPUT_NAME] or any(name not in outputs for name in REQUIRED_OUTPUTS):
-            raise ValueError(
-                f"{self.path}: not an inspection graph: inputs {inputs}, outputs {outputs} "
-                f"(expected input {INPUT_NAME!r} and outputs {', '.join(REQUIRED_OUTPUTS)})"
-            )
-        self.output_names = outputs
+        inputs = {i.name: graph.ort_dtype(i.type) for i in self.session.get_inputs()}
+        outputs = {o.name: graph.ort_dtype(o.type) for o in self.session.get_outputs()}
+        graph.check_io(inputs, outputs, str(self.path))
+        self.output_names = list(outputs)
         self.providers = self.session.get_providers()
         self.threads = threads
         log.info("loaded %s on %s (%s)", self.path, self.device, ", ".join(self.providers))
@@ -143,7 +127,7 @@ class OnnxRuntimeBackend(Backend):
         if not isinstance(frames, np.ndarray):
             # A torch tensor (CPU or CUDA) on the CPU provider: one copy to the host.
             frames = frames.detach().cpu().numpy()
-        values = self.session.run(self.output_names, {INPUT_NAME: np.ascontiguousarray(frames)})
+        values = self.session.run(self.output_names, {graph.INPUT_NAME: np.ascontiguousarray(frames)})
         out = dict(zip(self.output_names, values))
         return InspectionResult(
             masks=out["masks"], counts=out["counts"], present=out["present"], probs=out.get("probs")
@@ -163,19 +147,17 @@ class OnnxRuntimeBackend(Backend):
         c = self.metadata.num_classes
         h, w = self.metadata.input_size
         outputs = {
-            "masks": torch.empty((n, c, h, w), dtype=torch.uint8, device=gpu),
-            "counts": torch.empty((n, c), dtype=torch.int32, device=gpu),
-            "present": torch.empty((n, c), dtype=torch.bool, device=gpu),
+            name: torch.empty(graph.shape(name, n, c, h, w), dtype=getattr(torch, graph.SPECS[name].dtype), device=gpu)
+            for name in self.output_names
         }
-        if "probs" in self.output_names:
-            outputs["probs"] = torch.empty((n, c, h, w), dtype=torch.float32, device=gpu)
-        dtypes = {"masks": np.uint8, "counts": np.int32, "present": np.bool_, "probs": np.float32}
         binding = self.session.io_binding()
         # ORT reads the input on its own stream: the upload must have finished first.
         torch.cuda.current_stream(gpu).synchronize()
-        binding.bind_input(INPUT_NAME, "cuda", index, np.uint8, tuple(frames.shape), frames.data_ptr())
+        binding.bind_input(graph.INPUT_NAME, "cuda", index, np.dtype(graph.FRAMES.dtype).type, tuple(frames.shape),
+                           frames.data_ptr())
         for name, tensor in outputs.items():
-            binding.bind_output(name, "cuda", index, dtypes[name], tuple(tensor.shape), tensor.data_ptr())
+            binding.bind_output(name, "cuda", index, np.dtype(graph.SPECS[name].dtype).type, tuple(tensor.shape),
+                                tensor.data_ptr())
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         encoded = encode_batch_torch(outputs["masks"])

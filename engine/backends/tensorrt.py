@@ -18,7 +18,6 @@ Everything above the class is pure Python, testable on machines without TensorRT
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import threading
@@ -28,15 +27,16 @@ from typing import Any
 
 import numpy as np
 
+from engine import graph
 from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
+from engine.devices import parse_device
+from engine.hashing import file_digest
 from engine.metadata import ModelMetadata
 from engine.rle import encode_batch_torch
 
 log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "strip-inspection/engine-sidecar/1"
-INPUT_NAME = "frames"
-OUTPUT_NAMES = ("masks", "counts", "present")
 INSTALL_HINT = (
     "install TensorRT on a machine with an NVIDIA GPU (pip install 'strip-inspection[gpu]', which brings "
     "tensorrt and onnxruntime-gpu), or run the .onnx model with the ONNX Runtime backend instead"
@@ -126,17 +126,6 @@ def read_sidecar(engine_path: str | Path) -> EngineSidecar:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: corrupt engine sidecar (not JSON: {exc}); rebuild the engine") from exc
     return EngineSidecar.from_dict(data, source=str(path))
-
-
-def file_digest(path: str | Path) -> tuple[int, str]:
-    """(size in bytes, sha256) of a file."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()
 
 
 def verify_engine_file(engine_path: str | Path, sidecar: EngineSidecar) -> None:
@@ -237,14 +226,10 @@ def import_tensorrt() -> Any:
 
 
 def _cuda_device_index(device: str) -> int:
-    device = str(device).strip().lower()
-    if device in ("auto", "cuda"):
-        return 0
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return int(device[5:])
-    if device == "cpu":
+    parsed = parse_device(device)
+    if parsed.is_cpu:
         raise BackendUnavailable("a TensorRT engine runs on a CUDA GPU only; use the .onnx model for device='cpu'")
-    raise ValueError(f"device must be auto, cuda or cuda:N for a TensorRT engine, got {device!r}")
+    return parsed.index
 
 
 # --------------------------------------------------------------------------- the backend
@@ -335,12 +320,8 @@ class TensorRTBackend(Backend):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if inputs != [INPUT_NAME] or any(o not in outputs for o in OUTPUT_NAMES):
-            raise ValueError(
-                f"{self.path}: not an inspection engine: inputs {inputs}, outputs {outputs} "
-                f"(expected input {INPUT_NAME!r} and outputs {', '.join(OUTPUT_NAMES)})"
-            )
-        profile_min, _, profile_max = engine.get_tensor_profile_shape(INPUT_NAME, 0)
+        graph.check_io(inputs, outputs, str(self.path), kind="inspection engine")
+        profile_min, _, profile_max = engine.get_tensor_profile_shape(graph.INPUT_NAME, 0)
         engine_range = (int(profile_min[0]), int(profile_max[0]))
         if engine_range != self.batch_range:
             raise ValueError(
@@ -352,7 +333,7 @@ class TensorRTBackend(Backend):
     def _allocate(self, n_max: int) -> None:
         torch, trt, engine = self._torch, self._trt, self._engine
         c, (h, w) = self.metadata.num_classes, self.metadata.input_size
-        shapes = {"masks": (c, h, w), "counts": (c,), "present": (c,), "probs": (c, h, w)}
+        shapes = graph.static_dims(c, h, w)
         self._frames = torch.empty((n_max, h, w), dtype=torch.uint8, device=self._gpu)
         self._frames_host = torch.empty((n_max, h, w), dtype=torch.uint8, pin_memory=True)
         self._outputs: dict[str, Any] = {}
@@ -367,9 +348,9 @@ class TensorRTBackend(Backend):
         if n == self._bound_batch:
             return
         h, w = self.metadata.input_size
-        if not self._context.set_input_shape(INPUT_NAME, (n, h, w)):
+        if not self._context.set_input_shape(graph.INPUT_NAME, (n, h, w)):
             raise ValueError(f"{self.path}: TensorRT refused input shape {(n, h, w)} (profile {self.batch_range})")
-        self._context.set_tensor_address(INPUT_NAME, self._frames.data_ptr())
+        self._context.set_tensor_address(graph.INPUT_NAME, self._frames.data_ptr())
         for name, tensor in self._outputs.items():
             self._context.set_tensor_address(name, tensor.data_ptr())
         self._bound_batch = n
@@ -381,21 +362,21 @@ class TensorRTBackend(Backend):
             if not self._context.execute_async_v3(self._stream.cuda_stream):
                 raise RuntimeError(f"{self.path}: TensorRT execution failed for a batch of {n} (see the TensorRT log)")
             return
-        graph = self._graphs.get(n)
-        if graph is None:
+        captured = self._graphs.get(n)
+        if captured is None:
             self._bind(n)
             # The first run lets TensorRT finish lazy allocations that a capture must not contain.
             ok = self._context.execute_async_v3(self._stream.cuda_stream)
             self._stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self._stream):
+            captured = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(captured, stream=self._stream):
                 ok = ok and self._context.execute_async_v3(self._stream.cuda_stream)
             if not ok:
                 raise RuntimeError(f"{self.path}: TensorRT execution failed while capturing a CUDA graph for batch {n}")
-            self._graphs[n] = graph
+            self._graphs[n] = captured
             self._bound_batch = 0  # capture may leave the context in a state a plain run must re-set
         with torch.cuda.stream(self._stream):
-            graph.replay()
+            captured.replay()
 
     # ------------------------------------------------------------------ inference
 

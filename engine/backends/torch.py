@@ -14,35 +14,10 @@ from typing import Any
 import numpy as np
 
 from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
+from engine.devices import resolve_torch_device
 from engine.rle import encode_batch_torch
 
 log = logging.getLogger(__name__)
-
-
-def resolve_torch_device(device: str, cuda_available: bool, cuda_count: int = 1) -> str:
-    """``auto``/``cpu``/``cuda``/``cuda:N`` -> the device to use (pure: testable without a GPU).
-
-    Raises:
-        BackendUnavailable: CUDA asked for but missing.
-    """
-    device = str(device).strip().lower()
-    if device == "auto":
-        return "cuda:0" if cuda_available else "cpu"
-    if device == "cpu":
-        return "cpu"
-    if device == "cuda" or device.startswith("cuda:"):
-        index_text = device.partition(":")[2] or "0"
-        if not index_text.isdigit():
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-        if not cuda_available:
-            raise BackendUnavailable(
-                f"device {device!r} asked for, but torch here sees no CUDA GPU (torch.cuda.is_available() is "
-                "False): install a CUDA build of torch on a machine with an NVIDIA GPU, or use device='cpu'"
-            )
-        if int(index_text) >= cuda_count:
-            raise BackendUnavailable(f"device {device!r} asked for, but torch sees only {cuda_count} CUDA device(s)")
-        return f"cuda:{int(index_text)}"
-    raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 class TorchBackend(Backend):
@@ -69,8 +44,8 @@ class TorchBackend(Backend):
         try:
             import torch
         except ImportError as exc:
-            raise BackendUnavailable(f"torch is not installed ({exc}): pip install strip-inspection") from exc
-        from engine.model import InspectionModel, load_ensemble, prepare_for_export
+            raise BackendUnavailable(f"torch is not installed ({exc}): pip install 'strip-inspection[train]'") from exc
+        from engine.model import InspectionModel, load_ensemble
 
         self.path = Path(path)
         self.device = resolve_torch_device(device, torch.cuda.is_available(), torch.cuda.device_count())
@@ -86,7 +61,6 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         folds, _, self.metadata = load_ensemble(self.path)
         dtype = torch.float16 if self.precision == "fp16" else torch.float32
-        folds = [prepare_for_export(f) for f in folds]
         model = InspectionModel(folds, self.metadata, with_probs=with_probs, compute_dtype=dtype).eval()
         model.folds.to(device=self.device, dtype=dtype)
         if on_cuda:

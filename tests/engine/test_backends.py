@@ -9,7 +9,7 @@ import pytest
 
 from engine.backends import BackendUnavailable, load_backend
 from engine.backends.onnxruntime import choose_providers
-from engine.backends.torch import resolve_torch_device
+from engine.devices import resolve_torch_device
 from engine.parity import FP32_TOLERANCE, compare_outputs
 from engine.rle import decode, encode
 
@@ -80,7 +80,7 @@ def test_batch_of_one_and_torch_tensor_input(tiny_onnx: Path, tiny_frames: np.nd
 
 
 def test_torch_backend_loads_a_fold_checkpoint(tiny_run: Path, tiny_frames: np.ndarray) -> None:
-    from engine.model import file_sha256
+    from engine.hashing import file_sha256
 
     checkpoint = tiny_run / "fold1" / "best.pt"
     with load_backend(checkpoint, device="cpu", with_probs=True) as backend:

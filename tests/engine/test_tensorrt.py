@@ -221,8 +221,8 @@ def test_batch_outside_profile_raises(fp16_engine: Path) -> None:
 def test_sidecar_and_timing_cache(fp16_engine: Path, fp16_onnx: Path) -> None:
     import tensorrt as trt
 
+    from engine.hashing import file_sha256
     from engine.info import describe_model
-    from engine.model import file_sha256
 
     sidecar = read_sidecar(fp16_engine)
     assert sidecar.tensorrt_version == trt.__version__ and sidecar.typing == STRONGLY_TYPED

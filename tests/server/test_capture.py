@@ -324,7 +324,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def writer_from_args(args: argparse.Namespace, min_areas):
     capture_config = config.capture_from_args(args)
-    return None if capture_config is None else capture_config.open(min_areas)
+    return None if capture_config is None else CaptureWriter.from_config(capture_config, min_areas)
 
 
 def test_flags_build_the_writer(tmp_path):

@@ -36,7 +36,7 @@ def test_graph_signature(tiny_onnx: Path) -> None:
 
 
 def test_metadata_round_trips(tiny_onnx: Path, tiny_run: Path) -> None:
-    from engine.model import file_sha256
+    from engine.hashing import file_sha256
 
     meta = read_onnx_metadata(str(tiny_onnx))
     postprocess = json.loads((tiny_run / "postprocess.json").read_text())
@@ -113,7 +113,7 @@ def test_efficientnet_exports(tmp_path: Path) -> None:
 
 
 def test_fold_selection_and_defaults(tmp_path: Path) -> None:
-    from engine.model import file_sha256
+    from engine.hashing import file_sha256
     from trainer.export import export_onnx
 
     run_dir = make_tiny_run(tmp_path / "run", folds=3)
