@@ -267,3 +267,62 @@ def test_the_readme_camera_example_runs_as_shown(tiny_onnx, camera_frames, direc
     lines = capsys.readouterr().out.splitlines()
     assert lines[:5] == [f"{i} {direct_output['counts'][i]}" for i in range(5)]
     assert lines[5].startswith("CameraCounters(sent=5, answered=5, resent=0")
+
+
+def test_an_answer_for_a_frame_already_answered_is_dropped_and_counted(camera_frames):
+    from protos.inspection.v1 import inspection_pb2 as pb
+
+    async def main():
+        async with open_channel("127.0.0.1:1") as channel:
+            camera = CameraStream(channel, "cam0")  # not entered: no stream, the answers are fed by hand
+            for i in range(2):
+                await camera.send(make_request("cam0", i, camera_frames[i], "gray8"))
+            assert camera._on_response(pb.InspectResponse(camera_id="cam0", frame_id=0))
+            assert not camera._on_response(pb.InspectResponse(camera_id="cam0", frame_id=0))  # again
+            assert not camera._on_response(pb.InspectResponse(camera_id="cam1", frame_id=1))  # not ours
+            with pytest.raises(CameraStreamError, match="answered frame 3 before frame 1"):
+                await camera.send(make_request("cam0", 3, camera_frames[3], "gray8"))
+                camera._on_response(pb.InspectResponse(camera_id="cam0", frame_id=3))
+            return camera.counters, camera.unanswered
+
+    counters, unanswered = asyncio.run(main())
+    assert (counters.answered, counters.duplicates) == (1, 2) and unanswered == 2
+
+
+def test_server_client_cli_gets_every_image_through_a_restart(tiny_onnx, camera_frames, tmp_path, capsys):
+    """``server client`` (the CLI, in-process) while its ``server serve`` process drains and restarts."""
+    import csv
+    import threading
+
+    import cv2
+
+    from deploy.balanced import Replica, free_port
+    from server.cli import main as cli
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, frame in enumerate(camera_frames[:40]):
+        cv2.imwrite(str(images / f"{i:03d}.png"), frame)
+    replica = Replica("cli", tiny_onnx, free_port(), flags=("--device", "cpu", "--threads", "1")).start()
+    replica.wait_ready()
+    exits = []
+
+    def restart():
+        exits.append(replica.terminate())
+        replica.start().wait_ready()
+
+    timer = threading.Timer(1.0, restart)
+    timer.start()
+    try:
+        code = cli(["client", "--target", replica.address, "--images", str(images), "--streams", "2",
+                    "--fps", "8", "--out", str(tmp_path / "r.csv")])
+    finally:
+        timer.join()
+        if replica.running:
+            exits.append(replica.terminate())
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "40 of 40 frames inspected" in err and "reconnects" in err
+    assert exits == [0, 0]
+    with open(tmp_path / "r.csv") as f:
+        assert {row["ImageId"] for row in csv.DictReader(f)} == {f"{i:03d}.png" for i in range(40)}
