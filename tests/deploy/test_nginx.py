@@ -90,3 +90,36 @@ def test_calls_are_balanced_per_call_and_a_dead_replica_is_skipped(tiny_onnx, tm
 def test_balancer_needs_three_replicas(tmp_path):
     with pytest.raises(ValueError, match="balances 3 replicas"):
         Balancer(["127.0.0.1:1"], 2, tmp_path)
+
+
+@needs_nginx
+def test_the_one_command_set_up_serves_and_drains_on_sigterm(tiny_onnx, tmp_path, tiny_frames):
+    """``python -m deploy.balanced`` (what ``make balanced`` runs) as a real process."""
+    import signal
+    import sys
+
+    from deploy.balanced import REPO, free_port, wait_for_port
+    from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+    from tests.server.test_service import make_request
+
+    port, replicas, metrics = free_port(), [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deploy.balanced", "--model", str(tiny_onnx), "--port", str(port),
+         "--replica-ports", ",".join(map(str, replicas)), "--metrics-ports", ",".join(map(str, metrics)),
+         "--workdir", str(tmp_path), "--device", "cpu", "--threads", "1"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, 120, "the balanced set-up")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            answer = pb_grpc.InspectionServiceStub(channel).InspectOne(make_request("cam0", 7, tiny_frames[0]),
+                                                                      timeout=30)
+        assert answer.frame_id == 7 and not answer.HasField("error")
+        for metrics_port in metrics:  # every replica's /metrics is where the local scrape config looks
+            wait_for_port(metrics_port, 10, "a replica's /metrics")
+        process.send_signal(signal.SIGTERM)
+        err = process.communicate(timeout=90)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    assert f"balancer 127.0.0.1:{port} -> replicas" in err and "replicas exited with 0, 0, 0" in err
