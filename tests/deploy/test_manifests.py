@@ -191,6 +191,10 @@ def test_prometheus_configs_keep_every_series_the_server_exports(live_metric_nam
                 assert rule["source_labels"] == ["__name__"]
                 dropped = [n for n in inspection if not re.fullmatch(rule["regex"], n)]
                 assert not dropped, (name, job["job_name"], dropped)
+        # Both load the alert rules, whose scrape-down alert names the job.
+        assert config["rule_files"] == ["alerts.yml"] and (DEPLOY / "prometheus" / "alerts.yml").is_file()
+        alert_jobs = set(re.findall(r'job="([^"]+)"', (DEPLOY / "prometheus" / "alerts.yml").read_text()))
+        assert alert_jobs and alert_jobs <= {job["job_name"] for job in config["scrape_configs"]}, name
     jobs = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
     annotations = k8s_documents()["Deployment/strip-inspection"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(serve_defaults().metrics_port)
