@@ -32,6 +32,7 @@ from engine.backends.tensorrt import (
     write_sidecar,
 )
 from engine.cli_util import CLIError
+from engine.graph import UNET_LAYER_MARK
 from engine.metadata import ModelMetadata, read_onnx_metadata
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,6 @@ DESCRIPTION = __doc__.split("\n\n", 1)[0]
 
 STRONGLY_TYPED = "strongly-typed"
 FP16_FLAG = "fp16-builder-flag"
-# Layers of the U-Nets carry their module path in their names (the exporter names nodes after modules).
-UNET_LAYER_MARK = "/folds."
 
 
 @dataclass(frozen=True)

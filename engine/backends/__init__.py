@@ -17,6 +17,7 @@ SUFFIXES: dict[str, tuple[str, str]] = {
     ".engine": ("engine.backends.tensorrt", "TensorRTBackend"),
     ".plan": ("engine.backends.tensorrt", "TensorRTBackend"),
     ".onnx": ("engine.backends.onnxruntime", "OnnxRuntimeBackend"),
+    ".xml": ("engine.backends.openvino", "OpenVinoBackend"),
     ".pt": ("engine.backends.torch", "TorchBackend"),
 }
 
@@ -26,7 +27,7 @@ def backend_class(path: str | Path) -> type[Backend]:
     if suffix not in SUFFIXES:
         raise ValueError(
             f"{path}: unknown model file type {suffix!r}; expected one of {', '.join(SUFFIXES)} "
-            "(.engine/.plan TensorRT, .onnx ONNX Runtime, .pt torch)"
+            "(.engine/.plan TensorRT, .onnx ONNX Runtime or OpenVINO, .xml OpenVINO IR, .pt torch)"
         )
     module, cls = SUFFIXES[suffix]
     return getattr(importlib.import_module(module), cls)
