@@ -260,6 +260,8 @@ class InspectionModel(nn.Module):
         with_probs: also return the mean probabilities ``[N, C, H, W]`` (float32), for debugging.
         compute_dtype: dtype the U-Nets run in (float16 for the FP16 graph); pre- and
             post-processing stay in float32.
+        autocast: run the U-Nets (only them) under ``torch.autocast`` in this dtype (bfloat16 on a
+            CPU with native bf16); None for none. Never used for export.
     """
 
     def __init__(
@@ -268,6 +270,7 @@ class InspectionModel(nn.Module):
         meta: ModelMetadata,
         with_probs: bool = False,
         compute_dtype: torch.dtype = torch.float32,
+        autocast: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not folds:
@@ -278,6 +281,7 @@ class InspectionModel(nn.Module):
         self.meta = meta
         self.with_probs = with_probs
         self.compute_dtype = compute_dtype
+        self.autocast = autocast
         self.register_buffer("thresholds", torch.tensor(meta.thresholds, dtype=torch.float32), persistent=False)
         self.register_buffer("min_areas", torch.tensor(meta.min_areas, dtype=torch.int32), persistent=False)
 
@@ -286,8 +290,13 @@ class InspectionModel(nn.Module):
         x = preprocess(frames, self.meta, self.compute_dtype)
         total = None
         for fold in self.folds:
+            if self.autocast is None:
+                logits = fold(x)
+            else:
+                with torch.autocast(x.device.type, dtype=self.autocast):
+                    logits = fold(x)
             # Sigmoid in float32: fp16 would quantise probabilities near 0.5 to steps of 2**-11.
-            p = torch.sigmoid(fold(x).to(torch.float32))
+            p = torch.sigmoid(logits.to(torch.float32))
             total = p if total is None else total + p
         probs = total * (1.0 / len(self.folds))
         return resize(probs, self.meta.input_size, src_size=self.meta.train_size)

@@ -59,11 +59,15 @@ def read_model(path: str | Path) -> Any:
     path = Path(path)
     if path.suffix.lower() == ".xml" and not path.with_suffix(".bin").is_file():
         raise FileNotFoundError(f"{path}: the IR's weights {path.with_suffix('.bin').name} are missing beside it")
+    if path.suffix.lower() == ".onnx":
+        from engine.metadata import read_onnx_metadata
+
+        read_onnx_metadata(str(path))  # a corrupt or foreign file fails here, with the onnx package's reason
     try:
         return ov.Core().read_model(str(path))
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path}: OpenVINO cannot read this model ({first})") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "Exception from" not in line]
+        raise ValueError(f"{path}: OpenVINO cannot read this model ({lines[0] if lines else type(exc).__name__})") from exc
 
 
 def _section(model: Any, name: str) -> dict[str, str] | None:
