@@ -9,10 +9,12 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.backends import BACKEND_CHOICES
+
 if TYPE_CHECKING:
     from server.service import ServerConfig
 
-HELP = "serve a model (.onnx, .engine/.plan, .pt) over gRPC with dynamic batching"
+HELP = "serve a model (.onnx, .xml, .engine/.plan, .pt) over gRPC with dynamic batching"
 DESCRIPTION = (
     "Serves the inspection.v1.InspectionService on --bind:--port. Health says NOT_SERVING until the "
     "model is loaded and warmed up, SERVING after. SIGTERM/SIGINT: health NOT_SERVING, no new calls, "
@@ -25,10 +27,16 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, required=True, help="model file: .onnx, .engine/.plan or .pt")
+    parser.add_argument("--model", type=Path, required=True, help="model file: .onnx, .xml (OpenVINO IR), .engine/.plan or .pt")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="runtime for the model (default auto: for .onnx on a CPU OpenVINO bf16 where the CPU "
+                        "has native bf16 and openvino is installed, else ONNX Runtime fp32; the server log, "
+                        "GetModelInfo and 'engine info' say which)")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "int8", "fp16"),
+                        help="ask for a precision where the backend has a choice (OpenVINO, torch)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="ONNX Runtime CPU threads for .onnx models (default: one per core)")
+                        help="CPU threads for ONNX Runtime / OpenVINO (.onnx, .xml) models (default: one per core)")
     parser.add_argument("--bind", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: 50051)")
     parser.add_argument("--max-batch", type=int, default=16, help="most frames per inference batch (default: 16)")
@@ -94,19 +102,24 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from engine.backends import backend_class, load_backend
+    from engine.backends import backend_class, choose_backend, load_backend
     from server.service import InspectionServer
 
     backend_class(args.model)  # an unknown suffix fails now, before a port opens
     if not args.model.is_file():
         raise FileNotFoundError(f"--model {args.model}: no such model file")
+    chosen, why = choose_backend(args.model, args.device, args.backend, args.precision)
     options = {}
     if args.threads is not None:
-        if args.model.suffix.lower() != ".onnx":
-            raise ValueError(f"--threads applies to .onnx models (ONNX Runtime), not {args.model.suffix}")
+        if chosen not in ("onnxruntime", "openvino"):
+            raise ValueError(f"--threads applies to ONNX Runtime and OpenVINO models (.onnx, .xml), not {args.model.suffix}")
         options["threads"] = args.threads
     config = config_from_args(args)
-    server = InspectionServer(lambda: load_backend(args.model, device=args.device, **options), config)
+    log.info("event=backend_choice backend=%s reason=%r", chosen, why)
+    server = InspectionServer(
+        lambda: load_backend(args.model, device=args.device, backend=args.backend, precision=args.precision, **options),
+        config,
+    )
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

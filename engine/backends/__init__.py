@@ -94,7 +94,8 @@ def choose_backend(
         return backend, f"{backend} (asked for)"
     if suffix != ".onnx":
         backend_class(path)  # unknown suffixes fail here
-        return next(n for n, (m, c, _) in BACKENDS.items() if (m, c) == SUFFIXES[suffix]), f"the {suffix} backend"
+        name = next(n for n, (m, c, _) in BACKENDS.items() if (m, c) == SUFFIXES[suffix])
+        return name, f"{name} (the backend for {suffix} files)"
     kind = parse_device(device).kind
     if kind == "cuda" or (kind == "auto" and precision is None and _ort_has_cuda()):
         return "onnxruntime", "onnxruntime (GPU device)"

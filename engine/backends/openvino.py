@@ -92,7 +92,14 @@ def build_info(model: Any) -> dict[str, Any]:
 
 
 def write_metadata(model: Any, meta: ModelMetadata, build: dict[str, Any]) -> None:
-    """Puts the metadata (one JSON value per field) and the build facts into the model's rt_info."""
+    """Puts the metadata (one JSON value per field) and the build facts into the model's rt_info.
+
+    The copy of the ONNX ``metadata_props`` OpenVINO keeps under ``framework`` is dropped: one
+    description per artifact (its precision would say fp32 for an int8 IR).
+    """
+    rt_info = model.get_rt_info()
+    if "framework" in list(rt_info.keys()):
+        del rt_info["framework"]
     for key, value in meta.to_onnx_props().items():
         model.set_rt_info(value, [META_SECTION, key[len(PREFIX):]])
     for key, value in build.items():
