@@ -92,3 +92,12 @@ def no_bf16_reason() -> str:
     if os.environ.get(BF16_ENV, "").strip() == "0":
         return f"bf16 switched off by {BF16_ENV}=0"
     return f"this CPU has no native bf16 (neither AVX-512 BF16 nor AMX-BF16): {cpu_features().line()}"
+
+
+def cpu_autocast_dtype(amp: bool = True) -> object | None:
+    """``torch.bfloat16`` where torch on this CPU should autocast (``amp`` and native bf16), else None."""
+    if not (amp and supports_bf16()):
+        return None
+    import torch
+
+    return torch.bfloat16

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.backends import BACKEND_CHOICES
 from engine.decision import default_min_areas, default_thresholds
 from engine.devices import parse_device
 from engine.devices import torch_device as torch_device_for
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLITS, default="holdout", help="which images to score (default holdout)")
     parser.add_argument("--model", metavar="FILE", help="score this exported model (.onnx/.pt/.engine) instead of "
                         "the run's fold checkpoints")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="runtime for --model (default auto: for .onnx on a CPU OpenVINO bf16 where the CPU has "
+                        "native bf16 and openvino is installed, else ONNX Runtime fp32)")
     parser.add_argument("--predictions", metavar="CSV", help="score this Kaggle-format predictions CSV "
                         "(ImageId,ClassId,EncodedPixels; e.g. from 'server client') instead of running a model; "
                         "every scored image must appear in it")
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, workers=args.workers,
         threshold_grid=numbers(args.thresholds, float, "--thresholds"),
         min_area_grid=numbers(args.min_areas, int, "--min-areas"), progress=args.progress,
+        backend_name=args.backend,
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -146,13 +151,18 @@ class _Predictor:
             return self.model(frames.to(self.device, non_blocking=True))
 
 
-def _ensemble(run_dir: Path, folds: Sequence[int] | str, device, override: dict[str, Any] | None = None) -> _Predictor:
+def _ensemble(run_dir: Path, folds: Sequence[int] | str, device, override: dict[str, Any] | None = None,
+              amp: bool = False) -> _Predictor:
+    from engine.cpu import cpu_autocast_dtype
     from engine.model import InspectionModel
     from trainer.export import load_run
 
     loaded = load_run(run_dir, folds)
     meta = dataclasses.replace(loaded.metadata, **(override or {}))
-    model = InspectionModel(loaded.folds, meta, with_probs=True).eval().to(device)
+    # The U-Nets under bf16 autocast on a CPU with native bf16 when the run trained with --amp; the
+    # probabilities, losses and metrics stay fp32.
+    autocast = cpu_autocast_dtype(amp) if str(device).startswith("cpu") else None
+    model = InspectionModel(loaded.folds, meta, with_probs=True, autocast=autocast).eval().to(device)
     name = f"fold {loaded.fold_ids[0]}" if len(loaded.fold_ids) == 1 else f"ensemble of folds {loaded.fold_ids}"
     return _Predictor(name=f"{name} of {run_dir}", metadata=meta, model=model, device=device)
 
@@ -231,8 +241,11 @@ def evaluate_run(
     threshold_grid: Sequence[float] | None = None,
     min_area_grid: Sequence[int] | None = None,
     progress: bool = False,
+    backend_name: str | None = None,
 ) -> dict[str, Any]:
     """Scores a split; for ``oof`` also searches and writes ``RUN/postprocess.json``. Returns the result dict.
+
+    ``--model`` runs on the backend :func:`engine.backends.load_backend` chooses (``backend_name`` forces one).
 
     Raises:
         FileNotFoundError: run files, checkpoints, data images or the model file are missing.
@@ -280,7 +293,7 @@ def evaluate_run(
 
     backend = None
     if model_path is not None:
-        backend = load_backend(model_path, device=device)
+        backend = load_backend(model_path, device=device, backend=backend_name)
         meta = backend.metadata
         if meta.num_classes != c or meta.input_size != data_cfg.size:
             raise ValueError(f"{model_path} takes {meta.input_height}x{meta.input_width} frames with {meta.num_classes} "
@@ -303,15 +316,16 @@ def evaluate_run(
         if predictions is not None:
             return _Predictor(name=f"predictions {predictions_path}", metadata=None, predictions=predictions)
         if backend is not None:
-            return _Predictor(name=f"{model_path} ({backend.name}, {backend.device})", metadata=backend.metadata,
+            return _Predictor(name=f"{model_path} ({backend.name} {backend.precision}, {backend.device})",
+                              metadata=backend.metadata,
                               backend=backend)
         if fold is None:
-            predictor = _ensemble(run_dir, "all", torch_device)
+            predictor = _ensemble(run_dir, "all", torch_device, amp=cfg.amp)
             if predictor.metadata.folds < cfg.folds:
                 log.warning("only %d of the run's %d folds have a best.pt; scoring their ensemble",
                             predictor.metadata.folds, cfg.folds)
             return predictor
-        return _ensemble(run_dir, [fold], torch_device, override=baseline)
+        return _ensemble(run_dir, [fold], torch_device, override=baseline, amp=cfg.amp)
 
     criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(torch_device)
     rendered_ids = _render_choice([s for _, group in groups for s in group], render)

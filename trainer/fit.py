@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--pos-weight", type=_csv_floats, default=S, metavar="W1,W2,..",
                    help="per-class weight of defect pixels in the BCE, e.g. 2,2,1,1.5")
     o.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S,
-                   help="mixed precision on CUDA (bf16 where supported, else fp16); default on")
+                   help="mixed precision: bf16 autocast + channels_last on CUDA (fp16 where bf16 is not supported) "
+                   "and on a CPU with native bf16 (AVX-512 BF16/AMX); losses and metrics stay fp32; default on")
     o.add_argument("--seed", type=int, default=S, help=f"seed for splits, balancing and training (default {d.seed})")
     x = parser.add_argument_group("execution")
     x.add_argument("--fold", type=int, default=S, help="train only this fold (0-based); default: every fold")
@@ -641,15 +642,13 @@ def train_fold(
     meta = preprocessing_metadata(cfg)
     train_size = cfg.train_size
     on_cuda = d.device.type == "cuda"
-    memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+    amp_dtype = _amp_dtype(torch, on_cuda, cfg.amp)
+    memory_format = torch.channels_last if on_cuda or amp_dtype is not None else torch.contiguous_format
     unet.to(d.device, memory_format=memory_format)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=max(1, cfg.patience // 3))
                  if cfg.lr_schedule == "plateau" else None)
-    amp_dtype = None
-    if on_cuda and cfg.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     stopping = _EarlyStopping(cfg.patience)
     start_epoch, seconds = 1, 0.0
@@ -736,8 +735,7 @@ def train_fold(
         return float(s[0] / max(s[1], 1.0)), overall, [float(v) for v in dice_from_sums(inter, pred, truth)]
 
     def autocast():
-        return torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None) if on_cuda \
-            else torch.autocast("cpu", enabled=False)
+        return torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     epoch = start_epoch - 1
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -753,7 +751,7 @@ def train_fold(
             optimizer.zero_grad(set_to_none=True)
             with autocast():
                 logits = model(x)
-            loss = criterion(logits, y)
+            loss = criterion(logits.float(), y)  # losses and metrics in fp32, whatever the U-Net ran in
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -768,7 +766,7 @@ def train_fold(
             for x, y in batches(val_loader):
                 with autocast():
                     logits = unet(x)
-                accumulate(val_sums, criterion(logits, y), logits, y)
+                accumulate(val_sums, criterion(logits.float(), y), logits, y)
         train_loss, train_dice, train_dice_c = summarise(train_sums)
         val_loss, val_dice, val_dice_c = summarise(val_sums)
         lr = optimizer.param_groups[0]["lr"]
@@ -815,6 +813,18 @@ def train_fold(
                          fold, epoch, cfg.patience, stopping.best_epoch)
             break
     return FoldOutcome(fold, stopping.best_epoch, stopping.best_val_loss, epoch, seconds, True)
+
+
+def _amp_dtype(torch: Any, on_cuda: bool, amp: bool) -> Any:
+    """The autocast dtype of ``--amp``: bf16 on CUDA where supported (else fp16), bf16 on a CPU with
+    native bf16 (:func:`engine.cpu.supports_bf16`), None (fp32) otherwise."""
+    from engine.cpu import cpu_autocast_dtype
+
+    if not amp:
+        return None
+    if on_cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return cpu_autocast_dtype(amp)
 
 
 def _checkpoint_facts(payload: dict[str, Any]) -> dict[str, Any]:
