@@ -168,10 +168,16 @@ def agreement_band(precision: str, device: str) -> float:
     fp32 on the CPU: 1e-4 (last-bit rounding of per-image vs batched convolutions, numpy vs torch
     sigmoid). fp32 on CUDA: 5e-3, since torch and ONNX Runtime run fp32 convolutions in TF32 there
     (10-bit mantissa) and pick different algorithms per batch size. fp16: 5e-2, the max probability
-    difference the FP16 export is itself allowed against the fp32 reference.
+    difference the FP16 export is itself allowed against the fp32 reference. bf16 (1e-2) and int8
+    (5e-2): the bands their parity tolerances exclude.
     """
     if precision == "fp16":
         return 5e-2
+    if precision in ("bf16", "int8"):
+        # The band the bf16/int8 parity tolerance excludes (engine.parity.BF16_TOLERANCE / INT8_TOLERANCE).
+        from engine.parity import tolerance_for
+
+        return tolerance_for(precision).threshold_band
     return 5e-3 if str(device).startswith("cuda") else 1e-4
 
 

@@ -84,11 +84,21 @@ def read_frames(files: list[Path], meta: ModelMetadata) -> np.ndarray:
 
 
 def split_frames(
-    directory: Path | None, meta: ModelMetadata, calibration_count: int, parity_count: int, seed: int = 0
+    directory: Path | np.ndarray | None, meta: ModelMetadata, calibration_count: int, parity_count: int, seed: int = 0
 ) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
-    """(calibration frames, held-out parity frames, description): disjoint, drawn by a seeded shuffle."""
+    """(calibration frames, held-out parity frames, description): disjoint, drawn by a seeded shuffle.
+
+    ``directory`` may also be the frames themselves (uint8 ``[N, H, W]``, e.g. bench's synthetic strips).
+    """
     if directory is None:
         return None, synthetic_frames(parity_count, *meta.input_size, seed=1234), {"source": "synthetic frames"}
+    if isinstance(directory, np.ndarray):
+        if directory.shape[1:] != meta.input_size or len(directory) <= parity_count:
+            raise ValueError(f"calibration frames {list(directory.shape)}: need more than {parity_count} frames of "
+                             f"{meta.input_height}x{meta.input_width}")
+        order = np.random.default_rng(seed).permutation(len(directory))
+        held, calib = directory[order[:parity_count]], directory[order[parity_count:parity_count + calibration_count]]
+        return calib, held, {"source": "given frames", "calibration_frames": len(calib), "parity_frames": len(held)}
     files = image_files(directory)
     if len(files) < parity_count + 1:
         raise ValueError(f"--calibration {directory}: {len(files)} images, need more than --parity-frames {parity_count}")
@@ -135,7 +145,7 @@ def build_openvino(
     onnx_path: str | Path,
     out_path: str | Path,
     precision: str = "bf16",
-    calibration: str | Path | None = None,
+    calibration: str | Path | np.ndarray | None = None,
     calibration_frames: int = 300,
     parity_frames: int = 16,
     tolerance: Tolerance | None = None,
@@ -173,7 +183,9 @@ def build_openvino(
         raise ValueError(f"{onnx_path} is a {source_meta.precision} graph: build OpenVINO IRs from the fp32 export")
     meta = ModelMetadata.from_dict({**source_meta.to_dict(), "precision": precision})
     check_precision(precision if precision != "int8" else "fp32", source_meta, str(onnx_path))
-    calib, held, info = split_frames(Path(calibration) if calibration else None, meta, calibration_frames, parity_frames)
+    if isinstance(calibration, (str, Path)):
+        calibration = Path(calibration)
+    calib, held, info = split_frames(calibration, meta, calibration_frames, parity_frames)
     if precision == "int8":
         log.info("quantising the U-Nets to int8 on %d calibration frames (NNCF)", len(calib))
         model, ignored = quantize_int8(model, calib)

@@ -227,13 +227,18 @@ def split_stages(path: str | Path, with_probs: bool = False) -> list[Stage]:
 # --------------------------------------------------------------------------- the backend
 
 
-def default_precision(meta: ModelMetadata) -> str:
-    """int8 for a quantised IR, else bf16 where the CPU has it, else fp32."""
-    from engine.cpu import supports_bf16
+def default_precision(meta: ModelMetadata, is_ir: bool) -> str:
+    """An IR runs in the precision it was built for (a bf16 IR in fp32 where the CPU lacks bf16); an
+    ``.onnx`` graph in bf16 where the CPU has native bf16, else fp32."""
+    from engine.cpu import no_bf16_reason, supports_bf16
 
-    if meta.precision == "int8":
-        return "int8"
-    return "bf16" if supports_bf16() else "fp32"
+    if is_ir and meta.precision in ("fp32", "int8"):
+        return meta.precision
+    if supports_bf16():
+        return "bf16"
+    if is_ir:
+        log.warning("a bf16 IR on a CPU without bf16 (%s): running it in fp32", no_bf16_reason())
+    return "fp32"
 
 
 def check_precision(precision: str, meta: ModelMetadata, source: str) -> None:
@@ -258,8 +263,8 @@ class OpenVinoBackend(Backend):
     Args:
         path: ``.onnx`` (``trainer export``) or ``.xml`` (``engine build --target openvino``).
         device: ``auto`` or ``cpu`` (OpenVINO's GPU plugin is not used here).
-        precision: ``fp32``, ``bf16`` or ``int8`` (int8 needs a quantised IR); default: int8 for a
-            quantised IR, bf16 where the CPU has native bf16, else fp32.
+        precision: ``fp32``, ``bf16`` or ``int8`` (int8 needs a quantised IR); default: an IR's own
+            precision, for ``.onnx`` bf16 where the CPU has native bf16, else fp32.
         threads: ``INFERENCE_NUM_THREADS`` (0 = OpenVINO's default, one per core).
         with_probs: also return the mean probabilities (parity checks).
     """
@@ -287,7 +292,7 @@ class OpenVinoBackend(Backend):
         self.metadata = model_metadata(model, str(self.path))
         graph.check_io([i.get_any_name() for i in model.inputs], [o.get_any_name() for o in model.outputs],
                        str(self.path))
-        self.precision = precision or default_precision(self.metadata)
+        self.precision = precision or default_precision(self.metadata, self.path.suffix.lower() == ".xml")
         check_precision(self.precision, self.metadata, str(self.path))
         self.device, self.threads, self.with_probs = "cpu", threads, with_probs
         self.build = build_info(model)
