@@ -115,6 +115,7 @@ def calibrated_thresholds(folds: list[Any], spec: BenchModelSpec, frames: int = 
 def _write_run(spec: BenchModelSpec, run_dir: Path) -> None:
     import torch
 
+    from engine.checkpoint import FoldFacts
     from engine.model import UNetConfig, build_unet, save_fold_checkpoint
 
     cfg = UNetConfig(
@@ -131,14 +132,9 @@ def _write_run(spec: BenchModelSpec, run_dir: Path) -> None:
             run_dir / f"fold{fold}" / "best.pt",
             cfg,
             unet,
-            fold=fold,
-            epoch=0,
-            val_loss=float("nan"),
-            input_size=(spec.height, spec.width),
-            train_size=(spec.train_height, spec.train_width),
-            class_names=class_names,
-            mean=0.0,
-            std=1.0,
+            FoldFacts(fold=fold, epoch=0, input_size=(spec.height, spec.width),
+                      train_size=(spec.train_height, spec.train_width), class_names=tuple(class_names), mean=0.0,
+                      std=1.0),
         )
     postprocess = {"thresholds": calibrated_thresholds(folds, spec), "min_areas": list(spec.min_areas)}
     (run_dir / "postprocess.json").write_text(json.dumps(postprocess, indent=2))

@@ -183,6 +183,39 @@ def build_engine(plan: BuildPlan) -> BuildReport:
         raise BackendUnavailable("engine build needs a CUDA GPU (the engine is built for the GPU it runs on); none is visible here")
     gpu_name, capability = gpu_identity(0)
     lines: list[str] = []
+    logger = _build_logger(trt, lines)
+    builder = trt.Builder(logger)
+    network, parser = _parse_network(trt, builder, logger, plan)
+    config = _builder_config(trt, builder, network, plan)
+
+    log.info(
+        "building %s engine from %s (%d network layers, %s, batch %d/%d/%d) on %s...",
+        plan.precision, plan.onnx_path, network.num_layers, plan.typing,
+        plan.min_batch, plan.opt_batch, plan.max_batch, gpu_name,
+    )
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    build_seconds = time.perf_counter() - started
+    if serialized is None:
+        errors = [line for line in lines if line.startswith(("[ERROR]", "[INTERNAL_ERROR]"))]
+        raise RuntimeError(
+            f"TensorRT built no engine from {plan.onnx_path}: {'; '.join(errors[-3:]) or 'see the build log'}"
+            " (if it mentions memory, raise --workspace-gb or lower --max-batch)"
+        )
+    data = bytes(serialized)
+    del parser
+    if plan.timing_cache is not None:
+        tmp = plan.timing_cache.with_name(plan.timing_cache.name + ".tmp")
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+        tmp.replace(plan.timing_cache)
+    io, engine_layers = _engine_io(trt, logger, data)
+    facts = {"gpu_name": gpu_name, "compute_capability": capability, "build_seconds": round(build_seconds, 3),
+             "network_layers": int(network.num_layers), "engine_layers": engine_layers, "io": io}
+    return _write_engine(trt, plan, data, facts, lines)
+
+
+def _build_logger(trt: Any, lines: list[str]) -> Any:
+    """A TensorRT logger that keeps every line (for the build log) and forwards warnings and errors."""
 
     class _Logger(trt.ILogger):
         def __init__(self) -> None:
@@ -197,8 +230,12 @@ def build_engine(plan: BuildPlan) -> BuildReport:
             else:
                 log.debug("TensorRT: %s", msg)
 
-    logger = _Logger()
-    builder = trt.Builder(logger)
+    return _Logger()
+
+
+def _parse_network(trt: Any, builder: Any, logger: Any, plan: BuildPlan) -> tuple[Any, Any]:
+    """The network definition parsed from the plan's ONNX file (strongly typed when the plan says), and
+    the parser, which the caller keeps alive until the build is done (it owns weights the network uses)."""
     flags = 0
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     if plan.typing == STRONGLY_TYPED and strongly_typed is not None:
@@ -208,7 +245,11 @@ def build_engine(plan: BuildPlan) -> BuildReport:
     if not parser.parse_from_file(str(plan.onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"{plan.onnx_path}: the TensorRT ONNX parser failed: {errors}")
+    return network, parser
 
+
+def _builder_config(trt: Any, builder: Any, network: Any, plan: BuildPlan) -> Any:
+    """Workspace, FP16 flag (with pinned pre/post-processing), the batch profile and the timing cache."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(plan.workspace_gb * (1 << 30)))
     if plan.typing == FP16_FLAG:
@@ -228,27 +269,11 @@ def build_engine(plan: BuildPlan) -> BuildReport:
             config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
         else:
             log.info("timing cache %s: %d bytes reused", plan.timing_cache, len(previous))
+    return config
 
-    log.info(
-        "building %s engine from %s (%d network layers, %s, batch %d/%d/%d) on %s...",
-        plan.precision, plan.onnx_path, network.num_layers, plan.typing,
-        plan.min_batch, plan.opt_batch, plan.max_batch, gpu_name,
-    )
-    started = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    build_seconds = time.perf_counter() - started
-    if serialized is None:
-        errors = [line for line in lines if line.startswith(("[ERROR]", "[INTERNAL_ERROR]"))]
-        raise RuntimeError(
-            f"TensorRT built no engine from {plan.onnx_path}: {'; '.join(errors[-3:]) or 'see the build log'}"
-            " (if it mentions memory, raise --workspace-gb or lower --max-batch)"
-        )
-    data = bytes(serialized)
-    if plan.timing_cache is not None:
-        tmp = plan.timing_cache.with_name(plan.timing_cache.name + ".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        tmp.replace(plan.timing_cache)
 
+def _engine_io(trt: Any, logger: Any, data: bytes) -> tuple[list[dict[str, Any]], int | None]:
+    """The built engine's I/O tensors (as the sidecar records them) and its layer count."""
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(data)
     io = []
@@ -261,7 +286,11 @@ def build_engine(plan: BuildPlan) -> BuildReport:
             "shape": [int(d) for d in engine.get_tensor_shape(name)],
         })
     engine_layers = getattr(engine, "num_layers", None)
+    return io, int(engine_layers) if engine_layers is not None else None
 
+
+def _write_engine(trt: Any, plan: BuildPlan, data: bytes, facts: dict[str, Any], lines: list[str]) -> BuildReport:
+    """Writes the engine (atomically), its sidecar and its build log."""
     import hashlib
 
     from engine.hashing import file_sha256
@@ -272,23 +301,18 @@ def build_engine(plan: BuildPlan) -> BuildReport:
     tmp.replace(plan.out_path)
     sidecar = EngineSidecar(
         tensorrt_version=trt.__version__,
-        gpu_name=gpu_name,
-        compute_capability=capability,
         onnx_path=str(plan.onnx_path.resolve()),
         onnx_sha256=file_sha256(plan.onnx_path),
         precision=plan.precision,
         typing=plan.typing,
-        profile=shapes,
+        profile=plan.profile(),
         engine_size=len(data),
         engine_sha256=hashlib.sha256(data).hexdigest(),
         metadata=plan.metadata,
-        build_seconds=round(build_seconds, 3),
-        network_layers=int(network.num_layers),
-        engine_layers=int(engine_layers) if engine_layers is not None else None,
         workspace_gb=plan.workspace_gb,
         timing_cache=str(plan.timing_cache) if plan.timing_cache else None,
-        io=io,
         built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **facts,
     )
     side = write_sidecar(plan.out_path, sidecar)
     log_path = plan.out_path.with_name(plan.out_path.name + ".build.log")

@@ -48,9 +48,8 @@ FORMAT = "strip-inspection/drift-reference/1"
 DARK_LEVEL = 16
 #: A pixel at or above this grey level counts as saturated (specular glare, overexposure).
 SATURATED_LEVEL = 250
-FRAME_STAT_NAMES: tuple[str, ...] = ("brightness", "contrast", "dark_ratio", "saturated_ratio")
 #: The frame statistics, in the column order of :func:`frame_stats`.
-STAT_NAMES = FRAME_STAT_NAMES
+FRAME_STAT_NAMES: tuple[str, ...] = ("brightness", "contrast", "dark_ratio", "saturated_ratio")
 AREA_STAT_PREFIX = "area_class_"
 
 DEFAULT_BINS = 10
@@ -78,16 +77,11 @@ def area_stat_names(num_classes: int) -> tuple[str, ...]:
     return tuple(f"{AREA_STAT_PREFIX}{k}" for k in range(1, num_classes + 1))
 
 
-def stat_names(num_classes: int) -> tuple[str, ...]:
-    """The frame statistics followed by one area statistic per class (``0`` = frame statistics only)."""
-    return FRAME_STAT_NAMES + area_stat_names(num_classes)
-
-
 # --------------------------------------------------------------------------- statistics
 
 
 def frame_stats(frames: np.ndarray) -> np.ndarray:
-    """Statistics of uint8 grayscale frames ``[N, H, W]`` -> float32 ``[N, len(STAT_NAMES)]``.
+    """Statistics of uint8 grayscale frames ``[N, H, W]`` -> float32 ``[N, len(FRAME_STAT_NAMES)]``.
 
     Vectorised over the batch: one float32 copy of the frames, BLAS sums for the mean and the
     mean square, and packed-bit counts for the dark and saturated pixels (about 10 ms for 16

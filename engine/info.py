@@ -164,15 +164,17 @@ def auto_backend_line(path: Path) -> str:
 
 
 def describe_torch(path: Path) -> dict[str, Any]:
-    from engine.model import ENSEMBLE_FORMAT, UNetConfig, fold_metadata, load_checkpoint
+    from engine.checkpoint import ENSEMBLE_FORMAT, FoldCheckpoint
+    from engine.model import UNetConfig, fold_metadata, load_checkpoint
 
     payload = load_checkpoint(path)
     cfg = UNetConfig.from_dict(payload["unet"])
     if payload["format"] == ENSEMBLE_FORMAT:
         metadata, kind = ModelMetadata.from_dict(payload["metadata"]), "ensemble bundle"
     else:
-        metadata = fold_metadata(payload, cfg, checkpoint_sha256=[file_sha256(path)])
-        kind = f"fold {payload.get('fold', '?')} checkpoint (epoch {payload.get('epoch', '?')})"
+        facts = FoldCheckpoint.from_payload(payload, source=str(path)).facts
+        metadata = fold_metadata(facts, cfg, checkpoint_sha256=[file_sha256(path)])
+        kind = f"fold {facts.fold} checkpoint (epoch {facts.epoch})"
     return {
         "file": str(path),
         "format": f"torch {kind}",

@@ -138,9 +138,6 @@ class ModelMetadata:
             raise ValueError(f"{source}: malformed inspection metadata: {exc}") from exc
         return cls.from_dict(data)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
 
 def read_onnx_metadata(path: str) -> ModelMetadata:
     """Reads the metadata of an ONNX file without loading its weights."""

@@ -10,6 +10,7 @@ the two cannot drift apart. torch is imported here: import this module only wher
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.checkpoint import ENSEMBLE_FORMAT, FOLD_FORMAT, FORMATS, FoldCheckpoint, FoldFacts
 from engine.decision import default_min_areas, default_thresholds
 from engine.hashing import file_sha256
 from engine.metadata import ModelMetadata
-
-FOLD_FORMAT = "strip-inspection/fold-checkpoint/1"
-ENSEMBLE_FORMAT = "strip-inspection/ensemble/1"
 
 # Encoders the product supports, by the name users type. The thesis' set (ResNet-34/50/101,
 # EfficientNet-B0..B7) plus ResNet-18, MobileNetV2 and timm's MobileNetV3-small (width 0.5 and
@@ -101,9 +100,6 @@ class UnusedStage(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("an encoder stage dropped as unused (beyond encoder_depth) was called")
-
-    def set_swish(self, memory_efficient: bool = True) -> None:
-        """EfficientNet encoders call this on every block of theirs; a dropped block has no activation."""
 
 
 def drop_unused_encoder_stages(unet: nn.Module, in_channels: int) -> int:
@@ -182,14 +178,6 @@ def probe_usage(unet: nn.Module, in_channels: int) -> tuple[set[int], set[int], 
     unet.zero_grad(set_to_none=True)
     unet.train(was_training)
     return called, used, output.detach(), probe
-
-
-def prepare_for_export(unet: nn.Module) -> nn.Module:
-    """Switches off export-hostile pieces (EfficientNet's memory-efficient swish)."""
-    encoder = getattr(unet, "encoder", None)
-    if encoder is not None and hasattr(encoder, "set_swish"):
-        encoder.set_swish(memory_efficient=False)
-    return unet
 
 
 # --------------------------------------------------------------------------- pre/post-processing
@@ -312,12 +300,16 @@ class InspectionModel(nn.Module):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_fold_checkpoint(path: str | Path, cfg: UNetConfig, unet: nn.Module, **extra: Any) -> None:
-    """Writes a fold checkpoint: the U-Net config, its state dict, and training facts in ``extra``
-    (fold, epoch, val_loss, train/input size, mean/std, optimiser state for resuming...)."""
+def save_fold_checkpoint(
+    path: str | Path, cfg: UNetConfig, unet: nn.Module, facts: FoldFacts, training: dict[str, Any] | None = None
+) -> None:
+    """Writes a fold checkpoint (see :mod:`engine.checkpoint`): the U-Net config, its state dict, the
+    fold's facts, and the trainer's resume state (``last.pt`` only)."""
+    if not isinstance(facts, FoldFacts):
+        raise TypeError(f"facts must be a FoldFacts record, got {type(facts).__name__}")
     state = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
-    payload = {"format": FOLD_FORMAT, "unet": cfg.to_dict(), "state_dict": state, **extra}
-    tmp = Path(str(path) + ".tmp")
+    payload = FoldCheckpoint(cfg.to_dict(), state, facts, training).to_payload()
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
     torch.save(payload, tmp)
     tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
 
@@ -331,20 +323,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") not in (FOLD_FORMAT, ENSEMBLE_FORMAT):
+    if not isinstance(payload, dict) or payload.get("format") not in FORMATS:
         raise ValueError(f"{path}: not a strip-inspection checkpoint (expected format {FOLD_FORMAT} or {ENSEMBLE_FORMAT})")
     return payload
 
 
-def load_fold(path: str | Path) -> tuple[nn.Module, UNetConfig, dict[str, Any]]:
-    """Rebuilds a fold's U-Net (eval mode, CPU) from its checkpoint."""
+def read_fold_checkpoint(path: str | Path) -> FoldCheckpoint:
+    """A fold checkpoint, typed; raises ValueError for an ensemble bundle or missing/unknown facts."""
     payload = load_checkpoint(path)
-    if payload["format"] != FOLD_FORMAT:
+    if payload["format"] == ENSEMBLE_FORMAT:
         raise ValueError(f"{path}: is an ensemble bundle, not a fold checkpoint")
-    cfg = UNetConfig.from_dict(payload["unet"])
+    return FoldCheckpoint.from_payload(payload, source=str(path))
+
+
+def load_fold(path: str | Path) -> tuple[nn.Module, UNetConfig, FoldFacts]:
+    """Rebuilds a fold's U-Net (eval mode, CPU) from its checkpoint; returns it, its config and facts."""
+    checkpoint = read_fold_checkpoint(path)
+    cfg = UNetConfig.from_dict(checkpoint.unet)
     unet = build_unet(cfg)
-    unet.load_state_dict(payload["state_dict"])
-    return unet.eval(), cfg, payload
+    unet.load_state_dict(checkpoint.state_dict)
+    return unet.eval(), cfg, checkpoint.facts
 
 
 def save_ensemble(path: str | Path, cfg: UNetConfig, folds: Sequence[nn.Module], meta: ModelMetadata) -> None:
@@ -368,8 +366,9 @@ def load_ensemble(path: str | Path) -> tuple[list[nn.Module], UNetConfig, ModelM
         meta = ModelMetadata.from_dict(payload["metadata"])
         states = payload["folds"]
     else:
-        meta = fold_metadata(payload, cfg, checkpoint_sha256=[file_sha256(path)])
-        states = [payload["state_dict"]]
+        checkpoint = FoldCheckpoint.from_payload(payload, source=str(path))
+        meta = fold_metadata(checkpoint.facts, cfg, checkpoint_sha256=[file_sha256(path)])
+        states = [checkpoint.state_dict]
     folds = []
     for state in states:
         unet = build_unet(cfg)
@@ -378,15 +377,15 @@ def load_ensemble(path: str | Path) -> tuple[list[nn.Module], UNetConfig, ModelM
     return folds, cfg, meta
 
 
-def fold_metadata(payload: dict[str, Any], cfg: UNetConfig, **overrides: Any) -> ModelMetadata:
-    """Metadata for a model made of folds trained like this checkpoint (thesis post-processing
-    defaults unless ``overrides`` says otherwise)."""
+def fold_metadata(facts: FoldFacts, cfg: UNetConfig, **overrides: Any) -> ModelMetadata:
+    """Metadata for a model made of folds trained like this one (thesis post-processing defaults
+    unless ``overrides`` says otherwise)."""
     c = cfg.num_classes
-    input_h, input_w = payload.get("input_size", (256, 1600))
-    train_h, train_w = payload.get("train_size", (input_h, input_w))
+    input_h, input_w = facts.input_size
+    train_h, train_w = facts.train_size
     fields: dict[str, Any] = dict(
         num_classes=c,
-        class_names=list(payload.get("class_names", [f"class {i}" for i in range(1, c + 1)])),
+        class_names=list(facts.class_names),
         input_height=int(input_h),
         input_width=int(input_w),
         train_height=int(train_h),
@@ -396,8 +395,8 @@ def fold_metadata(payload: dict[str, Any], cfg: UNetConfig, **overrides: Any) ->
         folds=1,
         encoder=cfg.encoder,
         in_channels=cfg.in_channels,
-        mean=float(payload.get("mean", 0.0)),
-        std=float(payload.get("std", 1.0)),
+        mean=float(facts.mean),
+        std=float(facts.std),
     )
     fields.update(overrides)
     return ModelMetadata(**fields)

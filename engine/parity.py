@@ -209,35 +209,51 @@ def compare_outputs(
         mask_dice=mask_dice(ref_masks, cand_masks),
         present_agreement=float((ref_present == cand_present).mean()),
     )
+    report.failures += _limit_failures(report, tolerance, finite, candidate_name)
+    report.failures += _consistency_failures(cand_masks, cand_counts, cand_present, min_areas, candidate_name)
+    return report
+
+
+def _limit_failures(report: ParityReport, tolerance: Tolerance, finite: bool, candidate_name: str) -> list[str]:
+    """The tolerance's limits that ``report`` exceeds, each saying by how much."""
+    failures = []
+    max_prob_diff, mean_prob_diff, mismatch = report.max_prob_diff, report.mean_prob_diff, report.mask_mismatch_fraction
     if not finite:
-        report.failures.append(f"{candidate_name} probabilities include NaN or infinity (overflow?)")
+        failures.append(f"{candidate_name} probabilities include NaN or infinity (overflow?)")
     if max_prob_diff is not None and max_prob_diff > tolerance.max_prob_diff:
-        report.failures.append(f"max |dprob| {max_prob_diff:.3g} exceeds {tolerance.max_prob_diff:g}")
+        failures.append(f"max |dprob| {max_prob_diff:.3g} exceeds {tolerance.max_prob_diff:g}")
     if mean_prob_diff is not None and mean_prob_diff > tolerance.max_mean_prob_diff:
-        report.failures.append(f"mean |dprob| {mean_prob_diff:.3g} exceeds {tolerance.max_mean_prob_diff:g}")
+        failures.append(f"mean |dprob| {mean_prob_diff:.3g} exceeds {tolerance.max_mean_prob_diff:g}")
     if mismatch > tolerance.max_mask_mismatch:
-        report.failures.append(
+        failures.append(
             f"{mismatch:.3g} of the mask pixels away from the threshold differ (allowed {tolerance.max_mask_mismatch:g})"
         )
     if report.mask_dice < tolerance.min_mask_dice:
-        report.failures.append(f"mask Dice {report.mask_dice:.4f} below {tolerance.min_mask_dice:g}")
+        failures.append(f"mask Dice {report.mask_dice:.4f} below {tolerance.min_mask_dice:g}")
     if report.present_agreement < tolerance.min_present_agreement:
-        report.failures.append(
+        failures.append(
             f"labels agree on {report.present_agreement:.3f} of (image, class) pairs, below {tolerance.min_present_agreement:g}"
         )
     if tolerance.max_count_diff is not None and report.max_count_diff > tolerance.max_count_diff:
-        report.failures.append(f"max |dcount| {report.max_count_diff} exceeds {tolerance.max_count_diff}")
-    own_sums = cand_masks.astype(np.int64).sum(axis=(2, 3))
-    if not np.array_equal(own_sums, cand_counts):
-        n, k = np.argwhere(own_sums != cand_counts)[0]
-        report.failures.append(
+        failures.append(f"max |dcount| {report.max_count_diff} exceeds {tolerance.max_count_diff}")
+    return failures
+
+
+def _consistency_failures(masks: np.ndarray, counts: np.ndarray, present: np.ndarray, min_areas: Any,
+                          candidate_name: str) -> list[str]:
+    """Counts must equal the candidate's own mask sums, and present must be counts >= min_area."""
+    failures = []
+    own_sums = masks.astype(np.int64).sum(axis=(2, 3))
+    if not np.array_equal(own_sums, counts):
+        n, k = np.argwhere(own_sums != counts)[0]
+        failures.append(
             f"{candidate_name} counts disagree with its own masks (image {n}, class {k + 1}: count "
-            f"{cand_counts[n, k]}, mask pixels {own_sums[n, k]})"
+            f"{counts[n, k]}, mask pixels {own_sums[n, k]})"
         )
-    expected_present = cand_counts >= np.asarray(min_areas, dtype=np.int64).reshape(1, c)
-    if not np.array_equal(expected_present, cand_present):
-        report.failures.append(f"{candidate_name} present disagrees with counts >= min_area")
-    return report
+    expected_present = counts >= np.asarray(min_areas, dtype=np.int64).reshape(1, masks.shape[1])
+    if not np.array_equal(expected_present, present):
+        failures.append(f"{candidate_name} present disagrees with counts >= min_area")
+    return failures
 
 
 def mask_dice(reference: np.ndarray, candidate: np.ndarray) -> float:

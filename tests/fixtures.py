@@ -29,6 +29,7 @@ def make_tiny_run(
     """Writes ``run_dir/fold<k>/best.pt`` for ``folds`` random U-Nets, config.json and postprocess.json."""
     import torch
 
+    from engine.checkpoint import FoldFacts
     from engine.metadata import DEFAULT_CLASS_NAMES
     from engine.model import UNetConfig, build_unet, save_fold_checkpoint
 
@@ -41,14 +42,8 @@ def make_tiny_run(
             run_dir / f"fold{k}" / "best.pt",
             cfg,
             build_unet(cfg).eval(),
-            fold=k,
-            epoch=1,
-            val_loss=0.5,
-            input_size=input_size,
-            train_size=train_size,
-            class_names=list(DEFAULT_CLASS_NAMES[: cfg.num_classes]),
-            mean=0.5,
-            std=0.25,
+            FoldFacts(fold=k, epoch=1, val_loss=0.5, input_size=input_size, train_size=train_size,
+                      class_names=tuple(DEFAULT_CLASS_NAMES[: cfg.num_classes]), mean=0.5, std=0.25),
         )
     (run_dir / "config.json").write_text(json.dumps({"unet": cfg.to_dict(), "folds": folds}))
     if postprocess is not None:

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
+from trainer.samples import Sample, label_matrix
+
 if TYPE_CHECKING:
     import torch
-
-    from trainer.data import Sample
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,6 @@ Item = Union["Sample", tuple["Sample", Union[str, None]]]
 
 
 def _records(items: Sequence[Item]) -> list[Sample]:
-    from trainer.data import Sample
-
     return [item if isinstance(item, Sample) else item[0] for item in items]
 
 
@@ -43,8 +41,6 @@ def class_counts(items: Sequence[Item], num_classes: int) -> np.ndarray:
 
     ``items`` are samples or ``(sample, transform)`` pairs; a transformed copy counts as a record.
     """
-    from trainer.data import label_matrix
-
     return label_matrix(_records(items), num_classes).sum(axis=0).astype(np.int64)
 
 
@@ -71,8 +67,6 @@ def balance_plan(
     Returns:
         ``(sample, transform name or None)`` records: the originals in input order, then the copies.
     """
-    from trainer.data import label_matrix
-
     labels = label_matrix(samples, num_classes)
     counts = labels.sum(axis=0).astype(np.int64)
     if target is None:

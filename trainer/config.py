@@ -245,7 +245,6 @@ def resolve(cfg: FitConfig) -> FitConfig:
         FileNotFoundError: a data folder or its images are missing.
     """
     from engine.metadata import DEFAULT_CLASS_NAMES
-    from engine.model import ENCODERS
 
     if not cfg.data:
         raise ValueError("no training data: give --data DIR (repeat it to train on several folders together)")
@@ -258,16 +257,7 @@ def resolve(cfg: FitConfig) -> FitConfig:
         found = _frame_size_from_data(Path(data[0]))
         height = found[0] if height is None else height
         width = found[1] if width is None else width
-    if cfg.encoder not in ENCODERS:
-        raise ValueError(f"--encoder {cfg.encoder!r} is not supported; choose one of {', '.join(ENCODERS)}")
-    if cfg.encoder_weights not in ENCODER_WEIGHTS:
-        raise ValueError(f"--encoder-weights must be one of {', '.join(ENCODER_WEIGHTS)}, got {cfg.encoder_weights!r}")
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
-    if not 1 <= cfg.encoder_depth <= 5:
-        raise ValueError(f"--encoder-depth must be 1..5, got {cfg.encoder_depth}")
+    _check_choices(cfg)
     decoder = cfg.decoder_channels or DEFAULT_DECODER_CHANNELS[: cfg.encoder_depth]
     if len(decoder) != cfg.encoder_depth:
         raise ValueError(
@@ -282,21 +272,7 @@ def resolve(cfg: FitConfig) -> FitConfig:
     )
     if len(names) != c:
         raise ValueError(f"class_names has {len(names)} names, expected one per class ({c})")
-    if cfg.pos_weight is not None and (len(cfg.pos_weight) != c or any(w <= 0 for w in cfg.pos_weight)):
-        raise ValueError(f"--pos-weight needs {c} positive numbers (one per class), got {list(cfg.pos_weight)}")
-    for name, value, low in (("--epochs", cfg.epochs, 1), ("--patience", cfg.patience, 1),
-                             ("--batch-size", cfg.batch_size, 1), ("--folds", cfg.folds, 2),
-                             ("--in-channels", cfg.in_channels, 1)):
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-    if not cfg.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
-    if not 0 < cfg.scale <= 1:
-        raise ValueError(f"--scale must be in (0, 1], got {cfg.scale}")
-    if cfg.holdout < 0 or (cfg.holdout >= 1 and not float(cfg.holdout).is_integer()):
-        raise ValueError(f"--holdout is a fraction in [0, 1) or a whole number of images, got {cfg.holdout}")
-    if cfg.freeze_encoder and cfg.encoder_weights == "none":
-        log.warning("--freeze-encoder with --encoder-weights none trains the decoder on a random, frozen encoder")
+    _check_numbers(cfg)
     mean, std = cfg.mean, cfg.std
     if mean is None:
         mean = IMAGENET_GRAY_MEAN if cfg.encoder_weights == "imagenet" else 0.0
@@ -320,6 +296,42 @@ def resolve(cfg: FitConfig) -> FitConfig:
             "--scale or a smaller --encoder-depth"
         )
     return resolved
+
+
+def _check_choices(cfg: FitConfig) -> None:
+    """The named choices (encoder, weights, loss, schedule, depth)."""
+    from engine.model import ENCODERS
+
+    if cfg.encoder not in ENCODERS:
+        raise ValueError(f"--encoder {cfg.encoder!r} is not supported; choose one of {', '.join(ENCODERS)}")
+    if cfg.encoder_weights not in ENCODER_WEIGHTS:
+        raise ValueError(f"--encoder-weights must be one of {', '.join(ENCODER_WEIGHTS)}, got {cfg.encoder_weights!r}")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+    if not 1 <= cfg.encoder_depth <= 5:
+        raise ValueError(f"--encoder-depth must be 1..5, got {cfg.encoder_depth}")
+
+
+def _check_numbers(cfg: FitConfig) -> None:
+    """Per-class weights and the numeric ranges."""
+    c = cfg.num_classes
+    if cfg.pos_weight is not None and (len(cfg.pos_weight) != c or any(w <= 0 for w in cfg.pos_weight)):
+        raise ValueError(f"--pos-weight needs {c} positive numbers (one per class), got {list(cfg.pos_weight)}")
+    for name, value, low in (("--epochs", cfg.epochs, 1), ("--patience", cfg.patience, 1),
+                             ("--batch-size", cfg.batch_size, 1), ("--folds", cfg.folds, 2),
+                             ("--in-channels", cfg.in_channels, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 < cfg.scale <= 1:
+        raise ValueError(f"--scale must be in (0, 1], got {cfg.scale}")
+    if cfg.holdout < 0 or (cfg.holdout >= 1 and not float(cfg.holdout).is_integer()):
+        raise ValueError(f"--holdout is a fraction in [0, 1) or a whole number of images, got {cfg.holdout}")
+    if cfg.freeze_encoder and cfg.encoder_weights == "none":
+        log.warning("--freeze-encoder with --encoder-weights none trains the decoder on a random, frozen encoder")
 
 
 def differences(saved: dict[str, Any], current: FitConfig) -> list[str]:

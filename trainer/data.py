@@ -31,6 +31,7 @@ from engine import rle
 from engine.metadata import DEFAULT_CLASS_NAMES
 from engine.model import downscale_masks, resize
 from trainer.augment import TRANSFORMS, apply_transform
+from trainer.samples import Sample
 
 log = logging.getLogger(__name__)
 
@@ -89,28 +90,6 @@ class DataConfig:
         if h < 1 or w < 1:
             raise ValueError(f"scale {scale} shrinks {self.height}x{self.width} frames to {h}x{w}")
         return (h, w)
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One training image and its per-class RLE masks.
-
-    Attributes:
-        image_id: the file name, e.g. ``"0002cc93b.jpg"``.
-        path: the image file.
-        rles: one RLE per class (``""`` = no defect of that class); ``len == num_classes``.
-        source: the data folder the image came from.
-    """
-
-    image_id: str
-    path: Path
-    rles: tuple[str, ...]
-    source: Path
-
-    @property
-    def labels(self) -> tuple[int, ...]:
-        """The 1-based ids of the classes present in this image."""
-        return tuple(k + 1 for k, r in enumerate(self.rles) if r)
 
 
 # --------------------------------------------------------------------------- annotations
@@ -253,16 +232,6 @@ def load_samples(data_dirs: Path | Sequence[Path], cfg: DataConfig) -> list[Samp
             samples[image_id] = Sample(image_id=image_id, path=path, rles=tuple(rles), source=data_dir)
         log.debug("%s: %d images, %d with annotation rows", data_dir, len(files), len(rows))
     return [samples[k] for k in sorted(samples)]
-
-
-def label_matrix(samples: Sequence[Sample], num_classes: int) -> np.ndarray:
-    """bool ``[N, C]``: ``[i, k]`` is True when image i has a defect of class k+1."""
-    out = np.zeros((len(samples), num_classes), dtype=bool)
-    for i, s in enumerate(samples):
-        if len(s.rles) != num_classes:
-            raise ValueError(f"image {s.image_id} has {len(s.rles)} class masks, expected {num_classes}")
-        out[i] = [bool(r) for r in s.rles]
-    return out
 
 
 # --------------------------------------------------------------------------- pixels

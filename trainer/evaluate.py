@@ -19,28 +19,26 @@ writes N overlays to ``RUN/renders/<name>/``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from engine.backends import BACKEND_CHOICES
+from engine.backends.base import InspectionResult
 from engine.decision import default_min_areas, default_thresholds
 from engine.devices import parse_device
 from engine.devices import torch_device as torch_device_for
+from trainer import run as rundir
+from trainer.predictors import PredictionsFile, Predictor
 
 if TYPE_CHECKING:
-    import torch
 
     from engine.metadata import ModelMetadata
     from trainer.config import FitConfig
-    from trainer.data import Sample
+    from trainer.samples import Sample
 
 log = logging.getLogger(__name__)
 
@@ -117,63 +115,13 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- predictors
-
-
-@dataclass
-class _Predictor:
-    """One way of predicting a group of images: a fold ensemble, one fold, or a model file."""
-
-    name: str
-    metadata: ModelMetadata | None  # None for a predictions CSV
-    model: Any = None  # an InspectionModel on ``device``
-    backend: Any = None  # an engine backend
-    device: Any = None
-    predictions: dict[str, list[str]] | None = None  # image id -> one RLE per class
-
-    def __call__(self, frames: torch.Tensor, image_ids: Sequence[str]):
-        """uint8 frames (CPU) -> masks, counts, present, probs-or-None as torch tensors."""
-        import torch
-
-        if self.predictions is not None:
-            from engine.rle import decode_many
-
-            h, w = frames.shape[-2:]
-            masks = torch.from_numpy(np.stack([decode_many(self.predictions[i], h, w) for i in image_ids]))
-            counts = masks.to(torch.int64).sum(dim=(2, 3)).to(torch.int32)
-            # A predictions CSV carries a mask only for the classes it calls present.
-            return masks, counts, counts > 0, None
-        if self.backend is not None:
-            out = self.backend.infer(frames.numpy())
-            probs = None if out.probs is None else torch.from_numpy(out.probs)
-            return torch.from_numpy(out.masks), torch.from_numpy(out.counts), torch.from_numpy(out.present), probs
-        with torch.inference_mode():
-            return self.model(frames.to(self.device, non_blocking=True))
-
-
-def _ensemble(run_dir: Path, folds: Sequence[int] | str, device, override: dict[str, Any] | None = None,
-              amp: bool = False) -> _Predictor:
-    from engine.cpu import cpu_autocast_dtype
-    from engine.model import InspectionModel
-    from trainer.export import load_run
-
-    loaded = load_run(run_dir, folds)
-    meta = dataclasses.replace(loaded.metadata, **(override or {}))
-    # The U-Nets under bf16 autocast on a CPU with native bf16 when the run trained with --amp; the
-    # probabilities, losses and metrics stay fp32.
-    autocast = cpu_autocast_dtype(amp) if str(device).startswith("cpu") else None
-    model = InspectionModel(loaded.folds, meta, with_probs=True, autocast=autocast).eval().to(device)
-    name = f"fold {loaded.fold_ids[0]}" if len(loaded.fold_ids) == 1 else f"ensemble of folds {loaded.fold_ids}"
-    return _Predictor(name=f"{name} of {run_dir}", metadata=meta, model=model, device=device)
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
 def _load_config(run_dir: Path) -> FitConfig:
     from trainer.config import FitConfig
 
-    path = run_dir / "config.json"
+    path = run_dir / rundir.CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run: {path} does not exist")
     try:
@@ -190,7 +138,7 @@ def _split_groups(
 
     if split == "all":
         return [(None, list(samples))]
-    folds_path = run_dir / "folds.csv"
+    folds_path = run_dir / rundir.FOLDS
     if not folds_path.is_file():
         raise FileNotFoundError(f"{folds_path} does not exist: the run's split is unknown")
     assignment = read_folds(folds_path)
@@ -252,27 +200,51 @@ def evaluate_run(
         ValueError: a combination that cannot be scored (``--model`` with ``oof``, a model whose
             classes or frame size differ from the data).
     """
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from engine.backends import load_backend
-    from trainer.data import SeverstalDataset, load_samples
+    from trainer.data import load_samples
     from trainer.fit import data_config
-    from trainer.losses import SegmentationLoss, logits_from_probs
-    from trainer.metrics import PixelStats, mask_stats, score
-    from trainer.postsearch import (
-        DEFAULT_THRESHOLDS,
-        ThresholdStats,
-        default_min_area_grid,
-        search,
-        threshold_stats,
-    )
-    from trainer.render import overlay, write_overlay
-    from trainer.report import EVALUATIONS_DIR, write_report
+    from trainer.report import write_report
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    _check_request(split, model_path, predictions_path)
+    cfg = _load_config(run_dir)
+    data_cfg = data_config(cfg)
+    dirs = [Path(d) for d in (data_dirs or cfg.data)]
+    groups = _split_groups(split, load_samples(dirs, data_cfg), run_dir, cfg)
+    scoring = _Scoring(cfg, data_cfg, split, torch_device_for(parse_device(device, "--device")), threshold_grid)
+    backend = None if model_path is None else _open_model(model_path, device, data_cfg, backend_name)
+    if backend is not None and backend.max_batch_size is not None:
+        batch_size = min(batch_size, backend.max_batch_size)
+    predictions = None if predictions_path is None else _read_predictions(Path(predictions_path), groups, split,
+                                                                          cfg.num_classes)
+    name = _evaluation_name(split, model_path or predictions_path)
+    scoring.prepare_renders(run_dir / rundir.RENDERS / name, [s for _, group in groups for s in group], render)
+    try:
+        for fold, group in groups:
+            if predictions is not None:
+                predictor = Predictor.of_predictions(predictions)
+            elif backend is not None:
+                predictor = Predictor.of_backend(model_path, backend)
+            else:
+                predictor = _run_predictor(run_dir, fold, cfg, scoring)
+            scoring.score_group(predictor, fold, group, batch_size, workers, progress)
+    finally:
+        if backend is not None:
+            backend.close()
+    result = scoring.result(dirs)
+    if scoring.grid_parts:
+        _compare_and_search(result, scoring, run_dir, min_area_grid)
+    elif split == "oof":
+        raise AssertionError("the fold ensemble always returns probabilities")
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    eval_dir = run_dir / rundir.EVALUATIONS
+    eval_dir.mkdir(exist_ok=True)
+    rundir.atomic_write_text(eval_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
+    write_report(run_dir)
+    return result
+
+
+def _check_request(split: str, model_path: Any, predictions_path: Any) -> None:
     if split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if model_path is not None and predictions_path is not None:
@@ -282,158 +254,193 @@ def evaluate_run(
     if model_path is not None and split == "oof":
         raise ValueError("--split oof scores each image with the fold model that did not train on it; an exported "
                          "model averages every fold (each saw those images), so drop --model for oof")
-    cfg = _load_config(run_dir)
-    data_cfg = data_config(cfg)
-    dirs = [Path(d) for d in (data_dirs or cfg.data)]
-    samples = load_samples(dirs, data_cfg)
-    groups = _split_groups(split, samples, run_dir, cfg)
-    torch_device = torch_device_for(parse_device(device, "--device"))
-    c = cfg.num_classes
-    baseline = {"thresholds": default_thresholds(c), "min_areas": default_min_areas(c)}
 
-    backend = None
-    if model_path is not None:
-        backend = load_backend(model_path, device=device, backend=backend_name)
-        meta = backend.metadata
-        if meta.num_classes != c or meta.input_size != data_cfg.size:
-            raise ValueError(f"{model_path} takes {meta.input_height}x{meta.input_width} frames with {meta.num_classes} "
-                             f"classes; the data has {data_cfg.height}x{data_cfg.width} frames with {c} classes")
-        if backend.max_batch_size is not None:
-            batch_size = min(batch_size, backend.max_batch_size)
 
-    predictions = None
-    if predictions_path is not None:
-        from trainer.data import read_annotations
+def _open_model(model_path: str | Path, device: str, data_cfg: Any, backend_name: str | None = None) -> Any:
+    """The exported model through its engine backend, checked against the data."""
+    from engine.backends import load_backend
 
-        predictions = read_annotations(Path(predictions_path), c)
-        scored = [s.image_id for _, group in groups for s in group]
-        absent = [i for i in scored if i not in predictions]
-        if absent:
-            raise ValueError(f"{predictions_path} has no rows for {len(absent)} of the {len(scored)} {split} images "
-                             f"(e.g. {', '.join(absent[:3])}): every scored image must appear, even defect-free ones")
+    backend = load_backend(model_path, device=device, backend=backend_name)
+    meta = backend.metadata
+    if meta.num_classes != data_cfg.num_classes or meta.input_size != data_cfg.size:
+        backend.close()
+        raise ValueError(f"{model_path} takes {meta.input_height}x{meta.input_width} frames with {meta.num_classes} "
+                         f"classes; the data has {data_cfg.height}x{data_cfg.width} frames with "
+                         f"{data_cfg.num_classes} classes")
+    return backend
 
-    def predictor_for(fold: int | None) -> _Predictor:
-        if predictions is not None:
-            return _Predictor(name=f"predictions {predictions_path}", metadata=None, predictions=predictions)
-        if backend is not None:
-            return _Predictor(name=f"{model_path} ({backend.name} {backend.precision}, {backend.device})",
-                              metadata=backend.metadata,
-                              backend=backend)
-        if fold is None:
-            predictor = _ensemble(run_dir, "all", torch_device, amp=cfg.amp)
-            if predictor.metadata.folds < cfg.folds:
-                log.warning("only %d of the run's %d folds have a best.pt; scoring their ensemble",
-                            predictor.metadata.folds, cfg.folds)
-            return predictor
-        return _ensemble(run_dir, [fold], torch_device, override=baseline, amp=cfg.amp)
 
-    criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(torch_device)
-    rendered_ids = _render_choice([s for _, group in groups for s in group], render)
-    render_dir = run_dir / "renders" / _evaluation_name(split, model_path or predictions_path)
-    if render and render_dir.is_dir():
-        for stale in render_dir.glob("*.png"):  # from an earlier evaluation of this name
-            stale.unlink()
-    stats_parts: list[PixelStats] = []
-    grid_parts: list[ThresholdStats] = []
-    loss_sum, loss_count, renders = 0.0, 0, []
-    model_names, metas = [], []
-    grid: list[float] | None = None
-    for fold, group in groups:
-        predictor = predictor_for(fold)
-        model_names.append(predictor.name)
-        metas.append(predictor.metadata)
-        grid = sorted(set(threshold_grid or DEFAULT_THRESHOLDS) | set(baseline["thresholds"])
-                      | set(predictor.metadata.thresholds if predictor.metadata else []))
-        loader = DataLoader(SeverstalDataset(group, data_cfg, scale=1.0), batch_size=batch_size, num_workers=workers,
-                            pin_memory=torch_device.type == "cuda")
+def _read_predictions(path: Path, groups: list[tuple[int | None, list[Sample]]], split: str,
+                      num_classes: int) -> PredictionsFile:
+    from trainer.data import read_annotations
+
+    rles = read_annotations(path, num_classes)
+    scored = [s.image_id for _, group in groups for s in group]
+    absent = [i for i in scored if i not in rles]
+    if absent:
+        raise ValueError(f"{path} has no rows for {len(absent)} of the {len(scored)} {split} images "
+                         f"(e.g. {', '.join(absent[:3])}): every scored image must appear, even defect-free ones")
+    return PredictionsFile(path, rles)
+
+
+def _run_predictor(run_dir: Path, fold: int | None, cfg: FitConfig, scoring: _Scoring) -> Predictor:
+    """The run's ensemble (holdout, all), or the one fold that did not train on ``fold`` (oof)."""
+    if fold is not None:
+        return Predictor.of_run(run_dir, [fold], scoring.device, override=scoring.baseline, amp=cfg.amp)
+    predictor = Predictor.of_run(run_dir, "all", scoring.device, amp=cfg.amp)
+    if predictor.metadata.folds < cfg.folds:
+        log.warning("only %d of the run's %d folds have a best.pt; scoring their ensemble",
+                    predictor.metadata.folds, cfg.folds)
+    return predictor
+
+
+class _Scoring:
+    """The statistics an evaluation gathers, group by group, and the result built from them."""
+
+    def __init__(self, cfg: FitConfig, data_cfg: Any, split: str, device: Any,
+                 threshold_grid: Sequence[float] | None) -> None:
+        from trainer.losses import SegmentationLoss
+
+        c = cfg.num_classes
+        self.cfg, self.data_cfg, self.split, self.device = cfg, data_cfg, split, device
+        self.threshold_grid = threshold_grid
+        self.baseline = {"thresholds": default_thresholds(c), "min_areas": default_min_areas(c)}
+        self.criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(device)
+        self.stats_parts: list[Any] = []
+        self.grid_parts: list[Any] = []
+        self.loss_sum, self.loss_count = 0.0, 0
+        self.renders: list[str] = []
+        self.model_names: list[str] = []
+        self.metas: list[ModelMetadata | None] = []
+        self.render_dir: Path | None = None
+        self.rendered_ids: set[str] = set()
+
+    def prepare_renders(self, render_dir: Path, samples: Sequence[Sample], count: int) -> None:
+        self.render_dir, self.rendered_ids = render_dir, _render_choice(samples, count)
+        if count and render_dir.is_dir():
+            for stale in render_dir.glob("*.png"):  # from an earlier evaluation of this name
+                stale.unlink()
+
+    def score_group(self, predictor: Predictor, fold: int | None, group: list[Sample], batch_size: int,
+                    workers: int, progress: bool) -> None:
+        from torch.utils.data import DataLoader
+        from tqdm import tqdm
+
+        from trainer.data import SeverstalDataset
+        from trainer.postsearch import DEFAULT_THRESHOLDS
+
+        self.model_names.append(predictor.name)
+        self.metas.append(predictor.metadata)
+        self.grid = sorted(set(self.threshold_grid or DEFAULT_THRESHOLDS) | set(self.baseline["thresholds"])
+                           | set(predictor.metadata.thresholds if predictor.metadata else []))
+        loader = DataLoader(SeverstalDataset(group, self.data_cfg, scale=1.0), batch_size=batch_size,
+                            num_workers=workers, pin_memory=self.device.type == "cuda")
         position = 0
-        bar = tqdm(loader, desc=f"{split}{'' if fold is None else f' fold {fold}'}", disable=not progress,
+        bar = tqdm(loader, desc=f"{self.split}{'' if fold is None else f' fold {fold}'}", disable=not progress,
                    leave=False, dynamic_ncols=True)
         for frames, truth in bar:
-            ids = [s.image_id for s in group[position:position + frames.shape[0]]]
-            masks, counts, present, probs = predictor(frames, ids)
-            truth_dev = truth.to(masks.device, non_blocking=True)
-            stats_parts.append(mask_stats(masks, truth_dev, present=present))
-            if probs is not None:
-                grid_parts.append(threshold_stats(probs, truth_dev, grid))
-                with torch.inference_mode():
-                    logits = logits_from_probs(probs.to(torch_device))
-                    loss = criterion(logits, truth.to(torch_device))
-                loss_sum += float(loss) * frames.shape[0]
-                loss_count += frames.shape[0]
-            for i in range(frames.shape[0]):
-                sample = group[position + i]
-                if sample.image_id in rendered_ids:
-                    render_dir.mkdir(parents=True, exist_ok=True)
-                    path = render_dir / f"{Path(sample.image_id).stem}.png"
-                    picture = overlay(frames[i].numpy(), truth[i].numpy(), masks[i].cpu().numpy(),
-                                      present[i].cpu().numpy().tolist(), list(cfg.class_names or []),
-                                      caption=f"{sample.image_id} ({split}; top: truth, bottom: prediction)")
-                    write_overlay(path, picture)
-                    renders.append(str(path))
+            chunk = group[position:position + frames.shape[0]]
+            result = predictor.predict(frames.numpy(), [s.image_id for s in chunk])
+            self.add_batch(frames, truth, result)
+            self.render_batch(chunk, frames, truth, result)
             position += frames.shape[0]
         bar.close()
 
-    stats = PixelStats.concatenate(stats_parts)
-    meta = metas[0]
-    rules: dict[str, Any] = {}
-    model_rule = "thesis" if split == "oof" else "model"
-    rules[model_rule] = {"thresholds": None if meta is None else list(meta.thresholds),
-                         "min_areas": None if meta is None else list(meta.min_areas),
-                         "scores": score(stats).to_dict()}
-    result: dict[str, Any] = {
-        "split": split,
-        "model": model_names[0] if len(model_names) == 1 else f"each image by its out-of-fold model ({len(groups)} folds)",
-        "data": [str(d) for d in dirs],
-        "images": len(stats),
-        "primary": model_rule,
-        "loss": loss_sum / loss_count if loss_count else None,
-        "loss_kind": cfg.loss + ("" if cfg.pos_weight is None else f" pos_weight {list(cfg.pos_weight)}"),
-        "empty_kaggle": float((stats.truth == 0).mean()),
-        "metadata": None if meta is None else {
-            "thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),
-            "model_version": meta.model_version, "folds": meta.folds},
-        "rules": rules,
-        "renders": renders,
-    }
-    if grid_parts:
-        grid_stats = ThresholdStats.concatenate(grid_parts)
-        if split != "oof" and list(meta.thresholds) + list(meta.min_areas) != baseline["thresholds"] + baseline[
-                "min_areas"]:
+    def add_batch(self, frames: Any, truth: Any, result: InspectionResult) -> None:
+        import torch
+
+        from trainer.losses import logits_from_probs
+        from trainer.metrics import mask_stats
+        from trainer.postsearch import threshold_stats
+
+        masks, present = torch.from_numpy(result.masks), torch.from_numpy(result.present)
+        self.stats_parts.append(mask_stats(masks, truth, present=present))
+        if result.probs is None:
+            return
+        probs = torch.from_numpy(result.probs).to(self.device)
+        truth_dev = truth.to(self.device, non_blocking=True)
+        self.grid_parts.append(threshold_stats(probs, truth_dev, self.grid))
+        with torch.inference_mode():
+            loss = self.criterion(logits_from_probs(probs), truth_dev)
+        self.loss_sum += float(loss) * frames.shape[0]
+        self.loss_count += frames.shape[0]
+
+    def render_batch(self, chunk: Sequence[Sample], frames: Any, truth: Any, result: InspectionResult) -> None:
+        from trainer.render import overlay, write_overlay
+
+        for i, sample in enumerate(chunk):
+            if sample.image_id not in self.rendered_ids or self.render_dir is None:
+                continue
+            self.render_dir.mkdir(parents=True, exist_ok=True)
+            path = self.render_dir / f"{Path(sample.image_id).stem}.png"
+            picture = overlay(frames[i].numpy(), truth[i].numpy(), result.masks[i], result.present[i].tolist(),
+                              list(self.cfg.class_names or []),
+                              caption=f"{sample.image_id} ({self.split}; top: truth, bottom: prediction)")
+            write_overlay(path, picture)
+            self.renders.append(str(path))
+
+    def result(self, dirs: Sequence[Path]) -> dict[str, Any]:
+        from trainer.metrics import PixelStats, score
+
+        self.stats = PixelStats.concatenate(self.stats_parts)
+        meta = self.metas[0]
+        model_rule = "thesis" if self.split == "oof" else "model"
+        rules: dict[str, Any] = {model_rule: {
+            "thresholds": None if meta is None else list(meta.thresholds),
+            "min_areas": None if meta is None else list(meta.min_areas),
+            "scores": score(self.stats).to_dict()}}
+        cfg = self.cfg
+        names = self.model_names
+        return {
+            "split": self.split,
+            "model": names[0] if len(names) == 1 else f"each image by its out-of-fold model ({len(names)} folds)",
+            "data": [str(d) for d in dirs],
+            "images": len(self.stats),
+            "primary": model_rule,
+            "loss": self.loss_sum / self.loss_count if self.loss_count else None,
+            "loss_kind": cfg.loss + ("" if cfg.pos_weight is None else f" pos_weight {list(cfg.pos_weight)}"),
+            "empty_kaggle": float((self.stats.truth == 0).mean()),
+            "metadata": None if meta is None else {
+                "thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),
+                "model_version": meta.model_version, "folds": meta.folds},
+            "rules": rules,
+            "renders": self.renders,
+        }
+
+
+def _compare_and_search(result: dict[str, Any], scoring: _Scoring, run_dir: Path,
+                        min_area_grid: Sequence[int] | None) -> None:
+    """Adds the baseline rule's scores (when the model's rule differs) and, for oof, the searched rule,
+    writing ``RUN/postprocess.json``."""
+    from trainer.metrics import score
+    from trainer.postsearch import ThresholdStats, default_min_area_grid, search
+
+    grid_stats = ThresholdStats.concatenate(scoring.grid_parts)
+    baseline, meta, rules = scoring.baseline, scoring.metas[0], result["rules"]
+    if scoring.split != "oof":
+        if list(meta.thresholds) + list(meta.min_areas) != baseline["thresholds"] + baseline["min_areas"]:
             baseline_stats = grid_stats.pixel_stats(baseline["thresholds"], baseline["min_areas"])
             rules["baseline"] = {**baseline, "scores": score(baseline_stats).to_dict()}
-        if split == "oof":
-            areas = sorted(set(min_area_grid or default_min_area_grid(data_cfg.height, data_cfg.width))
-                           | set(baseline["min_areas"]))
-            found = search(grid_stats, areas, baseline["thresholds"], baseline["min_areas"])
-            searched = grid_stats.pixel_stats(found.thresholds, found.min_areas)
-            rules["searched"] = {"thresholds": found.thresholds, "min_areas": found.min_areas,
-                                 "scores": score(searched).to_dict()}
-            result["primary"] = "searched"
-            postprocess = found.to_dict() | {
-                "split": "oof", "folds": cfg.folds, "run": str(run_dir),
-                "checkpoint_sha256": [m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in metas],
-                "written_by": "trainer evaluate --split oof",
-            }
-            path = run_dir / "postprocess.json"
-            tmp = Path(str(path) + ".tmp")
-            tmp.write_text(json.dumps(postprocess, indent=2) + "\n", encoding="utf-8")
-            tmp.replace(path)
-            result["postprocess"] = postprocess
-            result["postprocess_written"] = str(path)
-            log.info("wrote %s: thresholds %s, min areas %s; Kaggle metric %.4f -> %.4f", path, found.thresholds,
-                     found.min_areas, found.baseline_kaggle, found.kaggle)
-    elif split == "oof":
-        raise AssertionError("the fold ensemble always returns probabilities")
-    result["seconds"] = round(time.perf_counter() - started, 2)
-    eval_dir = run_dir / EVALUATIONS_DIR
-    eval_dir.mkdir(exist_ok=True)
-    (eval_dir / f"{_evaluation_name(split, model_path or predictions_path)}.json").write_text(json.dumps(result, indent=2) + "\n",
-                                                                          encoding="utf-8")
-    write_report(run_dir)
-    if backend is not None:
-        backend.close()
-    return result
+        return
+    data_cfg, cfg = scoring.data_cfg, scoring.cfg
+    areas = sorted(set(min_area_grid or default_min_area_grid(data_cfg.height, data_cfg.width))
+                   | set(baseline["min_areas"]))
+    found = search(grid_stats, areas, baseline["thresholds"], baseline["min_areas"])
+    searched = grid_stats.pixel_stats(found.thresholds, found.min_areas)
+    rules["searched"] = {"thresholds": found.thresholds, "min_areas": found.min_areas,
+                         "scores": score(searched).to_dict()}
+    result["primary"] = "searched"
+    postprocess = found.to_dict() | {
+        "split": "oof", "folds": cfg.folds, "run": str(run_dir),
+        "checkpoint_sha256": [m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in scoring.metas],
+        "written_by": "trainer evaluate --split oof",
+    }
+    path = run_dir / rundir.POSTPROCESS
+    rundir.atomic_write_text(path, json.dumps(postprocess, indent=2) + "\n")
+    result["postprocess"] = postprocess
+    result["postprocess_written"] = str(path)
+    log.info("wrote %s: thresholds %s, min areas %s; Kaggle metric %.4f -> %.4f", path, found.thresholds,
+             found.min_areas, found.baseline_kaggle, found.kaggle)
 
 
 # The figures of an evaluation that depend only on what the product answers per (image, class):

@@ -22,24 +22,22 @@ import hashlib
 import io
 import json
 import logging
-import re
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import devices, graph
+from engine import graph
 from engine.cli_util import CLIError
 from engine.decision import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, default_min_areas, default_thresholds
-from engine.devices import parse_device
 from engine.metadata import ModelMetadata
+from trainer import run as rundir
+from trainer.drift_reference import DEFAULT_DRIFT_FRAMES, DriftSummary, build_drift_reference
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from engine.drift import DriftReference
     from engine.model import UNetConfig
     from engine.parity import ParityReport
 
@@ -54,16 +52,6 @@ DESCRIPTION = (
     "predicted areas (--drift-frames; the run's data folders must be reachable, or given with --data)."
 )
 
-FOLD_DIR = re.compile(r"^fold(\d+)$")
-
-#: Training frames sampled for the drift reference (0 = none).
-DEFAULT_DRIFT_FRAMES = 256
-#: Seeds the choice of frames, so re-exporting a run gives the same reference.
-DRIFT_SEED = 0
-#: Full-resolution frames per out-of-fold prediction batch (8 x 256 x 1600 frames hold ~50 MB of
-#: probabilities per class on the device).
-DRIFT_BATCH = 8
-
 
 @dataclass
 class RunModel:
@@ -75,43 +63,6 @@ class RunModel:
     checkpoints: list[Path]
     config: UNetConfig
     metadata: ModelMetadata
-
-
-@dataclass
-class DriftSummary:
-    """How the drift reference was built, or why there is none.
-
-    Attributes:
-        frames: training frames in the reference (0 = no reference).
-        seconds: time spent reading frames, predicting and binning.
-        image_ids: the sampled images, in the order their statistics were taken.
-        frames_per_fold: ``{fold: frames}`` predicted by each fold model (out of fold).
-        data: the data folders the frames came from.
-        skipped: why no reference was written (``--drift-frames 0``, data not found, ...).
-    """
-
-    frames: int = 0
-    seconds: float = 0.0
-    image_ids: list[str] = field(default_factory=list)
-    frames_per_fold: dict[int, int] = field(default_factory=dict)
-    data: list[str] = field(default_factory=list)
-    skipped: str | None = None
-
-    def summary(self) -> str:
-        if self.skipped is not None:
-            return f"none ({self.skipped})"
-        folds = ", ".join(f"fold {k}: {n}" for k, n in self.frames_per_fold.items())
-        return f"{self.frames} training frames, areas out of fold ({folds}), built in {self.seconds:.1f} s"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "frames": self.frames,
-            "seconds": round(self.seconds, 3),
-            "image_ids": list(self.image_ids),
-            "frames_per_fold": {str(k): n for k, n in self.frames_per_fold.items()},
-            "data": list(self.data),
-            "skipped": self.skipped,
-        }
 
 
 @dataclass
@@ -180,19 +131,9 @@ def parse_folds(folds: str | Sequence[int]) -> list[int] | None:
     return ids
 
 
-def find_fold_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """``{fold: RUN/fold{k}/best.pt}`` for every fold directory holding a best checkpoint."""
-    found = {}
-    for child in sorted(run_dir.iterdir()):
-        m = FOLD_DIR.match(child.name)
-        if m and child.is_dir() and (child / "best.pt").is_file():
-            found[int(m.group(1))] = child / "best.pt"
-    return found
-
-
 def read_postprocess(run_dir: Path, num_classes: int) -> tuple[list[float], list[int]]:
     """Thresholds and minimum areas from ``RUN/postprocess.json`` (thesis 0.5 / 200 when absent)."""
-    path = run_dir / "postprocess.json"
+    path = run_dir / rundir.POSTPROCESS
     if not path.is_file():
         log.info("%s absent: using the thesis defaults (threshold %s, min area %d)", path, DEFAULT_THRESHOLD,
                  DEFAULT_MIN_AREA)
@@ -231,7 +172,7 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    available = find_fold_checkpoints(run_dir)
+    available = rundir.best_checkpoints(run_dir)
     wanted = parse_folds(folds)
     if wanted is None:
         if not available:
@@ -243,30 +184,30 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
             f"{run_dir}: no checkpoint for fold(s) {missing} (expected {run_dir}/fold<k>/best.pt; "
             f"found folds {sorted(available) or 'none'})"
         )
-    nets, payloads, checkpoints = [], [], []
+    nets, facts, checkpoints = [], [], []
     config = None
     for k in wanted:
-        unet, cfg, payload = load_fold(available[k])
+        unet, cfg, fold_facts = load_fold(available[k])
         if config is None:
             config = cfg
         elif cfg != config:
             raise ValueError(f"{available[k]}: U-Net {cfg} differs from fold {wanted[0]}'s {config}")
-        first = payloads[0] if payloads else payload
+        first = facts[0] if facts else fold_facts
         for fact in _SHARED_FACTS:
-            if _normalise(payload.get(fact)) != _normalise(first.get(fact)):
+            if getattr(fold_facts, fact) != getattr(first, fact):
                 raise ValueError(
-                    f"{available[k]}: {fact} {payload.get(fact)!r} differs from fold {wanted[0]}'s "
-                    f"{first.get(fact)!r}; all folds of one model must share it"
+                    f"{available[k]}: {fact} {getattr(fold_facts, fact)!r} differs from fold {wanted[0]}'s "
+                    f"{getattr(first, fact)!r}; all folds of one model must share it"
                 )
         nets.append(unet)
-        payloads.append(payload)
+        facts.append(fold_facts)
         checkpoints.append(available[k])
     assert config is not None
     thresholds, min_areas = read_postprocess(run_dir, config.num_classes)
     shas = [file_sha256(p) for p in checkpoints]
     combined = hashlib.sha256("".join(shas).encode()).hexdigest()[:12]
     meta = fold_metadata(
-        payloads[0],
+        facts[0],
         config,
         thresholds=thresholds,
         min_areas=min_areas,
@@ -277,190 +218,7 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all") -> RunMode
     return RunModel(run_dir, nets, list(wanted), checkpoints, config, meta)
 
 
-def _normalise(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
 # --------------------------------------------------------------------------- drift reference
-
-
-class _NoDriftData(Exception):
-    """The run's training frames cannot be found: export goes on without a drift reference."""
-
-
-def _recorded_data(run_dir: Path) -> list[Path]:
-    """The data folders ``trainer fit`` recorded in ``RUN/config.json``."""
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise _NoDriftData(f"{path} does not exist, so the run's data folders are unknown")
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8")).get("data")
-    except (json.JSONDecodeError, AttributeError):
-        raise _NoDriftData(f"{path} is not the JSON object 'trainer fit' writes") from None
-    if not recorded or not isinstance(recorded, list):
-        raise _NoDriftData(f"{path} records no data folders")
-    return [Path(d) for d in recorded]
-
-
-def drift_sample(
-    run_dir: str | Path, fold_ids: Sequence[int], meta: ModelMetadata, frames: int,
-    data_dirs: Sequence[str | Path] | None = None, seed: int = DRIFT_SEED,
-) -> tuple[list[Any], dict[str, int], list[Path]]:
-    """The training images a drift reference is built from, and the fold that did not train on each.
-
-    Up to ``frames`` images, drawn with ``seed`` from the non-holdout images of ``RUN/folds.csv``
-    whose fold is among ``fold_ids`` (a fold model was not trained on its own fold's images), in
-    image-id order.
-
-    Args:
-        run_dir: the training run.
-        fold_ids: the folds whose models predict the sample.
-        meta: the model's metadata (class count and frame size of the data).
-        frames: the most images to draw.
-        data_dirs: the run's data folders; None = those recorded in ``RUN/config.json``.
-        seed: seeds the draw.
-
-    Returns:
-        (samples, ``{image id: fold}``, the data folders).
-
-    Raises:
-        FileNotFoundError: ``data_dirs`` given but a folder, ``folds.csv`` or the images are missing.
-        _NoDriftData: the same problems with the recorded data folders (the run was copied away).
-    """
-    import numpy as np
-
-    from trainer.data import DataConfig, load_samples
-    from trainer.splits import HOLDOUT, read_folds
-
-    run_dir = Path(run_dir)
-    explicit = data_dirs is not None
-    missing_error = FileNotFoundError if explicit else _NoDriftData
-    dirs = [Path(d) for d in data_dirs] if explicit else _recorded_data(run_dir)
-    absent = ", ".join(str(d) for d in dirs if not d.is_dir())
-    if absent and explicit:
-        raise FileNotFoundError(f"--data {absent}: no such data folder")
-    if absent:
-        raise _NoDriftData(f"{run_dir / 'config.json'} names the data folder {absent}, which is not on this machine "
-                           "(was the run copied away from its data?)")
-    folds_path = run_dir / "folds.csv"
-    if not folds_path.is_file():
-        raise missing_error(f"{folds_path} does not exist, so which fold did not train on an image is unknown")
-    assignment = read_folds(folds_path)
-    data_cfg = DataConfig(num_classes=meta.num_classes, height=meta.input_height, width=meta.input_width,
-                          class_names=tuple(meta.class_names))
-    by_id = {s.image_id: s for s in load_samples(dirs, data_cfg)}
-    wanted = set(fold_ids)
-    eligible = sorted(k for k, f in assignment.items() if f != HOLDOUT and f in wanted)
-    found = [k for k in eligible if k in by_id]
-    if not found:
-        raise missing_error(
-            f"none of the {len(eligible)} training images of folds {sorted(wanted)} in {folds_path} is in "
-            f"{', '.join(map(str, dirs))}: not the run's data?"
-        )
-    if len(found) < len(eligible):
-        log.warning("%d of the %d training images of folds %s in %s are not in %s; the drift reference samples "
-                    "the other %d", len(eligible) - len(found), len(eligible), sorted(wanted), folds_path,
-                    ", ".join(map(str, dirs)), len(found))
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(len(found), size=min(frames, len(found)), replace=False))
-    ids = [found[i] for i in chosen]
-    return [by_id[k] for k in ids], {k: assignment[k] for k in ids}, dirs
-
-
-def build_drift_reference(
-    run: RunModel,
-    meta: ModelMetadata,
-    frames: int = DEFAULT_DRIFT_FRAMES,
-    data_dirs: Sequence[str | Path] | None = None,
-    bins: int | None = None,
-    seed: int = DRIFT_SEED,
-    batch_size: int = DRIFT_BATCH,
-    device: str = "cpu",
-) -> tuple[DriftReference | None, DriftSummary]:
-    """The drift reference of a run's training frames and out-of-fold predicted areas.
-
-    Each sampled frame (see :func:`drift_sample`) is read at the camera's resolution and predicted
-    by ``InspectionModel([its fold's U-Net], meta)``, batched per fold; the frame statistics and the
-    predicted pixel counts go to :func:`engine.drift.build_reference`.
-
-    Args:
-        run: the loaded run (its ``folds`` predict; they are returned to the CPU afterwards).
-        meta: the exported model's metadata: thresholds, minimum areas, sizes, normalisation.
-        frames: the most frames to sample; 0 builds nothing.
-        data_dirs: the run's data folders when they are not where ``config.json`` says; given,
-            a missing folder or split is an error instead of a warning.
-        bins: histogram bins per statistic (default :data:`engine.drift.DEFAULT_BINS`).
-        seed: seeds the sample.
-        batch_size: frames per prediction batch.
-        device: where the fold models predict (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
-
-    Returns:
-        (the reference or None, how it was built or why not).
-
-    Raises:
-        FileNotFoundError: ``data_dirs`` given but unusable (see :func:`drift_sample`).
-        ValueError: ``frames`` between 1 and ``bins - 1``, or bad training data.
-    """
-    import numpy as np
-    import torch
-
-    from engine.drift import DEFAULT_BINS, build_reference
-    from engine.model import InspectionModel
-    from trainer.data import DataConfig, read_image
-
-    bins = DEFAULT_BINS if bins is None else bins
-    if frames < 0 or 0 < frames < bins:
-        raise ValueError(f"--drift-frames must be 0 (no drift reference) or at least {bins} (one per histogram "
-                         f"bin), got {frames}")
-    if batch_size < 1:
-        raise ValueError(f"drift batch size must be >= 1, got {batch_size}")
-    if frames == 0:
-        return None, DriftSummary(skipped="--drift-frames 0")
-    torch_device = devices.torch_device(parse_device(device, "--device"))
-    started = time.perf_counter()
-    try:
-        samples, fold_of, dirs = drift_sample(run.run_dir, run.fold_ids, meta, frames, data_dirs, seed)
-    except _NoDriftData as exc:
-        message = (f"{exc}; export goes on without a drift reference (the server will not monitor drift): "
-                   "pass --data DIR to point at the run's data, or --drift-frames 0 to say so")
-        log.warning("%s", message)
-        return None, DriftSummary(skipped=str(exc))
-    if len(samples) < bins:
-        message = f"only {len(samples)} training images to sample, fewer than the {bins} histogram bins"
-        log.warning("%s; export goes on without a drift reference", message)
-        return None, DriftSummary(skipped=message, data=[str(d) for d in dirs])
-    data_cfg = DataConfig(num_classes=meta.num_classes, height=meta.input_height, width=meta.input_width,
-                          class_names=tuple(meta.class_names))
-    # The frames are kept for build_reference (256 full-resolution frames are ~100 MB): reading the
-    # JPEGs twice would cost more than holding them.
-    batches: list[np.ndarray] = []
-    counts: list[np.ndarray] = []
-    order: list[str] = []
-    per_fold: dict[int, int] = {}
-    for index, k in enumerate(run.fold_ids):
-        group = [s for s in samples if fold_of[s.image_id] == k]
-        if not group:
-            continue
-        unet = run.folds[index]
-        model = InspectionModel([unet], meta).eval().to(torch_device)
-        try:
-            for start in range(0, len(group), batch_size):
-                chunk = group[start: start + batch_size]
-                batch = np.stack([read_image(s.path, data_cfg) for s in chunk])
-                with torch.inference_mode():
-                    _, batch_counts, _ = model(torch.from_numpy(batch).to(torch_device))
-                batches.append(batch)
-                counts.append(batch_counts.cpu().numpy())
-                order += [s.image_id for s in chunk]
-        finally:
-            unet.to("cpu")  # the export traces the folds on the CPU
-        per_fold[k] = len(group)
-        log.info("drift reference: %d frames predicted by fold %d (out of fold)", len(group), k)
-    reference = build_reference(batches, np.concatenate(counts), bins=bins)
-    summary = DriftSummary(frames=reference.frames, seconds=time.perf_counter() - started, image_ids=order,
-                           frames_per_fold=per_fold, data=[str(d) for d in dirs])
-    log.info("drift reference: %s", summary.summary())
-    return reference, summary
 
 
 # --------------------------------------------------------------------------- export
@@ -492,17 +250,16 @@ def export_onnx(
         parity_frames: synthetic frames for the ONNX Runtime vs torch check; 0 skips it (not advised).
         drift_frames, drift_data, drift_bins, device: the drift reference's sample size (0 = no
             reference), the run's data folders when not where it recorded them, histogram bins, and
-            where the out-of-fold predictions run (see :func:`build_drift_reference`).
+            where the out-of-fold predictions run (see :func:`trainer.drift_reference.build_drift_reference`).
 
     Raises:
-        ExportParityError: the exported graph differs from the reference beyond tolerance.
+        ExportParityError: the exported graph differs from the eager reference beyond tolerance.
         FileNotFoundError: ``drift_data`` given but unusable.
     """
-    import onnx
     import torch
 
-    from engine.model import InspectionModel, prepare_for_export
-    from engine.parity import compare_outputs, synthetic_frames, tolerance_for
+    from engine.model import InspectionModel
+    from engine.parity import synthetic_frames
 
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"--precision must be fp32 or fp16, got {precision!r}")
@@ -512,30 +269,61 @@ def export_onnx(
     if parity_frames < 0:
         raise ValueError(f"--parity-frames must be >= 0, got {parity_frames}")
     run = load_run(run_dir, folds)
-    meta = ModelMetadata.from_dict({**run.metadata.to_dict(), "precision": precision})
-    reference, drift = build_drift_reference(run, meta, drift_frames, drift_data, drift_bins, device=device)
-    if reference is not None:
-        meta = ModelMetadata.from_dict({**meta.to_dict(), "drift_reference": reference.to_dict()})
+    meta, drift = _with_drift_reference(
+        run, ModelMetadata.from_dict({**run.metadata.to_dict(), "precision": precision}),
+        drift_frames, drift_data, drift_bins, device)
     frames = synthetic_frames(max(parity_frames, 1), meta.input_height, meta.input_width, seed=1234)
-
-    reference_model = InspectionModel([prepare_for_export(f) for f in run.folds], meta, with_probs=True).eval()
-    reference = None
-    if parity_frames:
-        with torch.no_grad():
-            masks, counts, present, probs = reference_model(torch.from_numpy(frames))
-        reference = {"masks": masks.numpy(), "counts": counts.numpy(), "present": present.numpy(), "probs": probs.numpy()}
-
+    eager_model = InspectionModel(list(run.folds), meta, with_probs=True).eval()
+    eager_outputs = _eager_outputs(eager_model, frames) if parity_frames else None
+    graph_model = eager_model
     if precision == "fp16":
         import copy
 
-        halves = [copy.deepcopy(f).half() for f in reference_model.folds]
+        halves = [copy.deepcopy(f).half() for f in eager_model.folds]
         graph_model = InspectionModel(halves, meta, with_probs=True, compute_dtype=torch.float16).eval()
+    model = _trace(graph_model, frames, meta, opset)
+    reports = []
+    if eager_outputs is not None:
+        reports.append(_check_parity(model, frames, eager_outputs, meta, out_path))
     else:
-        graph_model = reference_model
+        log.warning("parity check skipped (--parity-frames 0): the graph is not compared with the reference")
+    data = _serialise(model, with_probs)
+    _write_atomically(out_path, data)
+    log.info("wrote %s (%d bytes)", out_path, len(data))
+    return ExportReport(out_path=out_path, precision=precision, fold_ids=run.fold_ids, metadata=meta,
+                        sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), opset=opset, parity=reports,
+                        drift=drift)
+
+
+def _with_drift_reference(
+    run: RunModel, meta: ModelMetadata, frames: int, data_dirs: Sequence[str | Path] | None, bins: int | None,
+    device: str,
+) -> tuple[ModelMetadata, DriftSummary]:
+    """``meta`` with the run's drift reference in it (when one could be built), and how it was built."""
+    drift_reference, summary = build_drift_reference(run.run_dir, run.fold_ids, run.folds, meta, frames, data_dirs,
+                                                     bins, device=device)
+    if drift_reference is not None:
+        meta = ModelMetadata.from_dict({**meta.to_dict(), "drift_reference": drift_reference.to_dict()})
+    return meta, summary
+
+
+def _eager_outputs(eager_model: Any, frames: Any) -> dict[str, Any]:
+    """The torch eager fp32 outputs the exported graph is compared with (probabilities included)."""
+    import torch
+
+    with torch.no_grad():
+        masks, counts, present, probs = eager_model(torch.from_numpy(frames))
+    return {"masks": masks.numpy(), "counts": counts.numpy(), "present": present.numpy(), "probs": probs.numpy()}
+
+
+def _trace(graph_model: Any, frames: Any, meta: ModelMetadata, opset: int) -> Any:
+    """The traced ONNX model (with ``probs`` among its outputs), its signature and metadata set, checked."""
+    import onnx
+    import torch
 
     output_names = [*graph.OUTPUT_NAMES, graph.PROBS_NAME]
     buffer = io.BytesIO()
-    log.info("tracing the %s inspection graph (%d folds, opset %d)", precision, len(run.folds), opset)
+    log.info("tracing the %s inspection graph (%d folds, opset %d)", meta.precision, len(graph_model.folds), opset)
     with torch.no_grad(), warnings.catch_warnings():
         # The legacy (TorchScript) exporter is chosen on purpose: it is verified on this graph.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -553,32 +341,33 @@ def export_onnx(
         )
     model = onnx.load_from_string(buffer.getvalue())
     _set_signature(model, meta)
-    model.doc_string = f"strip-inspection graph: {meta.folds} x {meta.encoder} U-Net, {precision}"
+    model.doc_string = f"strip-inspection graph: {meta.folds} x {meta.encoder} U-Net, {meta.precision}"
     del model.metadata_props[:]
     for key, value in meta.to_onnx_props().items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
+    return model
 
-    reports = []
-    if reference is not None:
-        outputs = _run_onnxruntime(model.SerializeToString(), frames, output_names)
-        report = compare_outputs(
-            reference,
-            outputs,
-            meta.thresholds,
-            meta.min_areas,
-            tolerance_for(precision),
-            reference_name="torch eager fp32",
-            candidate_name=f"onnxruntime cpu {precision}",
+
+def _check_parity(model: Any, frames: Any, eager_outputs: dict[str, Any], meta: ModelMetadata,
+                  out_path: Path) -> ParityReport:
+    """ONNX Runtime on the graph against the eager outputs; raises ExportParityError beyond tolerance."""
+    from engine.parity import compare_outputs, tolerance_for
+
+    outputs = _run_onnxruntime(model.SerializeToString(), frames, [*graph.OUTPUT_NAMES, graph.PROBS_NAME])
+    report = compare_outputs(eager_outputs, outputs, meta.thresholds, meta.min_areas, tolerance_for(meta.precision),
+                             reference_name="torch eager fp32", candidate_name=f"onnxruntime cpu {meta.precision}")
+    log.info("parity: %s", report.summary())
+    if not report.passed:
+        raise ExportParityError(
+            f"{out_path}: not written: the exported graph disagrees with the reference: {report.summary()}"
         )
-        log.info("parity: %s", report.summary())
-        reports.append(report)
-        if not report.passed:
-            raise ExportParityError(
-                f"{out_path}: not written: the exported graph disagrees with the reference: {report.summary()}"
-            )
-    else:
-        log.warning("parity check skipped (--parity-frames 0): the graph is not compared with the reference")
+    return report
+
+
+def _serialise(model: Any, with_probs: bool) -> bytes:
+    """The model's bytes; without ``probs`` among the outputs unless asked for."""
+    import onnx
 
     if not with_probs:
         # The probabilities feed the threshold node, so dropping the graph output leaves no dead nodes.
@@ -586,24 +375,14 @@ def export_onnx(
         del model.graph.output[:]
         model.graph.output.extend(keep)
         onnx.checker.check_model(model)
-    data = model.SerializeToString()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    return model.SerializeToString()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
-    tmp.replace(out_path)
-    report = ExportReport(
-        out_path=out_path,
-        precision=precision,
-        fold_ids=run.fold_ids,
-        metadata=meta,
-        sha256=hashlib.sha256(data).hexdigest(),
-        size_bytes=len(data),
-        opset=opset,
-        parity=reports,
-        drift=drift,
-    )
-    log.info("wrote %s (%d bytes)", out_path, len(data))
-    return report
+    tmp.replace(path)
 
 
 def _set_signature(model: Any, meta: ModelMetadata) -> None:
@@ -644,10 +423,7 @@ def export_ensemble(
     if out_path.suffix.lower() != ".pt":
         raise ValueError(f"{out_path}: an ensemble bundle must end in .pt")
     run = load_run(run_dir, folds)
-    meta = run.metadata
-    reference, drift = build_drift_reference(run, meta, drift_frames, drift_data, drift_bins, device=device)
-    if reference is not None:
-        meta = ModelMetadata.from_dict({**meta.to_dict(), "drift_reference": reference.to_dict()})
+    meta, drift = _with_drift_reference(run, run.metadata, drift_frames, drift_data, drift_bins, device)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     save_ensemble(out_path, run.config, run.folds, meta)
     return ExportReport(

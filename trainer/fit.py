@@ -20,21 +20,18 @@ alone writes files and logs. The gloo backend serves CPUs, NCCL GPUs.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
-import os
 import random
 import shutil
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
 
+from trainer import run as rundir
 from trainer.config import (
     DEVICES,
     ENCODER_WEIGHTS,
@@ -47,23 +44,24 @@ from trainer.config import (
     read_config_file,
     resolve,
 )
+from trainer.distributed import Dist, barrier, on_main_then_share, setup_distributed, teardown
+from trainer.pretrained import build_pretrained_unet, check_pretrained_reachable
+from trainer.run import metrics_columns, read_metrics, write_metrics
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
+    from engine.checkpoint import FoldCheckpoint, FoldFacts
     from engine.metadata import ModelMetadata
-    from trainer.data import DataConfig, Sample
+    from trainer.data import DataConfig
+    from trainer.samples import Sample
 
 log = logging.getLogger(__name__)
 
 HELP = "train the k-fold U-Nets of a run (resumable; multi-GPU through torchrun)"
 DESCRIPTION = __doc__.split("\n\n", 1)[0].split(": ", 1)[1]
 
-RUN_CONFIG = "config.json"
-RUN_FOLDS = "folds.csv"
-# What --restart deletes from a run directory: everything fit and evaluate write, nothing else.
-RUN_OUTPUTS = ("config.json", "folds.csv", "postprocess.json", "report.md", "report.json", "evaluations", "renders")
+__all__ = ["Dist", "check_pretrained_reachable", "metrics_columns", "read_metrics", "run_fit", "train_fold"]
 
 
 # --------------------------------------------------------------------------- CLI
@@ -152,133 +150,11 @@ def run(args: argparse.Namespace) -> int:
         raise
     for o in outcomes:
         log.info("fold %d: best epoch %d, val loss %.4f, %d epochs, %.1f min%s", o.fold, o.best_epoch,
-                 o.best_val_loss, o.epochs_run, o.seconds / 60, "" if o.finished else " (unfinished)")
+                 o.best_val_loss, o.epochs_run, o.seconds / 60, " (stopped early)" if o.stopped_early else "")
     return 0
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class Dist:
-    """This process's place in a (possibly single-process) training job."""
-
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-    initialised_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-
-def setup_distributed(device: str) -> Dist:
-    """Joins the torchrun job described by the environment (RANK, WORLD_SIZE, ...) if there is one."""
-    import torch
-    import torch.distributed as dist
-
-    from engine.devices import parse_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    parsed = parse_device(device, "--device")
-    use_cuda = parsed.is_cuda or (parsed.is_auto and torch.cuda.is_available())
-    if parsed.is_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu or auto")
-    if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible")
-        torch_device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(torch_device)
-    else:
-        torch_device = torch.device("cpu")
-    initialised = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world)
-        initialised = True
-    return Dist(rank=rank, world=world, local_rank=local_rank, device=torch_device, initialised_here=initialised)
-
-
-def _barrier(d: Dist) -> None:
-    if d.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _on_main_then_share(d: Dist, work: Callable[[], Any]) -> Any:
-    """Runs ``work`` on rank 0; every rank gets its result, or raises its error (no rank hangs)."""
-    if not d.distributed:
-        return work()
-    import torch.distributed as dist
-
-    payload: list[Any] = [None]
-    if d.main:
-        try:
-            payload = [("ok", work())]
-        except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
-            payload = [("error", exc)]
-    dist.broadcast_object_list(payload, src=0)
-    status, value = payload[0]
-    if status == "error":
-        raise value
-    return value
-
-
-# --------------------------------------------------------------------------- pretrained weights
-
-
-def check_pretrained_reachable(
-    encoder: str, weights: str = "imagenet", timeout: float = 3.0, endpoint: str | None = None,
-    cache_dir: str | None = None,
-) -> None:
-    """Fails fast, with advice, when pretrained weights are neither cached nor downloadable.
-
-    smp fetches encoder weights from the Hugging Face hub; without this check an offline machine
-    would wait on network timeouts and end in a traceback.
-
-    Raises:
-        RuntimeError: the weights are not cached and the hub (or the proxy) cannot be reached.
-        ValueError: the encoder has no such weights.
-    """
-    import urllib.request
-
-    import segmentation_models_pytorch as smp
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    from engine.model import ENCODERS
-
-    settings = smp.encoders.encoders[ENCODERS[encoder]]["pretrained_settings"].get(weights)
-    if settings is None:
-        raise ValueError(f"encoder {encoder} has no {weights!r} weights; use --encoder-weights none")
-    repo, revision = settings["repo_id"], settings.get("revision")
-    cached = all(
-        isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir, revision=revision), str)
-        for name in ("config.json", "model.safetensors")
-    )
-    if cached:
-        return
-    endpoint = endpoint or constants.ENDPOINT
-    proxy = urllib.request.getproxies().get(urlparse(endpoint).scheme)
-    target = urlparse(proxy if proxy else endpoint)
-    port = target.port or (443 if target.scheme == "https" else 80)
-    try:
-        socket.create_connection((target.hostname, port), timeout=timeout).close()
-    except OSError as exc:
-        via = f" through the proxy {proxy}" if proxy else ""
-        raise RuntimeError(
-            f"--encoder-weights {weights}: the {encoder} weights ({repo}) are not in the Hugging Face cache and "
-            f"{endpoint} cannot be reached{via} ({exc}). Use --encoder-weights none to train from random "
-            "initialisation, or download the weights once on a machine with internet access into the cache "
-            "(HF_HOME)."
-        ) from None
+# --------------------------------------------------------------------------- model and data settings
 
 
 def build_model(cfg: FitConfig, pretrained: bool) -> nn.Module:
@@ -288,14 +164,7 @@ def build_model(cfg: FitConfig, pretrained: bool) -> nn.Module:
     ucfg = unet_config(cfg)
     if not pretrained or cfg.encoder_weights == "none":
         return build_unet(ucfg, encoder_weights=None)
-    check_pretrained_reachable(cfg.encoder, cfg.encoder_weights)
-    try:
-        return build_unet(ucfg, encoder_weights=cfg.encoder_weights)
-    except Exception as exc:  # noqa: BLE001 - downloads fail in many ways; all mean the same to the user
-        raise RuntimeError(
-            f"--encoder-weights {cfg.encoder_weights}: loading the {cfg.encoder} weights failed "
-            f"({type(exc).__name__}: {exc}); use --encoder-weights none to train from random initialisation"
-        ) from None
+    return build_pretrained_unet(ucfg, cfg.encoder_weights)
 
 
 def unet_config(cfg: FitConfig):
@@ -332,31 +201,35 @@ def preprocessing_metadata(cfg: FitConfig) -> ModelMetadata:
 
 
 def _remove_outputs(out: Path) -> None:
-    for name in RUN_OUTPUTS:
+    for name in rundir.OUTPUTS:
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
-    for fold_dir in out.glob("fold*"):
-        if fold_dir.is_dir() and fold_dir.name[4:].isdigit():
-            shutil.rmtree(fold_dir)
+    for fold_dir in rundir.fold_dirs(out).values():
+        shutil.rmtree(fold_dir)
 
 
 def prepare_run(cfg: FitConfig, options: FitOptions) -> dict[str, int]:
     """Checks or writes ``RUN/config.json``, fixes the split in ``RUN/folds.csv``; returns it.
 
+    Holds the run directory's lock throughout, so that ``fit --fold K`` processes started together
+    on one run directory agree on one config and one split (the first writes them, the others read).
+
     Raises:
         ValueError: the run directory holds a run with other settings (and no ``--restart``),
             or training outputs without a config.
     """
-    from trainer.data import load_samples
-    from trainer.splits import load_or_make_folds
-
     out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / RUN_CONFIG
-    if options.restart:
+    with rundir.locked(out):
+        _check_or_write_config(out, cfg, options.restart)
+        return _fix_split(out, cfg)
+
+
+def _check_or_write_config(out: Path, cfg: FitConfig, restart: bool) -> None:
+    config_path = out / rundir.CONFIG
+    if restart:
         log.info("--restart: deleting the previous results in %s", out)
         _remove_outputs(out)
     elif config_path.exists():
@@ -370,48 +243,30 @@ def prepare_run(cfg: FitConfig, options: FitOptions) -> dict[str, int]:
                 f"{out} holds a run with other settings:\n  " + "\n  ".join(changed)
                 + "\nuse --restart to delete its results and start over, or choose another --out"
             )
-    elif any(p.is_dir() and p.name.startswith("fold") for p in out.iterdir()):
-        raise ValueError(f"{out} has fold folders but no {RUN_CONFIG}; use --restart to start over there")
+        return
+    elif rundir.fold_dirs(out):
+        raise ValueError(f"{out} has fold folders but no {rundir.CONFIG}; use --restart to start over there")
     _write_json(config_path, cfg.to_dict())
+
+
+def _fix_split(out: Path, cfg: FitConfig) -> dict[str, int]:
+    from trainer.data import load_samples
+    from trainer.splits import load_or_make_folds
 
     samples = load_samples([Path(p) for p in cfg.data], data_config(cfg))
     if not samples:
         raise ValueError(f"no images found in {', '.join(cfg.data)}")
-    run_folds = out / RUN_FOLDS
+    run_folds = out / rundir.FOLDS
     source = run_folds if run_folds.exists() or cfg.folds_file is None else Path(cfg.folds_file)
     assignment = load_or_make_folds(source, samples, cfg.num_classes, cfg.folds, cfg.holdout_count_or_fraction,
                                     cfg.seed)
     if source != run_folds:
-        shutil.copyfile(source, run_folds)
+        rundir.atomic_write_text(run_folds, source.read_text(encoding="utf-8"))
     return assignment
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def metrics_columns(num_classes: int) -> list[str]:
-    """``metrics.csv`` header: overall columns, then per-class Dice (class ids 1..C)."""
-    per_class = [f"{split}_dice_{k}" for split in ("train", "val") for k in range(1, num_classes + 1)]
-    return ["epoch", "train_loss", "val_loss", "train_dice", "val_dice", *per_class, "lr", "seconds"]
-
-
-def read_metrics(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_metrics(path: Path, rows: Sequence[dict[str, Any]], columns: list[str]) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    rundir.atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- training
@@ -431,12 +286,18 @@ class EpochEnd:
 
 @dataclass
 class FoldOutcome:
+    """How a fold's training ended.
+
+    Attributes:
+        stopped_early: patience ran out before the epoch limit (else it trained every epoch).
+    """
+
     fold: int
     best_epoch: int
     best_val_loss: float
     epochs_run: int
     seconds: float
-    finished: bool
+    stopped_early: bool
 
 
 @dataclass
@@ -457,6 +318,9 @@ class _EarlyStopping:
     @property
     def stop(self) -> bool:
         return self.bad_epochs >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "patience"}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -536,49 +400,27 @@ def run_fit(
     ``on_epoch_end`` is called on every rank after each epoch's files are written; an exception it
     raises stops training there (the next call resumes after that epoch).
     """
-    import torch
-
     from trainer.data import load_samples
+    from trainer.report import write_report
     from trainer.splits import read_folds
 
     if options.fold is not None and not 0 <= options.fold < cfg.folds:
         raise ValueError(f"--fold {options.fold} is out of range for --folds {cfg.folds} (0..{cfg.folds - 1})")
     d = setup_distributed(options.device)
     try:
-        assignment = _on_main_then_share(d, lambda: prepare_run(cfg, options))
+        assignment = on_main_then_share(d, lambda: prepare_run(cfg, options))
         samples = load_samples([Path(p) for p in cfg.data], data_config(cfg))
         if not d.main:
-            assignment = read_folds(Path(options.out) / RUN_FOLDS)
+            assignment = read_folds(Path(options.out) / rundir.FOLDS)
         folds = range(cfg.folds) if options.fold is None else [options.fold]
-        outcomes = []
-        for fold in folds:
-            outcomes.append(train_fold(cfg, options, d, fold, samples, assignment, on_epoch_end))
+        outcomes = [train_fold(cfg, options, d, fold, samples, assignment, on_epoch_end) for fold in folds]
         if d.main:
-            from trainer.report import write_report
-
-            write_report(Path(options.out))
-        _barrier(d)
+            with rundir.locked(options.out):
+                write_report(Path(options.out))
+        barrier(d)
         return outcomes
     finally:
-        if d.initialised_here:
-            torch.distributed.destroy_process_group()
-
-
-def _average_buffers(unet: nn.Module, world: int) -> None:
-    """Averages BatchNorm running statistics over the processes.
-
-    DDP keeps parameters identical but each process's running statistics follow its own batches
-    (DDP only re-broadcasts rank 0's at the next forward). Averaging them once per epoch makes the
-    validated model, and the checkpoint rank 0 writes, the same on every rank and built from all data.
-    """
-    import torch.distributed as dist
-
-    for buffer in unet.buffers():
-        if buffer.is_floating_point():
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-            buffer.div_(world)
-        else:
-            dist.broadcast(buffer, src=0)
+        teardown(d)
 
 
 def _loader(dataset, batch_size: int, sampler, workers: int, pin: bool):
@@ -586,6 +428,49 @@ def _loader(dataset, batch_size: int, sampler, workers: int, pin: bool):
 
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
                       persistent_workers=workers > 0, drop_last=False)
+
+
+@dataclass(frozen=True)
+class FoldPaths:
+    """A fold's files in the run directory."""
+
+    dir: Path
+    best: Path
+    last: Path
+    metrics: Path
+    curves: Path
+    config: Path
+
+    @classmethod
+    def of(cls, run_dir: str | Path, fold: int) -> FoldPaths:
+        d = rundir.fold_dir(run_dir, fold)
+        return cls(d, d / rundir.BEST, d / rundir.LAST, d / rundir.METRICS, d / rundir.CURVES, d / rundir.FOLD_CONFIG)
+
+
+def split_fold(samples: Sequence[Sample], assignment: dict[str, int], fold: int) -> tuple[list[Sample], list[Sample]]:
+    """(training, validation) samples of ``fold``: the holdout is in neither.
+
+    Raises:
+        ValueError: either side is empty.
+    """
+    from trainer.splits import HOLDOUT
+
+    train = [s for s in samples if assignment[s.image_id] not in (fold, HOLDOUT)]
+    val = [s for s in samples if assignment[s.image_id] == fold]
+    if not train or not val:
+        raise ValueError(f"fold {fold} has {len(train)} training and {len(val)} validation images; "
+                         "the data is too small for this many folds")
+    return train, val
+
+
+def read_resume(paths: FoldPaths) -> tuple[FoldCheckpoint, rundir.TrainingState] | None:
+    """The fold's ``last.pt`` and its training state, or None when the fold has not started."""
+    from engine.model import read_fold_checkpoint
+
+    if not paths.last.exists():
+        return None
+    checkpoint = read_fold_checkpoint(paths.last)
+    return checkpoint, rundir.TrainingState.from_dict(checkpoint.training, source=str(paths.last))
 
 
 def train_fold(
@@ -598,126 +483,188 @@ def train_fold(
     on_epoch_end: Callable[[EpochEnd], None] | None = None,
 ) -> FoldOutcome:
     """Trains (or resumes, or skips when finished) one fold; see the module docstring."""
-    import torch
-    from torch.utils.data import DistributedSampler, Subset
-    from tqdm import tqdm
-
-    from engine.model import downscale_masks, load_checkpoint, preprocess, save_fold_checkpoint
-    from trainer.augment import balance_plan, class_counts
-    from trainer.data import SeverstalDataset
-    from trainer.losses import SegmentationLoss
-    from trainer.metrics import dice_from_sums
-    from trainer.render import plot_curves
-    from trainer.splits import HOLDOUT
-
-    out = Path(options.out)
-    fold_dir = out / f"fold{fold}"
-    best_path, last_path, metrics_path = fold_dir / "best.pt", fold_dir / "last.pt", fold_dir / "metrics.csv"
-    c = cfg.num_classes
-    columns = metrics_columns(c)
-    train_samples = [s for s in samples if assignment[s.image_id] not in (fold, HOLDOUT)]
-    val_samples = [s for s in samples if assignment[s.image_id] == fold]
-    if not train_samples or not val_samples:
-        raise ValueError(f"fold {fold} has {len(train_samples)} training and {len(val_samples)} validation images; "
-                         "the data is too small for this many folds")
-
-    resume = load_checkpoint(last_path) if last_path.exists() else None
-    if resume is not None and resume.get("finished"):
+    paths = FoldPaths.of(options.out, fold)
+    train_samples, val_samples = split_fold(samples, assignment, fold)
+    resume = read_resume(paths)
+    if resume is not None and resume[1].finished:
+        checkpoint, state = resume
         if d.main:
-            log.info("fold %d: finished earlier (best epoch %d), skipping", fold, resume["best_epoch"])
-        return FoldOutcome(fold, resume["best_epoch"], resume["best_val_loss"], resume["epoch"], resume["seconds"],
-                           True)
-
-    torch.manual_seed(cfg.seed + fold)
-    unet = build_model(cfg, pretrained=resume is None and d.main)
-    total_params = disable_unused_parameters(unet, cfg)
-    if resume is None and cfg.prior_init:
-        priors = class_pixel_priors(train_samples, cfg)
-        init_output_prior(unet, priors)
-        if d.main:
-            log.info("fold %d: output bias set to the defect-pixel priors %s", fold, [f"{p:.2e}" for p in priors])
-    if cfg.freeze_encoder:
-        unet.encoder.requires_grad_(False)
-    trainable_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-    meta = preprocessing_metadata(cfg)
-    train_size = cfg.train_size
-    on_cuda = d.device.type == "cuda"
-    amp_dtype = _amp_dtype(torch, on_cuda, cfg.amp)
-    memory_format = torch.channels_last if on_cuda or amp_dtype is not None else torch.contiguous_format
-    unet.to(d.device, memory_format=memory_format)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=max(1, cfg.patience // 3))
-                 if cfg.lr_schedule == "plateau" else None)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    stopping = _EarlyStopping(cfg.patience)
-    start_epoch, seconds = 1, 0.0
-
-    if d.main:
-        fold_dir.mkdir(parents=True, exist_ok=True)
-    _barrier(d)
+            log.info("fold %d: finished earlier (best epoch %d), skipping", fold, state.best_epoch)
+        return FoldOutcome(fold, state.best_epoch, state.best_val_loss, checkpoint.facts.epoch, state.seconds,
+                           stopped_early=checkpoint.facts.epoch < cfg.epochs)
+    trainer = FoldTrainer(cfg, options, d, fold, paths, train_samples, val_samples, fresh=resume is None)
     if resume is not None:
-        unet.load_state_dict(resume["state_dict"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None and resume.get("scheduler") is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        if resume.get("scaler") is not None:
-            scaler.load_state_dict(resume["scaler"])
-        stopping = _EarlyStopping(cfg.patience, **resume["early_stopping"])
-        start_epoch, seconds = int(resume["epoch"]) + 1, float(resume["seconds"])
-        _set_rng_state(resume["rng"])
-        if d.main:
-            # Rows after the checkpoint come from an epoch that was cut short before last.pt: redone now.
-            rows = [r for r in read_metrics(metrics_path) if int(r["epoch"]) < start_epoch]
-            _write_metrics(metrics_path, rows, columns)
-            if stopping.best_epoch == resume["epoch"] and (
-                not best_path.exists() or load_checkpoint(best_path).get("epoch") != resume["epoch"]
-            ):
-                # Interrupted between writing last.pt and best.pt: last.pt holds the best weights.
-                save_fold_checkpoint(best_path, unet_config(cfg), unet, **_checkpoint_facts(resume))
-            log.info("fold %d: resuming at epoch %d of %d (best so far: epoch %d)", fold, start_epoch, cfg.epochs,
-                     stopping.best_epoch)
+        trainer.restore(*resume)
     elif d.main:
-        for stale in (metrics_path, best_path, fold_dir / "curves.png"):
+        trainer.clear_stale()
+    trainer.make_loaders()
+    epoch = trainer.start_epoch - 1
+    for epoch in range(trainer.start_epoch, cfg.epochs + 1):
+        row, finished = trainer.run_epoch(epoch)
+        barrier(d)
+        if on_epoch_end is not None:
+            on_epoch_end(EpochEnd(fold=fold, epoch=epoch, row=row, unet=trainer.unet, rank=d.rank, stopped=finished))
+        if trainer.stopping.stop:
+            if d.main:
+                log.info("fold %d: early stop after epoch %d (no better validation loss for %d epochs; best epoch %d)",
+                         fold, epoch, cfg.patience, trainer.stopping.best_epoch)
+            break
+    stopping = trainer.stopping
+    return FoldOutcome(fold, stopping.best_epoch, stopping.best_val_loss, epoch, trainer.seconds,
+                       stopped_early=stopping.stop and epoch < cfg.epochs)
+
+
+class FoldTrainer:
+    """One fold's training on this process, in steps a test can call one by one.
+
+    ``__init__`` builds the U-Net (with output priors and freezing), optimiser, scheduler, grad
+    scaler and loss; :meth:`restore` resumes from ``last.pt``; :meth:`make_loaders` builds the data
+    loaders (and writes the fold's ``config.json``); :meth:`train_epoch` and :meth:`validate`
+    return summed statistics; :meth:`save` writes an epoch's metrics, curves and checkpoints.
+    """
+
+    def __init__(self, cfg: FitConfig, options: FitOptions, d: Dist, fold: int, paths: FoldPaths,
+                 train_samples: Sequence[Sample], val_samples: Sequence[Sample], fresh: bool = True) -> None:
+        import torch
+
+        from trainer.losses import SegmentationLoss
+
+        self.cfg, self.options, self.d, self.fold, self.paths = cfg, options, d, fold, paths
+        self.train_samples, self.val_samples = list(train_samples), list(val_samples)
+        torch.manual_seed(cfg.seed + fold)
+        self.unet = build_model(cfg, pretrained=fresh and d.main)
+        self.total_params = disable_unused_parameters(self.unet, cfg)
+        if fresh and cfg.prior_init:
+            priors = class_pixel_priors(self.train_samples, cfg)
+            init_output_prior(self.unet, priors)
+            if d.main:
+                log.info("fold %d: output bias set to the defect-pixel priors %s", fold, [f"{p:.2e}" for p in priors])
+        if cfg.freeze_encoder:
+            self.unet.encoder.requires_grad_(False)
+        self.trainable_params = sum(p.numel() for p in self.unet.parameters() if p.requires_grad)
+        self.meta = preprocessing_metadata(cfg)
+        self.on_cuda = d.device.type == "cuda"
+        self.amp_dtype = _amp_dtype(torch, self.on_cuda, cfg.amp)
+        # channels_last where the convolutions run in reduced precision (CUDA, or bf16 on the CPU).
+        self.memory_format = torch.channels_last if self.on_cuda or self.amp_dtype is not None \
+            else torch.contiguous_format
+        self.unet.to(d.device, memory_format=self.memory_format)
+        self.optimizer = torch.optim.Adam([p for p in self.unet.parameters() if p.requires_grad], lr=cfg.lr)
+        self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=0.5, patience=max(1, cfg.patience // 3)) if cfg.lr_schedule == "plateau" else None)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(d.device)
+        self.stopping = _EarlyStopping(cfg.patience)
+        self.start_epoch, self.seconds = 1, 0.0
+        self.model: nn.Module = self.unet
+        if d.main:
+            paths.dir.mkdir(parents=True, exist_ok=True)
+        barrier(d)
+
+    # ------------------------------------------------------------------ resume
+
+    def restore(self, checkpoint: FoldCheckpoint, state: rundir.TrainingState) -> None:
+        """Resumes after ``last.pt``'s epoch: weights, optimiser, scheduler, scaler, early stopping, RNG."""
+        from engine.model import read_fold_checkpoint, save_fold_checkpoint
+
+        self.unet.load_state_dict(checkpoint.state_dict)
+        self.optimizer.load_state_dict(state.optimizer)
+        if self.scheduler is not None and state.scheduler is not None:
+            self.scheduler.load_state_dict(state.scheduler)
+        if state.scaler is not None:
+            self.scaler.load_state_dict(state.scaler)
+        self.stopping = _EarlyStopping(self.cfg.patience, **state.early_stopping)
+        epoch = checkpoint.facts.epoch
+        self.start_epoch, self.seconds = epoch + 1, float(state.seconds)
+        _set_rng_state(state.rng)
+        if not self.d.main:
+            return
+        # Rows after the checkpoint come from an epoch that was cut short before last.pt: redone now.
+        rows = [r for r in read_metrics(self.paths.metrics) if int(r["epoch"]) < self.start_epoch]
+        write_metrics(self.paths.metrics, rows, metrics_columns(self.cfg.num_classes))
+        best = self.paths.best
+        if self.stopping.best_epoch == epoch and (not best.exists() or read_fold_checkpoint(best).facts.epoch != epoch):
+            # Interrupted between writing last.pt and best.pt: last.pt holds the best weights.
+            save_fold_checkpoint(best, unet_config(self.cfg), self.unet, checkpoint.facts)
+        log.info("fold %d: resuming at epoch %d of %d (best so far: epoch %d)", self.fold, self.start_epoch,
+                 self.cfg.epochs, self.stopping.best_epoch)
+
+    def clear_stale(self) -> None:
+        """A fresh fold: files a previous, restarted attempt left behind would mislead."""
+        for stale in (self.paths.metrics, self.paths.best, self.paths.curves):
             stale.unlink(missing_ok=True)
 
-    train_items = balance_plan(train_samples, c, cfg.balance_target, seed=cfg.seed + fold) if cfg.balance \
-        else list(train_samples)
-    if d.main:
-        before, after = class_counts(train_samples, c).tolist(), class_counts(train_items, c).tolist()
+    # ------------------------------------------------------------------ data
+
+    def make_loaders(self) -> None:
+        import torch
+        from torch.utils.data import DistributedSampler, Subset
+
+        from trainer.augment import balance_plan
+        from trainer.data import SeverstalDataset
+
+        cfg, d = self.cfg, self.d
+        items = balance_plan(self.train_samples, cfg.num_classes, cfg.balance_target, seed=cfg.seed + self.fold) \
+            if cfg.balance else list(self.train_samples)
+        if d.main:
+            self._write_fold_config(items)
+        data_cfg = data_config(cfg)
+        train_set = SeverstalDataset(items, data_cfg, scale=1.0)
+        val_set = SeverstalDataset(self.val_samples, data_cfg, scale=1.0)
+        self.sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
+                                          seed=cfg.seed + self.fold)
+        self.train_loader = _loader(train_set, cfg.batch_size, self.sampler, self.options.workers, self.on_cuda)
+        self.val_loader = _loader(Subset(val_set, range(d.rank, len(val_set), d.world)), cfg.batch_size, None,
+                                  self.options.workers, self.on_cuda)
+        if d.distributed:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.unet, device_ids=[d.device.index] if self.on_cuda else None)
+
+    def _write_fold_config(self, items: Sequence[Sample]) -> None:
+        from trainer.augment import class_counts
+
+        c = self.cfg.num_classes
+        before, after = class_counts(self.train_samples, c).tolist(), class_counts(items, c).tolist()
         log.info("fold %d: %d training records (%d images; per class %s -> %s), %d validation images, "
-                 "%d parameters (%d trainable)", fold, len(train_items), len(train_samples), before, after,
-                 len(val_samples), total_params, trainable_params)
-        _write_json(fold_dir / "config.json", {
-            "fold": fold,
-            "config": cfg.to_dict(),
-            "options": dataclasses.asdict(options) | {"device": str(d.device), "world_size": d.world},
-            "data": {"train_images": len(train_samples), "train_records": len(train_items),
-                     "val_images": len(val_samples), "class_counts_before_balancing": before,
+                 "%d parameters (%d trainable)", self.fold, len(items), len(self.train_samples), before, after,
+                 len(self.val_samples), self.total_params, self.trainable_params)
+        _write_json(self.paths.config, {
+            "fold": self.fold,
+            "config": self.cfg.to_dict(),
+            "options": dataclasses.asdict(self.options) | {"device": str(self.d.device), "world_size": self.d.world},
+            "data": {"train_images": len(self.train_samples), "train_records": len(items),
+                     "val_images": len(self.val_samples), "class_counts_before_balancing": before,
                      "class_counts_after_balancing": after},
-            "model": {"params_total": total_params, "params_trainable": trainable_params},
+            "model": {"params_total": self.total_params, "params_trainable": self.trainable_params},
         })
 
-    data_cfg = data_config(cfg)
-    train_set = SeverstalDataset(train_items, data_cfg, scale=1.0)
-    val_set = SeverstalDataset(val_samples, data_cfg, scale=1.0)
-    sampler = DistributedSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed + fold)
-    train_loader = _loader(train_set, cfg.batch_size, sampler, options.workers, on_cuda)
-    val_loader = _loader(Subset(val_set, range(d.rank, len(val_set), d.world)), cfg.batch_size, None, options.workers,
-                         on_cuda)
-    model: nn.Module = unet
-    if d.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[d.device.index] if on_cuda else None)
-    criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(d.device)
+    def batches(self, loader):
+        """Full-resolution uint8 frames and masks -> network input and training-resolution targets."""
+        from engine.model import downscale_masks, preprocess
 
-    def batches(loader):
         for frames, masks in loader:
-            frames = frames.to(d.device, non_blocking=True)
-            masks = masks.to(d.device, non_blocking=True)
-            x = preprocess(frames, meta).contiguous(memory_format=memory_format)
-            yield x, downscale_masks(masks, train_size)
+            frames = frames.to(self.d.device, non_blocking=True)
+            masks = masks.to(self.d.device, non_blocking=True)
+            x = preprocess(frames, self.meta).contiguous(memory_format=self.memory_format)
+            yield x, downscale_masks(masks, self.cfg.train_size)
 
-    def accumulate(sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+    # ------------------------------------------------------------------ one epoch
+
+    def _autocast(self):
+        import torch
+
+        return torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _new_sums(self):
+        import torch
+
+        return torch.zeros(2 + 3 * self.cfg.num_classes, device=self.d.device, dtype=torch.float64)
+
+    def _accumulate(self, sums, loss, logits, y) -> None:
+        """Adds a batch's loss and Dice sums: [loss * n, n, intersection (C), predicted (C), truth (C)]."""
+        import torch
+
+        c = self.cfg.num_classes
         p = torch.sigmoid(logits.detach().float())
         n = y.shape[0]
         sums[0] += loss.detach().float() * n
@@ -726,93 +673,121 @@ def train_fold(
         sums[2 + c:2 + 2 * c] += p.sum((0, 2, 3))
         sums[2 + 2 * c:] += y.sum((0, 2, 3))
 
-    def summarise(sums: torch.Tensor) -> tuple[float, float, list[float]]:
-        if d.distributed:
-            torch.distributed.all_reduce(sums)
-        s = sums.cpu().double().numpy()
+    def train_epoch(self, epoch: int):
+        """One pass over the training loader; returns the summed statistics (this process's share)."""
+        from tqdm import tqdm
+
+        self.sampler.set_epoch(epoch)
+        self.model.train()
+        if self.cfg.freeze_encoder:
+            self.unet.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics too (as Keras does)
+        sums = self._new_sums()
+        bar = tqdm(self.batches(self.train_loader), total=len(self.train_loader),
+                   desc=f"fold {self.fold} epoch {epoch}/{self.cfg.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (self.d.main and self.options.progress))
+        for x, y in bar:
+            self.optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                logits = self.model(x)
+            loss = self.criterion(logits.float(), y)  # losses and metrics in fp32, whatever the U-Net ran in
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self._accumulate(sums, loss, logits, y)
+            bar.set_postfix(loss=f"{(sums[0] / sums[1]).item():.4f}")
+        bar.close()
+        if self.d.distributed:
+            from trainer.distributed import average_buffers
+
+            average_buffers(self.unet, self.d.world)
+        return sums
+
+    def validate(self):
+        """The validation loader's summed statistics (this process's share)."""
+        import torch
+
+        self.model.eval()
+        sums = self._new_sums()
+        with torch.no_grad():
+            for x, y in self.batches(self.val_loader):
+                with self._autocast():
+                    logits = self.unet(x)
+                self._accumulate(sums, self.criterion(logits.float(), y), logits, y)
+        return sums
+
+    def summarise(self, sums) -> tuple[float, float, list[float]]:
+        """(mean loss, overall Dice, per-class Dice) over every process's sums."""
+        from trainer.distributed import all_reduce_sum
+        from trainer.metrics import dice_from_sums
+
+        c = self.cfg.num_classes
+        s = all_reduce_sum(self.d, sums).cpu().double().numpy()
         inter, pred, truth = s[2:2 + c], s[2 + c:2 + 2 * c], s[2 + 2 * c:]
         overall = float(dice_from_sums(inter.sum(), pred.sum(), truth.sum()))
         return float(s[0] / max(s[1], 1.0)), overall, [float(v) for v in dice_from_sums(inter, pred, truth)]
 
-    def autocast():
-        return torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.epochs + 1):
+    def run_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
+        """Trains, validates and saves one epoch; returns its metrics row and whether the fold is done."""
         started = time.perf_counter()
-        sampler.set_epoch(epoch)
-        model.train()
-        if cfg.freeze_encoder:
-            unet.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics too (as Keras does)
-        train_sums = torch.zeros(2 + 3 * c, device=d.device, dtype=torch.float64)
-        bar = tqdm(batches(train_loader), total=len(train_loader), desc=f"fold {fold} epoch {epoch}/{cfg.epochs}",
-                   leave=False, dynamic_ncols=True, disable=not (d.main and options.progress))
-        for x, y in bar:
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                logits = model(x)
-            loss = criterion(logits.float(), y)  # losses and metrics in fp32, whatever the U-Net ran in
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            accumulate(train_sums, loss, logits, y)
-            bar.set_postfix(loss=f"{(train_sums[0] / train_sums[1]).item():.4f}")
-        bar.close()
-        if d.distributed:
-            _average_buffers(unet, d.world)
-        model.eval()
-        val_sums = torch.zeros_like(train_sums)
-        with torch.no_grad():
-            for x, y in batches(val_loader):
-                with autocast():
-                    logits = unet(x)
-                accumulate(val_sums, criterion(logits.float(), y), logits, y)
-        train_loss, train_dice, train_dice_c = summarise(train_sums)
-        val_loss, val_dice, val_dice_c = summarise(val_sums)
-        lr = optimizer.param_groups[0]["lr"]
-        if scheduler is not None:
-            scheduler.step(val_loss)
-        improved = stopping.update(epoch, val_loss)
-        seconds += time.perf_counter() - started
+        train_loss, train_dice, train_dice_c = self.summarise(self.train_epoch(epoch))
+        val_loss, val_dice, val_dice_c = self.summarise(self.validate())
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scheduler is not None:
+            self.scheduler.step(val_loss)
+        improved = self.stopping.update(epoch, val_loss)
+        self.seconds += time.perf_counter() - started
         row: dict[str, float] = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                                  "train_dice": train_dice, "val_dice": val_dice}
         row.update({f"train_dice_{k + 1}": v for k, v in enumerate(train_dice_c)})
         row.update({f"val_dice_{k + 1}": v for k, v in enumerate(val_dice_c)})
         row.update({"lr": lr, "seconds": round(time.perf_counter() - started, 3)})
-        finished = stopping.stop or epoch == cfg.epochs
-        if d.main:
-            facts = dict(
-                fold=fold, epoch=epoch, val_loss=val_loss, val_dice=val_dice, train_loss=train_loss,
-                train_dice=train_dice, input_size=(int(cfg.height), int(cfg.width)), train_size=train_size,
-                class_names=list(cfg.class_names or []), mean=float(cfg.mean), std=float(cfg.std),
-                encoder_weights=cfg.encoder_weights, params_total=total_params, params_trainable=trainable_params,
-            )
-            rows = read_metrics(metrics_path) + [row]
-            _write_metrics(metrics_path, rows, columns)
-            plot_curves(rows, fold_dir / "curves.png", title=f"fold {fold}: {cfg.encoder} U-Net")
-            # Order matters for resuming: metrics, then last.pt, then best.pt (see the resume branch).
-            save_fold_checkpoint(
-                last_path, unet_config(cfg), unet, **facts,
-                optimizer=optimizer.state_dict(), scheduler=None if scheduler is None else scheduler.state_dict(),
-                scaler=scaler.state_dict() if scaler.is_enabled() else None,
-                early_stopping={k: v for k, v in dataclasses.asdict(stopping).items() if k != "patience"},
-                rng=_rng_state(), seconds=seconds, finished=finished, best_epoch=stopping.best_epoch,
-                best_val_loss=stopping.best_val_loss,
-            )
-            if improved:
-                save_fold_checkpoint(best_path, unet_config(cfg), unet, **facts)
-            log.info("fold %d epoch %d/%d: train loss %.4f Dice %.4f | val loss %.4f Dice %.4f%s | %.1fs", fold,
-                     epoch, cfg.epochs, train_loss, train_dice, val_loss, val_dice, " *" if improved else "",
+        finished = self.stopping.stop or epoch == self.cfg.epochs
+        if self.d.main:
+            self.save(epoch, row, improved, finished)
+            log.info("fold %d epoch %d/%d: train loss %.4f Dice %.4f | val loss %.4f Dice %.4f%s | %.1fs", self.fold,
+                     epoch, self.cfg.epochs, train_loss, train_dice, val_loss, val_dice, " *" if improved else "",
                      row["seconds"])
-        _barrier(d)
-        if on_epoch_end is not None:
-            on_epoch_end(EpochEnd(fold=fold, epoch=epoch, row=row, unet=unet, rank=d.rank, stopped=finished))
-        if stopping.stop:
-            if d.main:
-                log.info("fold %d: early stop after epoch %d (no better validation loss for %d epochs; best epoch %d)",
-                         fold, epoch, cfg.patience, stopping.best_epoch)
-            break
-    return FoldOutcome(fold, stopping.best_epoch, stopping.best_val_loss, epoch, seconds, True)
+        return row, finished
+
+    # ------------------------------------------------------------------ saving
+
+    def facts(self, row: dict[str, float]) -> FoldFacts:
+        from engine.checkpoint import FoldFacts
+
+        cfg = self.cfg
+        return FoldFacts(
+            fold=self.fold, epoch=int(row["epoch"]), val_loss=row["val_loss"], val_dice=row["val_dice"],
+            train_loss=row["train_loss"], train_dice=row["train_dice"], input_size=(int(cfg.height), int(cfg.width)),
+            train_size=cfg.train_size, class_names=tuple(cfg.class_names or ()), mean=float(cfg.mean),
+            std=float(cfg.std), encoder_weights=cfg.encoder_weights, params_total=self.total_params,
+            params_trainable=self.trainable_params,
+        )
+
+    def training_state(self, finished: bool) -> rundir.TrainingState:
+        return rundir.TrainingState(
+            optimizer=self.optimizer.state_dict(),
+            scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            early_stopping=self.stopping.state(), rng=_rng_state(), seconds=self.seconds, finished=finished,
+            best_epoch=self.stopping.best_epoch, best_val_loss=self.stopping.best_val_loss,
+        )
+
+    def save(self, epoch: int, row: dict[str, float], improved: bool, finished: bool) -> None:
+        """Writes the epoch's metrics row and curves, then ``last.pt``, then (when improved) ``best.pt``.
+
+        The order matters for resuming (see :meth:`restore`).
+        """
+        from engine.model import save_fold_checkpoint
+        from trainer.render import plot_curves
+
+        rows = read_metrics(self.paths.metrics) + [row]
+        write_metrics(self.paths.metrics, rows, metrics_columns(self.cfg.num_classes))
+        plot_curves(rows, self.paths.curves, title=f"fold {self.fold}: {self.cfg.encoder} U-Net")
+        facts = self.facts(row)
+        ucfg = unet_config(self.cfg)
+        save_fold_checkpoint(self.paths.last, ucfg, self.unet, facts, self.training_state(finished).to_dict())
+        if improved:
+            save_fold_checkpoint(self.paths.best, ucfg, self.unet, facts)
 
 
 def _amp_dtype(torch: Any, on_cuda: bool, amp: bool) -> Any:
@@ -825,10 +800,3 @@ def _amp_dtype(torch: Any, on_cuda: bool, amp: bool) -> Any:
     if on_cuda:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return cpu_autocast_dtype(amp)
-
-
-def _checkpoint_facts(payload: dict[str, Any]) -> dict[str, Any]:
-    """The best.pt fields of a last.pt payload (everything but resume state)."""
-    resume_only = {"format", "unet", "state_dict", "optimizer", "scheduler", "scaler", "early_stopping", "rng",
-                   "seconds", "finished", "best_epoch", "best_val_loss"}
-    return {k: v for k, v in payload.items() if k not in resume_only}

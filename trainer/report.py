@@ -13,9 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from trainer import run as rundir
 
-EVALUATIONS_DIR = "evaluations"
+log = logging.getLogger(__name__)
 
 # The thesis' holdout results for the encoders it trained (THESIS.md), for the comparison line.
 THESIS_RESULTS: dict[str, dict[str, float]] = {
@@ -39,20 +39,17 @@ def _read_json(path: Path) -> Any:
 
 def fold_summaries(run_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     """Per fold: epochs run, the best epoch's losses and Dice, minutes, finished, parameters."""
-    from trainer.fit import read_metrics
-
     out = []
-    fold_dirs = sorted((p for p in run_dir.glob("fold*") if p.is_dir() and p.name[4:].isdigit()),
-                       key=lambda p: int(p.name[4:]))
-    for fold_dir in fold_dirs:
-        rows = read_metrics(fold_dir / "metrics.csv")
+    for fold, fold_dir in rundir.fold_dirs(run_dir).items():
+        rows = rundir.read_metrics(fold_dir / rundir.METRICS)
         if not rows:
             continue
         best = min(rows, key=lambda r: float(r["val_loss"]))
         last_epoch, best_epoch = int(rows[-1]["epoch"]), int(best["epoch"])
-        fold_config = _read_json(fold_dir / "config.json") if (fold_dir / "config.json").exists() else {}
+        fold_config_path = fold_dir / rundir.FOLD_CONFIG
+        fold_config = _read_json(fold_config_path) if fold_config_path.exists() else {}
         out.append({
-            "fold": int(fold_dir.name[4:]),
+            "fold": fold,
             "epochs_run": last_epoch,
             "best_epoch": best_epoch,
             "train_loss": float(best["train_loss"]),
@@ -62,7 +59,7 @@ def fold_summaries(run_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]
             "minutes": sum(float(r["seconds"]) for r in rows) / 60,
             "finished": last_epoch >= int(config.get("epochs", 0))
             or last_epoch - best_epoch >= int(config.get("patience", 0)),
-            "best_checkpoint": (fold_dir / "best.pt").exists(),
+            "best_checkpoint": (fold_dir / rundir.BEST).exists(),
             **fold_config.get("model", {}),
         })
     return out
@@ -70,7 +67,8 @@ def fold_summaries(run_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]
 
 def build_report(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    config = _read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+    config_path = run_dir / rundir.CONFIG
+    config = _read_json(config_path) if config_path.exists() else {}
     folds = fold_summaries(run_dir, config)
     training: dict[str, Any] = {"folds": folds}
     if folds:
@@ -80,11 +78,11 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         training["params_total"] = folds[0].get("params_total")
         training["params_trainable"] = folds[0].get("params_trainable")
     evaluations = {}
-    eval_dir = run_dir / EVALUATIONS_DIR
+    eval_dir = run_dir / rundir.EVALUATIONS
     if eval_dir.is_dir():
         for path in sorted(eval_dir.glob("*.json")):
             evaluations[path.stem] = _read_json(path)
-    postprocess_path = run_dir / "postprocess.json"
+    postprocess_path = run_dir / rundir.POSTPROCESS
     return {
         "run": str(run_dir),
         "config": config,
@@ -184,9 +182,8 @@ def write_report(run_dir: Path) -> dict[str, Any]:
     """Rebuilds ``RUN/report.json`` and ``RUN/report.md`` from the run directory; returns the report."""
     run_dir = Path(run_dir)
     report = build_report(run_dir)
-    for name, text in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", render_markdown(report))):
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(run_dir / name)
-    log.info("wrote %s and %s", run_dir / "report.md", run_dir / "report.json")
+    for name, text in ((rundir.REPORT_JSON, json.dumps(report, indent=2) + "\n"),
+                       (rundir.REPORT_MD, render_markdown(report))):
+        rundir.atomic_write_text(run_dir / name, text)
+    log.info("wrote %s and %s", run_dir / rundir.REPORT_MD, run_dir / rundir.REPORT_JSON)
     return report

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from trainer.data import Sample
+    from trainer.samples import Sample
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def make_folds(
     Returns:
         image id -> fold index ``0..folds-1``, or :data:`HOLDOUT` (-1).
     """
-    from trainer.data import label_matrix
+    from trainer.samples import label_matrix
 
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
@@ -377,7 +377,7 @@ class FoldCounts:
 
 def fold_class_counts(assignment: dict[str, int], samples: Sequence[Sample], num_classes: int) -> FoldCounts:
     """Per fold (and holdout): images, defect-free images, multi-class images, images per class."""
-    from trainer.data import label_matrix
+    from trainer.samples import label_matrix
 
     ordered = [s for s in samples if s.image_id in assignment]
     if len(ordered) != len(assignment):

@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,16 +52,6 @@ KINDS = ("pits/dents", "stains", "scratches", "cracks/scabs")
 CLASS_RATES = (0.12, 0.06, 0.32, 0.10)
 JPEG_QUALITY = 92
 MAX_CLASSES_PER_IMAGE = 2
-
-
-@dataclass
-class _Patch:
-    """A defect drawn on a patch whose top-left corner sits at (y0, x0) in the frame."""
-
-    y0: int
-    x0: int
-    mask: np.ndarray  # bool [h, w]
-    delta: np.ndarray  # float32 [h, w], zero outside mask
 
 
 # --------------------------------------------------------------------------- noise helpers
@@ -333,19 +322,7 @@ def synthesize(
             f"--classes must be 1..{len(KINDS)} (synth draws {len(KINDS)} defect kinds), got {num_classes}"
         )
     out = Path(out)
-    images_dir = out / "train_images"
-    csv_path = out / "train.csv"
-    existing = [p for p in images_dir.glob("*") if p.is_file()] if images_dir.is_dir() else []
-    stale = [p for p in (csv_path, out / "folds.csv", out / "synth.json") if p.exists()]
-    if (existing or stale) and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds a data set (train_images/ or train.csv); "
-            f"choose an empty folder or pass --force"
-        )
-    for p in existing + stale:
-        p.unlink()
-    images_dir.mkdir(parents=True, exist_ok=True)
-
+    images_dir, csv_path = _clear_output(out, overwrite)
     held = _assign_classes(np.random.default_rng([seed, 0x5EED]), images, num_classes)
     rows = []
     names = set()
@@ -366,24 +343,32 @@ def synthesize(
     with open(csv_path, "w", encoding="utf-8") as f:
         f.write("ImageId,ClassId,EncodedPixels\n")
         f.writelines(f"{name},{k},{encoded}\n" for name, k, encoded in rows)
-    (out / "synth.json").write_text(
-        json.dumps(
-            {
-                "generator": "trainer synth",
-                "images": images,
-                "height": height,
-                "width": width,
-                "seed": seed,
-                "num_classes": num_classes,
-                "class_names": list(KINDS[:num_classes]),
-                "defect_rows": len(rows),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    facts = {"generator": "trainer synth", "images": images, "height": height, "width": width, "seed": seed,
+             "num_classes": num_classes, "class_names": list(KINDS[:num_classes]), "defect_rows": len(rows)}
+    (out / "synth.json").write_text(json.dumps(facts, indent=2) + "\n")
     log.info("wrote %d images and %d defect rows to %s", images, len(rows), out)
     return out
+
+
+def _clear_output(out: Path, overwrite: bool) -> tuple[Path, Path]:
+    """Makes ``out/train_images/``; an earlier data set there is an error unless ``overwrite``.
+
+    Returns:
+        (the images folder, the annotations CSV path).
+    """
+    images_dir = out / "train_images"
+    csv_path = out / "train.csv"
+    existing = [p for p in images_dir.glob("*") if p.is_file()] if images_dir.is_dir() else []
+    stale = [p for p in (csv_path, out / "folds.csv", out / "synth.json") if p.exists()]
+    if (existing or stale) and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds a data set (train_images/ or train.csv); "
+            f"choose an empty folder or pass --force"
+        )
+    for p in existing + stale:
+        p.unlink()
+    images_dir.mkdir(parents=True, exist_ok=True)
+    return images_dir, csv_path
 
 
 # --------------------------------------------------------------------------- CLI

@@ -47,8 +47,8 @@ class TorchBackend(Backend):
         try:
             import torch
         except ImportError as exc:
-            raise BackendUnavailable(f"torch is not installed ({exc}): pip install strip-inspection") from exc
-        from engine.model import InspectionModel, load_ensemble, prepare_for_export
+            raise BackendUnavailable(f"torch is not installed ({exc}): pip install 'strip-inspection[train]'") from exc
+        from engine.model import InspectionModel, load_ensemble
 
         self.path = Path(path)
         self.device = resolve_torch_device(device, torch.cuda.is_available(), torch.cuda.device_count())
@@ -69,7 +69,6 @@ class TorchBackend(Backend):
         folds, _, self.metadata = load_ensemble(self.path)
         dtype = torch.float16 if self.precision == "fp16" else torch.float32
         autocast = torch.bfloat16 if self.precision == "bf16" else None
-        folds = [prepare_for_export(f) for f in folds]
         model = InspectionModel(folds, self.metadata, with_probs=with_probs, compute_dtype=dtype, autocast=autocast).eval()
         model.folds.to(device=self.device, dtype=dtype)
         if on_cuda or autocast is not None:

@@ -52,7 +52,7 @@ def test_frame_stats_match_float64_definitions():
         np.random.default_rng(2).integers(0, 256, (2, H, W), dtype=np.uint8),
     ])
     stats = drift.frame_stats(frames)
-    assert stats.dtype == np.float32 and stats.shape == (10, len(drift.STAT_NAMES))
+    assert stats.dtype == np.float32 and stats.shape == (10, len(drift.FRAME_STAT_NAMES))
     flat = frames.reshape(10, -1).astype(np.float64)
     # Tolerance: float32 BLAS sums of 20k centred values agree with float64 to ~1e-5 grey levels;
     # 1e-3 leaves room for other BLAS builds and is far below any drift worth seeing.
@@ -89,7 +89,7 @@ def test_area_fractions_and_line_stats():
 
 
 def test_reference_round_trips_through_json_and_model_metadata(reference):
-    assert reference.names == drift.stat_names(4)
+    assert reference.names == drift.FRAME_STAT_NAMES + drift.area_stat_names(4)
     assert reference.frames == 400 and reference.count_frames == 400
     data = json.loads(json.dumps(reference.to_dict()))
     assert drift.DriftReference.from_dict(data) == reference
@@ -116,7 +116,7 @@ def test_reference_bins_are_quantiles_and_point_masses_get_their_own_bin(referen
 
 def test_reference_without_counts_has_frame_statistics_only():
     ref = drift.build_reference([strips(30, seed=1)])
-    assert ref.names == drift.STAT_NAMES and ref.num_classes == 0
+    assert ref.names == drift.FRAME_STAT_NAMES and ref.num_classes == 0
     assert ref.line_stats(strips(2, seed=2), None).shape == (2, 4)
 
 

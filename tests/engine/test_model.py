@@ -92,7 +92,8 @@ def test_stages_beyond_the_encoder_depth_are_dropped_and_the_output_is_unchanged
     """A ResNet-18 cut to 3 stages: smp builds layer3/layer4 (10.5 M parameters) and never runs them."""
     import segmentation_models_pytorch as smp
 
-    from engine.model import UnusedStage, load_fold, prepare_for_export, save_fold_checkpoint
+    from engine.checkpoint import FoldFacts
+    from engine.model import UnusedStage, load_fold, save_fold_checkpoint
 
     torch.manual_seed(0)
     cfg = UNetConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
@@ -111,14 +112,17 @@ def test_stages_beyond_the_encoder_depth_are_dropped_and_the_output_is_unchanged
     with torch.no_grad():
         assert torch.equal(unet(x), full(x))
 
-    # EfficientNet: blocks past the depth are dropped, and its export switch still reaches every block.
+    # EfficientNet: blocks past the depth are dropped. smp 0.6 builds it with nn.SiLU, which exports as
+    # it is (the memory-efficient swish of older releases needed switching off first).
     eff = build_unet(UNetConfig(encoder="efficientnet-b0", encoder_depth=3, decoder_channels=(16, 8, 8)))
     assert any(isinstance(b, UnusedStage) for b in eff.encoder._blocks)
-    prepare_for_export(eff)
+    assert any(isinstance(m, torch.nn.SiLU) for m in eff.modules())
+    assert not any("MemoryEfficient" in type(m).__name__ for m in eff.modules())
 
     # Checkpoints hold the used weights only and load back into the same network.
     path = tmp_path / "fold.pt"
-    save_fold_checkpoint(path, cfg, unet)
+    save_fold_checkpoint(path, cfg, unet, FoldFacts(fold=0, epoch=1, input_size=(64, 320), train_size=(64, 320),
+                                                    class_names=("a", "b", "c", "d"), mean=0.0, std=1.0))
     assert path.stat().st_size < 1.5 * 4 * sum(p.numel() for p in unet.parameters())  # not the 11 M of the full encoder
     loaded, _, _ = load_fold(path)
     with torch.no_grad():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from trainer.augment import TRANSFORMS, apply_transform, balance_plan, class_counts
-from trainer.data import DataConfig, Sample, load_samples
+from trainer.data import DataConfig, load_samples
+from trainer.samples import Sample
 
 H, W = 64, 320
 

@@ -14,14 +14,13 @@ from engine import rle
 from engine.metadata import DEFAULT_CLASS_NAMES
 from trainer.data import (
     DataConfig,
-    Sample,
     SeverstalDataset,
-    label_matrix,
     load_samples,
     read_annotations,
     read_image,
     sample_masks,
 )
+from trainer.samples import Sample, label_matrix
 
 H, W = 16, 40
 CFG = DataConfig(num_classes=4, height=H, width=W)

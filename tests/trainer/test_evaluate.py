@@ -58,8 +58,8 @@ def test_oof_search_scores_each_image_with_its_own_fold_and_writes_postprocess(t
     samples = load_samples([Path(d) for d in cfg.data], data_config(cfg))
     parts = []
     for fold in (0, 1):
-        unet, ucfg, payload = load_fold(run / f"fold{fold}" / "best.pt")
-        model = InspectionModel([unet], fold_metadata(payload, ucfg)).eval()
+        unet, ucfg, facts = load_fold(run / f"fold{fold}" / "best.pt")
+        model = InspectionModel([unet], fold_metadata(facts, ucfg)).eval()
         group = [s for s in samples if assignment[s.image_id] == fold]
         dataset = SeverstalDataset(group, data_config(cfg))
         frames = torch.stack([dataset[i][0] for i in range(len(group))])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model import InspectionModel, fold_metadata, load_checkpoint, load_fold
+from engine.model import InspectionModel, fold_metadata, load_checkpoint, load_fold, read_fold_checkpoint
 from trainer import fit as fit_module
 from trainer.config import FitConfig, FitOptions, read_config_file, resolve
 from trainer.fit import EpochEnd, check_pretrained_reachable, read_metrics, run_fit
@@ -36,7 +36,7 @@ def test_short_fit_writes_checkpoints_metrics_curves_and_report(synth_dir: Path,
     cfg = tiny_config(synth_dir)
     out = tmp_path / "run"
     outcomes = run_fit(cfg, options(out))
-    assert [o.fold for o in outcomes] == [0] and outcomes[0].finished
+    assert [o.fold for o in outcomes] == [0] and not outcomes[0].stopped_early and outcomes[0].epochs_run == 2
 
     saved = json.loads((out / "config.json").read_text())
     assert saved == cfg.to_dict()
@@ -53,17 +53,19 @@ def test_short_fit_writes_checkpoints_metrics_curves_and_report(synth_dir: Path,
     assert {"train_dice_4", "val_dice_1", "lr", "seconds"} <= set(rows[0])
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])  # it learns something
 
-    unet, ucfg, payload = load_fold(fold_dir / "best.pt")
+    unet, ucfg, facts = load_fold(fold_dir / "best.pt")
     best_epoch = min(rows, key=lambda r: float(r["val_loss"]))["epoch"]
-    assert payload["epoch"] == int(best_epoch)
-    assert tuple(payload["input_size"]) == (64, 320) and tuple(payload["train_size"]) == (32, 160)
-    assert payload["mean"] == 0.0 and payload["std"] == 1.0
+    assert facts.epoch == int(best_epoch) and facts.fold == 0
+    assert facts.input_size == (64, 320) and facts.train_size == (32, 160)
+    assert facts.mean == 0.0 and facts.std == 1.0 and facts.val_loss == pytest.approx(float(
+        rows[int(best_epoch) - 1]["val_loss"]))
     assert ucfg.decoder_channels == (16, 8, 4)
-    last = load_checkpoint(fold_dir / "last.pt")
-    assert last["epoch"] == 2 and last["finished"] and "optimizer" in last
+    last = read_fold_checkpoint(fold_dir / "last.pt")
+    assert last.facts.epoch == 2 and last.training["finished"] and "optimizer" in last.training
+    assert read_fold_checkpoint(fold_dir / "best.pt").training is None
 
     # The checkpoint makes an inspection model as export will: full-size frames in, full-size masks out.
-    meta = fold_metadata(payload, ucfg)
+    meta = fold_metadata(facts, ucfg)
     masks, counts, present = InspectionModel([unet], meta)(torch.zeros(1, 64, 320, dtype=torch.uint8))
     assert masks.shape == (1, 4, 64, 320) and counts.dtype == torch.int32
 
@@ -96,7 +98,7 @@ def test_resume_after_interruption_continues_and_matches_an_uninterrupted_run(sy
         run_fit(cfg, options(out), on_epoch_end=stop_after_two)
     metrics = out / "fold0" / "metrics.csv"
     assert [int(r["epoch"]) for r in read_metrics(metrics)] == [1, 2]
-    assert load_checkpoint(out / "fold0" / "last.pt")["epoch"] == 2
+    assert read_fold_checkpoint(out / "fold0" / "last.pt").facts.epoch == 2
     # An epoch cut short after its metrics row but before last.pt: the row must be redone, not kept.
     with open(metrics, "a") as f:
         f.write("3,9,9,0,0,0,0,0,0,0,0,0,0,0.001,1\n")
@@ -218,7 +220,7 @@ def test_dataset_frames_through_preprocess_match_the_graph_input(synth_dir: Path
 def test_cuda_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     outcomes = run_fit(tiny_config(synth_dir, epochs=1), options(out, device="cuda"))
-    assert outcomes[0].finished
+    assert outcomes[0].epochs_run == 1
     rows = read_metrics(out / "fold0" / "metrics.csv")
     assert np.isfinite(float(rows[0]["train_loss"])) and np.isfinite(float(rows[0]["val_loss"]))
     state = load_checkpoint(out / "fold0" / "best.pt")["state_dict"]
@@ -241,7 +243,7 @@ def test_cpu_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path:
     runs = {}
     for amp in (True, False):
         out = tmp_path / f"amp-{amp}"
-        assert run_fit(tiny_config(synth_dir, epochs=1, amp=amp), options(out))[0].finished
+        run_fit(tiny_config(synth_dir, epochs=1, amp=amp), options(out))
         rows = read_metrics(out / "fold0" / "metrics.csv")
         assert np.isfinite(float(rows[0]["train_loss"])) and np.isfinite(float(rows[0]["val_loss"]))
         state = load_checkpoint(out / "fold0" / "last.pt")["state_dict"]
@@ -265,3 +267,43 @@ def test_output_prior_initialisation_matches_the_defect_pixel_fraction(synth_dir
     with torch.no_grad():
         probs = torch.sigmoid(unet.segmentation_head[0].bias)
     assert probs.tolist() == pytest.approx(priors, rel=1e-5)
+
+
+def test_fold_training_steps_one_by_one(synth_dir: Path, tmp_path: Path) -> None:
+    """The units train_fold is made of: set-up, loaders, validate, one epoch, save, restore."""
+    from trainer.data import load_samples
+    from trainer.distributed import setup_distributed
+    from trainer.fit import FoldPaths, FoldTrainer, read_resume, split_fold
+    from trainer.splits import make_folds
+
+    torch.set_num_threads(1)
+    cfg = tiny_config(synth_dir, balance=False)
+    opts = options(tmp_path / "run")
+    samples = load_samples(synth_dir, fit_module.data_config(cfg))
+    assignment = make_folds(samples, 4, folds=2, holdout=0.15, seed=0)
+    train, val = split_fold(samples, assignment, 0)
+    assert {s.image_id for s in train}.isdisjoint({s.image_id for s in val}) and all(
+        assignment[s.image_id] == 0 for s in val)
+    paths = FoldPaths.of(opts.out, 0)
+    d = setup_distributed("cpu")
+    trainer = FoldTrainer(cfg, opts, d, 0, paths, train, val)
+    trainer.make_loaders()
+    assert json.loads(paths.config.read_text())["data"]["val_images"] == len(val)
+    before = trainer.summarise(trainer.validate())
+    sums = trainer.validate()
+    assert int(sums[1]) == len(val)  # every validation image once
+    weights = {k: v.clone() for k, v in trainer.unet.state_dict().items()}
+    assert int(trainer.train_epoch(1)[1]) == len(train)
+    assert any(not torch.equal(weights[k], v) for k, v in trainer.unet.state_dict().items() if v.is_floating_point())
+    assert trainer.summarise(trainer.validate()) != before
+    assert read_resume(paths) is None
+    row, finished = trainer.run_epoch(2)
+    assert row["epoch"] == 2 and finished  # epochs=2
+    checkpoint, state = read_resume(paths)
+    assert checkpoint.facts.epoch == 2 and state.finished and state.best_epoch == trainer.stopping.best_epoch
+
+    again = FoldTrainer(cfg, opts, d, 0, paths, train, val, fresh=False)
+    again.restore(checkpoint, state)
+    assert again.start_epoch == 3 and again.stopping == trainer.stopping
+    for key, value in trainer.unet.state_dict().items():
+        assert torch.equal(again.unet.state_dict()[key], value), key

@@ -14,8 +14,9 @@ import torch
 from engine import rle
 from server.capture import CapturePolicy, CaptureWriter
 from trainer.config import FitConfig, FitOptions, resolve
-from trainer.data import DataConfig, label_matrix, load_samples, read_image
+from trainer.data import DataConfig, load_samples, read_image
 from trainer.fit import run_fit
+from trainer.samples import label_matrix
 from trainer.splits import HOLDOUT, read_folds
 from trainer.synth import draw_frame, synthesize
 
@@ -67,7 +68,7 @@ def test_fit_on_original_data_and_captures_splits_and_trains_on_the_union(
                             epochs=1, batch_size=8))
     run = tmp_path / "run"
     outcomes = run_fit(cfg, FitOptions(out=str(run), fold=0, device="cpu", workers=0, progress=False))
-    assert [o.fold for o in outcomes] == [0] and outcomes[0].finished
+    assert [o.fold for o in outcomes] == [0] and outcomes[0].epochs_run == cfg.epochs
     assert json.loads((run / "config.json").read_text())["data"] == [str(original), str(captures)]
 
     # The capture folder loads through the trainer's reader: its frames and labels are what was captured.

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainer.cli import main as trainer_main
-from trainer.data import DataConfig, Sample, label_matrix, load_samples
+from trainer.data import DataConfig, load_samples
+from trainer.samples import Sample, label_matrix
 from trainer.splits import (
     HOLDOUT,
     fold_class_counts,

@@ -9,7 +9,8 @@ import pytest
 
 from engine import rle
 from trainer.cli import main as trainer_main
-from trainer.data import DataConfig, label_matrix, load_samples, sample_masks
+from trainer.data import DataConfig, load_samples, sample_masks
+from trainer.samples import label_matrix
 from trainer.synth import draw_frame, synthesize
 
 

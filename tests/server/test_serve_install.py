@@ -1,0 +1,85 @@
+"""The serving install: ``pip install '.[serve,cpu]'`` in a fresh venv serves an ONNX model without
+torch, segmentation-models-pytorch or matplotlib (which then cannot have been imported either).
+
+A real venv, a real pip install from this checkout (a copy of its packages: pip's cache makes it
+quick after the first run), a real ``server serve`` process, a real gRPC client.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+from tests.server.test_service import assert_equals_direct, make_request
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = ("torch", "segmentation_models_pytorch", "matplotlib", "torchvision", "timm")
+SOURCES = ("pyproject.toml", "README.md", "engine", "trainer", "server", "benchmarks", "protos")
+
+
+def _run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def test_serve_install_serves_onnx_without_torch(tmp_path: Path, tiny_onnx: Path, camera_frames, direct_output):
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(ROOT / name, source / name)
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
+    python = venv / "bin" / "python"
+    _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--quiet", f"{source}[serve,cpu]"],
+         timeout=600)
+    probe = ("import importlib.util, json; "
+             f"print(json.dumps([m for m in {list(HEAVY)!r} if importlib.util.find_spec(m)]))")
+    assert _run([str(python), "-c", probe], timeout=60).stdout.strip() == "[]"
+
+    process = subprocess.Popen(
+        [str(venv / "bin" / "server"), "serve", "--model", str(tiny_onnx), "--port", "0", "--metrics-port", "-1",
+         "--device", "cpu", "--max-batch", "2"],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read_log() -> None:
+        for line in process.stderr:
+            lines.append(line)
+            if "event=ready" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read_log, daemon=True).start()
+    try:
+        assert ready.wait(120) and process.poll() is None, "server serve did not start:\n" + "".join(lines)
+        address = next(m.group(1) for line in lines if (m := re.search(r"event=start address=(\S+)", line)))
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            answer = pb_grpc.InspectionServiceStub(channel).InspectOne(make_request("cam0", 7, camera_frames[0]),
+                                                                        timeout=60)
+        assert answer.frame_id == 7
+        assert_equals_direct(answer, direct_output, 0)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert code == 0, "".join(lines)

@@ -1,0 +1,169 @@
+"""The training run directory: its file names (defined here only), its shared-file writes, and the
+trainer's typed resume state.
+
+Layout::
+
+    RUN/config.json        the resolved fit settings (pins the run: another fit with other settings is refused)
+    RUN/folds.csv          the split (fold -1 = holdout)
+    RUN/postprocess.json   thresholds / minimum areas searched out of fold (trainer evaluate --split oof)
+    RUN/report.md, .json   the run report
+    RUN/evaluations/       one JSON per evaluation
+    RUN/renders/<name>/    overlay PNGs
+    RUN/fold<k>/           best.pt, last.pt, metrics.csv, curves.png, config.json
+
+Several ``trainer fit --fold K`` processes (on one machine or several sharing the directory) may
+write one run at the same time: the run-level files are written under an exclusive lock on
+``RUN/.lock`` (POSIX ``fcntl`` record locks, which NFS v4 and most cluster filesystems honour),
+and every write goes to a uniquely named temporary file first, then is renamed into place, so a
+reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG = "config.json"
+FOLDS = "folds.csv"
+POSTPROCESS = "postprocess.json"
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+EVALUATIONS = "evaluations"
+RENDERS = "renders"
+LOCK = ".lock"
+#: What ``--restart`` deletes from a run directory (with the fold folders): everything fit and
+#: evaluate write, nothing else.
+OUTPUTS = (CONFIG, FOLDS, POSTPROCESS, REPORT_MD, REPORT_JSON, EVALUATIONS, RENDERS)
+
+BEST = "best.pt"
+LAST = "last.pt"
+METRICS = "metrics.csv"
+CURVES = "curves.png"
+FOLD_CONFIG = "config.json"
+FOLD_DIR = re.compile(r"^fold(\d+)$")
+
+
+def fold_dir(run_dir: str | Path, fold: int) -> Path:
+    return Path(run_dir) / f"fold{fold}"
+
+
+def fold_dirs(run_dir: str | Path) -> dict[int, Path]:
+    """``{fold: RUN/fold<k>}`` for every fold folder, in fold order."""
+    found = {}
+    for child in Path(run_dir).iterdir():
+        m = FOLD_DIR.match(child.name)
+        if m and child.is_dir():
+            found[int(m.group(1))] = child
+    return dict(sorted(found.items()))
+
+
+def best_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """``{fold: RUN/fold<k>/best.pt}`` for every fold folder holding a best checkpoint."""
+    return {k: d / BEST for k, d in fold_dirs(run_dir).items() if (d / BEST).is_file()}
+
+
+# --------------------------------------------------------------------------- writing shared files
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Writes ``text`` to a temporary file unique to this writer, then renames it onto ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path) -> Iterator[None]:
+    """Holds the run directory's exclusive lock (blocking until other writers release it)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK, "a+b") as handle:
+        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- metrics.csv
+
+
+def metrics_columns(num_classes: int) -> list[str]:
+    """``metrics.csv`` header: overall columns, then per-class Dice (class ids 1..C)."""
+    per_class = [f"{split}_dice_{k}" for split in ("train", "val") for k in range(1, num_classes + 1)]
+    return ["epoch", "train_loss", "val_loss", "train_dice", "val_dice", *per_class, "lr", "seconds"]
+
+
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def write_metrics(path: Path, rows: Sequence[dict[str, Any]], columns: list[str]) -> None:
+    import io
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+
+
+# --------------------------------------------------------------------------- resume state
+
+
+@dataclass
+class TrainingState:
+    """What ``last.pt`` carries beyond the fold's facts, to resume training after its epoch.
+
+    Attributes:
+        optimizer, scheduler, scaler: torch state dicts (scheduler/scaler None when unused).
+        early_stopping: ``{"best_val_loss", "best_epoch", "bad_epochs"}``.
+        rng: torch/numpy/python (and CUDA) random states.
+        seconds: training time so far.
+        finished: the fold is done (early-stopped or at its last epoch).
+        best_epoch, best_val_loss: the best epoch so far.
+    """
+
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
+    scaler: dict[str, Any] | None
+    early_stopping: dict[str, Any]
+    rng: dict[str, Any]
+    seconds: float
+    finished: bool
+    best_epoch: int
+    best_val_loss: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, source: str = "last.pt") -> TrainingState:
+        """Raises ValueError naming missing or unknown keys (a ``best.pt`` has no resume state)."""
+        if data is None:
+            raise ValueError(f"{source}: holds no training state to resume from (is it a best.pt?)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+        if missing or unknown:
+            raise ValueError(f"{source}: training state lacks {missing or 'nothing'} and has unknown keys "
+                             f"{unknown or 'none'}; use --restart to start the fold over")
+        return cls(**data)
