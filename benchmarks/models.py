@@ -241,8 +241,11 @@ def ensure_int8_ir(onnx_path: Path, calibration_frames: int = 32, parity_frames:
     import importlib.util
 
     ir = onnx_path.with_name("model_int8.xml")
+    refused = ir.with_suffix(".refused.txt")
     if ir.is_file() and ir.with_suffix(".bin").is_file() and ir.stat().st_mtime >= onnx_path.stat().st_mtime:
         return ir, "cached"
+    if refused.is_file() and refused.stat().st_mtime >= onnx_path.stat().st_mtime:
+        return None, refused.read_text(encoding="utf-8").strip() + f" (cached in {refused.name})"
     if importlib.util.find_spec("nncf") is None:
         return None, "NNCF is not installed (pip install 'strip-inspection[build]') to build the int8 IR"
     from engine.build_openvino import BuildParityError, build_openvino
@@ -256,5 +259,6 @@ def ensure_int8_ir(onnx_path: Path, calibration_frames: int = 32, parity_frames:
         build_openvino(onnx_path, ir, "int8", calibration=frames, calibration_frames=calibration_frames,
                        parity_frames=parity_frames)
     except BuildParityError as exc:
+        refused.write_text(f"the int8 IR was refused: {exc}\n", encoding="utf-8")
         return None, f"the int8 IR was refused: {exc}"
     return ir, "built"

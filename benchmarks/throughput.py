@@ -485,7 +485,9 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     models, reference, default_spec = resolve_models(cfg, notes)
     backends = _runnable(cfg, models, reference, notes)
     machine_before = describe_machine()
-    peaks = _measure_peaks(cfg, backends, threads)
+    # Every asked-for CPU precision gets its peak, even where its row could not run (the int8 IR refused).
+    peaks = _measure_peaks(cfg, sorted(set(backends) | {b for b in cfg.backends if variant_unavailable(b) is None}),
+                           threads)
     model_info, flops_by_model = _model_info(models)
     frames_pool = FramePool(cfg)
     rows, naive_check = _time_naive_variants(cfg, backends, reference, frames_pool, peaks, flops_by_model, notes)

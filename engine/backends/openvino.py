@@ -166,6 +166,27 @@ def probs_output(model: Any, stages: dict[str, str]) -> Any:
     raise ValueError("no threshold (GreaterEqual on probabilities) found after the U-Nets")
 
 
+def skip_mask_float_round_trip(model: Any) -> int:
+    """Feeds a ``Convert(uint8)`` of a ``Convert(float)`` of a boolean straight from the boolean.
+
+    The graph makes masks as ``(p >= t)`` -> float (what the count sums) -> uint8; from a boolean
+    (0 or 1) the two casts equal one, exactly. OpenVINO's CPU plugin runs those casts with reference
+    kernels and a layout reorder on full-resolution float masks (about a third of the post stage);
+    the count still sums the float. Returns how many casts were rewired.
+    """
+    import openvino as ov
+
+    rewired = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Convert" or op.get_output_element_type(0) != ov.Type.u8:
+            continue
+        source = op.input_value(0).get_node()
+        if source.get_type_name() == "Convert" and source.input_value(0).get_element_type() == ov.Type.boolean:
+            op.input(0).replace_source_output(source.input_value(0))
+            rewired += 1
+    return rewired
+
+
 def _key(output: Any) -> str:
     return f"{output.get_node().get_friendly_name()}#{output.get_index()}"
 
@@ -220,6 +241,7 @@ def split_stages(path: str | Path, with_probs: bool = False) -> list[Stage]:
             if with_probs:
                 out_keys.append(graph.PROBS_NAME)
                 results.append(probs_output(model, stages))
+            skip_mask_float_round_trip(model)
         pieces.append(Stage(stage, ov.Model(results, params, f"inspection-{stage}"), keys, out_keys))
     return pieces
 
@@ -308,6 +330,7 @@ class OpenVinoBackend(Backend):
             return props
 
         if self.precision == "fp32" and not with_probs:
+            skip_mask_float_round_trip(model)
             self.stages = [Stage("all", model, [graph.INPUT_NAME], [o.get_any_name() for o in model.outputs])]
             precisions = ["fp32"]
         else:
