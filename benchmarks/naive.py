@@ -56,11 +56,9 @@ class NaivePipeline:
     precision = "fp32"
 
     def __init__(self, folds: list[Any], meta: ModelMetadata, device: str = "cpu") -> None:
-        import torch
+        from engine.devices import torch_device
 
-        if device == "auto":
-            device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        self.device = device
+        self.device = str(torch_device(device))
         self.folds = [fold.to(self.device).eval().float() for fold in folds]
         self.metadata = meta
         self.thresholds = np.asarray(meta.thresholds, dtype=np.float32)

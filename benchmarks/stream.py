@@ -164,7 +164,8 @@ class InProcessServer:
 
     def __init__(self, cfg: StreamConfig, model: Path) -> None:
         from engine.backends import load_backend
-        from server.service import InspectionServer, ServerConfig
+        from server.config import ServerConfig
+        from server.service import InspectionServer
 
         options = {"threads": cfg.threads} if cfg.threads and model.suffix.lower() == ".onnx" else {}
         config = ServerConfig(port=0, metrics_port=0, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms)

@@ -3,8 +3,9 @@
 One truth for the statistics: ``trainer export`` computes them on a sample of training frames
 (and out-of-fold predicted defect counts) to build a :class:`DriftReference`, which travels in the
 model as ``ModelMetadata.drift_reference``; the server computes the very same statistics on every
-batch it inspects and keeps a rolling window per camera in a :class:`DriftMonitor`, which scores the
-window against the reference.
+batch it inspects and keeps a rolling window per camera (``server.drift_monitor.DriftMonitor``, the
+server's policy: cameras, thresholds, warnings), which scores the window against the reference
+with :class:`Scorer`.
 
 Statistics (one row per frame):
 
@@ -31,9 +32,6 @@ Only numpy is used, so the server imports this without torch.
 from __future__ import annotations
 
 import logging
-import math
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,16 +58,9 @@ DEFAULT_SMOOTHING = 0.5
 #: sample: the stored quantiles cannot describe a CDF with a jump of that size.
 KS_MAX_POINT_MASS = 0.05
 
-# Conventional PSI reading: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 significant shift.
-DEFAULT_PSI_THRESHOLD = 0.25
-# The KS statistic of two samples from one distribution stays below 1.95 / sqrt(n) with 99.9 %
-# probability: 0.14 at the default minimum fill of 200 frames, so 0.2 is a real shift.
-DEFAULT_KS_THRESHOLD = 0.2
-DEFAULT_WINDOW = 500
+#: Frames a drift window needs before it is scored (the server's default minimum fill); a
+#: reference built from fewer frames has coarse bins.
 DEFAULT_MIN_FILL = 200
-# A score must fall below threshold * RECOVER_RATIO to count as recovered, so a score hovering at
-# the threshold does not log a warning every batch.
-RECOVER_RATIO = 0.8
 
 
 def area_stat_names(num_classes: int) -> tuple[str, ...]:
@@ -401,8 +392,9 @@ def _padded(rows: Sequence[Sequence[float]], fill: float) -> np.ndarray:
     return out
 
 
-class _Scorer:
-    """The reference in array form, padded to one width so a window is scored in a few numpy calls."""
+class Scorer:
+    """The reference in array form, padded to one width so a window is scored in a few numpy calls
+    (built once per reference; the server's per-camera monitor rescores every window with it)."""
 
     def __init__(self, reference: DriftReference) -> None:
         self.names = reference.names
@@ -442,259 +434,25 @@ class _Scorer:
             out[j] = float(max((above - ref_cdf).max(), (ref_cdf - below).max()))
         return out
 
+    def scores(self, window: np.ndarray) -> dict[str, dict[str, float | None]]:
+        """``{statistic: {"psi": float, "ks": float | None}}`` of a checked window ``[W, S]``."""
+        psi, ks = self.psi(window), self.ks(window)
+        return {name: {"psi": float(psi[j]), "ks": ks.get(j)} for j, name in enumerate(self.names)}
+
 
 def drift_scores(reference: DriftReference, window: np.ndarray) -> dict[str, dict[str, float | None]]:
     """PSI and KS (None where KS does not fit) of a window of statistics rows ``[W, S]``."""
-    window = _check_rows(window, reference.names)
+    window = check_rows(window, reference.names)
     if window.shape[0] == 0:
         raise ValueError("cannot score an empty window of statistics")
-    scorer = _Scorer(reference)
-    return _as_scores(scorer, scorer.psi(window), scorer.ks(window))
+    return Scorer(reference).scores(window)
 
 
-def _as_scores(scorer: _Scorer, psi: np.ndarray, ks: Mapping[int, float]) -> dict[str, dict[str, float | None]]:
-    return {name: {"psi": float(psi[j]), "ks": ks.get(j)} for j, name in enumerate(scorer.names)}
-
-
-def _check_rows(stats: np.ndarray, names: Sequence[str]) -> np.ndarray:
+def check_rows(stats: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """Statistics rows ``[N, S]`` as float32, checked for shape and finiteness."""
     stats = np.asarray(stats, dtype=np.float32)
     if stats.ndim != 2 or stats.shape[1] != len(names):
         raise ValueError(f"statistics rows must have shape [N, {len(names)}] ({', '.join(names)}), got {list(stats.shape)}")
     if not np.isfinite(stats).all():
         raise ValueError("statistics rows contain NaN or infinity")
     return stats
-
-
-# --------------------------------------------------------------------------- monitor
-
-
-@dataclass(frozen=True)
-class DriftCrossing:
-    """A score that crossed its threshold (``crossed``) or fell back below it (not ``crossed``)."""
-
-    camera_id: str
-    statistic: str
-    score: str  # "psi" or "ks"
-    value: float
-    threshold: float
-    crossed: bool
-
-
-@dataclass
-class CameraDrift:
-    """A snapshot of one camera's drift: window fill and, once full enough, the scores."""
-
-    camera_id: str
-    frames_seen: int
-    window_fill: int
-    scores: dict[str, dict[str, float | None]] | None
-    over: tuple[tuple[str, str], ...]  # (statistic, score) pairs now over their threshold
-
-
-class _Window:
-    """A fixed-size ring buffer of statistics rows."""
-
-    def __init__(self, size: int, columns: int) -> None:
-        self.rows = np.zeros((size, columns), dtype=np.float32)
-        self.next = 0
-        self.fill = 0
-        self.seen = 0
-        self.scores: dict[str, dict[str, float | None]] | None = None
-        self.over: set[tuple[str, str]] = set()
-
-    def push(self, stats: np.ndarray) -> None:
-        size = self.rows.shape[0]
-        stats = stats[-size:]  # a batch longer than the window keeps its newest rows
-        n = stats.shape[0]
-        index = (self.next + np.arange(n)) % size
-        self.rows[index] = stats
-        self.next = int((self.next + n) % size)
-        self.fill = min(self.fill + n, size)
-
-    def view(self) -> np.ndarray:
-        return self.rows[: self.fill]  # row order does not matter to PSI or KS
-
-
-class DriftMonitor:
-    """Rolling drift scores per camera against a :class:`DriftReference`.
-
-    Each camera has a ring buffer of its last ``window`` statistics rows. After every update the
-    camera's window is rescored (a few numpy calls on at most ``window x S`` values); scores are
-    None until ``min_fill`` rows are in. A score crossing its threshold logs one warning and is
-    returned as a :class:`DriftCrossing`; it is not reported again until it has recovered (fallen
-    below ``threshold * RECOVER_RATIO``, logged at info) and crosses anew.
-
-    Threading: every method may be called from any thread. One lock guards all cameras, held only
-    while rows are stored and scored (~0.4 ms for a 500-row window), not while statistics are
-    computed. The server calls :meth:`observe_batch` from its line-feedback thread once a batch's
-    frames are answered (about 1 ms of CPU per full-resolution frame, off the inference thread,
-    the decode pool and the event loop; see ``server.feedback``), and :meth:`status` /
-    :meth:`scores` from RPC handlers and the metrics collector.
-
-    Args:
-        reference: what the statistics are compared with.
-        window: rows kept per camera.
-        min_fill: rows needed before a camera is scored.
-        psi_threshold, ks_threshold: scores above these are drift (settable later with
-            :meth:`set_thresholds`).
-        max_cameras: cameras tracked at once; the camera updated least recently is dropped (with a
-            warning) to make room, so unknown camera ids cannot grow memory without bound.
-    """
-
-    def __init__(
-        self,
-        reference: DriftReference,
-        window: int = DEFAULT_WINDOW,
-        min_fill: int = DEFAULT_MIN_FILL,
-        psi_threshold: float = DEFAULT_PSI_THRESHOLD,
-        ks_threshold: float = DEFAULT_KS_THRESHOLD,
-        max_cameras: int = 256,
-    ) -> None:
-        if window < 1:
-            raise ValueError(f"drift window must be >= 1 frame, got {window}")
-        if not 1 <= min_fill <= window:
-            raise ValueError(f"drift minimum fill must be in 1..window ({window}), got {min_fill}")
-        if max_cameras < 1:
-            raise ValueError(f"max_cameras must be >= 1, got {max_cameras}")
-        self.reference = reference
-        self.window = window
-        self.min_fill = min_fill
-        self.max_cameras = max_cameras
-        self.psi_threshold = DEFAULT_PSI_THRESHOLD
-        self.ks_threshold = DEFAULT_KS_THRESHOLD
-        self.set_thresholds(psi=psi_threshold, ks=ks_threshold)
-        self._scorer = _Scorer(reference)
-        self._cameras: OrderedDict[str, _Window] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return self.reference.names
-
-    def set_thresholds(self, psi: float | None = None, ks: float | None = None) -> None:
-        """Changes the thresholds; takes effect at each camera's next update."""
-        for flag, value in (("psi", psi), ("ks", ks)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"drift {flag} threshold must be a positive number, got {value}")
-        if psi is not None:
-            self.psi_threshold = float(psi)
-        if ks is not None:
-            self.ks_threshold = float(ks)
-
-    def observe(self, camera_id: str, frames: np.ndarray, counts: np.ndarray | None) -> list[DriftCrossing]:
-        """Computes the statistics of one camera's frames ``[N, H, W]`` and :meth:`update`\\ s them."""
-        return self.update(camera_id, self.reference.line_stats(frames, counts))
-
-    def observe_batch(
-        self, camera_ids: Sequence[str], frames: np.ndarray, counts: np.ndarray | None
-    ) -> list[DriftCrossing]:
-        """One inference batch of several cameras: ``camera_ids[i]`` took ``frames[i]``.
-
-        The statistics are computed for the whole batch at once, then each camera's rows go to
-        its window in batch order.
-        """
-        stats = self.reference.line_stats(frames, counts)
-        return self.update_batch(camera_ids, stats)
-
-    def update_batch(self, camera_ids: Sequence[str], stats: np.ndarray) -> list[DriftCrossing]:
-        """:meth:`update` for rows of several cameras (``camera_ids[i]`` owns ``stats[i]``)."""
-        stats = _check_rows(stats, self.names)
-        if len(camera_ids) != stats.shape[0]:
-            raise ValueError(f"{len(camera_ids)} camera ids for {stats.shape[0]} statistics rows")
-        ids = np.asarray(camera_ids, dtype=object)
-        crossings = []
-        for camera in dict.fromkeys(camera_ids):  # first-seen order, each camera once
-            crossings += self._update(str(camera), stats[ids == camera])
-        return crossings
-
-    def update(self, camera_id: str, stats: np.ndarray) -> list[DriftCrossing]:
-        """Adds one camera's statistics rows ``[N, S]`` and rescores its window.
-
-        Returns:
-            The threshold crossings (and recoveries) this update caused; already logged.
-        """
-        return self._update(camera_id, _check_rows(stats, self.names))
-
-    def _update(self, camera_id: str, stats: np.ndarray) -> list[DriftCrossing]:
-        if stats.shape[0] == 0:
-            return []
-        with self._lock:
-            window = self._cameras.get(camera_id)
-            if window is None:
-                if len(self._cameras) >= self.max_cameras:
-                    dropped, _ = self._cameras.popitem(last=False)
-                    log.warning(
-                        "drift monitor tracks at most %d cameras: dropped camera %r (least recently seen) "
-                        "to make room for %r", self.max_cameras, dropped, camera_id,
-                    )
-                window = self._cameras[camera_id] = _Window(self.window, len(self.names))
-            else:
-                self._cameras.move_to_end(camera_id)
-            window.push(stats)
-            window.seen += stats.shape[0]
-            if window.fill < self.min_fill:
-                return []
-            rows = window.view()
-            window.scores = _as_scores(self._scorer, self._scorer.psi(rows), self._scorer.ks(rows))
-            crossings = self._crossings(camera_id, window)
-        for c in crossings:
-            if c.crossed:
-                log.warning(
-                    "drift on camera %r: %s %s = %.3f crossed its threshold %.3f",
-                    c.camera_id, c.statistic, c.score.upper(), c.value, c.threshold,
-                )
-            else:
-                log.info(
-                    "drift on camera %r: %s %s = %.3f is back below its threshold %.3f",
-                    c.camera_id, c.statistic, c.score.upper(), c.value, c.threshold,
-                )
-        return crossings
-
-    def _crossings(self, camera_id: str, window: _Window) -> list[DriftCrossing]:
-        out = []
-        thresholds = {"psi": self.psi_threshold, "ks": self.ks_threshold}
-        for name, scores in window.scores.items():
-            for kind, value in scores.items():
-                if value is None:
-                    continue
-                key, limit = (name, kind), thresholds[kind]
-                if key not in window.over and value > limit:
-                    window.over.add(key)
-                    out.append(DriftCrossing(camera_id, name, kind, value, limit, crossed=True))
-                elif key in window.over and value < limit * RECOVER_RATIO:
-                    window.over.discard(key)
-                    out.append(DriftCrossing(camera_id, name, kind, value, limit, crossed=False))
-        return out
-
-    def scores(self, camera_id: str) -> dict[str, dict[str, float | None]] | None:
-        """``{statistic: {"psi": float, "ks": float | None}}`` of the camera's latest window, or
-        None while the camera has fewer than ``min_fill`` rows (or was never seen)."""
-        with self._lock:
-            window = self._cameras.get(camera_id)
-            if window is None or window.scores is None or window.fill < self.min_fill:
-                return None
-            return {k: dict(v) for k, v in window.scores.items()}
-
-    def status(self) -> dict[str, CameraDrift]:
-        """A consistent snapshot of every tracked camera (for metrics and the line status RPC)."""
-        with self._lock:
-            return {
-                camera: CameraDrift(
-                    camera_id=camera,
-                    frames_seen=w.seen,
-                    window_fill=w.fill,
-                    scores=None if w.fill < self.min_fill or w.scores is None
-                    else {k: dict(v) for k, v in w.scores.items()},
-                    over=tuple(sorted(w.over)),
-                )
-                for camera, w in self._cameras.items()
-            }
-
-    def reset(self, camera_id: str | None = None) -> None:
-        """Forgets one camera's window (e.g. after a camera was serviced), or every camera's."""
-        with self._lock:
-            if camera_id is None:
-                self._cameras.clear()
-            else:
-                self._cameras.pop(camera_id, None)
-

@@ -26,11 +26,9 @@ an image without rows, which the trainer would silently read as defect-free.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
-import math
 import os
 import queue
 import re
@@ -43,7 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from server.decode import image_format
+from engine.decode import image_format
+from server.capture_policy import CapturePolicy
+from server.config import DEFAULT_CAPTURE_QUEUE, CaptureConfig, check_capture_limits
 
 log = logging.getLogger(__name__)
 
@@ -57,128 +57,8 @@ CAPTURES_HEADER = (
 )
 HEADERS = {PREDICTIONS_FILE: ANNOTATION_HEADER, LABELS_FILE: ANNOTATION_HEADER, CAPTURES_FILE: CAPTURES_HEADER}
 
-POLICY_TOKENS = ("uncertain", "defects", "sample:P")
-DEFAULT_POLICY = "uncertain,defects,sample:0.01"
-#: A class is "uncertain" when its pixel count lies in [lo, hi] x its minimum area (and is not 0).
-DEFAULT_UNCERTAIN_BAND = (0.5, 2.0)
-DEFAULT_QUEUE_SIZE = 64
-DEFAULT_QUOTA_GB = 5.0
 RETRY_SECONDS = 30.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-# --------------------------------------------------------------------------- policy
-
-
-@dataclass(frozen=True)
-class CapturePolicy:
-    """Which frames to capture.
-
-    Attributes:
-        uncertain: frames with a class whose pixel count is near its minimum area, within
-            ``uncertain_band`` (``[lo, hi] x min_area``, count > 0): the decisions most likely wrong.
-            Defined on the exact counts the server has; probabilities are not output in production.
-        defects: frames with any present class.
-        sample: share of all frames captured at random (0 = none).
-        uncertain_band: the ``(lo, hi)`` multipliers of the minimum area.
-    """
-
-    uncertain: bool = False
-    defects: bool = False
-    sample: float = 0.0
-    uncertain_band: tuple[float, float] = DEFAULT_UNCERTAIN_BAND
-
-    def __post_init__(self) -> None:
-        lo, hi = self.uncertain_band
-        if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= 1 <= hi):
-            raise ValueError(
-                f"uncertain band must be LO,HI with 0 <= LO <= 1 <= HI (multiples of the minimum area), got {lo},{hi}"
-            )
-        if not 0.0 <= self.sample <= 1.0:
-            raise ValueError(f"capture sample share must be in 0..1, got {self.sample}")
-
-    @classmethod
-    def parse(cls, text: str, uncertain_band: tuple[float, float] = DEFAULT_UNCERTAIN_BAND) -> CapturePolicy:
-        """Parses ``"uncertain,defects,sample:0.01"`` (any non-empty subset, any order).
-
-        Raises:
-            ValueError: empty policy, unknown or repeated token, or a bad sample share; the message
-                names the token.
-        """
-        tokens = [t.strip() for t in str(text).split(",")]
-        if not any(tokens):
-            raise ValueError(f"capture policy is empty; expected a comma-separated list of {', '.join(POLICY_TOKENS)}")
-        fields: dict[str, Any] = {}
-        for token in tokens:
-            name, sep, value = token.partition(":")
-            name = name.strip().lower()
-            if name in fields:
-                raise ValueError(f"capture policy {text!r}: token {token!r} repeats {name!r}")
-            if name in ("uncertain", "defects") and not sep:
-                fields[name] = True
-            elif name == "sample" and sep:
-                try:
-                    share = float(value)
-                except ValueError:
-                    share = math.nan
-                if not 0.0 < share <= 1.0:
-                    raise ValueError(
-                        f"capture policy {text!r}: token {token!r} needs a share in (0, 1], e.g. sample:0.01"
-                    )
-                fields[name] = share
-            else:
-                raise ValueError(
-                    f"capture policy {text!r}: unknown token {token!r}; expected {', '.join(POLICY_TOKENS)} "
-                    "(P a share in (0, 1])"
-                )
-        return cls(uncertain_band=tuple(uncertain_band), **fields)
-
-    def __str__(self) -> str:
-        parts = [n for n in ("uncertain", "defects") if getattr(self, n)]
-        if self.sample:
-            parts.append(f"sample:{self.sample:g}")
-        return ",".join(parts) or "none"
-
-    def reasons(
-        self, counts: np.ndarray, present: np.ndarray, min_areas: Sequence[int], rng: np.random.Generator
-    ) -> list[str]:
-        """Why each of N frames is captured (``""`` = not captured), vectorised over the batch.
-
-        A reason lists every rule that chose the frame, joined by ``+``: ``uncertain:<class ids>``,
-        ``defects``, ``sample``; e.g. ``uncertain:3+defects``.
-
-        Args:
-            counts: int ``[N, C]`` exact predicted pixels per class.
-            present: bool ``[N, C]`` the model's labels.
-            min_areas: ``[C]`` per-class minimum areas from the model metadata.
-            rng: draws the random sample (one draw per frame, whatever the policy).
-        """
-        counts = np.asarray(counts)
-        present = np.asarray(present, dtype=bool)
-        n = counts.shape[0]
-        areas = np.asarray(min_areas, dtype=np.float64)
-        if counts.ndim != 2 or present.shape != counts.shape or counts.shape[1] != areas.size:
-            raise ValueError(
-                f"counts and present must both be [N, {areas.size}] (one column per class), got "
-                f"{list(counts.shape)} and {list(present.shape)}"
-            )
-        draws = rng.random(n)
-        lo, hi = self.uncertain_band
-        near = (counts > 0) & (counts >= lo * areas) & (counts <= hi * areas) if self.uncertain else None
-        defective = present.any(axis=1) if self.defects else np.zeros(n, dtype=bool)
-        sampled = draws < self.sample
-        chosen = defective | sampled | (near.any(axis=1) if near is not None else False)
-        out = [""] * n
-        for i in np.flatnonzero(chosen):
-            parts = []
-            if near is not None and near[i].any():
-                parts.append("uncertain:" + ",".join(str(k + 1) for k in np.flatnonzero(near[i])))
-            if defective[i]:
-                parts.append("defects")
-            if sampled[i]:
-                parts.append("sample")
-            out[i] = "+".join(parts)
-        return out
 
 
 # --------------------------------------------------------------------------- writer
@@ -246,21 +126,24 @@ class CaptureWriter:
         start: start the writer thread now (tests hold it back with False and call :meth:`start`).
     """
 
+    @classmethod
+    def from_config(cls, config: CaptureConfig, min_areas: Sequence[int]) -> CaptureWriter:
+        """The writer ``server serve --capture*`` asks for (its thread prepares the folder)."""
+        return cls(config.directory, config.policy, min_areas=min_areas, quota_bytes=config.quota_bytes,
+                   queue_size=config.queue_size, seed=config.seed)
+
     def __init__(
         self,
         directory: str | Path,
         policy: CapturePolicy,
         min_areas: Sequence[int],
         quota_bytes: int,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
+        queue_size: int = DEFAULT_CAPTURE_QUEUE,
         seed: int = 0,
         retry_seconds: float = RETRY_SECONDS,
         start: bool = True,
     ) -> None:
-        if quota_bytes < 1:
-            raise ValueError(f"capture quota must be at least 1 byte, got {quota_bytes}")
-        if queue_size < 1:
-            raise ValueError(f"capture queue size must be >= 1, got {queue_size}")
+        check_capture_limits(quota_bytes, queue_size)
         if not min_areas or any(a < 0 for a in min_areas):
             raise ValueError(f"min_areas must be one non-negative area per class, got {list(min_areas)}")
         self.directory = Path(directory)
@@ -629,97 +512,3 @@ def _repair_csv(path: Path, header: tuple[str, ...], images: set[str]) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(_csv_bytes([header, *kept]))
         os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _band(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.5,2), got {text!r}") from None
-    return lo, hi
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--capture*`` flags of ``server serve``."""
-    group = parser.add_argument_group("capture for retraining")
-    group.add_argument("--capture-dir", type=Path, default=None,
-                       help="save chosen frames with their predictions to this Severstal-format folder")
-    group.add_argument("--capture", default=None, metavar="POLICY",
-                       help=f"which frames: comma-separated {', '.join(POLICY_TOKENS)} (default {DEFAULT_POLICY})")
-    group.add_argument("--capture-quota-gb", type=float, default=DEFAULT_QUOTA_GB,
-                       help="size limit of the capture folder, existing files included (default %(default)s)")
-    group.add_argument("--capture-queue", type=int, default=DEFAULT_QUEUE_SIZE,
-                       help="captures waiting for the disk before new ones are skipped (default %(default)s)")
-    group.add_argument("--capture-uncertain-band", type=_band, default=DEFAULT_UNCERTAIN_BAND, metavar="LO,HI",
-                       help="'uncertain': a class with LO..HI x its minimum area pixels (default 0.5,2)")
-    group.add_argument("--capture-seed", type=int, default=0, help="seed of the 'sample' draws (default 0)")
-
-
-@dataclass(frozen=True)
-class CaptureConfig:
-    """What ``server serve --capture*`` asks for; :meth:`open` makes the writer once the model's
-    minimum areas are known (they come from the model file, after it is loaded).
-
-    Attributes:
-        directory: the capture folder.
-        policy: which frames to capture.
-        quota_bytes: the folder's size limit, existing content included.
-        queue_size: captures waiting for the writer.
-        seed: seeds the "sample" draws.
-    """
-
-    directory: Path
-    policy: CapturePolicy = CapturePolicy.parse(DEFAULT_POLICY)
-    quota_bytes: int = int(DEFAULT_QUOTA_GB * 1e9)
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.quota_bytes < 1:
-            raise ValueError(f"capture quota must be at least 1 byte, got {self.quota_bytes}")
-        if self.queue_size < 1:
-            raise ValueError(f"capture queue size must be >= 1, got {self.queue_size}")
-
-    def open(self, min_areas: Sequence[int]) -> CaptureWriter:
-        """Starts a :class:`CaptureWriter` on this folder (its thread prepares the folder)."""
-        return CaptureWriter(
-            self.directory, self.policy, min_areas=min_areas, quota_bytes=self.quota_bytes,
-            queue_size=self.queue_size, seed=self.seed,
-        )
-
-
-def config_from_args(args: argparse.Namespace) -> CaptureConfig | None:
-    """The capture the ``--capture*`` flags ask for, or None without ``--capture-dir``.
-
-    Raises:
-        ValueError: a bad policy, band, quota or queue size, or ``--capture`` without ``--capture-dir``.
-    """
-    if args.capture_dir is None:
-        if args.capture is not None:
-            raise ValueError("--capture needs --capture-dir (where to save the captured frames)")
-        return None
-    try:
-        policy = CapturePolicy.parse(args.capture or DEFAULT_POLICY, uncertain_band=args.capture_uncertain_band)
-    except ValueError as exc:
-        raise ValueError(f"--capture/--capture-uncertain-band: {exc}") from None
-    if not (math.isfinite(args.capture_quota_gb) and args.capture_quota_gb > 0):
-        raise ValueError(f"--capture-quota-gb must be a positive number of gigabytes, got {args.capture_quota_gb}")
-    if args.capture_queue < 1:
-        raise ValueError(f"--capture-queue must be >= 1, got {args.capture_queue}")
-    # At least one byte: a quota below a byte would otherwise round to an invalid 0.
-    quota = max(1, int(args.capture_quota_gb * 1e9))
-    return CaptureConfig(Path(args.capture_dir), policy, quota_bytes=quota, queue_size=args.capture_queue,
-                         seed=args.capture_seed)
-
-
-def writer_from_args(args: argparse.Namespace, min_areas: Sequence[int]) -> CaptureWriter | None:
-    """The writer the ``--capture*`` flags ask for, or None without ``--capture-dir``.
-
-    Raises:
-        ValueError: see :func:`config_from_args`.
-    """
-    config = config_from_args(args)
-    return None if config is None else config.open(min_areas)

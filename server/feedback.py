@@ -27,11 +27,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine.drift import DriftMonitor, DriftReference
+from engine.drift import DriftReference
 from engine.metadata import ModelMetadata
 from protos.inspection.v1 import inspection_pb2 as pb
 from server.batcher import FinishedBatch
-from server.capture import CaptureConfig, CaptureWriter
+from server.capture import CaptureWriter
+from server.config import DEFAULT_DRIFT_MAX_CAMERAS, CaptureConfig, ServerConfig
+from server.drift_monitor import CameraDrift, DriftMonitor
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,14 @@ DRIFT_ON = "on"
 NO_REFERENCE = "no reference in this model"
 #: A skipped batch is logged at most this often (seconds).
 SKIP_LOG_INTERVAL = 60.0
+#: The ``camera`` label of the cameras beyond ``max_metric_cameras``, aggregated.
+OTHER_CAMERA = "other"
 CAPTURE_OUTCOMES = ("written", "skipped_queue_full", "skipped_quota", "skipped_error")
 
 
 def drift_monitor(
-    metadata: ModelMetadata, window: int, min_frames: int, psi_threshold: float, ks_threshold: float
+    metadata: ModelMetadata, window: int, min_frames: int, psi_threshold: float, ks_threshold: float,
+    max_cameras: int = DEFAULT_DRIFT_MAX_CAMERAS,
 ) -> tuple[DriftMonitor | None, str]:
     """The monitor for a model, or None and why drift is off.
 
@@ -64,7 +69,7 @@ def drift_monitor(
     except ValueError as exc:
         return None, f"drift reference in this model is unusable: {exc}"
     monitor = DriftMonitor(reference, window=window, min_fill=min_frames, psi_threshold=psi_threshold,
-                           ks_threshold=ks_threshold)
+                           ks_threshold=ks_threshold, max_cameras=max_cameras)
     return monitor, DRIFT_ON
 
 
@@ -73,7 +78,9 @@ class LineFeedback:
 
     Args:
         metadata: the model's metadata (drift reference, minimum areas, version).
-        drift_window, drift_min_frames, psi_threshold, ks_threshold: see :class:`DriftMonitor`.
+        drift_window, drift_min_frames, psi_threshold, ks_threshold, drift_max_cameras: see
+            :class:`DriftMonitor`.
+        max_status_cameras: cameras one :meth:`status` lists at most (it counts the rest).
         capture: where and what to capture; None captures nothing.
         metrics: where the per-batch feedback time goes.
         max_pending: batches waiting for the feedback thread before new ones are skipped.
@@ -90,6 +97,8 @@ class LineFeedback:
         drift_min_frames: int,
         psi_threshold: float,
         ks_threshold: float,
+        drift_max_cameras: int = DEFAULT_DRIFT_MAX_CAMERAS,
+        max_status_cameras: int = ServerConfig.max_status_cameras,
         capture: CaptureConfig | None = None,
         metrics: ServerMetrics | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
@@ -100,12 +109,13 @@ class LineFeedback:
         self.window = drift_window
         self.min_frames = drift_min_frames
         self.monitor, self.drift_state = drift_monitor(
-            metadata, drift_window, drift_min_frames, psi_threshold, ks_threshold
+            metadata, drift_window, drift_min_frames, psi_threshold, ks_threshold, drift_max_cameras
         )
+        self.max_status_cameras = max_status_cameras
         self.psi_threshold = psi_threshold
         self.ks_threshold = ks_threshold
         self.capture = capture
-        self.writer: CaptureWriter | None = capture.open(metadata.min_areas) if capture is not None else None
+        self.writer: CaptureWriter | None = CaptureWriter.from_config(capture, metadata.min_areas) if capture is not None else None
         self._metrics = metrics
         self._slots = threading.BoundedSemaphore(max_pending)
         self._lock = threading.Lock()
@@ -214,21 +224,14 @@ class LineFeedback:
         )
         if self.monitor is not None:
             status.statistics.extend(self.monitor.names)
-            for camera in self.monitor.status().values():
-                if camera_id and camera.camera_id != camera_id:
-                    continue
-                over = set(camera.over)
-                entry = status.cameras.add(
-                    camera_id=camera.camera_id, frames_seen=camera.frames_seen, window_fill=camera.window_fill,
-                    scored=camera.scores is not None, over_threshold=[f"{s}/{k}" for s, k in camera.over],
-                )
-                for name, scores in (camera.scores or {}).items():
-                    score = entry.scores.add(
-                        statistic=name, psi=scores["psi"], psi_over_threshold=(name, "psi") in over,
-                        ks_over_threshold=(name, "ks") in over,
-                    )
-                    if scores["ks"] is not None:
-                        score.ks = scores["ks"]
+            cameras = list(self.monitor.status().values())
+            if camera_id:
+                cameras = [c for c in cameras if c.camera_id == camera_id]
+            status.cameras_tracked = self.monitor.cameras
+            shown = reported_cameras(cameras, self.max_status_cameras)
+            status.cameras_omitted = len(cameras) - len(shown)
+            for camera in shown:
+                _add_camera(status, camera)
         capture = status.capture
         capture.enabled = self.writer is not None
         if self.writer is not None:
@@ -242,6 +245,28 @@ class LineFeedback:
         return status
 
 
+def reported_cameras(cameras: list[CameraDrift], limit: int) -> list[CameraDrift]:
+    """At most ``limit`` cameras, the ones over a threshold first, then the most recently seen
+    (``cameras`` comes least recently seen first), so a bounded answer keeps what matters."""
+    ranked = sorted(enumerate(cameras), key=lambda item: (not item[1].over, -item[0]))
+    return [camera for _, camera in ranked[:limit]]
+
+
+def _add_camera(status: pb.LineStatus, camera: CameraDrift) -> None:
+    over = set(camera.over)
+    entry = status.cameras.add(
+        camera_id=camera.camera_id, frames_seen=camera.frames_seen, window_fill=camera.window_fill,
+        scored=camera.scores is not None, over_threshold=[f"{s}/{k}" for s, k in camera.over],
+    )
+    for name, scores in (camera.scores or {}).items():
+        score = entry.scores.add(
+            statistic=name, psi=scores["psi"], psi_over_threshold=(name, "psi") in over,
+            ks_over_threshold=(name, "ks") in over,
+        )
+        if scores["ks"] is not None:
+            score.ks = scores["ks"]
+
+
 class LineFeedbackCollector:
     """Prometheus series read from the line feedback at scrape time (nothing to keep in step).
 
@@ -252,12 +277,83 @@ class LineFeedbackCollector:
     skipped_error, not_selected), ``inspection_capture_queued``, ``inspection_capture_bytes``,
     ``inspection_capture_quota_bytes`` and ``inspection_feedback_skipped_batches_total``.
 
+    Label cardinality is bounded: at most ``max_cameras`` cameras get a ``camera`` label of their
+    own (a camera keeps its label while the monitor tracks it; a free label goes to the next new
+    camera); the rest are aggregated as ``camera="other"``: frames summed, each score the largest
+    among them, over-threshold 1 when any of them is over.
+
     Args:
         source: returns the server's current :class:`LineFeedback` (None before the model loads).
+        max_cameras: cameras with a label of their own (``ServerConfig.max_metric_cameras``).
     """
 
-    def __init__(self, source: Callable[[], LineFeedback | None]) -> None:
+    def __init__(self, source: Callable[[], LineFeedback | None],
+                 max_cameras: int = ServerConfig.max_metric_cameras) -> None:
+        if max_cameras < 1:
+            raise ValueError(f"max_cameras must be >= 1, got {max_cameras}")
         self._source = source
+        self.max_cameras = max_cameras
+        self._labelled: dict[str, None] = {}  # insertion-ordered set, read and written under _lock
+        self._lock = threading.Lock()
+
+    def _labels(self, cameras: list[str]) -> dict[str, str]:
+        """camera id -> its label (itself, or OTHER_CAMERA)."""
+        with self._lock:
+            tracked = set(cameras)
+            self._labelled = {c: None for c in self._labelled if c in tracked}
+            for camera in cameras:
+                if len(self._labelled) >= self.max_cameras:
+                    break
+                self._labelled.setdefault(camera, None)
+            return {c: c if c in self._labelled else OTHER_CAMERA for c in cameras}
+
+    def _drift_families(self, monitor: DriftMonitor) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        thresholds = GaugeMetricFamily("inspection_drift_threshold", "Drift score thresholds", labels=["score"])
+        thresholds.add_metric(["psi"], monitor.psi_threshold)
+        thresholds.add_metric(["ks"], monitor.ks_threshold)
+        cameras = monitor.status()
+        labels = self._labels(list(cameras))
+        fill: dict[str, float] = {}
+        seen: dict[str, float] = {}
+        scores: dict[tuple[str, str, str], float] = {}
+        over: dict[tuple[str, str, str], float] = {}
+        for camera in cameras.values():
+            label = labels[camera.camera_id]
+            fill[label] = fill.get(label, 0) + camera.window_fill
+            seen[label] = seen.get(label, 0) + camera.frames_seen
+            flagged = set(camera.over)
+            for name, values in (camera.scores or {}).items():
+                for kind, value in values.items():
+                    if value is not None:
+                        key = (label, name, kind)
+                        scores[key] = max(scores.get(key, value), value)
+                        over[key] = max(over.get(key, 0.0), 1.0 if (name, kind) in flagged else 0.0)
+        score_family = GaugeMetricFamily(
+            "inspection_drift_score", "Drift of a camera's rolling window against the model's reference "
+            "(psi: population stability index, ks: KS statistic)", labels=["camera", "statistic", "score"],
+        )
+        over_family = GaugeMetricFamily(
+            "inspection_drift_over_threshold", "1 while a drift score is over its threshold",
+            labels=["camera", "statistic", "score"],
+        )
+        for key, value in scores.items():
+            score_family.add_metric(list(key), value)
+            over_family.add_metric(list(key), over[key])
+        fill_family = GaugeMetricFamily("inspection_drift_window_frames", "Frames in a camera's drift window",
+                                        labels=["camera"])
+        seen_family = CounterMetricFamily("inspection_drift_frames", "Frames a camera's drift monitor has seen",
+                                          labels=["camera"])
+        for label in fill:
+            fill_family.add_metric([label], fill[label])
+            seen_family.add_metric([label], seen[label])
+        tracked = GaugeMetricFamily("inspection_drift_cameras", "Cameras the drift monitor tracks")
+        tracked.add_metric([], len(cameras))
+        evicted = CounterMetricFamily("inspection_drift_cameras_evicted",
+                                      "Cameras dropped by the drift monitor to make room for new ones")
+        evicted.add_metric([], monitor.evicted)
+        yield from (thresholds, score_family, over_family, fill_family, seen_family, tracked, evicted)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -271,33 +367,7 @@ class LineFeedbackCollector:
         if feedback is None:
             return
         if monitor is not None:
-            thresholds = GaugeMetricFamily("inspection_drift_threshold", "Drift score thresholds", labels=["score"])
-            thresholds.add_metric(["psi"], monitor.psi_threshold)
-            thresholds.add_metric(["ks"], monitor.ks_threshold)
-            scores = GaugeMetricFamily(
-                "inspection_drift_score", "Drift of a camera's rolling window against the model's reference "
-                "(psi: population stability index, ks: KS statistic)", labels=["camera", "statistic", "score"],
-            )
-            over = GaugeMetricFamily(
-                "inspection_drift_over_threshold", "1 while a drift score is over its threshold",
-                labels=["camera", "statistic", "score"],
-            )
-            fill = GaugeMetricFamily("inspection_drift_window_frames", "Frames in a camera's drift window",
-                                     labels=["camera"])
-            seen = CounterMetricFamily("inspection_drift_frames", "Frames a camera's drift monitor has seen",
-                                       labels=["camera"])
-            for camera in monitor.status().values():
-                fill.add_metric([camera.camera_id], camera.window_fill)
-                seen.add_metric([camera.camera_id], camera.frames_seen)
-                flagged = set(camera.over)
-                for name, values in (camera.scores or {}).items():
-                    for kind, value in values.items():
-                        if value is None:
-                            continue
-                        labels = [camera.camera_id, name, kind]
-                        scores.add_metric(labels, value)
-                        over.add_metric(labels, 1.0 if (name, kind) in flagged else 0.0)
-            yield from (thresholds, scores, over, fill, seen)
+            yield from self._drift_families(monitor)
         writer = feedback.writer
         if writer is not None:
             c = writer.counters()

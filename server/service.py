@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -33,12 +31,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from engine import drift
 from engine.backends.base import Backend
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+from server.admission import Admission, FrameLease, release_all
 from server.batcher import DynamicBatcher, FrameExpired, FrameResult, InferenceFailed
-from server.capture import CaptureConfig
+from server.config import MAX_CAMERA_ID_BYTES, ServerConfig, clip
 from server.decode import FrameRejected, decode_request
 from server.feedback import LineFeedback, LineFeedbackCollector
 from server.metrics import ServerMetrics
@@ -48,83 +46,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InspectionService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@dataclass
-class ServerConfig:
-    """How a server listens, batches and bounds its work (``server serve`` flags).
-
-    Attributes:
-        bind: address to listen on; 127.0.0.1 unless told otherwise.
-        port: gRPC port; 0 picks a free one (see ``InspectionServer.port``).
-        max_batch: most frames per inference batch.
-        max_delay_ms: longest a frame waits for its batch to fill.
-        max_inflight: frames read and not yet answered, over all calls; past it streams stop
-            reading and InspectOne answers RESOURCE_EXHAUSTED.
-        max_stream_inflight: the same bound for one stream.
-        metrics_port: Prometheus ``/metrics`` port; 0 picks a free one, None disables it.
-        tls_cert, tls_key: PEM files; both or neither.
-        decode_workers: threads decoding frames and run-length encoding results.
-        max_frame_pixels: largest width x height a frame may declare (decompression bombs).
-        max_message_bytes: gRPC message size limit, well above a full-resolution raw BGR8 frame.
-        warmup: run the model once per batch shape before reporting SERVING.
-        drift_window: frames per camera in the drift monitor's rolling window.
-        drift_min_frames: frames a camera's window needs before it is scored.
-        drift_psi_threshold, drift_ks_threshold: drift scores above these are logged and flagged.
-        capture: frames to save for retraining; None saves none.
-    """
-
-    bind: str = "127.0.0.1"
-    port: int = 50051
-    max_batch: int = 16
-    max_delay_ms: float = 5.0
-    max_inflight: int = 256
-    max_stream_inflight: int = 64
-    metrics_port: int | None = 9100
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    decode_workers: int = 2
-    max_frame_pixels: int = 4096 * 4096
-    max_message_bytes: int = 16 * 1024 * 1024
-    warmup: bool = True
-    drift_window: int = drift.DEFAULT_WINDOW
-    drift_min_frames: int = drift.DEFAULT_MIN_FILL
-    drift_psi_threshold: float = drift.DEFAULT_PSI_THRESHOLD
-    drift_ks_threshold: float = drift.DEFAULT_KS_THRESHOLD
-    capture: CaptureConfig | None = None
-
-    def __post_init__(self) -> None:
-        checks = {
-            "max_batch": self.max_batch >= 1,
-            "max_inflight": self.max_inflight >= 1,
-            "max_stream_inflight": self.max_stream_inflight >= 1,
-            "decode_workers": self.decode_workers >= 1,
-            "max_frame_pixels": self.max_frame_pixels >= 1,
-            "max_message_bytes": self.max_message_bytes >= 1024,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_delay_ms < 0:
-            raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must lie in 0..65535, got {self.port}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics_port must lie in 0..65535, got {self.metrics_port}")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
-        if self.drift_window < 1:
-            raise ValueError(f"drift_window (--drift-window) must be >= 1 frame, got {self.drift_window}")
-        if not 1 <= self.drift_min_frames <= self.drift_window:
-            raise ValueError(
-                f"drift_min_frames (--drift-min-frames) must lie in 1..drift_window ({self.drift_window}), "
-                f"got {self.drift_min_frames}"
-            )
-        for name in ("drift_psi_threshold", "drift_ks_threshold"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{name} ({flag}) must be a positive number, got {value}")
 
 
 def model_info(backend: Backend, max_batch: int) -> pb.ModelInfo:
@@ -147,20 +68,36 @@ def model_info(backend: Backend, max_batch: int) -> pb.ModelInfo:
     )
 
 
+def camera_id_fits(camera_id: str) -> bool:
+    """Whether a camera id is within :data:`MAX_CAMERA_ID_BYTES` of UTF-8."""
+    # More characters than bytes allowed is over without encoding a possibly huge string.
+    return len(camera_id) <= MAX_CAMERA_ID_BYTES and len(camera_id.encode("utf-8")) <= MAX_CAMERA_ID_BYTES
+
+
+def camera_id_problem(camera_id: str) -> str:
+    size = len(camera_id) if len(camera_id) > MAX_CAMERA_ID_BYTES else len(camera_id.encode("utf-8"))
+    return (f"camera_id is {'at least ' if len(camera_id) > MAX_CAMERA_ID_BYTES else ''}{size} bytes of UTF-8; "
+            f"at most {MAX_CAMERA_ID_BYTES} are allowed")
+
+
 def _us(seconds: float) -> int:
     return max(0, round(seconds * 1e6))
 
 
 class _CameraStream:
-    """One Inspect call: a reader task feeding frame tasks into an ordered answer queue."""
+    """One Inspect call: a reader task feeding frame tasks into an ordered answer queue.
+
+    Every frame read holds a lease from the server's :class:`Admission` (in ``leases`` until it is
+    answered or abandoned); ``slots`` bounds this stream's share.
+    """
 
     def __init__(self, server: InspectionServer, requests: AsyncIterator[pb.InspectRequest], deadline: float | None):
         self.server = server
         self.requests = requests
         self.deadline = deadline
         self.slots = asyncio.Semaphore(server.config.max_stream_inflight)
-        self.answers: asyncio.Queue[asyncio.Task[pb.InspectResponse] | None] = asyncio.Queue()
-        self.held = 0  # frames of this stream holding a server-wide in-flight slot
+        self.answers: asyncio.Queue[tuple[asyncio.Task[pb.InspectResponse], FrameLease] | None] = asyncio.Queue()
+        self.leases: set[FrameLease] = set()
         self.read = 0
         self.answered = 0
         self.last_frame: tuple[str, int] | None = None
@@ -182,23 +119,41 @@ class _CameraStream:
                 received = time.perf_counter()
                 # Not reading while full is the backpressure: gRPC stops granting the camera
                 # HTTP/2 flow-control window, so its writes wait instead of piling up here.
-                await self.slots.acquire()
-                await server._admission.acquire()
-                self.held += 1
+                lease = await server.admission.acquire(self.slots, owner=self.leases)
                 self.read += 1
                 self.last_frame = (request.camera_id, request.frame_id)
-                server._frame_accepted()
-                self.answers.put_nowait(server._spawn_frame(request, self.deadline, received))
+                self.answers.put_nowait((server._spawn_frame(request, self.deadline, received), lease))
         except asyncio.CancelledError:
             if not self.stopped_reading:
                 raise
         finally:
             self.answers.put_nowait(None)
 
-    def release(self) -> None:
-        self.held -= 1
-        self.slots.release()
-        self.server._admission.release()
+    def abandon(self) -> list[asyncio.Task]:
+        """Ends the reader and every unanswered frame; releases their leases now (no await).
+
+        Returns:
+            The tasks to await (the reader and the cancelled frames) for their exceptions.
+        """
+        tasks: list[asyncio.Task] = []
+        if self.reader is not None:
+            if not self.reader.done():
+                self.reader.cancel()
+            tasks.append(self.reader)
+        while not self.answers.empty():
+            item = self.answers.get_nowait()
+            if item is not None:
+                tasks.append(item[0])
+        for task in tasks:
+            task.cancel()
+        release_all(self.leases)
+        return tasks
+
+    def drained_message(self) -> str:
+        last = self.last_frame
+        after = f"; the last frame read was {clip(last[0])!r}/{last[1]}" if last else ""
+        return (f"server is shutting down: answered all {self.answered} frames it read{after}; "
+                "resend later frames to another server")
 
 
 class _Servicer(pb_grpc.InspectionServiceServicer):
@@ -217,68 +172,48 @@ class _Servicer(pb_grpc.InspectionServiceServicer):
         current: asyncio.Task[pb.InspectResponse] | None = None
         try:
             stream.reader = asyncio.get_running_loop().create_task(stream.read_frames())
-            while (current := await stream.answers.get()) is not None:
+            while (item := await stream.answers.get()) is not None:
+                current, lease = item
                 response = await current
                 await context.write(response)
-                current = None
                 stream.answered += 1
-                stream.release()
-                server._frame_answered(response)
+                lease.answered(response)
             await stream.reader  # re-raises a failed read (a broken stream)
             if stream.stopped_reading:
-                last = stream.last_frame
-                after = f"; the last frame read was {last[0]!r}/{last[1]}" if last else ""
                 log.info("event=stream_drained peer=%s frames_read=%d answered=%d", context.peer(), stream.read,
                          stream.answered)
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"server is shutting down: answered all {stream.answered} frames it read{after}; "
-                    "resend later frames to another server",
-                )
+                await context.abort(grpc.StatusCode.UNAVAILABLE, stream.drained_message())
         finally:
-            # Client cancel, deadline or broken stream: end the reader and the frames nobody will read.
-            if stream.reader is not None and not stream.reader.done():
-                stream.reader.cancel()
-            abandoned = [current] if current is not None else []
-            while not stream.answers.empty():
-                task = stream.answers.get_nowait()
-                if task is not None:
-                    abandoned.append(task)
-            for task in abandoned:
-                task.cancel()
-            if abandoned:
+            # Client cancel, deadline, broken stream, a failed write, or this task cancelled: every
+            # slot is released before the first await below, so a cancellation landing there
+            # cannot leak one, and the call is counted as ended whatever happens to that await.
+            abandoned = stream.abandon()
+            if current is not None and not current.done():
+                current.cancel()
+                abandoned.append(current)
+            try:
                 await asyncio.gather(*abandoned, return_exceptions=True)
-            for _ in range(stream.held):
-                server._admission.release()
-            server._frames_abandoned(stream.held)
-            stream.held = 0
-            if stream.reader is not None:
-                await asyncio.gather(stream.reader, return_exceptions=True)
-            server._call_ended(stream)
+            finally:
+                server._call_ended(stream)
 
     async def InspectOne(self, request: pb.InspectRequest, context: grpc.aio.ServicerContext) -> pb.InspectResponse:
         server = self.server
         received = time.perf_counter()
         await server._admit_call(context)
-        if server._admission.locked():
+        lease = await server.admission.try_acquire()
+        if lease is None:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server saturated: {server.inflight} frames in flight (max {server.config.max_inflight}); "
                 "retry later",
             )
-        await server._admission.acquire()
-        server._frame_accepted()
         server._call_started(None)
-        answered = False
         try:
             response = await server._inspect_frame(request, server._deadline(context), received)
-            answered = True
-            server._frame_answered(response)
+            lease.answered(response)
             return response
         finally:
-            server._admission.release()
-            if not answered:
-                server._frames_abandoned(1)
+            lease.abandon()  # a no-op once answered
             server._call_ended(None)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
@@ -314,12 +249,14 @@ class InspectionServer:
         self.backend: Backend | None = backend if isinstance(backend, Backend) else None
         self.metrics = ServerMetrics()
         self.feedback: LineFeedback | None = None
-        self.metrics.registry.register(LineFeedbackCollector(lambda: self.feedback))
+        self.metrics.registry.register(
+            LineFeedbackCollector(lambda: self.feedback, max_cameras=self.config.max_metric_cameras)
+        )
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health = HealthServicer()
-        self._admission = asyncio.Semaphore(self.config.max_inflight)
+        self.admission = Admission(self.config.max_inflight, self.metrics)
         self._workers = ThreadPoolExecutor(self.config.decode_workers, thread_name_prefix="decode")
         self._inference_thread = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._batcher: DynamicBatcher | None = None
@@ -333,16 +270,17 @@ class InspectionServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._frame_tasks: set[asyncio.Task[pb.InspectResponse]] = set()
-        self.inflight = 0
-        self.accepted = 0
-        self.answered = 0
-        self.abandoned = 0
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def address(self) -> str:
         return f"{self.config.bind}:{self.port}"
+
+    @property
+    def inflight(self) -> int:
+        """Frames read and not yet answered (what :class:`Admission` holds)."""
+        return self.admission.inflight
 
     @property
     def open_streams(self) -> int:
@@ -356,9 +294,9 @@ class InspectionServer:
             "inflight": self.inflight,
             "frame_tasks": len(self._frame_tasks),
             "queued": self._batcher.queued if self._batcher else 0,
-            "accepted": self.accepted,
-            "answered": self.answered,
-            "abandoned": self.abandoned,
+            "accepted": self.admission.accepted,
+            "answered": self.admission.answered,
+            "abandoned": self.admission.abandoned,
         }
 
     async def start(self, wait_ready: bool = True) -> None:
@@ -426,7 +364,9 @@ class InspectionServer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error("event=load_error error=%r", exc)  # health stays NOT_SERVING
+            # Health stays NOT_SERVING. The error is not logged here: it is raised to whoever awaits
+            # start()/wait_ready() (``server serve`` prints it once, as its error line).
+            log.debug("event=load_error error=%r", exc)
             raise
 
     async def _load_and_warm_up(self) -> None:
@@ -439,8 +379,9 @@ class InspectionServer:
         backend = self.backend
         self.feedback = LineFeedback(
             backend.metadata, drift_window=cfg.drift_window, drift_min_frames=cfg.drift_min_frames,
-            psi_threshold=cfg.drift_psi_threshold, ks_threshold=cfg.drift_ks_threshold, capture=cfg.capture,
-            metrics=self.metrics,
+            psi_threshold=cfg.drift_psi_threshold, ks_threshold=cfg.drift_ks_threshold,
+            drift_max_cameras=cfg.drift_max_cameras, max_status_cameras=cfg.max_status_cameras,
+            capture=cfg.capture, metrics=self.metrics,
         )
         self._batcher = DynamicBatcher(
             backend, cfg.max_batch, cfg.max_delay_ms / 1000.0, self._workers, self.metrics, self._inference_thread,
@@ -474,9 +415,6 @@ class InspectionServer:
         if self.feedback is None:
             raise RuntimeError("the model is not loaded yet")
         return self.feedback.status(camera_id)
-
-    async def wait_for_termination(self) -> None:
-        await self._stopped.wait()
 
     async def stop(self, grace: float = 30.0) -> None:
         """Graceful shutdown: refuse new calls, answer every frame already read, then close.
@@ -519,7 +457,8 @@ class InspectionServer:
         self.metrics.close()
         log.info(
             "event=stop accepted=%d answered=%d abandoned=%d stop_s=%.2f",
-            self.accepted, self.answered, self.abandoned, time.perf_counter() - started,
+            self.admission.accepted, self.admission.answered, self.admission.abandoned,
+            time.perf_counter() - started,
         )
         self._stopped.set()
 
@@ -553,25 +492,6 @@ class InspectionServer:
         if self._active_calls == 0:
             self._idle.set()
 
-    def _frame_accepted(self) -> None:
-        self.accepted += 1
-        self.inflight += 1
-        self.metrics.inflight.set(self.inflight)
-
-    def _frame_answered(self, response: pb.InspectResponse) -> None:
-        self.answered += 1
-        self.inflight -= 1
-        self.metrics.inflight.set(self.inflight)
-        status = grpc.StatusCode.OK if not response.HasField("error") else _STATUS_BY_CODE[response.error.code]
-        self.metrics.frames.labels(status=status.name.lower()).inc()
-
-    def _frames_abandoned(self, count: int) -> None:
-        if count:
-            self.abandoned += count
-            self.inflight -= count
-            self.metrics.inflight.set(self.inflight)
-            self.metrics.frames.labels(status="cancelled").inc(count)
-
     def _spawn_frame(
         self, request: pb.InspectRequest, deadline: float | None, received: float
     ) -> asyncio.Task[pb.InspectResponse]:
@@ -587,6 +507,9 @@ class InspectionServer:
         assert self._batcher is not None and self.backend is not None
         meta = self.backend.metadata
         loop = asyncio.get_running_loop()
+        if not camera_id_fits(request.camera_id):
+            return self._error(request, grpc.StatusCode.INVALID_ARGUMENT, camera_id_problem(request.camera_id),
+                               received)
         try:
             start = time.perf_counter()
             frame = await loop.run_in_executor(
@@ -604,7 +527,7 @@ class InspectionServer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a frame's failure is answered, never raised into the stream
-            log.exception("event=frame_error camera=%s frame=%d", request.camera_id, request.frame_id)
+            log.exception("event=frame_error camera=%r frame=%d", clip(request.camera_id), request.frame_id)
             return self._error(request, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", received)
         return self._response(request, result, decode_s, received)
 
@@ -636,12 +559,14 @@ class InspectionServer:
     def _error(
         self, request: pb.InspectRequest, code: grpc.StatusCode, reason: str, received: float
     ) -> pb.InspectResponse:
-        message = f"camera {request.camera_id!r} frame {request.frame_id}: {reason}"
+        # The id is quoted cut short, and not echoed at all when over its bound: nothing a camera
+        # sends can make an answer larger than the message size limit.
+        message = f"camera {clip(request.camera_id)!r} frame {request.frame_id}: {reason}"
         log.warning("event=frame_error code=%s %s", code.name, message)
         total_s = time.perf_counter() - received
         self.metrics.total_seconds.observe(total_s)
         return pb.InspectResponse(
-            camera_id=request.camera_id,
+            camera_id=request.camera_id if camera_id_fits(request.camera_id) else "",
             frame_id=request.frame_id,
             error=pb.FrameError(code=code.value[0], message=message),
             model_version=self._info.model_version if self._info else "",
@@ -649,13 +574,4 @@ class InspectionServer:
         )
 
 
-_STATUS_BY_CODE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def status_name(code: int) -> str:
-    """``3`` -> ``INVALID_ARGUMENT``."""
-    status = _STATUS_BY_CODE.get(code)
-    return status.name if status else str(code)
-
-
-__all__ = ["InspectionServer", "ServerConfig", "model_info", "status_name", "SERVICE_NAME"]
+__all__ = ["InspectionServer", "ServerConfig", "model_info", "SERVICE_NAME"]

@@ -71,6 +71,9 @@ def format_status(status: Any) -> str:
                 psi = f"PSI {score.psi:7.3f}{'*' if score.psi_over_threshold else ' '}"
                 ks = f"KS {score.ks:6.3f}{'*' if score.ks_over_threshold else ''}" if score.HasField("ks") else ""
                 lines.append(f"  {score.statistic:<{width}}  {psi}  {ks}".rstrip())
+        if status.cameras_omitted:
+            lines.append(f"... and {status.cameras_omitted} more cameras not listed (the server lists at most "
+                         f"{len(status.cameras)}, drifting ones first; {status.cameras_tracked} tracked)")
     else:
         lines.append(f"drift: off ({status.drift_state})")
     c = status.capture

@@ -223,18 +223,10 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> tuple[Fit
 
 
 def _frame_size_from_data(data_dir: Path) -> tuple[int, int]:
-    """(height, width) of the first image in ``DIR/train_images``."""
-    import cv2
+    """(height, width) most images in ``DIR/train_images`` declare (an odd one is reported by the image check)."""
+    from trainer.imagecheck import frame_size
 
-    from trainer.data import IMAGE_SUFFIXES, IMAGES_DIR
-
-    images = sorted(p for p in (data_dir / IMAGES_DIR).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FileNotFoundError(f"data folder {data_dir} has no images in {IMAGES_DIR}/ to read the frame size from")
-    image = cv2.imread(str(images[0]), cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise ValueError(f"image file {images[0]} cannot be read: not a decodable JPEG/PNG image")
-    return int(image.shape[0]), int(image.shape[1])
+    return frame_size(data_dir)
 
 
 def resolve(cfg: FitConfig) -> FitConfig:

@@ -84,8 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", metavar="RUN", default=S, help="run directory (created; reused to resume)")
     g.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON file of settings (flags override it)")
     g.add_argument("--classes", dest="num_classes", type=int, default=S, help=f"defect classes (default {d.num_classes})")
-    g.add_argument("--height", type=int, default=S, help="frame height (default: read from the first image)")
-    g.add_argument("--width", type=int, default=S, help="frame width (default: read from the first image)")
+    g.add_argument("--height", type=int, default=S, help="frame height (default: the size most images have)")
+    g.add_argument("--width", type=int, default=S, help="frame width (default: the size most images have)")
     g.add_argument("--scale", type=float, default=S, help=f"training resolution / frame resolution (default {d.scale})")
     g.add_argument("--folds", type=int, default=S, help=f"cross-validation folds (default {d.folds})")
     g.add_argument("--holdout", type=float, default=S,
@@ -143,6 +143,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[FitConfig, FitOptions]:
 
 def run(args: argparse.Namespace) -> int:
     cfg, options = config_from_args(args)
+    from trainer.imagecheck import check_training_images  # every image, before any training starts
+
+    check_training_images([Path(d) for d in cfg.data], (cfg.height, cfg.width), progress=options.progress)
     try:
         outcomes = run_fit(cfg, options)
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import logging
 import os
 import re
 import tempfile
@@ -31,6 +32,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
 FOLDS = "folds.csv"
@@ -94,7 +97,11 @@ def locked(run_dir: str | Path) -> Iterator[None]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / LOCK, "a+b") as handle:
-        fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("waiting for %s: another trainer process is writing this run's shared files", run_dir / LOCK)
+            fcntl.lockf(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:

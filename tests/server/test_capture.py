@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engine import rle
-from server import capture
+from server import capture, config
 from server.capture import CapturePolicy, CaptureWriter
 from trainer.data import DataConfig, load_samples, read_annotations, read_image
 
@@ -318,13 +318,18 @@ def test_batch_selection_then_offer(tmp_path):
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    capture.add_arguments(parser)
+    config.add_capture_arguments(parser)
     return parser.parse_args(argv)
 
 
+def writer_from_args(args: argparse.Namespace, min_areas):
+    capture_config = config.capture_from_args(args)
+    return None if capture_config is None else CaptureWriter.from_config(capture_config, min_areas)
+
+
 def test_flags_build_the_writer(tmp_path):
-    assert capture.writer_from_args(_parse([]), MIN_AREAS) is None
-    writer = capture.writer_from_args(
+    assert writer_from_args(_parse([]), MIN_AREAS) is None
+    writer = writer_from_args(
         _parse(["--capture-dir", str(tmp_path), "--capture", "defects,sample:0.5", "--capture-quota-gb", "0.5",
                 "--capture-uncertain-band", "0.8,1.25", "--capture-queue", "8"]),
         MIN_AREAS,
@@ -334,9 +339,9 @@ def test_flags_build_the_writer(tmp_path):
         assert writer.quota_bytes == 500_000_000 and writer.queue_size == 8
     finally:
         writer.close()
-    default = capture.writer_from_args(_parse(["--capture-dir", str(tmp_path)]), MIN_AREAS)
+    default = writer_from_args(_parse(["--capture-dir", str(tmp_path)]), MIN_AREAS)
     default.close()
-    assert default.policy == CapturePolicy.parse(capture.DEFAULT_POLICY)
+    assert default.policy == CapturePolicy.parse(config.DEFAULT_CAPTURE_POLICY)
 
 
 @pytest.mark.parametrize(
@@ -344,10 +349,10 @@ def test_flags_build_the_writer(tmp_path):
     [
         (["--capture", "defects"], "--capture needs --capture-dir"),
         (["--capture-dir", "x", "--capture", "defects,glare"], "unknown token 'glare'"),
-        (["--capture-dir", "x", "--capture-quota-gb", "0"], "--capture-quota-gb must be a positive"),
-        (["--capture-dir", "x", "--capture-queue", "0"], "--capture-queue must be >= 1"),
+        (["--capture-dir", "x", "--capture-quota-gb", "0"], r"capture quota \(--capture-quota-gb\) must be a positive"),
+        (["--capture-dir", "x", "--capture-queue", "0"], r"capture queue size \(--capture-queue\) must be >= 1"),
     ],
 )
 def test_bad_flags_are_clear_errors(argv, message):
     with pytest.raises(ValueError, match=message):
-        capture.writer_from_args(_parse(argv), MIN_AREAS)
+        writer_from_args(_parse(argv), MIN_AREAS)

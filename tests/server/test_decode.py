@@ -9,8 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
+from engine.decode import FrameRejected, declared_size, decode_encoded, decode_raw
 from protos.inspection.v1 import inspection_pb2 as pb
-from server.decode import FrameRejected, declared_size, decode_encoded, decode_raw, decode_request
+from server.decode import decode_request
 
 SIZE = (64, 320)  # (height, width)
 LIMIT = 4096 * 4096

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine import drift
 from protos.inspection.v1 import inspection_pb2 as pb
+from server import config
 from tests.server.conftest import line_frames, running_server, wait_until, with_drift_reference
 from tests.server.test_service import assert_equals_direct, make_request, stub_for
 
@@ -79,7 +80,7 @@ def test_brightness_shift_drifts_on_its_camera_only(drift_onnx, drift_reference,
     assert all(not r.HasField("error") for responses in answers for r in responses)
     assert status.drift_enabled and status.drift_state == "on"
     assert list(status.statistics) == list(drift_reference.names)
-    assert (status.psi_threshold, status.ks_threshold) == (drift.DEFAULT_PSI_THRESHOLD, drift.DEFAULT_KS_THRESHOLD)
+    assert (status.psi_threshold, status.ks_threshold) == (config.DEFAULT_PSI_THRESHOLD, config.DEFAULT_KS_THRESHOLD)
     assert (status.drift_window, status.drift_min_frames) == (WINDOW, WINDOW)
     cameras = {c.camera_id: c for c in status.cameras}
     assert sorted(cameras) == ["brighter", "steady"]
@@ -112,7 +113,7 @@ def test_brightness_shift_drifts_on_its_camera_only(drift_onnx, drift_reference,
         return metrics[(name, tuple(sorted(labels.items())))]
 
     assert sample("inspection_drift_enabled") == 1
-    assert sample("inspection_drift_threshold", score="psi") == drift.DEFAULT_PSI_THRESHOLD
+    assert sample("inspection_drift_threshold", score="psi") == config.DEFAULT_PSI_THRESHOLD
     labels = {"camera": "brighter", "statistic": "brightness"}
     assert sample("inspection_drift_score", score="psi", **labels) == pytest.approx(shifted.psi)
     assert sample("inspection_drift_over_threshold", score="psi", **labels) == 1

@@ -69,7 +69,7 @@ def test_contract_names_and_field_numbers() -> None:
     assert numbers(pb.LineStatus) == {
         "drift_enabled": 1, "drift_state": 2, "psi_threshold": 3, "ks_threshold": 4, "drift_window": 5,
         "drift_min_frames": 6, "statistics": 7, "cameras": 8, "capture": 9, "model_version": 10,
-        "feedback_skipped_batches": 11,
+        "feedback_skipped_batches": 11, "cameras_tracked": 12, "cameras_omitted": 13,
     }
 
 
@@ -78,3 +78,14 @@ def test_generated_modules_import_from_the_repo_package(module: str) -> None:
     # grpc_tools writes `from protos.inspection.v1 import inspection_pb2`; it must resolve to this repo.
     imported = __import__(f"protos.inspection.v1.{module}", fromlist=[module])
     assert Path(imported.__file__).resolve().parent == REPO / "protos/inspection/v1"
+
+
+def test_proto_names_the_limits_a_camera_must_respect() -> None:
+    # The bound and the size limit are server.config's; the proto comments name them and their values.
+    from server.config import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES
+
+    text = (REPO / PROTO).read_text()
+    assert f"At most {MAX_CAMERA_ID_BYTES} bytes of UTF-8 (server.config.MAX_CAMERA_ID_BYTES)" in text
+    assert MAX_MESSAGE_BYTES == 16 * 1024 * 1024
+    assert "server.config.MAX_MESSAGE_BYTES" in text and "16 MiB" in text
+    assert "WHOLE STREAM ends" in text

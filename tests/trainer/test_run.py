@@ -51,6 +51,25 @@ def test_two_fit_processes_share_one_run_directory(synth_dir: Path, tmp_path: Pa
     assert "finished earlier" in done.stderr and (out / rundir.FOLDS).read_bytes() == before
 
 
+def test_fit_waits_for_the_run_lock_before_writing_shared_files(synth_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with rundir.locked(out):  # this process holds it; the fit below is another process
+        process = subprocess.Popen(_fit_command(synth_dir, out, 0), cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                                   text=True)
+        waited = []
+        for line in process.stderr:
+            waited.append(line)
+            if "waiting for" in line and rundir.LOCK in line:
+                break
+        assert waited and "waiting for" in waited[-1], "".join(waited)
+        time.sleep(0.5)
+        assert process.poll() is None and not (out / rundir.CONFIG).exists() and not (out / rundir.FOLDS).exists()
+    rest = process.communicate(timeout=300)[1]
+    assert process.returncode == 0, "".join(waited) + rest
+    assert (out / rundir.CONFIG).is_file() and (out / rundir.FOLDS).is_file() and (out / "fold0" / rundir.BEST).is_file()
+
+
 def _hold_lock(run_dir: str, held: multiprocessing.Event, release: multiprocessing.Event) -> None:
     with rundir.locked(run_dir):
         held.set()

@@ -193,7 +193,7 @@ class CaptureStatus(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., directory: _Optional[str] = ..., policy: _Optional[str] = ..., offered: _Optional[int] = ..., selected: _Optional[int] = ..., written: _Optional[int] = ..., skipped_queue_full: _Optional[int] = ..., skipped_quota: _Optional[int] = ..., skipped_error: _Optional[int] = ..., bytes_used: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
 
 class LineStatus(_message.Message):
-    __slots__ = ("drift_enabled", "drift_state", "psi_threshold", "ks_threshold", "drift_window", "drift_min_frames", "statistics", "cameras", "capture", "model_version", "feedback_skipped_batches")
+    __slots__ = ("drift_enabled", "drift_state", "psi_threshold", "ks_threshold", "drift_window", "drift_min_frames", "statistics", "cameras", "capture", "model_version", "feedback_skipped_batches", "cameras_tracked", "cameras_omitted")
     DRIFT_ENABLED_FIELD_NUMBER: _ClassVar[int]
     DRIFT_STATE_FIELD_NUMBER: _ClassVar[int]
     PSI_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,8 @@ class LineStatus(_message.Message):
     CAPTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_SKIPPED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    CAMERAS_TRACKED_FIELD_NUMBER: _ClassVar[int]
+    CAMERAS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     drift_enabled: bool
     drift_state: str
     psi_threshold: float
@@ -216,4 +218,6 @@ class LineStatus(_message.Message):
     capture: CaptureStatus
     model_version: str
     feedback_skipped_batches: int
-    def __init__(self, drift_enabled: _Optional[bool] = ..., drift_state: _Optional[str] = ..., psi_threshold: _Optional[float] = ..., ks_threshold: _Optional[float] = ..., drift_window: _Optional[int] = ..., drift_min_frames: _Optional[int] = ..., statistics: _Optional[_Iterable[str]] = ..., cameras: _Optional[_Iterable[_Union[CameraDrift, _Mapping]]] = ..., capture: _Optional[_Union[CaptureStatus, _Mapping]] = ..., model_version: _Optional[str] = ..., feedback_skipped_batches: _Optional[int] = ...) -> None: ...
+    cameras_tracked: int
+    cameras_omitted: int
+    def __init__(self, drift_enabled: _Optional[bool] = ..., drift_state: _Optional[str] = ..., psi_threshold: _Optional[float] = ..., ks_threshold: _Optional[float] = ..., drift_window: _Optional[int] = ..., drift_min_frames: _Optional[int] = ..., statistics: _Optional[_Iterable[str]] = ..., cameras: _Optional[_Iterable[_Union[CameraDrift, _Mapping]]] = ..., capture: _Optional[_Union[CaptureStatus, _Mapping]] = ..., model_version: _Optional[str] = ..., feedback_skipped_batches: _Optional[int] = ..., cameras_tracked: _Optional[int] = ..., cameras_omitted: _Optional[int] = ...) -> None: ...

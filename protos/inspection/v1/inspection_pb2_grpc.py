@@ -63,6 +63,12 @@ class InspectionServiceServicer:
         """One camera's stream: frames in, one response per frame out, in the order the frames were sent.
         A bad frame gets a response with `error` set; the stream goes on. When the server shuts down it
         stops reading, answers every frame it had read, and ends the stream with UNAVAILABLE.
+
+        Message size limit: a request larger than the server's limit (server.config.MAX_MESSAGE_BYTES,
+        16 MiB) is refused by gRPC itself, before the service sees it: the WHOLE STREAM ends with
+        RESOURCE_EXHAUSTED, and the frames read before it that were not yet answered are never answered.
+        A camera therefore checks each serialized request against that limit before sending it, refuses
+        an oversize frame locally (reporting it), and never sends it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

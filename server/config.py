@@ -1,0 +1,271 @@
+"""Every server setting in one place: :class:`ServerConfig`, :class:`CaptureConfig`, the drift
+settings and the limits of the wire protocol.
+
+``server serve``'s flags are derived from the dataclass fields (:func:`add_arguments`,
+:func:`config_from_args`): the default and help text a flag shows are the field's. Each limit is
+checked once, by the function that owns its message (:func:`check_drift_settings`,
+:func:`check_capture_limits`), whoever constructs the object (the CLI, a test, ``bench stream``).
+
+The protocol limits (:data:`MAX_CAMERA_ID_BYTES`, :data:`MAX_MESSAGE_BYTES`) are what a camera
+must respect; ``protos/inspection/v1/inspection.proto`` names them and a client imports them
+from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from engine.drift import DEFAULT_MIN_FILL
+from server.capture_policy import DEFAULT_CAPTURE_POLICY, DEFAULT_UNCERTAIN_BAND, POLICY_TOKENS, CapturePolicy
+
+#: Longest ``camera_id`` (UTF-8 bytes) a request may carry; longer ones are answered INVALID_ARGUMENT.
+#: Bounded so that nothing a camera sends can make an answer (which echoes the id) exceed the
+#: message size limit, and so that ids stay cheap as metric labels and status entries.
+MAX_CAMERA_ID_BYTES = 256
+#: gRPC message size limit, both directions (receive and send). A request over it ends the whole
+#: stream (gRPC RESOURCE_EXHAUSTED): a camera must refuse such a frame itself before sending it.
+#: 16 MiB is well above a full-resolution raw BGR8 Severstal frame (256 x 1600 x 3 = 1.2 MB).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+#: Most characters of client input (a camera id, a policy token) quoted back in a message or a log line.
+MAX_ECHO_CHARS = 64
+
+
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis and the full length, so that client input
+    quoted in an answer or a log line stays small whatever the client sent."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+# Drift defaults: the monitor's policy, not the statistics (those are engine.drift's).
+DEFAULT_DRIFT_WINDOW = 500
+DEFAULT_DRIFT_MIN_FRAMES = DEFAULT_MIN_FILL
+# Conventional PSI reading: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 significant shift.
+DEFAULT_PSI_THRESHOLD = 0.25
+# The KS statistic of two samples from one distribution stays below 1.95 / sqrt(n) with 99.9 %
+# probability: 0.14 at the default minimum fill of 200 frames, so 0.2 is a real shift.
+DEFAULT_KS_THRESHOLD = 0.2
+DEFAULT_DRIFT_MAX_CAMERAS = 256
+
+DEFAULT_CAPTURE_QUEUE = 64
+DEFAULT_CAPTURE_QUOTA_GB = 5.0
+
+
+def check_drift_settings(window: int, min_frames: int, psi_threshold: float, ks_threshold: float,
+                         max_cameras: int = DEFAULT_DRIFT_MAX_CAMERAS) -> None:
+    """The one check of the drift monitor's settings (ServerConfig and the monitor itself call it).
+
+    Raises:
+        ValueError: naming the setting, its flag and what it must be.
+    """
+    if window < 1:
+        raise ValueError(f"drift_window (--drift-window) must be >= 1 frame, got {window}")
+    if not 1 <= min_frames <= window:
+        raise ValueError(
+            f"drift_min_frames (--drift-min-frames) must lie in 1..drift_window ({window}), got {min_frames}"
+        )
+    for name, value in (("drift_psi_threshold", psi_threshold), ("drift_ks_threshold", ks_threshold)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{name} ({flag}) must be a positive number, got {value}")
+    if max_cameras < 1:
+        raise ValueError(f"drift_max_cameras (--drift-max-cameras) must be >= 1, got {max_cameras}")
+
+
+def check_capture_limits(quota_bytes: int, queue_size: int) -> None:
+    """The one check of the capture writer's limits (CaptureConfig and CaptureWriter call it)."""
+    if quota_bytes < 1:
+        raise ValueError(
+            f"capture quota (--capture-quota-gb) must be a positive size, got {quota_bytes} bytes"
+        )
+    if queue_size < 1:
+        raise ValueError(f"capture queue size (--capture-queue) must be >= 1, got {queue_size}")
+
+
+def _default_policy() -> CapturePolicy:
+    return CapturePolicy.parse(DEFAULT_CAPTURE_POLICY)
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """What ``server serve --capture*`` asks for; ``server.capture.CaptureWriter.from_config`` makes
+    the writer once the model's minimum areas are known (they come from the model file).
+
+    Attributes:
+        directory: the capture folder.
+        policy: which frames to capture.
+        quota_bytes: the folder's size limit, existing content included.
+        queue_size: captures waiting for the writer.
+        seed: seeds the "sample" draws.
+    """
+
+    directory: Path
+    policy: CapturePolicy = field(default_factory=_default_policy)
+    quota_bytes: int = int(DEFAULT_CAPTURE_QUOTA_GB * 1e9)
+    queue_size: int = DEFAULT_CAPTURE_QUEUE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_capture_limits(self.quota_bytes, self.queue_size)
+
+
+def _setting(default: Any, help: str, flag: bool = True, **argparse_options: Any) -> Any:
+    """A ServerConfig field that is also a ``server serve`` flag (``--name-with-dashes``)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_options})
+
+
+@dataclass
+class ServerConfig:
+    """How a server listens, batches and bounds its work; each field is a ``server serve`` flag
+    (its help text is in the field's metadata).
+
+    ``metrics_port`` None disables the endpoint (``--metrics-port -1``); ``warmup`` False is
+    ``--no-warmup``; ``capture`` comes from the ``--capture*`` flags (:func:`capture_from_args`).
+    """
+
+    bind: str = _setting("127.0.0.1", "address to listen on")
+    port: int = _setting(50051, "gRPC port; 0 picks a free one")
+    max_batch: int = _setting(16, "most frames per inference batch")
+    max_delay_ms: float = _setting(5.0, "longest a frame waits for its batch to fill")
+    max_inflight: int = _setting(
+        256, "frames read and not yet answered over all calls; past it streams stop reading and "
+        "InspectOne answers RESOURCE_EXHAUSTED")
+    max_stream_inflight: int = _setting(64, "frames read and not yet answered per stream")
+    metrics_port: int | None = _setting(9100, "Prometheus /metrics port; 0 picks a free one, -1 disables")
+    tls_cert: Path | None = _setting(None, "PEM certificate chain: serve TLS", type=Path)
+    tls_key: Path | None = _setting(None, "PEM private key of --tls-cert", type=Path)
+    decode_workers: int = _setting(2, "threads decoding frames and encoding results")
+    max_frame_pixels: int = _setting(4096 * 4096, "largest width x height a frame may declare")
+    max_message_bytes: int = _setting(MAX_MESSAGE_BYTES, "gRPC message size limit", flag=False)
+    warmup: bool = _setting(True, "run the model once per batch shape before reporting SERVING", flag=False)
+    drift_window: int = _setting(DEFAULT_DRIFT_WINDOW, "frames per camera in the rolling drift window")
+    drift_min_frames: int = _setting(DEFAULT_DRIFT_MIN_FRAMES, "frames a camera's window needs before it is scored")
+    drift_psi_threshold: float = _setting(
+        DEFAULT_PSI_THRESHOLD, "population stability index above which a statistic has drifted")
+    drift_ks_threshold: float = _setting(DEFAULT_KS_THRESHOLD, "KS statistic above which a statistic has drifted")
+    drift_max_cameras: int = _setting(
+        DEFAULT_DRIFT_MAX_CAMERAS, "cameras the drift monitor tracks at once (least recently seen dropped)")
+    max_metric_cameras: int = _setting(
+        64, "cameras with their own Prometheus labels; the rest are aggregated as camera=\"other\"")
+    max_status_cameras: int = _setting(256, "cameras one GetLineStatus answer lists (it says how many it left out)")
+    capture: CaptureConfig | None = field(default=None, metadata={"flag": False})
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch", "max_inflight", "max_stream_inflight", "decode_workers", "max_frame_pixels",
+                    "max_metric_cameras", "max_status_cameras")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= 1, got {getattr(self, name)}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms (--max-delay-ms) must be >= 0, got {self.max_delay_ms}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port (--port) must lie in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port (--metrics-port) must lie in 0..65535, got {self.metrics_port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        check_drift_settings(self.drift_window, self.drift_min_frames, self.drift_psi_threshold,
+                             self.drift_ks_threshold, self.drift_max_cameras)
+
+
+def _flag_fields() -> list[Any]:
+    return [f for f in fields(ServerConfig) if f.metadata.get("flag")]
+
+
+def _flag_type(f: Any) -> Any:
+    if "type" in f.metadata["argparse"]:
+        return f.metadata["argparse"]["type"]
+    return type(f.default)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``server serve``'s ServerConfig flags, then ``--no-warmup``, drift and capture flags."""
+    drift = parser.add_argument_group("drift monitoring (when the model carries a drift reference)")
+    for f in _flag_fields():
+        group = drift if f.name.startswith("drift_") else parser
+        default = -1 if f.name == "metrics_port" and f.default is None else f.default
+        shown = "" if default is None else " (default: %(default)s)"
+        group.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f), default=default,
+                           help=f.metadata["help"] + shown)
+    warmup = next(f for f in fields(ServerConfig) if f.name == "warmup")
+    parser.add_argument("--no-warmup", action="store_true", help=f"skip this: {warmup.metadata['help']}")
+    add_capture_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig ``add_arguments``' flags ask for.
+
+    Raises:
+        ValueError: a setting out of range (the message names its flag).
+        FileNotFoundError: a TLS file is missing.
+    """
+    for flag in ("tls_cert", "tls_key"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
+    values = {f.name: getattr(args, f.name) for f in _flag_fields()}
+    if values["metrics_port"] is not None and values["metrics_port"] < 0:
+        values["metrics_port"] = None
+    return ServerConfig(**values, warmup=not args.no_warmup, capture=capture_from_args(args))
+
+
+def _band(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.5,2), got {text!r}") from None
+    return lo, hi
+
+
+def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--capture*`` flags of ``server serve`` (defaults: :class:`CaptureConfig`'s)."""
+    group = parser.add_argument_group("capture for retraining")
+    group.add_argument("--capture-dir", type=Path, default=None,
+                       help="save chosen frames with their predictions to this Severstal-format folder")
+    group.add_argument("--capture", default=None, metavar="POLICY",
+                       help=f"which frames: comma-separated {', '.join(POLICY_TOKENS)} "
+                       f"(default {DEFAULT_CAPTURE_POLICY})")
+    group.add_argument("--capture-quota-gb", type=float, default=DEFAULT_CAPTURE_QUOTA_GB,
+                       help="size limit of the capture folder, existing files included (default %(default)s)")
+    group.add_argument("--capture-queue", type=int, default=DEFAULT_CAPTURE_QUEUE,
+                       help="captures waiting for the disk before new ones are skipped (default %(default)s)")
+    group.add_argument("--capture-uncertain-band", type=_band, default=DEFAULT_UNCERTAIN_BAND, metavar="LO,HI",
+                       help="'uncertain': a class with LO..HI x its minimum area pixels (default 0.5,2)")
+    group.add_argument("--capture-seed", type=int, default=0, help="seed of the 'sample' draws (default 0)")
+
+
+def capture_from_args(args: argparse.Namespace) -> CaptureConfig | None:
+    """The capture the ``--capture*`` flags ask for, or None without ``--capture-dir``.
+
+    Raises:
+        ValueError: a bad policy, band, quota or queue size, or ``--capture`` without ``--capture-dir``.
+    """
+    if args.capture_dir is None:
+        if args.capture is not None:
+            raise ValueError("--capture needs --capture-dir (where to save the captured frames)")
+        return None
+    try:
+        policy = CapturePolicy.parse(args.capture or DEFAULT_CAPTURE_POLICY,
+                                     uncertain_band=args.capture_uncertain_band)
+    except ValueError as exc:
+        raise ValueError(f"--capture/--capture-uncertain-band: {exc}") from None
+    gigabytes = args.capture_quota_gb
+    # Round up to one byte at least: a quota below a byte would otherwise round to an invalid 0.
+    quota = max(1, int(gigabytes * 1e9)) if math.isfinite(gigabytes) and gigabytes > 0 else 0
+    return CaptureConfig(Path(args.capture_dir), policy, quota_bytes=quota, queue_size=args.capture_queue,
+                         seed=args.capture_seed)
+
+
+__all__ = [
+    "MAX_CAMERA_ID_BYTES", "MAX_ECHO_CHARS", "MAX_MESSAGE_BYTES", "clip", "CaptureConfig", "ServerConfig", "add_arguments",
+    "add_capture_arguments", "capture_from_args", "check_capture_limits", "check_drift_settings",
+    "config_from_args",
+]
