@@ -62,12 +62,16 @@ def read_model(path: str | Path) -> Any:
     if path.suffix.lower() == ".onnx":
         from engine.metadata import read_onnx_metadata
 
-        read_onnx_metadata(str(path))  # a corrupt or foreign file fails here, with the onnx package's reason
+        try:
+            read_onnx_metadata(str(path))  # a corrupt or foreign file fails here, with the onnx package's reason
+        except ValueError as exc:
+            reason = str(exc).removeprefix(f"{path}: ").removeprefix(f"{path} ")
+            raise ValueError(f"{path}: OpenVINO cannot load this model ({reason})") from exc
     try:
         return ov.Core().read_model(str(path))
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses for bad files
         lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "Exception from" not in line]
-        raise ValueError(f"{path}: OpenVINO cannot read this model ({lines[0] if lines else type(exc).__name__})") from exc
+        raise ValueError(f"{path}: OpenVINO cannot load this model ({lines[0] if lines else type(exc).__name__})") from exc
 
 
 def _section(model: Any, name: str) -> dict[str, str] | None:

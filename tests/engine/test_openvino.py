@@ -233,8 +233,12 @@ def test_corrupt_ir_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="broken.bin are missing"):
         load_backend(xml)
     xml.with_suffix(".bin").write_bytes(b"")
-    with pytest.raises(ValueError, match="broken.xml: OpenVINO cannot read this model"):
+    with pytest.raises(ValueError, match="broken.xml: OpenVINO cannot load this model"):
         load_backend(xml)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not an onnx model")
+    with pytest.raises(ValueError, match="garbage.onnx: OpenVINO cannot load this model .not a readable ONNX model"):
+        load_backend(garbage, backend="openvino")
 
 
 def test_cpu_features_parse_the_flags() -> None:

@@ -117,7 +117,7 @@ def test_serve_reports_a_bad_model_file(tmp_path: Path, capsys):
     err = capsys.readouterr().err
     # Whichever CPU backend auto chose names the file and why it cannot be read.
     assert f"server serve: error: {bad}: " in err
-    assert "ONNX Runtime cannot load this model" in err or "not a readable ONNX model" in err
+    assert "cannot load this model" in err
     assert "Traceback" not in err
 
 
