@@ -84,7 +84,8 @@ def throughput_markdown(report: dict[str, Any]) -> str:
     out.append(markdown_table(headers, table))
     out.append("")
     for check in report.get("naive_agreement", []):
-        verdict = "equal to" if check["equal"] else "DIFFERENT from"
+        loose = check.get("allowed_fraction")
+        verdict = ("within tolerance of" if loose else "equal to") if check["equal"] else "DIFFERENT from"
         out.append(
             f"- {check['backend']} ({check['model']}): outputs {verdict} the naive pipeline's on "
             f"{check['frames']} frames (masks outside +-{check['band']:g} of the threshold: "
