@@ -11,6 +11,11 @@ its answer back), errors, the mean batch size the server's batcher formed (from 
 timings, and from its Prometheus ``/metrics`` when reachable), the server's own time split, and
 the serving overhead: end-to-end frames/sec over the same backend's raw pipeline throughput
 (decode -> inference -> RLE, benchmarks.pipeline) at the same batch size.
+
+``--console`` opens the server's live console (``server serve --console-port``) with one viewer
+connected for the whole measurement, as a browser would: it follows the server-sent events and
+fetches every image they name. Run once with and once without it to see what an open console
+costs the inspection.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class StreamConfig:
     start_timeout: float = 300.0
     connect_timeout: float = 30.0
     cache_dir: Path | None = None
+    console: bool = False
 
     def __post_init__(self) -> None:
         if not self.streams or any(s < 1 for s in self.streams):
@@ -77,6 +83,8 @@ class StreamConfig:
             raise FileNotFoundError(f"--model {self.model}: no such file")
         if self.target is not None and self.in_process:
             raise ValueError("--in-process starts a server; it contradicts --target (a running server)")
+        if self.console and self.target is not None:
+            raise ValueError("--console opens the console of a server bench stream starts; it contradicts --target")
         if self.target is not None and (":" not in self.target or not self.target.rsplit(":", 1)[1].isdigit()):
             raise ValueError(f"--target must be HOST:PORT, got {self.target!r}")
 
@@ -130,6 +138,11 @@ class SubprocessServer:
         ]
         if cfg.threads and model.suffix.lower() == ".onnx":
             command += ["--threads", str(cfg.threads)]
+        self.console_url = None
+        if cfg.console:
+            console_port = free_port()
+            command += ["--console-port", str(console_port)]
+            self.console_url = f"http://127.0.0.1:{console_port}/"
         self.log_file = tempfile.TemporaryFile(mode="w+")
         log.info("starting %s", " ".join(command))
         self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
@@ -180,6 +193,14 @@ class InProcessServer:
             raise
         self.target = f"127.0.0.1:{self.server.port}"
         self.metrics_url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+        self.console = None
+        self.console_url = None
+        if cfg.console:
+            from server.console import Console
+
+            self.console = Console(self.server)
+            self._call(self.console.start(), 30)
+            self.console_url = self.console.url
 
     def _call(self, coro: Any, timeout: float) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -191,9 +212,70 @@ class InProcessServer:
 
     def close(self) -> None:
         try:
+            if self.console is not None:
+                self._call(self.console.stop(), 30)
             self._call(self.server.stop(grace=10), 60)
         finally:
             self._shutdown_loop()
+
+
+class ConsoleViewer:
+    """One console viewer on its own thread, doing what the page does: follow ``/events`` and fetch
+    each image a state names (once: a browser caches them)."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        self.url = url
+        self.updates = 0
+        self.images = 0
+        self.image_bytes = 0
+        self.failure: BaseException | None = None
+        self._seen: set[str] = set()
+        self._stop = threading.Event()
+        self._first = threading.Event()
+        self._response: Any = None
+        self._thread = threading.Thread(target=self._follow, name="console-viewer", daemon=True)
+        self._thread.start()
+        if not self._first.wait(timeout) or self.failure is not None:
+            self.close()
+            raise RuntimeError(f"the console at {url} sent no state within {timeout:g} s: {self.failure}")
+
+    def _follow(self) -> None:
+        import json
+
+        try:
+            self._response = urllib.request.urlopen(self.url + "events", timeout=30)  # noqa: S310 - local
+            for line in self._response:
+                if self._stop.is_set():
+                    return
+                if line.startswith(b"data: "):
+                    self.updates += 1
+                    self._fetch_images(json.loads(line[6:]))
+                    self._first.set()
+        except Exception as exc:  # noqa: BLE001 - reported by close()
+            if not self._stop.is_set():
+                self.failure = exc
+        finally:
+            self._first.set()
+
+    def _fetch_images(self, state: dict[str, Any]) -> None:
+        for camera in state["cameras"]:
+            urls = [camera["latest"]["image"]] if camera["latest"] else []
+            urls += [t["thumb"] for t in camera["thumbnails"]]
+            for url in urls:
+                if url not in self._seen:
+                    self._seen.add(url)
+                    with urllib.request.urlopen(self.url.rstrip("/") + url, timeout=30) as reply:  # noqa: S310
+                        self.image_bytes += len(reply.read())
+                    self.images += 1
+
+    def close(self) -> dict[str, Any]:
+        """Disconnects; returns what the viewer received."""
+        self._stop.set()
+        if self._response is not None:
+            self._response.close()
+        self._thread.join(timeout=30)
+        return {"updates": self.updates, "images": self.images, "image_bytes": self.image_bytes,
+                "failure": None if self.failure is None else repr(self.failure)}
 
 
 # --------------------------------------------------------------------------- metrics
@@ -305,6 +387,8 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
     info = None
     settings = []
     pool: list[bytes] = []
+    viewer: ConsoleViewer | None = None
+    console: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
         try:
             if cfg.target is None:
@@ -325,11 +409,16 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
             if cfg.warmup_frames:
                 # First calls pay for channel set-up and lazy allocations; keep them out of the figures.
                 run_setting(target, images[: cfg.warmup_frames], 1, 0.0, None, cfg.connect_timeout)
+            if cfg.console:
+                assert server is not None and server.console_url is not None
+                viewer = ConsoleViewer(server.console_url, cfg.connect_timeout)
             for streams in cfg.streams:
                 log.info("streaming %d frames over %d stream(s) at %s", cfg.frames, streams,
                          f"{cfg.fps:g} fps each" if cfg.fps else "full speed")
                 settings.append(run_setting(target, images, streams, cfg.fps, metrics_url, cfg.connect_timeout))
         finally:
+            if viewer is not None:
+                console = {"open": True, "url": server.console_url if server else None, **viewer.close()}
             if server is not None:
                 server.close()
     raw: dict[int, dict] = {}
@@ -360,6 +449,8 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
         "decode and RLE (worker threads) with inference, which the sequential raw pipeline does not; "
         "rate-limited at a fixed --fps (throughput = offered load)",
         "client and server share this machine's CPUs",
+        "console: " + (f"open, one viewer following its events for the whole run ({console['updates']} states, "
+                       f"{console['images']} images fetched)" if console else "closed (no --console)"),
     ]
     return {
         "kind": "stream",
@@ -374,6 +465,7 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
             "model_version": info.model_version if info else None,
             "input_size": [info.input_height, info.input_width] if info else None,
         },
+        "console": console or {"open": False},
         "machine": machine,
         "machine_after": {"load_average": describe_machine()["load_average"]},
         "settings": settings,
@@ -405,7 +497,8 @@ def stream_markdown(report: dict[str, Any]) -> str:
         f"- server ({srv['mode']}): {srv['backend']} {srv['precision']} on {srv['device']}, max batch "
         f"{srv['max_batch']}, max delay {report['config']['max_delay_ms']} ms; model "
         f"{Path(report['model']).name if report['model'] else srv['model_version']}, frames "
-        f"{srv['input_size'][0]}x{srv['input_size'][1]} JPEG",
+        f"{srv['input_size'][0]}x{srv['input_size'][1]} JPEG; console "
+        f"{'open, one viewer' if report.get('console', {}).get('open') else 'closed'}",
         "",
     ]
     headers = ["streams", "fps/stream", "frames", "errors", "frames/s", "p50 ms", "p95 ms", "p99 ms",
@@ -477,6 +570,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also append the table to this Markdown file (e.g. a results log)")
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "stream.json", metavar="OUT",
                         help="write every figure and the machine description here (default %(default)s)")
+    parser.add_argument("--console", action="store_true",
+                        help="open the server's live console with one viewer connected during the measurement "
+                        "(compare with a run without it)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the default model is built (default benchmarks/results/models)")
 
@@ -499,6 +595,7 @@ def run(args: argparse.Namespace) -> int:
         raw_repeats=args.raw_repeats,
         connect_timeout=args.connect_timeout,
         cache_dir=args.cache_dir,
+        console=args.console,
     )
     report = run_stream(cfg)
     table = stream_markdown(report)

@@ -57,6 +57,14 @@ class ServerMetrics:
             "inspection_inflight_frames", "Frames accepted and not yet answered", registry=r,
         )
         self.open_streams = Gauge("inspection_open_streams", "Open Inspect streams", registry=r)
+        self.inflight_limit = Gauge(
+            "inspection_inflight_limit", "Most frames in flight over all calls (--max-inflight): saturation "
+            "is inspection_inflight_frames at this bound", registry=r,
+        )
+        self.serving = Gauge(
+            "inspection_serving", "1 while health says SERVING (model loaded and warmed up, not draining), else 0",
+            registry=r,
+        )
         self.feedback_seconds = Histogram(
             "inspection_feedback_seconds", "Line feedback per batch (drift statistics and capture selection), "
             "on its own thread after the batch's frames were answered", buckets=LATENCY_BUCKETS, registry=r,

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from server.console import add_arguments as add_console_arguments
+
+    add_console_arguments(parser)  # --console-port, a group of its own (listed after the server's options)
     parser.add_argument("--model", type=Path, required=True,
                         help="model file: .onnx, .xml (OpenVINO IR), .engine/.plan or .pt")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -68,11 +71,16 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start(wait_ready=False)
+    console = None
+    if args.console_port is not None:
+        console = await _start_console(server, args)
     ready = loop.create_task(server.wait_ready())
     stop_wait = loop.create_task(stop.wait())
     await asyncio.wait({ready, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     if ready.done() and ready.exception() is not None:
         stop_wait.cancel()
+        if console is not None:
+            await console.stop()
         await server.stop(grace=0)
         raise ready.exception()  # type: ignore[misc]
     await stop_wait
@@ -80,9 +88,24 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     await server.stop(grace=args.grace)
+    if console is not None:
+        await console.stop()
     ready.cancel()
     await asyncio.gather(ready, return_exceptions=True)
     return 0
+
+
+async def _start_console(server, args: argparse.Namespace):
+    from server.console import Console, ConsoleConfig
+
+    console = Console(server, ConsoleConfig(port=args.console_port, bind=args.bind, tls_cert=args.tls_cert,
+                                            tls_key=args.tls_key))
+    try:
+        await console.start()
+    except BaseException:
+        await server.stop(grace=0)
+        raise
+    return console
 
 
 def run(args: argparse.Namespace) -> int:

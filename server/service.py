@@ -25,6 +25,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -42,6 +43,9 @@ from server.feedback import LineFeedback, LineFeedbackCollector
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from server.batcher import FinishedBatch
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InspectionService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -248,6 +252,10 @@ class InspectionServer:
         self._backend_source = backend
         self.backend: Backend | None = backend if isinstance(backend, Backend) else None
         self.metrics = ServerMetrics()
+        self.metrics.inflight_limit.set(self.config.max_inflight)
+        #: Called on the event loop with each FinishedBatch once its frames are answered (the
+        #: console's frame buffer, server/console.py); each must return at once.
+        self.batch_listeners: list[Callable[[FinishedBatch], None]] = []
         self.feedback: LineFeedback | None = None
         self.metrics.registry.register(
             LineFeedbackCollector(lambda: self.feedback, max_cameras=self.config.max_metric_cameras)
@@ -385,7 +393,7 @@ class InspectionServer:
         )
         self._batcher = DynamicBatcher(
             backend, cfg.max_batch, cfg.max_delay_ms / 1000.0, self._workers, self.metrics, self._inference_thread,
-            on_batch=self.feedback.submit if self.feedback.active else None,
+            on_batch=self._batch_finished,
         )
         if cfg.warmup:
             sizes = tuple(sorted({1, self._batcher.max_batch}))
@@ -396,6 +404,7 @@ class InspectionServer:
         if not self._stopping:
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, SERVING)
+            self.metrics.serving.set(1)
         meta = backend.metadata
         log.info(
             "event=ready model_version=%s backend=%s device=%s precision=%s input=%dx%d classes=%d "
@@ -403,6 +412,12 @@ class InspectionServer:
             meta.model_version, backend.name, backend.device, backend.precision, meta.input_width,
             meta.input_height, meta.num_classes, self._batcher.max_batch, time.perf_counter() - started,
         )
+
+    def _batch_finished(self, batch: FinishedBatch) -> None:
+        if self.feedback is not None and self.feedback.active:
+            self.feedback.submit(batch)
+        for listener in self.batch_listeners:
+            listener(batch)
 
     async def wait_ready(self) -> None:
         """Waits for the model to load; re-raises what made loading fail."""
@@ -429,6 +444,7 @@ class InspectionServer:
         started = time.perf_counter()
         log.info("event=stopping open_streams=%d inflight=%d grace_s=%g", self.open_streams, self.inflight, grace)
         await self._health.enter_graceful_shutdown()
+        self.metrics.serving.set(0)
         for stream in list(self._streams):
             stream.stop_reading()
         try:

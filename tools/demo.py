@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n\033[1mdemo finished in {elapsed / 60:.1f} min.\033[0m Everything is under {out}:")
     for what, path in [
         ("evaluation report (thesis tables)", run / "report.md"),
-        ("overlays: truth outlines (top) vs predictions", run / "renders" / "holdout"),
+        ("overlays: truth (top) vs prediction, named by TP/FP/FN per class", run / "renders" / "holdout"),
         ("learning curves per fold", run / "fold0" / "curves.png"),
         ("the inspection graph", model),
         ("streamed results (Kaggle CSV)", results),

@@ -366,17 +366,20 @@ class _Scoring:
         self.loss_count += frames.shape[0]
 
     def render_batch(self, chunk: Sequence[Sample], frames: Any, truth: Any, result: InspectionResult) -> None:
-        from trainer.render import overlay, write_overlay
+        from engine.overlay import render_evaluation, write_png
 
+        meta = self.metas[-1]  # the predictor of this group (None for a predictions CSV)
         for i, sample in enumerate(chunk):
             if sample.image_id not in self.rendered_ids or self.render_dir is None:
                 continue
             self.render_dir.mkdir(parents=True, exist_ok=True)
-            path = self.render_dir / f"{Path(sample.image_id).stem}.png"
-            picture = overlay(frames[i].numpy(), truth[i].numpy(), result.masks[i], result.present[i].tolist(),
-                              list(self.cfg.class_names or []),
-                              caption=f"{sample.image_id} ({self.split}; top: truth, bottom: prediction)")
-            write_overlay(path, picture)
+            rendering = render_evaluation(
+                frames[i].numpy(), truth[i].numpy(), result.masks[i], result.counts[i].tolist(),
+                result.present[i].tolist(), list(self.cfg.class_names or (meta.class_names if meta else [])),
+                min_areas=meta.min_areas if meta else None, title=f"{sample.image_id} ({self.split})")
+            # The outcomes in the name: ..._TP4-FN3.png reads "class 4 found, class 3 missed".
+            path = self.render_dir / f"{Path(sample.image_id).stem}_{rendering.outcome_tag}.png"
+            write_png(path, rendering.image)
             self.renders.append(str(path))
 
     def result(self, dirs: Sequence[Path]) -> dict[str, Any]:

@@ -67,6 +67,24 @@ def test_stream_subprocess_server_at_a_fixed_rate(tiny_onnx: Path, tmp_path: Pat
     assert s["batches_from_metrics"] >= 1
 
 
+@pytest.mark.parametrize("in_process", [False, True], ids=["subprocess", "in-process"])
+def test_stream_with_the_console_open(tiny_onnx: Path, tmp_path: Path, in_process: bool) -> None:
+    # server serve --console-port (or the library Console) with one viewer following its events
+    # and fetching its images while the frames stream.
+    out = tmp_path / "stream.json"
+    argv = ["stream", "--model", str(tiny_onnx), "--streams", "2", "--frames", "30", "--fps", "10",
+            "--raw-repeats", "1", "--console", "--json", str(out)]
+    assert cli.main(argv + (["--in-process"] if in_process else [])) == 0
+    report = read_report(out)
+    (s,) = report["settings"]
+    check_setting(s, 30)
+    console = report["console"]
+    assert console["open"] and console["failure"] is None
+    assert console["updates"] >= 2  # the first state, then 1.5 s of streaming at 2 states a second
+    assert console["images"] >= 1 and console["image_bytes"] > 1000
+    assert any(note.startswith("console: open") for note in report["notes"])
+
+
 def test_stream_against_a_running_server(tiny_onnx: Path, tmp_path: Path) -> None:
     from benchmarks.stream import InProcessServer, StreamConfig
 
@@ -97,6 +115,7 @@ def test_stream_against_a_running_server(tiny_onnx: Path, tmp_path: Path) -> Non
         (["--target", "localhost"], "--target must be HOST:PORT"),
         (["--target", "127.0.0.1:1", "--in-process"], "--in-process starts a server; it contradicts --target"),
         (["--fps", "-1"], "--fps must be >= 0"),
+        (["--target", "127.0.0.1:1", "--console"], "--console opens the console of a server bench stream starts"),
         (["--model", "missing.onnx"], "--model missing.onnx: no such file"),
     ],
 )

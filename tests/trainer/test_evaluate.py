@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -114,7 +115,10 @@ def test_cli_holdout_with_json_and_overlays(trained_run: Path, tmp_path: Path, c
     assert len(result["renders"]) == 2
     for path in result["renders"]:
         picture = cv2.imread(path)
-        assert picture.shape == (22 + 64 + 4 + 64, 320, 3)  # legend, truth outlines, separator, predictions
+        # truth panel and prediction panel under their headers, then a title and one caption line per class
+        assert picture.shape[0] == 16 + 64 + 16 + 64 + 16 * 5 + 4
+        assert picture.shape[1] >= 320
+        assert re.fullmatch(r"[0-9a-f]+_((TP|FP|FN)[1-4](-(TP|FP|FN)[1-4])*|TN)\.png", Path(path).name), path
     assert "## Evaluation: holdout" in (run / "report.md").read_text()
 
 
