@@ -229,7 +229,7 @@ def test_reduced_precision_rows_are_held_to_the_peak_of_their_own_precision(
     rc = cli.main(
         ["throughput", "--model", str(onnx), "--model", str(pt), "--model", str(ir), "--batch-sizes", "2",
          "--frames", "2", "--min-repeats", "1", "--naive-frames", "1", "--peak-seconds", "0.02", "--peak-size", "256",
-         "--threads", "1", "--json", str(out_json), "--plot", ""]
+         "--threads", "1", "--json", str(out_json), "--plot", str(tmp_path / "t.png")]
     )
     assert rc == 0
     stdout = capsys.readouterr().out
