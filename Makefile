@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-cpu-dev
 
-.PHONY: test lint demo proto venv clean
+.PHONY: test lint demo proto venv clean balanced failover
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --out demo
+
+# nginx + 3 `server serve` replicas of MODEL (default: the demo's), until Ctrl-C (deploy/balanced.py).
+MODEL ?= demo/model.onnx
+balanced: $(STAMP)
+	$(PY) -m deploy.balanced --model $(MODEL)
+
+# The fault run: 8 cameras x 300 frames while replicas drain, die and return; figures as JSON.
+failover: $(STAMP)
+	$(VENV)/bin/bench failover --report benchmarks/results/failover.json
 
 # Regenerates the committed gRPC code (a test checks it is up to date).
 proto: $(STAMP)

@@ -11,6 +11,7 @@ COMMANDS: dict[str, str] = {
     "throughput": "benchmarks.throughput",
     "stream": "benchmarks.stream",
     "model": "benchmarks.models",
+    "failover": "benchmarks.failover",
 }
 
 

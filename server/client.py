@@ -10,10 +10,10 @@ The CSV (``ImageId,ClassId,EncodedPixels``, the Severstal ``train.csv`` layout t
 and class, so defect-free images are listed too. ``EncodedPixels`` is the class's mask when the
 server says the class is present (pixel count >= the model's minimum area) and empty otherwise:
 the decision rule applied, as a Kaggle submission has it. Frames that failed are not in the CSV;
-they are listed on stderr and make the exit status 1, as do images a stream never got to (a server
-shutting down answers every frame it read, then ends the stream with UNAVAILABLE; while a camera
-is still sending, grpc's asyncio client may report that status as INTERNAL "Internal error from
-Core", grpc/grpc#36066, but the answers before it are complete and in order).
+they are listed on stderr and make the exit status 1. Each camera is a :class:`server.camera.CameraStream`:
+a server that drains, dies or restarts (or a balancer that moves the stream to another replica)
+costs a reconnect and a resend, never an image; only a camera that gets no answer for
+``--give-up`` seconds, or a status resending cannot mend, leaves images unanswered (listed, exit 1).
 """
 
 from __future__ import annotations
@@ -42,12 +42,19 @@ class FrameAnswer:
     image_id: str
     camera_id: str
     frame_id: int
-    response: Any  # inspection.v1.InspectResponse
+    response: Any  # inspection.v1.InspectResponse, None when the frame never reached a server
     latency_s: float
+    local_error: str = ""  # why the camera answered it itself (too large to send)
 
     @property
     def ok(self) -> bool:
-        return not self.response.HasField("error")
+        return self.response is not None and not self.response.HasField("error")
+
+    @property
+    def error_message(self) -> str:
+        if self.response is None:
+            return self.local_error
+        return self.response.error.message if self.response.HasField("error") else ""
 
 
 @dataclass
@@ -64,10 +71,21 @@ class CameraRun:
     unanswered: list[tuple[str, str]] = field(default_factory=list)
     elapsed_s: float = 0.0
     model_info: Any = None  # inspection.v1.ModelInfo of the server
+    counters: dict[str, Any] = field(default_factory=dict)  # camera id -> server.camera.CameraCounters
 
     @property
     def failed(self) -> list[FrameAnswer]:
         return [a for a in self.answers if not a.ok]
+
+    def totals(self) -> Any:
+        """Every camera's counters summed (a ``server.camera.CameraCounters``)."""
+        from server.camera import CameraCounters
+
+        total = CameraCounters()
+        for counters in self.counters.values():
+            for name, value in vars(counters).items():
+                setattr(total, name, getattr(total, name) + value)
+        return total
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -142,92 +160,89 @@ async def run_cameras(
     fps: float = 0.0,
     raw: bool = False,
     credentials: Any = None,
-    max_message_bytes: int = 16 * 1024 * 1024,
+    max_message_bytes: int | None = None,
     connect_timeout: float = 10.0,
     on_answer: Callable[[FrameAnswer], None] | None = None,
+    give_up_s: float | None = 60.0,
 ) -> CameraRun:
-    """Streams ``images`` to ``target`` as ``streams`` concurrent cameras.
+    """Streams ``images`` to ``target`` as ``streams`` concurrent cameras (:class:`server.camera.CameraStream`).
+
+    A stream that breaks (a server draining or dying, a balancer switching replicas) reconnects and
+    resends what was not answered; each image is answered exactly once.
 
     Args:
         credentials: ``grpc.ChannelCredentials`` for TLS, or None for plaintext.
         connect_timeout: seconds to wait for the server to answer at all.
         on_answer: called on the event loop for every answer (progress display).
+        give_up_s: a camera whose stream gets no answer for this long stops (its images ``unanswered``).
 
     Raises:
-        ConnectionError: the server cannot be reached or is not serving yet. A stream that ends
-            early (a server shutting down) is not an error: its remaining images are ``unanswered``.
+        ConnectionError: the server cannot be reached or is not serving yet.
     """
-    import grpc
-
-    from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+    from server.camera import Backoff, open_channel
 
     if streams < 1:
         raise ValueError(f"--streams must be >= 1, got {streams}")
     if fps < 0:
         raise ValueError(f"--fps must be >= 0, got {fps}")
-    options = [("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.max_receive_message_length", max_message_bytes)]
-    channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials is not None
-               else grpc.aio.insecure_channel(target, options=options))
+    channel = open_channel(target, credentials, max_message_bytes)
     try:
         info = await model_info(channel, target, connect_timeout)
-    except BaseException:
-        await channel.close()
-        raise
-    log.info("server %s: model %s (%s %s on %s), frames %dx%d", target, info.model_version, info.backend,
-             info.precision, info.device, info.input_width, info.input_height)
-    run = CameraRun(model_info=info)
-    started = time.perf_counter()
-
-    async def camera(index: int) -> None:
-        camera_id = f"cam{index}"
-        paths = list(images[index::streams])
-        if not paths:
-            return
-        sent_at: dict[int, float] = {}
-
-        async def frames():
-            t0 = time.perf_counter()
-            for frame_id, path in enumerate(paths):
-                if fps > 0:
-                    delay = t0 + frame_id / fps - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                request = await asyncio.to_thread(make_request, camera_id, frame_id, path, raw)
-                sent_at[frame_id] = time.perf_counter()
-                yield request
-
-        stub = pb_grpc.InspectionServiceStub(channel)
-        call = stub.Inspect(frames())
-        expected = 0
-        try:
-            async for response in call:
-                if response.camera_id != camera_id or response.frame_id != expected:
-                    raise RuntimeError(
-                        f"{camera_id}: expected the answer to frame {expected}, got "
-                        f"{response.camera_id!r}/{response.frame_id}: answers out of order"
-                    )
-                answer = FrameAnswer(paths[expected].name, camera_id, expected, response,
-                                     time.perf_counter() - sent_at.get(expected, started))
-                run.answers.append(answer)
-                if on_answer is not None:
-                    on_answer(answer)
-                expected += 1
-        except grpc.aio.AioRpcError as exc:
-            reason = f"{exc.code().name}: {exc.details()}"
-            log.warning("camera=%s stream ended after %d of %d frames: %s", camera_id, expected, len(paths), reason)
-            run.unanswered.extend((p.name, reason) for p in paths[expected:])
-            return
-        if expected < len(paths):
-            run.unanswered.extend((p.name, "stream ended without an answer") for p in paths[expected:])
-
-    try:
-        await asyncio.gather(*(camera(i) for i in range(streams)))
+        log.info("server %s: model %s (%s %s on %s), frames %dx%d", target, info.model_version, info.backend,
+                 info.precision, info.device, info.input_width, info.input_height)
+        run = CameraRun(model_info=info)
+        started = time.perf_counter()
+        backoff = Backoff(give_up_s=give_up_s)
+        await asyncio.gather(*(_camera(channel, f"cam{i}", list(images[i::streams]), fps, raw, backoff, run,
+                                       on_answer) for i in range(streams)))
     finally:
         await channel.close()
     run.elapsed_s = time.perf_counter() - started
     run.answers.sort(key=lambda a: (a.camera_id, a.frame_id))
     return run
+
+
+async def _camera(channel: Any, camera_id: str, paths: list[Path], fps: float, raw: bool, backoff: Any,
+                  run: CameraRun, on_answer: Callable[[FrameAnswer], None] | None) -> None:
+    """One camera: sends ``paths`` as frames 0, 1, 2... and collects their answers."""
+    from server.camera import CameraStream, CameraStreamError
+
+    if not paths:
+        return
+    async with CameraStream(channel, camera_id, backoff=backoff) as camera:
+        async def produce() -> None:
+            t0 = time.perf_counter()
+            try:
+                for frame_id, path in enumerate(paths):
+                    if fps > 0 and (delay := t0 + frame_id / fps - time.perf_counter()) > 0:
+                        await asyncio.sleep(delay)
+                    await camera.send(await asyncio.to_thread(make_request, camera_id, frame_id, path, raw))
+            except CameraStreamError:
+                return  # answers() reports it
+            finally:
+                await camera.close()
+
+        producer = asyncio.get_running_loop().create_task(produce())
+        answered = 0
+        try:
+            async for answer in camera.answers():
+                frame = FrameAnswer(paths[answer.frame_id].name, camera_id, answer.frame_id, answer.response,
+                                    answer.latency_s, answer.error)
+                run.answers.append(frame)
+                answered += 1
+                if on_answer is not None:
+                    on_answer(frame)
+        except CameraStreamError as exc:
+            log.warning("camera=%s stopped after %d of %d frames: %s", camera_id, answered, len(paths), exc)
+            run.unanswered.extend((paths[i].name, str(exc)) for i in exc.unanswered)
+            sent = set(exc.unanswered) | {a.frame_id for a in run.answers if a.camera_id == camera_id}
+            run.unanswered.extend((p.name, "never sent: the stream had ended") for i, p in enumerate(paths)
+                                  if i not in sent)
+        finally:
+            if sys.exc_info()[0] is not None and not isinstance(sys.exc_info()[1], CameraStreamError):
+                producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+        run.counters[camera_id] = camera.counters
 
 
 def write_predictions_csv(path: Path, answers: Sequence[FrameAnswer]) -> int:
@@ -262,6 +277,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", type=Path, default=None, help="PEM root certificate: connect with TLS")
     parser.add_argument("--connect-timeout", type=float, default=10.0,
                         help="seconds to wait for the server (default: 10)")
+    parser.add_argument("--give-up", type=float, default=60.0,
+                        help="seconds a camera keeps reconnecting without an answer before it stops (default: 60)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = asyncio.run(run_cameras(args.target, images, args.streams, args.fps, args.raw, credentials,
-                                         connect_timeout=args.connect_timeout, on_answer=on_answer))
+                                         connect_timeout=args.connect_timeout, on_answer=on_answer,
+                                         give_up_s=args.give_up))
     finally:
         bar.close()
     rows = write_predictions_csv(args.out, result.answers)
@@ -292,8 +310,12 @@ def run(args: argparse.Namespace) -> int:
     rate = len(result.answers) / result.elapsed_s if result.elapsed_s > 0 else 0.0
     print(f"{ok} of {len(images)} frames inspected in {result.elapsed_s:.2f} s ({rate:.1f} frames/s) over "
           f"{args.streams} streams; {rows} rows written to {args.out}", file=sys.stderr)
+    totals = result.totals()
+    if totals.reconnects or totals.resent or totals.duplicates:
+        print(f"  reconnects {totals.reconnects}, frames resent {totals.resent}, duplicate answers dropped "
+              f"{totals.duplicates}", file=sys.stderr)
     for answer in result.failed:
-        print(f"  failed {answer.image_id}: {answer.response.error.message}", file=sys.stderr)
+        print(f"  failed {answer.image_id}: {answer.error_message}", file=sys.stderr)
     for image_id, reason in result.unanswered:
         print(f"  unanswered {image_id}: {reason}", file=sys.stderr)
     return 1 if result.failed or result.unanswered else 0

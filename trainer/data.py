@@ -237,21 +237,28 @@ def load_samples(data_dirs: Path | Sequence[Path], cfg: DataConfig) -> list[Samp
 # --------------------------------------------------------------------------- pixels
 
 
+#: Largest image a training folder may hold (the server's default frame pixel limit).
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 def read_image(path: Path, cfg: DataConfig) -> np.ndarray:
-    """Reads an image file as uint8 grayscale ``[H, W]`` (Severstal JPEGs are three equal channels).
+    """Reads an image file as uint8 grayscale ``[H, W]`` (Severstal JPEGs are three equal channels),
+    with the server's decoder (:mod:`engine.decode`): EXIF orientation ignored, corrupt or truncated
+    data refused, so training sees each frame exactly as the server would.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: the file cannot be decoded, or its size is not the configured frame size.
     """
-    import cv2
+    from engine.decode import FrameRejected, decode_encoded
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if image is None:
-        raise ValueError(f"image file {path} cannot be read: not a decodable JPEG/PNG image")
+    try:
+        image = decode_encoded(path.read_bytes(), None, MAX_IMAGE_PIXELS)
+    except FrameRejected as exc:
+        raise ValueError(f"image file {path} cannot be read: {exc}") from None
     if image.shape != cfg.size:
         raise ValueError(
             f"image file {path} is {image.shape[1]}x{image.shape[0]} (width x height), expected "

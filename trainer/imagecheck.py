@@ -22,9 +22,6 @@ from pathlib import Path
 
 from engine.decode import FrameRejected, declared_size, decode_encoded
 
-#: Largest image a training folder may hold (the server's default frame pixel limit).
-MAX_IMAGE_PIXELS = 4096 * 4096
-
 
 @dataclass(frozen=True)
 class BadImage:
@@ -49,6 +46,8 @@ def image_files(data_dir: Path) -> list[Path]:
 
 def check_image(path: Path, size: tuple[int, int] | None) -> BadImage | None:
     """None when ``path`` decodes completely (to ``size`` = (height, width) when given)."""
+    from trainer.data import MAX_IMAGE_PIXELS
+
     try:
         decode_encoded(Path(path).read_bytes(), size, MAX_IMAGE_PIXELS)
     except FrameRejected as exc:

@@ -256,3 +256,19 @@ def test_copy_of_synth_in_old_layout_matches(tmp_path: Path, synth_dir: Path, sy
     (copy / "train.csv").write_text("\n".join(lines) + "\n")
     old = load_samples(copy, synth_cfg)
     assert [(s.image_id, s.rles) for s in old] == [(s.image_id, s.rles) for s in samples]
+
+
+def test_read_image_decodes_like_the_server(tmp_path: Path) -> None:
+    """Training reads frames with the server's decoder: an EXIF orientation tag rotates nothing, and a
+    JPEG cut mid-scan is refused (OpenCV would fill the missing rows with grey)."""
+    from tests.jpeg_faults import truncated_mid_scan, with_orientation
+
+    data = _write_dir(tmp_path, NEW_CSV)
+    intact = (data / "train_images" / "a.jpg").read_bytes()
+    rotated = data / "train_images" / "rotated.jpg"
+    rotated.write_bytes(with_orientation(intact, 3))
+    np.testing.assert_array_equal(read_image(rotated, CFG), read_image(data / "train_images" / "a.jpg", CFG))
+    cut = data / "train_images" / "cut.jpg"
+    cut.write_bytes(truncated_mid_scan(intact))
+    with pytest.raises(ValueError, match=r"cut\.jpg cannot be read: JPEG image is corrupt or truncated"):
+        read_image(cut, CFG)

@@ -1,0 +1,328 @@
+"""``server.camera.CameraStream`` against real servers on loopback: in-process servers drained and
+restarted on the same port, a ``server serve`` process SIGKILLed and started again, a server that
+does not implement the service, and a port nobody listens on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from server.camera import Backoff, CameraStream, CameraStreamError, open_channel
+from tests.server.conftest import running_server, wait_until
+from tests.server.test_service import assert_equals_direct, make_request
+
+
+async def stream(channel, frames, count: int, camera_id: str = "cam0", pace_s: float = 0.0, during=None, **kw):
+    """Sends frames 0..count-1 (frame i is ``frames[i % 50]``), collects the answers; ``during(answers)``
+    runs alongside (the fault)."""
+    answers = []
+    async with CameraStream(channel, camera_id, seed=0, **kw) as camera:
+        async def produce():
+            for i in range(count):
+                await camera.send(make_request("ignored", i, frames[i % len(frames)], "gray8"))
+                if pace_s:
+                    await asyncio.sleep(pace_s)
+            await camera.close()
+
+        tasks = [asyncio.ensure_future(produce())]
+        if during is not None:
+            tasks.append(asyncio.ensure_future(during(answers)))
+        async for answer in camera.answers():
+            answers.append(answer)
+        await asyncio.gather(*tasks)
+    return answers, camera.counters
+
+
+def assert_all_answered(answers, count: int, direct_output) -> None:
+    assert [a.frame_id for a in answers] == list(range(count))  # exactly once, in order
+    for a in answers:
+        assert a.response.camera_id == "cam0"
+        assert_equals_direct(a.response, direct_output, a.frame_id % 50)
+
+
+def test_every_frame_answered_once_in_order_as_the_backend_answers(tiny_onnx, camera_frames, direct_output):
+    async def main():
+        async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
+            return await stream(channel, camera_frames, 60)
+
+    answers, counters = asyncio.run(main())
+    assert_all_answered(answers, 60, direct_output)
+    assert (counters.sent, counters.answered, counters.resent, counters.reconnects, counters.duplicates) == (
+        60, 60, 0, 0, 0)
+
+
+def test_a_drained_then_restarted_server_costs_a_reconnect_not_a_frame(tiny_onnx, camera_frames, direct_output):
+    async def main():
+        first = running_server(tiny_onnx, max_stream_inflight=8)
+        server = await first.__aenter__()
+        port = server.port
+        restarted = []
+
+        async def restart(answers):
+            await wait_until(lambda: len(answers) >= 20, 60, "20 answers")
+            await first.__aexit__(None, None, None)  # SIGTERM's drain: answer what was read, UNAVAILABLE
+            await asyncio.sleep(0.3)  # nobody listens for a while
+            second = running_server(tiny_onnx, port=port)
+            restarted.append((second, await second.__aenter__()))
+
+        try:
+            async with open_channel(f"127.0.0.1:{port}") as channel:
+                result = await stream(channel, camera_frames, 150, pace_s=0.005, during=restart)
+        finally:
+            for context, _ in restarted:
+                await context.__aexit__(None, None, None)
+        return result, server.stats(), restarted[0][1].stats()
+
+    (answers, counters), first_stats, second_stats = asyncio.run(main())
+    assert_all_answered(answers, 150, direct_output)
+    assert counters.reconnects >= 1
+    assert first_stats["answered"] >= 20 and second_stats["answered"] > 0  # both servers did real work
+    # Every frame either answered by the first server or (re)sent to the second, none twice at the camera.
+    assert counters.sent == 150 + counters.resent
+    assert first_stats["answered"] + second_stats["answered"] == 150 + counters.duplicates
+
+
+def test_a_killed_server_process_costs_a_resend_not_a_frame(tiny_onnx, camera_frames, direct_output):
+    from deploy.balanced import Replica, free_port
+
+    replica = Replica("killed", tiny_onnx, free_port(), flags=("--device", "cpu", "--threads", "1")).start()
+
+    async def main():
+        await asyncio.to_thread(replica.wait_ready)
+
+        async def kill_and_restart(answers):
+            await wait_until(lambda: len(answers) >= 30, 60, "30 answers")
+            await asyncio.to_thread(replica.kill)  # frames in flight die with it
+            await asyncio.sleep(0.3)
+            replica.start()
+
+        async with open_channel(replica.address) as channel:
+            return await stream(channel, camera_frames, 200, during=kill_and_restart)
+
+    try:
+        answers, counters = asyncio.run(main())
+    finally:
+        if replica.running:
+            replica.kill()
+    assert_all_answered(answers, 200, direct_output)
+    assert counters.reconnects >= 1 and counters.resent > 0  # unpaced: the buffer was full when it died
+    assert counters.sent == 200 + counters.resent
+
+
+def test_a_bad_frame_is_an_answer_not_a_reason_to_resend(tiny_onnx, camera_frames):
+    from protos.inspection.v1 import inspection_pb2 as pb
+
+    async def main():
+        async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
+            async with CameraStream(channel, "cam0") as camera:
+                await camera.send(make_request("cam0", 0, camera_frames[0], "gray8"))
+                await camera.send(pb.InspectRequest(frame_id=1, encoded_image=b"not an image"))
+                await camera.send(make_request("cam0", 2, camera_frames[2], "gray8"))
+                await camera.close()
+                return [a async for a in camera.answers()], camera.counters
+
+    answers, counters = asyncio.run(main())
+    assert [a.frame_id for a in answers] == [0, 1, 2]
+    assert answers[0].ok and answers[2].ok and not answers[1].ok
+    assert answers[1].response.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "frame 1" in answers[1].error_message
+    assert (counters.sent, counters.resent, counters.reconnects) == (3, 0, 0)
+
+
+def test_a_frame_over_the_message_limit_is_refused_locally_and_the_stream_goes_on(tiny_onnx, camera_frames):
+    from protos.inspection.v1 import inspection_pb2 as pb
+    from server.config import MAX_MESSAGE_BYTES as limit
+
+    async def main():
+        async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
+            assert server.config.max_message_bytes == limit  # the camera's default is the server's limit
+            async with CameraStream(channel, "cam0") as camera:
+                await camera.send(make_request("cam0", 0, camera_frames[0], "gray8"))
+                await camera.send(pb.InspectRequest(frame_id=1, encoded_image=bytes(limit)))
+                await camera.send(make_request("cam0", 2, camera_frames[2], "gray8"))
+                await camera.close()
+                answers = [a async for a in camera.answers()]
+            return answers, camera.counters, server.stats()
+
+    answers, counters, stats = asyncio.run(main())
+    assert [a.frame_id for a in answers] == [0, 1, 2]
+    assert answers[0].ok and answers[2].ok
+    assert answers[1].response is None and f"over the {limit}-byte message limit" in answers[1].error_message
+    assert (counters.refused, counters.sent, counters.resent, counters.reconnects) == (1, 2, 0, 0)
+    assert stats["accepted"] == 2  # it never reached the server; nothing was split or sent twice
+
+
+def test_a_status_resending_cannot_mend_ends_the_stream_with_a_clear_error(camera_frames):
+    async def main():
+        server = grpc.aio.server()  # a real gRPC server that does not implement InspectionService
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with open_channel(f"127.0.0.1:{port}") as channel:
+                async with CameraStream(channel, "cam0") as camera:
+                    await camera.send(make_request("cam0", 0, camera_frames[0], "gray8"))
+                    with pytest.raises(CameraStreamError) as failure:
+                        async for _ in camera.answers():
+                            pass
+                    return failure.value, camera.counters
+        finally:
+            await server.stop(0)
+
+    error, counters = asyncio.run(main())
+    assert error.code == grpc.StatusCode.UNIMPLEMENTED and error.unanswered == [0]
+    assert "UNIMPLEMENTED" in str(error) and "cam0" in str(error)
+    assert counters.reconnects == 0
+
+
+def test_no_server_at_all_gives_up_after_give_up_s_naming_the_frames(camera_frames):
+    from deploy.balanced import free_port
+
+    async def main():
+        async with open_channel(f"127.0.0.1:{free_port()}") as channel:
+            async with CameraStream(channel, "cam0", backoff=Backoff(give_up_s=0.5, cap_s=0.1)) as camera:
+                for i in range(3):
+                    await camera.send(make_request("cam0", i, camera_frames[i], "gray8"))
+                with pytest.raises(CameraStreamError) as failure:
+                    async for _ in camera.answers():
+                        pass
+                return failure.value, camera.counters
+
+    error, counters = asyncio.run(main())
+    assert error.code == grpc.StatusCode.UNAVAILABLE and error.unanswered == [0, 1, 2]
+    assert "no answer for 0.5 s" in str(error)
+    assert counters.reconnects >= 2
+
+
+def test_block_policy_keeps_at_most_max_unanswered(tiny_onnx, camera_frames, direct_output):
+    async def main():
+        async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
+            async with CameraStream(channel, "cam0", max_unanswered=3) as camera:
+                most = 0
+                for i in range(40):
+                    await camera.send(make_request("cam0", i, camera_frames[i % 50], "gray8"))
+                    most = max(most, camera.unanswered)
+                await camera.close()
+                return [a async for a in camera.answers()], most, camera.counters
+
+    answers, most, counters = asyncio.run(main())
+    assert_all_answered(answers, 40, direct_output)
+    assert most == 3 and counters.dropped == 0
+
+
+def test_drop_oldest_policy_answers_dropped_frames_locally_in_their_turn(tiny_onnx, camera_frames, direct_output,
+                                                                          caplog):
+    async def main():
+        async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
+            async with CameraStream(channel, "cam0", max_unanswered=2, policy="drop_oldest") as camera:
+                for i in range(10):  # no await yields to the stream in between: the buffer overflows
+                    await camera.send(make_request("cam0", i, camera_frames[i], "gray8"))
+                await camera.close()
+                return [a async for a in camera.answers()], camera.counters
+
+    answers, counters = asyncio.run(main())
+    assert [a.frame_id for a in answers] == list(range(10))
+    assert all(a.response is None and a.error_message.startswith("dropped") for a in answers[:8])
+    for a in answers[8:]:
+        assert_equals_direct(a.response, direct_output, a.frame_id)
+    assert (counters.dropped, counters.sent, counters.answered) == (8, 2, 10)
+    assert sum("event=frame_dropped" in r.message for r in caplog.records) == 8
+
+
+def test_frame_ids_must_increase_and_settings_are_checked(camera_frames):
+    async def main():
+        async with open_channel("127.0.0.1:1") as channel:
+            with pytest.raises(ValueError, match="policy must be one of block, drop_oldest"):
+                CameraStream(channel, "cam0", policy="newest")
+            with pytest.raises(ValueError, match="camera_id must be 1..256 bytes of UTF-8, got 300 bytes"):
+                CameraStream(channel, "c" * 300)
+            async with CameraStream(channel, "cam0") as camera:
+                await camera.send(make_request("cam0", 5, camera_frames[0], "gray8"))
+                with pytest.raises(ValueError, match="frame ids must increase; frame 5 after frame 5"):
+                    await camera.send(make_request("cam0", 5, camera_frames[0], "gray8"))
+
+    asyncio.run(main())
+
+
+def test_the_readme_camera_example_runs_as_shown(tiny_onnx, camera_frames, direct_output, capsys):
+    """The README's camera-side section shows the whole API: that code, run against a real server."""
+    import re
+    from pathlib import Path
+
+    import cv2
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Camera side: `server.camera`"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    pngs = [cv2.imencode(".png", f)[1].tobytes() for f in camera_frames[:5]]
+
+    async def main():
+        async with running_server(tiny_onnx) as server:
+            namespace: dict = {}
+            exec(code.replace("127.0.0.1:50050", server.address), namespace)  # noqa: S102 - the README's code
+            await namespace["camera"](pngs)
+
+    asyncio.run(main())
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:5] == [f"{i} {direct_output['counts'][i]}" for i in range(5)]
+    assert lines[5].startswith("CameraCounters(sent=5, answered=5, resent=0")
+
+
+def test_an_answer_for_a_frame_already_answered_is_dropped_and_counted(camera_frames):
+    from protos.inspection.v1 import inspection_pb2 as pb
+
+    async def main():
+        async with open_channel("127.0.0.1:1") as channel:
+            camera = CameraStream(channel, "cam0")  # not entered: no stream, the answers are fed by hand
+            for i in range(2):
+                await camera.send(make_request("cam0", i, camera_frames[i], "gray8"))
+            assert camera._on_response(pb.InspectResponse(camera_id="cam0", frame_id=0))
+            assert not camera._on_response(pb.InspectResponse(camera_id="cam0", frame_id=0))  # again
+            assert not camera._on_response(pb.InspectResponse(camera_id="cam1", frame_id=1))  # not ours
+            with pytest.raises(CameraStreamError, match="answered frame 3 before frame 1"):
+                await camera.send(make_request("cam0", 3, camera_frames[3], "gray8"))
+                camera._on_response(pb.InspectResponse(camera_id="cam0", frame_id=3))
+            return camera.counters, camera.unanswered
+
+    counters, unanswered = asyncio.run(main())
+    assert (counters.answered, counters.duplicates) == (1, 2) and unanswered == 2
+
+
+def test_server_client_cli_gets_every_image_through_a_restart(tiny_onnx, camera_frames, tmp_path, capsys):
+    """``server client`` (the CLI, in-process) while its ``server serve`` process drains and restarts."""
+    import csv
+    import threading
+
+    import cv2
+
+    from deploy.balanced import Replica, free_port
+    from server.cli import main as cli
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, frame in enumerate(camera_frames[:40]):
+        cv2.imwrite(str(images / f"{i:03d}.png"), frame)
+    replica = Replica("cli", tiny_onnx, free_port(), flags=("--device", "cpu", "--threads", "1")).start()
+    replica.wait_ready()
+    exits = []
+
+    def restart():
+        exits.append(replica.terminate())
+        replica.start().wait_ready()
+
+    timer = threading.Timer(1.0, restart)
+    timer.start()
+    try:
+        code = cli(["client", "--target", replica.address, "--images", str(images), "--streams", "2",
+                    "--fps", "8", "--out", str(tmp_path / "r.csv")])
+    finally:
+        timer.join()
+        if replica.running:
+            exits.append(replica.terminate())
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "40 of 40 frames inspected" in err and "reconnects" in err
+    assert exits == [0, 0]
+    with open(tmp_path / "r.csv") as f:
+        assert {row["ImageId"] for row in csv.DictReader(f)} == {f"{i:03d}.png" for i in range(40)}
