@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-cpu-dev
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[train,serve,cpu,dev]'
+	$(PY) -m pip install -e '.[train,serve,cpu,dev,build]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -49,6 +49,7 @@ class PeakFlops:
     median_flops_per_s: float
     repeats: int
     threads: int | None
+    method: str = "torch.matmul"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -151,6 +152,16 @@ def model_flops(path: str | Path) -> FlopCount | None:
         model = InspectionModel(folds, meta).eval()
         frames = torch.zeros((1, *meta.input_size), dtype=torch.uint8)
         return FlopCount(count_flops_torch(model, frames), "torch.utils.flop_counter.FlopCounterMode, eager fp32")
+    if suffix == ".xml":
+        from engine.backends.openvino import build_info, read_model
+
+        source = build_info(read_model(path)).get("onnx")
+        if source and Path(source).is_file():
+            count = model_flops(Path(source))
+            if count is not None:
+                count.method += f" (of {Path(source).name}, the IR's source)"
+            return count
+        return None
     if suffix in (".engine", ".plan"):
         for other in (".onnx", ".pt"):
             found = sibling(path, other)
@@ -219,3 +230,60 @@ def measure_peak_flops(
         repeats=len(rates),
         threads=threads,
     )
+
+
+def _time_op(run: Any, flops: int, seconds: float, min_repeats: int) -> list[float]:
+    run()  # warm-up: allocation, kernel selection
+    rates: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(rates) < min_repeats or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        run()
+        rates.append(flops / (time.perf_counter() - start))
+        if len(rates) >= 200:
+            break
+    return rates
+
+
+def _openvino_int8_matmul(size: int, threads: int) -> Any:
+    """An OpenVINO int8 matrix product: FakeQuantize(activations) x int8 weights, which the CPU plugin
+    runs as a u8 x i8 FullyConnected (VNNI / AMX-INT8)."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([size, size], ov.Type.f32, name="x")
+    lo, hi = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
+    weights = ops.constant(np.random.default_rng(0).integers(-127, 127, (size, size), dtype=np.int8))
+    dequantized = ops.multiply(ops.convert(weights, "f32"), ops.constant(np.float32(0.01)))
+    y = ops.matmul(ops.fake_quantize(x, lo, hi, lo, hi, 256), dequantized, False, True)
+    config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    request = ov.Core().compile_model(ov.Model([y], [x]), "CPU", config).create_infer_request()
+    a = np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)
+    return lambda: request.infer([a])
+
+
+def measure_int8_peak(size: int | None = None, seconds: float = 1.0, threads: int = 0, min_repeats: int = 3) -> PeakFlops:
+    """The CPU's int8 matrix-product peak (int8 multiply-adds counted as 2 ops, like FLOPs).
+
+    OpenVINO's int8 FullyConnected where openvino is installed (it uses VNNI/AMX-INT8: on the
+    machine of issue 11 it ran about 2x torch._int_mm), else ``torch._int_mm``.
+    """
+    import importlib.util
+
+    import torch
+
+    size = size or 2048
+    if importlib.util.find_spec("openvino") is not None:
+        run, method = _openvino_int8_matmul(size, threads), "OpenVINO u8 x i8 FullyConnected"
+    else:
+        a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        run, method = (lambda: torch._int_mm(a, b)), "torch._int_mm"
+    with torch.inference_mode():
+        rates = _time_op(run, 2 * size**3, seconds, min_repeats)
+    return PeakFlops(device="cpu", dtype="int8", size=size, flops_per_s=max(rates),
+                     median_flops_per_s=statistics.median(rates), repeats=len(rates),
+                     threads=threads or torch.get_num_threads(), method=method)

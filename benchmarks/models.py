@@ -232,3 +232,33 @@ def run(args: Any) -> int:
     for path in model.files():
         print(path)
     return 0
+
+
+def ensure_int8_ir(onnx_path: Path, calibration_frames: int = 32, parity_frames: int = 16) -> tuple[Path | None, str]:
+    """The int8 OpenVINO IR of a bench model (``model_int8.xml`` beside it), built once with
+    ``engine build``'s own code, calibrated on synthetic strip frames; (None, why) when NNCF is
+    missing or the build is refused for parity (its message says by how much)."""
+    import importlib.util
+
+    ir = onnx_path.with_name("model_int8.xml")
+    refused = ir.with_suffix(".refused.txt")
+    if ir.is_file() and ir.with_suffix(".bin").is_file() and ir.stat().st_mtime >= onnx_path.stat().st_mtime:
+        return ir, "cached"
+    if refused.is_file() and refused.stat().st_mtime >= onnx_path.stat().st_mtime:
+        return None, refused.read_text(encoding="utf-8").strip() + f" (cached in {refused.name})"
+    if importlib.util.find_spec("nncf") is None:
+        return None, "NNCF is not installed (pip install 'strip-inspection[build]') to build the int8 IR"
+    from engine.build_openvino import BuildParityError, build_openvino
+    from engine.metadata import read_onnx_metadata
+    from engine.parity import synthetic_frames
+
+    meta = read_onnx_metadata(str(onnx_path))
+    frames = synthetic_frames(calibration_frames + parity_frames, *meta.input_size, seed=99)
+    log.info("building the int8 OpenVINO IR of %s (NNCF, %d calibration frames)", onnx_path, calibration_frames)
+    try:
+        build_openvino(onnx_path, ir, "int8", calibration=frames, calibration_frames=calibration_frames,
+                       parity_frames=parity_frames)
+    except BuildParityError as exc:
+        refused.write_text(f"the int8 IR was refused: {exc}\n", encoding="utf-8")
+        return None, f"the int8 IR was refused: {exc}"
+    return ir, "built"

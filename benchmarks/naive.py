@@ -151,9 +151,14 @@ class Agreement:
     count_violations: int
     present_violations: int
     max_count_difference: int
+    #: bf16/int8 rows: the fraction of pixels outside the band their parity tolerance lets differ
+    #: (engine.parity ``max_mask_mismatch``); counts and labels then follow the masks. 0 = exact.
+    allowed_fraction: float = 0.0
 
     @property
     def equal(self) -> bool:
+        if self.allowed_fraction:
+            return self.differing_pixels <= self.allowed_fraction * self.pixels
         return not (self.differing_pixels or self.count_violations or self.present_violations)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,14 +171,21 @@ def agreement_band(precision: str, device: str) -> float:
     fp32 on the CPU: 1e-4 (last-bit rounding of per-image vs batched convolutions, numpy vs torch
     sigmoid). fp32 on CUDA: 5e-3, since torch and ONNX Runtime run fp32 convolutions in TF32 there
     (10-bit mantissa) and pick different algorithms per batch size. fp16: 5e-2, the max probability
-    difference the FP16 export is itself allowed against the fp32 reference.
+    difference the FP16 export is itself allowed against the fp32 reference. bf16 (1e-2) and int8
+    (5e-2): the bands their parity tolerances exclude.
     """
     if precision == "fp16":
         return 5e-2
+    if precision in ("bf16", "int8"):
+        # The band the bf16/int8 parity tolerance excludes (engine.parity.BF16_TOLERANCE / INT8_TOLERANCE).
+        from engine.parity import tolerance_for
+
+        return tolerance_for(precision).threshold_band
     return 5e-3 if str(device).startswith("cuda") else 1e-4
 
 
-def agreement(naive: NaiveResult, result: Any, thresholds: Any, min_areas: Any, band: float) -> Agreement:
+def agreement(naive: NaiveResult, result: Any, thresholds: Any, min_areas: Any, band: float,
+              allowed_fraction: float = 0.0) -> Agreement:
     """Compares ``result`` (masks/counts/present of a backend) with ``naive`` on the same frames."""
     c = naive.masks.shape[1]
     t = np.asarray(thresholds, dtype=np.float32).reshape(1, c, 1, 1)
@@ -191,4 +203,5 @@ def agreement(naive: NaiveResult, result: Any, thresholds: Any, min_areas: Any, 
         count_violations=int((count_diff > near_count).sum()),
         present_violations=int((~present_ok).sum()),
         max_count_difference=int(count_diff.max(initial=0)),
+        allowed_fraction=allowed_fraction,
     )

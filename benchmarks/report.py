@@ -37,10 +37,13 @@ def throughput_markdown(report: dict[str, Any]) -> str:
         flops = model.get("flops")
         flops_text = f"{flops['flops_per_image'] / 1e9:.2f} GFLOP/image ({flops['method']})" if flops else "FLOPs n/a"
         out.append(f"- model `{model['file']}`: {model['summary']}; {flops_text}")
+    if report.get("cpu_features"):
+        out.append(f"- {report['cpu_features']['line']}")
     for peak in report["peaks"]:
         out.append(
-            f"- peak: {peak['flops_per_s'] / 1e9:,.1f} GFLOP/s ({peak['size']}x{peak['size']} {peak['dtype']} "
-            f"matmul on {peak['device']}, best of {peak['repeats']}"
+            f"- peak {peak['dtype']}: {peak['flops_per_s'] / 1e9:,.1f} G{'OP' if peak['dtype'] == 'int8' else 'FLOP'}/s "
+            f"({peak['size']}x{peak['size']} {peak['dtype']} matmul on {peak['device']}, "
+            f"{peak.get('method', 'torch.matmul')}, best of {peak['repeats']}"
             + (f", {peak['threads']} threads" if peak.get("threads") else "")
             + ")"
         )
@@ -81,7 +84,8 @@ def throughput_markdown(report: dict[str, Any]) -> str:
     out.append(markdown_table(headers, table))
     out.append("")
     for check in report.get("naive_agreement", []):
-        verdict = "equal to" if check["equal"] else "DIFFERENT from"
+        loose = check.get("allowed_fraction")
+        verdict = ("within tolerance of" if loose else "equal to") if check["equal"] else "DIFFERENT from"
         out.append(
             f"- {check['backend']} ({check['model']}): outputs {verdict} the naive pipeline's on "
             f"{check['frames']} frames (masks outside +-{check['band']:g} of the threshold: "

@@ -32,17 +32,16 @@ from engine.backends.tensorrt import (
     write_sidecar,
 )
 from engine.cli_util import CLIError
+from engine.graph import UNET_LAYER_MARK
 from engine.metadata import ModelMetadata, read_onnx_metadata
 
 log = logging.getLogger(__name__)
 
-HELP = "build a TensorRT engine (and its .json sidecar) from an exported ONNX inspection graph"
+HELP = "build a TensorRT engine (and its .json sidecar), or an OpenVINO IR (--target openvino), from an exported ONNX graph"
 DESCRIPTION = __doc__.split("\n\n", 1)[0]
 
 STRONGLY_TYPED = "strongly-typed"
 FP16_FLAG = "fp16-builder-flag"
-# Layers of the U-Nets carry their module path in their names (the exporter names nodes after modules).
-UNET_LAYER_MARK = "/folds."
 
 
 @dataclass(frozen=True)
@@ -327,17 +326,30 @@ def _write_engine(trt: Any, plan: BuildPlan, data: bytes, facts: dict[str, Any],
 
 
 def add_arguments(parser: Any) -> None:
+    from engine import build_openvino
+
+    parser.add_argument("--target", choices=("tensorrt", "openvino"), default="tensorrt",
+                        help="tensorrt (a GPU engine, default) or openvino (an IR for the CPU: see below)")
     parser.add_argument("--onnx", required=True, type=Path, help="the exported inspection graph")
-    parser.add_argument("--out", required=True, type=Path, help="engine file to write (.engine or .plan)")
-    parser.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="engine precision (default fp16)")
+    parser.add_argument("--out", required=True, type=Path, help="file to write (.engine/.plan; .xml for openvino)")
+    parser.add_argument("--precision", choices=("fp16", "fp32", "bf16", "int8"), default=None,
+                        help="tensorrt: fp16 (default) or fp32; openvino: bf16 (default), fp32 or int8")
     parser.add_argument("--min-batch", type=int, default=1, help="smallest batch of the profile (default 1)")
     parser.add_argument("--opt-batch", type=int, default=8, help="batch the kernels are tuned for (default 8)")
     parser.add_argument("--max-batch", type=int, default=32, help="largest batch of the profile (default 32)")
     parser.add_argument("--timing-cache", type=Path, help="timing cache file, reused and updated across builds")
     parser.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace limit in GiB (default 4)")
+    build_openvino.add_arguments(parser)
 
 
 def run(args: Any) -> int:
+    if args.target == "openvino":
+        from engine import build_openvino
+
+        return build_openvino.run(args)
+    args.precision = args.precision or "fp16"
+    if args.precision not in ("fp16", "fp32"):
+        raise ValueError(f"--precision {args.precision} is for --target openvino; a TensorRT engine is fp16 or fp32")
     try:
         import tensorrt as trt
 

@@ -48,6 +48,10 @@ OUTPUT_NAMES: tuple[str, ...] = tuple(o.name for o in OUTPUTS)
 OPTIONAL_OUTPUTS: tuple[TensorSpec, ...] = (PROBS,)
 PROBS_NAME = PROBS.name
 SPECS: dict[str, TensorSpec] = {s.name: s for s in (FRAMES, *OUTPUTS, *OPTIONAL_OUTPUTS)}
+#: The fold U-Nets' nodes carry their module path in their names (the exporter names nodes after
+#: modules: ``/folds.0/encoder/...``); everything else is pre- or post-processing, which runtimes
+#: keep in fp32 (TensorRT's FP16 flag, OpenVINO bf16, NNCF INT8).
+UNET_LAYER_MARK = "/folds."
 
 
 def shape(name: str, n: int | str, num_classes: int, height: int, width: int) -> tuple:

@@ -17,7 +17,7 @@ from engine import graph
 from engine.hashing import file_sha256
 from engine.metadata import ModelMetadata
 
-HELP = "show a model file's metadata and inputs/outputs (.onnx, .engine/.plan, .pt)"
+HELP = "show a model file's metadata and inputs/outputs (.onnx, .xml, .engine/.plan, .pt)"
 
 
 def _onnx_dtype(elem_type: int) -> str:
@@ -127,6 +127,42 @@ def _live_engine_io(path: Path) -> list[dict[str, Any]] | str:
     return io
 
 
+def describe_openvino(path: Path) -> dict[str, Any]:
+    """An OpenVINO IR: metadata and build facts from its rt_info, I/O from the model (weights not run)."""
+    from engine.backends.openvino import build_info, model_metadata, read_model
+    from engine.hashing import file_sha256
+
+    model = read_model(path)
+    metadata = model_metadata(model, str(path))
+    build = build_info(model)
+
+    def tensors(ports: Any, mode: str) -> list[dict[str, Any]]:
+        return [{"name": p.get_any_name(), "mode": mode, "dtype": p.get_element_type().to_dtype().name,
+                 "shape": ["N" if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]} for p in ports]
+
+    weights = path.with_suffix(".bin")
+    return {
+        "file": str(path),
+        "format": "openvino",
+        "size_bytes": weights.stat().st_size,
+        "sha256": file_sha256(weights),
+        "nodes": len(model.get_ordered_ops()),
+        "build": build,
+        "io": tensors(model.inputs, "input") + tensors(model.outputs, "output"),
+        "metadata": metadata.to_dict(),
+    }
+
+
+def auto_backend_line(path: Path) -> str:
+    """Which backend ``load_backend(path)`` / ``server serve`` would run the file on here, and why."""
+    from engine.backends import choose_backend
+
+    try:
+        return choose_backend(path)[1]
+    except ValueError as exc:
+        return f"none ({exc})"
+
+
 def describe_torch(path: Path) -> dict[str, Any]:
     from engine.checkpoint import ENSEMBLE_FORMAT, FoldCheckpoint
     from engine.model import UNetConfig, fold_metadata, load_checkpoint
@@ -161,12 +197,17 @@ def describe_model(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such model file")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return describe_onnx(path)
+        return {**describe_onnx(path), "runs_on": auto_backend_line(path)}
     if suffix in (".engine", ".plan"):
         return describe_engine(path)
     if suffix == ".pt":
-        return describe_torch(path)
-    raise ValueError(f"{path}: unknown model file type {suffix!r}; expected .onnx, .engine/.plan or .pt")
+        info = describe_torch(path)
+    elif suffix == ".xml":
+        info = describe_openvino(path)
+    else:
+        raise ValueError(f"{path}: unknown model file type {suffix!r}; expected .onnx, .xml, .engine/.plan or .pt")
+    info["runs_on"] = auto_backend_line(path)
+    return info
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -188,6 +229,17 @@ def format_info(info: dict[str, Any]) -> str:
             f"{info.get('build_seconds')} s, {info.get('built_at')}",
             f"  onnx        {info['onnx_path']} (sha256 {info['onnx_sha256'][:16]}...)",
         ]
+    if info["format"] == "openvino":
+        build = info.get("build", {})
+        parity = build.get("parity") or {}
+        lines.append(f"  openvino    {build.get('precision', '?')} IR, {info['nodes']} nodes, OpenVINO "
+                     f"{build.get('openvino_version', '?')}, built {build.get('built_at', '?')} from {build.get('onnx', '?')}")
+        if parity:
+            lines.append(f"  parity      vs the fp32 graph on {parity['frames']} held-out frames: mask Dice "
+                         f"{parity['mask_dice']:.4f}, labels agree {parity['present_agreement']:.3f}, max |dcount| "
+                         f"{parity['max_count_diff']}, max |dprob| {parity['max_prob_diff']:.3g}")
+    if "runs_on" in info:
+        lines.append(f"  runs on     {info['runs_on']}")
     lines.append(
         f"  model       {meta['model_version']}: {meta['folds']} x {meta['encoder']} U-Net, {meta['precision']}, "
         f"written by strip-inspection {meta['project_version']}"

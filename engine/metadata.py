@@ -24,6 +24,8 @@ DEFAULT_CLASS_NAMES = ("pits/dents", "stains", "scratches", "cracks/scabs")
 TTA_MODES = ("none", "hflip", "hvflip")
 #: Segmentation networks (smp decoders) a fold can be: both export into the same inspection graph.
 ARCHS = ("unet", "fpn")
+#: Compute precisions of the U-Nets in an artifact: fp32/fp16 graphs and engines, bf16/int8 OpenVINO IRs.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def project_version() -> str:
@@ -54,7 +56,7 @@ class ModelMetadata:
         arch: the segmentation network (``unet``, ``fpn``).
         in_channels: channels the U-Net takes (1 = grayscale).
         mean, std: input normalisation after scaling to 0..1: ``x = (frame / 255 - mean) / std``.
-        precision: ``fp32`` or ``fp16`` (the compute precision of the graph).
+        precision: the U-Nets' compute precision, one of :data:`PRECISIONS`.
         model_version: identifies this model (run name and checkpoint hash prefix).
         project_version: version of this software that wrote the artifact.
         drift_reference: reference statistics for drift monitoring, or ``None``.
@@ -103,8 +105,8 @@ class ModelMetadata:
         for name in ("input_height", "input_width", "train_height", "train_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.std <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.arch not in ARCHS:

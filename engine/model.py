@@ -336,6 +336,8 @@ class InspectionModel(nn.Module):
         with_probs: also return the mean probabilities ``[N, C, H, W]`` (float32), for debugging.
         compute_dtype: dtype the U-Nets run in (float16 for the FP16 graph); pre- and
             post-processing stay in float32.
+        autocast: run the U-Nets (only them) under ``torch.autocast`` in this dtype (bfloat16 on a
+            CPU with native bf16); None for none. Never used for export.
     """
 
     def __init__(
@@ -344,6 +346,7 @@ class InspectionModel(nn.Module):
         meta: ModelMetadata,
         with_probs: bool = False,
         compute_dtype: torch.dtype = torch.float32,
+        autocast: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not folds:
@@ -355,6 +358,7 @@ class InspectionModel(nn.Module):
         self.meta = meta
         self.with_probs = with_probs
         self.compute_dtype = compute_dtype
+        self.autocast = autocast
         self.register_buffer("thresholds", torch.tensor(meta.thresholds, dtype=torch.float32), persistent=False)
         self.register_buffer("min_areas", torch.tensor(meta.min_areas, dtype=torch.int32), persistent=False)
         gate_thresholds = meta.gate_thresholds if meta.gate_thresholds is not None else [0.5] * meta.num_classes
@@ -380,7 +384,11 @@ class InspectionModel(nn.Module):
         x = preprocess(frames, self.meta, self.compute_dtype)
         total, gates = None, []
         for fold, stride in zip(self.folds, self.strides):
-            p, g = fold_outputs(fold, x, self.meta.train_size, stride, self.meta.tta)
+            if self.autocast is None:
+                p, g = fold_outputs(fold, x, self.meta.train_size, stride, self.meta.tta)
+            else:
+                with torch.autocast(x.device.type, dtype=self.autocast):
+                    p, g = fold_outputs(fold, x, self.meta.train_size, stride, self.meta.tta)
             total = p if total is None else total + p
             gates.append(g)
         probs = total * (1.0 / len(self.folds))

@@ -8,9 +8,10 @@ import logging
 import signal
 from pathlib import Path
 
+from engine.backends import BACKEND_CHOICES
 from server import config
 
-HELP = "serve a model (.onnx, .engine/.plan, .pt) over gRPC with dynamic batching"
+HELP = "serve a model (.onnx, .xml, .engine/.plan, .pt) over gRPC with dynamic batching"
 DESCRIPTION = (
     "Serves the inspection.v1.InspectionService on --bind:--port. Health says NOT_SERVING until the "
     "model is loaded and warmed up, SERVING after. SIGTERM/SIGINT: health NOT_SERVING, no new calls, "
@@ -26,10 +27,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from server.console import add_arguments as add_console_arguments
 
     add_console_arguments(parser)  # --console-port, a group of its own (listed after the server's options)
-    parser.add_argument("--model", type=Path, required=True, help="model file: .onnx, .engine/.plan or .pt")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="model file: .onnx, .xml (OpenVINO IR), .engine/.plan or .pt")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="runtime for the model (default auto: for .onnx on a CPU OpenVINO bf16 where the CPU "
+                        "has native bf16 and openvino is installed, else ONNX Runtime fp32; the server log, "
+                        "GetModelInfo and 'engine info' say which)")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "int8", "fp16"),
+                        help="ask for a precision where the backend has a choice (OpenVINO, torch)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="ONNX Runtime CPU threads for .onnx models (default: one per core)")
+                        help="CPU threads for ONNX Runtime / OpenVINO (.onnx, .xml) models (default: one per core)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds to finish accepted frames on shutdown (default: 30)")
     config.add_arguments(parser)  # every ServerConfig field, its default and help from the dataclass
@@ -39,19 +47,24 @@ config_from_args = config.config_from_args
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from engine.backends import backend_class, load_backend
+    from engine.backends import backend_class, choose_backend, load_backend
     from server.service import InspectionServer
 
     backend_class(args.model)  # an unknown suffix fails now, before a port opens
     if not args.model.is_file():
         raise FileNotFoundError(f"--model {args.model}: no such model file")
+    chosen, why = choose_backend(args.model, args.device, args.backend, args.precision)
     options = {}
     if args.threads is not None:
-        if args.model.suffix.lower() != ".onnx":
-            raise ValueError(f"--threads applies to .onnx models (ONNX Runtime), not {args.model.suffix}")
+        if chosen not in ("onnxruntime", "openvino"):
+            raise ValueError(f"--threads applies to ONNX Runtime and OpenVINO models (.onnx, .xml), not {args.model.suffix}")
         options["threads"] = args.threads
     config = config_from_args(args)
-    server = InspectionServer(lambda: load_backend(args.model, device=args.device, **options), config)
+    log.info("event=backend_choice backend=%s reason=%r", chosen, why)
+    server = InspectionServer(
+        lambda: load_backend(args.model, device=args.device, backend=args.backend, precision=args.precision, **options),
+        config,
+    )
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -62,6 +62,7 @@ def model_info(backend: Backend, max_batch: int) -> pb.ModelInfo:
         min_areas=meta.min_areas,
         backend=backend.name,
         precision=backend.precision,
+        backend_selection=backend.selection,
         model_version=meta.model_version,
         device=backend.device,
         max_batch=max_batch,

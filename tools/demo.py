@@ -1,4 +1,8 @@
-"""`make demo`: the whole line on a laptop, on the embedded default (CPU + ONNX Runtime).
+"""`make demo`: the whole line on a laptop, on the embedded default (the CPU, its fastest backend).
+
+Training runs in bf16 autocast where the CPU has native bf16 (``trainer fit``'s ``--amp``, on by
+default), and the server and ``trainer evaluate --model`` run the graph on the backend
+``load_backend`` picks (OpenVINO with bf16 U-Nets where the CPU has bf16, else ONNX Runtime fp32).
 
 Runs the product's own command-line tools, one step after another, exactly as a user would:
 synthesise strip images, train 5 folds, evaluate on the holdout, export one ONNX graph, serve
@@ -144,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         demo.run("1-synth", "trainer", "synth", "--out", str(data), "--images", str(args.images), "--seed", "0",
                  "--force")
 
-        demo.banner("trainer fit: 5 folds on the CPU preset " + ", ".join(f"{k}={v}" for k, v in PRESET.items()))
+        from engine.cpu import supports_bf16
+
+        precision = "bf16 autocast" if supports_bf16() else "fp32 (no native bf16 on this CPU)"
+        demo.banner(f"trainer fit: 5 folds in {precision} on the CPU preset "
+                    + ", ".join(f"{k}={v}" for k, v in PRESET.items()))
         preset_flags = [x for k, v in PRESET.items() for x in (f"--{k}", v)]
         demo.run("2-fit", "trainer", "fit", "--data", str(data), "--out", str(run), "--folds", "5",
                  "--holdout", "0.15", "--epochs", str(args.epochs), "--patience", "4", "--encoder-weights", "none",
@@ -164,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         target = f"127.0.0.1:{port}"
         metrics_port = free_port()
-        demo.banner(f"server serve: {model.name} on {target} (ONNX Runtime, CPU)")
+        from engine.backends import choose_backend
+
+        demo.banner(f"server serve: {model.name} on {target} ({choose_backend(model, 'cpu')[1]})")
         server_log = open(demo.logs / "5-serve.log", "wb")
         server = subprocess.Popen(
             [str(BIN / "server"), "serve", "--model", str(model), "--port", str(port),
@@ -198,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             raise StepFailed(f"the streamed results do not score as the exported model run directly ({', '.join(differ)})")
         print("streamed results score exactly as the exported model run directly (Kaggle metric, labels, confusion)")
 
-        demo.banner("bench throughput: the exported model, ONNX Runtime vs torch eager vs the naive pipeline")
+        demo.banner("bench throughput: the exported model, ONNX Runtime vs OpenVINO vs torch eager vs the naive pipeline")
         demo.run("7-bench", "bench", "throughput", "--model", str(model), "--model", str(model.with_suffix(".pt")),
                  "--batch-sizes", "1,4,8",
                  "--frames", "32", "--json", str(out / "bench.json"), "--plot", str(out / "bench.png"))

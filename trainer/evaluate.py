@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.backends import BACKEND_CHOICES
 from engine.backends.base import InspectionResult
 from engine.decision import default_min_areas, default_thresholds
 from engine.devices import parse_device
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=SPLITS, default="holdout", help="which images to score (default holdout)")
     parser.add_argument("--model", metavar="FILE", help="score this exported model (.onnx/.pt/.engine) instead of "
                         "the run's fold checkpoints")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="runtime for --model (default auto: for .onnx on a CPU OpenVINO bf16 where the CPU has "
+                        "native bf16 and openvino is installed, else ONNX Runtime fp32)")
     parser.add_argument("--predictions", metavar="CSV", help="score this Kaggle-format predictions CSV "
                         "(ImageId,ClassId,EncodedPixels; e.g. from 'server client') instead of running a model; "
                         "every scored image must appear in it")
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, workers=args.workers,
         threshold_grid=numbers(args.thresholds, float, "--thresholds"),
         min_area_grid=numbers(args.min_areas, int, "--min-areas"), progress=args.progress, tta=args.tta,
+        backend_name=args.backend,
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -197,8 +202,11 @@ def evaluate_run(
     min_area_grid: Sequence[int] | None = None,
     progress: bool = False,
     tta: str | None = None,
+    backend_name: str | None = None,
 ) -> dict[str, Any]:
     """Scores a split; for ``oof`` also searches and writes ``RUN/postprocess.json``. Returns the result dict.
+
+    ``--model`` runs on the backend :func:`engine.backends.load_backend` chooses (``backend_name`` forces one).
 
     Raises:
         FileNotFoundError: run files, checkpoints, data images or the model file are missing.
@@ -218,7 +226,7 @@ def evaluate_run(
     groups = _split_groups(split, load_samples(dirs, data_cfg), run_dir, cfg)
     scoring = _Scoring(cfg, data_cfg, split, torch_device_for(parse_device(device, "--device")), threshold_grid)
     scoring.tta = resolve_tta(run_dir, tta)
-    backend = None if model_path is None else _open_model(model_path, device, data_cfg)
+    backend = None if model_path is None else _open_model(model_path, device, data_cfg, backend_name)
     if backend is not None and backend.max_batch_size is not None:
         batch_size = min(batch_size, backend.max_batch_size)
     predictions = None if predictions_path is None else _read_predictions(Path(predictions_path), groups, split,
@@ -262,11 +270,11 @@ def _check_request(split: str, model_path: Any, predictions_path: Any) -> None:
                          "model averages every fold (each saw those images), so drop --model for oof")
 
 
-def _open_model(model_path: str | Path, device: str, data_cfg: Any) -> Any:
+def _open_model(model_path: str | Path, device: str, data_cfg: Any, backend_name: str | None = None) -> Any:
     """The exported model through its engine backend, checked against the data."""
     from engine.backends import load_backend
 
-    backend = load_backend(model_path, device=device)
+    backend = load_backend(model_path, device=device, backend=backend_name)
     meta = backend.metadata
     if meta.num_classes != data_cfg.num_classes or meta.input_size != data_cfg.size:
         backend.close()
@@ -293,8 +301,8 @@ def _run_predictor(run_dir: Path, fold: int | None, cfg: FitConfig, scoring: _Sc
     """The run's ensemble (holdout, all), or the one fold that did not train on ``fold`` (oof)."""
     if fold is not None:
         return Predictor.of_run(run_dir, [fold], scoring.device,
-                                override={**scoring.baseline, "tta": scoring.tta, "gate_thresholds": None})
-    predictor = Predictor.of_run(run_dir, "all", scoring.device, override={"tta": scoring.tta})
+                                override={**scoring.baseline, "tta": scoring.tta, "gate_thresholds": None}, amp=cfg.amp)
+    predictor = Predictor.of_run(run_dir, "all", scoring.device, override={"tta": scoring.tta}, amp=cfg.amp)
     if predictor.metadata.folds < cfg.folds:
         log.warning("only %d of the run's %d folds have a best.pt; scoring their ensemble",
                     predictor.metadata.folds, cfg.folds)

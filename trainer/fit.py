@@ -134,7 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--pos-weight", type=_csv_floats, default=S, metavar="W1,W2,..",
                    help="per-class weight of defect pixels in the BCE, e.g. 2,2,1,1.5")
     o.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S,
-                   help="mixed precision on CUDA (bf16 where supported, else fp16); default on")
+                   help="mixed precision: bf16 autocast + channels_last on CUDA (fp16 where bf16 is not supported) "
+                   "and on a CPU with native bf16 (AVX-512 BF16/AMX); losses and metrics stay fp32; default on")
     o.add_argument("--seed", type=int, default=S, help=f"seed for splits, balancing and training (default {d.seed})")
     x = parser.add_argument_group("execution")
     x.add_argument("--fold", type=int, default=S, help="train only this fold (0-based); default: every fold")
@@ -564,14 +565,14 @@ class FoldTrainer:
         self.stride = network_stride(self.unet)
         self.meta = preprocessing_metadata(cfg)
         self.on_cuda = d.device.type == "cuda"
-        self.memory_format = torch.channels_last if self.on_cuda else torch.contiguous_format
+        self.amp_dtype = _amp_dtype(torch, self.on_cuda, cfg.amp)
+        # channels_last where the convolutions run in reduced precision (CUDA, or bf16 on the CPU).
+        self.memory_format = torch.channels_last if self.on_cuda or self.amp_dtype is not None \
+            else torch.contiguous_format
         self.unet.to(d.device, memory_format=self.memory_format)
         self.optimizer = torch.optim.Adam([p for p in self.unet.parameters() if p.requires_grad], lr=cfg.lr)
         self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, factor=0.5, patience=max(1, cfg.patience // 3)) if cfg.lr_schedule == "plateau" else None)
-        self.amp_dtype = None
-        if self.on_cuda and cfg.amp:
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(d.device)
         self.stopping = _EarlyStopping(cfg.patience)
@@ -683,9 +684,7 @@ class FoldTrainer:
     def _autocast(self):
         import torch
 
-        if self.on_cuda:
-            return torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-        return torch.autocast("cpu", enabled=False)
+        return torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def _new_sums(self):
         import torch
@@ -709,10 +708,11 @@ class FoldTrainer:
         """(mask logits, loss): the segmentation loss, plus the gate head's BCE on presence labels."""
         import torch.nn.functional as F
 
+        # Losses and metrics in fp32, whatever the network ran in.
         if not isinstance(out, (tuple, list)):
-            return out, self.criterion(out, y)
+            return out, self.criterion(out.float(), y)
         presence = y.flatten(2).amax(dim=2)
-        return out[0], self.criterion(out[0], y) + F.binary_cross_entropy_with_logits(out[1].float(), presence)
+        return out[0], self.criterion(out[0].float(), y) + F.binary_cross_entropy_with_logits(out[1].float(), presence)
 
     def train_epoch(self, epoch: int):
         """One pass over the training loader; returns the summed statistics (this process's share)."""
@@ -836,3 +836,15 @@ class FoldTrainer:
         save_fold_checkpoint(self.paths.last, ucfg, self.unet, facts, self.training_state(finished).to_dict())
         if improved:
             save_fold_checkpoint(self.paths.best, ucfg, self.unet, facts)
+
+
+def _amp_dtype(torch: Any, on_cuda: bool, amp: bool) -> Any:
+    """The autocast dtype of ``--amp``: bf16 on CUDA where supported (else fp16), bf16 on a CPU with
+    native bf16 (:func:`engine.cpu.supports_bf16`), None (fp32) otherwise."""
+    from engine.cpu import cpu_autocast_dtype
+
+    if not amp:
+        return None
+    if on_cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return cpu_autocast_dtype(amp)

@@ -35,9 +35,10 @@ class RunEnsembleBackend(Backend):
     name = "torch (run folds)"
 
     def __init__(self, run_dir: Path, folds: Sequence[int] | str, device: Any,
-                 override: dict[str, Any] | None = None) -> None:
+                 override: dict[str, Any] | None = None, amp: bool = False) -> None:
         import torch
 
+        from engine.cpu import cpu_autocast_dtype
         from engine.model import InspectionModel
         from trainer.export import load_run
 
@@ -47,7 +48,11 @@ class RunEnsembleBackend(Backend):
         self.device = str(device)
         self._torch_device = device
         self._torch = torch
-        self.model = InspectionModel(loaded.folds, self.metadata, with_probs=True).eval().to(device)
+        # The U-Nets under bf16 autocast on a CPU with native bf16 when the run trained with --amp;
+        # probabilities, losses and metrics stay fp32.
+        autocast = cpu_autocast_dtype(amp) if self.device.startswith("cpu") else None
+        self.precision = "bf16" if autocast is not None else "fp32"
+        self.model = InspectionModel(loaded.folds, self.metadata, with_probs=True, autocast=autocast).eval().to(device)
         which = f"fold {loaded.fold_ids[0]}" if len(loaded.fold_ids) == 1 else f"ensemble of folds {loaded.fold_ids}"
         self.description = f"{which} of {run_dir}"
 
@@ -101,13 +106,14 @@ class Predictor:
 
     @classmethod
     def of_run(cls, run_dir: Path, folds: Sequence[int] | str, device: Any,
-               override: dict[str, Any] | None = None) -> Predictor:
-        backend = RunEnsembleBackend(run_dir, folds, device, override)
+               override: dict[str, Any] | None = None, amp: bool = False) -> Predictor:
+        backend = RunEnsembleBackend(run_dir, folds, device, override, amp)
         return cls(name=backend.description, metadata=backend.metadata, backend=backend)
 
     @classmethod
     def of_backend(cls, path: str | Path, backend: Backend) -> Predictor:
-        return cls(name=f"{path} ({backend.name}, {backend.device})", metadata=backend.metadata, backend=backend)
+        return cls(name=f"{path} ({backend.name} {backend.precision}, {backend.device})", metadata=backend.metadata,
+                   backend=backend)
 
     @classmethod
     def of_predictions(cls, predictions: PredictionsFile) -> Predictor:

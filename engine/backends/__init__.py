@@ -1,4 +1,9 @@
-"""Backends by file suffix: ``.engine``/``.plan`` TensorRT, ``.onnx`` ONNX Runtime, ``.pt`` torch.
+"""Backends by file suffix: ``.engine``/``.plan`` TensorRT, ``.onnx`` ONNX Runtime or OpenVINO,
+``.xml`` OpenVINO IR, ``.pt`` torch.
+
+An ``.onnx`` file on the CPU runs on the fastest backend that is here and within tolerance (see
+:func:`choose_backend`): OpenVINO with the U-Nets in bf16 where the CPU has native bf16 and
+openvino is installed, else ONNX Runtime fp32. ``backend=`` forces one.
 
 Each implementation imports its runtime (tensorrt, onnxruntime, torch) only when loaded, so a
 machine without TensorRT, or a server with an ONNX model, never pays for the others.
@@ -17,8 +22,19 @@ SUFFIXES: dict[str, tuple[str, str]] = {
     ".engine": ("engine.backends.tensorrt", "TensorRTBackend"),
     ".plan": ("engine.backends.tensorrt", "TensorRTBackend"),
     ".onnx": ("engine.backends.onnxruntime", "OnnxRuntimeBackend"),
+    ".xml": ("engine.backends.openvino", "OpenVinoBackend"),
     ".pt": ("engine.backends.torch", "TorchBackend"),
 }
+
+
+#: backend name -> (module, class, suffixes it runs)
+BACKENDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "onnxruntime": ("engine.backends.onnxruntime", "OnnxRuntimeBackend", (".onnx",)),
+    "openvino": ("engine.backends.openvino", "OpenVinoBackend", (".onnx", ".xml")),
+    "tensorrt": ("engine.backends.tensorrt", "TensorRTBackend", (".engine", ".plan")),
+    "torch": ("engine.backends.torch", "TorchBackend", (".pt",)),
+}
+BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def backend_class(path: str | Path) -> type[Backend]:
@@ -26,19 +42,86 @@ def backend_class(path: str | Path) -> type[Backend]:
     if suffix not in SUFFIXES:
         raise ValueError(
             f"{path}: unknown model file type {suffix!r}; expected one of {', '.join(SUFFIXES)} "
-            "(.engine/.plan TensorRT, .onnx ONNX Runtime, .pt torch)"
+            "(.engine/.plan TensorRT, .onnx ONNX Runtime or OpenVINO, .xml OpenVINO IR, .pt torch)"
         )
     module, cls = SUFFIXES[suffix]
     return getattr(importlib.import_module(module), cls)
 
 
-def load_backend(path: str | Path, device: str = "auto", **options: Any) -> Backend:
-    """Loads a model file with the backend its suffix names.
+def _openvino_here() -> str | None:
+    """None when OpenVINO can run bf16 here, else why not."""
+    import importlib.util
+
+    from engine.cpu import no_bf16_reason, supports_bf16
+
+    if importlib.util.find_spec("openvino") is None:
+        return "openvino is not installed"
+    if not supports_bf16():
+        return no_bf16_reason()
+    return None
+
+
+def _ort_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def choose_backend(
+    path: str | Path, device: str = "auto", backend: str | None = None, precision: str | None = None
+) -> tuple[str, str]:
+    """Which backend runs ``path``, and why (one line for logs).
+
+    ``auto`` for an ``.onnx`` file: ONNX Runtime on a GPU (device cuda, or auto with
+    onnxruntime-gpu present); on the CPU OpenVINO (U-Nets in bf16, pre/post-processing fp32, within
+    the tolerance of :data:`engine.parity.BF16_TOLERANCE`) where the CPU has native bf16 and openvino is
+    installed, else ONNX Runtime fp32. ``precision="fp32"`` on the CPU picks ONNX Runtime, ``bf16``
+    OpenVINO. Other suffixes have one backend.
+
+    Raises:
+        ValueError: an unknown backend, or one that cannot run this file type.
+    """
+    from engine.devices import parse_device
+
+    suffix = Path(path).suffix.lower()
+    if backend not in (None, *BACKEND_CHOICES):
+        raise ValueError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
+    if backend not in (None, "auto"):
+        if suffix not in BACKENDS[backend][2]:
+            raise ValueError(f"{path}: the {backend} backend runs {'/'.join(BACKENDS[backend][2])} files, not {suffix}")
+        return backend, f"{backend} (asked for)"
+    if suffix != ".onnx":
+        backend_class(path)  # unknown suffixes fail here
+        name = next(n for n, (m, c, _) in BACKENDS.items() if (m, c) == SUFFIXES[suffix])
+        return name, f"{name} (the backend for {suffix} files)"
+    kind = parse_device(device).kind
+    if kind == "cuda" or (kind == "auto" and precision is None and _ort_has_cuda()):
+        return "onnxruntime", "onnxruntime (GPU device)"
+    if precision == "fp32":
+        return "onnxruntime", "onnxruntime (fp32 asked for)"
+    why_not = _openvino_here()
+    if why_not is None:
+        return "openvino", "openvino bf16 (auto: the fastest CPU backend within tolerance here)"
+    if precision == "bf16":
+        raise ValueError(f"precision bf16 asked for, but OpenVINO bf16 cannot run here: {why_not}")
+    return "onnxruntime", f"onnxruntime fp32 (auto: {why_not})"
+
+
+def load_backend(
+    path: str | Path, device: str = "auto", backend: str | None = None, precision: str | None = None, **options: Any
+) -> Backend:
+    """Loads a model file with the backend :func:`choose_backend` picks (or ``backend``).
 
     Args:
-        path: ``.engine``/``.plan``, ``.onnx`` or ``.pt`` file.
+        path: ``.engine``/``.plan``, ``.onnx``, ``.xml`` (OpenVINO IR) or ``.pt`` file.
         device: ``auto`` (GPU when the backend can use one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
-        options: backend-specific settings (e.g. ``threads`` for ONNX Runtime on the CPU).
+        backend: ``auto``/None, or force ``onnxruntime``, ``openvino``, ``tensorrt``, ``torch``.
+        precision: ask for a precision (``fp32``, ``bf16``, ``int8``, ``fp16``) where the backend has a choice.
+        options: backend-specific settings (e.g. ``threads`` for ONNX Runtime or OpenVINO on the CPU).
+
+    The chosen backend's ``selection`` attribute says why it was chosen.
 
     Raises:
         FileNotFoundError: no such file.
@@ -46,10 +129,21 @@ def load_backend(path: str | Path, device: str = "auto", **options: Any) -> Back
         BackendUnavailable: the runtime or device is missing here; the message says how to fix it.
     """
     path = Path(path)
-    cls = backend_class(path)
+    name, why = choose_backend(path, device, backend, precision)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    return cls(path, device=device, **options)
+    module, cls, _ = BACKENDS[name]
+    if precision is not None:
+        if name == "onnxruntime" and precision != "fp32":
+            raise ValueError(f"precision {precision}: ONNX Runtime runs the graph in its own precision (fp32 or an FP16 export)")
+        if name in ("openvino", "torch"):
+            options["precision"] = precision
+    loaded = getattr(importlib.import_module(module), cls)(path, device=device, **options)
+    loaded.selection = why
+    return loaded
 
 
-__all__ = ["Backend", "BackendUnavailable", "InspectionResult", "check_frames", "load_backend", "SUFFIXES"]
+__all__ = [
+    "BACKENDS", "BACKEND_CHOICES", "Backend", "BackendUnavailable", "InspectionResult", "SUFFIXES", "check_frames",
+    "choose_backend", "load_backend",
+]

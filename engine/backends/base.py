@@ -87,6 +87,8 @@ class Backend(abc.ABC):
     metadata: ModelMetadata
     #: Largest batch the backend accepts in one call (a TensorRT profile's max), or None.
     max_batch_size: int | None = None
+    #: Why this backend runs the model (set by :func:`engine.backends.load_backend`).
+    selection: str = ""
 
     @abc.abstractmethod
     def infer(self, frames: Any) -> InspectionResult:

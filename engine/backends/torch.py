@@ -1,8 +1,10 @@
 """Torch backend: the eager reference. The fold U-Nets of a ``.pt`` ensemble bundle (or one fold
 checkpoint) run in :class:`engine.model.InspectionModel`, the module the ONNX graph is traced from.
 
-On the CPU it runs in fp32, the reference every exported model is compared with; on CUDA in fp16
-with channels_last weights (what tensor cores want), unless ``precision="fp32"`` is asked for.
+On CUDA it runs in fp16 with channels_last weights (what tensor cores want); on a CPU with native
+bf16 (:func:`engine.cpu.supports_bf16`) the U-Nets run under bf16 autocast with channels_last, and
+pre/post-processing in fp32; elsewhere in fp32. ``precision="fp32"`` gives the fp32 eager reference
+every exported model is compared with.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class TorchBackend(Backend):
     Args:
         path: ``.pt`` bundle or fold checkpoint.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``fp32`` or ``fp16``; default fp32 on the CPU, fp16 on CUDA.
+        precision: ``fp32``, ``fp16`` (CUDA) or ``bf16`` (autocast; CPU with native bf16, or CUDA);
+            default fp16 on CUDA, bf16 on a CPU with native bf16, else fp32.
         threads: torch CPU threads (process-wide; 0 leaves torch's setting alone).
         with_probs: also return the mean probabilities (debugging, parity tests).
     """
@@ -50,20 +53,25 @@ class TorchBackend(Backend):
         self.path = Path(path)
         self.device = resolve_torch_device(device, torch.cuda.is_available(), torch.cuda.device_count())
         on_cuda = self.device.startswith("cuda")
-        self.precision = precision or ("fp16" if on_cuda else "fp32")
-        if self.precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        from engine.cpu import no_bf16_reason, supports_bf16
+
+        self.precision = precision or ("fp16" if on_cuda else "bf16" if supports_bf16() else "fp32")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.precision == "fp16" and not on_cuda:
             raise ValueError("precision fp16 needs CUDA: half-precision convolutions on the CPU are slow and not the reference")
+        if self.precision == "bf16" and not on_cuda and not supports_bf16():
+            raise BackendUnavailable(f"precision bf16 asked for, but {no_bf16_reason()}; use precision fp32")
         if threads < 0:
             raise ValueError(f"threads must be >= 0, got {threads}")
         if threads:
             torch.set_num_threads(threads)
         folds, _, self.metadata = load_ensemble(self.path)
         dtype = torch.float16 if self.precision == "fp16" else torch.float32
-        model = InspectionModel(folds, self.metadata, with_probs=with_probs, compute_dtype=dtype).eval()
+        autocast = torch.bfloat16 if self.precision == "bf16" else None
+        model = InspectionModel(folds, self.metadata, with_probs=with_probs, compute_dtype=dtype, autocast=autocast).eval()
         model.folds.to(device=self.device, dtype=dtype)
-        if on_cuda:
+        if on_cuda or autocast is not None:
             model.folds.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
         self.with_probs = with_probs

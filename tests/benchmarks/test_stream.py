@@ -36,7 +36,11 @@ def test_stream_in_process_server(tiny_onnx: Path, tmp_path: Path, capsys: pytes
     for title in ("frames/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "raw img/s @batch", "e2e/raw"):
         assert title in stdout
     report = read_report(out)
-    assert report["server"]["mode"] == "in-process" and report["server"]["backend"] == "onnxruntime"
+    from engine.backends import choose_backend
+
+    # The server and the raw pipeline run the backend load_backend picks here (OpenVINO bf16 on a bf16 CPU).
+    assert report["server"]["mode"] == "in-process" and report["server"]["backend"] == choose_backend(tiny_onnx, "cpu")[0]
+    assert {r["backend"] for r in report["raw"].values()} == {report["server"]["backend"]}
     assert report["machine"]["cpu"] and report["machine"]["git"]["commit"]
     assert [s["streams"] for s in report["settings"]] == [1, 3]
     for s in report["settings"]:

@@ -59,7 +59,8 @@ def test_naive_pipeline_equals_the_backends(tiny_models: tuple[Path, Path], tiny
     # The fixture's thresholds make some classes present and others absent: a real comparison.
     assert out.present.any() and not out.present.all()
     for path in (onnx, pt):
-        with load_backend(path, device="cpu") as backend:
+        with load_backend(path, device="cpu", backend="onnxruntime" if path == onnx else "torch",
+                          precision="fp32") as backend:
             result = backend.infer(tiny_frames)
         # fp32 everywhere: only pixels within 1e-4 of a threshold may flip (batched vs per-image
         # convolutions and numpy vs torch sigmoid differ in the last bits).
@@ -106,7 +107,7 @@ def test_throughput_writes_table_json_and_plot(
     rc = cli.main(
         ["throughput", "--model", str(onnx), "--model", str(pt), "--batch-sizes", "1,2", "--frames", "2",
          "--min-repeats", "2", "--naive-frames", "2", "--peak-seconds", "0.05", "--peak-size", "256",
-         "--threads", "1", "--json", str(out_json),
+         "--threads", "1", "--json", str(out_json), "--backends", "onnxruntime,torch,naive",
          "--plot", str(out_png)]
     )
     assert rc == 0
@@ -205,3 +206,42 @@ def test_peak_measurement_reports_what_it_measured() -> None:
     before = torch.backends.cuda.matmul.allow_tf32
     tf32 = measure_peak_flops("cpu", "tf32", size=128, seconds=0.01)
     assert tf32.dtype == "tf32" and torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_reduced_precision_rows_are_held_to_the_peak_of_their_own_precision(
+    tiny_models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default backends on the tiny model plus its int8 IR: OpenVINO fp32/bf16/int8 and torch bf16 rows,
+    a peak per precision (fp32, bf16, int8), each row's % peak against its own, the CPU feature line."""
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    pytest.importorskip("nncf", reason="nncf is not installed")
+    from engine.build_openvino import build_openvino
+    from engine.cpu import cpu_features, no_bf16_reason, supports_bf16
+    from engine.parity import synthetic_frames
+
+    if not supports_bf16():
+        pytest.skip(no_bf16_reason())
+    onnx, pt = tiny_models
+    ir = tmp_path / "model_int8.xml"
+    build_openvino(onnx, ir, "int8", calibration=synthetic_frames(24, 64, 320, seed=3), calibration_frames=16,
+                   parity_frames=8)
+    out_json = tmp_path / "t.json"
+    rc = cli.main(
+        ["throughput", "--model", str(onnx), "--model", str(pt), "--model", str(ir), "--batch-sizes", "2",
+         "--frames", "2", "--min-repeats", "1", "--naive-frames", "1", "--peak-seconds", "0.02", "--peak-size", "256",
+         "--threads", "1", "--json", str(out_json), "--plot", str(tmp_path / "t.png")]
+    )
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert cpu_features().line() in stdout and "AMX-BF16" in stdout
+    report = json.loads(out_json.read_text())
+    peaks = {p["dtype"]: p for p in report["peaks"]}
+    assert set(peaks) == {"float32", "bfloat16", "int8"} and all(p["flops_per_s"] > 0 for p in peaks.values())
+    by_precision = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
+    rows = {(r["backend"], r["precision"]) for r in report["rows"]}
+    assert {("openvino-fp32", "fp32"), ("openvino-bf16", "bf16"), ("openvino-int8", "int8"),
+            ("torch-bf16", "bf16"), ("onnxruntime", "fp32"), ("torch", "fp32")} <= rows
+    for r in report["rows"]:
+        assert r["peak_flops_per_s"] == peaks[by_precision[r["precision"]]]["flops_per_s"], r["backend"]
+    agreement = {c["backend"]: c["equal"] for c in report["naive_agreement"]}
+    assert agreement["openvino-fp32"] and agreement["openvino-bf16"] and agreement["torch-bf16"]

@@ -16,14 +16,14 @@ from engine.rle import decode, encode
 
 @pytest.fixture(scope="module")
 def torch_reference(tiny_pt: Path, tiny_frames: np.ndarray):
-    with load_backend(tiny_pt, device="cpu", with_probs=True) as backend:
+    with load_backend(tiny_pt, device="cpu", precision="fp32", with_probs=True) as backend:
         return backend.infer(tiny_frames)
 
 
 def test_onnxruntime_and_torch_agree(tiny_onnx: Path, tiny_frames: np.ndarray, torch_reference) -> None:
     """Same frames through both backends, FP32 tolerance (engine.parity: masks identical away from the
     1e-3 band around each threshold, counts consistent with masks)."""
-    with load_backend(tiny_onnx, device="cpu", threads=1) as backend:
+    with load_backend(tiny_onnx, device="cpu", backend="onnxruntime", threads=1) as backend:
         assert backend.describe() == {
             "backend": "onnxruntime", "device": "cpu", "precision": "fp32",
             "providers": ["CPUExecutionProvider"], "threads": 1,
@@ -43,7 +43,7 @@ def test_probabilities_agree(tiny_run: Path, tmp_path: Path, tiny_frames: np.nda
     from trainer.export import export_onnx
 
     export_onnx(tiny_run, tmp_path / "probs.onnx", with_probs=True, parity_frames=0)
-    with load_backend(tmp_path / "probs.onnx", device="cpu") as backend:
+    with load_backend(tmp_path / "probs.onnx", device="cpu", backend="onnxruntime") as backend:
         result = backend.infer(tiny_frames)
     assert result.probs is not None and result.probs.dtype == np.float32
     assert np.abs(result.probs - torch_reference.probs).max() <= 1e-4
@@ -52,7 +52,7 @@ def test_probabilities_agree(tiny_run: Path, tmp_path: Path, tiny_frames: np.nda
 
 
 def test_backend_rle_equals_engine_rle(tiny_onnx: Path, tiny_frames: np.ndarray, torch_reference) -> None:
-    with load_backend(tiny_onnx, device="cpu") as backend:
+    with load_backend(tiny_onnx, device="cpu", backend="onnxruntime") as backend:
         result = backend.infer(tiny_frames)
     for res in (result, torch_reference):
         rles = res.rle()
@@ -68,7 +68,7 @@ def test_batch_of_one_and_torch_tensor_input(tiny_onnx: Path, tiny_frames: np.nd
     """The dynamic batch axis: one frame, or a torch tensor, gives that frame's answer (FP32 tolerance)."""
     import torch
 
-    with load_backend(tiny_onnx, device="cpu") as backend:
+    with load_backend(tiny_onnx, device="cpu", backend="onnxruntime") as backend:
         single = backend.infer(tiny_frames[2:3])
         from_tensor = backend.infer(torch.from_numpy(tiny_frames[:2]))
     meta = backend.metadata
@@ -114,18 +114,18 @@ def test_bad_model_files(tmp_path: Path, tiny_onnx: Path) -> None:
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"this is not a protobuf at all" * 10)
     with pytest.raises(ValueError, match="garbage.onnx: ONNX Runtime cannot load this model"):
-        load_backend(garbage, device="cpu")
+        load_backend(garbage, device="cpu", backend="onnxruntime")
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(tiny_onnx.read_bytes()[: tiny_onnx.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated.onnx: ONNX Runtime cannot load this model"):
-        load_backend(truncated, device="cpu")
+        load_backend(truncated, device="cpu", backend="onnxruntime")
     # A valid ONNX model that is not an inspection graph.
     model = onnx.load(str(tiny_onnx))
     del model.metadata_props[:]
     foreign = tmp_path / "foreign.onnx"
     onnx.save(model, str(foreign))
     with pytest.raises(ValueError, match="carries no inspection metadata"):
-        load_backend(foreign, device="cpu")
+        load_backend(foreign, device="cpu", backend="onnxruntime")
     corrupt_pt = tmp_path / "corrupt.pt"
     corrupt_pt.write_bytes(b"\x80\x02garbage")
     with pytest.raises(ValueError, match="corrupt.pt: not a readable torch checkpoint"):
@@ -134,13 +134,13 @@ def test_bad_model_files(tmp_path: Path, tiny_onnx: Path) -> None:
 
 def test_options_are_checked(tiny_onnx: Path, tiny_pt: Path) -> None:
     with pytest.raises(ValueError, match="threads must be >= 0"):
-        load_backend(tiny_onnx, device="cpu", threads=-1)
+        load_backend(tiny_onnx, device="cpu", backend="onnxruntime", threads=-1)
     with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
         load_backend(tiny_onnx, device="gpu")
     with pytest.raises(ValueError, match="precision fp16 needs CUDA"):
         load_backend(tiny_pt, device="cpu", precision="fp16")
     with pytest.raises(TypeError):
-        load_backend(tiny_onnx, device="cpu", no_such_option=1)
+        load_backend(tiny_onnx, device="cpu", backend="onnxruntime", no_such_option=1)
 
 
 def test_device_choice_for_onnxruntime() -> None:
@@ -185,7 +185,10 @@ def test_asking_for_a_missing_gpu_says_how_to_fix(tiny_onnx: Path, tiny_pt: Path
         with pytest.raises(BackendUnavailable, match="no CUDA GPU"):
             load_backend(tiny_pt, device="cuda")
         with load_backend(tiny_pt) as backend:  # auto falls back to the CPU
-            assert backend.device == "cpu" and backend.precision == "fp32"
+            from engine.cpu import supports_bf16
+
+            # The CPU default: bf16 autocast where the CPU has native bf16 (engine.cpu), else fp32.
+            assert backend.device == "cpu" and backend.precision == ("bf16" if supports_bf16() else "fp32")
 
 
 def test_torch_rle_equals_numpy_rle() -> None:

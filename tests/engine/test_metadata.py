@@ -25,7 +25,7 @@ def test_onnx_props_round_trip_keeps_every_field():
         ({"min_areas": [200] * 5}, "min_areas has 5 entries"),
         ({"thresholds": [0.5, 0.5, 1.0, 0.5]}, "strictly between 0 and 1"),
         ({"min_areas": [200, -1, 200, 200]}, "min_areas must be >= 0"),
-        ({"precision": "int8"}, "fp32 or fp16"),
+        ({"precision": "int4"}, "precision must be one of fp32, fp16, bf16, int8"),
         ({"input_width": 0}, "input_width must be positive"),
     ],
 )

@@ -168,7 +168,7 @@ def test_engine_matches_onnxruntime(fp16_engine: Path, tiny_onnx: Path, tiny_fra
     equals the host encoder's."""
     from engine.rle import encode_batch
 
-    with load_backend(tiny_onnx, device="cpu") as ort:
+    with load_backend(tiny_onnx, device="cpu", backend="onnxruntime") as ort:
         reference = ort.infer(tiny_frames)
     with load_backend(fp16_engine) as backend:
         assert backend.precision == "fp16" and backend.max_batch_size == 8
@@ -257,7 +257,7 @@ def test_fp32_graph_with_fp16_flag_on_tensorrt10(tiny_onnx: Path, tmp_path: Path
         pytest.skip(f"TensorRT {trt.__version__} has no FP16 builder flag (TensorRT 11+): covered by the FP16 graph")
     report = build_engine(plan_build(tiny_onnx, tmp_path / "flag.engine", "fp16", 1, 2, 4, 1.0))
     assert report.sidecar.typing == FP16_FLAG
-    with load_backend(tmp_path / "flag.engine") as backend, load_backend(tiny_onnx, device="cpu") as ort:
+    with load_backend(tmp_path / "flag.engine") as backend, load_backend(tiny_onnx, device="cpu", backend="onnxruntime") as ort:
         result, reference = backend.infer(tiny_frames[:4]), ort.infer(tiny_frames[:4])
     # Counts are pinned to fp32: each equals the sum of its own masks exactly.
     assert np.array_equal(result.counts, result.masks.sum(axis=(2, 3)))

@@ -115,7 +115,9 @@ def test_serve_reports_a_bad_model_file(tmp_path: Path, capsys):
     bad.write_bytes(b"not an onnx model")
     assert main(["serve", "--model", str(bad), "--port", "0", "--metrics-port", "-1"]) == 2
     err = capsys.readouterr().err
-    assert f"server serve: error: {bad}: ONNX Runtime cannot load this model" in err
+    # Whichever CPU backend auto chose names the file and why it cannot be read.
+    assert f"server serve: error: {bad}: " in err
+    assert "cannot load this model" in err
     assert "Traceback" not in err
 
 

@@ -160,7 +160,12 @@ def test_inspect_one_and_model_info(tiny_onnx, camera_frames, direct_output, dir
     assert (info.input_height, info.input_width) == meta.input_size
     assert list(info.thresholds) == pytest.approx(meta.thresholds, abs=1e-6)  # float32 on the wire
     assert list(info.min_areas) == meta.min_areas
-    assert (info.backend, info.precision, info.model_version) == ("onnxruntime", "fp32", meta.model_version)
+    # The server runs the backend load_backend chooses for this file here (OpenVINO bf16 on a bf16 CPU
+    # with openvino installed, else ONNX Runtime fp32), and says so and why.
+    assert (info.backend, info.precision, info.model_version) == (
+        direct_backend.name, direct_backend.precision, meta.model_version
+    )
+    assert info.backend_selection == direct_backend.selection and info.backend in info.backend_selection
     assert (info.max_batch, info.folds, info.device) == (4, 2, "cpu")
     assert good.frame_id == 7
     assert_equals_direct(good, direct_output, 3)

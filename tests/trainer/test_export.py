@@ -63,7 +63,7 @@ def test_onnx_runtime_matches_torch_reference(tiny_onnx: Path, tiny_run: Path, t
             torch.from_numpy(tiny_frames)
         )
     reference = {"masks": masks.numpy(), "counts": counts.numpy(), "present": present.numpy(), "probs": probs.numpy()}
-    with load_backend(tiny_onnx, device="cpu", threads=1) as backend:
+    with load_backend(tiny_onnx, device="cpu", backend="onnxruntime", threads=1) as backend:
         result = backend.infer(tiny_frames)
     report = compare_outputs(reference, result, run.metadata.thresholds, run.metadata.min_areas, FP32_TOLERANCE)
     assert report.passed, report.summary()

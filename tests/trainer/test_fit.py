@@ -232,6 +232,29 @@ def test_cuda_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path
     assert json.loads((out / "fold0" / "config.json").read_text())["options"]["device"] == "cuda:0"
 
 
+def test_cpu_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path: Path) -> None:
+    """--amp on a CPU with native bf16: the U-Net runs in bf16 (channels_last), losses and checkpoints
+    stay fp32; --no-amp trains in fp32, and the two differ (so bf16 really ran)."""
+    from engine.cpu import no_bf16_reason, supports_bf16
+    from trainer.fit import _amp_dtype
+
+    if not supports_bf16():
+        pytest.skip(no_bf16_reason())
+    assert _amp_dtype(torch, on_cuda=False, amp=True) == torch.bfloat16
+    assert _amp_dtype(torch, on_cuda=False, amp=False) is None
+    torch.set_num_threads(1)
+    runs = {}
+    for amp in (True, False):
+        out = tmp_path / f"amp-{amp}"
+        run_fit(tiny_config(synth_dir, epochs=1, amp=amp), options(out))
+        rows = read_metrics(out / "fold0" / "metrics.csv")
+        assert np.isfinite(float(rows[0]["train_loss"])) and np.isfinite(float(rows[0]["val_loss"]))
+        state = load_checkpoint(out / "fold0" / "last.pt")["state_dict"]
+        assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+        runs[amp] = state
+    assert any(not torch.equal(runs[True][k], runs[False][k]) for k in runs[True] if runs[True][k].is_floating_point())
+
+
 def test_output_prior_initialisation_matches_the_defect_pixel_fraction(synth_dir: Path) -> None:
     from trainer.data import load_samples, sample_masks
 

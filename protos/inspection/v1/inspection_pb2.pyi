@@ -97,7 +97,7 @@ class DefectClass(_message.Message):
     def __init__(self, class_id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("classes", "input_height", "input_width", "thresholds", "min_areas", "backend", "precision", "model_version", "device", "max_batch", "folds", "encoder", "project_version")
+    __slots__ = ("classes", "input_height", "input_width", "thresholds", "min_areas", "backend", "precision", "model_version", "device", "max_batch", "folds", "encoder", "project_version", "backend_selection")
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class ModelInfo(_message.Message):
     FOLDS_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     PROJECT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_SELECTION_FIELD_NUMBER: _ClassVar[int]
     classes: _containers.RepeatedCompositeFieldContainer[DefectClass]
     input_height: int
     input_width: int
@@ -124,7 +125,8 @@ class ModelInfo(_message.Message):
     folds: int
     encoder: str
     project_version: str
-    def __init__(self, classes: _Optional[_Iterable[_Union[DefectClass, _Mapping]]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., thresholds: _Optional[_Iterable[float]] = ..., min_areas: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., model_version: _Optional[str] = ..., device: _Optional[str] = ..., max_batch: _Optional[int] = ..., folds: _Optional[int] = ..., encoder: _Optional[str] = ..., project_version: _Optional[str] = ...) -> None: ...
+    backend_selection: str
+    def __init__(self, classes: _Optional[_Iterable[_Union[DefectClass, _Mapping]]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., thresholds: _Optional[_Iterable[float]] = ..., min_areas: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., model_version: _Optional[str] = ..., device: _Optional[str] = ..., max_batch: _Optional[int] = ..., folds: _Optional[int] = ..., encoder: _Optional[str] = ..., project_version: _Optional[str] = ..., backend_selection: _Optional[str] = ...) -> None: ...
 
 class GetLineStatusRequest(_message.Message):
     __slots__ = ("camera_id",)

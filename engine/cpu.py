@@ -1,0 +1,103 @@
+"""What this CPU's matrix units can do: the one detection used by every backend, trainer and bench.
+
+Reduced precision pays on a CPU only where it has instructions for it: bf16 dot products
+(AVX-512 BF16, AMX-BF16) and int8 ones (AVX-512 VNNI / AVX-VNNI, AMX-INT8). Without them, bf16
+is emulated and slower than fp32. The flags come from ``/proc/cpuinfo`` (Linux); elsewhere
+nothing is assumed. ``STRIP_CPU_BF16=0`` makes :func:`supports_bf16` say no (to force and test the
+fp32 paths on a bf16 machine).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass
+
+# flag in /proc/cpuinfo -> how bench and logs name it
+FLAG_NAMES: dict[str, str] = {
+    "amx_bf16": "AMX-BF16",
+    "amx_int8": "AMX-INT8",
+    "avx512_bf16": "AVX-512 BF16",
+    "avx512_fp16": "AVX-512 FP16",
+    "avx512_vnni": "AVX-512 VNNI",
+    "avx_vnni": "AVX-VNNI",
+}
+BF16_ENV = "STRIP_CPU_BF16"
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU's model name and which of :data:`FLAG_NAMES` it reports."""
+
+    model: str
+    flags: frozenset[str]
+
+    @property
+    def bf16(self) -> bool:
+        """Native bf16 dot products (AVX-512 BF16 or AMX-BF16)."""
+        return bool({"avx512_bf16", "amx_bf16"} & self.flags)
+
+    @property
+    def int8(self) -> bool:
+        """Native int8 dot products (VNNI or AMX-INT8)."""
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & self.flags)
+
+    @property
+    def amx(self) -> bool:
+        return bool({"amx_bf16", "amx_int8"} & self.flags)
+
+    def line(self) -> str:
+        """``CPU <model>: AMX-BF16 yes, AMX-INT8 yes, AVX-512 BF16 yes, ...`` (bench's feature line)."""
+        marks = ", ".join(f"{name} {'yes' if flag in self.flags else 'no'}" for flag, name in FLAG_NAMES.items())
+        return f"CPU {self.model}: {marks}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"model": self.model, "flags": sorted(self.flags), "bf16": self.bf16, "int8": self.int8}
+
+
+def parse_cpuinfo(text: str) -> CpuFeatures:
+    """Features from the text of ``/proc/cpuinfo`` (the first processor's entry)."""
+    model, flags = platform.processor() or "unknown", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model in ("unknown", platform.processor()):
+            model = value.strip()
+        elif key == "flags":
+            flags = set(value.split())
+            break
+    return CpuFeatures(model=model or "unknown", flags=frozenset(flags & set(FLAG_NAMES)))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_features() -> CpuFeatures:
+    """This machine's CPU features (cached; none known off Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return parse_cpuinfo(f.read())
+    except OSError:
+        return CpuFeatures(model=platform.processor() or "unknown", flags=frozenset())
+
+
+def supports_bf16() -> bool:
+    """Whether bf16 runs natively here (and is not switched off with ``STRIP_CPU_BF16=0``)."""
+    if os.environ.get(BF16_ENV, "").strip() == "0":
+        return False
+    return cpu_features().bf16
+
+
+def no_bf16_reason() -> str:
+    """Why :func:`supports_bf16` says no (for skip messages and errors)."""
+    if os.environ.get(BF16_ENV, "").strip() == "0":
+        return f"bf16 switched off by {BF16_ENV}=0"
+    return f"this CPU has no native bf16 (neither AVX-512 BF16 nor AMX-BF16): {cpu_features().line()}"
+
+
+def cpu_autocast_dtype(amp: bool = True) -> object | None:
+    """``torch.bfloat16`` where torch on this CPU should autocast (``amp`` and native bf16), else None."""
+    if not (amp and supports_bf16()):
+        return None
+    import torch
+
+    return torch.bfloat16
