@@ -96,7 +96,7 @@ class ConsoleConfig:
     bucket_s: float = 10.0
     display_width: int = 800
     thumbnail_width: int = 320
-    encodes_per_s: float = 8.0
+    encodes_per_s: float = 4.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
