@@ -15,6 +15,40 @@ FRAME_SIZE = (64, 320)  # the tiny model's input (height, width)
 DRIFT_BINS = 5  # fewer bins than the default 10: steadier PSI on the tests' 200-frame windows
 
 
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """A Prometheus text exposition as ``{(sample name, sorted labels): value}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """The samples of a running server's ``/metrics`` on 127.0.0.1:``port``."""
+    import urllib.request
+
+    return metric_samples(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """A one-day certificate and key for 127.0.0.1/localhost (skips the test without openssl)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
 @pytest.fixture(scope="session")
 def camera_frames() -> np.ndarray:
     """50 strip-like uint8 frames [50, 64, 320] at the tiny model's input size."""

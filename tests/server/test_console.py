@@ -20,7 +20,7 @@ from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
 from server.console import Console, ConsoleConfig
 from server.console_state import quantile_from_buckets
-from tests.server.conftest import running_server, wait_until
+from tests.server.conftest import running_server, self_signed_cert, wait_until
 
 
 async def stream_camera(server, camera_id: str, frames: np.ndarray) -> list[pb.InspectResponse]:
@@ -199,18 +199,9 @@ def test_quantile_from_buckets_and_bad_config() -> None:
 
 
 def test_console_serves_https_with_the_servers_tls_pair(tiny_onnx, tmp_path) -> None:
-    import shutil
     import ssl
-    import subprocess
 
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path)
 
     async def main():
         async with running_server(tiny_onnx) as server:

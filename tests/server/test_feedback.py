@@ -8,32 +8,21 @@ import asyncio
 import csv
 import logging
 import time
-import urllib.request
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from engine import drift
 from protos.inspection.v1 import inspection_pb2 as pb
 from server import config
-from tests.server.conftest import line_frames, running_server, wait_until, with_drift_reference
+from tests.server.conftest import line_frames, running_server, scrape, wait_until, with_drift_reference
 from tests.server.test_service import assert_equals_direct, make_request, stub_for
 
 # Frames per camera, the server's default minimum fill: against the 256-frame reference, PSI and KS of
 # unshifted frames stay well below their thresholds (KS: 1.95 * sqrt(1/200 + 1/256) = 0.18 < 0.2 at 99.9 %).
 WINDOW = 200
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 async def stream(stub, camera_id: str, frames: np.ndarray, kind: str = "gray8") -> list[pb.InspectResponse]:

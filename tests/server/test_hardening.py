@@ -11,33 +11,22 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
 from server.config import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES
 from tests.jpeg_faults import declaring, jpeg, truncated_mid_scan, with_orientation
-from tests.server.conftest import FRAME_SIZE, running_server, wait_until
+from tests.server.conftest import FRAME_SIZE, running_server, scrape, wait_until
 from tests.server.test_cli import REPO, ServeProcess
 from tests.server.test_service import assert_equals_direct, make_request, stub_for
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 BIG_MESSAGES = [("grpc.max_send_message_length", 2 * MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", 2 * MAX_MESSAGE_BYTES)]
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 # --------------------------------------------------------------------------- 1. the slot leak

@@ -17,11 +17,10 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
-from tests.server.conftest import running_server, wait_until
+from tests.server.conftest import metric_samples, running_server, self_signed_cert, wait_until
 from tests.server.test_decode import bad_requests
 
 
@@ -311,11 +310,7 @@ def test_metrics_endpoint_serves_the_counters(tiny_onnx, camera_frames):
             return text
 
     text = asyncio.run(main())
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    samples = metric_samples(text)
     assert samples[("inspection_frames_total", (("status", "ok"),))] == 5
     assert samples[("inspection_frames_total", (("status", "invalid_argument"),))] == 2
     assert samples[("inspection_batch_size_sum", ())] == 5  # frames that reached the backend
@@ -328,17 +323,7 @@ def test_metrics_endpoint_serves_the_counters(tiny_onnx, camera_frames):
 
 
 def test_tls(tiny_onnx, camera_frames, direct_output, tmp_path: Path):
-    import shutil
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
+    cert, key = self_signed_cert(tmp_path)
 
     async def main():
         async with running_server(tiny_onnx, tls_cert=cert, tls_key=key) as server:
