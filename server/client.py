@@ -282,11 +282,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from engine.cli_util import progress_bar
 
     images = list_images(args.images)
     credentials = channel_credentials(args.tls_ca)
-    bar = tqdm(total=len(images), unit="frame", desc="inspect", dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(total=len(images), unit="frame", desc="inspect", dynamic_ncols=True, file=sys.stderr)
     failed = 0
     latencies: list[float] = []
 

@@ -336,3 +336,20 @@ class SeverstalDataset(Dataset):
             image = scaled.round_().clamp_(0, 255).to(torch.uint8)
             masks = downscale_masks(masks[None], self.size)[0].to(torch.uint8)
         return image, masks
+
+
+def loader_context(workers: int):
+    """The multiprocessing context for a DataLoader with ``workers`` worker processes (None for none).
+
+    Workers are forked from a forkserver that has imported this module (and so torch) once, never
+    from the calling process: that process may hold gRPC, OpenVINO or ONNX Runtime threads (a test
+    that serves a model and then scores it, ``trainer evaluate --model``), and forking a process
+    with gRPC threads running aborted it (``Fatal Python error: Aborted`` in the DataLoader).
+    """
+    if workers <= 0:
+        return None
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx

@@ -341,9 +341,9 @@ class _Scoring:
     def score_group(self, predictor: Predictor, fold: int | None, group: list[Sample], batch_size: int,
                     workers: int, progress: bool) -> None:
         from torch.utils.data import DataLoader
-        from tqdm import tqdm
 
-        from trainer.data import SeverstalDataset
+        from engine.cli_util import progress_bar
+        from trainer.data import SeverstalDataset, loader_context
         from trainer.postsearch import DEFAULT_THRESHOLDS
 
         self.model_names.append(predictor.name)
@@ -352,10 +352,11 @@ class _Scoring:
         self.grid = sorted(set(self.threshold_grid or DEFAULT_THRESHOLDS) | set(self.baseline["thresholds"])
                            | set(predictor.metadata.thresholds if predictor.metadata else []))
         loader = DataLoader(SeverstalDataset(group, self.data_cfg, scale=1.0), batch_size=batch_size,
-                            num_workers=workers, pin_memory=self.device.type == "cuda")
+                            num_workers=workers, pin_memory=self.device.type == "cuda",
+                            multiprocessing_context=loader_context(workers))
         position = 0
-        bar = tqdm(loader, desc=f"{self.split}{'' if fold is None else f' fold {fold}'}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = progress_bar(loader, desc=f"{self.split}{'' if fold is None else f' fold {fold}'}",
+                           disable=not progress, leave=False, dynamic_ncols=True)
         for frames, truth in bar:
             chunk = group[position:position + frames.shape[0]]
             result = predictor.predict(frames.numpy(), [s.image_id for s in chunk])

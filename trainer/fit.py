@@ -445,8 +445,10 @@ def run_fit(
 def _loader(dataset, batch_size: int, sampler, workers: int, pin: bool):
     from torch.utils.data import DataLoader
 
+    from trainer.data import loader_context
+
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin,
-                      persistent_workers=workers > 0, drop_last=False)
+                      persistent_workers=workers > 0, drop_last=False, multiprocessing_context=loader_context(workers))
 
 
 @dataclass(frozen=True)
@@ -716,8 +718,7 @@ class FoldTrainer:
 
     def train_epoch(self, epoch: int):
         """One pass over the training loader; returns the summed statistics (this process's share)."""
-        from tqdm import tqdm
-
+        from engine.cli_util import progress_bar
         from engine.model import padded_logits
 
         self.sampler.set_epoch(epoch)
@@ -725,9 +726,9 @@ class FoldTrainer:
         if self.cfg.freeze_encoder:
             self.unet.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics too (as Keras does)
         sums = self._new_sums()
-        bar = tqdm(self.batches(self.train_loader), total=len(self.train_loader),
-                   desc=f"fold {self.fold} epoch {epoch}/{self.cfg.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (self.d.main and self.options.progress))
+        bar = progress_bar(self.batches(self.train_loader), total=len(self.train_loader),
+                           desc=f"fold {self.fold} epoch {epoch}/{self.cfg.epochs}", leave=False,
+                           dynamic_ncols=True, disable=not (self.d.main and self.options.progress))
         for step, (x, y) in enumerate(bar):
             if self.crops is not None:
                 x, y = self.crops(x, y, epoch, step)

@@ -122,9 +122,9 @@ def check_training_images(data_dirs: Sequence[Path], size: tuple[int, int], prog
     paths = [p for d in data_dirs for p in image_files(Path(d))]
     bar = None
     if progress:
-        from tqdm import tqdm
+        from engine.cli_util import progress_bar
 
-        bar = tqdm(total=len(paths), desc="checking training images", unit="image", leave=False)
+        bar = progress_bar(total=len(paths), desc="checking training images", unit="image", leave=False)
     try:
         bad = check_images(paths, size, on_checked=bar.update if bar is not None else None)
     finally:
