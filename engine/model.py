@@ -227,13 +227,25 @@ def resize(x: torch.Tensor, size: tuple[int, int], src_size: tuple[int, int] | N
 def preprocess(frames: torch.Tensor, meta: ModelMetadata, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 frames ``[N, H, W]`` -> normalised network input ``[N, in_channels, th, tw]``."""
     # Cast first: TensorRT accepts a uint8 network input only as the input of a cast to float.
-    x = frames.to(torch.float32).unsqueeze(1) * (1.0 / 255.0)
-    if meta.mean != 0.0 or meta.std != 1.0:
-        x = (x - meta.mean) / meta.std
+    x = _standardise(frames.to(torch.float32).unsqueeze(1) * (1.0 / 255.0), meta)
     x = resize(x, meta.train_size, src_size=meta.input_size)
-    if meta.in_channels != 1:
-        x = x.expand(-1, meta.in_channels, -1, -1)
-    return x.to(dtype)
+    return _expand(x, meta).to(dtype)
+
+
+def scaled_input(frames01: torch.Tensor, meta: ModelMetadata) -> torch.Tensor:
+    """Frames already at the training size, float ``[N, th, tw]`` in [0, 1] (a frame's
+    ``resize(x / 255)``) -> the network input :func:`preprocess` makes of the full frame: the same
+    normalisation and channels, applied after the resize instead of before (both are linear, so
+    the two agree to float rounding, about 1e-7)."""
+    return _expand(_standardise(frames01.to(torch.float32).unsqueeze(1), meta), meta)
+
+
+def _standardise(x: torch.Tensor, meta: ModelMetadata) -> torch.Tensor:
+    return (x - meta.mean) / meta.std if meta.mean != 0.0 or meta.std != 1.0 else x
+
+
+def _expand(x: torch.Tensor, meta: ModelMetadata) -> torch.Tensor:
+    return x.expand(-1, meta.in_channels, -1, -1) if meta.in_channels != 1 else x
 
 
 def downscale_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

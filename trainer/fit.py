@@ -626,7 +626,7 @@ class FoldTrainer:
 
         from trainer.augment import balance_plan
         from trainer.augment_random import EpochSampler, RandomAugment
-        from trainer.data import SeverstalDataset
+        from trainer.data import TrainingFrames
 
         cfg, d = self.cfg, self.d
         items = balance_plan(self.train_samples, cfg.num_classes, cfg.balance_target, seed=cfg.seed + self.fold) \
@@ -642,8 +642,9 @@ class FoldTrainer:
             self.crops = CropSampler(tuple(cfg.crop), rarity, cfg.seed, self.fold)
         data_cfg = data_config(cfg)
         augment = None if cfg.augment == "none" else RandomAugment(cfg.augment, cfg.seed, self.fold)
-        train_set = SeverstalDataset(items, data_cfg, scale=1.0, augment=augment)
-        val_set = SeverstalDataset(self.val_samples, data_cfg, scale=1.0)
+        size = tuple(cfg.train_size)
+        train_set = TrainingFrames(items, data_cfg, size, augment=augment)
+        val_set = TrainingFrames(self.val_samples, data_cfg, size)
         self.sampler = EpochSampler(train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
                                     seed=cfg.seed + self.fold)
         self.train_loader = _loader(train_set, cfg.batch_size, self.sampler, self.options.workers, self.on_cuda)
@@ -672,14 +673,17 @@ class FoldTrainer:
         })
 
     def batches(self, loader):
-        """Full-resolution uint8 frames and masks -> network input and training-resolution targets."""
-        from engine.model import downscale_masks, preprocess
+        """Training-resolution frames (:class:`trainer.data.TrainingFrames`) and masks -> network input
+        (normalised as the exported graph's :func:`engine.model.preprocess` does) and float targets."""
+        import torch
+
+        from engine.model import scaled_input
 
         for frames, masks in loader:
             frames = frames.to(self.d.device, non_blocking=True)
             masks = masks.to(self.d.device, non_blocking=True)
-            x = preprocess(frames, self.meta).contiguous(memory_format=self.memory_format)
-            yield x, downscale_masks(masks, self.cfg.train_size)
+            x = scaled_input(frames, self.meta).contiguous(memory_format=self.memory_format)
+            yield x, masks.to(torch.float32)
 
     # ------------------------------------------------------------------ one epoch
 

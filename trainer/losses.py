@@ -17,13 +17,24 @@ from trainer.config import LOSSES
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """``1 - Dice`` per class on sigmoid probabilities pooled over the batch, averaged over classes."""
+    """``1 - Dice`` per class on sigmoid probabilities pooled over the batch, averaged over the classes
+    that have defect pixels in the batch (0 when none has: BCE alone then).
+
+    A class absent from a batch is left to the BCE. Scoring it too (Dice ``smooth / (sum p + smooth)``)
+    pushes its probabilities down on every batch that lacks it, which for a rare class is nearly every
+    batch: on the synthetic strips, pits and stains (in 12 % and 6 % of frames) stopped being
+    predicted at all within a few epochs (training Dice 0.000 after 30 epochs), while BCE alone
+    still learned them slowly.
+    """
     probs = torch.sigmoid(logits.float())
     target = target.float()
     dims = (0, 2, 3)
     intersection = (probs * target).sum(dims)
-    denominator = probs.sum(dims) + target.sum(dims)
-    return (1.0 - (2.0 * intersection + smooth) / (denominator + smooth)).mean()
+    truth = target.sum(dims)
+    denominator = probs.sum(dims) + truth
+    per_class = 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)
+    present = (truth > 0).to(per_class.dtype)
+    return (per_class * present).sum() / present.sum().clamp(min=1.0)
 
 
 class SegmentationLoss(nn.Module):

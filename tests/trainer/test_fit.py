@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model import InspectionModel, fold_metadata, load_checkpoint, load_fold, read_fold_checkpoint
+from engine.model import (
+    InspectionModel,
+    downscale_masks,
+    fold_metadata,
+    load_checkpoint,
+    load_fold,
+    read_fold_checkpoint,
+)
 from trainer import fit as fit_module
 from trainer.config import FitConfig, FitOptions, read_config_file, resolve
 from trainer.fit import EpochEnd, check_pretrained_reachable, read_metrics, run_fit
@@ -203,20 +210,35 @@ def test_cli_fit_with_unreachable_weights_prints_one_error_line(
     assert "trainer fit: error: --encoder-weights imagenet" in err and "Traceback" not in err
 
 
-def test_dataset_frames_through_preprocess_match_the_graph_input(synth_dir: Path) -> None:
-    """Training feeds full-size frames through engine.model.preprocess: the exported graph's first step."""
-    from engine.model import preprocess
-    from trainer.data import SeverstalDataset, load_samples
+def test_training_frames_match_the_graph_input(synth_dir: Path) -> None:
+    """Training scales each record once (TrainingFrames) and normalises it with scaled_input: the
+    network sees what engine.model.preprocess, the exported graph's first step, makes of the frame."""
+    from engine.model import preprocess, scaled_input
+    from trainer.data import SeverstalDataset, TrainingFrames, load_samples
 
     cfg = tiny_config(synth_dir, mean=0.3, std=0.2)
     meta = fit_module.preprocessing_metadata(cfg)
-    samples = load_samples(synth_dir, fit_module.data_config(cfg))[:2]
-    frames = torch.stack([SeverstalDataset(samples, fit_module.data_config(cfg))[i][0] for i in range(2)])
+    data_cfg = fit_module.data_config(cfg)
+    samples = load_samples(synth_dir, data_cfg)[:2]
+    frames = torch.stack([SeverstalDataset(samples, data_cfg)[i][0] for i in range(2)])
+    full = [SeverstalDataset(samples, data_cfg)[i][1] for i in range(2)]
     x = preprocess(frames, meta)
     expected = torch.nn.functional.avg_pool2d((frames.float()[:, None] / 255 - 0.3) / 0.2, 2)
     assert x.shape == (2, 1, 32, 160)
     torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+    scaled = TrainingFrames(samples, data_cfg, cfg.train_size)
+    pairs = [scaled[i] for i in range(2)]
+    torch.testing.assert_close(scaled_input(torch.stack([p[0] for p in pairs]), meta), x, rtol=0, atol=1e-5)
+    for (_, masks), truth in zip(pairs, full):
+        assert masks.dtype == torch.uint8 and masks.shape == (cfg.num_classes, 32, 160)
+        assert torch.equal(masks, downscale_masks(truth[None], (32, 160))[0].to(torch.uint8))
+    # The second read comes from the cache, and handing it out does not expose the cached tensors.
+    again = scaled[0][0]
+    again += 1
+    assert torch.equal(scaled[0][0], pairs[0][0])
     assert dataclasses.asdict(meta)["train_height"] == 32 and np.isclose(meta.mean, 0.3)
+    uncached = TrainingFrames(samples, data_cfg, cfg.train_size, cache_bytes=0)
+    assert torch.equal(uncached[1][0], pairs[1][0]) and not uncached._cache
 
 
 @pytest.mark.gpu
