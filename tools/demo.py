@@ -5,7 +5,7 @@ default), and the server and ``trainer evaluate --model`` run the graph on the b
 ``load_backend`` picks (OpenVINO with bf16 U-Nets where the CPU has bf16, else ONNX Runtime fp32).
 
 Runs the product's own command-line tools, one step after another, exactly as a user would:
-synthesise strip images, train 5 folds, evaluate on the holdout, export one ONNX graph, serve
+synthesise strip images, train 3 folds, evaluate on the holdout, export one ONNX graph, serve
 it over gRPC, stream the holdout images to it as cameras, score what came back, and measure
 throughput. Every output lands under one folder (default ``demo/``); each step's output is shown
 live and kept in ``demo/logs/``. A failing step stops the demo with its error.
@@ -26,22 +26,26 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 
-# The CPU preset: a ResNet-18 U-Net cut to 3 encoder stages with narrow decoders (0.36 GFLOP per
-# image), at an eighth of the frame resolution (32x200). It trains 5 folds on 2 cores in a few
-# minutes; the thesis' ResNet-34 at 128x800 costs 24 GFLOP per image, about 70 times more, and
-# would take hours here. (MobileNetV3-small has fewer FLOPs, but torch runs its depthwise
-# convolutions so slowly on a CPU that it trains no faster.) Balancing is off: its +-10 degree
-# rotations of full-resolution frames would cost more CPU time than the training itself.
+# The CPU preset, chosen by measurement on 2 cores (benchmarks/RESULTS.md, "the demo's preset"): a
+# ResNet-18 U-Net cut to 3 encoder stages with narrow decoders, trained at a quarter of the frame
+# resolution (64x400: a 3-7 px scratch is still about a pixel wide, pits 2-5 px) on 64x128 crops
+# centred on rare defects, with class balancing, light random augmentation, BCE + Dice and the
+# learning rate halved on a validation plateau. Whole frames at 1/4 cost 1.4 GFLOP per image; the
+# thesis' ResNet-34 at 128x800 costs 24 GFLOP and would take hours here. Three folds, not five:
+# each fold then trains long enough to learn all four kinds within the 10-minute demo.
 PRESET = {
     "encoder": "resnet18",
     "encoder-depth": "3",
     "decoder-channels": "32,16,8",
-    "scale": "0.125",
-    "batch-size": "4",
+    "scale": "0.25",
+    "crop": "64x128",
+    "batch-size": "8",
     "lr": "0.002",
-    "loss": "bce",
-    "pos-weight": "2,2,2,2",
+    "lr-schedule": "plateau",
+    "loss": "bce+dice",
+    "augment": "light",
 }
+FOLDS = 3
 
 
 class StepFailed(Exception):
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo"), help="folder for every output (default demo/)")
     parser.add_argument("--images", type=int, default=240, help="synthetic strip images (default 240)")
-    parser.add_argument("--epochs", type=int, default=10, help="most epochs per fold (default 10)")
+    parser.add_argument("--epochs", type=int, default=12, help="most epochs per fold (default 12)")
     parser.add_argument("--streams", type=int, default=4, help="camera streams in the client step (default 4)")
     args = parser.parse_args(argv)
 
@@ -151,19 +155,19 @@ def main(argv: list[str] | None = None) -> int:
         from engine.cpu import supports_bf16
 
         precision = "bf16 autocast" if supports_bf16() else "fp32 (no native bf16 on this CPU)"
-        demo.banner(f"trainer fit: 5 folds in {precision} on the CPU preset "
+        demo.banner(f"trainer fit: {FOLDS} folds in {precision} on the CPU preset "
                     + ", ".join(f"{k}={v}" for k, v in PRESET.items()))
         preset_flags = [x for k, v in PRESET.items() for x in (f"--{k}", v)]
-        demo.run("2-fit", "trainer", "fit", "--data", str(data), "--out", str(run), "--folds", "5",
-                 "--holdout", "0.15", "--epochs", str(args.epochs), "--patience", "4", "--encoder-weights", "none",
-                 "--no-balance", "--device", "cpu", "--workers", "0", *preset_flags)
+        demo.run("2-fit", "trainer", "fit", "--data", str(data), "--out", str(run), "--folds", str(FOLDS),
+                 "--holdout", "0.15", "--epochs", str(args.epochs), "--patience", str(args.epochs),
+                 "--encoder-weights", "none", "--device", "cpu", "--workers", "0", *preset_flags)
 
         demo.banner("trainer evaluate: tune thresholds/min areas out of fold, then score the holdout")
         demo.run("3a-evaluate-oof", "trainer", "evaluate", "--run", str(run), "--split", "oof", "--device", "cpu")
         demo.run("3b-evaluate-holdout", "trainer", "evaluate", "--run", str(run), "--split", "holdout",
                  "--render", "4", "--device", "cpu", "--json", str(out / "holdout-folds.json"))
 
-        demo.banner("trainer export: the 5-fold ensemble and its post-processing as one ONNX graph (and a torch bundle)")
+        demo.banner(f"trainer export: the {FOLDS}-fold ensemble and its post-processing as one ONNX graph (and a torch bundle)")
         demo.run("4-export", "trainer", "export", "--run", str(run), "--out", str(model),
                  "--report", str(out / "export-report.json"))
         demo.run("4b-bundle", "trainer", "export", "--run", str(run), "--out", str(model.with_suffix(".pt")))

@@ -2,8 +2,8 @@
 
 :func:`balance_plan` lists every training image once, untransformed, plus transformed copies of
 images holding rare classes until each class appears in about ``target`` records. The dataset
-applies the named transform (:func:`apply_transform`) to image and masks together, at full
-resolution, with torchvision's v2 functional ops on ``tv_tensors`` (masks always resampled
+applies the named transform (:func:`apply_transform`) to image and masks together, at the
+training resolution (:class:`trainer.data.TrainingFrames`), with torchvision's v2 functional ops on ``tv_tensors`` (masks always resampled
 nearest-neighbour, so they stay 0/1 and classes stay disjoint).
 
 Validation folds and the holdout are never balanced: their class mix is the line's.

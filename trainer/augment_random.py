@@ -1,6 +1,7 @@
 """Random augmentation on every training batch (``trainer fit --augment none|light|strong``).
 
-Image and masks are transformed together at the frame's full resolution with
+Image and masks are transformed together at the training resolution
+(:class:`trainer.data.TrainingFrames`: the frame already scaled, its image float in [0, 1]) with
 torchvision.transforms.v2 on ``tv_tensors`` (geometric ops move both; masks are resampled
 nearest-neighbour so they stay 0/1; photometric ops touch only the image):
 
