@@ -291,6 +291,14 @@ def _as_pair(item: Item) -> tuple[Sample, str | None]:
     return sample, transform
 
 
+def _checked_items(items: Sequence[Item]) -> list[tuple[Sample, str | None]]:
+    pairs = [_as_pair(item) for item in items]
+    for sample, name in pairs:
+        if name is not None and name not in TRANSFORMS:
+            raise ValueError(f"image {sample.image_id}: unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
+    return pairs
+
+
 class SeverstalDataset(Dataset):
     """Images and masks for training: ``(image uint8 [h, w], masks uint8 [C, h, w])``.
 
@@ -308,12 +316,7 @@ class SeverstalDataset(Dataset):
 
     def __init__(self, items: Sequence[Item], cfg: DataConfig, scale: float = 1.0,
                  augment: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
-        self.items = [_as_pair(item) for item in items]
-        for sample, name in self.items:
-            if name is not None and name not in TRANSFORMS:
-                raise ValueError(
-                    f"image {sample.image_id}: unknown transform {name!r}; known: {', '.join(TRANSFORMS)}"
-                )
+        self.items = _checked_items(items)
         self.cfg = cfg
         self.scale = float(scale)
         self.size = cfg.scaled_size(self.scale)
@@ -367,12 +370,7 @@ class TrainingFrames(Dataset):
     def __init__(self, items: Sequence[Item], cfg: DataConfig, size: tuple[int, int],
                  augment: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
                  cache_bytes: int = CACHE_BYTES) -> None:
-        self.items = [_as_pair(item) for item in items]
-        for sample, name in self.items:
-            if name is not None and name not in TRANSFORMS:
-                raise ValueError(
-                    f"image {sample.image_id}: unknown transform {name!r}; known: {', '.join(TRANSFORMS)}"
-                )
+        self.items = _checked_items(items)
         self.cfg, self.size, self.augment = cfg, (int(size[0]), int(size[1])), augment
         self.cache_bytes = int(cache_bytes)
         self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
