@@ -26,13 +26,14 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 
-# The CPU preset, chosen by measurement on 2 cores (benchmarks/RESULTS.md, "the demo's preset"): a
+# The CPU preset, chosen by measurement on 2 cores (benchmarks/RESULTS.md, "Synthetic strips: the
+# trainer's options one at a time"): a
 # ResNet-18 U-Net cut to 3 encoder stages with narrow decoders, trained at a quarter of the frame
 # resolution (64x400: a 3-7 px scratch is still about a pixel wide, pits 2-5 px) on 64x128 crops
 # centred on rare defects, with class balancing, light random augmentation, BCE + Dice and the
 # learning rate halved on a validation plateau. Whole frames at 1/4 cost 1.4 GFLOP per image; the
-# thesis' ResNet-34 at 128x800 costs 24 GFLOP and would take hours here. Three folds, not five:
-# each fold then trains long enough to learn all four kinds within the 10-minute demo.
+# thesis' ResNet-34 at 128x800 costs 24 GFLOP and would take hours here. Three folds, not five,
+# so that each fold gets 12 epochs within the 10-minute demo (still too few to find stains).
 PRESET = {
     "encoder": "resnet18",
     "encoder-depth": "3",
