@@ -24,6 +24,8 @@ DEFAULT_CLASS_NAMES = ("pits/dents", "stains", "scratches", "cracks/scabs")
 TTA_MODES = ("none", "hflip", "hvflip")
 #: Segmentation networks (smp decoders) a fold can be: both export into the same inspection graph.
 ARCHS = ("unet", "fpn")
+#: How a gate head pools the encoder's features over the frame (smp's ClassificationHead ``pooling``).
+GATE_POOLING = ("max", "avg")
 #: Compute precisions of the U-Nets in an artifact: fp32/fp16 graphs and engines, bf16/int8 OpenVINO IRs.
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 

@@ -23,7 +23,7 @@ from torch import nn
 from engine.checkpoint import ENSEMBLE_FORMAT, FOLD_FORMAT, FORMATS, FoldCheckpoint, FoldFacts
 from engine.decision import default_min_areas, default_thresholds
 from engine.hashing import file_sha256
-from engine.metadata import ARCHS, ModelMetadata
+from engine.metadata import ARCHS, GATE_POOLING, ModelMetadata
 
 # Encoders the product supports, by the name users type. The thesis' set (ResNet-34/50/101,
 # EfficientNet-B0..B7) plus ResNet-18, MobileNetV2 and timm's MobileNetV3-small (width 0.5 and
@@ -48,7 +48,10 @@ class UNetConfig:
     ``arch`` ``fpn`` (smp's FPN) reads ``decoder_channels[0]`` as its pyramid width and
     ``decoder_channels[1]`` (else the same) as its segmentation width; it needs 3..5 encoder stages.
     ``gate`` adds smp's classification head on the encoder (``aux_params``): one presence logit per
-    class, and the network returns ``(mask logits, class logits)``.
+    class, and the network returns ``(mask logits, class logits)``. ``gate_pooling`` is how that head
+    pools the encoder's last features over the frame: ``max`` (a defect's evidence counts the same
+    in a crop and in a whole frame; what ``trainer fit --gate`` builds) or ``avg`` (smp's default,
+    which dilutes a small defect over the frame's area; checkpoints made before the setting existed).
     """
 
     encoder: str = "resnet34"
@@ -58,8 +61,11 @@ class UNetConfig:
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     arch: str = "unet"
     gate: bool = False
+    gate_pooling: str = "avg"
 
     def __post_init__(self) -> None:
+        if self.gate_pooling not in GATE_POOLING:
+            raise ValueError(f"unknown gate pooling {self.gate_pooling!r}; choose one of {', '.join(GATE_POOLING)}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; choose one of {', '.join(ENCODERS)}")
         if self.arch not in ARCHS:
@@ -98,7 +104,8 @@ def build_unet(cfg: UNetConfig, encoder_weights: str | None = None) -> nn.Module
 
     common = dict(encoder_name=ENCODERS[cfg.encoder], encoder_weights=encoder_weights,
                   encoder_depth=cfg.encoder_depth, in_channels=cfg.in_channels, classes=cfg.num_classes,
-                  activation=None, aux_params={"classes": cfg.num_classes, "activation": None} if cfg.gate else None)
+                  activation=None, aux_params={"classes": cfg.num_classes, "activation": None, "pooling": cfg.gate_pooling}
+                  if cfg.gate else None)
     if cfg.arch == "fpn":
         widths = cfg.decoder_channels
         # smp 0.6's FPN decoder ends at stride 2**(depth - 3): upsample by that to the input's size.

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("bce", "bce+dice")
 ENCODER_WEIGHTS = ("none", "imagenet")
-LR_SCHEDULES = ("none", "plateau")
+LR_SCHEDULES = ("none", "plateau", "cosine")
 #: ``--augment`` levels (see :mod:`trainer.augment_random`).
 AUGMENT_LEVELS = ("none", "light", "strong")
 DEVICES = ("auto", "cpu", "cuda")
@@ -48,6 +48,7 @@ class FitConfig:
     data: list[str] = field(default_factory=list)
     arch: str = "unet"
     gate: bool = False
+    gate_pooling: str = "max"
     encoder: str = "resnet34"
     encoder_weights: str = "imagenet"
     freeze_encoder: bool = False
@@ -72,6 +73,7 @@ class FitConfig:
     balance: bool = True
     augment: str = "none"
     crop: tuple[int, ...] | None = None
+    crop_defect_p: float = 0.7
     balance_target: int | None = None
     prior_init: bool = True
     mean: float | None = None
@@ -311,6 +313,10 @@ def _check_choices(cfg: FitConfig) -> None:
         raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {cfg.arch!r}")
     if cfg.arch == "fpn" and not 3 <= cfg.encoder_depth <= 5:
         raise ValueError(f"--arch fpn needs --encoder-depth 3..5, got {cfg.encoder_depth}")
+    from engine.metadata import GATE_POOLING
+
+    if cfg.gate_pooling not in GATE_POOLING:
+        raise ValueError(f"--gate-pooling must be one of {', '.join(GATE_POOLING)}, got {cfg.gate_pooling!r}")
     if cfg.encoder_weights not in ENCODER_WEIGHTS:
         raise ValueError(f"--encoder-weights must be one of {', '.join(ENCODER_WEIGHTS)}, got {cfg.encoder_weights!r}")
     if cfg.loss not in LOSSES:
@@ -335,6 +341,8 @@ def _check_numbers(cfg: FitConfig) -> None:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.crop_defect_p <= 1:
+        raise ValueError(f"--crop-defect-p must be in [0, 1], got {cfg.crop_defect_p}")
     if not 0 < cfg.scale <= 1:
         raise ValueError(f"--scale must be in (0, 1], got {cfg.scale}")
     if cfg.holdout < 0 or (cfg.holdout >= 1 and not float(cfg.holdout).is_integer()):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.metadata import ARCHS
+from engine.metadata import ARCHS, GATE_POOLING
 from trainer import run as rundir
 from trainer.config import (
     AUGMENT_LEVELS,
@@ -107,7 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "shift/scale, gamma, defect blackout (strong); default none")
     g.add_argument("--crop", type=parse_crop, default=S, metavar="HxW",
                    help="train on random HxW crops at the training scale, centred on a rare class's defect "
-                        "pixels 70%% of the time; validation and export use whole frames (default: whole frames)")
+                        "pixels with probability --crop-defect-p; validation and export use whole frames "
+                        "(default: whole frames)")
+    g.add_argument("--crop-defect-p", type=float, default=S, metavar="P",
+                   help=f"probability that a crop is centred on a defect of its frame's rarest class, else placed "
+                        f"uniformly (default {d.crop_defect_p})")
     g.add_argument("--balance-target", type=int, default=S, help="records per class (default: the commonest's)")
     g.add_argument("--prior-init", action=argparse.BooleanOptionalAction, default=S,
                    help="start the output bias at each class's defect-pixel fraction (default on)")
@@ -118,6 +122,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--gate", action=argparse.BooleanOptionalAction, default=S,
                    help="a classification head on the encoder trained on presence labels; in the graph a class "
                         "is present only when its head's probability also reaches the gate threshold (default off)")
+    m.add_argument("--gate-pooling", choices=GATE_POOLING, default=S,
+                   help=f"how the gate head pools the encoder's features over the frame: max (a defect counts the "
+                        f"same in a crop and a whole frame) or avg (default {d.gate_pooling})")
     m.add_argument("--encoder", default=S, help=f"U-Net encoder (default {d.encoder})")
     m.add_argument("--encoder-weights", choices=ENCODER_WEIGHTS, default=S,
                    help=f"encoder initialisation (default {d.encoder_weights}; needs the internet once)")
@@ -134,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--patience", type=int, default=S, help=f"early-stopping patience in epochs (default {d.patience})")
     o.add_argument("--batch-size", type=int, default=S, help=f"batch size per process (default {d.batch_size})")
     o.add_argument("--lr", type=float, default=S, help=f"Adam learning rate (default {d.lr})")
-    o.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=S, help="none, or halve on a validation plateau")
+    o.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=S, help="none; plateau: halve on a validation plateau; cosine: per-step cosine decay "
+                   "from --lr to 0 over --epochs, after a linear warm-up over the first epoch")
     o.add_argument("--loss", choices=LOSSES, default=S, help=f"training loss (default {d.loss})")
     o.add_argument("--pos-weight", type=_csv_floats, default=S, metavar="W1,W2,..",
                    help="per-class weight of defect pixels in the BCE, e.g. 2,2,1,1.5")
@@ -196,7 +204,7 @@ def unet_config(cfg: FitConfig):
     return UNetConfig(
         encoder=cfg.encoder, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
         encoder_depth=cfg.encoder_depth, decoder_channels=tuple(cfg.decoder_channels or ()), arch=cfg.arch,
-        gate=cfg.gate,
+        gate=cfg.gate, gate_pooling=cfg.gate_pooling,
     )
 
 
@@ -644,7 +652,7 @@ class FoldTrainer:
             from trainer.crops import CropSampler
 
             rarity = np.argsort(class_counts(self.train_samples, cfg.num_classes), kind="stable").tolist()
-            self.crops = CropSampler(tuple(cfg.crop), rarity, cfg.seed, self.fold)
+            self.crops = CropSampler(tuple(cfg.crop), rarity, cfg.seed, self.fold, defect_p=cfg.crop_defect_p)
             order = np.random.default_rng([cfg.seed, self.fold]).permutation(len(self.train_samples))
             picks = [self.train_samples[i] for i in order[:RECALIBRATION_FRAMES]]
             self.recalibration = picks[d.rank::d.world]
@@ -741,9 +749,13 @@ class FoldTrainer:
         bar = progress_bar(self.batches(self.train_loader), total=len(self.train_loader),
                            desc=f"fold {self.fold} epoch {epoch}/{self.cfg.epochs}", leave=False,
                            dynamic_ncols=True, disable=not (self.d.main and self.options.progress))
+        steps = len(self.train_loader)
         for step, (x, y) in enumerate(bar):
             if self.crops is not None:
                 x, y = self.crops(x, y, epoch, step)
+            if self.cfg.lr_schedule == "cosine":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cosine_lr(self.cfg.lr, epoch, step, steps, self.cfg.epochs)
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 out = padded_logits(self.model, x, tuple(x.shape[-2:]), self.stride)
@@ -883,6 +895,24 @@ class FoldTrainer:
         save_fold_checkpoint(self.paths.last, ucfg, self.unet, facts, self.training_state(finished).to_dict())
         if improved:
             save_fold_checkpoint(self.paths.best, ucfg, self.unet, facts)
+
+
+def cosine_lr(base: float, epoch: int, step: int, steps: int, epochs: int) -> float:
+    """``--lr-schedule cosine``: the learning rate of ``step`` (0-based, of ``steps``) in ``epoch`` (1-based).
+
+    A linear warm-up from ``base / 10`` to ``base`` over the first epoch (Adam's moment estimates
+    settle before the largest steps), then a cosine decay to 0 at the end of epoch ``epochs``. A
+    function of the position alone, so a resumed run continues the schedule exactly; an early stop
+    simply ends it sooner.
+    """
+    import math
+
+    steps = max(int(steps), 1)
+    if epochs > 1 and epoch == 1:
+        return base * (0.1 + 0.9 * step / steps)
+    warm = 1 if epochs > 1 else 0
+    t = (epoch - 1 - warm + step / steps) / (epochs - warm)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
 
 def _amp_dtype(torch: Any, on_cuda: bool, amp: bool) -> Any:

@@ -58,10 +58,11 @@ def test_fit_on_crops_validates_and_saves_whole_frame_folds(synth_dir: Path, tmp
                   decoder_channels=(16, 8, 4), folds=2, holdout=0.15, epochs=1, batch_size=8)
     with pytest.raises(ValueError, match="within the training size 32x160"):
         resolve(FitConfig(**values, crop=(48, 64)))
-    cfg = resolve(FitConfig(**values, crop=(20, 60)))  # not a multiple of the stride either: padded
+    cfg = resolve(FitConfig(**values, crop=(20, 60), crop_defect_p=0.3))  # not a multiple of the stride: padded
     out = tmp_path / "run"
     run_fit(cfg, FitOptions(out=str(out), fold=0, device="cpu", workers=0, progress=False))
-    assert json.loads((out / "config.json").read_text())["crop"] == [20, 60]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["crop"] == [20, 60] and saved["crop_defect_p"] == 0.3
     assert len(read_metrics(out / "fold0" / "metrics.csv")) == 1
     _, _, facts = load_fold(out / "fold0" / "best.pt")
     assert facts.train_size == (32, 160)  # the whole-frame training size: export builds the graph from it

@@ -91,12 +91,13 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("augment", ["none", "strong"])
+@pytest.mark.parametrize(("augment", "schedule"), [("none", "none"), ("strong", "cosine")])
 def test_resume_after_interruption_continues_and_matches_an_uninterrupted_run(synth_dir: Path, tmp_path: Path,
-                                                                              augment: str) -> None:
-    """Also with random augmentation: its draws are seeded per (seed, fold, epoch, record)."""
+                                                                              augment: str, schedule: str) -> None:
+    """Also with random augmentation (its draws are seeded per (seed, fold, epoch, record)) and the
+    cosine schedule (the learning rate is a function of the position in the run)."""
     torch.set_num_threads(1)
-    cfg = tiny_config(synth_dir, epochs=3, augment=augment)
+    cfg = tiny_config(synth_dir, epochs=3, augment=augment, lr_schedule=schedule)
     run_fit(cfg, options(tmp_path / "straight"))
 
     def stop_after_two(event: EpochEnd) -> None:
@@ -170,7 +171,21 @@ def test_config_file_flags_precedence_and_unknown_keys(synth_dir: Path, tmp_path
         read_config_file(config_file)
 
 
+def test_cosine_schedule_warms_up_over_the_first_epoch_then_decays_to_zero() -> None:
+    from trainer.fit import cosine_lr
+
+    lrs = [cosine_lr(0.01, epoch, step, 4, 5) for epoch in range(1, 6) for step in range(4)]
+    assert lrs[0] == pytest.approx(0.001) and lrs[3] == pytest.approx(0.001 + 0.009 * 3 / 4)
+    assert lrs[4] == pytest.approx(0.01)  # the peak at the start of epoch 2
+    decay = lrs[4:]
+    assert all(a > b for a, b in zip(decay, decay[1:])) and decay[-1] < 0.0003
+    assert cosine_lr(0.01, 9, 0, 4, 5) == 0.0  # past the planned epochs: stays at the end
+    assert cosine_lr(0.01, 1, 0, 4, 1) == pytest.approx(0.01)  # one epoch: no warm-up
+
+
 def test_impossible_combinations_name_the_flags(synth_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"--crop-defect-p must be in \[0, 1\], got 1\.5"):
+        tiny_config(synth_dir, crop_defect_p=1.5)
     with pytest.raises(ValueError, match=r"--scale 0\.001 shrinks 64x320 frames to 0x0"):
         tiny_config(synth_dir, scale=0.001)
     with pytest.raises(ValueError, match=r"--pos-weight needs 4 positive numbers"):
