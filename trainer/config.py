@@ -73,7 +73,7 @@ class FitConfig:
     balance: bool = True
     augment: str = "none"
     crop: tuple[int, ...] | None = None
-    crop_defect_p: float = 0.7
+    crop_defect_p: float = 0.7  # probability that a crop centres on a defect (trainer.crops.CropSampler)
     balance_target: int | None = None
     prior_init: bool = True
     mean: float | None = None
@@ -307,14 +307,12 @@ def _check_choices(cfg: FitConfig) -> None:
 
     if cfg.encoder not in ENCODERS:
         raise ValueError(f"--encoder {cfg.encoder!r} is not supported; choose one of {', '.join(ENCODERS)}")
-    from engine.metadata import ARCHS
+    from engine.metadata import ARCHS, GATE_POOLING
 
     if cfg.arch not in ARCHS:
         raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {cfg.arch!r}")
     if cfg.arch == "fpn" and not 3 <= cfg.encoder_depth <= 5:
         raise ValueError(f"--arch fpn needs --encoder-depth 3..5, got {cfg.encoder_depth}")
-    from engine.metadata import GATE_POOLING
-
     if cfg.gate_pooling not in GATE_POOLING:
         raise ValueError(f"--gate-pooling must be one of {', '.join(GATE_POOLING)}, got {cfg.gate_pooling!r}")
     if cfg.encoder_weights not in ENCODER_WEIGHTS:

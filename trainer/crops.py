@@ -19,9 +19,6 @@ from typing import Any
 
 import numpy as np
 
-#: Probability that a crop is centred on a defect pixel (of a frame that has one).
-DEFECT_P = 0.7
-
 
 def parse_crop(text: str) -> tuple[int, int]:
     """``"96x320"`` -> ``(96, 320)`` (height x width, at the training scale)."""
@@ -41,11 +38,11 @@ class CropSampler:
         size: (height, width) of a crop, at most the training size.
         rarity: class indices, rarest first (a crop centres on the first one present).
         seed, fold: with the epoch and batch number, seed the draws.
-        defect_p: probability of a defect-centred crop.
+        defect_p: probability of a defect-centred crop (``trainer fit --crop-defect-p``).
     """
 
     def __init__(self, size: tuple[int, int], rarity: Sequence[int], seed: int, fold: int,
-                 defect_p: float = DEFECT_P) -> None:
+                 defect_p: float) -> None:
         self.size, self.rarity = (int(size[0]), int(size[1])), [int(k) for k in rarity]
         self.seed, self.fold, self.defect_p = int(seed), int(fold), float(defect_p)
 

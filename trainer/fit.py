@@ -141,8 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--patience", type=int, default=S, help=f"early-stopping patience in epochs (default {d.patience})")
     o.add_argument("--batch-size", type=int, default=S, help=f"batch size per process (default {d.batch_size})")
     o.add_argument("--lr", type=float, default=S, help=f"Adam learning rate (default {d.lr})")
-    o.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=S, help="none; plateau: halve on a validation plateau; cosine: per-step cosine decay "
-                   "from --lr to 0 over --epochs, after a linear warm-up over the first epoch")
+    o.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=S,
+                   help="none; plateau: halve on a validation plateau; cosine: per-step cosine decay from --lr to 0 "
+                        "over --epochs, after a linear warm-up over the first epoch")
     o.add_argument("--loss", choices=LOSSES, default=S, help=f"training loss (default {d.loss})")
     o.add_argument("--pos-weight", type=_csv_floats, default=S, metavar="W1,W2,..",
                    help="per-class weight of defect pixels in the BCE, e.g. 2,2,1,1.5")
@@ -778,7 +779,7 @@ class FoldTrainer:
         """Crop training: the BatchNorm running statistics re-estimated on whole training frames.
 
         A crop-trained network's statistics come from its last batches of crops, centred on defects
-        70 % of the time; on whole frames, mostly defect-free, they shift the activations enough to
+        with probability ``--crop-defect-p`` (0.7 by default); on whole frames, mostly defect-free, they shift the activations enough to
         flood the masks (on the synthetic strips the validation loss jumped between 0.7 and 1.7-5.8
         from one epoch to the next; the same weights with statistics re-estimated on 64 whole
         training frames scored 0.59). Resets every BatchNorm layer being trained (a frozen encoder's
