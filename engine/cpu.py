@@ -3,8 +3,12 @@
 Reduced precision pays on a CPU only where it has instructions for it: bf16 dot products
 (AVX-512 BF16, AMX-BF16) and int8 ones (AVX-512 VNNI / AVX-VNNI, AMX-INT8). Without them, bf16
 is emulated and slower than fp32. The flags come from ``/proc/cpuinfo`` (Linux); elsewhere
-nothing is assumed. ``STRIP_CPU_BF16=0`` makes :func:`supports_bf16` say no (to force and test the
-fp32 paths on a bf16 machine).
+nothing is assumed.
+
+``STRIP_CPU_BF16`` forces the choice wherever precision is picked automatically: ``0`` says no (the
+fp32 paths on a bf16 machine), ``1`` says yes (the bf16 paths on any CPU: torch emulates bf16
+where the CPU lacks it, slowly but with the same rounding). The test suite runs with ``0`` unless
+told otherwise, so its outcomes do not depend on the machine it lands on.
 """
 
 from __future__ import annotations
@@ -80,16 +84,27 @@ def cpu_features() -> CpuFeatures:
         return CpuFeatures(model=platform.processor() or "unknown", flags=frozenset())
 
 
+def bf16_forced() -> bool | None:
+    """``STRIP_CPU_BF16``: True for ``1``, False for ``0``, None when unset (detect).
+
+    Raises:
+        ValueError: any other value (a typo must not silently pick a precision).
+    """
+    value = os.environ.get(BF16_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{BF16_ENV}={value!r}: expected 0 (bf16 off), 1 (bf16 on) or unset (detect)")
+    return None if value == "" else value == "1"
+
+
 def supports_bf16() -> bool:
-    """Whether bf16 runs natively here (and is not switched off with ``STRIP_CPU_BF16=0``)."""
-    if os.environ.get(BF16_ENV, "").strip() == "0":
-        return False
-    return cpu_features().bf16
+    """Whether the automatic choices use bf16: native bf16 here, unless ``STRIP_CPU_BF16`` forces it."""
+    forced = bf16_forced()
+    return cpu_features().bf16 if forced is None else forced
 
 
 def no_bf16_reason() -> str:
     """Why :func:`supports_bf16` says no (for skip messages and errors)."""
-    if os.environ.get(BF16_ENV, "").strip() == "0":
+    if bf16_forced() is False:
         return f"bf16 switched off by {BF16_ENV}=0"
     return f"this CPU has no native bf16 (neither AVX-512 BF16 nor AMX-BF16): {cpu_features().line()}"
 

@@ -6,8 +6,15 @@ Each is skipped with the reason printed (``-ra``) when its requirement is missin
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
+
+# Precision is picked from the CPU (engine.cpu), and the machines that run this suite differ (with and
+# without native bf16). Every test runs fp32 unless it asks for bf16 (the ``bf16_on`` and
+# ``native_bf16`` fixtures), so no outcome depends on the machine; servers and CLIs started in
+# subprocesses inherit it. ``STRIP_CPU_BF16=1 make test`` runs the whole suite on the bf16 paths.
+os.environ.setdefault("STRIP_CPU_BF16", "0")
 
 pytest_plugins = ["tests.fixtures"]
 

@@ -213,3 +213,19 @@ def write_engine_with_sidecar(engine_path: Path, onnx_path: Path, **overrides: o
     fields.update(overrides)
     write_sidecar(engine_path, EngineSidecar(**fields))
     return engine_path
+
+
+@pytest.fixture
+def bf16_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 forced on (``STRIP_CPU_BF16=1``): the torch bf16 paths, native here or emulated by torch."""
+    monkeypatch.setenv("STRIP_CPU_BF16", "1")
+
+
+@pytest.fixture
+def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 forced on, on a CPU with native bf16 (OpenVINO runs bf16 only there); skips elsewhere."""
+    from engine.cpu import cpu_features
+
+    if not cpu_features().bf16:
+        pytest.skip(f"this CPU has no native bf16 (neither AVX-512 BF16 nor AMX-BF16): {cpu_features().line()}")
+    monkeypatch.setenv("STRIP_CPU_BF16", "1")

@@ -209,18 +209,16 @@ def test_peak_measurement_reports_what_it_measured() -> None:
 
 
 def test_reduced_precision_rows_are_held_to_the_peak_of_their_own_precision(
-    tiny_models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], native_bf16
 ) -> None:
     """The default backends on the tiny model plus its int8 IR: OpenVINO fp32/bf16/int8 and torch bf16 rows,
     a peak per precision (fp32, bf16, int8), each row's % peak against its own, the CPU feature line."""
     pytest.importorskip("openvino", reason="openvino is not installed")
     pytest.importorskip("nncf", reason="nncf is not installed")
     from engine.build_openvino import build_openvino
-    from engine.cpu import cpu_features, no_bf16_reason, supports_bf16
+    from engine.cpu import cpu_features
     from engine.parity import synthetic_frames
 
-    if not supports_bf16():
-        pytest.skip(no_bf16_reason())
     onnx, pt = tiny_models
     ir = tmp_path / "model_int8.xml"
     build_openvino(onnx, ir, "int8", calibration=synthetic_frames(24, 64, 320, seed=3), calibration_frames=16,

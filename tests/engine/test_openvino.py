@@ -19,13 +19,6 @@ from engine.parity import BF16_TOLERANCE, FP32_TOLERANCE, compare_outputs, toler
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'strip-inspection[cpu]')")
 
 
-def needs_bf16() -> None:
-    from engine.cpu import no_bf16_reason, supports_bf16
-
-    if not supports_bf16():
-        pytest.skip(no_bf16_reason())
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_pt: Path, tiny_frames: np.ndarray):
     """The torch fp32 eager reference, with probabilities."""
@@ -63,8 +56,7 @@ def test_fp32_matches_onnxruntime_and_the_reference(tiny_onnx: Path, tiny_frames
 
 
 def test_bf16_is_within_tolerance_and_counts_are_the_masks_sums(tiny_onnx: Path, tiny_frames: np.ndarray,
-                                                                openvino_fp32) -> None:
-    needs_bf16()
+                                                                openvino_fp32, native_bf16) -> None:
     from engine.backends.openvino import OpenVinoBackend
 
     backend = OpenVinoBackend(tiny_onnx, precision="bf16", with_probs=True)
@@ -92,10 +84,9 @@ def _runtime_precisions(compiled_request_stage) -> dict[str, str]:
     return out
 
 
-def test_bf16_runs_only_the_unets_in_bf16(tiny_onnx: Path) -> None:
+def test_bf16_runs_only_the_unets_in_bf16(tiny_onnx: Path, native_bf16) -> None:
     """The trap: the bf16 hint on the whole graph runs cast, normalise, resizes and fold mean in bf16.
     The split keeps every node before and after the U-Nets in f32 and the U-Nets' convolutions in bf16."""
-    needs_bf16()
     from engine.backends.openvino import OpenVinoBackend
 
     backend = OpenVinoBackend(tiny_onnx, precision="bf16")
@@ -250,3 +241,20 @@ def test_cpu_features_parse_the_flags() -> None:
     assert "AMX-BF16 no" in features.line() and "AMX-INT8 yes" in features.line()
     bare = parse_cpuinfo("model name\t: Old\nflags\t\t: fpu sse2 avx2\n")
     assert not bare.bf16 and not bare.int8 and json.dumps(bare.to_dict())
+
+
+def test_the_precision_switch_forces_either_way(monkeypatch) -> None:
+    """STRIP_CPU_BF16: 0 and 1 override the CPU's answer, unset detects, anything else is refused."""
+    import torch
+
+    from engine.cpu import cpu_autocast_dtype, cpu_features, no_bf16_reason, supports_bf16
+
+    monkeypatch.setenv("STRIP_CPU_BF16", "1")
+    assert supports_bf16() and cpu_autocast_dtype() is torch.bfloat16 and cpu_autocast_dtype(amp=False) is None
+    monkeypatch.setenv("STRIP_CPU_BF16", "0")
+    assert not supports_bf16() and cpu_autocast_dtype() is None and "STRIP_CPU_BF16=0" in no_bf16_reason()
+    monkeypatch.delenv("STRIP_CPU_BF16")
+    assert supports_bf16() == cpu_features().bf16
+    monkeypatch.setenv("STRIP_CPU_BF16", "yes")
+    with pytest.raises(ValueError, match="STRIP_CPU_BF16='yes': expected 0 .bf16 off., 1 .bf16 on. or unset"):
+        supports_bf16()

@@ -269,14 +269,11 @@ def test_cuda_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path
     assert json.loads((out / "fold0" / "config.json").read_text())["options"]["device"] == "cuda:0"
 
 
-def test_cpu_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path: Path) -> None:
-    """--amp on a CPU with native bf16: the U-Net runs in bf16 (channels_last), losses and checkpoints
-    stay fp32; --no-amp trains in fp32, and the two differ (so bf16 really ran)."""
-    from engine.cpu import no_bf16_reason, supports_bf16
+def test_cpu_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path: Path, bf16_on) -> None:
+    """--amp with bf16 on (native here or emulated by torch): the U-Net runs in bf16 (channels_last),
+    losses and checkpoints stay fp32; --no-amp trains in fp32, and the two differ (so bf16 really ran)."""
     from trainer.fit import _amp_dtype
 
-    if not supports_bf16():
-        pytest.skip(no_bf16_reason())
     assert _amp_dtype(torch, on_cuda=False, amp=True) == torch.bfloat16
     assert _amp_dtype(torch, on_cuda=False, amp=False) is None
     torch.set_num_threads(1)
