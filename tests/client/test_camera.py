@@ -1,4 +1,4 @@
-"""``server.camera.CameraStream`` against real servers on loopback: in-process servers drained and
+"""``client.camera.CameraStream`` against real servers on loopback: in-process servers drained and
 restarted on the same port, a ``server serve`` process SIGKILLed and started again, a server that
 does not implement the service, and a port nobody listens on."""
 
@@ -9,7 +9,7 @@ import asyncio
 import grpc
 import pytest
 
-from server.camera import Backoff, CameraStream, CameraStreamError, open_channel
+from client.camera import Backoff, CameraStream, CameraStreamError, open_channel
 from tests.server.conftest import running_server, wait_until
 from tests.server.test_service import assert_equals_direct, make_request
 
@@ -132,8 +132,8 @@ def test_a_bad_frame_is_an_answer_not_a_reason_to_resend(tiny_onnx, camera_frame
 
 
 def test_a_frame_over_the_message_limit_is_refused_locally_and_the_stream_goes_on(tiny_onnx, camera_frames):
+    from client.wire import MAX_MESSAGE_BYTES as limit
     from protos.inspection.v1 import inspection_pb2 as pb
-    from server.config import MAX_MESSAGE_BYTES as limit
 
     async def main():
         async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
