@@ -245,22 +245,22 @@ def test_frame_ids_must_increase_and_settings_are_checked(camera_frames):
     asyncio.run(main())
 
 
-def test_the_readme_camera_example_runs_as_shown(tiny_onnx, camera_frames, direct_output, capsys):
-    """The README's camera-side section shows the whole API: that code, run against a real server."""
+def test_the_docs_camera_example_runs_as_shown(tiny_onnx, camera_frames, direct_output, capsys):
+    """docs/camera.md's camera-library section shows the whole API: that code, run against a real server."""
     import re
     from pathlib import Path
 
     import cv2
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Camera side: `server.camera`"):]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "camera.md").read_text()
+    section = page[page.index("## The camera library: `client.camera`"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     pngs = [cv2.imencode(".png", f)[1].tobytes() for f in camera_frames[:5]]
 
     async def main():
         async with running_server(tiny_onnx) as server:
             namespace: dict = {}
-            exec(code.replace("127.0.0.1:50050", server.address), namespace)  # noqa: S102 - the README's code
+            exec(code.replace("127.0.0.1:50050", server.address), namespace)  # noqa: S102 - the page's code
             await namespace["camera"](pngs)
 
     asyncio.run(main())
