@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from client.camera import Backoff, CameraStream, CameraStreamError, open_channel
-from tests.server.conftest import running_server, wait_until
+from tests.server.conftest import ServerThread, running_server, wait_until
 from tests.server.test_service import assert_equals_direct, make_request
 
 
@@ -267,6 +267,25 @@ def test_the_docs_camera_example_runs_as_shown(tiny_onnx, camera_frames, direct_
     lines = capsys.readouterr().out.splitlines()
     assert lines[:5] == [f"{i} {direct_output['counts'][i]}" for i in range(5)]
     assert lines[5].startswith("CameraCounters(sent=5, answered=5, resent=0")
+
+
+def test_the_docs_minimal_camera_runs_as_shown(tiny_onnx, camera_frames, direct_output, tmp_path, capsys):
+    """docs/camera.md's minimal camera (plain gRPC, no library): that code, run against a real server."""
+    import re
+    from pathlib import Path
+
+    import cv2
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "camera.md").read_text()
+    section = page[page.index("## The contract"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    image = tmp_path / "frame.png"  # lossless, so the answer equals the direct run on the frame
+    cv2.imwrite(str(image), camera_frames[0])
+    with ServerThread(tiny_onnx) as server:
+        exec(code.replace("127.0.0.1:50051", server.address)  # noqa: S102 - the page's code
+             .replace("data/train_images/0a1b2c3d4.jpg", str(image)), {})
+    defects = [(k + 1, direct_output["present"][0][k], direct_output["counts"][0][k]) for k in range(4)]
+    assert capsys.readouterr().out.splitlines() == [f"0 {defects}"]
 
 
 def test_an_answer_for_a_frame_already_answered_is_dropped_and_counted(camera_frames):
