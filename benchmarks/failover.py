@@ -56,7 +56,7 @@ def request(frames: np.ndarray, camera: int, frame_id: int) -> Any:
 async def stream_cameras(target: str, frames: np.ndarray, cameras: int, per_camera: int, fps: float = 0.0,
                          on_answer: Callable[[], None] | None = None) -> dict[str, Any]:
     """``cameras`` CameraStreams on one channel; returns answers and counters per camera, elapsed s."""
-    from server.camera import Backoff, CameraStream, open_channel
+    from client.camera import Backoff, CameraStream, open_channel
 
     async def camera(channel: Any, index: int) -> tuple[list, Any]:
         async with CameraStream(channel, f"cam{index}", backoff=Backoff(give_up_s=60)) as cam:

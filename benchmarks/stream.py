@@ -3,7 +3,7 @@
 Starts ``server serve`` on the model (a subprocess on free local ports; ``--in-process`` runs
 the library server on a thread of this process instead) or uses a running server
 (``--target HOST:PORT``), then, for each stream count, streams JPEG strip frames through the
-project's own camera client (server.client.run_cameras): as fast as the server takes them
+project's own camera client (client.stream_folder.run_cameras): as fast as the server takes them
 (``--fps 0``), or at a fixed rate per camera for latency under a production-like load.
 
 Per stream count it reports frames/sec, p50/p95/p99 end-to-end latency (frame handed to gRPC ->
@@ -311,7 +311,7 @@ def _ms(values: list[float], q: float) -> float | None:
 
 
 def summarise(run: Any, streams: int, fps: float, frames: int, metrics: tuple[float, float] | None) -> dict[str, Any]:
-    """Figures of one client run (a :class:`server.client.CameraRun`)."""
+    """Figures of one client run (a :class:`client.stream_folder.CameraRun`)."""
     ok = [a for a in run.answers if a.ok]
     latencies = [a.latency_s for a in ok]
     batch_sizes = [a.response.timings.batch_size for a in ok if a.response.timings.batch_size]
@@ -346,7 +346,7 @@ def summarise(run: Any, streams: int, fps: float, frames: int, metrics: tuple[fl
 def run_setting(
     target: str, images: list[Path], streams: int, fps: float, metrics_url: str | None, connect_timeout: float
 ) -> dict[str, Any]:
-    from server.client import run_cameras
+    from client.stream_folder import run_cameras
 
     before = scrape_batches(metrics_url)
     run = asyncio.run(run_cameras(target, images, streams=streams, fps=fps, connect_timeout=connect_timeout))
@@ -477,7 +477,7 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
 async def _model_info(target: str, timeout: float) -> Any:
     import grpc
 
-    from server.client import model_info
+    from client.stream_folder import model_info
 
     async with grpc.aio.insecure_channel(target) as channel:
         return await model_info(channel, target, timeout)

@@ -1,17 +1,8 @@
 """Capture of line frames for retraining: a policy that picks frames, and an asynchronous writer.
 
 ``server serve --capture-dir DIR --capture uncertain,defects,sample:0.01 --capture-quota-gb 5``
-saves chosen frames with the model's predictions as a Severstal-format folder::
-
-    DIR/train_images/<ImageId>   the frame: the camera's original JPEG/PNG bytes, or a raw frame
-                                 encoded losslessly as PNG
-    DIR/predictions.csv          ImageId,ClassId,EncodedPixels: every non-empty class mask the model
-                                 predicted, present or not (a reviewer sees the near misses too)
-    DIR/train.csv                ImageId,ClassId,EncodedPixels: the classes the model called present;
-                                 these ARE the training labels until a person reviews and corrects them
-    DIR/captures.csv             ImageId,CameraId,FrameId,CapturedAtNs,ModelVersion,Reason,PixelCounts,Labels
-
-so after review the folder trains as it is: ``trainer fit --data ORIGINAL --data DIR``.
+saves chosen frames with the model's predictions as a Severstal-format folder
+(:mod:`server.capture_folder` owns its layout), which trains as it is after review.
 
 Capture never slows or loses inference. :meth:`CaptureWriter.offer` only decides and enqueues
 (a bounded queue); one writer thread encodes and writes. When the queue is full, the quota would
@@ -26,8 +17,6 @@ an image without rows, which the trainer would silently read as defect-free.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import queue
@@ -35,48 +24,20 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine.decode import image_format
+from server.capture_folder import HEADERS, IMAGES_DIR, Capture, folder_bytes, repair_csv
 from server.capture_policy import CapturePolicy
 from server.config import DEFAULT_CAPTURE_QUEUE, CaptureConfig, check_capture_limits
 
 log = logging.getLogger(__name__)
 
-IMAGES_DIR = "train_images"
-PREDICTIONS_FILE = "predictions.csv"
-LABELS_FILE = "train.csv"
-CAPTURES_FILE = "captures.csv"
-ANNOTATION_HEADER = ("ImageId", "ClassId", "EncodedPixels")
-CAPTURES_HEADER = (
-    "ImageId", "CameraId", "FrameId", "CapturedAtNs", "ModelVersion", "Reason", "PixelCounts", "Labels",
-)
-HEADERS = {PREDICTIONS_FILE: ANNOTATION_HEADER, LABELS_FILE: ANNOTATION_HEADER, CAPTURES_FILE: CAPTURES_HEADER}
-
 RETRY_SECONDS = 30.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-# --------------------------------------------------------------------------- writer
-
-
-@dataclass
-class _Capture:
-    frame: bytes | np.ndarray
-    suffix: str
-    stem: str
-    camera_id: str
-    frame_id: int
-    time_ns: int
-    model_version: str
-    reason: str
-    rles: tuple[str, ...]
-    counts: tuple[int, ...]
-    present: tuple[bool, ...]
 
 
 _STOP = object()
@@ -85,24 +46,6 @@ _STOP = object()
 def _image_suffix(data: bytes) -> str | None:
     """The file suffix for encoded frame bytes (by content, as the server decodes them), or None."""
     return {"png": ".png", "jpeg": ".jpg"}.get(image_format(data))
-
-
-def _csv_bytes(rows: Sequence[Sequence[Any]]) -> bytes:
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    return text.getvalue().encode("utf-8")
-
-
-def folder_bytes(directory: Path) -> int:
-    """Bytes of every file under ``directory`` (0 when it does not exist)."""
-    total = 0
-    for root, _, files in os.walk(directory):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:  # removed while walking
-                continue
-    return total
 
 
 class CaptureWriter:
@@ -226,11 +169,7 @@ class CaptureWriter:
             image_id: the file name stem; default ``<camera>_<frame id>_<time>``. Unsafe characters
                 become ``_``; the suffix follows the image format.
         """
-        if len(rles) != self.num_classes or len(counts) != self.num_classes or len(present) != self.num_classes:
-            raise ValueError(
-                f"capture of frame {frame_id}: rles, counts and present need one entry per class "
-                f"({self.num_classes}), got {len(rles)}, {len(counts)}, {len(present)}"
-            )
+        self._check_per_class(frame_id, rles, counts, present)
         with self._lock:
             self.offered += 1
         if self._closed:
@@ -241,17 +180,46 @@ class CaptureWriter:
             return False
         with self._lock:
             self.selected += 1
-        raw = isinstance(frame, np.ndarray)
-        if raw:
+        kind = self._suffix_and_size(frame, camera_id, frame_id)
+        if kind is None or not self._admits(kind[1]):
+            return False
+        # Copied only now, when it is going to the queue: the caller may reuse its buffers.
+        payload = np.array(frame, copy=True, order="C") if isinstance(frame, np.ndarray) else bytes(frame)
+        stem = _UNSAFE.sub("_", image_id if image_id is not None else f"{camera_id}_{int(frame_id):012d}_{int(time_ns)}")
+        return self._enqueue(Capture(
+            frame=payload, suffix=kind[0], stem=stem.strip("._") or "frame", camera_id=str(camera_id),
+            frame_id=int(frame_id), time_ns=int(time_ns), model_version=str(model_version), reason=reason,
+            rles=tuple(str(r) for r in rles), counts=tuple(int(c) for c in counts),
+            present=tuple(bool(p) for p in present),
+        ))
+
+    def _check_per_class(self, frame_id: int, rles: Sequence[str], counts: Sequence[int] | np.ndarray,
+                         present: Sequence[bool] | np.ndarray) -> None:
+        if len(rles) != self.num_classes or len(counts) != self.num_classes or len(present) != self.num_classes:
+            raise ValueError(
+                f"capture of frame {frame_id}: rles, counts and present need one entry per class "
+                f"({self.num_classes}), got {len(rles)}, {len(counts)}, {len(present)}"
+            )
+
+    def _suffix_and_size(self, frame: bytes | bytearray | memoryview | np.ndarray, camera_id: str,
+                         frame_id: int) -> tuple[str, int] | None:
+        """The file suffix and (estimated) size of a frame to save; None, skipped and counted, for a
+        frame that is neither JPEG/PNG bytes nor a uint8 gray or BGR array."""
+        if isinstance(frame, np.ndarray):
             if frame.dtype != np.uint8 or not (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3)):
-                return self._skip_error(f"frame {frame_id} of camera {camera_id!r}: not a uint8 [H, W] or "
-                                        f"[H, W, 3] array (got {frame.dtype} {list(frame.shape)})")
-            suffix, size = ".png", self._last_png_bytes  # the PNG size is known once encoded: estimate
-        else:
-            suffix = _image_suffix(bytes(frame[:8]))
-            if suffix is None:
-                return self._skip_error(f"frame {frame_id} of camera {camera_id!r}: bytes are neither JPEG nor PNG")
-            size = len(frame)
+                self._skip_error(f"frame {frame_id} of camera {camera_id!r}: not a uint8 [H, W] or "
+                                 f"[H, W, 3] array (got {frame.dtype} {list(frame.shape)})")
+                return None
+            return ".png", self._last_png_bytes  # the PNG size is known once encoded: estimate
+        suffix = _image_suffix(bytes(frame[:8]))
+        if suffix is None:
+            self._skip_error(f"frame {frame_id} of camera {camera_id!r}: bytes are neither JPEG nor PNG")
+            return None
+        return suffix, len(frame)
+
+    def _admits(self, size: int) -> bool:
+        """Whether a capture of ``size`` bytes may be queued now: the folder is usable and the quota
+        leaves room. Counts the skip when not."""
         with self._lock:
             if time.monotonic() < self._failed_until:
                 self.skipped_error += 1
@@ -259,15 +227,9 @@ class CaptureWriter:
             if self.bytes_used >= 0 and self.bytes_used + size > self.quota_bytes:
                 self.skipped_quota += 1
                 return False
-        # Copied only now, when it is going to the queue: the caller may reuse its buffers.
-        payload: bytes | np.ndarray = np.array(frame, copy=True, order="C") if raw else bytes(frame)
-        stem = _UNSAFE.sub("_", image_id if image_id is not None else f"{camera_id}_{int(frame_id):012d}_{int(time_ns)}")
-        item = _Capture(
-            frame=payload, suffix=suffix, stem=stem.strip("._") or "frame", camera_id=str(camera_id),
-            frame_id=int(frame_id), time_ns=int(time_ns), model_version=str(model_version), reason=reason,
-            rles=tuple(str(r) for r in rles), counts=tuple(int(c) for c in counts),
-            present=tuple(bool(p) for p in present),
-        )
+        return True
+
+    def _enqueue(self, item: Capture) -> bool:
         try:
             self._queue.put_nowait(item)
         except queue.Full:
@@ -393,7 +355,7 @@ class CaptureWriter:
         present = {p.name for p in images.iterdir()}
         for name, header in HEADERS.items():
             path = self.directory / name
-            _repair_csv(path, header, present)
+            repair_csv(path, header, present)
             self._files[name] = open(path, "ab")  # noqa: SIM115 - kept open for the writer's life
         used = folder_bytes(self.directory)
         with self._lock:
@@ -410,7 +372,7 @@ class CaptureWriter:
         self._files = {}
         self._prepared = False
 
-    def _write(self, item: _Capture) -> None:
+    def _write(self, item: Capture) -> None:
         images = self.directory / IMAGES_DIR
         if isinstance(item.frame, np.ndarray):
             import cv2
@@ -428,7 +390,7 @@ class CaptureWriter:
         while (images / image_id).exists():  # a camera's frame ids can restart; never overwrite
             n += 1
             image_id = f"{item.stem}-{n}{item.suffix}"
-        rows = self._rows(image_id, item)
+        rows = item.rows(image_id)
         need = len(data) + sum(len(b) for b in rows.values())
         with self._lock:
             if self.bytes_used + need > self.quota_bytes:
@@ -463,19 +425,6 @@ class CaptureWriter:
             self.written += 1
             self.bytes_used += need
 
-    def _rows(self, image_id: str, item: _Capture) -> dict[str, bytes]:
-        predictions = [(image_id, k + 1, r) for k, r in enumerate(item.rles) if r]
-        labels = [(image_id, k + 1, r) for k, r in enumerate(item.rles) if r and item.present[k]]
-        capture = (
-            image_id, item.camera_id, item.frame_id, item.time_ns, item.model_version, item.reason,
-            " ".join(map(str, item.counts)), " ".join(str(k + 1) for k, p in enumerate(item.present) if p),
-        )
-        return {
-            PREDICTIONS_FILE: _csv_bytes(predictions),
-            LABELS_FILE: _csv_bytes(labels),
-            CAPTURES_FILE: _csv_bytes([capture]),
-        }
-
     def _undo(self, tmp: Path, sizes: dict[str, int]) -> None:
         """Best effort after a failed capture: no half rows, no stray temporary image."""
         for name, size in sizes.items():
@@ -488,27 +437,3 @@ class CaptureWriter:
         except OSError:
             pass
 
-
-def _repair_csv(path: Path, header: tuple[str, ...], images: set[str]) -> None:
-    """Creates ``path`` with ``header``, or repairs what a crash left: a half-written last line and
-    rows naming an image that never made it to ``train_images/``.
-
-    Raises:
-        ValueError: the file exists with another header (not a capture folder of this layout).
-    """
-    if not path.exists() or path.stat().st_size == 0:
-        path.write_bytes(_csv_bytes([header]))
-        return
-    text = path.read_bytes().decode("utf-8-sig")
-    complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]
-    rows = list(csv.reader(io.StringIO(complete)))
-    if not rows or tuple(c.strip() for c in rows[0]) != header:
-        raise ValueError(f"{path}: header is {rows[0] if rows else 'missing'}, expected {','.join(header)}")
-    kept = [r for r in rows[1:] if r and r[0] in images]
-    dropped = len(rows) - 1 - len(kept)
-    if dropped or complete != text:
-        log.warning("%s: removed %d rows of captures interrupted before their image was saved%s", path, dropped,
-                    " and a half-written last line" if complete != text else "")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(_csv_bytes([header, *kept]))
-        os.replace(tmp, path)

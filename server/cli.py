@@ -9,8 +9,8 @@ from engine.cli_util import run_cli
 
 COMMANDS: dict[str, str] = {
     "serve": "server.serve",
-    "client": "server.client",
-    "status": "server.status",
+    "client": "client.stream_folder",
+    "status": "client.status",
 }
 
 

@@ -6,9 +6,9 @@ settings and the limits of the wire protocol.
 checked once, by the function that owns its message (:func:`check_drift_settings`,
 :func:`check_capture_limits`), whoever constructs the object (the CLI, a test, ``bench stream``).
 
-The protocol limits (:data:`MAX_CAMERA_ID_BYTES`, :data:`MAX_MESSAGE_BYTES`) are what a camera
-must respect; ``protos/inspection/v1/inspection.proto`` names them and a client imports them
-from here.
+The protocol limits (:data:`MAX_CAMERA_ID_BYTES`, :data:`MAX_MESSAGE_BYTES`) are owned by
+:mod:`client.wire`, which the camera side imports without the server; they are imported here so
+that the server's settings take their defaults from the same constants.
 """
 
 from __future__ import annotations
@@ -19,17 +19,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from client.wire import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES
 from engine.drift import DEFAULT_MIN_FILL
 from server.capture_policy import DEFAULT_CAPTURE_POLICY, DEFAULT_UNCERTAIN_BAND, POLICY_TOKENS, CapturePolicy
-
-#: Longest ``camera_id`` (UTF-8 bytes) a request may carry; longer ones are answered INVALID_ARGUMENT.
-#: Bounded so that nothing a camera sends can make an answer (which echoes the id) exceed the
-#: message size limit, and so that ids stay cheap as metric labels and status entries.
-MAX_CAMERA_ID_BYTES = 256
-#: gRPC message size limit, both directions (receive and send). A request over it ends the whole
-#: stream (gRPC RESOURCE_EXHAUSTED): a camera must refuse such a frame itself before sending it.
-#: 16 MiB is well above a full-resolution raw BGR8 Severstal frame (256 x 1600 x 3 = 1.2 MB).
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 #: Most characters of client input (a camera id, a policy token) quoted back in a message or a log line.
 MAX_ECHO_CHARS = 64

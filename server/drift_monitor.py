@@ -94,8 +94,7 @@ class DriftMonitor:
     below ``threshold * RECOVER_RATIO``, logged at info) and crosses anew.
 
     Threading: every method may be called from any thread. One lock guards all cameras, held only
-    while rows are stored and scored (~0.4 ms for a 500-row window), not while statistics are
-    computed. The server calls :meth:`observe_batch` from its line-feedback thread once a batch's
+    while rows are stored and scored, not while statistics are computed. The server calls :meth:`observe_batch` from its line-feedback thread once a batch's
     frames are answered (see ``server.feedback``), and :meth:`status` / :meth:`scores` from RPC
     handlers and the metrics collector.
 

@@ -229,3 +229,33 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     if not cpu_features().bf16:
         pytest.skip(f"this CPU has no native bf16 (neither AVX-512 BF16 nor AMX-BF16): {cpu_features().line()}")
     monkeypatch.setenv("STRIP_CPU_BF16", "1")
+
+
+# --------------------------------------------------------------------------- camera frames
+# The frames the server and client tests stream, and the tiny model's own answer for each: every
+# answer that comes back through a server is compared with it.
+
+
+@pytest.fixture(scope="session")
+def camera_frames() -> np.ndarray:
+    """50 strip-like uint8 frames [50, 64, 320] at the tiny model's input size."""
+    from engine.parity import synthetic_frames
+
+    return synthetic_frames(50, *TINY_INPUT_SIZE, seed=11)
+
+
+@pytest.fixture(scope="session")
+def direct_backend(tiny_onnx: Path):
+    """The tiny model loaded directly: the reference every server answer is compared with."""
+    from engine.backends import load_backend
+
+    backend = load_backend(tiny_onnx, device="cpu")
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="session")
+def direct_output(direct_backend, camera_frames: np.ndarray) -> dict[str, list]:
+    """The backend's own answer for every camera frame: counts, present and RLE per class."""
+    result = direct_backend.infer(camera_frames)
+    return {"counts": result.counts.tolist(), "present": result.present.tolist(), "rles": result.rle()}

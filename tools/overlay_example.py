@@ -1,4 +1,4 @@
-"""The README's overlay picture: ``engine.overlay.render_evaluation`` on a ``trainer synth`` frame.
+"""The overlay picture of docs/training.md: ``engine.overlay.render_evaluation`` on a ``trainer synth`` frame.
 
 No trained model is involved: the "prediction" is made from the frame's own truth so that one
 picture shows every element of the drawing: a class found (filled, TP), a class whose few
@@ -22,7 +22,7 @@ from engine.overlay import render_evaluation, write_png
 from trainer.data import DataConfig, load_samples, read_image, sample_masks
 from trainer.synth import synthesize
 
-MIN_AREA = 200  # the thesis' rule at its 128x800 resolution (a small picture for the README)
+MIN_AREA = 200  # the thesis' rule at its 128x800 resolution (a small picture for docs/training.md)
 
 
 def main() -> int:

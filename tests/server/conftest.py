@@ -1,4 +1,5 @@
-"""Server test fixtures: the tiny exported model (``tiny_onnx``), camera frames, a running server."""
+"""Server test fixtures: line frames, drift models, a running server (the camera frames and the tiny
+model's direct answers are in ``tests/fixtures.py``, shared with ``tests/client``)."""
 
 from __future__ import annotations
 
@@ -47,31 +48,6 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )
     return cert, key
-
-
-@pytest.fixture(scope="session")
-def camera_frames() -> np.ndarray:
-    """50 strip-like uint8 frames [50, 64, 320] at the tiny model's input size."""
-    from engine.parity import synthetic_frames
-
-    return synthetic_frames(50, *FRAME_SIZE, seed=11)
-
-
-@pytest.fixture(scope="session")
-def direct_backend(tiny_onnx: Path):
-    """The tiny model loaded directly: the reference every server answer is compared with."""
-    from engine.backends import load_backend
-
-    backend = load_backend(tiny_onnx, device="cpu")
-    yield backend
-    backend.close()
-
-
-@pytest.fixture(scope="session")
-def direct_output(direct_backend, camera_frames: np.ndarray) -> dict[str, list]:
-    """The backend's own answer for every camera frame: counts, present and RLE per class."""
-    result = direct_backend.infer(camera_frames)
-    return {"counts": result.counts.tolist(), "present": result.present.tolist(), "rles": result.rle()}
 
 
 def line_frames(n: int, seed: int, brightness: int = 0) -> np.ndarray:

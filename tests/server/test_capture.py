@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engine import rle
-from server import capture, config
+from server import capture_folder, config
 from server.capture import CapturePolicy, CaptureWriter
 from trainer.data import DataConfig, load_samples, read_annotations, read_image
 
@@ -146,7 +146,7 @@ def test_captured_folder_loads_as_training_data(tmp_path):
         expected["rles"][0], "", expected["rles"][2], ""
     ]
     rows = read_csv(out / "captures.csv")
-    assert rows[0] == list(capture.CAPTURES_HEADER)
+    assert rows[0] == list(capture_folder.CAPTURES_HEADER)
     assert rows[1] == [
         "cam-1_000000000001_1700000000000000001.png", "cam-1", "1", "1700000000000000001", "m1",
         "uncertain:1,3", "240 0 150 0", "1",  # 240 px is within 0.5..2 x 200 as well
@@ -163,7 +163,7 @@ def test_quota_is_honoured_within_a_run_and_across_restarts(tmp_path):
         for i in range(8):
             offer(writer, i, frame=jpeg)
     assert writer.written == 3 and writer.skipped_quota == 5
-    used = capture.folder_bytes(out)
+    used = capture_folder.folder_bytes(out)
     assert used <= quota and writer.bytes_used == used
 
     # A restart counts what is already there: the same quota admits nothing more.
@@ -172,7 +172,7 @@ def test_quota_is_honoured_within_a_run_and_across_restarts(tmp_path):
         for i in range(8, 12):
             offer(writer, i, frame=jpeg)
     assert writer_started.written == 0 and writer_started.skipped_quota == 4
-    assert capture.folder_bytes(out) == used
+    assert capture_folder.folder_bytes(out) == used
     # A larger quota takes more, and the folder still loads.
     with CaptureWriter(out, policy, MIN_AREAS, quota_bytes=quota + len(jpeg) + 1000) as writer:
         offer(writer, 20, frame=jpeg)

@@ -5,7 +5,7 @@ opened first, then two cameras stream frames; the test waits until the page show
 and checks the camera ids, class names, per-class pixel counts and decisions of the latest frame,
 defective-frame totals and thumbnails against the streamed answers. It clicks a thumbnail, and
 saves a screenshot (to the test's tmp folder, and to ``$CONSOLE_SCREENSHOT`` when set: the
-README's ``docs/console.png`` is taken this way).
+``docs/console.png``, shown in docs/serving.md, is taken this way).
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def test_status_and_metrics_stay_bounded_with_many_cameras(drift_onnx, camera_fr
     shown = [c.camera_id for c in status.cameras]
     assert len(set(shown)) == 10 and set(shown) <= set(ids[-20:])
     assert status.ByteSize() < 64 * 1024
-    from server.status import format_status
+    from client.status import format_status
 
     assert "... and 30 more cameras not listed" in format_status(status)  # `server status` says so
     cameras = {dict(labels)["camera"] for (name, labels) in metrics if name == "inspection_drift_window_frames"}

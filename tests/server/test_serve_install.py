@@ -1,12 +1,16 @@
-"""The serving install: ``pip install '.[serve,cpu]'`` in a fresh venv serves an ONNX model without
-torch, segmentation-models-pytorch or matplotlib (which then cannot have been imported either).
+"""The installs without training: in a fresh venv, first the core dependencies alone (``pip install .``)
+run the camera side (``import client.camera``, ``camera --help``) without the server's extras; then
+``pip install '.[serve,cpu]'`` on top serves an ONNX model without torch, segmentation-models-pytorch
+or matplotlib (which then cannot have been imported either).
 
-A real venv, a real pip install from this checkout (a copy of its packages: pip's cache makes it
-quick after the first run), a real ``server serve`` process, a real gRPC client.
+A real venv, real pip installs from this checkout (a copy of its packages: pip's cache makes them
+quick after the first run; the second adds only the extras), a real ``server serve`` process, a
+real gRPC client.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -23,13 +27,22 @@ from tests.server.test_service import assert_equals_direct, make_request
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "segmentation_models_pytorch", "matplotlib", "torchvision", "timm")
-SOURCES = ("pyproject.toml", "README.md", "engine", "trainer", "server", "benchmarks", "protos")
+SERVER_EXTRAS = ("aiohttp", "onnxruntime", "openvino")
+SOURCES = ("pyproject.toml", "README.md", "engine", "trainer", "server", "client", "benchmarks", "protos")
 
 
 def _run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    # Without PYTHONPATH: the venv must find its own installed copy, never this checkout's packages.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
+
+
+def _installed(python: Path, modules: tuple[str, ...]) -> str:
+    """The JSON list of ``modules`` that ``python`` can import."""
+    probe = f"import importlib.util, json; print(json.dumps([m for m in {list(modules)!r} if importlib.util.find_spec(m)]))"
+    return _run([str(python), "-c", probe], timeout=60).stdout.strip()
 
 
 def test_serve_install_serves_onnx_without_torch(tmp_path: Path, tiny_onnx: Path, camera_frames, direct_output):
@@ -43,11 +56,14 @@ def test_serve_install_serves_onnx_without_torch(tmp_path: Path, tiny_onnx: Path
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
     python = venv / "bin" / "python"
+    _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--quiet", str(source)], timeout=600)
+    assert _installed(python, HEAVY + SERVER_EXTRAS) == "[]"
+    _run([str(python), "-c", "import client.camera, client.stream_folder, client.status"], timeout=60, cwd=tmp_path)
+    assert "usage: camera stream" in _run([str(venv / "bin" / "camera"), "stream", "--help"], timeout=60).stdout
+
     _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--quiet", f"{source}[serve,cpu]"],
          timeout=600)
-    probe = ("import importlib.util, json; "
-             f"print(json.dumps([m for m in {list(HEAVY)!r} if importlib.util.find_spec(m)]))")
-    assert _run([str(python), "-c", probe], timeout=60).stdout.strip() == "[]"
+    assert _installed(python, HEAVY) == "[]"
 
     process = subprocess.Popen(
         [str(venv / "bin" / "server"), "serve", "--model", str(tiny_onnx), "--port", "0", "--metrics-port", "-1",

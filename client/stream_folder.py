@@ -1,4 +1,5 @@
-"""``server client``: simulated cameras streaming a folder of images to a server, results as a Kaggle CSV.
+"""``server client`` (also ``camera stream``): simulated cameras streaming a folder of images to a
+server, results as a Kaggle CSV.
 
 The images are dealt round-robin to ``--streams`` cameras (``cam0``, ``cam1``...); each camera
 opens one ``Inspect`` stream and sends its images as frames 0, 1, 2... (``--fps`` paces each
@@ -10,7 +11,7 @@ The CSV (``ImageId,ClassId,EncodedPixels``, the Severstal ``train.csv`` layout t
 and class, so defect-free images are listed too. ``EncodedPixels`` is the class's mask when the
 server says the class is present (pixel count >= the model's minimum area) and empty otherwise:
 the decision rule applied, as a Kaggle submission has it. Frames that failed are not in the CSV;
-they are listed on stderr and make the exit status 1. Each camera is a :class:`server.camera.CameraStream`:
+they are listed on stderr and make the exit status 1. Each camera is a :class:`client.camera.CameraStream`:
 a server that drains, dies or restarts (or a balancer that moves the stream to another replica)
 costs a reconnect and a resend, never an image; only a camera that gets no answer for
 ``--give-up`` seconds, or a status resending cannot mend, leaves images unanswered (listed, exit 1).
@@ -71,15 +72,15 @@ class CameraRun:
     unanswered: list[tuple[str, str]] = field(default_factory=list)
     elapsed_s: float = 0.0
     model_info: Any = None  # inspection.v1.ModelInfo of the server
-    counters: dict[str, Any] = field(default_factory=dict)  # camera id -> server.camera.CameraCounters
+    counters: dict[str, Any] = field(default_factory=dict)  # camera id -> client.camera.CameraCounters
 
     @property
     def failed(self) -> list[FrameAnswer]:
         return [a for a in self.answers if not a.ok]
 
     def totals(self) -> Any:
-        """Every camera's counters summed (a ``server.camera.CameraCounters``)."""
-        from server.camera import CameraCounters
+        """Every camera's counters summed (a ``client.camera.CameraCounters``)."""
+        from client.camera import CameraCounters
 
         total = CameraCounters()
         for counters in self.counters.values():
@@ -165,7 +166,7 @@ async def run_cameras(
     on_answer: Callable[[FrameAnswer], None] | None = None,
     give_up_s: float | None = 60.0,
 ) -> CameraRun:
-    """Streams ``images`` to ``target`` as ``streams`` concurrent cameras (:class:`server.camera.CameraStream`).
+    """Streams ``images`` to ``target`` as ``streams`` concurrent cameras (:class:`client.camera.CameraStream`).
 
     A stream that breaks (a server draining or dying, a balancer switching replicas) reconnects and
     resends what was not answered; each image is answered exactly once.
@@ -179,7 +180,7 @@ async def run_cameras(
     Raises:
         ConnectionError: the server cannot be reached or is not serving yet.
     """
-    from server.camera import Backoff, open_channel
+    from client.camera import Backoff, open_channel
 
     if streams < 1:
         raise ValueError(f"--streams must be >= 1, got {streams}")
@@ -205,7 +206,7 @@ async def run_cameras(
 async def _camera(channel: Any, camera_id: str, paths: list[Path], fps: float, raw: bool, backoff: Any,
                   run: CameraRun, on_answer: Callable[[FrameAnswer], None] | None) -> None:
     """One camera: sends ``paths`` as frames 0, 1, 2... and collects their answers."""
-    from server.camera import CameraStream, CameraStreamError
+    from client.camera import CameraStream, CameraStreamError
 
     if not paths:
         return

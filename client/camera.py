@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from client.wire import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
-from server.config import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 

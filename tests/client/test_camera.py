@@ -1,4 +1,4 @@
-"""``server.camera.CameraStream`` against real servers on loopback: in-process servers drained and
+"""``client.camera.CameraStream`` against real servers on loopback: in-process servers drained and
 restarted on the same port, a ``server serve`` process SIGKILLed and started again, a server that
 does not implement the service, and a port nobody listens on."""
 
@@ -9,8 +9,8 @@ import asyncio
 import grpc
 import pytest
 
-from server.camera import Backoff, CameraStream, CameraStreamError, open_channel
-from tests.server.conftest import running_server, wait_until
+from client.camera import Backoff, CameraStream, CameraStreamError, open_channel
+from tests.server.conftest import ServerThread, running_server, wait_until
 from tests.server.test_service import assert_equals_direct, make_request
 
 
@@ -132,8 +132,8 @@ def test_a_bad_frame_is_an_answer_not_a_reason_to_resend(tiny_onnx, camera_frame
 
 
 def test_a_frame_over_the_message_limit_is_refused_locally_and_the_stream_goes_on(tiny_onnx, camera_frames):
+    from client.wire import MAX_MESSAGE_BYTES as limit
     from protos.inspection.v1 import inspection_pb2 as pb
-    from server.config import MAX_MESSAGE_BYTES as limit
 
     async def main():
         async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
@@ -245,28 +245,47 @@ def test_frame_ids_must_increase_and_settings_are_checked(camera_frames):
     asyncio.run(main())
 
 
-def test_the_readme_camera_example_runs_as_shown(tiny_onnx, camera_frames, direct_output, capsys):
-    """The README's camera-side section shows the whole API: that code, run against a real server."""
+def test_the_docs_camera_example_runs_as_shown(tiny_onnx, camera_frames, direct_output, capsys):
+    """docs/camera.md's camera-library section shows the whole API: that code, run against a real server."""
     import re
     from pathlib import Path
 
     import cv2
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("### Camera side: `server.camera`"):]
+    page = (Path(__file__).resolve().parents[2] / "docs" / "camera.md").read_text()
+    section = page[page.index("## The camera library: `client.camera`"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     pngs = [cv2.imencode(".png", f)[1].tobytes() for f in camera_frames[:5]]
 
     async def main():
         async with running_server(tiny_onnx) as server:
             namespace: dict = {}
-            exec(code.replace("127.0.0.1:50050", server.address), namespace)  # noqa: S102 - the README's code
+            exec(code.replace("127.0.0.1:50050", server.address), namespace)  # noqa: S102 - the page's code
             await namespace["camera"](pngs)
 
     asyncio.run(main())
     lines = capsys.readouterr().out.splitlines()
     assert lines[:5] == [f"{i} {direct_output['counts'][i]}" for i in range(5)]
     assert lines[5].startswith("CameraCounters(sent=5, answered=5, resent=0")
+
+
+def test_the_docs_minimal_camera_runs_as_shown(tiny_onnx, camera_frames, direct_output, tmp_path, capsys):
+    """docs/camera.md's minimal camera (plain gRPC, no library): that code, run against a real server."""
+    import re
+    from pathlib import Path
+
+    import cv2
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "camera.md").read_text()
+    section = page[page.index("## The contract"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    image = tmp_path / "frame.png"  # lossless, so the answer equals the direct run on the frame
+    cv2.imwrite(str(image), camera_frames[0])
+    with ServerThread(tiny_onnx) as server:
+        exec(code.replace("127.0.0.1:50051", server.address)  # noqa: S102 - the page's code
+             .replace("data/train_images/0a1b2c3d4.jpg", str(image)), {})
+    defects = [(k + 1, direct_output["present"][0][k], direct_output["counts"][0][k]) for k in range(4)]
+    assert capsys.readouterr().out.splitlines() == [f"0 {defects}"]
 
 
 def test_an_answer_for_a_frame_already_answered_is_dropped_and_counted(camera_frames):

@@ -1,4 +1,4 @@
-"""``server status``: a running server's line status (``GetLineStatus``) for a person or a script.
+"""``server status`` (and ``camera status``): a running server's line status (``GetLineStatus``) for a person or a script.
 
 Prints whether drift monitoring is on (and why not), each camera's window and its scores per
 statistic (``*`` marks a score over its threshold), and the capture counters; ``--json`` prints the
@@ -92,7 +92,7 @@ def format_status(status: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.client import channel_credentials
+    from client.stream_folder import channel_credentials
 
     status = asyncio.run(line_status(args.target, args.camera, channel_credentials(args.tls_ca), args.timeout))
     if args.json:
