@@ -9,7 +9,9 @@
   ``--product augment=strong --product loss=bce+dice``), then the out-of-fold search of thresholds
   and minimum areas on the fold it trained (a partial run) and the TTA it names.
 
-Each trains fold 0 of one split (written once, used by both) until its budget is spent (checked
+``--seeds N`` trains each model N times (seeds 0..N-1, every seed on the first seed's split) and
+reports each seed, the mean and standard deviation, and whether the product beat the baseline in
+every seed. Each trains fold 0 of one split (written once, used by both) until its budget is spent (checked
 after every epoch, so one epoch always runs) or its epochs run out, then both are scored on the
 same holdout. Writes ``OUT/comparison.md`` (Kaggle metric, per-class Dice, label accuracy, epochs,
 minutes) and ``OUT/comparison.json``. Figures mean something only on a quiet machine.
@@ -25,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -107,15 +111,49 @@ def score(name: str, run: Path, tta: str | None, search: bool) -> dict[str, Any]
 
 
 def table(rows: list[dict[str, Any]], class_names: list[str]) -> str:
-    head = ["model", "epochs", "minutes", "Kaggle metric", *[f"Dice {k + 1} {n}" for k, n in enumerate(class_names)],
-            "label accuracy"]
+    head = ["model", "seed", "epochs", "minutes", "Kaggle metric",
+            *[f"Dice {k + 1} {n}" for k, n in enumerate(class_names)], "label accuracy"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["name"], str(r["epochs"]), f"{r['minutes']:.1f}", f"{r['kaggle']:.4f}",
+        cells = [r["name"], str(r["seed"]), str(r["epochs"]), f"{r['minutes']:.1f}", f"{r['kaggle']:.4f}",
                  *[f"{v:.4f}" for v in r["kaggle_per_class"]], f"{r['label_accuracy']:.4f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nholdout: {rows[0]['images']} images; predicting nothing scores Kaggle {rows[0]['empty_kaggle']:.4f}. "
                  "Per-class Dice is the Kaggle metric of each class (1 for a pair both empty).")
+    return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model: mean and standard deviation (n-1; 0 for one seed) of its seeds' scores, and whether
+    the product beat the baseline in every seed."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(r["name"] for r in rows):
+        mine = [r for r in rows if r["name"] == name]
+        stats: dict[str, Any] = {"seeds": len(mine)}
+        for key in ("kaggle", "label_accuracy", "minutes", "epochs"):
+            values = np.array([r[key] for r in mine], dtype=np.float64)
+            stats[key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+        out[name] = stats
+    base, product = (list(out) + [None, None])[:2]
+    if base is not None and product is not None:
+        pairs = [(b, p) for b in rows if b["name"] == base for p in rows if p["name"] == product and p["seed"] == b["seed"]]
+        for key in ("kaggle", "label_accuracy"):
+            out[product][f"{key}_above_baseline_every_seed"] = all(p[key] > b[key] for b, p in pairs)
+    return out
+
+
+def summary_table(stats: dict[str, dict[str, Any]]) -> str:
+    lines = ["| model | seeds | Kaggle metric (mean ± std) | label accuracy (mean ± std) | epochs | minutes |",
+             "|---|---|---|---|---|---|"]
+    for name, s in stats.items():
+        lines.append(f"| {name} | {s['seeds']} | {s['kaggle']['mean']:.4f} ± {s['kaggle']['std']:.4f} | "
+                     f"{s['label_accuracy']['mean']:.4f} ± {s['label_accuracy']['std']:.4f} | "
+                     f"{s['epochs']['mean']:.1f} | {s['minutes']['mean']:.1f} |")
+    for name, s in stats.items():
+        for key in ("kaggle", "label_accuracy"):
+            if f"{key}_above_baseline_every_seed" in s:
+                verdict = "yes" if s[f"{key}_above_baseline_every_seed"] else "no"
+                lines.append(f"\n{name}: {key.replace('_', ' ')} above the baseline in every seed: {verdict}")
     return "\n".join(lines) + "\n"
 
 
@@ -125,29 +163,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default compare/)")
     parser.add_argument("--budget-min", type=float, required=True, help="wall-clock minutes of training per model")
     parser.add_argument("--classes", type=int, default=4, help="defect classes (NEU-DET: 6)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="training seeds per model (default 1); every seed uses the first seed's split")
     parser.add_argument("--network", action="append", default=[], metavar="KEY=VALUE",
                         help="override a shared setting, e.g. encoder=resnet34 or scale=1.0")
     parser.add_argument("--product", action="append", default=[], metavar="KEY=VALUE",
                         help="override a product setting, e.g. augment=strong, crop=64,64 or tta=none")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers (default 0)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: expected at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     network = {**NETWORK, **overrides(args.network, "--network"), "data": args.data, "num_classes": args.classes}
     product = {**PRODUCT, **overrides(args.product, "--product")}
     tta = product.pop("tta", "none")
     budget_s = args.budget_min * 60
     args.out.mkdir(parents=True, exist_ok=True)
-    baseline_run = train("baseline", {**network, **BASELINE}, args.out, budget_s, args.workers)
-    # The product trains on the baseline's split, so both are scored on the same holdout.
-    folds_file = str(args.out / "baseline" / "folds.csv")
-    product_run = train("product", {**network, **BASELINE, **product, "folds_file": folds_file}, args.out, budget_s,
-                        args.workers)
-    rows = [{**score("baseline (U-Net, BCE, Adam, 0.5)", args.out / "baseline", "none", search=False), **baseline_run},
-            {**score(f"product (oof search, TTA {tta})", args.out / "product", tta, search=True), **product_run}]
+    rows: list[dict[str, Any]] = []
+    folds_file: str | None = None
+    for seed in range(args.seeds):
+        out = args.out if args.seeds == 1 else args.out / f"seed{seed}"
+        split = {"seed": seed} if folds_file is None else {"seed": seed, "folds_file": folds_file}
+        baseline_run = train("baseline", {**network, **BASELINE, **split}, out, budget_s, args.workers)
+        # Every run trains on the first baseline's split, so all are scored on the same holdout.
+        folds_file = folds_file or str(out / "baseline" / "folds.csv")
+        product_run = train("product", {**network, **BASELINE, **product, "seed": seed, "folds_file": folds_file},
+                            out, budget_s, args.workers)
+        rows += [{**score("baseline (U-Net, BCE, Adam, 0.5)", out / "baseline", "none", search=False),
+                  **baseline_run, "seed": seed},
+                 {**score(f"product (oof search, TTA {tta})", out / "product", tta, search=True), **product_run,
+                  "seed": seed}]
     names = list(resolve(FitConfig(**network)).class_names or [])
-    markdown = table(rows, names)
+    stats = summary(rows)
+    markdown = table(rows, names) + "\n" + summary_table(stats)
     (args.out / "comparison.md").write_text(markdown, encoding="utf-8")
-    (args.out / "comparison.json").write_text(json.dumps(rows, indent=2, default=_json) + "\n", encoding="utf-8")
+    (args.out / "comparison.json").write_text(json.dumps({"runs": rows, "summary": stats}, indent=2, default=_json)
+                                              + "\n", encoding="utf-8")
     print(markdown)
     return 0
 
