@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from engine.decode import image_format
+from engine.files import atomic_path, atomic_write
 from server.capture_policy import CapturePolicy
 from server.config import DEFAULT_CAPTURE_QUEUE, CaptureConfig, check_capture_limits
 
@@ -434,18 +435,19 @@ class CaptureWriter:
             if self.bytes_used + need > self.quota_bytes:
                 self.skipped_quota += 1
                 return
-        tmp = images / f".{image_id}.tmp"
         sizes: dict[str, int] = {}
         try:
-            tmp.write_bytes(data)
-            for name, payload in rows.items():
-                f = self._files[name]
-                sizes[name] = f.tell()
-                f.write(payload)
-                f.flush()
-            os.replace(tmp, images / image_id)
+            # The image appears under its name only once its rows are written (a crash in between
+            # leaves a hidden .tmp, removed on the next start).
+            with atomic_path(images / image_id) as tmp:
+                tmp.write_bytes(data)
+                for name, payload in rows.items():
+                    f = self._files[name]
+                    sizes[name] = f.tell()
+                    f.write(payload)
+                    f.flush()
         except OSError as exc:
-            self._undo(tmp, sizes)
+            self._undo(sizes)
             # Reopen (and repair) the folder before the next capture: the failed write may have
             # left half a row in a file buffer or on disk.
             self._close_files()
@@ -476,17 +478,13 @@ class CaptureWriter:
             CAPTURES_FILE: _csv_bytes([capture]),
         }
 
-    def _undo(self, tmp: Path, sizes: dict[str, int]) -> None:
-        """Best effort after a failed capture: no half rows, no stray temporary image."""
+    def _undo(self, sizes: dict[str, int]) -> None:
+        """Best effort after a failed capture: no half rows (the temporary image is already gone)."""
         for name, size in sizes.items():
             try:
                 self._files[name].truncate(size)
             except (OSError, ValueError):
                 pass
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 def _repair_csv(path: Path, header: tuple[str, ...], images: set[str]) -> None:
@@ -509,6 +507,4 @@ def _repair_csv(path: Path, header: tuple[str, ...], images: set[str]) -> None:
     if dropped or complete != text:
         log.warning("%s: removed %d rows of captures interrupted before their image was saved%s", path, dropped,
                     " and a half-written last line" if complete != text else "")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(_csv_bytes([header, *kept]))
-        os.replace(tmp, path)
+        atomic_write(path, _csv_bytes([header, *kept]))

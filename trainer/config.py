@@ -244,7 +244,7 @@ def resolve(cfg: FitConfig) -> FitConfig:
         ValueError: an impossible combination, naming the flags involved.
         FileNotFoundError: a data folder or its images are missing.
     """
-    from engine.metadata import DEFAULT_CLASS_NAMES
+    from engine.metadata import default_class_names
 
     if not cfg.data:
         raise ValueError("no training data: give --data DIR (repeat it to train on several folders together)")
@@ -267,9 +267,7 @@ def resolve(cfg: FitConfig) -> FitConfig:
     c = cfg.num_classes
     if c < 1:
         raise ValueError(f"--classes must be >= 1, got {c}")
-    names = cfg.class_names or (
-        DEFAULT_CLASS_NAMES if c == len(DEFAULT_CLASS_NAMES) else tuple(f"class {k}" for k in range(1, c + 1))
-    )
+    names = cfg.class_names or default_class_names(c)
     if len(names) != c:
         raise ValueError(f"class_names has {len(names)} names, expected one per class ({c})")
     _check_numbers(cfg)
@@ -295,7 +293,7 @@ def resolve(cfg: FitConfig) -> FitConfig:
                          f"(--scale {cfg.scale} of {height}x{width} frames)")
     stride = 2**cfg.encoder_depth
     if th % stride or tw % stride:
-        # engine.model.padded_logits pads to the stride and crops back, in training and in the graph.
+        # network.processing.padded_logits pads to the stride and crops back, in training and in the graph.
         log.info("training at %dx%d, padded to multiples of %d for the network (--encoder-depth %d)", th, tw, stride,
                  cfg.encoder_depth)
     return resolved
@@ -303,7 +301,7 @@ def resolve(cfg: FitConfig) -> FitConfig:
 
 def _check_choices(cfg: FitConfig) -> None:
     """The named choices (encoder, weights, loss, schedule, depth)."""
-    from engine.model import ENCODERS
+    from network.config import ENCODERS
 
     if cfg.encoder not in ENCODERS:
         raise ValueError(f"--encoder {cfg.encoder!r} is not supported; choose one of {', '.join(ENCODERS)}")

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from engine import graph
-from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
-from engine.devices import parse_device
+from engine.backends.base import Backend, InspectionResult, check_frames, result_from_outputs
+from engine.devices import BackendUnavailable, parse_device
 from engine.metadata import PREFIX, ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -360,12 +360,7 @@ class OpenVinoBackend(Backend):
             values = request.infer([tensors[k] for k in stage.inputs])
             # Copies: the request reuses its output buffers on the next call.
             tensors.update({k: np.array(values[o]) for k, o in zip(stage.outputs, outputs)})
-        return InspectionResult(
-            masks=tensors[graph.MASKS.name],
-            counts=tensors[graph.COUNTS.name].astype(np.int32, copy=False),
-            present=tensors[graph.PRESENT.name].astype(bool, copy=False),
-            probs=tensors.get(graph.PROBS_NAME),
-        )
+        return result_from_outputs(tensors)
 
     def close(self) -> None:
         self.requests = []

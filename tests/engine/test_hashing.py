@@ -22,7 +22,7 @@ def test_digest_of_a_multi_block_file(tmp_path: Path) -> None:
 def test_engine_info_on_onnx_does_not_import_torch(tiny_onnx: Path) -> None:
     code = (
         "import json, sys\n"
-        "from engine.cli import main\n"
+        "from toolchain.cli import main\n"
         f"rc = main(['info', {str(tiny_onnx)!r}, '--json'])\n"
         "heavy = sorted(m for m in ('torch', 'segmentation_models_pytorch', 'matplotlib') if m in sys.modules)\n"
         "print('MODULES', json.dumps(heavy))\n"

@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import FOLD_FORMAT_V1, FoldCheckpoint, FoldFacts
-from engine.model import UNetConfig, build_unet, load_ensemble, load_fold, read_fold_checkpoint
+from network.build import build_unet
+from network.checkpoint import (
+    FOLD_FORMAT_V1,
+    FoldCheckpoint,
+    FoldFacts,
+    load_ensemble,
+    load_fold,
+    read_fold_checkpoint,
+)
+from network.config import UNetConfig
 
 FACTS = dict(fold=1, epoch=3, input_size=[64, 320], train_size=[32, 160], class_names=["a", "b", "c", "d"],
              mean=0.5, std=0.25)

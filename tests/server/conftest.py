@@ -52,7 +52,7 @@ def self_signed_cert(folder: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def camera_frames() -> np.ndarray:
     """50 strip-like uint8 frames [50, 64, 320] at the tiny model's input size."""
-    from engine.parity import synthetic_frames
+    from toolchain.parity import synthetic_frames
 
     return synthetic_frames(50, *FRAME_SIZE, seed=11)
 

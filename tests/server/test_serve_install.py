@@ -23,7 +23,7 @@ from tests.server.test_service import assert_equals_direct, make_request
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "segmentation_models_pytorch", "matplotlib", "torchvision", "timm")
-SOURCES = ("pyproject.toml", "README.md", "engine", "trainer", "server", "benchmarks", "protos")
+SOURCES = ("pyproject.toml", "README.md", "engine", "network", "toolchain", "trainer", "server", "benchmarks", "protos")
 
 
 def _run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:

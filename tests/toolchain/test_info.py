@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from engine.cli_util import run_cli
-from engine.info import describe_model, format_info
 from engine.metadata import read_onnx_metadata
 from tests.fixtures import write_engine_with_sidecar
+from toolchain.info import describe_model, format_info
 
 
 def _info(argv: list[str]) -> int:
-    return run_cli("engine", "test", {"info": "engine.info"}, ["info", *argv])
+    return run_cli("engine", "test", {"info": "toolchain.info"}, ["info", *argv])
 
 
 def test_onnx_info(tiny_onnx: Path, capsys: pytest.CaptureFixture) -> None:
