@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from network.config import DEFAULT_DECODER_CHANNELS
+
 log = logging.getLogger(__name__)
 
 LOSSES = ("bce", "bce+dice")
@@ -27,7 +29,6 @@ LR_SCHEDULES = ("none", "plateau", "cosine")
 #: ``--augment`` levels (see :mod:`trainer.augment_random`).
 AUGMENT_LEVELS = ("none", "light", "strong")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 # Grayscale equivalents of the ImageNet RGB statistics (means of the three channels): what a
 # pretrained encoder's first layer expects once smp folds its RGB filters into one channel.
 IMAGENET_GRAY_MEAN = 0.449

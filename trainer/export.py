@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from engine import graph
 from engine.cli_util import CLIError
-from engine.decision import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, default_min_areas, default_thresholds
+from engine.decision import (
+    DEFAULT_MIN_AREA,
+    DEFAULT_THRESHOLD,
+    default_gate_thresholds,
+    default_min_areas,
+    default_thresholds,
+)
 from engine.files import atomic_write
 from engine.metadata import TTA_MODES, ModelMetadata
 from trainer import run as rundir
@@ -176,7 +182,7 @@ def read_gate_thresholds(run_dir: Path, num_classes: int) -> list[float]:
     path = run_dir / rundir.POSTPROCESS
     values = json.loads(path.read_text()).get("gate_thresholds") if path.is_file() else None
     if values is None:
-        return [DEFAULT_THRESHOLD] * num_classes
+        return default_gate_thresholds(num_classes)
     if not isinstance(values, list) or len(values) != num_classes:
         raise ValueError(f"{path}: 'gate_thresholds' must be a list of {num_classes} values, got {values!r}")
     return [float(v) for v in values]
