@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.metadata import ARCHS, GATE_POOLING
+from network.config import DEFAULT_DECODER_CHANNELS
 from trainer import run as rundir
 from trainer.config import (
     AUGMENT_LEVELS,
@@ -133,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--in-channels", type=int, default=S, help=f"network input channels (default {d.in_channels})")
     m.add_argument("--encoder-depth", type=int, default=S, help=f"encoder stages 1..5 (default {d.encoder_depth})")
     m.add_argument("--decoder-channels", type=_csv_ints, default=S, metavar="C1,C2,..",
-                   help="decoder widths, one per encoder stage (default 256,128,64,32,16 cut to the depth)")
+                   help=f"decoder widths, one per encoder stage (default {','.join(map(str, DEFAULT_DECODER_CHANNELS))} cut to the depth)")
     m.add_argument("--mean", type=float, default=S, help="input normalisation mean after /255 (default per weights)")
     m.add_argument("--std", type=float, default=S, help="input normalisation std after /255 (default per weights)")
     o = parser.add_argument_group("optimisation")
