@@ -48,6 +48,9 @@ def test_serve_install_serves_onnx_without_torch(tmp_path: Path, tiny_onnx: Path
     probe = ("import importlib.util, json; "
              f"print(json.dumps([m for m in {list(HEAVY)!r} if importlib.util.find_spec(m)]))")
     assert _run([str(python), "-c", probe], timeout=60).stdout.strip() == "[]"
+    # `engine info` (the toolchain's console script) works on the serving install too.
+    info = _run([str(venv / "bin" / "engine"), "info", str(tiny_onnx)], timeout=120).stdout
+    assert info.startswith(f"{tiny_onnx}  (onnx)") and "runs on" in info
 
     process = subprocess.Popen(
         [str(venv / "bin" / "server"), "serve", "--model", str(tiny_onnx), "--port", "0", "--metrics-port", "-1",
