@@ -38,8 +38,8 @@ SERVE_FLAGS = ("--device", "cpu", "--threads", "1", "--max-delay-ms", "2")
 
 def camera_frames(model: Path, count: int = 50, seed: int = 11) -> np.ndarray:
     """``count`` synthetic strip frames at ``model``'s input size."""
-    from engine.info import describe_model
-    from engine.parity import synthetic_frames
+    from toolchain.info import describe_model
+    from toolchain.parity import synthetic_frames
 
     meta = describe_model(model)["metadata"]
     return synthetic_frames(count, meta["input_height"], meta["input_width"], seed=seed)

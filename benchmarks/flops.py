@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.devices import is_cuda, parse_device
+
 log = logging.getLogger(__name__)
 
 
@@ -146,7 +148,8 @@ def model_flops(path: str | Path) -> FlopCount | None:
     if suffix == ".pt":
         import torch
 
-        from engine.model import InspectionModel, load_ensemble
+        from network.checkpoint import load_ensemble
+        from network.inspection import InspectionModel
 
         folds, _, meta = load_ensemble(path)
         model = InspectionModel(folds, meta).eval()
@@ -175,7 +178,7 @@ def model_flops(path: str | Path) -> FlopCount | None:
 
 
 def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+    if is_cuda(device):
         import torch
 
         torch.cuda.synchronize(device)
@@ -204,7 +207,7 @@ def measure_peak_flops(
         return peak
     torch_dtype = getattr(torch, dtype)
     if size is None:
-        size = 8192 if device.startswith("cuda") else 2048
+        size = 8192 if is_cuda(device) else 2048
     a = torch.randn(size, size, device=device, dtype=torch_dtype)
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
     with torch.inference_mode():
@@ -220,7 +223,7 @@ def measure_peak_flops(
             rates.append(flops / (time.perf_counter() - start))
             if len(rates) >= 200:
                 break
-    threads = torch.get_num_threads() if device == "cpu" else None
+    threads = torch.get_num_threads() if parse_device(device).is_cpu else None
     return PeakFlops(
         device=device,
         dtype=dtype,

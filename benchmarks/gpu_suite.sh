@@ -253,7 +253,7 @@ bench_set() {
             note "$name engine: reusing $engine"
         else
             run_stage "$name engine: TensorRT fp16 build, batch 1..64" "$4" \
-                "$PY" -m engine.cli build --onnx "$fp16" --out "$engine" --precision fp16 --min-batch 1 \
+                "$PY" -m toolchain.cli build --onnx "$fp16" --out "$engine" --precision fp16 --min-batch 1 \
                 --opt-batch 16 --max-batch 64 --timing-cache "$CACHE/timing.cache"
         fi
         [[ -f "$engine" ]] && models+=(--model "$engine")

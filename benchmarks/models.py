@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO_ROOT / "benchmarks" / "results" / "models"
 # A cached model is rebuilt when any of these change: they define what the files contain.
-SOURCES = ("engine/model.py", "engine/metadata.py", "trainer/export.py")
+SOURCES = ("network/config.py", "network/build.py", "network/processing.py", "network/inspection.py",
+           "network/checkpoint.py", "engine/metadata.py", "trainer/export.py")
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ def calibrated_thresholds(folds: list[Any], spec: BenchModelSpec, frames: int = 
     import torch
 
     from engine.metadata import ModelMetadata
-    from engine.model import InspectionModel
-    from engine.parity import synthetic_frames
+    from network.inspection import InspectionModel
+    from toolchain.parity import synthetic_frames
 
     meta = ModelMetadata(
         input_height=spec.height,
@@ -115,8 +116,9 @@ def calibrated_thresholds(folds: list[Any], spec: BenchModelSpec, frames: int = 
 def _write_run(spec: BenchModelSpec, run_dir: Path) -> None:
     import torch
 
-    from engine.checkpoint import FoldFacts
-    from engine.model import UNetConfig, build_unet, save_fold_checkpoint
+    from network.build import build_unet
+    from network.checkpoint import FoldFacts, save_fold_checkpoint
+    from network.config import UNetConfig
 
     cfg = UNetConfig(
         encoder=spec.encoder,
@@ -248,9 +250,9 @@ def ensure_int8_ir(onnx_path: Path, calibration_frames: int = 32, parity_frames:
         return None, refused.read_text(encoding="utf-8").strip() + f" (cached in {refused.name})"
     if importlib.util.find_spec("nncf") is None:
         return None, "NNCF is not installed (pip install 'strip-inspection[build]') to build the int8 IR"
-    from engine.build_openvino import BuildParityError, build_openvino
     from engine.metadata import read_onnx_metadata
-    from engine.parity import synthetic_frames
+    from toolchain.build_openvino import BuildParityError, build_openvino
+    from toolchain.parity import synthetic_frames
 
     meta = read_onnx_metadata(str(onnx_path))
     frames = synthetic_frames(calibration_frames + parity_frames, *meta.input_size, seed=99)

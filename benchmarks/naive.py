@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.devices import is_cuda
 from engine.metadata import ModelMetadata
 from engine.rle import encode
 
@@ -67,7 +68,7 @@ class NaivePipeline:
     @classmethod
     def from_file(cls, path: str | Path, device: str = "cpu") -> NaivePipeline:
         """Loads the folds from a ``.pt`` ensemble bundle or fold checkpoint."""
-        from engine.model import load_ensemble
+        from network.checkpoint import load_ensemble
 
         path = Path(path)
         if path.suffix.lower() != ".pt":
@@ -79,7 +80,7 @@ class NaivePipeline:
         return cls(folds, meta, device=device)
 
     def _sync(self) -> None:
-        if self.device.startswith("cuda"):
+        if is_cuda(self.device):
             import torch
 
             torch.cuda.synchronize(self.device)
@@ -89,7 +90,7 @@ class NaivePipeline:
         import torch
 
         from engine.backends.base import check_frames
-        from engine.model import preprocess, resize
+        from network.processing import preprocess, resize
 
         check_frames(frames, self.metadata)
         meta = self.metadata
@@ -152,7 +153,7 @@ class Agreement:
     present_violations: int
     max_count_difference: int
     #: bf16/int8 rows: the fraction of pixels outside the band their parity tolerance lets differ
-    #: (engine.parity ``max_mask_mismatch``); counts and labels then follow the masks. 0 = exact.
+    #: (toolchain.parity ``max_mask_mismatch``); counts and labels then follow the masks. 0 = exact.
     allowed_fraction: float = 0.0
 
     @property
@@ -177,11 +178,11 @@ def agreement_band(precision: str, device: str) -> float:
     if precision == "fp16":
         return 5e-2
     if precision in ("bf16", "int8"):
-        # The band the bf16/int8 parity tolerance excludes (engine.parity.BF16_TOLERANCE / INT8_TOLERANCE).
-        from engine.parity import tolerance_for
+        # The band the bf16/int8 parity tolerance excludes (toolchain.parity.BF16_TOLERANCE / INT8_TOLERANCE).
+        from toolchain.parity import tolerance_for
 
         return tolerance_for(precision).threshold_band
-    return 5e-3 if str(device).startswith("cuda") else 1e-4
+    return 5e-3 if is_cuda(device) else 1e-4
 
 
 def agreement(naive: NaiveResult, result: Any, thresholds: Any, min_areas: Any, band: float,

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.devices import is_cuda
+
 log = logging.getLogger(__name__)
 
 #: Stage names, in pipeline order.
@@ -34,7 +36,7 @@ def jpeg_frames(count: int, height: int, width: int, seed: int = 0, quality: int
     """``count`` distinct strip-like grayscale frames, JPEG-encoded as a camera would send them."""
     import cv2
 
-    from engine.parity import synthetic_frames
+    from toolchain.parity import synthetic_frames
 
     out = []
     for i in range(count):
@@ -147,7 +149,7 @@ def repeats_for(frames: int, batch_size: int, min_repeats: int) -> int:
 
 
 def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+    if is_cuda(device):
         import torch
 
         torch.cuda.synchronize(device)
@@ -184,7 +186,7 @@ def time_backend(
     """Times ``repeats`` batches of ``batch_size`` frames from ``pool`` through ``backend``."""
     h, w = backend.metadata.input_size
     device = str(backend.device)
-    on_gpu = device.startswith("cuda")
+    on_gpu = is_cuda(device)
     if on_gpu:
         import torch
     work = batches(pool, batch_size, warmup + repeats)
@@ -232,7 +234,7 @@ def time_backend(
 def time_naive(naive: Any, pool: list[bytes], images: int, model: str = "", warmup: int = 1) -> Measurement:
     """Times the naive pipeline image by image; each image is one 'batch' of 1."""
     h, w = naive.metadata.input_size
-    on_gpu = naive.device.startswith("cuda")
+    on_gpu = is_cuda(naive.device)
     totals: list[float] = []
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
     for i, jpegs in enumerate(batches(pool, 1, warmup + images)):

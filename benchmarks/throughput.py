@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.pipeline import STAGES
+from engine.devices import is_cuda, parse_device
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def read_metadata(path: Path) -> Any:
 
         return model_metadata(read_model(path), str(path))
     if suffix == ".pt":
-        from engine.model import load_ensemble
+        from network.checkpoint import load_ensemble
 
         return load_ensemble(path)[2]
     return None
@@ -245,7 +246,7 @@ def peak_key(device: str, precision: str) -> tuple[str, str]:
     """Which measured peak a row is compared with, by its precision: on the CPU fp32 rows with the
     float32 matmul, bf16 rows with the bfloat16 one, int8 rows with the int8 one; on CUDA fp16 rows
     with the fp16 matmul and fp32 rows with TF32 (their convolutions run in TF32 by default)."""
-    if not device.startswith("cuda"):
+    if not is_cuda(device):
         return ("cpu", {"bf16": "bfloat16", "int8": "int8"}.get(precision, "float32"))
     return ("cuda", "float16" if precision == "fp16" else "tf32")
 
@@ -259,7 +260,7 @@ def variant_unavailable(name: str) -> str | None:
     variant = VARIANTS[name]
     if variant.options.get("backend") == "openvino" and importlib.util.find_spec("openvino") is None:
         return "openvino is not installed (pip install 'strip-inspection[cpu]')"
-    if variant.options.get("precision") == "bf16" and variant.device == "cpu" and not supports_bf16():
+    if variant.options.get("precision") == "bf16" and parse_device(variant.device).is_cpu and not supports_bf16():
         return no_bf16_reason()
     return None
 
@@ -311,11 +312,11 @@ def _runnable(cfg: ThroughputConfig, models: list[Path], reference: Path | None,
     """The chosen backends that have a model file of their kind and can run here (notes say why not)."""
     import torch
 
-    wants_cuda = any(VARIANTS[b].device == "cuda" for b in cfg.backends)
+    wants_cuda = any(is_cuda(VARIANTS[b].device) for b in cfg.backends)
     if wants_cuda and not torch.cuda.is_available():
         raise ValueError(
             f"--backends {','.join(cfg.backends)} includes CUDA backends, but torch sees no CUDA GPU here; "
-            f"use CPU backends ({', '.join(b for b, v in VARIANTS.items() if v.device == 'cpu')})"
+            f"use CPU backends ({', '.join(b for b, v in VARIANTS.items() if not is_cuda(v.device))})"
         )
     runnable = []
     for b in cfg.backends:
@@ -341,7 +342,7 @@ def _measure_peaks(cfg: ThroughputConfig, backends: list[str], threads: int) -> 
     wanted: set[tuple[str, str]] = set()
     for b in backends:
         variant = VARIANTS[b]
-        if variant.device == "cuda":
+        if is_cuda(variant.device):
             wanted |= {("cuda", "tf32"), ("cuda", "float16")}
         else:
             precision = variant.options.get("precision", "fp32")
@@ -383,7 +384,7 @@ def _time_naive_variants(cfg, backends, reference, frames_pool, peaks, flops_by_
         if reference is None:
             notes.append(f"{name}: skipped, no .pt model for it (give --reference FILE.pt)")
             continue
-        device = "cuda:0" if VARIANTS[name].device == "cuda" else "cpu"
+        device = "cuda:0" if is_cuda(VARIANTS[name].device) else "cpu"
         naive = NaivePipeline.from_file(reference, device=device)
         frames = frames_pool(naive.metadata)
         log.info("timing the naive pipeline (%s, %d images)", device, cfg.naive_frames)
@@ -410,7 +411,7 @@ def _check_against_naive(name: str, path: Path, backend: Any, naive_check: Any, 
         notes.append(f"{name} {path.name}: not compared with the naive pipeline "
                      f"(--check-frames above the max batch {backend.max_batch_size})")
         return None
-    from engine.parity import tolerance_for
+    from toolchain.parity import tolerance_for
 
     band = agreement_band(str(backend.precision), str(backend.device))
     allowed = tolerance_for(backend.precision).max_mask_mismatch if backend.precision in ("bf16", "int8") else 0.0
@@ -430,9 +431,9 @@ def _time_one_backend(cfg, name, path, threads, frames_pool, model_info, flops_b
     from engine.backends import load_backend
 
     options = dict(VARIANTS[name].options)
-    if VARIANTS[name].device == "cpu" and name != "naive":
+    if parse_device(VARIANTS[name].device).is_cpu and name != "naive":
         options["threads"] = threads
-    device = "cuda" if VARIANTS[name].device == "cuda" else "cpu"
+    device = "cuda" if is_cuda(VARIANTS[name].device) else "cpu"
     log.info("loading %s with %s", path.name, name)
     backend = load_backend(path, device=device, **options)
     rows = []

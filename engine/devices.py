@@ -1,8 +1,9 @@
-"""Device strings, parsed in one place: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+"""Device strings, parsed in one place: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; and the error a
+backend raises when the device (or its runtime) is not here.
 
 Every backend, ``trainer fit/evaluate/export`` and the benchmarks take a device string; this
 module turns it into a typed :class:`Device`, and (for torch users) into the device to run on.
-torch is imported only by :func:`torch_device`.
+Nothing else looks inside a device string. torch is imported only by :func:`torch_device`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from typing import Any
 
 KINDS = ("auto", "cpu", "cuda")
 CHOICES_TEXT = "auto, cpu, cuda or cuda:N"
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run on this machine; the message says why and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,8 @@ def resolve_torch_device(device: str | Device, cuda_available: bool, cuda_count:
 
     Raises:
         ValueError: not a device string.
-        engine.backends.base.BackendUnavailable: CUDA asked for but missing.
+        BackendUnavailable: CUDA asked for but missing.
     """
-    from engine.backends.base import BackendUnavailable
-
     parsed = parse_device(device)
     if parsed.is_auto:
         return "cuda:0" if cuda_available else "cpu"
@@ -83,6 +86,23 @@ def resolve_torch_device(device: str | Device, cuda_available: bool, cuda_count:
     if parsed.index >= cuda_count:
         raise BackendUnavailable(f"device {str(device)!r} asked for, but torch sees only {cuda_count} CUDA device(s)")
     return str(parsed)
+
+
+def is_cuda(device: str | Device) -> bool:
+    """Whether ``device`` names a CUDA device (``cuda``, ``cuda:N``; not ``auto``)."""
+    return parse_device(device).is_cuda
+
+
+def cuda_index(device: str | Device) -> int:
+    """The CUDA device index ``device`` names (0 for ``cuda``).
+
+    Raises:
+        ValueError: not a CUDA device string.
+    """
+    parsed = parse_device(device)
+    if not parsed.is_cuda:
+        raise ValueError(f"{str(device)!r} is not a CUDA device")
+    return parsed.index
 
 
 def torch_device(device: str | Device) -> Any:

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.metadata import class_ids
+
 log = logging.getLogger(__name__)
 
 FORMAT = "strip-inspection/drift-reference/1"
@@ -65,7 +67,7 @@ DEFAULT_MIN_FILL = 200
 
 def area_stat_names(num_classes: int) -> tuple[str, ...]:
     """Names of the per-class area statistics, ``area_class_1`` ... ``area_class_C``."""
-    return tuple(f"{AREA_STAT_PREFIX}{k}" for k in range(1, num_classes + 1))
+    return tuple(f"{AREA_STAT_PREFIX}{k}" for k in class_ids(num_classes))
 
 
 # --------------------------------------------------------------------------- statistics

@@ -30,6 +30,18 @@ GATE_POOLING = ("max", "avg")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
+def class_ids(num_classes: int) -> list[int]:
+    """The class ids of a model of ``num_classes`` classes: 1..C (0 is no defect, as in Severstal's CSV)."""
+    return list(range(1, num_classes + 1))
+
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    """Severstal's four names for four classes, else ``class 1`` ... ``class C``."""
+    if num_classes == len(DEFAULT_CLASS_NAMES):
+        return DEFAULT_CLASS_NAMES
+    return tuple(f"class {k}" for k in class_ids(num_classes))
+
+
 def project_version() -> str:
     """The installed project's version (``0+unknown`` when run from an uninstalled tree)."""
     try:
@@ -121,7 +133,7 @@ class ModelMetadata:
 
     @property
     def class_ids(self) -> list[int]:
-        return list(range(1, self.num_classes + 1))
+        return class_ids(self.num_classes)
 
     @property
     def input_size(self) -> tuple[int, int]:

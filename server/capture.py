@@ -18,7 +18,6 @@ an image without rows, which the trainer would silently read as defect-free.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import re
 import threading
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from engine.decode import image_format
+from engine.files import atomic_path
 from server.capture_folder import HEADERS, IMAGES_DIR, Capture, folder_bytes, repair_csv
 from server.capture_policy import CapturePolicy
 from server.config import DEFAULT_CAPTURE_QUEUE, CaptureConfig, check_capture_limits
@@ -396,18 +396,19 @@ class CaptureWriter:
             if self.bytes_used + need > self.quota_bytes:
                 self.skipped_quota += 1
                 return
-        tmp = images / f".{image_id}.tmp"
         sizes: dict[str, int] = {}
         try:
-            tmp.write_bytes(data)
-            for name, payload in rows.items():
-                f = self._files[name]
-                sizes[name] = f.tell()
-                f.write(payload)
-                f.flush()
-            os.replace(tmp, images / image_id)
+            # The image appears under its name only once its rows are written (a crash in between
+            # leaves a hidden .tmp, removed on the next start).
+            with atomic_path(images / image_id) as tmp:
+                tmp.write_bytes(data)
+                for name, payload in rows.items():
+                    f = self._files[name]
+                    sizes[name] = f.tell()
+                    f.write(payload)
+                    f.flush()
         except OSError as exc:
-            self._undo(tmp, sizes)
+            self._undo(sizes)
             # Reopen (and repair) the folder before the next capture: the failed write may have
             # left half a row in a file buffer or on disk.
             self._close_files()
@@ -425,15 +426,11 @@ class CaptureWriter:
             self.written += 1
             self.bytes_used += need
 
-    def _undo(self, tmp: Path, sizes: dict[str, int]) -> None:
-        """Best effort after a failed capture: no half rows, no stray temporary image."""
+    def _undo(self, sizes: dict[str, int]) -> None:
+        """Best effort after a failed capture: no half rows (the temporary image is already gone)."""
         for name, size in sizes.items():
             try:
                 self._files[name].truncate(size)
             except (OSError, ValueError):
                 pass
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
 

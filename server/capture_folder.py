@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 IMAGES_DIR = "train_images"
@@ -109,6 +111,4 @@ def repair_csv(path: Path, header: tuple[str, ...], images: set[str]) -> None:
     if dropped or complete != text:
         log.warning("%s: removed %d rows of captures interrupted before their image was saved%s", path, dropped,
                     " and a half-written last line" if complete != text else "")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(csv_bytes([header, *kept]))
-        os.replace(tmp, path)
+        atomic_write(path, csv_bytes([header, *kept]))

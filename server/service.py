@@ -33,6 +33,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from engine.backends.base import Backend
+from engine.metadata import class_ids
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
 from server.admission import Admission, FrameLease, release_all
@@ -558,7 +559,7 @@ class InspectionServer:
             defects=[
                 pb.DefectResult(class_id=k, present=present, pixel_count=count, rle=rle)
                 for k, present, count, rle in zip(
-                    range(1, len(result.counts) + 1), result.present, result.counts, result.rles
+                    class_ids(len(result.counts)), result.present, result.counts, result.rles
                 )
             ],
             model_version=self._info.model_version if self._info else "",

@@ -29,9 +29,10 @@ def make_tiny_run(
     """Writes ``run_dir/fold<k>/best.pt`` for ``folds`` random U-Nets, config.json and postprocess.json."""
     import torch
 
-    from engine.checkpoint import FoldFacts
     from engine.metadata import DEFAULT_CLASS_NAMES
-    from engine.model import UNetConfig, build_unet, save_fold_checkpoint
+    from network.build import build_unet
+    from network.checkpoint import FoldFacts, save_fold_checkpoint
+    from network.config import UNetConfig
 
     cfg = UNetConfig.from_dict(unet or TINY_UNET)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def tiny_postprocess(run_dir: Path, frames: np.ndarray) -> dict:
     """
     import torch
 
-    from engine.model import InspectionModel
+    from network.inspection import InspectionModel
     from trainer.export import load_run
 
     run = load_run(run_dir)
@@ -82,7 +83,7 @@ def tiny_postprocess(run_dir: Path, frames: np.ndarray) -> dict:
 @pytest.fixture(scope="session")
 def tiny_frames() -> np.ndarray:
     """Six deterministic strip-like uint8 frames [6, 64, 320]."""
-    from engine.parity import synthetic_frames
+    from toolchain.parity import synthetic_frames
 
     return synthetic_frames(6, *TINY_INPUT_SIZE, seed=7)
 
@@ -239,7 +240,7 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def camera_frames() -> np.ndarray:
     """50 strip-like uint8 frames [50, 64, 320] at the tiny model's input size."""
-    from engine.parity import synthetic_frames
+    from toolchain.parity import synthetic_frames
 
     return synthetic_frames(50, *TINY_INPUT_SIZE, seed=11)
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from network.config import DEFAULT_DECODER_CHANNELS
+
 log = logging.getLogger(__name__)
 
 LOSSES = ("bce", "bce+dice")
@@ -27,7 +29,6 @@ LR_SCHEDULES = ("none", "plateau", "cosine")
 #: ``--augment`` levels (see :mod:`trainer.augment_random`).
 AUGMENT_LEVELS = ("none", "light", "strong")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
 # Grayscale equivalents of the ImageNet RGB statistics (means of the three channels): what a
 # pretrained encoder's first layer expects once smp folds its RGB filters into one channel.
 IMAGENET_GRAY_MEAN = 0.449
@@ -244,7 +245,7 @@ def resolve(cfg: FitConfig) -> FitConfig:
         ValueError: an impossible combination, naming the flags involved.
         FileNotFoundError: a data folder or its images are missing.
     """
-    from engine.metadata import DEFAULT_CLASS_NAMES
+    from engine.metadata import default_class_names
 
     if not cfg.data:
         raise ValueError("no training data: give --data DIR (repeat it to train on several folders together)")
@@ -267,9 +268,7 @@ def resolve(cfg: FitConfig) -> FitConfig:
     c = cfg.num_classes
     if c < 1:
         raise ValueError(f"--classes must be >= 1, got {c}")
-    names = cfg.class_names or (
-        DEFAULT_CLASS_NAMES if c == len(DEFAULT_CLASS_NAMES) else tuple(f"class {k}" for k in range(1, c + 1))
-    )
+    names = cfg.class_names or default_class_names(c)
     if len(names) != c:
         raise ValueError(f"class_names has {len(names)} names, expected one per class ({c})")
     _check_numbers(cfg)
@@ -295,7 +294,7 @@ def resolve(cfg: FitConfig) -> FitConfig:
                          f"(--scale {cfg.scale} of {height}x{width} frames)")
     stride = 2**cfg.encoder_depth
     if th % stride or tw % stride:
-        # engine.model.padded_logits pads to the stride and crops back, in training and in the graph.
+        # network.processing.padded_logits pads to the stride and crops back, in training and in the graph.
         log.info("training at %dx%d, padded to multiples of %d for the network (--encoder-depth %d)", th, tw, stride,
                  cfg.encoder_depth)
     return resolved
@@ -303,7 +302,7 @@ def resolve(cfg: FitConfig) -> FitConfig:
 
 def _check_choices(cfg: FitConfig) -> None:
     """The named choices (encoder, weights, loss, schedule, depth)."""
-    from engine.model import ENCODERS
+    from network.config import ENCODERS
 
     if cfg.encoder not in ENCODERS:
         raise ValueError(f"--encoder {cfg.encoder!r} is not supported; choose one of {', '.join(ENCODERS)}")

@@ -8,7 +8,7 @@ layout:
 
 Images in the folder without rows are defect-free. Masks are decoded by :mod:`engine.rle`, the
 project's one RLE implementation, and downscaled by the same functions the exported inspection
-graph runs (:func:`engine.model.resize`, :func:`engine.model.downscale_masks`), so training sees
+graph runs (:func:`network.processing.resize`, :func:`network.processing.downscale_masks`), so training sees
 exactly what inference computes.
 
 This module imports torch (for the dataset); command-line modules import it inside ``run``.
@@ -28,8 +28,8 @@ import torch
 from torch.utils.data import Dataset
 
 from engine import rle
-from engine.metadata import DEFAULT_CLASS_NAMES
-from engine.model import downscale_masks, resize
+from engine.metadata import default_class_names
+from network.processing import downscale_masks, resize
 from trainer.augment import TRANSFORMS, apply_transform
 from trainer.samples import Sample
 
@@ -64,12 +64,7 @@ class DataConfig:
         if self.height < 1 or self.width < 1:
             raise ValueError(f"frame size must be positive, got {self.height}x{self.width}")
         if self.class_names is None:
-            names = (
-                DEFAULT_CLASS_NAMES
-                if self.num_classes == len(DEFAULT_CLASS_NAMES)
-                else tuple(f"class {k}" for k in range(1, self.num_classes + 1))
-            )
-            object.__setattr__(self, "class_names", tuple(names))
+            object.__setattr__(self, "class_names", tuple(default_class_names(self.num_classes)))
         else:
             object.__setattr__(self, "class_names", tuple(self.class_names))
         if len(self.class_names) != self.num_classes:
@@ -306,8 +301,8 @@ class SeverstalDataset(Dataset):
         items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.augment.balance_plan`.
         cfg: the data configuration (frame size, classes).
         scale: downscale factor; ``(h, w) = (round(H * scale), round(W * scale))``. Images go
-            through :func:`engine.model.resize` and are rounded back to uint8, masks through
-            :func:`engine.model.downscale_masks`, as in the exported graph. A transform is applied
+            through :func:`network.processing.resize` and are rounded back to uint8, masks through
+            :func:`network.processing.downscale_masks`, as in the exported graph. A transform is applied
             at full resolution, before downscaling.
         augment: a random augmentation (:class:`trainer.augment_random.RandomAugment`), applied at
             full resolution after the transform; indices may then be ``(index, epoch)`` pairs
@@ -350,9 +345,9 @@ class TrainingFrames(Dataset):
     ``(image float32 [h, w] in [0, 1], masks uint8 [C, h, w])``.
 
     Each image is decoded, its masks drawn, and both brought to the training size ``size`` once, as
-    the exported graph brings a frame there (:func:`engine.model.resize` of ``x / 255``, and
-    :func:`engine.model.downscale_masks`); :func:`engine.model.scaled_input` then normalises them as
-    :func:`engine.model.preprocess` does. Scaled records are kept in memory up to ``cache_bytes``
+    the exported graph brings a frame there (:func:`network.processing.resize` of ``x / 255``, and
+    :func:`network.processing.downscale_masks`); :func:`network.processing.scaled_input` then normalises them as
+    :func:`network.processing.preprocess` does. Scaled records are kept in memory up to ``cache_bytes``
     (per process: each loader worker keeps its own), so later epochs decode nothing. A record's
     balancing transform and its random augmentation apply at the training resolution, after the
     resize: at scale 0.25 that is 16x fewer pixels than the full frame, where decoding, augmenting

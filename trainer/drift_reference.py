@@ -250,7 +250,7 @@ def predict_out_of_fold(
     import numpy as np
     import torch
 
-    from engine.model import InspectionModel
+    from network.inspection import InspectionModel
     from trainer.data import DataConfig, read_image
 
     data_cfg = DataConfig(num_classes=meta.num_classes, height=meta.input_height, width=meta.input_width,

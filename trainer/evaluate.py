@@ -4,7 +4,7 @@ Splits:
 
 - ``holdout`` (default): the images ``folds.csv`` kept out of every fold, scored by the ensemble of
   every fold's ``best.pt`` (built by :func:`trainer.export.load_run`, exactly what export ships,
-  and run through :class:`engine.model.InspectionModel`, the eager twin of the exported graph), or
+  and run through :class:`network.inspection.InspectionModel`, the eager twin of the exported graph), or
   by ``--model FILE`` through its engine backend, so the exported artifact itself is scored.
 - ``oof``: every non-holdout image, each predicted by the one fold model that did not train on
   it. The per-class threshold and minimum area maximising the Kaggle metric are searched on these

@@ -1,11 +1,11 @@
 """``trainer export``: a training run's fold checkpoints -> one ONNX inspection graph (or a .pt bundle).
 
 The graph takes uint8 camera frames ``[N, H, W]`` and returns masks, exact counts and present
-labels (see :class:`engine.model.InspectionModel`); thresholds and minimum areas from the run's
+labels (see :class:`network.inspection.InspectionModel`); thresholds and minimum areas from the run's
 ``postprocess.json`` and everything else a consumer needs travel in its ``metadata_props``.
 
 Before the file is written the export checks itself: ``onnx.checker``, then ONNX Runtime against
-the torch eager reference on synthetic frames (:mod:`engine.parity`); it fails when the outputs
+the torch eager reference on synthetic frames (:mod:`toolchain.parity`); it fails when the outputs
 differ beyond the stated tolerance. An FP16 graph is compared with the FP32 reference.
 
 The export also builds the model's drift reference (``ModelMetadata.drift_reference``, see
@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 from engine import graph
 from engine.cli_util import CLIError
-from engine.decision import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, default_min_areas, default_thresholds
+from engine.decision import (
+    DEFAULT_MIN_AREA,
+    DEFAULT_THRESHOLD,
+    default_gate_thresholds,
+    default_min_areas,
+    default_thresholds,
+)
+from engine.files import atomic_write
 from engine.metadata import TTA_MODES, ModelMetadata
 from trainer import run as rundir
 from trainer.drift_reference import DEFAULT_DRIFT_FRAMES, DriftSummary, build_drift_reference
@@ -38,8 +45,8 @@ from trainer.drift_reference import DEFAULT_DRIFT_FRAMES, DriftSummary, build_dr
 if TYPE_CHECKING:
     from torch import nn
 
-    from engine.model import UNetConfig
-    from engine.parity import ParityReport
+    from network.config import UNetConfig
+    from toolchain.parity import ParityReport
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +182,7 @@ def read_gate_thresholds(run_dir: Path, num_classes: int) -> list[float]:
     path = run_dir / rundir.POSTPROCESS
     values = json.loads(path.read_text()).get("gate_thresholds") if path.is_file() else None
     if values is None:
-        return [DEFAULT_THRESHOLD] * num_classes
+        return default_gate_thresholds(num_classes)
     if not isinstance(values, list) or len(values) != num_classes:
         raise ValueError(f"{path}: 'gate_thresholds' must be a list of {num_classes} values, got {values!r}")
     return [float(v) for v in values]
@@ -205,7 +212,7 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all", tta: str |
         ValueError: folds that disagree on architecture or data facts, a bad postprocess.json.
     """
     from engine.hashing import file_sha256
-    from engine.model import fold_metadata, load_fold
+    from network.checkpoint import fold_metadata, load_fold
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -301,8 +308,8 @@ def export_onnx(
     """
     import torch
 
-    from engine.model import InspectionModel
-    from engine.parity import synthetic_frames
+    from network.inspection import InspectionModel
+    from toolchain.parity import synthetic_frames
 
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"--precision must be fp32 or fp16, got {precision!r}")
@@ -331,7 +338,7 @@ def export_onnx(
     else:
         log.warning("parity check skipped (--parity-frames 0): the graph is not compared with the reference")
     data = _serialise(model, with_probs)
-    _write_atomically(out_path, data)
+    atomic_write(out_path, data, make_parents=True)
     log.info("wrote %s (%d bytes)", out_path, len(data))
     return ExportReport(out_path=out_path, precision=precision, fold_ids=run.fold_ids, metadata=meta,
                         sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), opset=opset, parity=reports,
@@ -356,7 +363,8 @@ def _eager_outputs(eager_model: Any, frames: Any) -> dict[str, Any]:
 
     with torch.no_grad():
         masks, counts, present, probs = eager_model(torch.from_numpy(frames))
-    return {"masks": masks.numpy(), "counts": counts.numpy(), "present": present.numpy(), "probs": probs.numpy()}
+    return {graph.MASKS.name: masks.numpy(), graph.COUNTS.name: counts.numpy(), graph.PRESENT.name: present.numpy(),
+            graph.PROBS_NAME: probs.numpy()}
 
 
 def _trace(graph_model: Any, frames: Any, meta: ModelMetadata, opset: int) -> Any:
@@ -395,7 +403,7 @@ def _trace(graph_model: Any, frames: Any, meta: ModelMetadata, opset: int) -> An
 def _check_parity(model: Any, frames: Any, eager_outputs: dict[str, Any], meta: ModelMetadata,
                   out_path: Path) -> ParityReport:
     """ONNX Runtime on the graph against the eager outputs; raises ExportParityError beyond tolerance."""
-    from engine.parity import compare_outputs, tolerance_for
+    from toolchain.parity import compare_outputs, tolerance_for
 
     outputs = _run_onnxruntime(model.SerializeToString(), frames, [*graph.OUTPUT_NAMES, graph.PROBS_NAME])
     report = compare_outputs(eager_outputs, outputs, meta.thresholds, meta.min_areas, tolerance_for(meta.precision),
@@ -420,13 +428,6 @@ def _serialise(model: Any, with_probs: bool) -> bytes:
         model.graph.output.extend(keep)
         onnx.checker.check_model(model)
     return model.SerializeToString()
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _set_signature(model: Any, meta: ModelMetadata) -> None:
@@ -462,7 +463,7 @@ def export_ensemble(
     """Writes the torch backend's ``.pt`` ensemble bundle (every selected fold + metadata, drift
     reference included; the drift arguments as in :func:`export_onnx`)."""
     from engine.hashing import file_sha256
-    from engine.model import save_ensemble
+    from network.checkpoint import save_ensemble
 
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".pt":

@@ -9,8 +9,8 @@ ones refuses unless ``--restart`` says to start over.
 
 The network sees what the exported inspection graph computes: :class:`trainer.data.TrainingFrames`
 brings each frame to the training size once with the graph's own resize (and the masks with
-:func:`engine.model.downscale_masks`), keeps it in memory, and the batch is normalised on the
-device by :func:`engine.model.scaled_input`, which agrees with :func:`engine.model.preprocess` of
+:func:`network.processing.downscale_masks`), keeps it in memory, and the batch is normalised on the
+device by :func:`network.processing.scaled_input`, which agrees with :func:`network.processing.preprocess` of
 the full frame to float rounding. Balancing copies and random augmentation act on the scaled records.
 
 Multi-GPU / multi-node: launch with ``torchrun --nproc-per-node N -m trainer.cli fit ...``.
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.metadata import ARCHS, GATE_POOLING
+from network.config import DEFAULT_DECODER_CHANNELS
 from trainer import run as rundir
 from trainer.config import (
     AUGMENT_LEVELS,
@@ -56,8 +57,8 @@ from trainer.run import metrics_columns, read_metrics, write_metrics
 if TYPE_CHECKING:
     from torch import nn
 
-    from engine.checkpoint import FoldCheckpoint, FoldFacts
     from engine.metadata import ModelMetadata
+    from network.checkpoint import FoldCheckpoint, FoldFacts
     from trainer.data import DataConfig
     from trainer.samples import Sample
 
@@ -133,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--in-channels", type=int, default=S, help=f"network input channels (default {d.in_channels})")
     m.add_argument("--encoder-depth", type=int, default=S, help=f"encoder stages 1..5 (default {d.encoder_depth})")
     m.add_argument("--decoder-channels", type=_csv_ints, default=S, metavar="C1,C2,..",
-                   help="decoder widths, one per encoder stage (default 256,128,64,32,16 cut to the depth)")
+                   help=f"decoder widths, one per encoder stage (default {','.join(map(str, DEFAULT_DECODER_CHANNELS))} cut to the depth)")
     m.add_argument("--mean", type=float, default=S, help="input normalisation mean after /255 (default per weights)")
     m.add_argument("--std", type=float, default=S, help="input normalisation std after /255 (default per weights)")
     o = parser.add_argument_group("optimisation")
@@ -191,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
 def build_model(cfg: FitConfig, pretrained: bool) -> nn.Module:
     """The fold's U-Net, with the configured encoder weights when ``pretrained``."""
-    from engine.model import build_unet
+    from network.build import build_unet
 
     ucfg = unet_config(cfg)
     if not pretrained or cfg.encoder_weights == "none":
@@ -200,7 +201,7 @@ def build_model(cfg: FitConfig, pretrained: bool) -> nn.Module:
 
 
 def unet_config(cfg: FitConfig):
-    from engine.model import UNetConfig
+    from network.config import UNetConfig
 
     return UNetConfig(
         encoder=cfg.encoder, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
@@ -217,7 +218,7 @@ def data_config(cfg: FitConfig) -> DataConfig:
 
 
 def preprocessing_metadata(cfg: FitConfig) -> ModelMetadata:
-    """The metadata :func:`engine.model.preprocess` needs, as the exported graph will carry it."""
+    """The metadata :func:`network.processing.preprocess` needs, as the exported graph will carry it."""
     from engine.decision import default_min_areas, default_thresholds
     from engine.metadata import ModelMetadata
 
@@ -380,11 +381,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def disable_unused_parameters(unet: nn.Module, cfg: FitConfig) -> int:
     """Stops training the parameters the forward pass never reaches; returns the count of those it does.
 
-    ``engine.model.build_unet`` already drops the encoder stages smp builds beyond ``encoder_depth``;
+    ``network.build.build_unet`` already drops the encoder stages smp builds beyond ``encoder_depth``;
     anything else left unreached and trainable would break DistributedDataParallel (it waits for
     their gradients) and inflate the parameter counts in the report.
     """
-    from engine.model import probe_usage
+    from network.build import probe_usage
 
     _, reached, _, _ = probe_usage(unet, cfg.in_channels)
     used = 0
@@ -500,7 +501,7 @@ def split_fold(samples: Sequence[Sample], assignment: dict[str, int], fold: int)
 
 def read_resume(paths: FoldPaths) -> tuple[FoldCheckpoint, rundir.TrainingState] | None:
     """The fold's ``last.pt`` and its training state, or None when the fold has not started."""
-    from engine.model import read_fold_checkpoint
+    from network.checkpoint import read_fold_checkpoint
 
     if not paths.last.exists():
         return None
@@ -562,7 +563,7 @@ class FoldTrainer:
                  train_samples: Sequence[Sample], val_samples: Sequence[Sample], fresh: bool = True) -> None:
         import torch
 
-        from engine.model import network_stride
+        from network.processing import network_stride
         from trainer.losses import SegmentationLoss
 
         self.cfg, self.options, self.d, self.fold, self.paths = cfg, options, d, fold, paths
@@ -602,7 +603,7 @@ class FoldTrainer:
 
     def restore(self, checkpoint: FoldCheckpoint, state: rundir.TrainingState) -> None:
         """Resumes after ``last.pt``'s epoch: weights, optimiser, scheduler, scaler, early stopping, RNG."""
-        from engine.model import read_fold_checkpoint, save_fold_checkpoint
+        from network.checkpoint import read_fold_checkpoint, save_fold_checkpoint
 
         self.unet.load_state_dict(checkpoint.state_dict)
         self.optimizer.load_state_dict(state.optimizer)
@@ -691,10 +692,10 @@ class FoldTrainer:
 
     def batches(self, loader):
         """Training-resolution frames (:class:`trainer.data.TrainingFrames`) and masks -> network input
-        (normalised as the exported graph's :func:`engine.model.preprocess` does) and float targets."""
+        (normalised as the exported graph's :func:`network.processing.preprocess` does) and float targets."""
         import torch
 
-        from engine.model import scaled_input
+        from network.processing import scaled_input
 
         for frames, masks in loader:
             frames = frames.to(self.d.device, non_blocking=True)
@@ -740,7 +741,7 @@ class FoldTrainer:
     def train_epoch(self, epoch: int):
         """One pass over the training loader; returns the summed statistics (this process's share)."""
         from engine.cli_util import progress_bar
-        from engine.model import padded_logits
+        from network.processing import padded_logits
 
         self.sampler.set_epoch(epoch)
         self.model.train()
@@ -788,7 +789,7 @@ class FoldTrainer:
         """
         import torch
 
-        from engine.model import padded_logits, scaled_input
+        from network.processing import padded_logits, scaled_input
 
         layers = [m for m in self.unet.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
         if not layers or not self.recalibration:
@@ -812,7 +813,7 @@ class FoldTrainer:
         """The validation loader's summed statistics (this process's share)."""
         import torch
 
-        from engine.model import padded_logits
+        from network.processing import padded_logits
 
         self.model.eval()
         sums = self._new_sums()
@@ -861,7 +862,7 @@ class FoldTrainer:
     # ------------------------------------------------------------------ saving
 
     def facts(self, row: dict[str, float]) -> FoldFacts:
-        from engine.checkpoint import FoldFacts
+        from network.checkpoint import FoldFacts
 
         cfg = self.cfg
         return FoldFacts(
@@ -886,7 +887,7 @@ class FoldTrainer:
 
         The order matters for resuming (see :meth:`restore`).
         """
-        from engine.model import save_fold_checkpoint
+        from network.checkpoint import save_fold_checkpoint
         from trainer.render import plot_curves
 
         rows = read_metrics(self.paths.metrics) + [row]

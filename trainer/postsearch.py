@@ -9,7 +9,7 @@ whole grid is scored in one broadcast ``[images, classes, thresholds, min_areas]
 images), and each class picks its own best pair, since a class's choice only moves its own
 pairs' Dice.
 
-The comparisons are the ones :func:`engine.model.postprocess` makes (float32 ``p >= t``, an
+The comparisons are the ones :func:`network.processing.postprocess` makes (float32 ``p >= t``, an
 exact integer count ``>= min_area``), so the chosen values reproduce the searched score exactly
 when they travel into the exported graph.
 """
@@ -95,7 +95,7 @@ class ThresholdStats:
 
     def pixel_stats(self, thresholds: Sequence[float], min_areas: Sequence[int],
                     gate_thresholds: Sequence[float] | None = None) -> PixelStats:
-        """The pixel statistics :func:`engine.model.postprocess` (and the gate, when given) would give."""
+        """The pixel statistics :func:`network.processing.postprocess` (and the gate, when given) would give."""
         c = self.truth.shape[1]
         if len(thresholds) != c or len(min_areas) != c:
             raise ValueError(f"expected {c} thresholds and {c} min areas, got {len(thresholds)} and {len(min_areas)}")

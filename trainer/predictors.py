@@ -1,6 +1,6 @@
 """What ``trainer evaluate`` scores, each as a backend that returns :class:`engine.InspectionResult`.
 
-- :class:`RunEnsembleBackend`: a run's fold U-Nets in :class:`engine.model.InspectionModel` (the
+- :class:`RunEnsembleBackend`: a run's fold U-Nets in :class:`network.inspection.InspectionModel` (the
   eager twin of the exported graph), probabilities included, for the holdout and out-of-fold splits;
 - any engine backend (``--model FILE``: the exported artifact itself);
 - :class:`PredictionsFile`: a Kaggle-format predictions CSV (e.g. streamed through the server).
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from engine.backends.base import Backend, InspectionResult, check_frames
+from engine.devices import parse_device
 from engine.metadata import ModelMetadata
 
 
@@ -39,7 +40,7 @@ class RunEnsembleBackend(Backend):
         import torch
 
         from engine.cpu import cpu_autocast_dtype
-        from engine.model import InspectionModel
+        from network.inspection import InspectionModel
         from trainer.export import load_run
 
         loaded = load_run(run_dir, folds)
@@ -50,7 +51,7 @@ class RunEnsembleBackend(Backend):
         self._torch = torch
         # The U-Nets under bf16 autocast on a CPU with native bf16 when the run trained with --amp;
         # probabilities, losses and metrics stay fp32.
-        autocast = cpu_autocast_dtype(amp) if self.device.startswith("cpu") else None
+        autocast = cpu_autocast_dtype(amp) if parse_device(self.device).is_cpu else None
         self.precision = "bf16" if autocast is not None else "fp32"
         self.model = InspectionModel(loaded.folds, self.metadata, with_probs=True, autocast=autocast).eval().to(device)
         which = f"fold {loaded.fold_ids[0]}" if len(loaded.fold_ids) == 1 else f"ensemble of folds {loaded.fold_ids}"

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 if TYPE_CHECKING:
     from torch import nn
 
-    from engine.model import UNetConfig
+    from network.config import UNetConfig
 
 
 def check_pretrained_reachable(
@@ -31,7 +31,7 @@ def check_pretrained_reachable(
     import segmentation_models_pytorch as smp
     from huggingface_hub import constants, try_to_load_from_cache
 
-    from engine.model import ENCODERS
+    from network.config import ENCODERS
 
     settings = smp.encoders.encoders[ENCODERS[encoder]]["pretrained_settings"].get(weights)
     if settings is None:
@@ -61,7 +61,7 @@ def check_pretrained_reachable(
 
 def build_pretrained_unet(ucfg: UNetConfig, weights: str) -> nn.Module:
     """The U-Net with ``weights`` (e.g. ``imagenet``) in its encoder, or a clear error why not."""
-    from engine.model import build_unet
+    from network.build import build_unet
 
     check_pretrained_reachable(ucfg.encoder, weights)
     try:

@@ -25,13 +25,14 @@ import csv
 import dataclasses
 import fcntl
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from engine.files import atomic_write
+from engine.metadata import class_ids
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +79,8 @@ def best_checkpoints(run_dir: str | Path) -> dict[int, Path]:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes ``text`` to a temporary file unique to this writer, then renames it onto ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Replaces ``path`` with ``text`` through :func:`engine.files.atomic_write` (the one atomic write)."""
+    atomic_write(path, text)
 
 
 @contextlib.contextmanager
@@ -113,7 +105,7 @@ def locked(run_dir: str | Path) -> Iterator[None]:
 
 def metrics_columns(num_classes: int) -> list[str]:
     """``metrics.csv`` header: overall columns, then per-class Dice (class ids 1..C)."""
-    per_class = [f"{split}_dice_{k}" for split in ("train", "val") for k in range(1, num_classes + 1)]
+    per_class = [f"{split}_dice_{k}" for split in ("train", "val") for k in class_ids(num_classes)]
     return ["epoch", "train_loss", "val_loss", "train_dice", "val_dice", *per_class, "lr", "seconds"]
 
 

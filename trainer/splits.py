@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from engine.files import atomic_write
+from engine.metadata import class_ids
 
 if TYPE_CHECKING:
     from trainer.samples import Sample
@@ -222,14 +226,12 @@ def write_folds(path: Path, assignment: dict[str, int], samples: Sequence[Sample
     missing = [i for i in assignment if i not in by_id]
     if missing:
         raise ValueError(f"assignment names {len(missing)} images not in the samples, e.g. {missing[0]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(FOLDS_HEADER)
-        for image_id in sorted(assignment):
-            writer.writerow([image_id, assignment[image_id], " ".join(map(str, by_id[image_id].labels))])
-    tmp.replace(path)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(FOLDS_HEADER)
+    for image_id in sorted(assignment):
+        writer.writerow([image_id, assignment[image_id], " ".join(map(str, by_id[image_id].labels))])
+    atomic_write(path, text.getvalue(), make_parents=True)
 
 
 def _read_folds_rows(path: Path) -> dict[str, tuple[int, str]]:
@@ -353,7 +355,7 @@ class FoldCounts:
     def format(self, class_names: Sequence[str] | None = None) -> str:
         """A text table, one row per part plus a total row."""
         c = self.classes.shape[1]
-        names = [f"{k}:{class_names[k - 1]}" if class_names else f"class {k}" for k in range(1, c + 1)]
+        names = [f"{k}:{class_names[k - 1]}" if class_names else f"class {k}" for k in class_ids(c)]
         header = ["fold", "images", "defect-free", "multi", *names]
         rows = []
         for j, fold in enumerate(self.folds):

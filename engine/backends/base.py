@@ -1,19 +1,24 @@
-"""The one backend interface: uint8 camera frames in, a typed inspection result out."""
+"""The one backend interface: uint8 camera frames in, a typed inspection result out.
+
+Every backend hands its runtime's named outputs to :func:`result_from_outputs`, the one place the
+graph's output names (:mod:`engine.graph`) become an :class:`InspectionResult`.
+"""
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from engine.devices import BackendUnavailable
+from engine.graph import COUNTS, MASKS, PRESENT, PROBS_NAME
 from engine.metadata import ModelMetadata
 from engine.rle import encode_batch
 
-
-class BackendUnavailable(RuntimeError):
-    """A backend cannot run on this machine; the message says why and how to fix it."""
+__all__ = ["Backend", "BackendUnavailable", "InspectionResult", "check_frames", "result_from_outputs"]
 
 
 @dataclass
@@ -58,6 +63,21 @@ class InspectionResult:
             probs=None if self.probs is None else self.probs[index],
             encoded=encoded,
         )
+
+
+def result_from_outputs(outputs: Mapping[str, Any], encoded: list[list[str]] | None = None) -> InspectionResult:
+    """An inspection graph's outputs, by name (host numpy arrays), as an :class:`InspectionResult`.
+
+    Counts come back int32 and ``present`` bool whatever integer or boolean type a runtime reports
+    (OpenVINO widens them); the optional probabilities are None when the graph has none.
+    """
+    return InspectionResult(
+        masks=outputs[MASKS.name],
+        counts=np.asarray(outputs[COUNTS.name]).astype(np.int32, copy=False),
+        present=np.asarray(outputs[PRESENT.name]).astype(bool, copy=False),
+        probs=outputs.get(PROBS_NAME),
+        encoded=encoded,
+    )
 
 
 def check_frames(frames: Any, meta: ModelMetadata) -> None:

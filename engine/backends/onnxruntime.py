@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from engine import graph
-from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
-from engine.devices import parse_device
+from engine.backends.base import Backend, InspectionResult, check_frames, result_from_outputs
+from engine.devices import BackendUnavailable, cuda_index, is_cuda, parse_device
 from engine.metadata import ModelMetadata
 from engine.rle import encode_batch_torch
 
@@ -122,22 +122,19 @@ class OnnxRuntimeBackend(Backend):
 
     def infer(self, frames: Any) -> InspectionResult:
         check_frames(frames, self.metadata)
-        if self.device.startswith("cuda"):
+        if is_cuda(self.device):
             return self._infer_bound(frames)
         if not isinstance(frames, np.ndarray):
             # A torch tensor (CPU or CUDA) on the CPU provider: one copy to the host.
             frames = frames.detach().cpu().numpy()
         values = self.session.run(self.output_names, {graph.INPUT_NAME: np.ascontiguousarray(frames)})
-        out = dict(zip(self.output_names, values))
-        return InspectionResult(
-            masks=out["masks"], counts=out["counts"], present=out["present"], probs=out.get("probs")
-        )
+        return result_from_outputs(dict(zip(self.output_names, values)))
 
     def _infer_bound(self, frames: Any) -> InspectionResult:
         """IO-bound run on the GPU: device frames in, outputs into device tensors, one copy out."""
         import torch
 
-        index = int(self.device.split(":")[1])
+        index = cuda_index(self.device)
         gpu = torch.device("cuda", index)
         if isinstance(frames, np.ndarray):
             frames = torch.from_numpy(np.ascontiguousarray(frames)).pin_memory().to(gpu, non_blocking=True)
@@ -160,12 +157,8 @@ class OnnxRuntimeBackend(Backend):
                                 tensor.data_ptr())
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        encoded = encode_batch_torch(outputs["masks"])
-        host = {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
-        return InspectionResult(
-            masks=host["masks"], counts=host["counts"], present=host["present"], probs=host.get("probs"),
-            encoded=encoded,
-        )
+        encoded = encode_batch_torch(outputs[graph.MASKS.name])
+        return result_from_outputs({name: tensor.cpu().numpy() for name, tensor in outputs.items()}, encoded)
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]

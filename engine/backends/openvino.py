@@ -3,11 +3,9 @@
 
 Precision. ``fp32`` compiles the whole graph with ``hint.inference_precision`` f32 (OpenVINO's
 CPU default on a bf16 machine is bf16, so it is always set). ``bf16`` and ``int8`` must not reach
-the pre- and post-processing: OpenVINO's bf16 hint also runs the cast, normalisation, resizes,
-fold mean and sigmoid in bf16, which moved pixel counts by up to 340 pixels per class from the
-fp32 graph. The ``disable_fp16_compression`` runtime attribute that the CPU plugin honours for
-that is not settable from Python (an rt_info entry set there is a plain string, neither seen by
-the plugin nor serialised; measured with openvino 2026.4), so the graph is split instead:
+the pre- and post-processing: OpenVINO's bf16 hint would also run the cast, normalisation, resizes,
+fold mean and sigmoid in bf16 and move the pixel counts. The CPU plugin's per-node opt-out
+(``disable_fp16_compression``) cannot be set from Python, so the graph is split instead:
 
 - ``pre``: every node fed by ``frames`` before the first U-Net node (cast, normalise, resize);
 - ``net``: the fold U-Nets (nodes named :data:`engine.graph.UNET_LAYER_MARK`) and the glue
@@ -30,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from engine import graph
-from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
-from engine.devices import parse_device
+from engine.backends.base import Backend, InspectionResult, check_frames, result_from_outputs
+from engine.devices import BackendUnavailable, parse_device
 from engine.metadata import PREFIX, ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -360,12 +358,7 @@ class OpenVinoBackend(Backend):
             values = request.infer([tensors[k] for k in stage.inputs])
             # Copies: the request reuses its output buffers on the next call.
             tensors.update({k: np.array(values[o]) for k, o in zip(stage.outputs, outputs)})
-        return InspectionResult(
-            masks=tensors[graph.MASKS.name],
-            counts=tensors[graph.COUNTS.name].astype(np.int32, copy=False),
-            present=tensors[graph.PRESENT.name].astype(bool, copy=False),
-            probs=tensors.get(graph.PROBS_NAME),
-        )
+        return result_from_outputs(tensors)
 
     def close(self) -> None:
         self.requests = []

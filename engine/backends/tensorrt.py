@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from engine import graph
-from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
-from engine.devices import parse_device
+from engine.backends.base import Backend, InspectionResult, check_frames, result_from_outputs
+from engine.devices import BackendUnavailable, parse_device
+from engine.files import atomic_write
 from engine.hashing import file_digest
 from engine.metadata import ModelMetadata
 from engine.rle import encode_batch_torch
@@ -101,11 +102,7 @@ class EngineSidecar:
 
 
 def write_sidecar(engine_path: str | Path, sidecar: EngineSidecar) -> Path:
-    path = sidecar_path(engine_path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(sidecar.to_dict(), indent=2))
-    tmp.replace(path)
-    return path
+    return atomic_write(sidecar_path(engine_path), json.dumps(sidecar.to_dict(), indent=2))
 
 
 def read_sidecar(engine_path: str | Path) -> EngineSidecar:
@@ -232,6 +229,22 @@ def _cuda_device_index(device: str) -> int:
     return parsed.index
 
 
+def _torch_with_gpu(index: int) -> Any:
+    """torch, once it is known to see CUDA device ``index`` (its tensors are the engine's buffers)."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailable(f"the TensorRT backend uses torch CUDA tensors as buffers: {exc}") from exc
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(
+            "the TensorRT backend needs a CUDA GPU, and torch sees none here (torch.cuda.is_available() is "
+            "False): run on a machine with an NVIDIA GPU and a CUDA build of torch, or use the .onnx model"
+        )
+    if index >= torch.cuda.device_count():
+        raise BackendUnavailable(f"device cuda:{index} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    return torch
+
+
 # --------------------------------------------------------------------------- the backend
 
 
@@ -264,17 +277,7 @@ class TensorRTBackend(Backend):
         self.sidecar = read_sidecar(self.path)
         if verify:
             verify_engine_file(self.path, self.sidecar)
-        try:
-            import torch
-        except ImportError as exc:
-            raise BackendUnavailable(f"the TensorRT backend uses torch CUDA tensors as buffers: {exc}") from exc
-        if not torch.cuda.is_available():
-            raise BackendUnavailable(
-                "the TensorRT backend needs a CUDA GPU, and torch sees none here (torch.cuda.is_available() is "
-                "False): run on a machine with an NVIDIA GPU and a CUDA build of torch, or use the .onnx model"
-            )
-        if index >= torch.cuda.device_count():
-            raise BackendUnavailable(f"device cuda:{index} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+        torch = _torch_with_gpu(index)
         gpu_name, capability = gpu_identity(index)
         for warning in check_compatibility(self.path, self.sidecar, trt.__version__, gpu_name, capability):
             log.warning(warning)
@@ -288,7 +291,23 @@ class TensorRTBackend(Backend):
         self.batch_range = self.sidecar.batch_range
         self.max_batch_size = self.batch_range[1]
         self._lock = threading.Lock()
+        self._deserialize()
+        self._check_io()
+        self._allocate(self.max_batch_size)
+        self.cuda_graphs = cuda_graphs
+        self.device_rle = device_rle
+        self._graphs: dict[int, Any] = {}
+        self._bound_batch = 0
+        log.info(
+            "loaded %s on %s (%s, TensorRT %s, batch %d..%d%s)", self.path, self.device, self.precision,
+            trt.__version__, *self.batch_range, ", CUDA graphs" if cuda_graphs else "",
+        )
 
+    # ------------------------------------------------------------------ set-up
+
+    def _deserialize(self) -> None:
+        """The engine, its execution context and the backend's own CUDA stream, on the backend's GPU."""
+        torch, trt = self._torch, self._trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self._gpu):
             self._runtime = trt.Runtime(self._logger)
@@ -302,18 +321,6 @@ class TensorRTBackend(Backend):
             if self._context is None:
                 raise RuntimeError(f"{self.path}: TensorRT could not create an execution context (out of GPU memory?)")
             self._stream = torch.cuda.Stream(self._gpu)
-        self._check_io()
-        self._allocate(self.max_batch_size)
-        self.cuda_graphs = cuda_graphs
-        self.device_rle = device_rle
-        self._graphs: dict[int, Any] = {}
-        self._bound_batch = 0
-        log.info(
-            "loaded %s on %s (%s, TensorRT %s, batch %d..%d%s)", self.path, self.device, self.precision,
-            trt.__version__, *self.batch_range, ", CUDA graphs" if cuda_graphs else "",
-        )
-
-    # ------------------------------------------------------------------ set-up
 
     def _check_io(self) -> None:
         trt, engine = self._trt, self._engine
@@ -401,16 +408,13 @@ class TensorRTBackend(Backend):
                 # Already a tensor (on this GPU, another one, or the host): one copy into the bound buffer.
                 self._frames[:n].copy_(frames, non_blocking=True)
             self._execute(n)
-            encoded = encode_batch_torch(self._outputs["masks"][:n]) if self.device_rle else None
+            encoded = encode_batch_torch(self._outputs[graph.MASKS.name][:n]) if self.device_rle else None
             for name, tensor in self._outputs.items():
                 self._outputs_host[name][:n].copy_(tensor[:n], non_blocking=True)
             self._stream.synchronize()
             # Copies: the pinned buffers are reused by the next call.
             host = {name: tensor[:n].numpy().copy() for name, tensor in self._outputs_host.items()}
-        return InspectionResult(
-            masks=host["masks"], counts=host["counts"], present=host["present"], probs=host.get("probs"),
-            encoded=encoded,
-        )
+        return result_from_outputs(host, encoded)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -148,7 +148,7 @@ def test_throughput_writes_table_json_and_plot(
 def test_default_model_is_built_once_and_reused(tmp_path: Path) -> None:
     from benchmarks.models import BenchModelSpec, ensure_model
     from engine.backends import load_backend
-    from engine.parity import synthetic_frames
+    from toolchain.parity import synthetic_frames
 
     spec = BenchModelSpec(decoder_channels=(16, 8, 4), height=64, width=320, train_height=32, train_width=160,
                           defect_fraction=0.01)
@@ -215,9 +215,9 @@ def test_reduced_precision_rows_are_held_to_the_peak_of_their_own_precision(
     a peak per precision (fp32, bf16, int8), each row's % peak against its own, the CPU feature line."""
     pytest.importorskip("openvino", reason="openvino is not installed")
     pytest.importorskip("nncf", reason="nncf is not installed")
-    from engine.build_openvino import build_openvino
     from engine.cpu import cpu_features
-    from engine.parity import synthetic_frames
+    from toolchain.build_openvino import build_openvino
+    from toolchain.parity import synthetic_frames
 
     onnx, pt = tiny_models
     ir = tmp_path / "model_int8.xml"

@@ -10,8 +10,8 @@ import pytest
 from engine.backends import BackendUnavailable, load_backend
 from engine.backends.onnxruntime import choose_providers
 from engine.devices import resolve_torch_device
-from engine.parity import FP32_TOLERANCE, compare_outputs
 from engine.rle import decode, encode
+from toolchain.parity import FP32_TOLERANCE, compare_outputs
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def torch_reference(tiny_pt: Path, tiny_frames: np.ndarray):
 
 
 def test_onnxruntime_and_torch_agree(tiny_onnx: Path, tiny_frames: np.ndarray, torch_reference) -> None:
-    """Same frames through both backends, FP32 tolerance (engine.parity: masks identical away from the
+    """Same frames through both backends, FP32 tolerance (toolchain.parity: masks identical away from the
     1e-3 band around each threshold, counts consistent with masks)."""
     with load_backend(tiny_onnx, device="cpu", backend="onnxruntime", threads=1) as backend:
         assert backend.describe() == {

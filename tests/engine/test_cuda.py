@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from engine.backends import load_backend
-from engine.parity import FP16_TOLERANCE, compare_outputs
 from engine.rle import encode_batch, encode_batch_torch
+from toolchain.parity import FP16_TOLERANCE, compare_outputs
 
 pytestmark = pytest.mark.gpu
 
@@ -22,7 +22,7 @@ def cpu_reference(tiny_pt: Path, tiny_frames: np.ndarray):
 
 
 def test_torch_cuda_fp16_matches_cpu_reference(tiny_pt: Path, tiny_frames: np.ndarray, cpu_reference) -> None:
-    """fp16 + channels_last on CUDA vs fp32 on the CPU: FP16 tolerance (engine.parity)."""
+    """fp16 + channels_last on CUDA vs fp32 on the CPU: FP16 tolerance (toolchain.parity)."""
     with load_backend(tiny_pt, device="auto", with_probs=True) as backend:
         assert backend.device == "cuda:0" and backend.precision == "fp16"
         result = backend.infer(tiny_frames)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.backends.base import BackendUnavailable
-from engine.devices import Device, parse_device, resolve_torch_device
+from engine.devices import BackendUnavailable, Device, parse_device, resolve_torch_device
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from engine import graph
-from engine.info import describe_model
+from toolchain.info import describe_model
 
 
 def test_exported_graph_matches_the_interface(tiny_onnx: Path) -> None:

@@ -1,6 +1,6 @@
 """The OpenVINO backend and ``engine build --target openvino`` on the tiny test model, with real OpenVINO/NNCF.
 
-Tolerances (engine.parity): fp32 OpenVINO vs the torch fp32 reference: FP32_TOLERANCE (max |dprob| 1e-4,
+Tolerances (toolchain.parity): fp32 OpenVINO vs the torch fp32 reference: FP32_TOLERANCE (max |dprob| 1e-4,
 no mask pixel away from the threshold differs); bf16 U-Nets vs the fp32 graph: BF16_TOLERANCE (max
 |dprob| 0.1, mean 5e-3, <= 0.5 % of the pixels outside the 1e-2 band, mask Dice >= 0.9, labels agreeing
 on >= 95 %); int8: INT8_TOLERANCE. Counts always equal the masks' sums (exact, in every precision).
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.parity import BF16_TOLERANCE, FP32_TOLERANCE, compare_outputs, tolerance_for
+from toolchain.parity import BF16_TOLERANCE, FP32_TOLERANCE, compare_outputs, tolerance_for
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'strip-inspection[cpu]')")
 
@@ -126,7 +126,7 @@ def test_auto_choice_and_forcing_a_backend(tiny_onnx: Path, tiny_pt: Path, monke
         choose_backend(tiny_onnx, "cpu", backend="tflite")
     with pytest.raises(ValueError, match="int8 needs a quantised IR: engine build --target openvino"):
         load_backend(tiny_onnx, device="cpu", backend="openvino", precision="int8")
-    from engine.backends.base import BackendUnavailable
+    from engine.devices import BackendUnavailable
 
     with pytest.raises(BackendUnavailable, match="runs on the CPU here"):
         load_backend(tiny_onnx, device="cuda", backend="openvino")
@@ -134,9 +134,9 @@ def test_auto_choice_and_forcing_a_backend(tiny_onnx: Path, tiny_pt: Path, monke
 
 def test_ir_build_round_trips_the_metadata(tiny_onnx: Path, tiny_frames: np.ndarray, tmp_path: Path, capsys) -> None:
     from engine.backends import load_backend
-    from engine.cli import main
-    from engine.info import describe_model
     from engine.metadata import read_onnx_metadata
+    from toolchain.cli import main
+    from toolchain.info import describe_model
 
     out = tmp_path / "model.xml"
     assert main(["build", "--target", "openvino", "--onnx", str(tiny_onnx), "--out", str(out),
@@ -159,8 +159,8 @@ def test_int8_build_reports_parity_and_a_tight_tolerance_is_refused(tiny_onnx: P
                                                                      tmp_path: Path, capsys) -> None:
     pytest.importorskip("nncf", reason="nncf is not installed (pip install 'strip-inspection[build]')")
     from engine.backends import load_backend
-    from engine.build_openvino import BuildParityError, build_openvino
-    from engine.cli import main
+    from toolchain.build_openvino import BuildParityError, build_openvino
+    from toolchain.cli import main
 
     out = tmp_path / "int8.xml"
     report = build_openvino(tiny_onnx, out, "int8", calibration=synth_dir, calibration_frames=24, parity_frames=12)
@@ -202,7 +202,7 @@ def test_int8_build_reports_parity_and_a_tight_tolerance_is_refused(tiny_onnx: P
     ],
 )
 def test_bad_build_requests_are_named(tiny_onnx: Path, tmp_path: Path, argv: list[str], message: str, capsys) -> None:
-    from engine.cli import main
+    from toolchain.cli import main
 
     base = ["build", "--target", "openvino", "--onnx", str(tiny_onnx), "--out", str(tmp_path / "m.xml")]
     assert main(base + argv) == 2
@@ -210,7 +210,7 @@ def test_bad_build_requests_are_named(tiny_onnx: Path, tmp_path: Path, argv: lis
 
 
 def test_tensorrt_precisions_stay_tensorrt_only(tiny_onnx: Path, tmp_path: Path, capsys) -> None:
-    from engine.cli import main
+    from toolchain.cli import main
 
     assert main(["build", "--onnx", str(tiny_onnx), "--out", str(tmp_path / "m.engine"), "--precision", "int8"]) == 2
     assert "--precision int8 is for --target openvino" in capsys.readouterr().err

@@ -23,16 +23,16 @@ from engine.backends.tensorrt import (
     rebuild_command,
     sidecar_path,
 )
-from engine.build import FP16_FLAG, STRONGLY_TYPED, choose_typing, plan_build
 from engine.cli_util import run_cli
-from engine.parity import FP16_TOLERANCE, compare_outputs
 from tests.fixtures import write_engine_with_sidecar
+from toolchain.build import FP16_FLAG, STRONGLY_TYPED, choose_typing, plan_build
+from toolchain.parity import FP16_TOLERANCE, compare_outputs
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def _engine_cli(argv: list[str]) -> int:
-    return run_cli("engine", "test", {"build": "engine.build"}, ["build", *argv])
+    return run_cli("engine", "test", {"build": "toolchain.build"}, ["build", *argv])
 
 
 # --------------------------------------------------------------------------- planning a build
@@ -154,7 +154,7 @@ def fp16_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fp16_engine(tmp_path_factory: pytest.TempPathFactory, fp16_onnx: Path) -> Path:
-    from engine.build import build_engine
+    from toolchain.build import build_engine
 
     out = tmp_path_factory.mktemp("trt") / "model.engine"
     cache = out.with_name("timing.cache")
@@ -164,7 +164,7 @@ def fp16_engine(tmp_path_factory: pytest.TempPathFactory, fp16_onnx: Path) -> Pa
 
 @pytest.mark.trt
 def test_engine_matches_onnxruntime(fp16_engine: Path, tiny_onnx: Path, tiny_frames: np.ndarray) -> None:
-    """TensorRT FP16 vs ONNX Runtime FP32 on the CPU, FP16 tolerance (engine.parity); device RLE
+    """TensorRT FP16 vs ONNX Runtime FP32 on the CPU, FP16 tolerance (toolchain.parity); device RLE
     equals the host encoder's."""
     from engine.rle import encode_batch
 
@@ -222,7 +222,7 @@ def test_sidecar_and_timing_cache(fp16_engine: Path, fp16_onnx: Path) -> None:
     import tensorrt as trt
 
     from engine.hashing import file_sha256
-    from engine.info import describe_model
+    from toolchain.info import describe_model
 
     sidecar = read_sidecar(fp16_engine)
     assert sidecar.tensorrt_version == trt.__version__ and sidecar.typing == STRONGLY_TYPED
@@ -251,7 +251,7 @@ def test_mismatched_sidecar_stops_with_rebuild_advice(fp16_engine: Path, tmp_pat
 def test_fp32_graph_with_fp16_flag_on_tensorrt10(tiny_onnx: Path, tmp_path: Path, tiny_frames: np.ndarray) -> None:
     import tensorrt as trt
 
-    from engine.build import build_engine
+    from toolchain.build import build_engine
 
     if not hasattr(trt.BuilderFlag, "FP16"):
         pytest.skip(f"TensorRT {trt.__version__} has no FP16 builder flag (TensorRT 11+): covered by the FP16 graph")

@@ -28,7 +28,8 @@ from tests.server.test_service import assert_equals_direct, make_request
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "segmentation_models_pytorch", "matplotlib", "torchvision", "timm")
 SERVER_EXTRAS = ("aiohttp", "onnxruntime", "openvino")
-SOURCES = ("pyproject.toml", "README.md", "engine", "trainer", "server", "client", "benchmarks", "protos")
+SOURCES = ("pyproject.toml", "README.md", "engine", "network", "toolchain", "trainer", "server", "client", "benchmarks",
+           "protos")
 
 
 def _run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
@@ -64,6 +65,9 @@ def test_serve_install_serves_onnx_without_torch(tmp_path: Path, tiny_onnx: Path
     _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--quiet", f"{source}[serve,cpu]"],
          timeout=600)
     assert _installed(python, HEAVY) == "[]"
+    # `engine info` (the toolchain's console script) works on the serving install too.
+    info = _run([str(venv / "bin" / "engine"), "info", str(tiny_onnx)], timeout=120).stdout
+    assert info.startswith(f"{tiny_onnx}  (onnx)") and "runs on" in info
 
     process = subprocess.Popen(
         [str(venv / "bin" / "server"), "serve", "--model", str(tiny_onnx), "--port", "0", "--metrics-port", "-1",

@@ -49,7 +49,7 @@ def test_parse_crop_names_bad_values() -> None:
 
 
 def test_fit_on_crops_validates_and_saves_whole_frame_folds(synth_dir: Path, tmp_path: Path) -> None:
-    from engine.model import load_fold
+    from network.checkpoint import load_fold
     from trainer.config import FitConfig, FitOptions, resolve
     from trainer.fit import read_metrics, run_fit
 
@@ -71,7 +71,7 @@ def test_fit_on_crops_validates_and_saves_whole_frame_folds(synth_dir: Path, tmp
 def test_crop_training_re_estimates_batchnorm_statistics_on_whole_frames(synth_dir: Path, tmp_path: Path) -> None:
     """After an epoch on crops, the BatchNorm statistics are those of whole training frames: the
     first layer's running mean is the mean of its input over the recalibration frames."""
-    from engine.model import scaled_input
+    from network.processing import scaled_input
     from trainer import fit as fit_module
     from trainer.data import load_samples
     from trainer.distributed import setup_distributed

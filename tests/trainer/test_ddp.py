@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from engine.model import load_checkpoint
+from network.checkpoint import load_checkpoint
 from trainer.config import FitConfig, FitOptions, resolve
 from trainer.fit import EpochEnd, read_metrics, run_fit
 

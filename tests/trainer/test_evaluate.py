@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model import InspectionModel, fold_metadata, load_fold
+from network.checkpoint import fold_metadata, load_fold
+from network.inspection import InspectionModel
 from trainer.config import FitConfig, FitOptions, resolve
 from trainer.data import SeverstalDataset, load_samples
 from trainer.evaluate import DECISION_SCORES, decision_scores, evaluate_run

@@ -10,8 +10,8 @@ import pytest
 
 from engine.cli_util import run_cli
 from engine.metadata import read_onnx_metadata
-from engine.parity import FP32_TOLERANCE, Tolerance, compare_outputs, synthetic_frames
 from tests.fixtures import make_tiny_run
+from toolchain.parity import FP32_TOLERANCE, Tolerance, compare_outputs, synthetic_frames
 
 
 def _export_cli(argv: list[str]) -> int:
@@ -50,11 +50,11 @@ def test_metadata_round_trips(tiny_onnx: Path, tiny_run: Path) -> None:
 
 
 def test_onnx_runtime_matches_torch_reference(tiny_onnx: Path, tiny_run: Path, tiny_frames: np.ndarray) -> None:
-    """ORT CPU vs the torch eager graph on frames the export never saw; fp32 tolerance (see engine.parity)."""
+    """ORT CPU vs the torch eager graph on frames the export never saw; fp32 tolerance (see toolchain.parity)."""
     import torch
 
     from engine.backends import load_backend
-    from engine.model import InspectionModel
+    from network.inspection import InspectionModel
     from trainer.export import load_run
 
     run = load_run(tiny_run)

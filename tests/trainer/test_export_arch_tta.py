@@ -9,8 +9,8 @@ import onnxruntime as ort
 import torch
 
 from engine.metadata import read_onnx_metadata
-from engine.parity import synthetic_frames
 from tests.fixtures import make_tiny_run
+from toolchain.parity import synthetic_frames
 from trainer.export import export_onnx, load_run
 
 FPN = {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 32, 8], "arch": "fpn"}
@@ -59,7 +59,7 @@ def test_hflip_tta_in_the_graph_is_the_mean_over_the_frame_and_its_mirror(tiny_r
 
 
 def test_fit_trains_an_fpn_fold(synth_dir: Path, tmp_path: Path) -> None:
-    from engine.model import load_fold
+    from network.checkpoint import load_fold
     from trainer.config import FitConfig, FitOptions, resolve
     from trainer.fit import run_fit
 
@@ -73,7 +73,8 @@ def test_fit_trains_an_fpn_fold(synth_dir: Path, tmp_path: Path) -> None:
 
 
 def test_fpn_masks_come_out_at_the_input_size_at_every_depth() -> None:
-    from engine.model import UNetConfig, build_unet
+    from network.build import build_unet
+    from network.config import UNetConfig
 
     for depth in (3, 4, 5):
         net = build_unet(UNetConfig(encoder="resnet18", encoder_depth=depth, decoder_channels=(32, 32, 8, 8, 8)[:depth],

@@ -14,9 +14,10 @@ import torch
 
 from engine.cli_util import run_cli
 from engine.drift import FRAME_STAT_NAMES, DriftReference, StatReference, build_reference
-from engine.info import describe_model, format_info
 from engine.metadata import read_onnx_metadata
-from engine.model import InspectionModel, load_fold
+from network.checkpoint import load_fold
+from network.inspection import InspectionModel
+from toolchain.info import describe_model, format_info
 from trainer.data import DataConfig, load_samples, read_image
 from trainer.export import export_ensemble, export_onnx
 from trainer.splits import HOLDOUT, read_folds
@@ -30,7 +31,7 @@ def _export_cli(argv: list[str]) -> int:
 
 
 def _info_cli(argv: list[str]) -> int:
-    return run_cli("engine", "test", {"info": "engine.info"}, ["info", *argv])
+    return run_cli("engine", "test", {"info": "toolchain.info"}, ["info", *argv])
 
 
 def _reference(path: Path) -> DriftReference | None:

@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model import (
-    InspectionModel,
-    downscale_masks,
-    fold_metadata,
-    load_checkpoint,
-    load_fold,
-    read_fold_checkpoint,
-)
+from network.checkpoint import fold_metadata, load_checkpoint, load_fold, read_fold_checkpoint
+from network.inspection import InspectionModel
+from network.processing import downscale_masks
 from trainer import fit as fit_module
 from trainer.config import FitConfig, FitOptions, read_config_file, resolve
 from trainer.fit import EpochEnd, check_pretrained_reachable, read_metrics, run_fit
@@ -227,8 +222,8 @@ def test_cli_fit_with_unreachable_weights_prints_one_error_line(
 
 def test_training_frames_match_the_graph_input(synth_dir: Path) -> None:
     """Training scales each record once (TrainingFrames) and normalises it with scaled_input: the
-    network sees what engine.model.preprocess, the exported graph's first step, makes of the frame."""
-    from engine.model import preprocess, scaled_input
+    network sees what network.processing.preprocess, the exported graph's first step, makes of the frame."""
+    from network.processing import preprocess, scaled_input
     from trainer.data import SeverstalDataset, TrainingFrames, load_samples
 
     cfg = tiny_config(synth_dir, mean=0.3, std=0.2)

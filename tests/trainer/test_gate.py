@@ -10,8 +10,8 @@ import onnxruntime as ort
 import torch
 
 from engine.metadata import read_onnx_metadata
-from engine.model import InspectionModel
-from engine.parity import synthetic_frames
+from network.inspection import InspectionModel
+from toolchain.parity import synthetic_frames
 from trainer.config import FitConfig, FitOptions, resolve
 from trainer.export import export_onnx, load_run
 from trainer.fit import run_fit

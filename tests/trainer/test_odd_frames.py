@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model import padded_logits
+from network.processing import padded_logits
 from trainer.config import FitConfig, FitOptions, resolve
 from trainer.fit import run_fit
 
 
 def test_padded_logits_crops_back_and_equals_the_network_on_a_stride_multiple() -> None:
-    from engine.model import UNetConfig, build_unet, network_stride
+    from network.build import build_unet
+    from network.config import UNetConfig
+    from network.processing import network_stride
 
     torch.manual_seed(0)
     net = build_unet(UNetConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(8, 8, 4))).eval()
@@ -51,10 +53,10 @@ def test_200x200_frames_fit_export_serve_and_stream(odd_run: Path, tmp_path: Pat
     import grpc
 
     from engine.backends import load_backend
-    from engine.parity import synthetic_frames
     from protos.inspection.v1 import inspection_pb2 as pb
     from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
     from tests.server.conftest import running_server
+    from toolchain.parity import synthetic_frames
     from trainer.export import export_onnx
 
     frames = synthetic_frames(5, 200, 200, seed=4)
@@ -97,7 +99,7 @@ def _postprocess_with_masks(run: Path, frames: np.ndarray) -> None:
     0.5 would leave every mask empty), minimum area 1: every class has pixels in the answers."""
     import json
 
-    from engine.model import InspectionModel
+    from network.inspection import InspectionModel
     from trainer.export import load_run
 
     loaded = load_run(run)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.model import postprocess
+from network.processing import postprocess
 from trainer.metrics import kaggle_metric, mask_stats
 from trainer.postsearch import DEFAULT_THRESHOLDS, default_min_area_grid, search, threshold_stats
 

@@ -164,8 +164,8 @@ def auto_backend_line(path: Path) -> str:
 
 
 def describe_torch(path: Path) -> dict[str, Any]:
-    from engine.checkpoint import ENSEMBLE_FORMAT, FoldCheckpoint
-    from engine.model import UNetConfig, fold_metadata, load_checkpoint
+    from network.checkpoint import ENSEMBLE_FORMAT, FoldCheckpoint, fold_metadata, load_checkpoint
+    from network.config import UNetConfig
 
     payload = load_checkpoint(path)
     cfg = UNetConfig.from_dict(payload["unet"])

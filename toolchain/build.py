@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from engine import graph
-from engine.backends.base import BackendUnavailable
 from engine.backends.tensorrt import (
     EngineSidecar,
     gpu_identity,
@@ -32,6 +31,8 @@ from engine.backends.tensorrt import (
     write_sidecar,
 )
 from engine.cli_util import CLIError
+from engine.devices import BackendUnavailable
+from engine.files import atomic_write
 from engine.graph import UNET_LAYER_MARK
 from engine.metadata import ModelMetadata, read_onnx_metadata
 
@@ -205,9 +206,7 @@ def build_engine(plan: BuildPlan) -> BuildReport:
     data = bytes(serialized)
     del parser
     if plan.timing_cache is not None:
-        tmp = plan.timing_cache.with_name(plan.timing_cache.name + ".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        tmp.replace(plan.timing_cache)
+        atomic_write(plan.timing_cache, bytes(config.get_timing_cache().serialize()))
     io, engine_layers = _engine_io(trt, logger, data)
     facts = {"gpu_name": gpu_name, "compute_capability": capability, "build_seconds": round(build_seconds, 3),
              "network_layers": int(network.num_layers), "engine_layers": engine_layers, "io": io}
@@ -295,10 +294,7 @@ def _write_engine(trt: Any, plan: BuildPlan, data: bytes, facts: dict[str, Any],
 
     from engine.hashing import file_sha256
 
-    plan.out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = plan.out_path.with_name(plan.out_path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(plan.out_path)
+    atomic_write(plan.out_path, data, make_parents=True)
     sidecar = EngineSidecar(
         tensorrt_version=trt.__version__,
         onnx_path=str(plan.onnx_path.resolve()),
@@ -326,7 +322,7 @@ def _write_engine(trt: Any, plan: BuildPlan, data: bytes, facts: dict[str, Any],
 
 
 def add_arguments(parser: Any) -> None:
-    from engine import build_openvino
+    from toolchain import build_openvino
 
     parser.add_argument("--target", choices=("tensorrt", "openvino"), default="tensorrt",
                         help="tensorrt (a GPU engine, default) or openvino (an IR for the CPU: see below)")
@@ -344,7 +340,7 @@ def add_arguments(parser: Any) -> None:
 
 def run(args: Any) -> int:
     if args.target == "openvino":
-        from engine import build_openvino
+        from toolchain import build_openvino
 
         return build_openvino.run(args)
     args.precision = args.precision or "fp16"

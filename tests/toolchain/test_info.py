@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from engine.cli_util import run_cli
-from engine.info import describe_model, format_info
 from engine.metadata import read_onnx_metadata
 from tests.fixtures import write_engine_with_sidecar
+from toolchain.info import describe_model, format_info
 
 
 def _info(argv: list[str]) -> int:
-    return run_cli("engine", "test", {"info": "engine.info"}, ["info", *argv])
+    return run_cli("engine", "test", {"info": "toolchain.info"}, ["info", *argv])
 
 
 def test_onnx_info(tiny_onnx: Path, capsys: pytest.CaptureFixture) -> None:
@@ -94,3 +96,20 @@ def test_unknown_and_missing_files(tmp_path: Path) -> None:
     (tmp_path / "model.tflite").write_bytes(b"x")
     with pytest.raises(ValueError, match="unknown model file type '.tflite'"):
         describe_model(tmp_path / "model.tflite")
+
+
+def test_engine_info_on_onnx_does_not_import_torch(tiny_onnx: Path) -> None:
+    code = (
+        "import json, sys\n"
+        "from toolchain.cli import main\n"
+        f"rc = main(['info', {str(tiny_onnx)!r}, '--json'])\n"
+        "heavy = sorted(m for m in ('torch', 'segmentation_models_pytorch', 'matplotlib') if m in sys.modules)\n"
+        "print('MODULES', json.dumps(heavy))\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr
+    assert '"sha256"' in done.stdout
+    line = next(x for x in done.stdout.splitlines() if x.startswith("MODULES"))
+    assert json.loads(line.split(" ", 1)[1]) == []

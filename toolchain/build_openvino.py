@@ -10,7 +10,7 @@
 The model metadata travels inside the IR (rt_info section ``inspection``, one JSON value per field,
 as in the ONNX ``metadata_props``), with the build facts and the parity report (``inspection_build``).
 Every build measures parity against the fp32 graph on held-out frames (mask Dice, label agreement,
-max count difference, probabilities) with :func:`engine.parity.tolerance_for` and writes nothing
+max count difference, probabilities) with :func:`toolchain.parity.tolerance_for` and writes nothing
 beyond it, saying by how much.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from engine.metadata import ModelMetadata
-from engine.parity import ParityReport, Tolerance, compare_outputs, synthetic_frames, tolerance_for
+from toolchain.parity import ParityReport, Tolerance, compare_outputs, synthetic_frames, tolerance_for
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,50 @@ def _parity(reference_path: Path, candidate_path: Path, precision: str, frames: 
                            tolerance, "openvino fp32 graph", f"openvino {precision} IR")
 
 
+def _check_request(onnx_path: Path, out_path: Path, precision: str, calibration: Any, calibration_frames: int,
+                   parity_frames: int) -> None:
+    """Raises ValueError / FileNotFoundError naming the bad flag or file."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision for --target openvino must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if out_path.suffix.lower() != ".xml":
+        raise ValueError(f"--out {out_path}: an OpenVINO IR ends in .xml (its weights go beside it in .bin)")
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"--onnx {onnx_path}: no such file")
+    if precision == "int8" and calibration is None:
+        raise ValueError("--precision int8 needs --calibration DIR: frames of the run's own data to calibrate on")
+    if calibration_frames < 1 or parity_frames < 1:
+        raise ValueError("--calibration-frames and --parity-frames must be >= 1")
+
+
+def _save_if_within(model: Any, meta: ModelMetadata, build: dict[str, Any], onnx_path: Path, out_path: Path,
+                    held: np.ndarray, tolerance: Tolerance, threads: int) -> ParityReport:
+    """Saves a trial IR, compares it with the fp32 graph on ``held``, and writes ``out_path`` only
+    when it is within ``tolerance`` (raises :class:`BuildParityError` otherwise)."""
+    import openvino as ov
+
+    from engine.backends.openvino import write_metadata
+
+    precision = meta.precision
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    trial = out_path.with_name(out_path.stem + ".trial.xml")
+    write_metadata(model, meta, build)
+    ov.save_model(model, str(trial), compress_to_fp16=False)
+    try:
+        report = _parity(onnx_path, trial, precision, held, tolerance, threads)
+        log.info("parity: %s", report.summary())
+        if not report.passed:
+            raise BuildParityError(
+                f"{out_path}: not written: the {precision} IR disagrees with the fp32 graph beyond tolerance: "
+                + "; ".join(report.failures) + f" ({report.summary()})"
+            )
+        write_metadata(model, meta, {**build, "parity": report.to_dict()})
+        ov.save_model(model, str(out_path), compress_to_fp16=False)
+    finally:
+        trial.unlink(missing_ok=True)
+        trial.with_suffix(".bin").unlink(missing_ok=True)
+    return report
+
+
 def build_openvino(
     onnx_path: str | Path,
     out_path: str | Path,
@@ -160,24 +204,13 @@ def build_openvino(
     """
     import openvino as ov
 
-    from engine.backends.openvino import check_precision, read_model, write_metadata
+    from engine.backends.openvino import check_precision, model_metadata, read_model
     from engine.hashing import file_sha256
 
     started = time.perf_counter()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision for --target openvino must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if out_path.suffix.lower() != ".xml":
-        raise ValueError(f"--out {out_path}: an OpenVINO IR ends in .xml (its weights go beside it in .bin)")
-    if not onnx_path.is_file():
-        raise FileNotFoundError(f"--onnx {onnx_path}: no such file")
-    if precision == "int8" and calibration is None:
-        raise ValueError("--precision int8 needs --calibration DIR: frames of the run's own data to calibrate on")
-    if calibration_frames < 1 or parity_frames < 1:
-        raise ValueError("--calibration-frames and --parity-frames must be >= 1")
+    _check_request(onnx_path, out_path, precision, calibration, calibration_frames, parity_frames)
     model = read_model(onnx_path)
-    from engine.backends.openvino import model_metadata
-
     source_meta = model_metadata(model, str(onnx_path))
     if source_meta.precision != "fp32":
         raise ValueError(f"{onnx_path} is a {source_meta.precision} graph: build OpenVINO IRs from the fp32 export")
@@ -190,27 +223,11 @@ def build_openvino(
         log.info("quantising the U-Nets to int8 on %d calibration frames (NNCF)", len(calib))
         model, ignored = quantize_int8(model, calib)
         info["ignored_nodes"] = ignored
-    tolerance = tolerance or tolerance_for(precision)
     build = {"precision": precision, "onnx": str(onnx_path.resolve()), "onnx_sha256": file_sha256(onnx_path),
              "openvino_version": ov.get_version(), "calibration": info,
              "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    trial = out_path.with_name(out_path.stem + ".trial.xml")
-    write_metadata(model, meta, build)
-    ov.save_model(model, str(trial), compress_to_fp16=False)
-    try:
-        report = _parity(onnx_path, trial, precision, held, tolerance, threads)
-        log.info("parity: %s", report.summary())
-        if not report.passed:
-            raise BuildParityError(
-                f"{out_path}: not written: the {precision} IR disagrees with the fp32 graph beyond tolerance: "
-                + "; ".join(report.failures) + f" ({report.summary()})"
-            )
-        write_metadata(model, meta, {**build, "parity": report.to_dict()})
-        ov.save_model(model, str(out_path), compress_to_fp16=False)
-    finally:
-        trial.unlink(missing_ok=True)
-        trial.with_suffix(".bin").unlink(missing_ok=True)
+    report = _save_if_within(model, meta, build, onnx_path, out_path, held, tolerance or tolerance_for(precision),
+                             threads)
     return OpenVinoBuildReport(out_path, precision, meta, report, time.perf_counter() - started, info)
 
 
@@ -227,7 +244,7 @@ def add_arguments(parser: Any) -> None:
     group.add_argument("--parity-frames", type=int, default=16, metavar="N",
                        help="held-out frames the IR is compared with the fp32 graph on (default %(default)s)")
     group.add_argument("--tolerance", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a parity limit (keys of engine.parity.Tolerance, e.g. min_mask_dice=0.95)")
+                       help="override a parity limit (keys of toolchain.parity.Tolerance, e.g. min_mask_dice=0.95)")
     group.add_argument("--threads", type=int, default=0, help="CPU threads for the parity runs (default: all)")
 
 

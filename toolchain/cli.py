@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from engine.cli_util import run_cli
 
 COMMANDS: dict[str, str] = {
-    "build": "engine.build",
-    "info": "engine.info",
+    "build": "toolchain.build",
+    "info": "toolchain.info",
 }
 
 

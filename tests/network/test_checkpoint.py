@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import FOLD_FORMAT_V1, FoldCheckpoint, FoldFacts
-from engine.model import UNetConfig, build_unet, load_ensemble, load_fold, read_fold_checkpoint
+from network.build import build_unet
+from network.checkpoint import (
+    FOLD_FORMAT_V1,
+    FoldCheckpoint,
+    FoldFacts,
+    load_ensemble,
+    load_fold,
+    read_fold_checkpoint,
+)
+from network.config import UNetConfig
 
 FACTS = dict(fold=1, epoch=3, input_size=[64, 320], train_size=[32, 160], class_names=["a", "b", "c", "d"],
              mean=0.5, std=0.25)
@@ -57,3 +65,37 @@ def test_payload_layout_is_checked() -> None:
         FoldCheckpoint.from_payload({**good, "extra": 1})
     with pytest.raises(ValueError, match="not a fold checkpoint"):
         FoldCheckpoint.from_payload({**good, "format": "strip-inspection/ensemble/1"})
+
+
+def _pickled_globals(path: Path) -> set[str]:
+    """The module of every class or function a torch checkpoint's pickle refers to."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    modules, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "GLOBAL":
+            modules.add(str(arg).split(" ")[0])
+        elif op.name == "STACK_GLOBAL":
+            modules.add(strings[-2])
+    return modules
+
+
+def test_checkpoints_pickle_no_class_of_ours(tmp_path: Path) -> None:
+    """Fold checkpoints and bundles hold dicts tagged with a format string, never our classes, so
+    moving or renaming a module (engine.model -> network.*) cannot stop an old file from loading."""
+    from network.checkpoint import fold_metadata, save_ensemble, save_fold_checkpoint
+
+    cfg = UNetConfig(encoder="resnet18", encoder_depth=1, decoder_channels=(8,), num_classes=4)
+    unet = build_unet(cfg).eval()
+    facts = FoldFacts.from_dict(FACTS)
+    save_fold_checkpoint(tmp_path / "last.pt", cfg, unet, facts, training={"seconds": 1.0, "finished": False})
+    save_ensemble(tmp_path / "model.pt", cfg, [unet], fold_metadata(facts, cfg))
+    for name in ("last.pt", "model.pt"):
+        modules = _pickled_globals(tmp_path / name)
+        assert modules and all(m.split(".")[0] in ("collections", "torch", "builtins") for m in modules), modules
+    assert load_fold(tmp_path / "last.pt")[1] == cfg and load_ensemble(tmp_path / "model.pt")[1] == cfg

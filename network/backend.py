@@ -1,5 +1,6 @@
 """Torch backend: the eager reference. The fold U-Nets of a ``.pt`` ensemble bundle (or one fold
-checkpoint) run in :class:`engine.model.InspectionModel`, the module the ONNX graph is traced from.
+checkpoint) run in :class:`network.inspection.InspectionModel`, the module the ONNX graph is traced
+from. ``engine.backends`` loads it by name for ``.pt`` files (engine itself never imports torch).
 
 On CUDA it runs in fp16 with channels_last weights (what tensor cores want); on a CPU with native
 bf16 (:func:`engine.cpu.supports_bf16`) the U-Nets run under bf16 autocast with channels_last, and
@@ -14,10 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from engine.backends.base import Backend, BackendUnavailable, InspectionResult, check_frames
-from engine.devices import resolve_torch_device
+from engine import graph
+from engine.backends.base import Backend, InspectionResult, check_frames, result_from_outputs
+from engine.cpu import no_bf16_reason, supports_bf16
+from engine.devices import BackendUnavailable, parse_device, resolve_torch_device
 from engine.rle import encode_batch_torch
+from network.checkpoint import load_ensemble
+from network.inspection import InspectionModel
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +50,9 @@ class TorchBackend(Backend):
         threads: int = 0,
         with_probs: bool = False,
     ) -> None:
-        try:
-            import torch
-        except ImportError as exc:
-            raise BackendUnavailable(f"torch is not installed ({exc}): pip install 'strip-inspection[train]'") from exc
-        from engine.model import InspectionModel, load_ensemble
-
         self.path = Path(path)
         self.device = resolve_torch_device(device, torch.cuda.is_available(), torch.cuda.device_count())
-        on_cuda = self.device.startswith("cuda")
-        from engine.cpu import no_bf16_reason, supports_bf16
-
+        self._on_cuda = on_cuda = parse_device(self.device).is_cuda
         self.precision = precision or ("fp16" if on_cuda else "bf16" if supports_bf16() else "fp32")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
@@ -75,24 +73,23 @@ class TorchBackend(Backend):
             model.folds.to(memory_format=torch.channels_last)
         self.model = model.to(self.device)
         self.with_probs = with_probs
-        self._torch = torch
         log.info("loaded %s on %s (%s, %d folds)", self.path, self.device, self.precision, len(folds))
 
     def infer(self, frames: Any) -> InspectionResult:
-        torch = self._torch
         check_frames(frames, self.metadata)
         if isinstance(frames, np.ndarray):
             frames = torch.from_numpy(np.ascontiguousarray(frames))
-            if self.device != "cpu":
+            if self._on_cuda:
                 frames = frames.pin_memory().to(self.device, non_blocking=True)
         else:
             frames = frames.to(self.device)
         with torch.inference_mode():
             outputs = self.model(frames)
-        encoded = encode_batch_torch(outputs[0]) if self.device != "cpu" else None
-        masks, counts, present = (t.cpu().numpy() for t in outputs[:3])
-        probs = outputs[3].float().cpu().numpy() if self.with_probs else None
-        return InspectionResult(masks=masks, counts=counts, present=present, probs=probs, encoded=encoded)
+        encoded = encode_batch_torch(outputs[0]) if self._on_cuda else None
+        # InspectionModel returns the graph's outputs in the graph's order.
+        names = (*graph.OUTPUT_NAMES, graph.PROBS_NAME)
+        return result_from_outputs({n: t.float().cpu().numpy() if n == graph.PROBS_NAME else t.cpu().numpy()
+                                    for n, t in zip(names, outputs)}, encoded=encoded)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "folds": self.metadata.folds}

@@ -5,15 +5,10 @@ from __future__ import annotations
 import torch
 
 from engine.metadata import ModelMetadata
-from engine.model import (
-    InspectionModel,
-    UNetConfig,
-    build_unet,
-    downscale_masks,
-    postprocess,
-    preprocess,
-    resize,
-)
+from network.build import build_unet
+from network.config import UNetConfig
+from network.inspection import InspectionModel
+from network.processing import downscale_masks, postprocess, preprocess, resize
 
 
 def test_postprocess_counts_exactly_and_applies_per_class_rules():
@@ -92,8 +87,8 @@ def test_stages_beyond_the_encoder_depth_are_dropped_and_the_output_is_unchanged
     """A ResNet-18 cut to 3 stages: smp builds layer3/layer4 (10.5 M parameters) and never runs them."""
     import segmentation_models_pytorch as smp
 
-    from engine.checkpoint import FoldFacts
-    from engine.model import UnusedStage, load_fold, save_fold_checkpoint
+    from network.build import UnusedStage
+    from network.checkpoint import FoldFacts, load_fold, save_fold_checkpoint
 
     torch.manual_seed(0)
     cfg = UNetConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 8))
