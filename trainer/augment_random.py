@@ -114,7 +114,7 @@ def _shift_scale(img: Any, msk: Any, p: AugmentPolicy, generator: torch.Generato
     """A small shift and zoom about the centre; the border reflected before, cropped after."""
     from torchvision.transforms.v2 import functional as F
 
-    from trainer.augment import _reflect_pad
+    from trainer.balance import _reflect_pad
 
     h, w = img.shape[-2:]
     zoom = _uniform(generator, 1 - p.scale, 1 + p.scale)

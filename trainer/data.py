@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from engine import rle
 from engine.metadata import DEFAULT_CLASS_NAMES
 from engine.model import downscale_masks, resize
-from trainer.augment import TRANSFORMS, apply_transform
+from trainer.balance import TRANSFORMS, apply_transform
 from trainer.samples import Sample
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ class SeverstalDataset(Dataset):
     """Images and masks for training: ``(image uint8 [h, w], masks uint8 [C, h, w])``.
 
     Args:
-        items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.augment.balance_plan`.
+        items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.balance.balance_plan`.
         cfg: the data configuration (frame size, classes).
         scale: downscale factor; ``(h, w) = (round(H * scale), round(W * scale))``. Images go
             through :func:`engine.model.resize` and are rounded back to uint8, masks through
@@ -360,7 +360,7 @@ class TrainingFrames(Dataset):
     epoch.
 
     Args:
-        items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.augment.balance_plan`.
+        items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.balance.balance_plan`.
         cfg: the data configuration (frame size, classes).
         size: the training (height, width).
         augment: as for :class:`SeverstalDataset`; indices may be ``(index, epoch)`` pairs.

@@ -638,8 +638,8 @@ class FoldTrainer:
         import torch
         from torch.utils.data import Subset
 
-        from trainer.augment import balance_plan
         from trainer.augment_random import EpochSampler, RandomAugment
+        from trainer.balance import balance_plan
         from trainer.data import TrainingFrames
 
         cfg, d = self.cfg, self.d
@@ -649,7 +649,7 @@ class FoldTrainer:
             self._write_fold_config(items)
         self.crops, self.recalibration = None, []
         if cfg.crop is not None:
-            from trainer.augment import class_counts
+            from trainer.balance import class_counts
             from trainer.crops import CropSampler
 
             rarity = np.argsort(class_counts(self.train_samples, cfg.num_classes), kind="stable").tolist()
@@ -672,7 +672,7 @@ class FoldTrainer:
                 self.unet, device_ids=[d.device.index] if self.on_cuda else None)
 
     def _write_fold_config(self, items: Sequence[Sample]) -> None:
-        from trainer.augment import class_counts
+        from trainer.balance import class_counts
 
         c = self.cfg.num_classes
         before, after = class_counts(self.train_samples, c).tolist(), class_counts(items, c).tolist()

@@ -1,7 +1,7 @@
 """A training image and its per-class masks, as data loading, splitting and balancing see it.
 
 Its own module (numpy only) so that :mod:`trainer.data` (which imports torch for the dataset),
-:mod:`trainer.augment` and :mod:`trainer.splits` all import it without importing one another.
+:mod:`trainer.balance` and :mod:`trainer.splits` all import it without importing one another.
 """
 
 from __future__ import annotations
