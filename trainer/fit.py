@@ -887,7 +887,7 @@ class FoldTrainer:
         The order matters for resuming (see :meth:`restore`).
         """
         from engine.model import save_fold_checkpoint
-        from trainer.render import plot_curves
+        from trainer.curves import plot_curves
 
         rows = read_metrics(self.paths.metrics) + [row]
         write_metrics(self.paths.metrics, rows, metrics_columns(self.cfg.num_classes))

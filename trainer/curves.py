@@ -1,5 +1,5 @@
-"""Pictures: learning curves (thesis figures 66-69). Prediction overlays (figures 70-74) are drawn by
-:mod:`engine.overlay`, the one drawing the server's console uses too."""
+"""Learning curves of a fold (thesis figures 66-69), drawn from its metrics.csv rows. Prediction overlays
+(figures 70-74) are :mod:`engine.overlay`'s, the one drawing the server's console uses too."""
 
 from __future__ import annotations
 
