@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from engine import devices
 from engine.devices import parse_device
 from engine.metadata import ModelMetadata
-from trainer import run as rundir
+from trainer import rundir
 
 if TYPE_CHECKING:
     import numpy as np

@@ -32,7 +32,7 @@ from engine.decision import default_min_areas, default_thresholds
 from engine.devices import parse_device
 from engine.devices import torch_device as torch_device_for
 from engine.metadata import TTA_MODES
-from trainer import run as rundir
+from trainer import rundir
 from trainer.export import resolve_tta
 from trainer.predictors import PredictionsFile, Predictor
 

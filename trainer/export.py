@@ -32,7 +32,7 @@ from engine import graph
 from engine.cli_util import CLIError
 from engine.decision import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, default_min_areas, default_thresholds
 from engine.metadata import TTA_MODES, ModelMetadata
-from trainer import run as rundir
+from trainer import rundir
 from trainer.drift_reference import DEFAULT_DRIFT_FRAMES, DriftSummary, build_drift_reference
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.metadata import ARCHS, GATE_POOLING
-from trainer import run as rundir
+from trainer import rundir
 from trainer.config import (
     AUGMENT_LEVELS,
     DEVICES,
@@ -51,7 +51,7 @@ from trainer.config import (
 from trainer.crops import parse_crop
 from trainer.distributed import Dist, barrier, on_main_then_share, setup_distributed, teardown
 from trainer.pretrained import build_pretrained_unet, check_pretrained_reachable
-from trainer.run import metrics_columns, read_metrics, write_metrics
+from trainer.rundir import metrics_columns, read_metrics, write_metrics
 
 if TYPE_CHECKING:
     from torch import nn

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from trainer import run as rundir
+from trainer import rundir
 
 log = logging.getLogger(__name__)
 

@@ -100,7 +100,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_import_walk_sees_real_edges() -> None:
     graph = _graph()
     assert "engine.graph" in graph["engine.backends.onnxruntime"]
-    assert "trainer.run" in graph["trainer.fit"] and "engine.model" in graph["trainer.fit"]
+    assert "trainer.rundir" in graph["trainer.fit"] and "engine.model" in graph["trainer.fit"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
