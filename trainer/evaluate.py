@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.backends import BACKEND_CHOICES
 from engine.backends.base import InspectionResult
-from engine.decision import default_min_areas, default_thresholds
+from engine.decision import PostProcess, default_min_areas, default_thresholds
 from engine.devices import parse_device
 from engine.devices import torch_device as torch_device_for
 from engine.metadata import TTA_MODES
@@ -225,7 +225,7 @@ def evaluate_run(
     dirs = [Path(d) for d in (data_dirs or cfg.data)]
     groups = _split_groups(split, load_samples(dirs, data_cfg), run_dir, cfg)
     scoring = _Scoring(cfg, data_cfg, split, torch_device_for(parse_device(device, "--device")), threshold_grid)
-    scoring.tta = resolve_tta(run_dir, tta)
+    scoring.tta = resolve_tta(tta, rundir.read_postprocess(run_dir, cfg.num_classes), rundir.postprocess_path(run_dir))
     backend = None if model_path is None else _open_model(model_path, device, data_cfg, backend_name)
     if backend is not None and backend.max_batch_size is not None:
         batch_size = min(batch_size, backend.max_batch_size)
@@ -457,17 +457,15 @@ def _compare_and_search(result: dict[str, Any], scoring: _Scoring, run_dir: Path
     rules["searched"] = {"thresholds": found.thresholds, "min_areas": found.min_areas, "gate_thresholds": gate,
                          "scores": score(searched).to_dict()}
     result["primary"] = "searched"
-    postprocess = found.to_dict() | {
-        "split": "oof", "folds": cfg.folds, "scored_folds": scoring.folds, "tta": scoring.tta,
-        "gate_thresholds": gate, "run": str(run_dir),
-        "checkpoint_sha256": [m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in scoring.metas],
-        "written_by": "trainer evaluate --split oof",
-    }
-    if gate is not None:
-        postprocess["kaggle_after_gate"] = rules["searched"]["scores"]["kaggle"]
-    path = run_dir / rundir.POSTPROCESS
-    rundir.atomic_write_text(path, json.dumps(postprocess, indent=2) + "\n")
-    result["postprocess"] = postprocess
+    postprocess = PostProcess(
+        **found.to_dict(), split="oof", folds=cfg.folds, scored_folds=scoring.folds, tta=scoring.tta,
+        gate_thresholds=gate, run=str(run_dir),
+        checkpoint_sha256=[m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in scoring.metas],
+        written_by="trainer evaluate --split oof",
+        kaggle_after_gate=None if gate is None else rules["searched"]["scores"]["kaggle"],
+    )
+    path = rundir.write_postprocess(run_dir, postprocess)
+    result["postprocess"] = postprocess.to_dict()
     result["postprocess_written"] = str(path)
     log.info("wrote %s: thresholds %s, min areas %s; Kaggle metric %.4f -> %.4f", path, found.thresholds,
              found.min_areas, found.baseline_kaggle, found.kaggle)

@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from engine import graph
 from engine.cli_util import CLIError
-from engine.decision import DEFAULT_MIN_AREA, DEFAULT_THRESHOLD, default_min_areas, default_thresholds
+from engine.decision import (
+    DEFAULT_MIN_AREA,
+    DEFAULT_THRESHOLD,
+    PostProcess,
+    default_min_areas,
+    default_thresholds,
+)
 from engine.metadata import TTA_MODES, ModelMetadata
 from trainer import rundir
 from trainer.drift_reference import DEFAULT_DRIFT_FRAMES, DriftSummary, build_drift_reference
@@ -131,65 +137,34 @@ def parse_folds(folds: str | Sequence[int]) -> list[int] | None:
     return ids
 
 
-def read_postprocess(run_dir: Path, num_classes: int) -> tuple[list[float], list[int]]:
-    """Thresholds and minimum areas from ``RUN/postprocess.json`` (thesis 0.5 / 200 when absent)."""
-    path = run_dir / rundir.POSTPROCESS
-    if not path.is_file():
-        log.info("%s absent: using the thesis defaults (threshold %s, min area %d)", path, DEFAULT_THRESHOLD,
-                 DEFAULT_MIN_AREA)
-        return default_thresholds(num_classes), default_min_areas(num_classes)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object with 'thresholds' and 'min_areas'")
-    thresholds = data.get("thresholds", default_thresholds(num_classes))
-    min_areas = data.get("min_areas", default_min_areas(num_classes))
-    for name, values in (("thresholds", thresholds), ("min_areas", min_areas)):
-        if not isinstance(values, list) or len(values) != num_classes:
-            raise ValueError(f"{path}: '{name}' must be a list of {num_classes} values (one per class), got {values!r}")
-    try:
-        return [float(t) for t in thresholds], [int(a) for a in min_areas]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: thresholds must be numbers and min_areas integers ({exc})") from exc
-
-
-def read_postprocess_tta(run_dir: Path) -> str:
-    """The flip TTA ``RUN/postprocess.json`` was searched with (``none`` when absent): what export and
-    evaluation use unless told otherwise, so the thresholds are used with the TTA they were chosen for."""
-    path = run_dir / rundir.POSTPROCESS
-    if not path.is_file():
-        return "none"
-    try:
-        tta = json.loads(path.read_text()).get("tta", "none")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a JSON object ({exc})") from exc
-    if tta not in TTA_MODES:
-        raise ValueError(f"{path}: 'tta' must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-    return tta
-
-
-def read_gate_thresholds(run_dir: Path, num_classes: int) -> list[float]:
-    """``gate_thresholds`` of ``RUN/postprocess.json``, else 0.5 per class (folds trained with ``--gate``)."""
-    path = run_dir / rundir.POSTPROCESS
-    values = json.loads(path.read_text()).get("gate_thresholds") if path.is_file() else None
-    if values is None:
-        return [DEFAULT_THRESHOLD] * num_classes
-    if not isinstance(values, list) or len(values) != num_classes:
-        raise ValueError(f"{path}: 'gate_thresholds' must be a list of {num_classes} values, got {values!r}")
-    return [float(v) for v in values]
-
-
-def resolve_tta(run_dir: Path, tta: str | None) -> str:
-    """``tta``, or the run's when None; warns when it differs from the one the thresholds were searched with."""
-    searched = read_postprocess_tta(run_dir)
+def resolve_tta(tta: str | None, post: PostProcess | None, source: Path) -> str:
+    """``tta``, or the searched rule's when None; warns when it differs from the one the thresholds were
+    searched with (``source``, the run's ``postprocess.json``)."""
+    searched = "none" if post is None else post.tta
     if tta is None:
         return searched
-    if tta != searched and (run_dir / rundir.POSTPROCESS).is_file():
-        log.warning("--tta %s, but %s was searched with --tta %s: its thresholds may not suit", tta,
-                    run_dir / rundir.POSTPROCESS, searched)
+    if tta != searched and post is not None:
+        log.warning("--tta %s, but %s was searched with --tta %s: its thresholds may not suit", tta, source, searched)
     return tta
+
+
+def _decision(run_dir: Path, num_classes: int, gate: bool, tta: str | None) -> dict[str, Any]:
+    """The run's decision rule for :func:`engine.model.fold_metadata`: its ``postprocess.json``, else
+    the thesis defaults (0.5 per class for a gate head)."""
+    post = rundir.read_postprocess(run_dir, num_classes)
+    if post is None:
+        log.info("%s absent: using the thesis defaults (threshold %s, min area %d)", rundir.postprocess_path(run_dir),
+                 DEFAULT_THRESHOLD, DEFAULT_MIN_AREA)
+    gate_thresholds = None
+    if gate:
+        gate_thresholds = post.gate_thresholds if post is not None and post.gate_thresholds is not None \
+            else [DEFAULT_THRESHOLD] * num_classes
+    return {
+        "thresholds": default_thresholds(num_classes) if post is None else post.thresholds,
+        "min_areas": default_min_areas(num_classes) if post is None else post.min_areas,
+        "tta": resolve_tta(tta, post, rundir.postprocess_path(run_dir)),
+        "gate_thresholds": gate_thresholds,
+    }
 
 
 # Facts every fold of one model must share; a mismatch means the folds come from different runs.
@@ -241,19 +216,15 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all", tta: str |
         facts.append(fold_facts)
         checkpoints.append(available[k])
     assert config is not None
-    thresholds, min_areas = read_postprocess(run_dir, config.num_classes)
     shas = [file_sha256(p) for p in checkpoints]
     combined = hashlib.sha256("".join(shas).encode()).hexdigest()[:12]
     meta = fold_metadata(
         facts[0],
         config,
-        thresholds=thresholds,
-        min_areas=min_areas,
         folds=len(nets),
         checkpoint_sha256=shas,
         model_version=f"{run_dir.resolve().name}-{combined}",
-        tta=resolve_tta(run_dir, tta),
-        gate_thresholds=read_gate_thresholds(run_dir, config.num_classes) if config.gate else None,
+        **_decision(run_dir, config.num_classes, config.gate, tta),
     )
     return RunModel(run_dir, nets, list(wanted), checkpoints, config, meta)
 

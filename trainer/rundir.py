@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.decision import PostProcess
+
 log = logging.getLogger(__name__)
 
 CONFIG = "config.json"
@@ -106,6 +108,32 @@ def locked(run_dir: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- postprocess.json
+
+
+def postprocess_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / POSTPROCESS
+
+
+def read_postprocess(run_dir: str | Path, num_classes: int) -> PostProcess | None:
+    """The run's searched decision rule, checked for ``num_classes``; None before ``evaluate --split oof``.
+
+    Raises:
+        ValueError: a malformed file (named), see :meth:`engine.decision.PostProcess.from_json`.
+    """
+    path = postprocess_path(run_dir)
+    if not path.is_file():
+        return None
+    return PostProcess.from_json(path.read_text(encoding="utf-8"), str(path)).check(num_classes, str(path))
+
+
+def write_postprocess(run_dir: str | Path, post: PostProcess) -> Path:
+    """Writes ``RUN/postprocess.json`` (atomically); returns its path."""
+    path = postprocess_path(run_dir)
+    atomic_write_text(path, post.to_json())
+    return path
 
 
 # --------------------------------------------------------------------------- metrics.csv
