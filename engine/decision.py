@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,17 +114,16 @@ class PostProcess:
             raise ValueError(f"{source}: 'tta' must be a string, got {data['tta']!r}")
         return cls(**(data | rule))
 
-    def check(self, num_classes: int, source: str) -> PostProcess:
-        """Returns self when its rule has one value per class and a known TTA; raises ValueError naming ``source``."""
-        from engine.metadata import TTA_MODES  # engine.metadata imports this module
-
+    def check(self, num_classes: int, tta_modes: Sequence[str], source: str) -> PostProcess:
+        """Returns self when its rule has one value per class and its TTA is one of ``tta_modes``
+        (:data:`engine.metadata.TTA_MODES`, which imports this module); raises ValueError naming ``source``."""
         for name in ("thresholds", "min_areas", "gate_thresholds"):
             values = getattr(self, name)
             if values is not None and len(values) != num_classes:
                 raise ValueError(f"{source}: '{name}' must be a list of {num_classes} values (one per class), "
                                  f"got {values!r}")
-        if self.tta not in TTA_MODES:
-            raise ValueError(f"{source}: 'tta' must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
+        if self.tta not in tta_modes:
+            raise ValueError(f"{source}: 'tta' must be one of {', '.join(tta_modes)}, got {self.tta!r}")
         return self
 
 

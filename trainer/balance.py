@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 
 from trainer.samples import Sample, label_matrix
 
@@ -107,8 +110,6 @@ def _rotation_padding(height: int, width: int, degrees: float) -> tuple[int, int
 
 
 def _reflect_pad(x: torch.Tensor, pad_x: int, pad_y: int) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as F
-
     # Reflection padding is limited to less than the tensor's size per step; wide frames rotated
     # by 10 degrees can need more vertical border than that, so pad in steps.
     while pad_x > 0 or pad_y > 0:
@@ -141,9 +142,6 @@ def apply_transform(image, masks, name: str | None):
         return image, masks
     if name not in TRANSFORMS:
         raise ValueError(f"unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
-    import torch
-    from torchvision import tv_tensors
-    from torchvision.transforms.v2 import functional as F
 
     as_numpy = isinstance(image, np.ndarray)
     image_t = torch.as_tensor(image)

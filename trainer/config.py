@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.devices import parse_device
+
 log = logging.getLogger(__name__)
 
 LOSSES = ("bce", "bce+dice")
@@ -26,8 +28,9 @@ ENCODER_WEIGHTS = ("none", "imagenet")
 LR_SCHEDULES = ("none", "plateau", "cosine")
 #: ``--augment`` levels (see :mod:`trainer.augment_random`).
 AUGMENT_LEVELS = ("none", "light", "strong")
-DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16)
+#: Training frames ``trainer export`` samples for a model's drift reference (:mod:`trainer.drift_reference`).
+DEFAULT_DRIFT_FRAMES = 256
 # Grayscale equivalents of the ImageNet RGB statistics (means of the three channels): what a
 # pretrained encoder's first layer expects once smp folds its RGB filters into one channel.
 IMAGENET_GRAY_MEAN = 0.449
@@ -113,7 +116,7 @@ class FitOptions:
     device: str = "auto"
     workers: int = 2
     restart: bool = False
-    progress: bool = True
+    progress: bool | None = None  # progress bars: None = only on a terminal
 
 
 # --------------------------------------------------------------------------- coercion
@@ -224,6 +227,7 @@ def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> tuple[Fit
             (merged_config if key in config_keys else merged_options)[key] = value
     cfg = FitConfig.from_dict(merged_config, "flags")
     options = FitOptions(**_coerce(FitOptions, merged_options, "flags"))
+    parse_device(options.device, "--device")  # the one parser of device strings; cuda:N included
     return cfg, options
 
 

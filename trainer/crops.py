@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def parse_crop(text: str) -> tuple[int, int]:
@@ -48,8 +49,6 @@ class CropSampler:
 
     def origins(self, y: Any, epoch: int, batch: int) -> list[tuple[int, int]]:
         """The (top, left) of each frame's crop."""
-        import torch
-
         ch, cw = self.size
         n, _, h, w = y.shape
         rng = np.random.default_rng([self.seed, self.fold, epoch, batch])
@@ -67,8 +66,6 @@ class CropSampler:
         return out
 
     def __call__(self, x: Any, y: Any, epoch: int, batch: int) -> tuple[Any, Any]:
-        import torch
-
         ch, cw = self.size
         if ch > x.shape[-2] or cw > x.shape[-1]:
             raise ValueError(f"--crop {ch}x{cw} is larger than the training size {tuple(x.shape[-2:])}")
@@ -79,7 +76,5 @@ class CropSampler:
 
 
 def _memory_format(x: Any) -> Any:
-    import torch
-
     return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
         and not x.is_contiguous() else torch.contiguous_format

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
     """Loss and Dice per epoch, train vs validation, side by side; written atomically as PNG."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     epochs = [int(r["epoch"]) for r in rows]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import multiprocessing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,16 +29,16 @@ import torch
 from torch.utils.data import Dataset
 
 from engine import rle
+from engine.decode import FrameRejected, decode_encoded
 from engine.metadata import DEFAULT_CLASS_NAMES
 from engine.model import downscale_masks, resize
 from trainer.balance import TRANSFORMS, apply_transform
-from trainer.samples import Sample
+from trainer.samples import ANNOTATIONS_FILE, Sample
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGES_DIR = "train_images"
-ANNOTATIONS_FILE = "train.csv"
 NEW_LAYOUT = ("ImageId", "ClassId", "EncodedPixels")
 OLD_LAYOUT = ("ImageId_ClassId", "EncodedPixels")
 
@@ -250,8 +251,6 @@ def read_image(path: Path, cfg: DataConfig) -> np.ndarray:
         FileNotFoundError: the file does not exist.
         ValueError: the file cannot be decoded, or its size is not the configured frame size.
     """
-    from engine.decode import FrameRejected, decode_encoded
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
@@ -421,7 +420,6 @@ def loader_context(workers: int):
     """
     if workers <= 0:
         return None
-    import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])

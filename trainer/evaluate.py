@@ -18,7 +18,6 @@ writes N overlays to ``RUN/renders/<name>/``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -26,15 +25,34 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.backends import BACKEND_CHOICES
+import torch
+from torch.utils.data import DataLoader
+
+from engine.backends import load_backend
 from engine.backends.base import InspectionResult
+from engine.cli_util import progress_bar
 from engine.decision import PostProcess, default_min_areas, default_thresholds
 from engine.devices import parse_device
 from engine.devices import torch_device as torch_device_for
-from engine.metadata import TTA_MODES
+from engine.overlay import render_evaluation, write_png
 from trainer import rundir
+from trainer.config import FitConfig
+from trainer.data import SeverstalDataset, load_samples, loader_context, read_annotations
 from trainer.export import resolve_tta
+from trainer.loop import data_config
+from trainer.losses import SegmentationLoss, logits_from_probs
+from trainer.metrics import PixelStats, mask_stats, score
+from trainer.postsearch import (
+    DEFAULT_THRESHOLDS,
+    ThresholdStats,
+    default_min_area_grid,
+    search,
+    search_gate,
+    threshold_stats,
+)
 from trainer.predictors import PredictionsFile, Predictor
+from trainer.report import write_report
+from trainer.splits import HOLDOUT, SPLITS, read_folds
 
 if TYPE_CHECKING:
 
@@ -44,88 +62,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HELP = "score a run's fold ensemble or an exported model (holdout / out-of-fold) and tune post-processing"
-DESCRIPTION = __doc__.split("\n\n", 1)[0].split(": ", 1)[1]
-SPLITS = ("holdout", "oof", "all")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, metavar="RUN", help="training run directory")
-    parser.add_argument("--data", action="append", metavar="DIR",
-                        help="data folder(s); default: the run's training data")
-    parser.add_argument("--split", choices=SPLITS, default="holdout", help="which images to score (default holdout)")
-    parser.add_argument("--model", metavar="FILE", help="score this exported model (.onnx/.pt/.engine) instead of "
-                        "the run's fold checkpoints")
-    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="runtime for --model (default auto: for .onnx on a CPU OpenVINO bf16 where the CPU has "
-                        "native bf16 and openvino is installed, else ONNX Runtime fp32)")
-    parser.add_argument("--predictions", metavar="CSV", help="score this Kaggle-format predictions CSV "
-                        "(ImageId,ClassId,EncodedPixels; e.g. from 'server client') instead of running a model; "
-                        "every scored image must appear in it")
-    parser.add_argument("--json", metavar="OUT", help="also write the evaluation JSON here")
-    parser.add_argument("--render", type=int, default=0, metavar="N", help="write N overlay PNGs")
-    parser.add_argument("--batch-size", type=int, default=8, help="frames per inference batch (default 8)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
-    parser.add_argument("--thresholds", metavar="T1,T2,..", help="threshold grid of the oof search "
-                        "(default 0.10..0.95 step 0.05)")
-    parser.add_argument("--min-areas", metavar="A1,A2,..", help="minimum-area grid of the oof search "
-                        "(default scaled from 1..10000 for 256x1600 frames)")
-    parser.add_argument("--tta", choices=TTA_MODES, default=None,
-                        help="flip TTA of the run's folds (none, hflip, hvflip); the oof search records it in "
-                             "postprocess.json for export; default: the one postprocess.json was searched with")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    def numbers(text: str | None, kind: type, flag: str) -> list | None:
-        if text is None:
-            return None
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-
-    if args.render < 0 or args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--render and --workers must be >= 0, --batch-size >= 1")
-    result = evaluate_run(
-        Path(args.run), data_dirs=args.data, split=args.split, model_path=args.model,
-        predictions_path=args.predictions, render=args.render,
-        batch_size=args.batch_size, device=args.device, workers=args.workers,
-        threshold_grid=numbers(args.thresholds, float, "--thresholds"),
-        min_area_grid=numbers(args.min_areas, int, "--min-areas"), progress=args.progress, tta=args.tta,
-        backend_name=args.backend,
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(summary(result))
-    return 0
-
-
-def summary(result: dict[str, Any]) -> str:
-    """A few lines for the terminal."""
-    lines = [f"{result['split']}: {result['images']} images, {result['model']}"]
-    for name, rule in result["rules"].items():
-        s = rule["scores"]
-        rule_text = ("as in the predictions" if rule["thresholds"] is None
-                     else f"thresholds {rule['thresholds']} min areas {rule['min_areas']}")
-        lines.append(f"  {name:9s} {rule_text}: Kaggle "
-                     f"{s['kaggle']:.4f}  thesis Dice {s['thesis_dice']:.4f}  label acc {s['label_accuracy']:.4f}  "
-                     f"per-class acc {s['mean_class_accuracy']:.4f}")
-    lines.append(f"  all-empty prediction: Kaggle {result['empty_kaggle']:.4f}")
-    if result.get("loss") is not None:
-        lines.append(f"  loss ({result['loss_kind']}, full resolution): {result['loss']:.4f}")
-    if result.get("postprocess_written"):
-        lines.append(f"  wrote {result['postprocess_written']}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
 def _load_config(run_dir: Path) -> FitConfig:
-    from trainer.config import FitConfig
-
     path = run_dir / rundir.CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run: {path} does not exist")
@@ -139,8 +81,6 @@ def _split_groups(
     split: str, samples: Sequence[Sample], run_dir: Path, cfg: FitConfig
 ) -> list[tuple[int | None, list[Sample]]]:
     """``[(fold or None, samples)]``: one group for holdout/all, one per fold for oof."""
-    from trainer.splits import HOLDOUT, read_folds
-
     if split == "all":
         return [(None, list(samples))]
     folds_path = run_dir / rundir.FOLDS
@@ -200,7 +140,7 @@ def evaluate_run(
     workers: int = 0,
     threshold_grid: Sequence[float] | None = None,
     min_area_grid: Sequence[int] | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
     tta: str | None = None,
     backend_name: str | None = None,
 ) -> dict[str, Any]:
@@ -213,10 +153,6 @@ def evaluate_run(
         ValueError: a combination that cannot be scored (``--model`` with ``oof``, a model whose
             classes or frame size differ from the data).
     """
-    from trainer.data import load_samples
-    from trainer.fit import data_config
-    from trainer.report import write_report
-
     started = time.perf_counter()
     run_dir = Path(run_dir)
     _check_request(split, model_path, predictions_path)
@@ -272,8 +208,6 @@ def _check_request(split: str, model_path: Any, predictions_path: Any) -> None:
 
 def _open_model(model_path: str | Path, device: str, data_cfg: Any, backend_name: str | None = None) -> Any:
     """The exported model through its engine backend, checked against the data."""
-    from engine.backends import load_backend
-
     backend = load_backend(model_path, device=device, backend=backend_name)
     meta = backend.metadata
     if meta.num_classes != data_cfg.num_classes or meta.input_size != data_cfg.size:
@@ -286,7 +220,6 @@ def _open_model(model_path: str | Path, device: str, data_cfg: Any, backend_name
 
 def _read_predictions(path: Path, groups: list[tuple[int | None, list[Sample]]], split: str,
                       num_classes: int) -> PredictionsFile:
-    from trainer.data import read_annotations
 
     rles = read_annotations(path, num_classes)
     scored = [s.image_id for _, group in groups for s in group]
@@ -314,7 +247,6 @@ class _Scoring:
 
     def __init__(self, cfg: FitConfig, data_cfg: Any, split: str, device: Any,
                  threshold_grid: Sequence[float] | None) -> None:
-        from trainer.losses import SegmentationLoss
 
         c = cfg.num_classes
         self.cfg, self.data_cfg, self.split, self.device = cfg, data_cfg, split, device
@@ -339,12 +271,8 @@ class _Scoring:
                 stale.unlink()
 
     def score_group(self, predictor: Predictor, fold: int | None, group: list[Sample], batch_size: int,
-                    workers: int, progress: bool) -> None:
-        from torch.utils.data import DataLoader
+                    workers: int, progress: bool | None) -> None:
 
-        from engine.cli_util import progress_bar
-        from trainer.data import SeverstalDataset, loader_context
-        from trainer.postsearch import DEFAULT_THRESHOLDS
 
         self.model_names.append(predictor.name)
         self.metas.append(predictor.metadata)
@@ -356,7 +284,7 @@ class _Scoring:
                             multiprocessing_context=loader_context(workers))
         position = 0
         bar = progress_bar(loader, desc=f"{self.split}{'' if fold is None else f' fold {fold}'}",
-                           disable=not progress, leave=False, dynamic_ncols=True)
+                           show=progress, leave=False, dynamic_ncols=True)
         for frames, truth in bar:
             chunk = group[position:position + frames.shape[0]]
             result = predictor.predict(frames.numpy(), [s.image_id for s in chunk])
@@ -366,12 +294,6 @@ class _Scoring:
         bar.close()
 
     def add_batch(self, frames: Any, truth: Any, result: InspectionResult) -> None:
-        import torch
-
-        from trainer.losses import logits_from_probs
-        from trainer.metrics import mask_stats
-        from trainer.postsearch import threshold_stats
-
         masks, present = torch.from_numpy(result.masks), torch.from_numpy(result.present)
         self.stats_parts.append(mask_stats(masks, truth, present=present))
         if result.probs is None:
@@ -387,8 +309,6 @@ class _Scoring:
         self.loss_count += frames.shape[0]
 
     def render_batch(self, chunk: Sequence[Sample], frames: Any, truth: Any, result: InspectionResult) -> None:
-        from engine.overlay import render_evaluation, write_png
-
         meta = self.metas[-1]  # the predictor of this group (None for a predictions CSV)
         for i, sample in enumerate(chunk):
             if sample.image_id not in self.rendered_ids or self.render_dir is None:
@@ -404,8 +324,6 @@ class _Scoring:
             self.renders.append(str(path))
 
     def result(self, dirs: Sequence[Path]) -> dict[str, Any]:
-        from trainer.metrics import PixelStats, score
-
         self.stats = PixelStats.concatenate(self.stats_parts)
         meta = self.metas[0]
         model_rule = "thesis" if self.split == "oof" else "model"
@@ -436,9 +354,6 @@ def _compare_and_search(result: dict[str, Any], scoring: _Scoring, run_dir: Path
                         min_area_grid: Sequence[int] | None) -> None:
     """Adds the baseline rule's scores (when the model's rule differs) and, for oof, the searched rule,
     writing ``RUN/postprocess.json``."""
-    from trainer.metrics import score
-    from trainer.postsearch import ThresholdStats, default_min_area_grid, search, search_gate
-
     grid_stats = ThresholdStats.concatenate(scoring.grid_parts)
     baseline, meta, rules = scoring.baseline, scoring.metas[0], result["rules"]
     if scoring.split != "oof":

@@ -18,9 +18,9 @@ from its data exports without a reference (with a warning) unless ``--data`` poi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -28,8 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import onnx
+import onnxruntime as ort
+import torch
+
 from engine import graph
-from engine.cli_util import CLIError
 from engine.decision import (
     DEFAULT_MIN_AREA,
     DEFAULT_THRESHOLD,
@@ -37,9 +40,13 @@ from engine.decision import (
     default_min_areas,
     default_thresholds,
 )
-from engine.metadata import TTA_MODES, ModelMetadata
+from engine.hashing import file_sha256
+from engine.metadata import ModelMetadata
+from engine.model import InspectionModel, fold_metadata, load_fold, save_ensemble
+from engine.parity import compare_outputs, synthetic_frames, tolerance_for
 from trainer import rundir
-from trainer.drift_reference import DEFAULT_DRIFT_FRAMES, DriftSummary, build_drift_reference
+from trainer.config import DEFAULT_DRIFT_FRAMES
+from trainer.drift_reference import DriftSummary, build_drift_reference
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,14 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HELP = "export a run's folds as one ONNX inspection graph (or a .pt ensemble bundle)"
-DESCRIPTION = (
-    "Writes the inspection graph: uint8 frames [N,H,W] -> masks uint8 [N,C,H,W], counts int32 [N,C], "
-    "present bool [N,C]. The export checks itself against the torch eager reference and fails beyond "
-    "tolerance. '--out model.pt' writes the torch backend's ensemble bundle instead. Both carry a drift "
-    "reference for the server: line statistics of a sample of the run's training frames and out-of-fold "
-    "predicted areas (--drift-frames; the run's data folders must be reachable, or given with --data)."
-)
 
 
 @dataclass
@@ -179,9 +178,6 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all", tta: str |
         FileNotFoundError: no run directory, or a selected fold has no ``best.pt``.
         ValueError: folds that disagree on architecture or data facts, a bad postprocess.json.
     """
-    from engine.hashing import file_sha256
-    from engine.model import fold_metadata, load_fold
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
@@ -270,11 +266,6 @@ def export_onnx(
         ExportParityError: the exported graph differs from the eager reference beyond tolerance.
         FileNotFoundError: ``drift_data`` given but unusable.
     """
-    import torch
-
-    from engine.model import InspectionModel
-    from engine.parity import synthetic_frames
-
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"--precision must be fp32 or fp16, got {precision!r}")
     out_path = Path(out_path)
@@ -291,7 +282,6 @@ def export_onnx(
     eager_outputs = _eager_outputs(eager_model, frames) if parity_frames else None
     graph_model = eager_model
     if precision == "fp16":
-        import copy
 
         halves = [copy.deepcopy(f).half() for f in eager_model.folds]
         graph_model = InspectionModel(halves, meta, with_probs=True, compute_dtype=torch.float16).eval()
@@ -323,8 +313,6 @@ def _with_drift_reference(
 
 def _eager_outputs(eager_model: Any, frames: Any) -> dict[str, Any]:
     """The torch eager fp32 outputs the exported graph is compared with (probabilities included)."""
-    import torch
-
     with torch.no_grad():
         masks, counts, present, probs = eager_model(torch.from_numpy(frames))
     return {"masks": masks.numpy(), "counts": counts.numpy(), "present": present.numpy(), "probs": probs.numpy()}
@@ -332,9 +320,6 @@ def _eager_outputs(eager_model: Any, frames: Any) -> dict[str, Any]:
 
 def _trace(graph_model: Any, frames: Any, meta: ModelMetadata, opset: int) -> Any:
     """The traced ONNX model (with ``probs`` among its outputs), its signature and metadata set, checked."""
-    import onnx
-    import torch
-
     output_names = [*graph.OUTPUT_NAMES, graph.PROBS_NAME]
     buffer = io.BytesIO()
     log.info("tracing the %s inspection graph (%d folds, opset %d)", meta.precision, len(graph_model.folds), opset)
@@ -366,8 +351,6 @@ def _trace(graph_model: Any, frames: Any, meta: ModelMetadata, opset: int) -> An
 def _check_parity(model: Any, frames: Any, eager_outputs: dict[str, Any], meta: ModelMetadata,
                   out_path: Path) -> ParityReport:
     """ONNX Runtime on the graph against the eager outputs; raises ExportParityError beyond tolerance."""
-    from engine.parity import compare_outputs, tolerance_for
-
     outputs = _run_onnxruntime(model.SerializeToString(), frames, [*graph.OUTPUT_NAMES, graph.PROBS_NAME])
     report = compare_outputs(eager_outputs, outputs, meta.thresholds, meta.min_areas, tolerance_for(meta.precision),
                              reference_name="torch eager fp32", candidate_name=f"onnxruntime cpu {meta.precision}",
@@ -382,8 +365,6 @@ def _check_parity(model: Any, frames: Any, eager_outputs: dict[str, Any], meta: 
 
 def _serialise(model: Any, with_probs: bool) -> bytes:
     """The model's bytes; without ``probs`` among the outputs unless asked for."""
-    import onnx
-
     if not with_probs:
         # The probabilities feed the threshold node, so dropping the graph output leaves no dead nodes.
         keep = [o for o in model.graph.output if o.name != graph.PROBS_NAME]
@@ -411,8 +392,6 @@ def _set_signature(model: Any, meta: ModelMetadata) -> None:
 
 
 def _run_onnxruntime(model_bytes: bytes, frames: Any, output_names: Sequence[str]) -> dict[str, Any]:
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
@@ -432,9 +411,6 @@ def export_ensemble(
 ) -> ExportReport:
     """Writes the torch backend's ``.pt`` ensemble bundle (every selected fold + metadata, drift
     reference included; the drift arguments as in :func:`export_onnx`)."""
-    from engine.hashing import file_sha256
-    from engine.model import save_ensemble
-
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".pt":
         raise ValueError(f"{out_path}: an ensemble bundle must end in .pt")
@@ -453,60 +429,3 @@ def export_ensemble(
     )
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: Any) -> None:
-    parser.add_argument("--run", required=True, type=Path, help="training run directory (fold<k>/best.pt)")
-    parser.add_argument("--out", required=True, type=Path, help="model.onnx (inspection graph) or model.pt (bundle)")
-    parser.add_argument("--folds", default="all", help="'all' or comma-separated fold numbers (default: all)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="U-Net precision (ONNX only)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--with-probs", action="store_true", help="also output the mean probabilities (debugging)")
-    parser.add_argument(
-        "--parity-frames", type=int, default=2, help="synthetic frames for the parity check (0 skips it; default 2)"
-    )
-    parser.add_argument("--report", type=Path, help="also write the export report as JSON here")
-    parser.add_argument("--tta", choices=TTA_MODES, default=None,
-                        help="flip test-time augmentation inside the graph: none, hflip, or hvflip (frame, "
-                             "horizontal and vertical flip); default: the one postprocess.json was searched with")
-    drift = parser.add_argument_group("drift reference (server drift monitoring)")
-    drift.add_argument(
-        "--drift-frames", type=int, default=DEFAULT_DRIFT_FRAMES, metavar="N",
-        help=f"non-holdout training frames sampled for the drift reference (0 = none; default {DEFAULT_DRIFT_FRAMES})",
-    )
-    drift.add_argument(
-        "--data", action="append", type=Path, metavar="DIR",
-        help="the run's data folder(s), when not where its config.json says (repeat for several)",
-    )
-    drift.add_argument("--drift-bins", type=int, default=None, metavar="B",
-                       help="histogram bins per statistic (default 10)")
-    drift.add_argument("--device", default="cpu",
-                       help="where the out-of-fold predictions run: cpu, cuda, cuda:N or auto (default cpu)")
-
-
-def run(args: Any) -> int:
-    suffix = args.out.suffix.lower()
-    drift = {"drift_frames": args.drift_frames, "drift_data": args.data, "drift_bins": args.drift_bins,
-             "device": args.device, "tta": args.tta}
-    if suffix == ".onnx":
-        report = export_onnx(
-            args.run,
-            args.out,
-            folds=args.folds,
-            precision=args.precision,
-            opset=args.opset,
-            with_probs=args.with_probs,
-            parity_frames=args.parity_frames,
-            **drift,
-        )
-    elif suffix == ".pt":
-        if args.precision != "fp32" or args.with_probs:
-            raise CLIError("--precision fp16 and --with-probs apply to ONNX exports only; a .pt bundle is fp32")
-        report = export_ensemble(args.run, args.out, folds=args.folds, **drift)
-    else:
-        raise CLIError(f"--out {args.out}: expected a .onnx (inspection graph) or .pt (ensemble bundle) file")
-    print(report.summary())
-    if args.report:
-        args.report.write_text(json.dumps(report.to_dict(), indent=2))
-    return 0

@@ -17,9 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from engine.backends.base import Backend, InspectionResult, check_frames
+from engine.cpu import cpu_autocast_dtype
 from engine.metadata import ModelMetadata
+from engine.model import InspectionModel
+from engine.rle import decode_many
+from trainer.export import load_run
 
 
 class RunEnsembleBackend(Backend):
@@ -36,11 +41,7 @@ class RunEnsembleBackend(Backend):
 
     def __init__(self, run_dir: Path, folds: Sequence[int] | str, device: Any,
                  override: dict[str, Any] | None = None, amp: bool = False) -> None:
-        import torch
 
-        from engine.cpu import cpu_autocast_dtype
-        from engine.model import InspectionModel
-        from trainer.export import load_run
 
         loaded = load_run(run_dir, folds)
         self.metadata = dataclasses.replace(loaded.metadata, **(override or {}))
@@ -79,8 +80,6 @@ class PredictionsFile:
     rles: dict[str, list[str]]
 
     def infer(self, frames: np.ndarray, image_ids: Sequence[str]) -> InspectionResult:
-        from engine.rle import decode_many
-
         h, w = frames.shape[-2:]
         masks = np.stack([decode_many(self.rles[i], h, w) for i in image_ids])
         counts = masks.astype(np.int64).sum(axis=(2, 3)).astype(np.int32)

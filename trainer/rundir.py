@@ -24,9 +24,12 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import io
+import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.decision import PostProcess
+from engine.metadata import TTA_MODES
+from trainer.config import FitConfig, differences
+from trainer.samples import Sample
+from trainer.splits import load_or_make_folds
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,23 @@ FOLD_DIR = re.compile(r"^fold(\d+)$")
 
 def fold_dir(run_dir: str | Path, fold: int) -> Path:
     return Path(run_dir) / f"fold{fold}"
+
+
+@dataclass(frozen=True)
+class FoldPaths:
+    """A fold's files in the run directory."""
+
+    dir: Path
+    best: Path
+    last: Path
+    metrics: Path
+    curves: Path
+    config: Path
+
+    @classmethod
+    def of(cls, run_dir: str | Path, fold: int) -> FoldPaths:
+        d = fold_dir(run_dir, fold)
+        return cls(d, d / BEST, d / LAST, d / METRICS, d / CURVES, d / FOLD_CONFIG)
 
 
 def fold_dirs(run_dir: str | Path) -> dict[int, Path]:
@@ -93,6 +117,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
 @contextlib.contextmanager
 def locked(run_dir: str | Path) -> Iterator[None]:
     """Holds the run directory's exclusive lock (blocking until other writers release it)."""
@@ -108,6 +136,62 @@ def locked(run_dir: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- config.json and folds.csv
+
+
+def remove_outputs(run_dir: str | Path) -> None:
+    """Deletes what fit and evaluate write (:data:`OUTPUTS` and the fold folders), nothing else."""
+    out = Path(run_dir)
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for folder in fold_dirs(out).values():
+        shutil.rmtree(folder)
+
+
+def check_or_write_config(run_dir: str | Path, cfg: FitConfig, restart: bool) -> None:
+    """Writes ``RUN/config.json``, or checks that the run it pins has ``cfg``'s settings.
+
+    Raises:
+        ValueError: the run directory holds a run with other settings (and no ``restart``), or
+            training outputs without a config.
+    """
+    out = Path(run_dir)
+    config_path = out / CONFIG
+    if restart:
+        log.info("--restart: deleting the previous results in %s", out)
+        remove_outputs(out)
+    elif config_path.exists():
+        try:
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{config_path} is not valid JSON ({exc}); use --restart to start the run over") from None
+        changed = differences(saved, cfg)
+        if changed:
+            raise ValueError(
+                f"{out} holds a run with other settings:\n  " + "\n  ".join(changed)
+                + "\nuse --restart to delete its results and start over, or choose another --out"
+            )
+        return
+    elif fold_dirs(out):
+        raise ValueError(f"{out} has fold folders but no {CONFIG}; use --restart to start over there")
+    write_json(config_path, cfg.to_dict())
+
+
+def fix_split(run_dir: str | Path, cfg: FitConfig, samples: Sequence[Sample]) -> dict[str, int]:
+    """``RUN/folds.csv``'s split of ``samples`` (made, or copied from ``cfg.folds_file``, when absent)."""
+    run_folds = Path(run_dir) / FOLDS
+    source = run_folds if run_folds.exists() or cfg.folds_file is None else Path(cfg.folds_file)
+    assignment = load_or_make_folds(source, samples, cfg.num_classes, cfg.folds, cfg.holdout_count_or_fraction,
+                                    cfg.seed)
+    if source != run_folds:
+        atomic_write_text(run_folds, source.read_text(encoding="utf-8"))
+    return assignment
 
 
 # --------------------------------------------------------------------------- postprocess.json
@@ -126,7 +210,7 @@ def read_postprocess(run_dir: str | Path, num_classes: int) -> PostProcess | Non
     path = postprocess_path(run_dir)
     if not path.is_file():
         return None
-    return PostProcess.from_json(path.read_text(encoding="utf-8"), str(path)).check(num_classes, str(path))
+    return PostProcess.from_json(path.read_text(encoding="utf-8"), str(path)).check(num_classes, TTA_MODES, str(path))
 
 
 def write_postprocess(run_dir: str | Path, post: PostProcess) -> Path:
@@ -153,8 +237,6 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 
 def write_metrics(path: Path, rows: Sequence[dict[str, Any]], columns: list[str]) -> None:
-    import io
-
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+#: A data folder's annotations: ``DIR/train.csv`` (ImageId,ClassId,EncodedPixels) beside ``DIR/train_images/``.
+ANNOTATIONS_FILE = "train.csv"
+
 
 @dataclass(frozen=True)
 class Sample:

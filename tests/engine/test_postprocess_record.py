@@ -7,6 +7,7 @@ import json
 import pytest
 
 from engine.decision import PostProcess
+from engine.metadata import TTA_MODES
 
 
 def test_round_trip_keeps_every_recorded_field() -> None:
@@ -20,7 +21,7 @@ def test_round_trip_keeps_every_recorded_field() -> None:
 
 def test_a_file_with_only_the_rule_reads_with_the_defaults() -> None:
     """What tools and older trainers wrote: the rule alone (no TTA was searched then)."""
-    post = PostProcess.from_json('{"thresholds": [0.5], "min_areas": [7]}', "p.json").check(1, "p.json")
+    post = PostProcess.from_json('{"thresholds": [0.5], "min_areas": [7]}', "p.json").check(1, TTA_MODES, "p.json")
     assert (post.thresholds, post.min_areas, post.tta, post.gate_thresholds) == ([0.5], [7], "none", None)
 
 
@@ -40,6 +41,6 @@ def test_malformed_files_are_refused_naming_the_file_and_key(text: str, message:
 def test_check_needs_one_value_per_class_and_a_known_tta() -> None:
     post = PostProcess(thresholds=[0.5, 0.5], min_areas=[1, 2, 3])
     with pytest.raises(ValueError, match=r"p.json: 'min_areas' must be a list of 2 values"):
-        post.check(2, "p.json")
+        post.check(2, TTA_MODES, "p.json")
     with pytest.raises(ValueError, match=r"p.json: 'tta' must be one of none, hflip, hvflip, got 'spin'"):
-        PostProcess(thresholds=[0.5], min_areas=[1], tta="spin").check(1, "p.json")
+        PostProcess(thresholds=[0.5], min_areas=[1], tta="spin").check(1, TTA_MODES, "p.json")

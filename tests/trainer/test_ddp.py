@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from engine.model import load_checkpoint
 from trainer.config import FitConfig, FitOptions, resolve
-from trainer.fit import EpochEnd, read_metrics, run_fit
+from trainer.fit import EpochEnd, run_fit
+from trainer.rundir import read_metrics
 
 WORLD = 2
 EPOCHS = 2

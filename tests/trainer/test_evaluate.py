@@ -17,7 +17,8 @@ from engine.model import InspectionModel, fold_metadata, load_fold
 from trainer.config import FitConfig, FitOptions, resolve
 from trainer.data import SeverstalDataset, load_samples
 from trainer.evaluate import DECISION_SCORES, decision_scores, evaluate_run
-from trainer.fit import data_config, run_fit
+from trainer.fit import run_fit
+from trainer.loop import data_config
 from trainer.metrics import PixelStats, kaggle_metric, mask_stats
 from trainer.splits import HOLDOUT, read_folds
 

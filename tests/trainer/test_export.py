@@ -15,7 +15,7 @@ from tests.fixtures import make_tiny_run
 
 
 def _export_cli(argv: list[str]) -> int:
-    return run_cli("trainer", "test", {"export": "trainer.export"}, ["export", *argv])
+    return run_cli("trainer", "test", {"export": "trainer.commands.export"}, ["export", *argv])
 
 
 def test_graph_signature(tiny_onnx: Path) -> None:

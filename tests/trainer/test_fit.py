@@ -20,9 +20,13 @@ from engine.model import (
     load_fold,
     read_fold_checkpoint,
 )
-from trainer import fit as fit_module
-from trainer.config import FitConfig, FitOptions, read_config_file, resolve
-from trainer.fit import EpochEnd, check_pretrained_reachable, read_metrics, run_fit
+from trainer import loop
+from trainer.commands import fit as fit_command
+from trainer.config import FitConfig, FitOptions, differences, read_config_file, resolve
+from trainer.fit import EpochEnd, run_fit
+from trainer.pretrained import check_pretrained_reachable
+from trainer.priors import class_pixel_priors, init_output_prior
+from trainer.rundir import read_metrics
 from trainer.splits import read_folds
 
 
@@ -149,15 +153,37 @@ def test_other_settings_are_refused_unless_restart(synth_dir: Path, tmp_path: Pa
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    fit_module.add_arguments(parser)
+    fit_command.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def test_device_flag_takes_what_engine_devices_accepts(synth_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``--device cuda:1`` is accepted as :func:`engine.devices.parse_device` accepts it (and refused
+    at training time where no such GPU is); anything it refuses, the flag and a config file refuse."""
+    from trainer.distributed import setup_distributed
+
+    base = ["--data", str(synth_dir), "--out", str(tmp_path / "r"), "--encoder", "resnet18"]
+    for text in ("cuda:1", "CUDA", "cpu", "auto"):
+        _, opts = fit_command.config_from_args(_parse([*base, "--device", text]))
+        assert opts.device == text.lower()
+    with pytest.raises(SystemExit):
+        _parse([*base, "--device", "gpu"])
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+    config_file = tmp_path / "fit.yaml"
+    config_file.write_text("device: cuda-1\n")
+    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N"):
+        fit_command.config_from_args(_parse([*base, "--config", str(config_file)]))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            setup_distributed("cuda:1")
 
 
 def test_config_file_flags_precedence_and_unknown_keys(synth_dir: Path, tmp_path: Path) -> None:
     config_file = tmp_path / "fit.yaml"
     config_file.write_text(f"data: [{synth_dir}]\nencoder: resnet18\nencoder-weights: none\nencoder_depth: 3\n"
                            "lr: 0.005\nepochs: 7\npos_weight: [2, 2, 1, 1.5]\nworkers: 0\n")
-    cfg, opts = fit_module.config_from_args(_parse(["--config", str(config_file), "--out", str(tmp_path / "r"),
+    cfg, opts = fit_command.config_from_args(_parse(["--config", str(config_file), "--out", str(tmp_path / "r"),
                                                     "--epochs", "3", "--no-balance"]))
     assert cfg.lr == 0.005 and cfg.epochs == 3 and cfg.balance is False  # flags beat the file
     assert cfg.pos_weight == (2.0, 2.0, 1.0, 1.5) and cfg.decoder_channels == (256, 128, 64)
@@ -172,7 +198,7 @@ def test_config_file_flags_precedence_and_unknown_keys(synth_dir: Path, tmp_path
 
 
 def test_cosine_schedule_warms_up_over_the_first_epoch_then_decays_to_zero() -> None:
-    from trainer.fit import cosine_lr
+    from trainer.loop import cosine_lr
 
     lrs = [cosine_lr(0.01, epoch, step, 4, 5) for epoch in range(1, 6) for step in range(4)]
     assert lrs[0] == pytest.approx(0.001) and lrs[3] == pytest.approx(0.001 + 0.009 * 3 / 4)
@@ -232,8 +258,8 @@ def test_training_frames_match_the_graph_input(synth_dir: Path) -> None:
     from trainer.data import SeverstalDataset, TrainingFrames, load_samples
 
     cfg = tiny_config(synth_dir, mean=0.3, std=0.2)
-    meta = fit_module.preprocessing_metadata(cfg)
-    data_cfg = fit_module.data_config(cfg)
+    meta = loop.preprocessing_metadata(cfg)
+    data_cfg = loop.data_config(cfg)
     samples = load_samples(synth_dir, data_cfg)[:2]
     frames = torch.stack([SeverstalDataset(samples, data_cfg)[i][0] for i in range(2)])
     full = [SeverstalDataset(samples, data_cfg)[i][1] for i in range(2)]
@@ -272,10 +298,10 @@ def test_cuda_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path
 def test_cpu_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path: Path, bf16_on) -> None:
     """--amp with bf16 on (native here or emulated by torch): the U-Net runs in bf16 (channels_last),
     losses and checkpoints stay fp32; --no-amp trains in fp32, and the two differ (so bf16 really ran)."""
-    from trainer.fit import _amp_dtype
+    from trainer.loop import amp_dtype
 
-    assert _amp_dtype(torch, on_cuda=False, amp=True) == torch.bfloat16
-    assert _amp_dtype(torch, on_cuda=False, amp=False) is None
+    assert amp_dtype(on_cuda=False, amp=True) == torch.bfloat16
+    assert amp_dtype(on_cuda=False, amp=False) is None
     torch.set_num_threads(1)
     runs = {}
     for amp in (True, False):
@@ -293,14 +319,14 @@ def test_output_prior_initialisation_matches_the_defect_pixel_fraction(synth_dir
     from trainer.data import load_samples, sample_masks
 
     cfg = tiny_config(synth_dir)
-    samples = load_samples(synth_dir, fit_module.data_config(cfg))
-    priors = fit_module.class_pixel_priors(samples, cfg)
-    masks = np.stack([sample_masks(s, fit_module.data_config(cfg)) for s in samples])
+    samples = load_samples(synth_dir, loop.data_config(cfg))
+    priors = class_pixel_priors(samples, loop.data_config(cfg))
+    masks = np.stack([sample_masks(s, loop.data_config(cfg)) for s in samples])
     expected = np.clip(masks.mean(axis=(0, 2, 3)), 1e-4, 0.5)
     assert priors == pytest.approx(expected.tolist(), rel=1e-9)
 
-    unet = fit_module.build_model(cfg, pretrained=False)
-    fit_module.init_output_prior(unet, priors)
+    unet = loop.build_model(cfg, pretrained=False)
+    init_output_prior(unet, priors)
     with torch.no_grad():
         probs = torch.sigmoid(unet.segmentation_head[0].bias)
     assert probs.tolist() == pytest.approx(priors, rel=1e-5)
@@ -310,13 +336,15 @@ def test_fold_training_steps_one_by_one(synth_dir: Path, tmp_path: Path) -> None
     """The units train_fold is made of: set-up, loaders, validate, one epoch, save, restore."""
     from trainer.data import load_samples
     from trainer.distributed import setup_distributed
-    from trainer.fit import FoldPaths, FoldTrainer, read_resume, split_fold
+    from trainer.fit import read_resume, split_fold
+    from trainer.loop import FoldTrainer
+    from trainer.rundir import FoldPaths
     from trainer.splits import make_folds
 
     torch.set_num_threads(1)
     cfg = tiny_config(synth_dir, balance=False)
     opts = options(tmp_path / "run")
-    samples = load_samples(synth_dir, fit_module.data_config(cfg))
+    samples = load_samples(synth_dir, loop.data_config(cfg))
     assignment = make_folds(samples, 4, folds=2, holdout=0.15, seed=0)
     train, val = split_fold(samples, assignment, 0)
     assert {s.image_id for s in train}.isdisjoint({s.image_id for s in val}) and all(
@@ -359,6 +387,6 @@ def test_augment_is_recorded_and_changes_what_training_sees(synth_dir: Path, tmp
     # A run made before --augment existed (its config.json lacks the key) still resumes.
     saved = json.loads((tmp_path / "none" / "config.json").read_text())
     del saved["augment"]
-    assert fit_module.differences(saved, tiny_config(synth_dir, epochs=1)) == []
-    assert fit_module.differences(saved, tiny_config(synth_dir, epochs=1, augment="light")) == [
+    assert differences(saved, tiny_config(synth_dir, epochs=1)) == []
+    assert differences(saved, tiny_config(synth_dir, epochs=1, augment="light")) == [
         "augment: '<absent>' -> 'light'"]
