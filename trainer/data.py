@@ -20,7 +20,6 @@ import csv
 import logging
 import multiprocessing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -30,10 +29,9 @@ from torch.utils.data import Dataset
 
 from engine import rle
 from engine.decode import FrameRejected, decode_encoded
-from engine.metadata import DEFAULT_CLASS_NAMES
 from engine.model import downscale_masks, resize
 from trainer.balance import TRANSFORMS, apply_transform
-from trainer.samples import ANNOTATIONS_FILE, Sample
+from trainer.samples import ANNOTATIONS_FILE, DataConfig, Sample
 
 log = logging.getLogger(__name__)
 
@@ -41,56 +39,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGES_DIR = "train_images"
 NEW_LAYOUT = ("ImageId", "ClassId", "EncodedPixels")
 OLD_LAYOUT = ("ImageId_ClassId", "EncodedPixels")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What the data looks like: class count and the camera frame size.
-
-    Attributes:
-        num_classes: defect classes C; class ids in the CSV are 1..C.
-        height, width: the camera frame size every image must have.
-        class_names: one name per class; defaults to the Severstal names for 4 classes,
-            ``"class k"`` otherwise.
-    """
-
-    num_classes: int = 4
-    height: int = 256
-    width: int = 1600
-    class_names: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.height < 1 or self.width < 1:
-            raise ValueError(f"frame size must be positive, got {self.height}x{self.width}")
-        if self.class_names is None:
-            names = (
-                DEFAULT_CLASS_NAMES
-                if self.num_classes == len(DEFAULT_CLASS_NAMES)
-                else tuple(f"class {k}" for k in range(1, self.num_classes + 1))
-            )
-            object.__setattr__(self, "class_names", tuple(names))
-        else:
-            object.__setattr__(self, "class_names", tuple(self.class_names))
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"class_names has {len(self.class_names)} names, expected num_classes={self.num_classes}"
-            )
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(height, width) of a camera frame."""
-        return (self.height, self.width)
-
-    def scaled_size(self, scale: float) -> tuple[int, int]:
-        """(height, width) after downscaling by ``scale`` (0.5 = the thesis' 128x800)."""
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        h, w = round(self.height * scale), round(self.width * scale)
-        if h < 1 or w < 1:
-            raise ValueError(f"scale {scale} shrinks {self.height}x{self.width} frames to {h}x{w}")
-        return (h, w)
 
 
 # --------------------------------------------------------------------------- annotations
