@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import FitConfig, FitOptions, resolve  # noqa: E402
+from trainer.config import FitOptions, FitSettings, resolve  # noqa: E402
 
 log = logging.getLogger("compare_training")
 
@@ -75,7 +75,7 @@ def train(name: str, values: dict[str, Any], out: Path, budget_s: float, workers
     """Trains fold 0 of ``values`` into ``out / name`` until the budget is spent; returns what happened."""
     from trainer.fit import run_fit
 
-    cfg = resolve(FitConfig(**values))
+    cfg = resolve(FitSettings(**values))
     started = time.monotonic()
     epochs: list[int] = []
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.workers)
     rows = [{**score("baseline (U-Net, BCE, Adam, 0.5)", args.out / "baseline", "none", search=False), **baseline_run},
             {**score(f"product (oof search, TTA {tta})", args.out / "product", tta, search=True), **product_run}]
-    names = list(resolve(FitConfig(**network)).class_names or [])
+    names = list(resolve(FitSettings(**network)).frames.class_names)
     markdown = table(rows, names)
     (args.out / "comparison.md").write_text(markdown, encoding="utf-8")
     (args.out / "comparison.json").write_text(json.dumps(rows, indent=2, default=_json) + "\n", encoding="utf-8")

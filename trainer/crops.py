@@ -21,17 +21,6 @@ import numpy as np
 import torch
 
 
-def parse_crop(text: str) -> tuple[int, int]:
-    """``"96x320"`` -> ``(96, 320)`` (height x width, at the training scale)."""
-    try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--crop must be HEIGHTxWIDTH at the training scale, e.g. 64x256; got {text!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"--crop sides must be positive, got {text!r}")
-    return h, w
-
-
 class CropSampler:
     """Crops ``(x [N, C, H, W], y [N, K, H, W])`` training batches to ``size``.
 

@@ -31,12 +31,10 @@ from engine import rle
 from engine.decode import FrameRejected, decode_encoded
 from engine.model import downscale_masks, resize
 from trainer.balance import TRANSFORMS, apply_transform
-from trainer.samples import ANNOTATIONS_FILE, DataConfig, Sample
+from trainer.samples import ANNOTATIONS_FILE, IMAGE_SUFFIXES, IMAGES_DIR, MAX_IMAGE_PIXELS, DataConfig, Sample
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-IMAGES_DIR = "train_images"
 NEW_LAYOUT = ("ImageId", "ClassId", "EncodedPixels")
 OLD_LAYOUT = ("ImageId_ClassId", "EncodedPixels")
 
@@ -186,8 +184,6 @@ def load_samples(data_dirs: Path | Sequence[Path], cfg: DataConfig) -> list[Samp
 # --------------------------------------------------------------------------- pixels
 
 
-#: Largest image a training folder may hold (the server's default frame pixel limit).
-MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def read_image(path: Path, cfg: DataConfig) -> np.ndarray:

@@ -39,7 +39,6 @@ from trainer import rundir
 from trainer.config import FitConfig
 from trainer.data import SeverstalDataset, load_samples, loader_context, read_annotations
 from trainer.export import resolve_tta
-from trainer.loop import data_config
 from trainer.losses import SegmentationLoss, logits_from_probs
 from trainer.metrics import PixelStats, mask_stats, score
 from trainer.postsearch import (
@@ -157,16 +156,16 @@ def evaluate_run(
     run_dir = Path(run_dir)
     _check_request(split, model_path, predictions_path)
     cfg = _load_config(run_dir)
-    data_cfg = data_config(cfg)
+    data_cfg = cfg.frames
     dirs = [Path(d) for d in (data_dirs or cfg.data)]
     groups = _split_groups(split, load_samples(dirs, data_cfg), run_dir, cfg)
     scoring = _Scoring(cfg, data_cfg, split, torch_device_for(parse_device(device, "--device")), threshold_grid)
-    scoring.tta = resolve_tta(tta, rundir.read_postprocess(run_dir, cfg.num_classes), rundir.postprocess_path(run_dir))
+    scoring.tta = resolve_tta(tta, rundir.read_postprocess(run_dir, cfg.frames.num_classes), rundir.postprocess_path(run_dir))
     backend = None if model_path is None else _open_model(model_path, device, data_cfg, backend_name)
     if backend is not None and backend.max_batch_size is not None:
         batch_size = min(batch_size, backend.max_batch_size)
     predictions = None if predictions_path is None else _read_predictions(Path(predictions_path), groups, split,
-                                                                          cfg.num_classes)
+                                                                          cfg.frames.num_classes)
     name = _evaluation_name(split, model_path or predictions_path)
     scoring.prepare_renders(run_dir / rundir.RENDERS / name, [s for _, group in groups for s in group], render)
     try:
@@ -234,8 +233,8 @@ def _run_predictor(run_dir: Path, fold: int | None, cfg: FitConfig, scoring: _Sc
     """The run's ensemble (holdout, all), or the one fold that did not train on ``fold`` (oof)."""
     if fold is not None:
         return Predictor.of_run(run_dir, [fold], scoring.device,
-                                override={**scoring.baseline, "tta": scoring.tta, "gate_thresholds": None}, amp=cfg.amp)
-    predictor = Predictor.of_run(run_dir, "all", scoring.device, override={"tta": scoring.tta}, amp=cfg.amp)
+                                override={**scoring.baseline, "tta": scoring.tta, "gate_thresholds": None}, amp=cfg.optim.amp)
+    predictor = Predictor.of_run(run_dir, "all", scoring.device, override={"tta": scoring.tta}, amp=cfg.optim.amp)
     if predictor.metadata.folds < cfg.folds:
         log.warning("only %d of the run's %d folds have a best.pt; scoring their ensemble",
                     predictor.metadata.folds, cfg.folds)
@@ -248,12 +247,12 @@ class _Scoring:
     def __init__(self, cfg: FitConfig, data_cfg: Any, split: str, device: Any,
                  threshold_grid: Sequence[float] | None) -> None:
 
-        c = cfg.num_classes
+        c = cfg.frames.num_classes
         self.cfg, self.data_cfg, self.split, self.device = cfg, data_cfg, split, device
         self.threshold_grid = threshold_grid
         self.tta = "none"
         self.baseline = {"thresholds": default_thresholds(c), "min_areas": default_min_areas(c)}
-        self.criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(device)
+        self.criterion = SegmentationLoss(cfg.optim.loss, cfg.optim.pos_weight).to(device)
         self.stats_parts: list[Any] = []
         self.grid_parts: list[Any] = []
         self.loss_sum, self.loss_count = 0.0, 0
@@ -316,7 +315,7 @@ class _Scoring:
             self.render_dir.mkdir(parents=True, exist_ok=True)
             rendering = render_evaluation(
                 frames[i].numpy(), truth[i].numpy(), result.masks[i], result.counts[i].tolist(),
-                result.present[i].tolist(), list(self.cfg.class_names or (meta.class_names if meta else [])),
+                result.present[i].tolist(), list(self.cfg.frames.class_names or (meta.class_names if meta else [])),
                 min_areas=meta.min_areas if meta else None, title=f"{sample.image_id} ({self.split})")
             # The outcomes in the name: ..._TP4-FN3.png reads "class 4 found, class 3 missed".
             path = self.render_dir / f"{Path(sample.image_id).stem}_{rendering.outcome_tag}.png"
@@ -340,7 +339,7 @@ class _Scoring:
             "images": len(self.stats),
             "primary": model_rule,
             "loss": self.loss_sum / self.loss_count if self.loss_count else None,
-            "loss_kind": cfg.loss + ("" if cfg.pos_weight is None else f" pos_weight {list(cfg.pos_weight)}"),
+            "loss_kind": cfg.optim.loss + ("" if cfg.optim.pos_weight is None else f" pos_weight {list(cfg.optim.pos_weight)}"),
             "empty_kaggle": float((self.stats.truth == 0).mean()),
             "metadata": None if meta is None else {
                 "thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),

@@ -28,7 +28,7 @@ from trainer import rundir
 from trainer.config import FitConfig, FitOptions
 from trainer.data import load_samples
 from trainer.distributed import Dist, barrier, on_main_then_share, setup_distributed, teardown
-from trainer.loop import FoldTrainer, data_config
+from trainer.loop import FoldTrainer
 from trainer.report import write_report
 from trainer.rundir import FoldPaths
 from trainer.samples import Sample
@@ -77,7 +77,7 @@ def run_fit(
         raise ValueError(f"--fold {options.fold} is out of range for --folds {cfg.folds} (0..{cfg.folds - 1})")
     d = setup_distributed(options.device)
     try:
-        samples = load_samples([Path(p) for p in cfg.data], data_config(cfg))
+        samples = load_samples([Path(p) for p in cfg.data], cfg.frames)
         if not samples:
             raise ValueError(f"no images found in {', '.join(cfg.data)}")
         assignment = on_main_then_share(d, lambda: prepare_run(cfg, options, samples))
@@ -143,7 +143,7 @@ def train_fold(
         if d.main:
             log.info("fold %d: finished earlier (best epoch %d), skipping", fold, state.best_epoch)
         return FoldOutcome(fold, state.best_epoch, state.best_val_loss, checkpoint.facts.epoch, state.seconds,
-                           stopped_early=checkpoint.facts.epoch < cfg.epochs)
+                           stopped_early=checkpoint.facts.epoch < cfg.optim.epochs)
     trainer = FoldTrainer(cfg, options, d, fold, paths, train_samples, val_samples, fresh=resume is None)
     if resume is not None:
         trainer.restore(*resume)
@@ -151,7 +151,7 @@ def train_fold(
         trainer.clear_stale()
     trainer.make_loaders()
     epoch = trainer.start_epoch - 1
-    for epoch in range(trainer.start_epoch, cfg.epochs + 1):
+    for epoch in range(trainer.start_epoch, cfg.optim.epochs + 1):
         row, finished = trainer.run_epoch(epoch)
         barrier(d)
         if on_epoch_end is not None:
@@ -159,8 +159,8 @@ def train_fold(
         if trainer.stopping.stop:
             if d.main:
                 log.info("fold %d: early stop after epoch %d (no better validation loss for %d epochs; best epoch %d)",
-                         fold, epoch, cfg.patience, trainer.stopping.best_epoch)
+                         fold, epoch, cfg.optim.patience, trainer.stopping.best_epoch)
             break
     stopping = trainer.stopping
     return FoldOutcome(fold, stopping.best_epoch, stopping.best_val_loss, epoch, trainer.seconds,
-                       stopped_early=stopping.stop and epoch < cfg.epochs)
+                       stopped_early=stopping.stop and epoch < cfg.optim.epochs)

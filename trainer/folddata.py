@@ -38,12 +38,12 @@ class FoldData:
 
     def __init__(self, cfg: FitConfig, data_cfg: DataConfig, d: Dist, fold: int, train_samples: Sequence[Sample],
                  val_samples: Sequence[Sample], workers: int, pin: bool) -> None:
-        self.items = balance_plan(train_samples, cfg.num_classes, cfg.balance_target, seed=cfg.seed + fold) \
+        self.items = balance_plan(train_samples, cfg.frames.num_classes, cfg.balance_target, seed=cfg.seed + fold) \
             if cfg.balance else list(train_samples)
         self.crops: CropSampler | None = None
         self.recalibration: list[Sample] = []
         if cfg.crop is not None:
-            rarity = np.argsort(class_counts(train_samples, cfg.num_classes), kind="stable").tolist()
+            rarity = np.argsort(class_counts(train_samples, cfg.frames.num_classes), kind="stable").tolist()
             self.crops = CropSampler(tuple(cfg.crop), rarity, cfg.seed, fold, defect_p=cfg.crop_defect_p)
             order = np.random.default_rng([cfg.seed, fold]).permutation(len(train_samples))
             picks = [train_samples[i] for i in order[:RECALIBRATION_FRAMES]]
@@ -54,8 +54,8 @@ class FoldData:
         val_set = TrainingFrames(val_samples, data_cfg, size)
         self.sampler = EpochSampler(self.train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
                                     seed=cfg.seed + fold)
-        self.train_loader = _loader(self.train_set, cfg.batch_size, self.sampler, workers, pin)
-        self.val_loader = _loader(Subset(val_set, range(d.rank, len(val_set), d.world)), cfg.batch_size, None,
+        self.train_loader = _loader(self.train_set, cfg.optim.batch_size, self.sampler, workers, pin)
+        self.val_loader = _loader(Subset(val_set, range(d.rank, len(val_set), d.world)), cfg.optim.batch_size, None,
                                   workers, pin)
 
 

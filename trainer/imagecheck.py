@@ -22,7 +22,7 @@ from pathlib import Path
 
 from engine.cli_util import progress_bar
 from engine.decode import FrameRejected, declared_size, decode_encoded
-from trainer.data import IMAGE_SUFFIXES, IMAGES_DIR, MAX_IMAGE_PIXELS
+from trainer.samples import IMAGE_SUFFIXES, IMAGES_DIR, MAX_IMAGE_PIXELS
 
 
 @dataclass(frozen=True)

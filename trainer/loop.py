@@ -27,10 +27,7 @@ from torch import nn
 from engine.checkpoint import FoldCheckpoint, FoldFacts
 from engine.cli_util import progress_bar
 from engine.cpu import cpu_autocast_dtype
-from engine.decision import default_min_areas, default_thresholds
-from engine.metadata import ModelMetadata
 from engine.model import (
-    UNetConfig,
     build_unet,
     network_stride,
     padded_logits,
@@ -43,7 +40,6 @@ from trainer import rundir
 from trainer.balance import class_counts
 from trainer.config import FitConfig, FitOptions
 from trainer.curves import plot_curves
-from trainer.data import DataConfig
 from trainer.distributed import Dist, all_reduce_sum, average_buffers, barrier
 from trainer.folddata import FoldData
 from trainer.losses import SegmentationLoss
@@ -58,34 +54,9 @@ log = logging.getLogger(__name__)
 
 def build_model(cfg: FitConfig, pretrained: bool) -> nn.Module:
     """The fold's U-Net, with the configured encoder weights when ``pretrained``."""
-    ucfg = unet_config(cfg)
     if not pretrained or cfg.encoder_weights == "none":
-        return build_unet(ucfg, encoder_weights=None)
-    return build_pretrained_unet(ucfg, cfg.encoder_weights)
-
-
-def unet_config(cfg: FitConfig):
-    return UNetConfig(
-        encoder=cfg.encoder, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
-        encoder_depth=cfg.encoder_depth, decoder_channels=tuple(cfg.decoder_channels or ()), arch=cfg.arch,
-        gate=cfg.gate, gate_pooling=cfg.gate_pooling,
-    )
-
-
-def data_config(cfg: FitConfig) -> DataConfig:
-    return DataConfig(num_classes=cfg.num_classes, height=int(cfg.height), width=int(cfg.width),
-                      class_names=tuple(cfg.class_names) if cfg.class_names else None)
-
-
-def preprocessing_metadata(cfg: FitConfig) -> ModelMetadata:
-    """The metadata :func:`engine.model.preprocess` needs, as the exported graph will carry it."""
-    th, tw = cfg.train_size
-    c = cfg.num_classes
-    return ModelMetadata(
-        num_classes=c, class_names=list(cfg.class_names or []), input_height=int(cfg.height),
-        input_width=int(cfg.width), train_height=th, train_width=tw, thresholds=default_thresholds(c), min_areas=default_min_areas(c),
-        encoder=cfg.encoder, in_channels=cfg.in_channels, mean=float(cfg.mean), std=float(cfg.std),
-    )
+        return build_unet(cfg.network, encoder_weights=None)
+    return build_pretrained_unet(cfg.network, cfg.encoder_weights)
 
 
 @dataclass
@@ -133,7 +104,7 @@ def disable_unused_parameters(unet: nn.Module, cfg: FitConfig) -> int:
     anything else left unreached and trainable would break DistributedDataParallel (it waits for
     their gradients) and inflate the parameter counts in the report.
     """
-    _, reached, _, _ = probe_usage(unet, cfg.in_channels)
+    _, reached, _, _ = probe_usage(unet, cfg.network.in_channels)
     used = 0
     for p in unet.parameters():
         if id(p) in reached:
@@ -186,7 +157,7 @@ class FoldTrainer:
         self.unet = build_model(cfg, pretrained=fresh and d.main)
         self.total_params = disable_unused_parameters(self.unet, cfg)
         if fresh and cfg.prior_init:
-            priors = class_pixel_priors(self.train_samples, data_config(cfg))
+            priors = class_pixel_priors(self.train_samples, cfg.frames)
             init_output_prior(self.unet, priors)
             if d.main:
                 log.info("fold %d: output bias set to the defect-pixel priors %s", fold, [f"{p:.2e}" for p in priors])
@@ -194,19 +165,19 @@ class FoldTrainer:
             self.unet.encoder.requires_grad_(False)
         self.trainable_params = sum(p.numel() for p in self.unet.parameters() if p.requires_grad)
         self.stride = network_stride(self.unet)
-        self.meta = preprocessing_metadata(cfg)
+        self.meta = cfg.metadata()
         self.on_cuda = d.device.type == "cuda"
-        self.amp_dtype = amp_dtype(self.on_cuda, cfg.amp)
+        self.amp_dtype = amp_dtype(self.on_cuda, cfg.optim.amp)
         # channels_last where the convolutions run in reduced precision (CUDA, or bf16 on the CPU).
         self.memory_format = torch.channels_last if self.on_cuda or self.amp_dtype is not None \
             else torch.contiguous_format
         self.unet.to(d.device, memory_format=self.memory_format)
-        self.optimizer = torch.optim.Adam([p for p in self.unet.parameters() if p.requires_grad], lr=cfg.lr)
+        self.optimizer = torch.optim.Adam([p for p in self.unet.parameters() if p.requires_grad], lr=cfg.optim.lr)
         self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, factor=0.5, patience=max(1, cfg.patience // 3)) if cfg.lr_schedule == "plateau" else None)
+            self.optimizer, factor=0.5, patience=max(1, cfg.optim.patience // 3)) if cfg.optim.lr_schedule == "plateau" else None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(d.device)
-        self.stopping = EarlyStopping(cfg.patience)
+        self.criterion = SegmentationLoss(cfg.optim.loss, cfg.optim.pos_weight).to(d.device)
+        self.stopping = EarlyStopping(cfg.optim.patience)
         self.start_epoch, self.seconds = 1, 0.0
         self.model: nn.Module = self.unet
         if d.main:
@@ -223,7 +194,7 @@ class FoldTrainer:
             self.scheduler.load_state_dict(state.scheduler)
         if state.scaler is not None:
             self.scaler.load_state_dict(state.scaler)
-        self.stopping = EarlyStopping(self.cfg.patience, **state.early_stopping)
+        self.stopping = EarlyStopping(self.cfg.optim.patience, **state.early_stopping)
         epoch = checkpoint.facts.epoch
         self.start_epoch, self.seconds = epoch + 1, float(state.seconds)
         set_rng_state(state.rng)
@@ -231,13 +202,13 @@ class FoldTrainer:
             return
         # Rows after the checkpoint come from an epoch that was cut short before last.pt: redone now.
         rows = [r for r in read_metrics(self.paths.metrics) if int(r["epoch"]) < self.start_epoch]
-        write_metrics(self.paths.metrics, rows, metrics_columns(self.cfg.num_classes))
+        write_metrics(self.paths.metrics, rows, metrics_columns(self.cfg.frames.num_classes))
         best = self.paths.best
         if self.stopping.best_epoch == epoch and (not best.exists() or read_fold_checkpoint(best).facts.epoch != epoch):
             # Interrupted between writing last.pt and best.pt: last.pt holds the best weights.
-            save_fold_checkpoint(best, unet_config(self.cfg), self.unet, checkpoint.facts)
+            save_fold_checkpoint(best, self.cfg.network, self.unet, checkpoint.facts)
         log.info("fold %d: resuming at epoch %d of %d (best so far: epoch %d)", self.fold, self.start_epoch,
-                 self.cfg.epochs, self.stopping.best_epoch)
+                 self.cfg.optim.epochs, self.stopping.best_epoch)
 
     def clear_stale(self) -> None:
         """A fresh fold: files a previous, restarted attempt left behind would mislead."""
@@ -250,7 +221,7 @@ class FoldTrainer:
     def make_loaders(self) -> None:
         """Builds this process's share of the fold's data (:class:`trainer.folddata.FoldData`) and, on the
         main process, writes the fold's ``config.json``."""
-        self.data = FoldData(self.cfg, data_config(self.cfg), self.d, self.fold, self.train_samples, self.val_samples, self.options.workers,
+        self.data = FoldData(self.cfg, self.cfg.frames, self.d, self.fold, self.train_samples, self.val_samples, self.options.workers,
                              pin=self.on_cuda)
         if self.d.main:
             self._write_fold_config(self.data.items)
@@ -259,7 +230,7 @@ class FoldTrainer:
                 self.unet, device_ids=[self.d.device.index] if self.on_cuda else None)
 
     def _write_fold_config(self, items: Sequence[Sample]) -> None:
-        c = self.cfg.num_classes
+        c = self.cfg.frames.num_classes
         before, after = class_counts(self.train_samples, c).tolist(), class_counts(items, c).tolist()
         log.info("fold %d: %d training records (%d images; per class %s -> %s), %d validation images, "
                  "%d parameters (%d trainable)", self.fold, len(items), len(self.train_samples), before, after,
@@ -289,11 +260,11 @@ class FoldTrainer:
         return torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def _new_sums(self):
-        return torch.zeros(2 + 3 * self.cfg.num_classes, device=self.d.device, dtype=torch.float64)
+        return torch.zeros(2 + 3 * self.cfg.frames.num_classes, device=self.d.device, dtype=torch.float64)
 
     def _accumulate(self, sums, loss, logits, y) -> None:
         """Adds a batch's loss and Dice sums: [loss * n, n, intersection (C), predicted (C), truth (C)]."""
-        c = self.cfg.num_classes
+        c = self.cfg.frames.num_classes
         p = torch.sigmoid(logits.detach().float())
         n = y.shape[0]
         sums[0] += loss.detach().float() * n
@@ -318,15 +289,15 @@ class FoldTrainer:
             self.unet.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics too (as Keras does)
         sums = self._new_sums()
         bar = progress_bar(self.batches(self.data.train_loader), total=len(self.data.train_loader),
-                           desc=f"fold {self.fold} epoch {epoch}/{self.cfg.epochs}", leave=False,
+                           desc=f"fold {self.fold} epoch {epoch}/{self.cfg.optim.epochs}", leave=False,
                            dynamic_ncols=True, show=self.options.progress if self.d.main else False)
         steps = len(self.data.train_loader)
         for step, (x, y) in enumerate(bar):
             if self.data.crops is not None:
                 x, y = self.data.crops(x, y, epoch, step)
-            if self.cfg.lr_schedule == "cosine":
+            if self.cfg.optim.lr_schedule == "cosine":
                 for group in self.optimizer.param_groups:
-                    group["lr"] = cosine_lr(self.cfg.lr, epoch, step, steps, self.cfg.epochs)
+                    group["lr"] = cosine_lr(self.cfg.optim.lr, epoch, step, steps, self.cfg.optim.epochs)
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 out = padded_logits(self.model, x, tuple(x.shape[-2:]), self.stride)
@@ -359,7 +330,7 @@ class FoldTrainer:
         for m in layers:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches below
-        step = self.cfg.batch_size
+        step = self.cfg.optim.batch_size
         with torch.no_grad():
             for i in range(0, len(self.data.recalibration), step):
                 frames = torch.stack([self.data.train_set.scaled(s)[0] for s in self.data.recalibration[i:i + step]])
@@ -384,7 +355,7 @@ class FoldTrainer:
 
     def summarise(self, sums) -> tuple[float, float, list[float]]:
         """(mean loss, overall Dice, per-class Dice) over every process's sums."""
-        c = self.cfg.num_classes
+        c = self.cfg.frames.num_classes
         s = all_reduce_sum(self.d, sums).cpu().double().numpy()
         inter, pred, truth = s[2:2 + c], s[2 + c:2 + 2 * c], s[2 + 2 * c:]
         overall = float(dice_from_sums(inter.sum(), pred.sum(), truth.sum()))
@@ -405,11 +376,11 @@ class FoldTrainer:
         row.update({f"train_dice_{k + 1}": v for k, v in enumerate(train_dice_c)})
         row.update({f"val_dice_{k + 1}": v for k, v in enumerate(val_dice_c)})
         row.update({"lr": lr, "seconds": round(time.perf_counter() - started, 3)})
-        finished = self.stopping.stop or epoch == self.cfg.epochs
+        finished = self.stopping.stop or epoch == self.cfg.optim.epochs
         if self.d.main:
             self.save(epoch, row, improved, finished)
             log.info("fold %d epoch %d/%d: train loss %.4f Dice %.4f | val loss %.4f Dice %.4f%s | %.1fs", self.fold,
-                     epoch, self.cfg.epochs, train_loss, train_dice, val_loss, val_dice, " *" if improved else "",
+                     epoch, self.cfg.optim.epochs, train_loss, train_dice, val_loss, val_dice, " *" if improved else "",
                      row["seconds"])
         return row, finished
 
@@ -419,8 +390,8 @@ class FoldTrainer:
         cfg = self.cfg
         return FoldFacts(
             fold=self.fold, epoch=int(row["epoch"]), val_loss=row["val_loss"], val_dice=row["val_dice"],
-            train_loss=row["train_loss"], train_dice=row["train_dice"], input_size=(int(cfg.height), int(cfg.width)),
-            train_size=cfg.train_size, class_names=tuple(cfg.class_names or ()), mean=float(cfg.mean),
+            train_loss=row["train_loss"], train_dice=row["train_dice"], input_size=(int(cfg.frames.height), int(cfg.frames.width)),
+            train_size=cfg.train_size, class_names=tuple(cfg.frames.class_names or ()), mean=float(cfg.mean),
             std=float(cfg.std), encoder_weights=cfg.encoder_weights, params_total=self.total_params,
             params_trainable=self.trainable_params,
         )
@@ -440,10 +411,10 @@ class FoldTrainer:
         The order matters for resuming (see :meth:`restore`).
         """
         rows = read_metrics(self.paths.metrics) + [row]
-        write_metrics(self.paths.metrics, rows, metrics_columns(self.cfg.num_classes))
-        plot_curves(rows, self.paths.curves, title=f"fold {self.fold}: {self.cfg.encoder} {self.cfg.arch}")
+        write_metrics(self.paths.metrics, rows, metrics_columns(self.cfg.frames.num_classes))
+        plot_curves(rows, self.paths.curves, title=f"fold {self.fold}: {self.cfg.network.encoder} {self.cfg.network.arch}")
         facts = self.facts(row)
-        ucfg = unet_config(self.cfg)
+        ucfg = self.cfg.network
         save_fold_checkpoint(self.paths.last, ucfg, self.unet, facts, self.training_state(finished).to_dict())
         if improved:
             save_fold_checkpoint(self.paths.best, ucfg, self.unet, facts)

@@ -187,7 +187,7 @@ def fix_split(run_dir: str | Path, cfg: FitConfig, samples: Sequence[Sample]) ->
     """``RUN/folds.csv``'s split of ``samples`` (made, or copied from ``cfg.folds_file``, when absent)."""
     run_folds = Path(run_dir) / FOLDS
     source = run_folds if run_folds.exists() or cfg.folds_file is None else Path(cfg.folds_file)
-    assignment = load_or_make_folds(source, samples, cfg.num_classes, cfg.folds, cfg.holdout_count_or_fraction,
+    assignment = load_or_make_folds(source, samples, cfg.frames.num_classes, cfg.folds, cfg.holdout_count_or_fraction,
                                     cfg.seed)
     if source != run_folds:
         atomic_write_text(run_folds, source.read_text(encoding="utf-8"))

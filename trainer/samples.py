@@ -17,6 +17,10 @@ from engine.metadata import DEFAULT_CLASS_NAMES
 
 #: A data folder's annotations: ``DIR/train.csv`` (ImageId,ClassId,EncodedPixels) beside ``DIR/train_images/``.
 ANNOTATIONS_FILE = "train.csv"
+IMAGES_DIR = "train_images"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+#: Largest image a training folder may hold (the server's default frame pixel limit).
+MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)

@@ -60,11 +60,11 @@ def test_hflip_tta_in_the_graph_is_the_mean_over_the_frame_and_its_mirror(tiny_r
 
 def test_fit_trains_an_fpn_fold(synth_dir: Path, tmp_path: Path) -> None:
     from engine.model import load_fold
-    from trainer.config import FitConfig, FitOptions, resolve
+    from trainer.config import FitOptions, FitSettings, resolve
     from trainer.fit import run_fit
 
     torch.set_num_threads(1)
-    cfg = resolve(FitConfig(data=[str(synth_dir)], arch="fpn", encoder="resnet18", encoder_weights="none",
+    cfg = resolve(FitSettings(data=[str(synth_dir)], arch="fpn", encoder="resnet18", encoder_weights="none",
                             encoder_depth=3, decoder_channels=(32, 32, 8), folds=2, holdout=0.15, epochs=1,
                             batch_size=8))
     run_fit(cfg, FitOptions(out=str(tmp_path / "run"), fold=0, device="cpu", workers=0, progress=False))

@@ -22,7 +22,7 @@ from engine.model import (
 )
 from trainer import loop
 from trainer.commands import fit as fit_command
-from trainer.config import FitConfig, FitOptions, differences, read_config_file, resolve
+from trainer.config import FitConfig, FitOptions, FitSettings, differences, read_config_file, resolve
 from trainer.fit import EpochEnd, run_fit
 from trainer.pretrained import check_pretrained_reachable
 from trainer.priors import class_pixel_priors, init_output_prior
@@ -35,7 +35,7 @@ def tiny_config(data: Path, **overrides) -> FitConfig:
     values = dict(data=[str(data)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
                   decoder_channels=(16, 8, 4), scale=0.5, folds=2, holdout=0.15, epochs=2, patience=5, batch_size=8)
     values.update(overrides)
-    return resolve(FitConfig(**values))
+    return resolve(FitSettings(**values))
 
 
 def options(out: Path, **overrides) -> FitOptions:
@@ -185,9 +185,9 @@ def test_config_file_flags_precedence_and_unknown_keys(synth_dir: Path, tmp_path
                            "lr: 0.005\nepochs: 7\npos_weight: [2, 2, 1, 1.5]\nworkers: 0\n")
     cfg, opts = fit_command.config_from_args(_parse(["--config", str(config_file), "--out", str(tmp_path / "r"),
                                                     "--epochs", "3", "--no-balance"]))
-    assert cfg.lr == 0.005 and cfg.epochs == 3 and cfg.balance is False  # flags beat the file
-    assert cfg.pos_weight == (2.0, 2.0, 1.0, 1.5) and cfg.decoder_channels == (256, 128, 64)
-    assert cfg.patience == 15 and opts.workers == 0 and opts.out == str(tmp_path / "r")
+    assert cfg.optim.lr == 0.005 and cfg.optim.epochs == 3 and cfg.balance is False  # flags beat the file
+    assert cfg.optim.pos_weight == (2.0, 2.0, 1.0, 1.5) and cfg.network.decoder_channels == (256, 128, 64)
+    assert cfg.optim.patience == 15 and opts.workers == 0 and opts.out == str(tmp_path / "r")
 
     config_file.write_text("encoder: resnet18\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match=r"fit\.yaml: unknown key 'learning_rate'"):
@@ -258,8 +258,8 @@ def test_training_frames_match_the_graph_input(synth_dir: Path) -> None:
     from trainer.data import SeverstalDataset, TrainingFrames, load_samples
 
     cfg = tiny_config(synth_dir, mean=0.3, std=0.2)
-    meta = loop.preprocessing_metadata(cfg)
-    data_cfg = loop.data_config(cfg)
+    meta = cfg.metadata()
+    data_cfg = cfg.frames
     samples = load_samples(synth_dir, data_cfg)[:2]
     frames = torch.stack([SeverstalDataset(samples, data_cfg)[i][0] for i in range(2)])
     full = [SeverstalDataset(samples, data_cfg)[i][1] for i in range(2)]
@@ -271,7 +271,7 @@ def test_training_frames_match_the_graph_input(synth_dir: Path) -> None:
     pairs = [scaled[i] for i in range(2)]
     torch.testing.assert_close(scaled_input(torch.stack([p[0] for p in pairs]), meta), x, rtol=0, atol=1e-5)
     for (_, masks), truth in zip(pairs, full):
-        assert masks.dtype == torch.uint8 and masks.shape == (cfg.num_classes, 32, 160)
+        assert masks.dtype == torch.uint8 and masks.shape == (cfg.frames.num_classes, 32, 160)
         assert torch.equal(masks, downscale_masks(truth[None], (32, 160))[0].to(torch.uint8))
     # The second read comes from the cache, and handing it out does not expose the cached tensors.
     again = scaled[0][0]
@@ -319,9 +319,9 @@ def test_output_prior_initialisation_matches_the_defect_pixel_fraction(synth_dir
     from trainer.data import load_samples, sample_masks
 
     cfg = tiny_config(synth_dir)
-    samples = load_samples(synth_dir, loop.data_config(cfg))
-    priors = class_pixel_priors(samples, loop.data_config(cfg))
-    masks = np.stack([sample_masks(s, loop.data_config(cfg)) for s in samples])
+    samples = load_samples(synth_dir, cfg.frames)
+    priors = class_pixel_priors(samples, cfg.frames)
+    masks = np.stack([sample_masks(s, cfg.frames) for s in samples])
     expected = np.clip(masks.mean(axis=(0, 2, 3)), 1e-4, 0.5)
     assert priors == pytest.approx(expected.tolist(), rel=1e-9)
 
@@ -344,7 +344,7 @@ def test_fold_training_steps_one_by_one(synth_dir: Path, tmp_path: Path) -> None
     torch.set_num_threads(1)
     cfg = tiny_config(synth_dir, balance=False)
     opts = options(tmp_path / "run")
-    samples = load_samples(synth_dir, loop.data_config(cfg))
+    samples = load_samples(synth_dir, cfg.frames)
     assignment = make_folds(samples, 4, folds=2, holdout=0.15, seed=0)
     train, val = split_fold(samples, assignment, 0)
     assert {s.image_id for s in train}.isdisjoint({s.image_id for s in val}) and all(
@@ -390,3 +390,18 @@ def test_augment_is_recorded_and_changes_what_training_sees(synth_dir: Path, tmp
     assert differences(saved, tiny_config(synth_dir, epochs=1)) == []
     assert differences(saved, tiny_config(synth_dir, epochs=1, augment="light")) == [
         "augment: '<absent>' -> 'light'"]
+
+
+def test_config_json_of_a_run_made_before_the_composed_config_reads_and_writes_back_unchanged() -> None:
+    """RUN/config.json stays flat: the composed FitConfig reads an old run's file and writes the same keys
+    and values; an unknown key is still an error naming it and the file."""
+    path = Path(__file__).parent / "fixtures" / "run_before_move" / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    cfg = FitConfig.from_dict(saved, str(path))
+    assert cfg.network.encoder == "resnet18" and cfg.network.decoder_channels == (4,)
+    assert cfg.frames.size == (64, 320) and cfg.optim.batch_size == 4 and cfg.train_size == (32, 160)
+    assert cfg.to_dict() == saved and differences(saved, cfg) == []
+    with pytest.raises(ValueError, match=r"config\.json: unknown key 'learning_rate'"):
+        FitConfig.from_dict({**saved, "learning_rate": 0.1}, str(path))
+    with pytest.raises(ValueError, match="decoder_channels has 2 entries"):  # the network's record checks it
+        FitConfig.from_dict({**saved, "decoder_channels": [4, 4]}, str(path))

@@ -21,11 +21,11 @@ from trainer.config import (
     LR_SCHEDULES,
     FitConfig,
     FitOptions,
+    FitSettings,
     build,
     read_config_file,
     resolve,
 )
-from trainer.crops import parse_crop
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,17 @@ def _csv_ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def parse_crop(text: str) -> tuple[int, int]:
+    """``"96x320"`` -> ``(96, 320)`` (height x width, at the training scale)."""
+    try:
+        h, w = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--crop must be HEIGHTxWIDTH at the training scale, e.g. 64x256; got {text!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"--crop sides must be positive, got {text!r}")
+    return h, w
+
+
 def _device(text: str) -> str:
     """``--device``: any string :func:`engine.devices.parse_device` accepts (``cuda:1`` included)."""
     try:
@@ -52,13 +63,13 @@ def _device(text: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # default=SUPPRESSUPPRESS throughout: only flags actually given override the config file and the defaults.
-    _data_flags(parser.add_argument_group("data"), FitConfig())
-    _model_flags(parser.add_argument_group("model"), FitConfig())
-    _optimisation_flags(parser.add_argument_group("optimisation"), FitConfig())
+    _data_flags(parser.add_argument_group("data"), FitSettings())
+    _model_flags(parser.add_argument_group("model"), FitSettings())
+    _optimisation_flags(parser.add_argument_group("optimisation"), FitSettings())
     _execution_flags(parser.add_argument_group("execution"))
 
 
-def _data_flags(g: argparse._ArgumentGroup, d: FitConfig) -> None:
+def _data_flags(g: argparse._ArgumentGroup, d: FitSettings) -> None:
     g.add_argument("--data", action="append", metavar="DIR", default=SUPPRESS,
                    help="Severstal-format folder (train_images/ + train.csv); repeat to train on several together")
     g.add_argument("--out", metavar="RUN", default=SUPPRESS, help="run directory (created; reused to resume)")
@@ -89,7 +100,7 @@ def _data_flags(g: argparse._ArgumentGroup, d: FitConfig) -> None:
                    help="start the output bias at each class's defect-pixel fraction (default on)")
 
 
-def _model_flags(m: argparse._ArgumentGroup, d: FitConfig) -> None:
+def _model_flags(m: argparse._ArgumentGroup, d: FitSettings) -> None:
     m.add_argument("--arch", choices=ARCHS, default=SUPPRESS,
                    help="segmentation network: smp U-Net or FPN (default unet; FPN: decoder-channels[0] is the "
                         "pyramid width, [1] the segmentation width)")
@@ -112,7 +123,7 @@ def _model_flags(m: argparse._ArgumentGroup, d: FitConfig) -> None:
     m.add_argument("--std", type=float, default=SUPPRESS, help="input normalisation std after /255 (default per weights)")
 
 
-def _optimisation_flags(o: argparse._ArgumentGroup, d: FitConfig) -> None:
+def _optimisation_flags(o: argparse._ArgumentGroup, d: FitSettings) -> None:
     o.add_argument("--epochs", type=int, default=SUPPRESS, help=f"maximum epochs per fold (default {d.epochs})")
     o.add_argument("--patience", type=int, default=SUPPRESS, help=f"early-stopping patience in epochs (default {d.patience})")
     o.add_argument("--batch-size", type=int, default=SUPPRESS, help=f"batch size per process (default {d.batch_size})")
@@ -156,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg, options = config_from_args(args)
     # Every image, before any training starts.
-    check_training_images([Path(d) for d in cfg.data], (cfg.height, cfg.width), progress=options.progress)
+    check_training_images([Path(d) for d in cfg.data], (cfg.frames.height, cfg.frames.width), progress=options.progress)
     try:
         outcomes = run_fit(cfg, options)
     except KeyboardInterrupt:
