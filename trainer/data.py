@@ -55,53 +55,19 @@ def _read_rows(
     seen: dict[tuple[str, int], int] = {}
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(
-                f"{csv_path}: empty file; expected a header {','.join(NEW_LAYOUT)} or {','.join(OLD_LAYOUT)}"
-            )
-        header_t = tuple(h.strip() for h in header)
-        if header_t not in (NEW_LAYOUT, OLD_LAYOUT):
-            raise ValueError(
-                f"{csv_path}:1: unexpected header {','.join(header)!r}; expected "
-                f"{','.join(NEW_LAYOUT)!r} or {','.join(OLD_LAYOUT)!r}"
-            )
-        old = header_t == OLD_LAYOUT
+        header = _read_header(csv_path, next(reader, None))
         for row in reader:
             line = reader.line_num
             where = f"{csv_path}:{line}"
             if not row or all(not cell.strip() for cell in row):
                 continue
-            if len(row) != len(header_t):
-                raise ValueError(
-                    f"{where}: expected {len(header_t)} fields ({','.join(header_t)}), got {len(row)}"
-                )
-            if old:
-                key, encoded = row[0].strip(), row[1]
-                image_id, sep, class_text = key.rpartition("_")
-                if not sep or not image_id:
-                    raise ValueError(
-                        f"{where}: ImageId_ClassId {key!r} is not of the form '<image>_<class id>'"
-                    )
-            else:
-                image_id, class_text, encoded = row[0].strip(), row[1], row[2]
-                if not image_id:
-                    raise ValueError(f"{where}: empty ImageId")
-            try:
-                class_id = int(class_text.strip())
-            except ValueError:
-                raise ValueError(f"{where}: ClassId {class_text.strip()!r} is not an integer") from None
-            if not 1 <= class_id <= num_classes:
-                raise ValueError(
-                    f"{where}: ClassId {class_id} out of range 1..{num_classes} (image {image_id})"
-                )
+            image_id, class_id, encoded = _parse_row(row, header, where, num_classes)
             if (image_id, class_id) in seen:
                 raise ValueError(
                     f"{where}: duplicate row for image {image_id} class {class_id} "
                     f"(first at line {seen[image_id, class_id]})"
                 )
             seen[image_id, class_id] = line
-            encoded = encoded.strip()
             if encoded and height is not None and width is not None:
                 try:
                     rle.decode(encoded, height, width)
@@ -112,6 +78,41 @@ def _read_rows(
             entry = out.setdefault(image_id, (line, [""] * num_classes))
             entry[1][class_id - 1] = encoded
     return out
+
+
+def _read_header(csv_path: Path, header: list[str] | None) -> tuple[str, ...]:
+    """The CSV's layout (:data:`NEW_LAYOUT` or :data:`OLD_LAYOUT`), or a ValueError naming the file."""
+    if header is None:
+        raise ValueError(f"{csv_path}: empty file; expected a header {','.join(NEW_LAYOUT)} or {','.join(OLD_LAYOUT)}")
+    header_t = tuple(h.strip() for h in header)
+    if header_t not in (NEW_LAYOUT, OLD_LAYOUT):
+        raise ValueError(
+            f"{csv_path}:1: unexpected header {','.join(header)!r}; expected "
+            f"{','.join(NEW_LAYOUT)!r} or {','.join(OLD_LAYOUT)!r}"
+        )
+    return header_t
+
+
+def _parse_row(row: list[str], header: tuple[str, ...], where: str, num_classes: int) -> tuple[str, int, str]:
+    """(image id, class id, stripped RLE) of one CSV row in either layout; a ValueError names ``where``."""
+    if len(row) != len(header):
+        raise ValueError(f"{where}: expected {len(header)} fields ({','.join(header)}), got {len(row)}")
+    if header == OLD_LAYOUT:
+        key, encoded = row[0].strip(), row[1]
+        image_id, sep, class_text = key.rpartition("_")
+        if not sep or not image_id:
+            raise ValueError(f"{where}: ImageId_ClassId {key!r} is not of the form '<image>_<class id>'")
+    else:
+        image_id, class_text, encoded = row[0].strip(), row[1], row[2]
+        if not image_id:
+            raise ValueError(f"{where}: empty ImageId")
+    try:
+        class_id = int(class_text.strip())
+    except ValueError:
+        raise ValueError(f"{where}: ClassId {class_text.strip()!r} is not an integer") from None
+    if not 1 <= class_id <= num_classes:
+        raise ValueError(f"{where}: ClassId {class_id} out of range 1..{num_classes} (image {image_id})")
+    return image_id, class_id, encoded.strip()
 
 
 def read_annotations(

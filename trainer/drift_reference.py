@@ -164,6 +164,14 @@ def drift_sample(
     return [by_id[k] for k in ids], {k: assignment[k] for k in ids}, dirs
 
 
+def _check_sizes(frames: int, bins: int, batch_size: int) -> None:
+    if frames < 0 or 0 < frames < bins:
+        raise ValueError(f"--drift-frames must be 0 (no drift reference) or at least {bins} (one per histogram "
+                         f"bin), got {frames}")
+    if batch_size < 1:
+        raise ValueError(f"drift batch size must be >= 1, got {batch_size}")
+
+
 def build_drift_reference(
     run_dir: str | Path,
     fold_ids: Sequence[int],
@@ -202,11 +210,7 @@ def build_drift_reference(
         ValueError: ``frames`` between 1 and ``bins - 1``, or bad training data.
     """
     bins = DEFAULT_BINS if bins is None else bins
-    if frames < 0 or 0 < frames < bins:
-        raise ValueError(f"--drift-frames must be 0 (no drift reference) or at least {bins} (one per histogram "
-                         f"bin), got {frames}")
-    if batch_size < 1:
-        raise ValueError(f"drift batch size must be >= 1, got {batch_size}")
+    _check_sizes(frames, bins, batch_size)
     if frames == 0:
         return None, DriftSummary(skipped="--drift-frames 0")
     torch_device = devices.torch_device(parse_device(device, "--device"))

@@ -156,12 +156,12 @@ def evaluate_run(
     run_dir = Path(run_dir)
     _check_request(split, model_path, predictions_path)
     cfg = _load_config(run_dir)
-    data_cfg = cfg.frames
     dirs = [Path(d) for d in (data_dirs or cfg.data)]
-    groups = _split_groups(split, load_samples(dirs, data_cfg), run_dir, cfg)
-    scoring = _Scoring(cfg, data_cfg, split, torch_device_for(parse_device(device, "--device")), threshold_grid)
-    scoring.tta = resolve_tta(tta, rundir.read_postprocess(run_dir, cfg.frames.num_classes), rundir.postprocess_path(run_dir))
-    backend = None if model_path is None else _open_model(model_path, device, data_cfg, backend_name)
+    groups = _split_groups(split, load_samples(dirs, cfg.frames), run_dir, cfg)
+    scoring = _Scoring(cfg, cfg.frames, split, torch_device_for(parse_device(device, "--device")), threshold_grid)
+    post = rundir.read_postprocess(run_dir, cfg.frames.num_classes)
+    scoring.tta = resolve_tta(tta, post, rundir.postprocess_path(run_dir))
+    backend = None if model_path is None else _open_model(model_path, device, cfg.frames, backend_name)
     if backend is not None and backend.max_batch_size is not None:
         batch_size = min(batch_size, backend.max_batch_size)
     predictions = None if predictions_path is None else _read_predictions(Path(predictions_path), groups, split,
@@ -170,12 +170,9 @@ def evaluate_run(
     scoring.prepare_renders(run_dir / rundir.RENDERS / name, [s for _, group in groups for s in group], render)
     try:
         for fold, group in groups:
-            if predictions is not None:
-                predictor = Predictor.of_predictions(predictions)
-            elif backend is not None:
-                predictor = Predictor.of_backend(model_path, backend)
-            else:
-                predictor = _run_predictor(run_dir, fold, cfg, scoring)
+            predictor = (Predictor.of_predictions(predictions) if predictions is not None
+                         else Predictor.of_backend(model_path, backend) if backend is not None
+                         else _run_predictor(run_dir, fold, cfg, scoring))
             scoring.score_group(predictor, fold, group, batch_size, workers, progress)
     finally:
         if backend is not None:
@@ -186,11 +183,16 @@ def evaluate_run(
     elif split == "oof":
         raise AssertionError("the fold ensemble always returns probabilities")
     result["seconds"] = round(time.perf_counter() - started, 2)
+    _write_evaluation(run_dir, name, result)
+    return result
+
+
+def _write_evaluation(run_dir: Path, name: str, result: dict[str, Any]) -> None:
+    """``RUN/evaluations/<name>.json``, then the run report that lists it."""
     eval_dir = run_dir / rundir.EVALUATIONS
     eval_dir.mkdir(exist_ok=True)
     rundir.atomic_write_text(eval_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
     write_report(run_dir)
-    return result
 
 
 def _check_request(split: str, model_path: Any, predictions_path: Any) -> None:

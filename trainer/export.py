@@ -231,6 +231,15 @@ def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all", tta: str |
 # --------------------------------------------------------------------------- export
 
 
+def _check_request(out_path: Path, precision: str, parity_frames: int) -> None:
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"--precision must be fp32 or fp16, got {precision!r}")
+    if out_path.suffix.lower() != ".onnx":
+        raise ValueError(f"{out_path}: an ONNX export must end in .onnx")
+    if parity_frames < 0:
+        raise ValueError(f"--parity-frames must be >= 0, got {parity_frames}")
+
+
 def export_onnx(
     run_dir: str | Path,
     out_path: str | Path,
@@ -266,13 +275,8 @@ def export_onnx(
         ExportParityError: the exported graph differs from the eager reference beyond tolerance.
         FileNotFoundError: ``drift_data`` given but unusable.
     """
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"--precision must be fp32 or fp16, got {precision!r}")
     out_path = Path(out_path)
-    if out_path.suffix.lower() != ".onnx":
-        raise ValueError(f"{out_path}: an ONNX export must end in .onnx")
-    if parity_frames < 0:
-        raise ValueError(f"--parity-frames must be >= 0, got {parity_frames}")
+    _check_request(out_path, precision, parity_frames)
     run = load_run(run_dir, folds, tta)
     meta, drift = _with_drift_reference(
         run, ModelMetadata.from_dict({**run.metadata.to_dict(), "precision": precision}),
@@ -282,7 +286,6 @@ def export_onnx(
     eager_outputs = _eager_outputs(eager_model, frames) if parity_frames else None
     graph_model = eager_model
     if precision == "fp16":
-
         halves = [copy.deepcopy(f).half() for f in eager_model.folds]
         graph_model = InspectionModel(halves, meta, with_probs=True, compute_dtype=torch.float16).eval()
     model = _trace(graph_model, frames, meta, opset)

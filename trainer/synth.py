@@ -269,6 +269,17 @@ def image_name(seed: int, index: int) -> str:
     return hashlib.sha1(f"strip-synth/{seed}/{index}".encode()).hexdigest()[:9] + ".jpg"
 
 
+def _check_request(images: int, height: int, width: int, num_classes: int) -> None:
+    if images < 1:
+        raise ValueError(f"--images must be >= 1, got {images}")
+    if height < 16 or width < 16:
+        raise ValueError(f"frames must be at least 16x16 pixels, got {height}x{width}")
+    if not 1 <= num_classes <= len(KINDS):
+        raise ValueError(
+            f"--classes must be 1..{len(KINDS)} (synth draws {len(KINDS)} defect kinds), got {num_classes}"
+        )
+
+
 def synthesize(
     out: Path,
     images: int,
@@ -295,14 +306,7 @@ def synthesize(
         ValueError: bad sizes or class count.
         FileExistsError: ``out`` already holds a data set and ``overwrite`` is False.
     """
-    if images < 1:
-        raise ValueError(f"--images must be >= 1, got {images}")
-    if height < 16 or width < 16:
-        raise ValueError(f"frames must be at least 16x16 pixels, got {height}x{width}")
-    if not 1 <= num_classes <= len(KINDS):
-        raise ValueError(
-            f"--classes must be 1..{len(KINDS)} (synth draws {len(KINDS)} defect kinds), got {num_classes}"
-        )
+    _check_request(images, height, width, num_classes)
     out = Path(out)
     images_dir, csv_path = _clear_output(out, overwrite)
     held = _assign_classes(np.random.default_rng([seed, 0x5EED]), images, num_classes)

@@ -26,6 +26,7 @@ from trainer.config import (
     read_config_file,
     resolve,
 )
+from trainer.imagecheck import check_training_images
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[FitConfig, FitOptions]:
 
 def run(args: argparse.Namespace) -> int:
     from trainer.fit import run_fit
-    from trainer.imagecheck import check_training_images
 
     cfg, options = config_from_args(args)
     # Every image, before any training starts.
