@@ -299,9 +299,8 @@ class TrainingFrames(Dataset):
     :func:`engine.model.preprocess` does. Scaled records are kept in memory up to ``cache_bytes``
     (per process: each loader worker keeps its own), so later epochs decode nothing. A record's
     balancing transform and its random augmentation apply at the training resolution, after the
-    resize: at scale 0.25 that is 16x fewer pixels than the full frame, where decoding, augmenting
-    and downscaling every record again each epoch had made the data, not the network, half of a CPU
-    epoch.
+    resize: at scale 0.25 that is 16x fewer pixels than the full frame, and nothing is decoded or
+    downscaled again after the first epoch.
 
     Args:
         items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.balance.balance_plan`.
