@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -22,9 +22,6 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from trainer.samples import Sample, label_matrix
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 

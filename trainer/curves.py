@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+
+matplotlib.use("Agg")  # files only: no display on a training machine
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
     """Loss and Dice per epoch, train vs validation, side by side; written atomically as PNG."""
-    matplotlib.use("Agg")
-
     epochs = [int(r["epoch"]) for r in rows]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_dice, "dice", "Dice (thesis, soft)")):

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from engine.devices import parse_device
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 

@@ -33,7 +33,6 @@ from trainer.data import DataConfig, load_samples, read_image
 from trainer.splits import HOLDOUT, read_folds
 
 if TYPE_CHECKING:
-    import numpy as np
     from torch import nn
 
     from engine.drift import DriftReference

@@ -54,9 +54,7 @@ from trainer.report import write_report
 from trainer.splits import HOLDOUT, SPLITS, read_folds
 
 if TYPE_CHECKING:
-
     from engine.metadata import ModelMetadata
-    from trainer.config import FitConfig
     from trainer.samples import Sample
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx
-import onnxruntime as ort
 import torch
 
 from engine import graph
@@ -395,6 +394,8 @@ def _set_signature(model: Any, meta: ModelMetadata) -> None:
 
 
 def _run_onnxruntime(model_bytes: bytes, frames: Any, output_names: Sequence[str]) -> dict[str, Any]:
+    import onnxruntime as ort  # an extra, in one of two packages (cpu or gpu): imported where it runs
+
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
