@@ -3,7 +3,7 @@
 Splits:
 
 - ``holdout`` (default): the images ``folds.csv`` kept out of every fold, scored by the ensemble of
-  every fold's ``best.pt`` (built by :func:`trainer.export.load_run`, exactly what export ships,
+  every fold's ``best.pt`` (built by :func:`trainer.rundir.load_run`, exactly what export ships,
   and run through :class:`engine.model.InspectionModel`, the eager twin of the exported graph), or
   by ``--model FILE`` through its engine backend, so the exported artifact itself is scored.
 - ``oof``: every non-holdout image, each predicted by the one fold model that did not train on
@@ -38,7 +38,6 @@ from engine.overlay import render_evaluation, write_png
 from trainer import rundir
 from trainer.config import FitConfig
 from trainer.data import SeverstalDataset, load_samples, loader_context, read_annotations
-from trainer.export import resolve_tta
 from trainer.losses import SegmentationLoss, logits_from_probs
 from trainer.metrics import PixelStats, mask_stats, score
 from trainer.postsearch import (
@@ -51,6 +50,7 @@ from trainer.postsearch import (
 )
 from trainer.predictors import PredictionsFile, Predictor
 from trainer.report import write_report
+from trainer.rundir import resolve_tta
 from trainer.splits import HOLDOUT, SPLITS, read_folds
 
 if TYPE_CHECKING:

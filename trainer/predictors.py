@@ -24,7 +24,7 @@ from engine.cpu import cpu_autocast_dtype
 from engine.metadata import ModelMetadata
 from engine.model import InspectionModel
 from engine.rle import decode_many
-from trainer.export import load_run
+from trainer.rundir import load_run
 
 
 class RunEnsembleBackend(Backend):

@@ -1,5 +1,6 @@
-"""The training run directory: its file names (defined here only), its shared-file writes, and the
-trainer's typed resume state.
+"""The training run directory: its file names (defined here only), its shared-file writes, its
+config and split, the searched post-processing (:class:`engine.decision.PostProcess`), the
+trainer's typed resume state, and loading a run's folds as one model (:func:`load_run`).
 
 Layout::
 
@@ -24,6 +25,7 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -36,8 +38,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.decision import PostProcess
-from engine.metadata import TTA_MODES
+from torch import nn
+
+from engine.decision import (
+    DEFAULT_MIN_AREA,
+    DEFAULT_THRESHOLD,
+    PostProcess,
+    default_min_areas,
+    default_thresholds,
+)
+from engine.hashing import file_sha256
+from engine.metadata import TTA_MODES, ModelMetadata
+from engine.model import UNetConfig, fold_metadata, load_fold
 from trainer.config import FitConfig, differences
 from trainer.samples import Sample
 from trainer.splits import load_or_make_folds
@@ -284,3 +296,125 @@ class TrainingState:
             raise ValueError(f"{source}: training state lacks {missing or 'nothing'} and has unknown keys "
                              f"{unknown or 'none'}; use --restart to start the fold over")
         return cls(**data)
+
+
+# --------------------------------------------------------------------------- loading a run
+
+
+@dataclass
+class RunModel:
+    """A run's selected folds, rebuilt, with the metadata of the model they make together."""
+
+    run_dir: Path
+    folds: list[nn.Module]
+    fold_ids: list[int]
+    checkpoints: list[Path]
+    config: UNetConfig
+    metadata: ModelMetadata
+
+
+def parse_folds(folds: str | Sequence[int]) -> list[int] | None:
+    """``"all"`` -> None (every fold found); ``"0,2"`` or ``[0, 2]`` -> ``[0, 2]``."""
+    if isinstance(folds, str):
+        if folds.strip().lower() == "all":
+            return None
+        try:
+            ids = [int(tok) for tok in folds.split(",") if tok.strip()]
+        except ValueError:
+            raise ValueError(f"--folds must be 'all' or comma-separated fold numbers like 0,1,2; got {folds!r}") from None
+    else:
+        ids = [int(f) for f in folds]
+    if not ids:
+        raise ValueError("--folds selects no fold")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"--folds lists a fold twice: {ids}")
+    return ids
+
+
+def resolve_tta(tta: str | None, post: PostProcess | None, source: Path) -> str:
+    """``tta``, or the searched rule's when None; warns when it differs from the one the thresholds were
+    searched with (``source``, the run's ``postprocess.json``)."""
+    searched = "none" if post is None else post.tta
+    if tta is None:
+        return searched
+    if tta != searched and post is not None:
+        log.warning("--tta %s, but %s was searched with --tta %s: its thresholds may not suit", tta, source, searched)
+    return tta
+
+
+def _decision(run_dir: Path, num_classes: int, gate: bool, tta: str | None) -> dict[str, Any]:
+    """The run's decision rule for :func:`engine.model.fold_metadata`: its ``postprocess.json``, else
+    the thesis defaults (0.5 per class for a gate head)."""
+    post = read_postprocess(run_dir, num_classes)
+    if post is None:
+        log.info("%s absent: using the thesis defaults (threshold %s, min area %d)", postprocess_path(run_dir),
+                 DEFAULT_THRESHOLD, DEFAULT_MIN_AREA)
+    gate_thresholds = None
+    if gate:
+        gate_thresholds = post.gate_thresholds if post is not None and post.gate_thresholds is not None \
+            else [DEFAULT_THRESHOLD] * num_classes
+    return {
+        "thresholds": default_thresholds(num_classes) if post is None else post.thresholds,
+        "min_areas": default_min_areas(num_classes) if post is None else post.min_areas,
+        "tta": resolve_tta(tta, post, postprocess_path(run_dir)),
+        "gate_thresholds": gate_thresholds,
+    }
+
+
+# Facts every fold of one model must share; a mismatch means the folds come from different runs.
+_SHARED_FACTS = ("input_size", "train_size", "class_names", "mean", "std")
+
+
+def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all", tta: str | None = None) -> RunModel:
+    """Rebuilds a run's selected folds (eval mode, CPU) and the metadata of their ensemble (flip
+    TTA ``tta``, default the run's: see :func:`resolve_tta`).
+
+    Raises:
+        FileNotFoundError: no run directory, or a selected fold has no ``best.pt``.
+        ValueError: folds that disagree on architecture or data facts, a bad postprocess.json.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    available = best_checkpoints(run_dir)
+    wanted = parse_folds(folds)
+    if wanted is None:
+        if not available:
+            raise FileNotFoundError(f"{run_dir}: no fold checkpoints (expected {run_dir}/fold<k>/best.pt)")
+        wanted = sorted(available)
+    missing = [k for k in wanted if k not in available]
+    if missing:
+        raise FileNotFoundError(
+            f"{run_dir}: no checkpoint for fold(s) {missing} (expected {run_dir}/fold<k>/best.pt; "
+            f"found folds {sorted(available) or 'none'})"
+        )
+    nets, facts, checkpoints = [], [], []
+    config = None
+    for k in wanted:
+        unet, cfg, fold_facts = load_fold(available[k])
+        if config is None:
+            config = cfg
+        elif cfg != config:
+            raise ValueError(f"{available[k]}: U-Net {cfg} differs from fold {wanted[0]}'s {config}")
+        first = facts[0] if facts else fold_facts
+        for fact in _SHARED_FACTS:
+            if getattr(fold_facts, fact) != getattr(first, fact):
+                raise ValueError(
+                    f"{available[k]}: {fact} {getattr(fold_facts, fact)!r} differs from fold {wanted[0]}'s "
+                    f"{getattr(first, fact)!r}; all folds of one model must share it"
+                )
+        nets.append(unet)
+        facts.append(fold_facts)
+        checkpoints.append(available[k])
+    assert config is not None
+    shas = [file_sha256(p) for p in checkpoints]
+    combined = hashlib.sha256("".join(shas).encode()).hexdigest()[:12]
+    meta = fold_metadata(
+        facts[0],
+        config,
+        folds=len(nets),
+        checkpoint_sha256=shas,
+        model_version=f"{run_dir.resolve().name}-{combined}",
+        **_decision(run_dir, config.num_classes, config.gate, tta),
+    )
+    return RunModel(run_dir, nets, list(wanted), checkpoints, config, meta)

@@ -11,7 +11,8 @@ import torch
 from engine.metadata import read_onnx_metadata
 from engine.parity import synthetic_frames
 from tests.fixtures import make_tiny_run
-from trainer.export import export_onnx, load_run
+from trainer.export import export_onnx
+from trainer.rundir import load_run
 
 FPN = {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 32, 8], "arch": "fpn"}
 

@@ -13,8 +13,9 @@ from engine.metadata import read_onnx_metadata
 from engine.model import InspectionModel
 from engine.parity import synthetic_frames
 from trainer.config import FitOptions, FitSettings, resolve
-from trainer.export import export_onnx, load_run
+from trainer.export import export_onnx
 from trainer.fit import run_fit
+from trainer.rundir import load_run
 
 
 def test_gated_fold_trains_and_the_graph_requires_the_class_head_to_agree(synth_dir: Path, tmp_path: Path) -> None:

@@ -98,7 +98,7 @@ def _postprocess_with_masks(run: Path, frames: np.ndarray) -> None:
     import json
 
     from engine.model import InspectionModel
-    from trainer.export import load_run
+    from trainer.rundir import load_run
 
     loaded = load_run(run)
     with torch.no_grad():
