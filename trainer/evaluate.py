@@ -229,11 +229,17 @@ def _read_predictions(path: Path, groups: list[tuple[int | None, list[Sample]]],
     return PredictionsFile(path, rles)
 
 
+def _loss_kind(cfg: FitConfig) -> str:
+    optim = cfg.optim
+    return optim.loss + ("" if optim.pos_weight is None else f" pos_weight {list(optim.pos_weight)}")
+
+
 def _run_predictor(run_dir: Path, fold: int | None, cfg: FitConfig, scoring: _Scoring) -> Predictor:
     """The run's ensemble (holdout, all), or the one fold that did not train on ``fold`` (oof)."""
     if fold is not None:
         return Predictor.of_run(run_dir, [fold], scoring.device,
-                                override={**scoring.baseline, "tta": scoring.tta, "gate_thresholds": None}, amp=cfg.optim.amp)
+                                override={**scoring.baseline, "tta": scoring.tta, "gate_thresholds": None},
+                                amp=cfg.optim.amp)
     predictor = Predictor.of_run(run_dir, "all", scoring.device, override={"tta": scoring.tta}, amp=cfg.optim.amp)
     if predictor.metadata.folds < cfg.folds:
         log.warning("only %d of the run's %d folds have a best.pt; scoring their ensemble",
@@ -339,7 +345,7 @@ class _Scoring:
             "images": len(self.stats),
             "primary": model_rule,
             "loss": self.loss_sum / self.loss_count if self.loss_count else None,
-            "loss_kind": cfg.optim.loss + ("" if cfg.optim.pos_weight is None else f" pos_weight {list(cfg.optim.pos_weight)}"),
+            "loss_kind": _loss_kind(cfg),
             "empty_kaggle": float((self.stats.truth == 0).mean()),
             "metadata": None if meta is None else {
                 "thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),

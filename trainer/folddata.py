@@ -17,7 +17,7 @@ from trainer.augment_random import EpochSampler, RandomAugment
 from trainer.balance import balance_plan, class_counts
 from trainer.config import FitConfig
 from trainer.crops import CropSampler
-from trainer.data import DataConfig, TrainingFrames, loader_context
+from trainer.data import TrainingFrames, loader_context
 from trainer.distributed import Dist
 from trainer.samples import Sample
 
@@ -36,7 +36,7 @@ class FoldData:
         recalibration: this process's share of the frames BatchNorm is re-estimated on after a crop epoch.
     """
 
-    def __init__(self, cfg: FitConfig, data_cfg: DataConfig, d: Dist, fold: int, train_samples: Sequence[Sample],
+    def __init__(self, cfg: FitConfig, d: Dist, fold: int, train_samples: Sequence[Sample],
                  val_samples: Sequence[Sample], workers: int, pin: bool) -> None:
         self.items = balance_plan(train_samples, cfg.frames.num_classes, cfg.balance_target, seed=cfg.seed + fold) \
             if cfg.balance else list(train_samples)
@@ -50,8 +50,8 @@ class FoldData:
             self.recalibration = picks[d.rank::d.world]
         augment = None if cfg.augment == "none" else RandomAugment(cfg.augment, cfg.seed, fold)
         size = tuple(cfg.train_size)
-        self.train_set = TrainingFrames(self.items, data_cfg, size, augment=augment)
-        val_set = TrainingFrames(val_samples, data_cfg, size)
+        self.train_set = TrainingFrames(self.items, cfg.frames, size, augment=augment)
+        val_set = TrainingFrames(val_samples, cfg.frames, size)
         self.sampler = EpochSampler(self.train_set, num_replicas=d.world, rank=d.rank, shuffle=True,
                                     seed=cfg.seed + fold)
         self.train_loader = _loader(self.train_set, cfg.optim.batch_size, self.sampler, workers, pin)

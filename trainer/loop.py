@@ -173,8 +173,10 @@ class FoldTrainer:
             else torch.contiguous_format
         self.unet.to(d.device, memory_format=self.memory_format)
         self.optimizer = torch.optim.Adam([p for p in self.unet.parameters() if p.requires_grad], lr=cfg.optim.lr)
-        self.scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, factor=0.5, patience=max(1, cfg.optim.patience // 3)) if cfg.optim.lr_schedule == "plateau" else None)
+        self.scheduler = None
+        if cfg.optim.lr_schedule == "plateau":
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, factor=0.5, patience=max(1, cfg.optim.patience // 3))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.criterion = SegmentationLoss(cfg.optim.loss, cfg.optim.pos_weight).to(d.device)
         self.stopping = EarlyStopping(cfg.optim.patience)
@@ -217,11 +219,10 @@ class FoldTrainer:
 
     # ------------------------------------------------------------------ data
 
-
     def make_loaders(self) -> None:
         """Builds this process's share of the fold's data (:class:`trainer.folddata.FoldData`) and, on the
         main process, writes the fold's ``config.json``."""
-        self.data = FoldData(self.cfg, self.cfg.frames, self.d, self.fold, self.train_samples, self.val_samples, self.options.workers,
+        self.data = FoldData(self.cfg, self.d, self.fold, self.train_samples, self.val_samples, self.options.workers,
                              pin=self.on_cuda)
         if self.d.main:
             self._write_fold_config(self.data.items)
@@ -390,9 +391,9 @@ class FoldTrainer:
         cfg = self.cfg
         return FoldFacts(
             fold=self.fold, epoch=int(row["epoch"]), val_loss=row["val_loss"], val_dice=row["val_dice"],
-            train_loss=row["train_loss"], train_dice=row["train_dice"], input_size=(int(cfg.frames.height), int(cfg.frames.width)),
-            train_size=cfg.train_size, class_names=tuple(cfg.frames.class_names or ()), mean=float(cfg.mean),
-            std=float(cfg.std), encoder_weights=cfg.encoder_weights, params_total=self.total_params,
+            train_loss=row["train_loss"], train_dice=row["train_dice"], input_size=cfg.frames.size,
+            train_size=cfg.train_size, class_names=tuple(cfg.frames.class_names), mean=cfg.mean, std=cfg.std,
+            encoder_weights=cfg.encoder_weights, params_total=self.total_params,
             params_trainable=self.trainable_params,
         )
 
@@ -412,7 +413,8 @@ class FoldTrainer:
         """
         rows = read_metrics(self.paths.metrics) + [row]
         write_metrics(self.paths.metrics, rows, metrics_columns(self.cfg.frames.num_classes))
-        plot_curves(rows, self.paths.curves, title=f"fold {self.fold}: {self.cfg.network.encoder} {self.cfg.network.arch}")
+        network = self.cfg.network
+        plot_curves(rows, self.paths.curves, title=f"fold {self.fold}: {network.encoder} {network.arch}")
         facts = self.facts(row)
         ucfg = self.cfg.network
         save_fold_checkpoint(self.paths.last, ucfg, self.unet, facts, self.training_state(finished).to_dict())
