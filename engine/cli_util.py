@@ -53,13 +53,13 @@ def run_cli(prog: str, description: str, commands: dict[str, str], argv: Sequenc
         return 2
 
 
-def progress_bar(*args, **kwargs):
-    """A ``tqdm`` progress bar (same arguments) that uses only an in-process lock and no monitor thread.
+def progress_bar(*args, show: bool | None = None, **kwargs):
+    """A ``tqdm`` progress bar (same arguments) drawn only where it helps.
 
-    tqdm's default lock also holds a multiprocessing semaphore, which its monitor thread takes every
-    10 s. Our progress bars never span processes, and in a long test session that also served gRPC and
-    forked data-loader workers, taking that semaphore aborted the process ("The futex facility
-    returned an unexpected error code", seen three times in full runs on a 2-core AMD EPYC).
+    ``show`` True draws it always, False never, None (the default) only when the output is a
+    terminal (tqdm's ``disable=None``), so logs and pipes stay readable. It uses an in-process lock
+    and no monitor thread: tqdm's default lock also holds a multiprocessing semaphore its monitor
+    thread takes every 10 s, which aborted long processes that also forked data-loader workers.
     """
     import threading
 
@@ -69,4 +69,5 @@ def progress_bar(*args, **kwargs):
         tqdm.monitor_interval = 0
         tqdm.set_lock(threading.RLock())
         tqdm._strip_lock_set = True
+    kwargs.setdefault("disable", None if show is None else not show)
     return tqdm(*args, **kwargs)

@@ -63,7 +63,7 @@ def tiny_postprocess(run_dir: Path, frames: np.ndarray) -> dict:
     import torch
 
     from network.inspection import InspectionModel
-    from trainer.export import load_run
+    from trainer.rundir import load_run
 
     run = load_run(run_dir)
     with torch.no_grad():

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import FitConfig, FitOptions, resolve  # noqa: E402
+from trainer.config import FitOptions, FitSettings, resolve  # noqa: E402
 
 log = logging.getLogger("compare_training")
 
@@ -79,7 +79,7 @@ def train(name: str, values: dict[str, Any], out: Path, budget_s: float, workers
     """Trains fold 0 of ``values`` into ``out / name`` until the budget is spent; returns what happened."""
     from trainer.fit import run_fit
 
-    cfg = resolve(FitConfig(**values))
+    cfg = resolve(FitSettings(**values))
     started = time.monotonic()
     epochs: list[int] = []
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                   **baseline_run, "seed": seed},
                  {**score(f"product (oof search, TTA {tta})", out / "product", tta, search=True), **product_run,
                   "seed": seed}]
-    names = list(resolve(FitConfig(**network)).class_names or [])
+    names = list(resolve(FitSettings(**network)).frames.class_names)
     stats = summary(rows)
     markdown = table(rows, names) + "\n" + summary_table(stats)
     (args.out / "comparison.md").write_text(markdown, encoding="utf-8")

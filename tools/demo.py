@@ -153,80 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     data, run, model = out / "data", out / "run", out / "model.onnx"
     server: subprocess.Popen | None = None
     try:
-        demo.banner(f"trainer synth: {args.images} synthetic 1600x256 strip images")
-        demo.run("1-synth", "trainer", "synth", "--out", str(data), "--images", str(args.images), "--seed", "0",
-                 "--force")
-
-        from engine.cpu import supports_bf16
-
-        precision = "bf16 autocast" if supports_bf16() else "fp32 (no native bf16 on this CPU)"
-        demo.banner(f"trainer fit: fold {TRAINED_FOLD} of {FOLDS} in {precision} on the CPU preset "
-                    + ", ".join(f"{k}={v}" for k, v in PRESET.items()))
-        preset_flags = [x for k, v in PRESET.items() for x in (f"--{k}", v)]
-        demo.run("2-fit", "trainer", "fit", "--data", str(data), "--out", str(run), "--folds", str(FOLDS),
-                 "--holdout", "0.15", "--fold", str(TRAINED_FOLD), "--epochs", str(args.epochs),
-                 "--patience", str(args.epochs),
-                 "--encoder-weights", "none", "--device", "cpu", "--workers", "0", *preset_flags)
-
-        demo.banner("trainer evaluate: tune thresholds/min areas out of fold, then score the holdout")
-        demo.run("3a-evaluate-oof", "trainer", "evaluate", "--run", str(run), "--split", "oof", "--device", "cpu")
-        demo.run("3b-evaluate-holdout", "trainer", "evaluate", "--run", str(run), "--split", "holdout",
-                 "--render", "4", "--device", "cpu", "--json", str(out / "holdout-folds.json"))
-
-        demo.banner("trainer export: the trained fold(s) and their post-processing as one ONNX graph (and a torch bundle)")
-        demo.run("4-export", "trainer", "export", "--run", str(run), "--out", str(model),
-                 "--report", str(out / "export-report.json"))
-        demo.run("4b-bundle", "trainer", "export", "--run", str(run), "--out", str(model.with_suffix(".pt")))
-        demo.run("4c-info", "engine", "info", str(model))
-
-        port = free_port()
-        target = f"127.0.0.1:{port}"
-        metrics_port = free_port()
-        from engine.backends import choose_backend
-
-        demo.banner(f"server serve: {model.name} on {target} ({choose_backend(model, 'cpu')[1]})")
-        server_log = open(demo.logs / "5-serve.log", "wb")
-        server = subprocess.Popen(
-            [str(BIN / "server"), "serve", "--model", str(model), "--port", str(port),
-             "--metrics-port", str(metrics_port), "--device", "cpu"],
-            stdout=server_log, stderr=subprocess.STDOUT,
-        )
-        wait_serving(target, server)
-        print(f"health: SERVING (log: {demo.logs / '5-serve.log'}, metrics: http://127.0.0.1:{metrics_port}/metrics)")
-
-        demo.banner(f"server client: the holdout images as {args.streams} camera streams, then scored")
-        holdout = out / "holdout"
-        n = holdout_folder(data, run / "folds.csv", holdout)
-        print(f"{n} holdout images -> {holdout}")
-        results = out / "streamed-results.csv"
-        demo.run("6a-client", "server", "client", "--target", target, "--images", str(holdout),
-                 "--streams", str(args.streams), "--out", str(results))
-        demo.run("6b-score-streamed", "trainer", "evaluate", "--run", str(run), "--split", "holdout",
-                 "--predictions", str(results), "--json", str(out / "holdout-streamed.json"))
-        demo.run("6c-score-exported", "trainer", "evaluate", "--run", str(run), "--split", "holdout",
-                 "--model", str(model), "--device", "cpu", "--json", str(out / "holdout-onnx.json"))
-        streamed = headline(out / "holdout-streamed.json")
-        exported = headline(out / "holdout-onnx.json")
-        eager = headline(out / "holdout-folds.json")
-        print(f"{'holdout':32s} {'Kaggle':>7s} {'labels':>7s} {'per class':>9s}  confusion [TN FP FN TP] per class")
-        for name, s in (("streamed through the server", streamed), ("exported ONNX, run directly", exported),
-                        ("fold checkpoints, torch eager", eager)):
-            print(f"{name:32s} {s['kaggle']:7.4f} {s['label_accuracy']:7.4f} {s['mean_class_accuracy']:9.4f}  "
-                  f"{s['confusion']['per_class']}")
-        if streamed != exported:
-            differ = [k for k in streamed if streamed[k] != exported[k]]
-            raise StepFailed(f"the streamed results do not score as the exported model run directly ({', '.join(differ)})")
-        print("streamed results score exactly as the exported model run directly (Kaggle metric, labels, confusion)")
-
-        # Every default row but int8: the demo exports no int8 IR, so its peak would be measured for nothing.
-        from benchmarks.throughput import DEFAULT_BACKENDS
-
-        demo.banner("bench throughput: the exported model, ONNX Runtime vs OpenVINO vs torch eager vs the naive pipeline")
-        demo.run("7-bench", "bench", "throughput", "--model", str(model), "--model", str(model.with_suffix(".pt")),
-                 "--batch-sizes", "1,4,8",
-                 "--backends", ",".join(b for b in DEFAULT_BACKENDS if b != "openvino-int8"),
-                 "--frames", "32", "--json", str(out / "bench.json"), "--plot", str(out / "bench.png"))
-
+        train(demo, data, run, args.images, args.epochs)
+        evaluate_and_export(demo, out, run, model)
+        target, server = serve(demo, model)
+        results = stream_and_score(demo, out, data, run, model, target, args.streams)
+        bench(demo, out, model)
         demo.banner("stopping the server (SIGTERM: finish accepted frames, exit 0)")
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
@@ -244,7 +175,101 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None and server.poll() is None:
             server.terminate()
             server.wait(timeout=30)
+    print_outputs(demo, out, run, model, results)
+    return 0
 
+
+def train(demo: Demo, data: Path, run: Path, images: int, epochs: int) -> None:
+    """Steps 1-2: the synthetic strips, then one fold on the CPU preset."""
+    from engine.cpu import supports_bf16
+
+    demo.banner(f"trainer synth: {images} synthetic 1600x256 strip images")
+    demo.run("1-synth", "trainer", "synth", "--out", str(data), "--images", str(images), "--seed", "0",
+             "--force")
+    precision = "bf16 autocast" if supports_bf16() else "fp32 (no native bf16 on this CPU)"
+    demo.banner(f"trainer fit: fold {TRAINED_FOLD} of {FOLDS} in {precision} on the CPU preset "
+                + ", ".join(f"{k}={v}" for k, v in PRESET.items()))
+    preset_flags = [x for k, v in PRESET.items() for x in (f"--{k}", v)]
+    demo.run("2-fit", "trainer", "fit", "--data", str(data), "--out", str(run), "--folds", str(FOLDS),
+             "--holdout", "0.15", "--fold", str(TRAINED_FOLD), "--epochs", str(epochs),
+             "--patience", str(epochs),
+             "--encoder-weights", "none", "--device", "cpu", "--workers", "0", *preset_flags)
+
+
+def evaluate_and_export(demo: Demo, out: Path, run: Path, model: Path) -> None:
+    """Steps 3-4: post-processing searched out of fold, the holdout scored, the model exported."""
+    demo.banner("trainer evaluate: tune thresholds/min areas out of fold, then score the holdout")
+    demo.run("3a-evaluate-oof", "trainer", "evaluate", "--run", str(run), "--split", "oof", "--device", "cpu")
+    demo.run("3b-evaluate-holdout", "trainer", "evaluate", "--run", str(run), "--split", "holdout",
+             "--render", "4", "--device", "cpu", "--json", str(out / "holdout-folds.json"))
+
+    demo.banner("trainer export: the trained fold(s) and their post-processing as one ONNX graph (and a torch bundle)")
+    demo.run("4-export", "trainer", "export", "--run", str(run), "--out", str(model),
+             "--report", str(out / "export-report.json"))
+    demo.run("4b-bundle", "trainer", "export", "--run", str(run), "--out", str(model.with_suffix(".pt")))
+    demo.run("4c-info", "engine", "info", str(model))
+
+
+def serve(demo: Demo, model: Path) -> tuple[str, subprocess.Popen]:
+    """Step 5: the server on a free port, once it answers SERVING; returns (target, process)."""
+    from engine.backends import choose_backend
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    metrics_port = free_port()
+    demo.banner(f"server serve: {model.name} on {target} ({choose_backend(model, 'cpu')[1]})")
+    server_log = open(demo.logs / "5-serve.log", "wb")
+    server = subprocess.Popen(
+        [str(BIN / "server"), "serve", "--model", str(model), "--port", str(port),
+         "--metrics-port", str(metrics_port), "--device", "cpu"],
+        stdout=server_log, stderr=subprocess.STDOUT,
+    )
+    wait_serving(target, server)
+    print(f"health: SERVING (log: {demo.logs / '5-serve.log'}, metrics: http://127.0.0.1:{metrics_port}/metrics)")
+    return target, server
+
+
+def stream_and_score(demo: Demo, out: Path, data: Path, run: Path, model: Path, target: str, streams: int) -> Path:
+    """Step 6: the holdout streamed through the server, scored against the exported model run directly."""
+    demo.banner(f"server client: the holdout images as {streams} camera streams, then scored")
+    holdout = out / "holdout"
+    n = holdout_folder(data, run / "folds.csv", holdout)
+    print(f"{n} holdout images -> {holdout}")
+    results = out / "streamed-results.csv"
+    demo.run("6a-client", "server", "client", "--target", target, "--images", str(holdout),
+             "--streams", str(streams), "--out", str(results))
+    demo.run("6b-score-streamed", "trainer", "evaluate", "--run", str(run), "--split", "holdout",
+             "--predictions", str(results), "--json", str(out / "holdout-streamed.json"))
+    demo.run("6c-score-exported", "trainer", "evaluate", "--run", str(run), "--split", "holdout",
+             "--model", str(model), "--device", "cpu", "--json", str(out / "holdout-onnx.json"))
+    streamed = headline(out / "holdout-streamed.json")
+    exported = headline(out / "holdout-onnx.json")
+    eager = headline(out / "holdout-folds.json")
+    print(f"{'holdout':32s} {'Kaggle':>7s} {'labels':>7s} {'per class':>9s}  confusion [TN FP FN TP] per class")
+    for name, s in (("streamed through the server", streamed), ("exported ONNX, run directly", exported),
+                    ("fold checkpoints, torch eager", eager)):
+        print(f"{name:32s} {s['kaggle']:7.4f} {s['label_accuracy']:7.4f} {s['mean_class_accuracy']:9.4f}  "
+              f"{s['confusion']['per_class']}")
+    if streamed != exported:
+        differ = [k for k in streamed if streamed[k] != exported[k]]
+        raise StepFailed(f"the streamed results do not score as the exported model run directly ({', '.join(differ)})")
+    print("streamed results score exactly as the exported model run directly (Kaggle metric, labels, confusion)")
+    return results
+
+
+def bench(demo: Demo, out: Path, model: Path) -> None:
+    """Step 7: the exported model's throughput on every default backend but int8 (the demo exports no
+    int8 IR, so its peak would be measured for nothing)."""
+    from benchmarks.throughput import DEFAULT_BACKENDS
+
+    demo.banner("bench throughput: the exported model, ONNX Runtime vs OpenVINO vs torch eager vs the naive pipeline")
+    demo.run("7-bench", "bench", "throughput", "--model", str(model), "--model", str(model.with_suffix(".pt")),
+             "--batch-sizes", "1,4,8",
+             "--backends", ",".join(b for b in DEFAULT_BACKENDS if b != "openvino-int8"),
+             "--frames", "32", "--json", str(out / "bench.json"), "--plot", str(out / "bench.png"))
+
+
+def print_outputs(demo: Demo, out: Path, run: Path, model: Path, results: Path) -> None:
     elapsed = time.monotonic() - demo.started
     print(f"\n\033[1mdemo finished in {elapsed / 60:.1f} min.\033[0m Everything is under {out}:")
     for what, path in [
@@ -257,8 +282,6 @@ def main(argv: list[str] | None = None) -> int:
         ("logs of every step", demo.logs),
     ]:
         print(f"  {what:<48} {path}")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 
+from trainer.balance import _reflect_pad
 from trainer.config import AUGMENT_LEVELS as LEVELS
 
 
@@ -87,8 +90,6 @@ def _uniform(generator: torch.Generator, low: float, high: float) -> float:
 
 def _augment(image: torch.Tensor, masks: torch.Tensor, p: AugmentPolicy,
              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchvision import tv_tensors
-    from torchvision.transforms.v2 import functional as F
 
     draws = torch.rand(5, generator=generator).tolist()
     img, msk = tv_tensors.Image(image[None]), tv_tensors.Mask(masks)
@@ -112,10 +113,6 @@ def _augment(image: torch.Tensor, masks: torch.Tensor, p: AugmentPolicy,
 
 def _shift_scale(img: Any, msk: Any, p: AugmentPolicy, generator: torch.Generator) -> tuple[Any, Any]:
     """A small shift and zoom about the centre; the border reflected before, cropped after."""
-    from torchvision.transforms.v2 import functional as F
-
-    from trainer.augment import _reflect_pad
-
     h, w = img.shape[-2:]
     zoom = _uniform(generator, 1 - p.scale, 1 + p.scale)
     dx = round(_uniform(generator, -p.shift, p.shift) * w)

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from engine.cli_util import run_cli
 
 COMMANDS = {
-    "synth": "trainer.synth",
-    "split": "trainer.splits",
-    "fit": "trainer.fit",
-    "evaluate": "trainer.evaluate",
-    "export": "trainer.export",
+    "synth": "trainer.commands.synth",
+    "split": "trainer.commands.split",
+    "fit": "trainer.commands.fit",
+    "evaluate": "trainer.commands.evaluate",
+    "export": "trainer.commands.export",
 }
 
 

@@ -1,13 +1,16 @@
-"""The training run's configuration: a typed dataclass filled from defaults, a YAML/JSON file and flags.
+"""The training run's configuration: settings from defaults, a YAML/JSON file and flags, resolved into
+one typed :class:`FitConfig`.
 
-Precedence: dataclass defaults < ``--config FILE`` < command-line flags. Unknown keys in the file
-are an error naming the key and the file. :func:`resolve` fills what the data decides (frame
-size, normalisation) and checks the combination, so ``RUN/config.json`` holds every value the run
-actually used, and a second ``trainer fit`` on the same run directory can compare against it.
+Precedence: dataclass defaults < ``--config FILE`` < command-line flags, into :class:`FitSettings`
+(flat, the keys of flags, files and ``RUN/config.json``; unknown keys are an error naming the key
+and the file). :func:`resolve` fills what the data decides (frame size, normalisation, class
+names) and composes :class:`FitConfig`: the network's configuration (``network.config.UNetConfig``,
+its one validator), the data's (:class:`trainer.samples.DataConfig`), the optimiser's
+(:class:`OptimConfig`) and the run's own settings. ``RUN/config.json`` holds its flat form, every
+value the run used, so a second ``trainer fit`` on the same run directory can compare against it.
 
-:class:`FitConfig` is what defines a run's result; :class:`FitOptions` is how this invocation
-executes it (device, workers, which fold), which may differ between invocations of one run
-(fold 0 on one GPU, fold 1 on another, a resume on a different machine).
+:class:`FitOptions` is how this invocation executes the run (device, workers, which fold), which
+may differ between invocations of one run (fold 0 on one GPU, fold 1 on another, a resume elsewhere).
 """
 
 from __future__ import annotations
@@ -19,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from network.config import DEFAULT_DECODER_CHANNELS
+import yaml
+
+from engine.decision import default_min_areas, default_thresholds
+from engine.devices import parse_device
+from engine.metadata import ModelMetadata
+from network.config import UNetConfig, default_decoder_channels
+from trainer.imagecheck import frame_size
+from trainer.samples import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,22 +38,25 @@ ENCODER_WEIGHTS = ("none", "imagenet")
 LR_SCHEDULES = ("none", "plateau", "cosine")
 #: ``--augment`` levels (see :mod:`trainer.augment_random`).
 AUGMENT_LEVELS = ("none", "light", "strong")
-DEVICES = ("auto", "cpu", "cuda")
+#: Training frames ``trainer export`` samples for a model's drift reference (:mod:`trainer.drift_reference`).
+DEFAULT_DRIFT_FRAMES = 256
 # Grayscale equivalents of the ImageNet RGB statistics (means of the three channels): what a
 # pretrained encoder's first layer expects once smp folds its RGB filters into one channel.
 IMAGENET_GRAY_MEAN = 0.449
 IMAGENET_GRAY_STD = 0.226
+#: The keys of ``RUN/config.json`` that are the network's (:class:`network.config.UNetConfig`) and the optimiser's.
+NETWORK_KEYS = ("encoder", "in_channels", "num_classes", "encoder_depth", "decoder_channels", "arch", "gate",
+                "gate_pooling")
+OPTIM_KEYS = ("epochs", "patience", "batch_size", "lr", "lr_schedule", "loss", "pos_weight", "amp")
 
 
 @dataclass
-class FitConfig:
-    """Everything that defines a training run's result (written to ``RUN/config.json``).
+class FitSettings:
+    """A training run's settings as given: flags, a config file, or ``RUN/config.json`` (flat keys).
 
     Defaults are the thesis' protocol (U-Net/ResNet-34, half resolution, Adam 1e-3, BCE, batch 16,
-    150 epochs with patience 15, 5 folds, balanced training folds), plus ``prior_init``: the
-    segmentation head's bias starts at each class's defect-pixel prior (as in RetinaNet), so early
-    epochs do not go into learning that ~99 % of pixels are background. ``None`` values are
-    resolved from the data by :func:`resolve`.
+    150 epochs with patience 15, 5 folds, balanced training folds), plus ``prior_init`` (see
+    :mod:`trainer.priors`). ``None`` values are resolved from the data by :func:`resolve`.
     """
 
     data: list[str] = field(default_factory=list)
@@ -82,17 +95,6 @@ class FitConfig:
     amp: bool = True
     seed: int = 0
 
-    @property
-    def holdout_count_or_fraction(self) -> float | int:
-        """``holdout`` as the splitter takes it: a fraction below 1, else a whole number of images."""
-        return self.holdout if self.holdout < 1 else int(self.holdout)
-
-    @property
-    def train_size(self) -> tuple[int, int]:
-        if self.height is None or self.width is None:
-            raise ValueError("the frame size is not resolved yet (call resolve())")
-        return round(self.height * self.scale), round(self.width * self.scale)
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for key, value in d.items():
@@ -101,8 +103,97 @@ class FitConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> FitConfig:
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> FitSettings:
         return cls(**_coerce(cls, data, source))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How each fold is optimised: Adam at ``lr`` (with ``lr_schedule``), ``loss``, early stopping."""
+
+    epochs: int = 150
+    patience: int = 15
+    batch_size: int = 16
+    lr: float = 1e-3
+    lr_schedule: str = "none"
+    loss: str = "bce"
+    pos_weight: tuple[float, ...] | None = None
+    amp: bool = True
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that defines a training run's result, resolved (``RUN/config.json`` is its flat form).
+
+    Attributes:
+        network: the U-Net/FPN every fold builds.
+        frames: the data's classes and camera frame size.
+        optim: the optimiser, loss, schedule and early stopping.
+        data: the data folders (absolute paths).
+        The rest: encoder initialisation, training scale, split, balancing, augmentation, crops,
+        input normalisation and seed (see :class:`FitSettings` and ``trainer fit --help``).
+    """
+
+    network: UNetConfig
+    frames: DataConfig
+    optim: OptimConfig
+    data: list[str]
+    encoder_weights: str
+    freeze_encoder: bool
+    scale: float
+    folds: int
+    holdout: float
+    folds_file: str | None
+    balance: bool
+    augment: str
+    crop: tuple[int, ...] | None
+    crop_defect_p: float
+    balance_target: int | None
+    prior_init: bool
+    mean: float
+    std: float
+    seed: int
+
+    @property
+    def holdout_count_or_fraction(self) -> float | int:
+        """``holdout`` as the splitter takes it: a fraction below 1, else a whole number of images."""
+        return self.holdout if self.holdout < 1 else int(self.holdout)
+
+    @property
+    def train_size(self) -> tuple[int, int]:
+        return round(self.frames.height * self.scale), round(self.frames.width * self.scale)
+
+    def metadata(self) -> ModelMetadata:
+        """What :func:`network.processing.preprocess` needs, as the exported graph will carry it (default decision rule)."""
+        c, (th, tw) = self.frames.num_classes, self.train_size
+        return ModelMetadata(
+            num_classes=c, class_names=list(self.frames.class_names), input_height=self.frames.height,
+            input_width=self.frames.width, train_height=th, train_width=tw, thresholds=default_thresholds(c),
+            min_areas=default_min_areas(c), encoder=self.network.encoder, in_channels=self.network.in_channels,
+            mean=self.mean, std=self.std,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat form ``RUN/config.json`` holds (the keys of :class:`FitSettings`)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("network", "frames", "optim")}
+        values |= {k: getattr(self.network, k) for k in NETWORK_KEYS}
+        values |= {k: getattr(self.optim, k) for k in OPTIM_KEYS}
+        values |= {"class_names": self.frames.class_names, "height": self.frames.height, "width": self.frames.width}
+        return FitSettings(**values).to_dict()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> FitConfig:
+        """A resolved config from its flat form (a run's ``config.json``, old runs' included).
+
+        Raises:
+            ValueError: an unknown key or mistyped value, or a value left unresolved, naming ``source``.
+        """
+        settings = FitSettings.from_dict(data, source)
+        unresolved = [k for k in ("height", "width", "mean", "std") if getattr(settings, k) is None]
+        if unresolved:
+            raise ValueError(f"{source}: {', '.join(unresolved)} not resolved (was it written by 'trainer fit'?)")
+        return _compose(settings)
 
 
 @dataclass
@@ -114,7 +205,20 @@ class FitOptions:
     device: str = "auto"
     workers: int = 2
     restart: bool = False
-    progress: bool = True
+    progress: bool | None = None  # progress bars: None = only on a terminal
+
+
+def _compose(s: FitSettings) -> FitConfig:
+    """The typed parts of resolved settings; the network's and the data's records check their own values."""
+    decoder = s.decoder_channels or default_decoder_channels(s.encoder_depth)
+    network = UNetConfig(**{k: getattr(s, k) for k in NETWORK_KEYS} | {"decoder_channels": tuple(decoder)})
+    frames = DataConfig(num_classes=s.num_classes, height=int(s.height), width=int(s.width),
+                        class_names=s.class_names)
+    optim = OptimConfig(**{k: getattr(s, k) for k in OPTIM_KEYS})
+    rest = {k: getattr(s, k) for k in ("data", "encoder_weights", "freeze_encoder", "scale", "folds", "holdout",
+                                       "folds_file", "balance", "augment", "crop", "crop_defect_p",
+                                       "balance_target", "prior_init", "seed")}
+    return FitConfig(network=network, frames=frames, optim=optim, mean=float(s.mean), std=float(s.std), **rest)
 
 
 # --------------------------------------------------------------------------- coercion
@@ -177,7 +281,7 @@ def _coerce(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Reads a YAML or JSON config file into (FitConfig values, FitOptions values).
+    """Reads a YAML or JSON config file into (FitSettings values, FitOptions values).
 
     Raises:
         FileNotFoundError: no such file.
@@ -191,8 +295,6 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
             data = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - json and yaml raise different types
         raise ValueError(f"config file {path} cannot be parsed: {exc}") from None
@@ -200,7 +302,7 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
-    config_keys = _field_types(FitConfig)
+    config_keys = _field_types(FitSettings)
     option_keys = _field_types(FitOptions)
     config_part, option_part = {}, {}
     for key, value in data.items():
@@ -212,146 +314,118 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         else:
             known = sorted(set(config_keys) | set(option_keys))
             raise ValueError(f"config file {path}: unknown key {key!r}; known keys: {', '.join(known)}")
-    return _coerce(FitConfig, config_part, f"config file {path}"), _coerce(FitOptions, option_part, f"config file {path}")
+    return _coerce(FitSettings, config_part, f"config file {path}"), _coerce(FitOptions, option_part, f"config file {path}")
 
 
-def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> tuple[FitConfig, FitOptions]:
-    """Merges defaults < file < flags into (FitConfig, FitOptions); flags carry only what was given."""
-    config_keys = set(_field_types(FitConfig))
+def build(file_values: dict[str, Any], flag_values: dict[str, Any]) -> tuple[FitSettings, FitOptions]:
+    """Merges defaults < file < flags into (FitSettings, FitOptions); flags carry only what was given."""
+    config_keys = set(_field_types(FitSettings))
     merged_config: dict[str, Any] = {}
     merged_options: dict[str, Any] = {}
     for values in (file_values, flag_values):
         for key, value in values.items():
             (merged_config if key in config_keys else merged_options)[key] = value
-    cfg = FitConfig.from_dict(merged_config, "flags")
+    cfg = FitSettings.from_dict(merged_config, "flags")
     options = FitOptions(**_coerce(FitOptions, merged_options, "flags"))
+    parse_device(options.device, "--device")  # the one parser of device strings; cuda:N included
     return cfg, options
 
 
 # --------------------------------------------------------------------------- resolution
 
 
-def _frame_size_from_data(data_dir: Path) -> tuple[int, int]:
-    """(height, width) most images in ``DIR/train_images`` declare (an odd one is reported by the image check)."""
-    from trainer.imagecheck import frame_size
-
-    return frame_size(data_dir)
-
-
-def resolve(cfg: FitConfig) -> FitConfig:
-    """Fills data-derived values and checks the combination; returns a new, fully resolved config.
+def resolve(settings: FitSettings) -> FitConfig:
+    """Fills data-derived values, checks the combination and composes the run's :class:`FitConfig`.
 
     Raises:
         ValueError: an impossible combination, naming the flags involved.
         FileNotFoundError: a data folder or its images are missing.
     """
-    from engine.metadata import default_class_names
+    _check_choices(settings)
+    _check_numbers(settings)
+    data = _data_dirs(settings)
+    height, width = settings.height, settings.width
+    if height is None or width is None:
+        found = frame_size(Path(data[0]))
+        height = found[0] if height is None else height
+        width = found[1] if width is None else width
+    pretrained = settings.encoder_weights == "imagenet"
+    mean = settings.mean if settings.mean is not None else (IMAGENET_GRAY_MEAN if pretrained else 0.0)
+    std = settings.std if settings.std is not None else (IMAGENET_GRAY_STD if pretrained else 1.0)
+    if not std > 0:
+        raise ValueError(f"--std must be > 0, got {std}")
+    folds_file = None if settings.folds_file is None else str(Path(settings.folds_file).expanduser().resolve())
+    cfg = _compose(dataclasses.replace(settings, data=data, height=int(height), width=int(width), mean=float(mean),
+                                       std=float(std), folds_file=folds_file))
+    _check_sizes(cfg)
+    return cfg
 
-    if not cfg.data:
+
+def _data_dirs(settings: FitSettings) -> list[str]:
+    if not settings.data:
         raise ValueError("no training data: give --data DIR (repeat it to train on several folders together)")
-    data = [str(Path(d).expanduser().resolve()) for d in cfg.data]
+    data = [str(Path(d).expanduser().resolve()) for d in settings.data]
     for d in data:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"--data {d}: no such data folder")
-    height, width = cfg.height, cfg.width
-    if height is None or width is None:
-        found = _frame_size_from_data(Path(data[0]))
-        height = found[0] if height is None else height
-        width = found[1] if width is None else width
-    _check_choices(cfg)
-    decoder = cfg.decoder_channels or DEFAULT_DECODER_CHANNELS[: cfg.encoder_depth]
-    if len(decoder) != cfg.encoder_depth:
-        raise ValueError(
-            f"--decoder-channels has {len(decoder)} entries, expected one per encoder stage "
-            f"(--encoder-depth {cfg.encoder_depth})"
-        )
-    c = cfg.num_classes
-    if c < 1:
-        raise ValueError(f"--classes must be >= 1, got {c}")
-    names = cfg.class_names or default_class_names(c)
-    if len(names) != c:
-        raise ValueError(f"class_names has {len(names)} names, expected one per class ({c})")
-    _check_numbers(cfg)
-    mean, std = cfg.mean, cfg.std
-    if mean is None:
-        mean = IMAGENET_GRAY_MEAN if cfg.encoder_weights == "imagenet" else 0.0
-    if std is None:
-        std = IMAGENET_GRAY_STD if cfg.encoder_weights == "imagenet" else 1.0
-    if not std > 0:
-        raise ValueError(f"--std must be > 0, got {std}")
-    folds_file = cfg.folds_file
-    if folds_file is not None:
-        folds_file = str(Path(folds_file).expanduser().resolve())
-    resolved = dataclasses.replace(
-        cfg, data=data, height=int(height), width=int(width), decoder_channels=tuple(int(v) for v in decoder),
-        class_names=tuple(names), mean=float(mean), std=float(std), folds_file=folds_file,
-    )
-    th, tw = resolved.train_size
+    return data
+
+
+def _check_choices(s: FitSettings) -> None:
+    """The trainer's own named choices; the network's (encoder, arch, pooling, widths) are
+    :class:`network.config.UNetConfig`'s to check."""
+    if s.encoder_weights not in ENCODER_WEIGHTS:
+        raise ValueError(f"--encoder-weights must be one of {', '.join(ENCODER_WEIGHTS)}, got {s.encoder_weights!r}")
+    if s.loss not in LOSSES:
+        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {s.loss!r}")
+    if s.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {s.lr_schedule!r}")
+    if s.augment not in AUGMENT_LEVELS:
+        raise ValueError(f"--augment must be one of {', '.join(AUGMENT_LEVELS)}, got {s.augment!r}")
+
+
+def _check_numbers(s: FitSettings) -> None:
+    """Per-class weights and the numeric ranges."""
+    c = s.num_classes
+    if s.pos_weight is not None and (len(s.pos_weight) != c or any(w <= 0 for w in s.pos_weight)):
+        raise ValueError(f"--pos-weight needs {c} positive numbers (one per class), got {list(s.pos_weight)}")
+    for name, value, low in (("--epochs", s.epochs, 1), ("--patience", s.patience, 1),
+                             ("--batch-size", s.batch_size, 1), ("--folds", s.folds, 2),
+                             ("--in-channels", s.in_channels, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if not s.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {s.lr}")
+    if not 0 <= s.crop_defect_p <= 1:
+        raise ValueError(f"--crop-defect-p must be in [0, 1], got {s.crop_defect_p}")
+    if not 0 < s.scale <= 1:
+        raise ValueError(f"--scale must be in (0, 1], got {s.scale}")
+    if s.holdout < 0 or (s.holdout >= 1 and not float(s.holdout).is_integer()):
+        raise ValueError(f"--holdout is a fraction in [0, 1) or a whole number of images, got {s.holdout}")
+    if s.freeze_encoder and s.encoder_weights == "none":
+        log.warning("--freeze-encoder with --encoder-weights none trains the decoder on a random, frozen encoder")
+
+
+def _check_sizes(cfg: FitConfig) -> None:
+    """The training size the scale leaves, and the crop within it."""
+    height, width = cfg.frames.size
+    th, tw = cfg.train_size
     if th < 1 or tw < 1:
         raise ValueError(f"--scale {cfg.scale} shrinks {height}x{width} frames to {th}x{tw}; pick a larger --scale")
     if cfg.crop is not None and (len(cfg.crop) != 2 or not 1 <= cfg.crop[0] <= th or not 1 <= cfg.crop[1] <= tw):
         raise ValueError(f"--crop {'x'.join(map(str, cfg.crop))} must be HxW within the training size {th}x{tw} "
                          f"(--scale {cfg.scale} of {height}x{width} frames)")
-    stride = 2**cfg.encoder_depth
+    stride = 2**cfg.network.encoder_depth
     if th % stride or tw % stride:
         # network.processing.padded_logits pads to the stride and crops back, in training and in the graph.
         log.info("training at %dx%d, padded to multiples of %d for the network (--encoder-depth %d)", th, tw, stride,
-                 cfg.encoder_depth)
-    return resolved
-
-
-def _check_choices(cfg: FitConfig) -> None:
-    """The named choices (encoder, weights, loss, schedule, depth)."""
-    from network.config import ENCODERS
-
-    if cfg.encoder not in ENCODERS:
-        raise ValueError(f"--encoder {cfg.encoder!r} is not supported; choose one of {', '.join(ENCODERS)}")
-    from engine.metadata import ARCHS, GATE_POOLING
-
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, got {cfg.arch!r}")
-    if cfg.arch == "fpn" and not 3 <= cfg.encoder_depth <= 5:
-        raise ValueError(f"--arch fpn needs --encoder-depth 3..5, got {cfg.encoder_depth}")
-    if cfg.gate_pooling not in GATE_POOLING:
-        raise ValueError(f"--gate-pooling must be one of {', '.join(GATE_POOLING)}, got {cfg.gate_pooling!r}")
-    if cfg.encoder_weights not in ENCODER_WEIGHTS:
-        raise ValueError(f"--encoder-weights must be one of {', '.join(ENCODER_WEIGHTS)}, got {cfg.encoder_weights!r}")
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
-    if cfg.augment not in AUGMENT_LEVELS:
-        raise ValueError(f"--augment must be one of {', '.join(AUGMENT_LEVELS)}, got {cfg.augment!r}")
-    if not 1 <= cfg.encoder_depth <= 5:
-        raise ValueError(f"--encoder-depth must be 1..5, got {cfg.encoder_depth}")
-
-
-def _check_numbers(cfg: FitConfig) -> None:
-    """Per-class weights and the numeric ranges."""
-    c = cfg.num_classes
-    if cfg.pos_weight is not None and (len(cfg.pos_weight) != c or any(w <= 0 for w in cfg.pos_weight)):
-        raise ValueError(f"--pos-weight needs {c} positive numbers (one per class), got {list(cfg.pos_weight)}")
-    for name, value, low in (("--epochs", cfg.epochs, 1), ("--patience", cfg.patience, 1),
-                             ("--batch-size", cfg.batch_size, 1), ("--folds", cfg.folds, 2),
-                             ("--in-channels", cfg.in_channels, 1)):
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-    if not cfg.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
-    if not 0 <= cfg.crop_defect_p <= 1:
-        raise ValueError(f"--crop-defect-p must be in [0, 1], got {cfg.crop_defect_p}")
-    if not 0 < cfg.scale <= 1:
-        raise ValueError(f"--scale must be in (0, 1], got {cfg.scale}")
-    if cfg.holdout < 0 or (cfg.holdout >= 1 and not float(cfg.holdout).is_integer()):
-        raise ValueError(f"--holdout is a fraction in [0, 1) or a whole number of images, got {cfg.holdout}")
-    if cfg.freeze_encoder and cfg.encoder_weights == "none":
-        log.warning("--freeze-encoder with --encoder-weights none trains the decoder on a random, frozen encoder")
+                 cfg.network.encoder_depth)
 
 
 def differences(saved: dict[str, Any], current: FitConfig) -> list[str]:
     """Human-readable ``key: saved -> current`` lines where a saved run config differs."""
     now = current.to_dict()
-    defaults = FitConfig().to_dict()
+    defaults = FitSettings().to_dict()
     lines = []
     for key in sorted(set(saved) | set(now)):
         if key not in saved and key in defaults and now.get(key) == defaults[key]:

@@ -18,17 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-
-def parse_crop(text: str) -> tuple[int, int]:
-    """``"96x320"`` -> ``(96, 320)`` (height x width, at the training scale)."""
-    try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--crop must be HEIGHTxWIDTH at the training scale, e.g. 64x256; got {text!r}") from None
-    if h < 1 or w < 1:
-        raise ValueError(f"--crop sides must be positive, got {text!r}")
-    return h, w
+import torch
 
 
 class CropSampler:
@@ -48,8 +38,6 @@ class CropSampler:
 
     def origins(self, y: Any, epoch: int, batch: int) -> list[tuple[int, int]]:
         """The (top, left) of each frame's crop."""
-        import torch
-
         ch, cw = self.size
         n, _, h, w = y.shape
         rng = np.random.default_rng([self.seed, self.fold, epoch, batch])
@@ -67,8 +55,6 @@ class CropSampler:
         return out
 
     def __call__(self, x: Any, y: Any, epoch: int, batch: int) -> tuple[Any, Any]:
-        import torch
-
         ch, cw = self.size
         if ch > x.shape[-2] or cw > x.shape[-1]:
             raise ValueError(f"--crop {ch}x{cw} is larger than the training size {tuple(x.shape[-2:])}")
@@ -79,7 +65,5 @@ class CropSampler:
 
 
 def _memory_format(x: Any) -> Any:
-    import torch
-
     return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
         and not x.is_contiguous() else torch.contiguous_format

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import multiprocessing
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -28,63 +28,15 @@ import torch
 from torch.utils.data import Dataset
 
 from engine import rle
-from engine.metadata import default_class_names
+from engine.decode import FrameRejected, decode_encoded
 from network.processing import downscale_masks, resize
-from trainer.augment import TRANSFORMS, apply_transform
-from trainer.samples import Sample
+from trainer.balance import TRANSFORMS, apply_transform
+from trainer.samples import ANNOTATIONS_FILE, IMAGE_SUFFIXES, IMAGES_DIR, MAX_IMAGE_PIXELS, DataConfig, Sample
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-IMAGES_DIR = "train_images"
-ANNOTATIONS_FILE = "train.csv"
 NEW_LAYOUT = ("ImageId", "ClassId", "EncodedPixels")
 OLD_LAYOUT = ("ImageId_ClassId", "EncodedPixels")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What the data looks like: class count and the camera frame size.
-
-    Attributes:
-        num_classes: defect classes C; class ids in the CSV are 1..C.
-        height, width: the camera frame size every image must have.
-        class_names: one name per class; defaults to the Severstal names for 4 classes,
-            ``"class k"`` otherwise.
-    """
-
-    num_classes: int = 4
-    height: int = 256
-    width: int = 1600
-    class_names: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        if self.height < 1 or self.width < 1:
-            raise ValueError(f"frame size must be positive, got {self.height}x{self.width}")
-        if self.class_names is None:
-            object.__setattr__(self, "class_names", tuple(default_class_names(self.num_classes)))
-        else:
-            object.__setattr__(self, "class_names", tuple(self.class_names))
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(
-                f"class_names has {len(self.class_names)} names, expected num_classes={self.num_classes}"
-            )
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(height, width) of a camera frame."""
-        return (self.height, self.width)
-
-    def scaled_size(self, scale: float) -> tuple[int, int]:
-        """(height, width) after downscaling by ``scale`` (0.5 = the thesis' 128x800)."""
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        h, w = round(self.height * scale), round(self.width * scale)
-        if h < 1 or w < 1:
-            raise ValueError(f"scale {scale} shrinks {self.height}x{self.width} frames to {h}x{w}")
-        return (h, w)
 
 
 # --------------------------------------------------------------------------- annotations
@@ -103,53 +55,19 @@ def _read_rows(
     seen: dict[tuple[str, int], int] = {}
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(
-                f"{csv_path}: empty file; expected a header {','.join(NEW_LAYOUT)} or {','.join(OLD_LAYOUT)}"
-            )
-        header_t = tuple(h.strip() for h in header)
-        if header_t not in (NEW_LAYOUT, OLD_LAYOUT):
-            raise ValueError(
-                f"{csv_path}:1: unexpected header {','.join(header)!r}; expected "
-                f"{','.join(NEW_LAYOUT)!r} or {','.join(OLD_LAYOUT)!r}"
-            )
-        old = header_t == OLD_LAYOUT
+        header = _read_header(csv_path, next(reader, None))
         for row in reader:
             line = reader.line_num
             where = f"{csv_path}:{line}"
             if not row or all(not cell.strip() for cell in row):
                 continue
-            if len(row) != len(header_t):
-                raise ValueError(
-                    f"{where}: expected {len(header_t)} fields ({','.join(header_t)}), got {len(row)}"
-                )
-            if old:
-                key, encoded = row[0].strip(), row[1]
-                image_id, sep, class_text = key.rpartition("_")
-                if not sep or not image_id:
-                    raise ValueError(
-                        f"{where}: ImageId_ClassId {key!r} is not of the form '<image>_<class id>'"
-                    )
-            else:
-                image_id, class_text, encoded = row[0].strip(), row[1], row[2]
-                if not image_id:
-                    raise ValueError(f"{where}: empty ImageId")
-            try:
-                class_id = int(class_text.strip())
-            except ValueError:
-                raise ValueError(f"{where}: ClassId {class_text.strip()!r} is not an integer") from None
-            if not 1 <= class_id <= num_classes:
-                raise ValueError(
-                    f"{where}: ClassId {class_id} out of range 1..{num_classes} (image {image_id})"
-                )
+            image_id, class_id, encoded = _parse_row(row, header, where, num_classes)
             if (image_id, class_id) in seen:
                 raise ValueError(
                     f"{where}: duplicate row for image {image_id} class {class_id} "
                     f"(first at line {seen[image_id, class_id]})"
                 )
             seen[image_id, class_id] = line
-            encoded = encoded.strip()
             if encoded and height is not None and width is not None:
                 try:
                     rle.decode(encoded, height, width)
@@ -160,6 +78,41 @@ def _read_rows(
             entry = out.setdefault(image_id, (line, [""] * num_classes))
             entry[1][class_id - 1] = encoded
     return out
+
+
+def _read_header(csv_path: Path, header: list[str] | None) -> tuple[str, ...]:
+    """The CSV's layout (:data:`NEW_LAYOUT` or :data:`OLD_LAYOUT`), or a ValueError naming the file."""
+    if header is None:
+        raise ValueError(f"{csv_path}: empty file; expected a header {','.join(NEW_LAYOUT)} or {','.join(OLD_LAYOUT)}")
+    header_t = tuple(h.strip() for h in header)
+    if header_t not in (NEW_LAYOUT, OLD_LAYOUT):
+        raise ValueError(
+            f"{csv_path}:1: unexpected header {','.join(header)!r}; expected "
+            f"{','.join(NEW_LAYOUT)!r} or {','.join(OLD_LAYOUT)!r}"
+        )
+    return header_t
+
+
+def _parse_row(row: list[str], header: tuple[str, ...], where: str, num_classes: int) -> tuple[str, int, str]:
+    """(image id, class id, stripped RLE) of one CSV row in either layout; a ValueError names ``where``."""
+    if len(row) != len(header):
+        raise ValueError(f"{where}: expected {len(header)} fields ({','.join(header)}), got {len(row)}")
+    if header == OLD_LAYOUT:
+        key, encoded = row[0].strip(), row[1]
+        image_id, sep, class_text = key.rpartition("_")
+        if not sep or not image_id:
+            raise ValueError(f"{where}: ImageId_ClassId {key!r} is not of the form '<image>_<class id>'")
+    else:
+        image_id, class_text, encoded = row[0].strip(), row[1], row[2]
+        if not image_id:
+            raise ValueError(f"{where}: empty ImageId")
+    try:
+        class_id = int(class_text.strip())
+    except ValueError:
+        raise ValueError(f"{where}: ClassId {class_text.strip()!r} is not an integer") from None
+    if not 1 <= class_id <= num_classes:
+        raise ValueError(f"{where}: ClassId {class_id} out of range 1..{num_classes} (image {image_id})")
+    return image_id, class_id, encoded.strip()
 
 
 def read_annotations(
@@ -232,8 +185,6 @@ def load_samples(data_dirs: Path | Sequence[Path], cfg: DataConfig) -> list[Samp
 # --------------------------------------------------------------------------- pixels
 
 
-#: Largest image a training folder may hold (the server's default frame pixel limit).
-MAX_IMAGE_PIXELS = 4096 * 4096
 
 
 def read_image(path: Path, cfg: DataConfig) -> np.ndarray:
@@ -245,8 +196,6 @@ def read_image(path: Path, cfg: DataConfig) -> np.ndarray:
         FileNotFoundError: the file does not exist.
         ValueError: the file cannot be decoded, or its size is not the configured frame size.
     """
-    from engine.decode import FrameRejected, decode_encoded
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
@@ -298,7 +247,7 @@ class SeverstalDataset(Dataset):
     """Images and masks for training: ``(image uint8 [h, w], masks uint8 [C, h, w])``.
 
     Args:
-        items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.augment.balance_plan`.
+        items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.balance.balance_plan`.
         cfg: the data configuration (frame size, classes).
         scale: downscale factor; ``(h, w) = (round(H * scale), round(W * scale))``. Images go
             through :func:`network.processing.resize` and are rounded back to uint8, masks through
@@ -350,12 +299,11 @@ class TrainingFrames(Dataset):
     :func:`network.processing.preprocess` does. Scaled records are kept in memory up to ``cache_bytes``
     (per process: each loader worker keeps its own), so later epochs decode nothing. A record's
     balancing transform and its random augmentation apply at the training resolution, after the
-    resize: at scale 0.25 that is 16x fewer pixels than the full frame, where decoding, augmenting
-    and downscaling every record again each epoch had made the data, not the network, half of a CPU
-    epoch.
+    resize: at scale 0.25 that is 16x fewer pixels than the full frame, and nothing is decoded or
+    downscaled again after the first epoch.
 
     Args:
-        items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.augment.balance_plan`.
+        items: samples, or ``(sample, transform name)`` pairs from :func:`trainer.balance.balance_plan`.
         cfg: the data configuration (frame size, classes).
         size: the training (height, width).
         augment: as for :class:`SeverstalDataset`; indices may be ``(index, epoch)`` pairs.
@@ -416,7 +364,6 @@ def loader_context(workers: int):
     """
     if workers <= 0:
         return None
-    import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([__name__])

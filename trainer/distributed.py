@@ -12,8 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
+
+from engine.devices import parse_device
+
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 
@@ -38,11 +42,6 @@ class Dist:
 
 def setup_distributed(device: str) -> Dist:
     """Joins the torchrun job described by the environment (RANK, WORLD_SIZE, ...) if there is one."""
-    import torch
-    import torch.distributed as dist
-
-    from engine.devices import parse_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -50,10 +49,15 @@ def setup_distributed(device: str) -> Dist:
     use_cuda = parsed.is_cuda or (parsed.is_auto and torch.cuda.is_available())
     if parsed.is_cuda and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu or auto")
+    if parsed.explicit_index and world > 1:
+        raise ValueError(f"--device {device}: under torchrun each process takes its LOCAL_RANK's GPU; "
+                         "give --device cuda (or auto)")
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible")
-        torch_device = torch.device("cuda", local_rank)
+        index = parsed.index if parsed.explicit_index else local_rank
+        if index >= torch.cuda.device_count():
+            raise RuntimeError(f"--device {device}, LOCAL_RANK {local_rank}: cuda:{index} asked for, but only "
+                               f"{torch.cuda.device_count()} GPUs are visible")
+        torch_device = torch.device("cuda", index)
         torch.cuda.set_device(torch_device)
     else:
         torch_device = torch.device("cpu")
@@ -67,14 +71,12 @@ def setup_distributed(device: str) -> Dist:
 def teardown(d: Dist) -> None:
     """Leaves the process group if this process joined it."""
     if d.initialised_here:
-        import torch.distributed as dist
 
         dist.destroy_process_group()
 
 
 def barrier(d: Dist) -> None:
     if d.distributed:
-        import torch.distributed as dist
 
         dist.barrier()
 
@@ -83,7 +85,6 @@ def on_main_then_share(d: Dist, work: Callable[[], Any]) -> Any:
     """Runs ``work`` on rank 0; every rank gets its result, or raises its error (no rank hangs)."""
     if not d.distributed:
         return work()
-    import torch.distributed as dist
 
     payload: list[Any] = [None]
     if d.main:
@@ -101,7 +102,6 @@ def on_main_then_share(d: Dist, work: Callable[[], Any]) -> Any:
 def all_reduce_sum(d: Dist, tensor: torch.Tensor) -> torch.Tensor:
     """Sums ``tensor`` over the processes, in place (a no-op for one process)."""
     if d.distributed:
-        import torch.distributed as dist
 
         dist.all_reduce(tensor)
     return tensor
@@ -114,8 +114,6 @@ def average_buffers(unet: nn.Module, world: int) -> None:
     (DDP only re-broadcasts rank 0's at the next forward). Averaging them once per epoch makes the
     validated model, and the checkpoint rank 0 writes, the same on every rank and built from all data.
     """
-    import torch.distributed as dist
-
     for buffer in unet.buffers():
         if buffer.is_floating_point():
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)

@@ -19,13 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from engine import devices
 from engine.devices import parse_device
+from engine.drift import DEFAULT_BINS, build_reference
 from engine.metadata import ModelMetadata
-from trainer import run as rundir
+from network.inspection import InspectionModel
+from trainer import rundir
+from trainer.config import DEFAULT_DRIFT_FRAMES
+from trainer.data import DataConfig, load_samples, read_image
+from trainer.splits import HOLDOUT, read_folds
 
 if TYPE_CHECKING:
-    import numpy as np
     from torch import nn
 
     from engine.drift import DriftReference
@@ -34,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Training frames sampled for the drift reference (0 = none).
-DEFAULT_DRIFT_FRAMES = 256
 #: Seeds the choice of frames, so re-exporting a run gives the same reference.
 DRIFT_SEED = 0
 #: Full-resolution frames per out-of-fold prediction batch (8 x 256 x 1600 frames hold ~50 MB of
@@ -122,11 +128,6 @@ def drift_sample(
         FileNotFoundError: ``data_dirs`` given but a folder, ``folds.csv`` or the images are missing.
         _NoDriftData: the same problems with the recorded data folders (the run was copied away).
     """
-    import numpy as np
-
-    from trainer.data import DataConfig, load_samples
-    from trainer.splits import HOLDOUT, read_folds
-
     run_dir = Path(run_dir)
     explicit = data_dirs is not None
     missing_error = FileNotFoundError if explicit else _NoDriftData
@@ -160,6 +161,14 @@ def drift_sample(
     chosen = np.sort(rng.choice(len(found), size=min(frames, len(found)), replace=False))
     ids = [found[i] for i in chosen]
     return [by_id[k] for k in ids], {k: assignment[k] for k in ids}, dirs
+
+
+def _check_sizes(frames: int, bins: int, batch_size: int) -> None:
+    if frames < 0 or 0 < frames < bins:
+        raise ValueError(f"--drift-frames must be 0 (no drift reference) or at least {bins} (one per histogram "
+                         f"bin), got {frames}")
+    if batch_size < 1:
+        raise ValueError(f"drift batch size must be >= 1, got {batch_size}")
 
 
 def build_drift_reference(
@@ -199,16 +208,8 @@ def build_drift_reference(
         FileNotFoundError: ``data_dirs`` given but unusable (see :func:`drift_sample`).
         ValueError: ``frames`` between 1 and ``bins - 1``, or bad training data.
     """
-    import numpy as np
-
-    from engine.drift import DEFAULT_BINS, build_reference
-
     bins = DEFAULT_BINS if bins is None else bins
-    if frames < 0 or 0 < frames < bins:
-        raise ValueError(f"--drift-frames must be 0 (no drift reference) or at least {bins} (one per histogram "
-                         f"bin), got {frames}")
-    if batch_size < 1:
-        raise ValueError(f"drift batch size must be >= 1, got {batch_size}")
+    _check_sizes(frames, bins, batch_size)
     if frames == 0:
         return None, DriftSummary(skipped="--drift-frames 0")
     torch_device = devices.torch_device(parse_device(device, "--device"))
@@ -247,12 +248,6 @@ def predict_out_of_fold(
     meta: ModelMetadata, torch_device: Any, batch_size: int = DRIFT_BATCH,
 ) -> OutOfFold:
     """Each sample predicted by ``InspectionModel([the U-Net of its fold], meta)``, batched per fold."""
-    import numpy as np
-    import torch
-
-    from network.inspection import InspectionModel
-    from trainer.data import DataConfig, read_image
-
     data_cfg = DataConfig(num_classes=meta.num_classes, height=meta.input_height, width=meta.input_width,
                           class_names=tuple(meta.class_names))
     # The frames are kept for build_reference (256 full-resolution frames are ~100 MB): reading the

@@ -3,7 +3,7 @@
 Splits:
 
 - ``holdout`` (default): the images ``folds.csv`` kept out of every fold, scored by the ensemble of
-  every fold's ``best.pt`` (built by :func:`trainer.export.load_run`, exactly what export ships,
+  every fold's ``best.pt`` (built by :func:`trainer.rundir.load_run`, exactly what export ships,
   and run through :class:`network.inspection.InspectionModel`, the eager twin of the exported graph), or
   by ``--model FILE`` through its engine backend, so the exported artifact itself is scored.
 - ``oof``: every non-holdout image, each predicted by the one fold model that did not train on
@@ -18,7 +18,6 @@ writes N overlays to ``RUN/renders/<name>/``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -26,106 +25,46 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.backends import BACKEND_CHOICES
+import torch
+from torch.utils.data import DataLoader
+
+from engine.backends import load_backend
 from engine.backends.base import InspectionResult
-from engine.decision import default_min_areas, default_thresholds
+from engine.cli_util import progress_bar
+from engine.decision import PostProcess, default_min_areas, default_thresholds
 from engine.devices import parse_device
 from engine.devices import torch_device as torch_device_for
-from engine.metadata import TTA_MODES
-from trainer import run as rundir
-from trainer.export import resolve_tta
+from engine.overlay import render_evaluation, write_png
+from trainer import rundir
+from trainer.config import FitConfig
+from trainer.data import SeverstalDataset, load_samples, loader_context, read_annotations
+from trainer.losses import SegmentationLoss, logits_from_probs
+from trainer.metrics import PixelStats, mask_stats, score
+from trainer.postsearch import (
+    DEFAULT_THRESHOLDS,
+    ThresholdStats,
+    default_min_area_grid,
+    search,
+    search_gate,
+    threshold_stats,
+)
 from trainer.predictors import PredictionsFile, Predictor
+from trainer.report import write_report
+from trainer.rundir import resolve_tta
+from trainer.splits import HOLDOUT, SPLITS, read_folds
 
 if TYPE_CHECKING:
-
     from engine.metadata import ModelMetadata
-    from trainer.config import FitConfig
     from trainer.samples import Sample
 
 log = logging.getLogger(__name__)
 
-HELP = "score a run's fold ensemble or an exported model (holdout / out-of-fold) and tune post-processing"
-DESCRIPTION = __doc__.split("\n\n", 1)[0].split(": ", 1)[1]
-SPLITS = ("holdout", "oof", "all")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, metavar="RUN", help="training run directory")
-    parser.add_argument("--data", action="append", metavar="DIR",
-                        help="data folder(s); default: the run's training data")
-    parser.add_argument("--split", choices=SPLITS, default="holdout", help="which images to score (default holdout)")
-    parser.add_argument("--model", metavar="FILE", help="score this exported model (.onnx/.pt/.engine) instead of "
-                        "the run's fold checkpoints")
-    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="runtime for --model (default auto: for .onnx on a CPU OpenVINO bf16 where the CPU has "
-                        "native bf16 and openvino is installed, else ONNX Runtime fp32)")
-    parser.add_argument("--predictions", metavar="CSV", help="score this Kaggle-format predictions CSV "
-                        "(ImageId,ClassId,EncodedPixels; e.g. from 'server client') instead of running a model; "
-                        "every scored image must appear in it")
-    parser.add_argument("--json", metavar="OUT", help="also write the evaluation JSON here")
-    parser.add_argument("--render", type=int, default=0, metavar="N", help="write N overlay PNGs")
-    parser.add_argument("--batch-size", type=int, default=8, help="frames per inference batch (default 8)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes (default 2)")
-    parser.add_argument("--thresholds", metavar="T1,T2,..", help="threshold grid of the oof search "
-                        "(default 0.10..0.95 step 0.05)")
-    parser.add_argument("--min-areas", metavar="A1,A2,..", help="minimum-area grid of the oof search "
-                        "(default scaled from 1..10000 for 256x1600 frames)")
-    parser.add_argument("--tta", choices=TTA_MODES, default=None,
-                        help="flip TTA of the run's folds (none, hflip, hvflip); the oof search records it in "
-                             "postprocess.json for export; default: the one postprocess.json was searched with")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    def numbers(text: str | None, kind: type, flag: str) -> list | None:
-        if text is None:
-            return None
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-
-    if args.render < 0 or args.batch_size < 1 or args.workers < 0:
-        raise ValueError("--render and --workers must be >= 0, --batch-size >= 1")
-    result = evaluate_run(
-        Path(args.run), data_dirs=args.data, split=args.split, model_path=args.model,
-        predictions_path=args.predictions, render=args.render,
-        batch_size=args.batch_size, device=args.device, workers=args.workers,
-        threshold_grid=numbers(args.thresholds, float, "--thresholds"),
-        min_area_grid=numbers(args.min_areas, int, "--min-areas"), progress=args.progress, tta=args.tta,
-        backend_name=args.backend,
-    )
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(summary(result))
-    return 0
-
-
-def summary(result: dict[str, Any]) -> str:
-    """A few lines for the terminal."""
-    lines = [f"{result['split']}: {result['images']} images, {result['model']}"]
-    for name, rule in result["rules"].items():
-        s = rule["scores"]
-        rule_text = ("as in the predictions" if rule["thresholds"] is None
-                     else f"thresholds {rule['thresholds']} min areas {rule['min_areas']}")
-        lines.append(f"  {name:9s} {rule_text}: Kaggle "
-                     f"{s['kaggle']:.4f}  thesis Dice {s['thesis_dice']:.4f}  label acc {s['label_accuracy']:.4f}  "
-                     f"per-class acc {s['mean_class_accuracy']:.4f}")
-    lines.append(f"  all-empty prediction: Kaggle {result['empty_kaggle']:.4f}")
-    if result.get("loss") is not None:
-        lines.append(f"  loss ({result['loss_kind']}, full resolution): {result['loss']:.4f}")
-    if result.get("postprocess_written"):
-        lines.append(f"  wrote {result['postprocess_written']}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
 def _load_config(run_dir: Path) -> FitConfig:
-    from trainer.config import FitConfig
-
     path = run_dir / rundir.CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run: {path} does not exist")
@@ -139,8 +78,6 @@ def _split_groups(
     split: str, samples: Sequence[Sample], run_dir: Path, cfg: FitConfig
 ) -> list[tuple[int | None, list[Sample]]]:
     """``[(fold or None, samples)]``: one group for holdout/all, one per fold for oof."""
-    from trainer.splits import HOLDOUT, read_folds
-
     if split == "all":
         return [(None, list(samples))]
     folds_path = run_dir / rundir.FOLDS
@@ -200,7 +137,7 @@ def evaluate_run(
     workers: int = 0,
     threshold_grid: Sequence[float] | None = None,
     min_area_grid: Sequence[int] | None = None,
-    progress: bool = False,
+    progress: bool | None = False,
     tta: str | None = None,
     backend_name: str | None = None,
 ) -> dict[str, Any]:
@@ -213,34 +150,27 @@ def evaluate_run(
         ValueError: a combination that cannot be scored (``--model`` with ``oof``, a model whose
             classes or frame size differ from the data).
     """
-    from trainer.data import load_samples
-    from trainer.fit import data_config
-    from trainer.report import write_report
-
     started = time.perf_counter()
     run_dir = Path(run_dir)
     _check_request(split, model_path, predictions_path)
     cfg = _load_config(run_dir)
-    data_cfg = data_config(cfg)
     dirs = [Path(d) for d in (data_dirs or cfg.data)]
-    groups = _split_groups(split, load_samples(dirs, data_cfg), run_dir, cfg)
-    scoring = _Scoring(cfg, data_cfg, split, torch_device_for(parse_device(device, "--device")), threshold_grid)
-    scoring.tta = resolve_tta(run_dir, tta)
-    backend = None if model_path is None else _open_model(model_path, device, data_cfg, backend_name)
+    groups = _split_groups(split, load_samples(dirs, cfg.frames), run_dir, cfg)
+    scoring = _Scoring(cfg, cfg.frames, split, torch_device_for(parse_device(device, "--device")), threshold_grid)
+    post = rundir.read_postprocess(run_dir, cfg.frames.num_classes)
+    scoring.tta = resolve_tta(tta, post, rundir.postprocess_path(run_dir))
+    backend = None if model_path is None else _open_model(model_path, device, cfg.frames, backend_name)
     if backend is not None and backend.max_batch_size is not None:
         batch_size = min(batch_size, backend.max_batch_size)
     predictions = None if predictions_path is None else _read_predictions(Path(predictions_path), groups, split,
-                                                                          cfg.num_classes)
+                                                                          cfg.frames.num_classes)
     name = _evaluation_name(split, model_path or predictions_path)
     scoring.prepare_renders(run_dir / rundir.RENDERS / name, [s for _, group in groups for s in group], render)
     try:
         for fold, group in groups:
-            if predictions is not None:
-                predictor = Predictor.of_predictions(predictions)
-            elif backend is not None:
-                predictor = Predictor.of_backend(model_path, backend)
-            else:
-                predictor = _run_predictor(run_dir, fold, cfg, scoring)
+            predictor = (Predictor.of_predictions(predictions) if predictions is not None
+                         else Predictor.of_backend(model_path, backend) if backend is not None
+                         else _run_predictor(run_dir, fold, cfg, scoring))
             scoring.score_group(predictor, fold, group, batch_size, workers, progress)
     finally:
         if backend is not None:
@@ -251,11 +181,16 @@ def evaluate_run(
     elif split == "oof":
         raise AssertionError("the fold ensemble always returns probabilities")
     result["seconds"] = round(time.perf_counter() - started, 2)
+    _write_evaluation(run_dir, name, result)
+    return result
+
+
+def _write_evaluation(run_dir: Path, name: str, result: dict[str, Any]) -> None:
+    """``RUN/evaluations/<name>.json``, then the run report that lists it."""
     eval_dir = run_dir / rundir.EVALUATIONS
     eval_dir.mkdir(exist_ok=True)
     rundir.atomic_write_text(eval_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
     write_report(run_dir)
-    return result
 
 
 def _check_request(split: str, model_path: Any, predictions_path: Any) -> None:
@@ -272,8 +207,6 @@ def _check_request(split: str, model_path: Any, predictions_path: Any) -> None:
 
 def _open_model(model_path: str | Path, device: str, data_cfg: Any, backend_name: str | None = None) -> Any:
     """The exported model through its engine backend, checked against the data."""
-    from engine.backends import load_backend
-
     backend = load_backend(model_path, device=device, backend=backend_name)
     meta = backend.metadata
     if meta.num_classes != data_cfg.num_classes or meta.input_size != data_cfg.size:
@@ -286,7 +219,6 @@ def _open_model(model_path: str | Path, device: str, data_cfg: Any, backend_name
 
 def _read_predictions(path: Path, groups: list[tuple[int | None, list[Sample]]], split: str,
                       num_classes: int) -> PredictionsFile:
-    from trainer.data import read_annotations
 
     rles = read_annotations(path, num_classes)
     scored = [s.image_id for _, group in groups for s in group]
@@ -297,12 +229,18 @@ def _read_predictions(path: Path, groups: list[tuple[int | None, list[Sample]]],
     return PredictionsFile(path, rles)
 
 
+def _loss_kind(cfg: FitConfig) -> str:
+    optim = cfg.optim
+    return optim.loss + ("" if optim.pos_weight is None else f" pos_weight {list(optim.pos_weight)}")
+
+
 def _run_predictor(run_dir: Path, fold: int | None, cfg: FitConfig, scoring: _Scoring) -> Predictor:
     """The run's ensemble (holdout, all), or the one fold that did not train on ``fold`` (oof)."""
     if fold is not None:
         return Predictor.of_run(run_dir, [fold], scoring.device,
-                                override={**scoring.baseline, "tta": scoring.tta, "gate_thresholds": None}, amp=cfg.amp)
-    predictor = Predictor.of_run(run_dir, "all", scoring.device, override={"tta": scoring.tta}, amp=cfg.amp)
+                                override={**scoring.baseline, "tta": scoring.tta, "gate_thresholds": None},
+                                amp=cfg.optim.amp)
+    predictor = Predictor.of_run(run_dir, "all", scoring.device, override={"tta": scoring.tta}, amp=cfg.optim.amp)
     if predictor.metadata.folds < cfg.folds:
         log.warning("only %d of the run's %d folds have a best.pt; scoring their ensemble",
                     predictor.metadata.folds, cfg.folds)
@@ -314,14 +252,13 @@ class _Scoring:
 
     def __init__(self, cfg: FitConfig, data_cfg: Any, split: str, device: Any,
                  threshold_grid: Sequence[float] | None) -> None:
-        from trainer.losses import SegmentationLoss
 
-        c = cfg.num_classes
+        c = cfg.frames.num_classes
         self.cfg, self.data_cfg, self.split, self.device = cfg, data_cfg, split, device
         self.threshold_grid = threshold_grid
         self.tta = "none"
         self.baseline = {"thresholds": default_thresholds(c), "min_areas": default_min_areas(c)}
-        self.criterion = SegmentationLoss(cfg.loss, cfg.pos_weight).to(device)
+        self.criterion = SegmentationLoss(cfg.optim.loss, cfg.optim.pos_weight).to(device)
         self.stats_parts: list[Any] = []
         self.grid_parts: list[Any] = []
         self.loss_sum, self.loss_count = 0.0, 0
@@ -339,12 +276,8 @@ class _Scoring:
                 stale.unlink()
 
     def score_group(self, predictor: Predictor, fold: int | None, group: list[Sample], batch_size: int,
-                    workers: int, progress: bool) -> None:
-        from torch.utils.data import DataLoader
+                    workers: int, progress: bool | None) -> None:
 
-        from engine.cli_util import progress_bar
-        from trainer.data import SeverstalDataset, loader_context
-        from trainer.postsearch import DEFAULT_THRESHOLDS
 
         self.model_names.append(predictor.name)
         self.metas.append(predictor.metadata)
@@ -356,7 +289,7 @@ class _Scoring:
                             multiprocessing_context=loader_context(workers))
         position = 0
         bar = progress_bar(loader, desc=f"{self.split}{'' if fold is None else f' fold {fold}'}",
-                           disable=not progress, leave=False, dynamic_ncols=True)
+                           show=progress, leave=False, dynamic_ncols=True)
         for frames, truth in bar:
             chunk = group[position:position + frames.shape[0]]
             result = predictor.predict(frames.numpy(), [s.image_id for s in chunk])
@@ -366,12 +299,6 @@ class _Scoring:
         bar.close()
 
     def add_batch(self, frames: Any, truth: Any, result: InspectionResult) -> None:
-        import torch
-
-        from trainer.losses import logits_from_probs
-        from trainer.metrics import mask_stats
-        from trainer.postsearch import threshold_stats
-
         masks, present = torch.from_numpy(result.masks), torch.from_numpy(result.present)
         self.stats_parts.append(mask_stats(masks, truth, present=present))
         if result.probs is None:
@@ -387,8 +314,6 @@ class _Scoring:
         self.loss_count += frames.shape[0]
 
     def render_batch(self, chunk: Sequence[Sample], frames: Any, truth: Any, result: InspectionResult) -> None:
-        from engine.overlay import render_evaluation, write_png
-
         meta = self.metas[-1]  # the predictor of this group (None for a predictions CSV)
         for i, sample in enumerate(chunk):
             if sample.image_id not in self.rendered_ids or self.render_dir is None:
@@ -396,7 +321,7 @@ class _Scoring:
             self.render_dir.mkdir(parents=True, exist_ok=True)
             rendering = render_evaluation(
                 frames[i].numpy(), truth[i].numpy(), result.masks[i], result.counts[i].tolist(),
-                result.present[i].tolist(), list(self.cfg.class_names or (meta.class_names if meta else [])),
+                result.present[i].tolist(), list(self.cfg.frames.class_names or (meta.class_names if meta else [])),
                 min_areas=meta.min_areas if meta else None, title=f"{sample.image_id} ({self.split})")
             # The outcomes in the name: ..._TP4-FN3.png reads "class 4 found, class 3 missed".
             path = self.render_dir / f"{Path(sample.image_id).stem}_{rendering.outcome_tag}.png"
@@ -404,8 +329,6 @@ class _Scoring:
             self.renders.append(str(path))
 
     def result(self, dirs: Sequence[Path]) -> dict[str, Any]:
-        from trainer.metrics import PixelStats, score
-
         self.stats = PixelStats.concatenate(self.stats_parts)
         meta = self.metas[0]
         model_rule = "thesis" if self.split == "oof" else "model"
@@ -422,7 +345,7 @@ class _Scoring:
             "images": len(self.stats),
             "primary": model_rule,
             "loss": self.loss_sum / self.loss_count if self.loss_count else None,
-            "loss_kind": cfg.loss + ("" if cfg.pos_weight is None else f" pos_weight {list(cfg.pos_weight)}"),
+            "loss_kind": _loss_kind(cfg),
             "empty_kaggle": float((self.stats.truth == 0).mean()),
             "metadata": None if meta is None else {
                 "thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),
@@ -436,9 +359,6 @@ def _compare_and_search(result: dict[str, Any], scoring: _Scoring, run_dir: Path
                         min_area_grid: Sequence[int] | None) -> None:
     """Adds the baseline rule's scores (when the model's rule differs) and, for oof, the searched rule,
     writing ``RUN/postprocess.json``."""
-    from trainer.metrics import score
-    from trainer.postsearch import ThresholdStats, default_min_area_grid, search, search_gate
-
     grid_stats = ThresholdStats.concatenate(scoring.grid_parts)
     baseline, meta, rules = scoring.baseline, scoring.metas[0], result["rules"]
     if scoring.split != "oof":
@@ -457,17 +377,15 @@ def _compare_and_search(result: dict[str, Any], scoring: _Scoring, run_dir: Path
     rules["searched"] = {"thresholds": found.thresholds, "min_areas": found.min_areas, "gate_thresholds": gate,
                          "scores": score(searched).to_dict()}
     result["primary"] = "searched"
-    postprocess = found.to_dict() | {
-        "split": "oof", "folds": cfg.folds, "scored_folds": scoring.folds, "tta": scoring.tta,
-        "gate_thresholds": gate, "run": str(run_dir),
-        "checkpoint_sha256": [m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in scoring.metas],
-        "written_by": "trainer evaluate --split oof",
-    }
-    if gate is not None:
-        postprocess["kaggle_after_gate"] = rules["searched"]["scores"]["kaggle"]
-    path = run_dir / rundir.POSTPROCESS
-    rundir.atomic_write_text(path, json.dumps(postprocess, indent=2) + "\n")
-    result["postprocess"] = postprocess
+    postprocess = PostProcess(
+        **found.to_dict(), split="oof", folds=cfg.folds, scored_folds=scoring.folds, tta=scoring.tta,
+        gate_thresholds=gate, run=str(run_dir),
+        checkpoint_sha256=[m.checkpoint_sha256[0] if m.checkpoint_sha256 else None for m in scoring.metas],
+        written_by="trainer evaluate --split oof",
+        kaggle_after_gate=None if gate is None else rules["searched"]["scores"]["kaggle"],
+    )
+    path = rundir.write_postprocess(run_dir, postprocess)
+    result["postprocess"] = postprocess.to_dict()
     result["postprocess_written"] = str(path)
     log.info("wrote %s: thresholds %s, min areas %s; Kaggle metric %.4f -> %.4f", path, found.thresholds,
              found.min_areas, found.baseline_kaggle, found.kaggle)

@@ -18,9 +18,9 @@ from its data exports without a reference (with a warning) unless ``--data`` poi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
-import json
 import logging
 import warnings
 from collections.abc import Sequence
@@ -28,48 +28,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import onnx
+import torch
+
 from engine import graph
-from engine.cli_util import CLIError
-from engine.decision import (
-    DEFAULT_MIN_AREA,
-    DEFAULT_THRESHOLD,
-    default_gate_thresholds,
-    default_min_areas,
-    default_thresholds,
-)
 from engine.files import atomic_write
-from engine.metadata import TTA_MODES, ModelMetadata
-from trainer import run as rundir
-from trainer.drift_reference import DEFAULT_DRIFT_FRAMES, DriftSummary, build_drift_reference
+from engine.hashing import file_sha256
+from engine.metadata import ModelMetadata
+from network.checkpoint import save_ensemble
+from network.inspection import InspectionModel
+from toolchain.parity import compare_outputs, synthetic_frames, tolerance_for
+from trainer.config import DEFAULT_DRIFT_FRAMES
+from trainer.drift_reference import DriftSummary, build_drift_reference
+from trainer.rundir import RunModel, load_run
 
 if TYPE_CHECKING:
-    from torch import nn
 
-    from network.config import UNetConfig
     from toolchain.parity import ParityReport
 
 log = logging.getLogger(__name__)
-
-HELP = "export a run's folds as one ONNX inspection graph (or a .pt ensemble bundle)"
-DESCRIPTION = (
-    "Writes the inspection graph: uint8 frames [N,H,W] -> masks uint8 [N,C,H,W], counts int32 [N,C], "
-    "present bool [N,C]. The export checks itself against the torch eager reference and fails beyond "
-    "tolerance. '--out model.pt' writes the torch backend's ensemble bundle instead. Both carry a drift "
-    "reference for the server: line statistics of a sample of the run's training frames and out-of-fold "
-    "predicted areas (--drift-frames; the run's data folders must be reachable, or given with --data)."
-)
-
-
-@dataclass
-class RunModel:
-    """A run's selected folds, rebuilt, with the metadata of the model they make together."""
-
-    run_dir: Path
-    folds: list[nn.Module]
-    fold_ids: list[int]
-    checkpoints: list[Path]
-    config: UNetConfig
-    metadata: ModelMetadata
 
 
 @dataclass
@@ -120,155 +97,16 @@ class ExportParityError(ValueError):
 # --------------------------------------------------------------------------- reading a run
 
 
-def parse_folds(folds: str | Sequence[int]) -> list[int] | None:
-    """``"all"`` -> None (every fold found); ``"0,2"`` or ``[0, 2]`` -> ``[0, 2]``."""
-    if isinstance(folds, str):
-        if folds.strip().lower() == "all":
-            return None
-        try:
-            ids = [int(tok) for tok in folds.split(",") if tok.strip()]
-        except ValueError:
-            raise ValueError(f"--folds must be 'all' or comma-separated fold numbers like 0,1,2; got {folds!r}") from None
-    else:
-        ids = [int(f) for f in folds]
-    if not ids:
-        raise ValueError("--folds selects no fold")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"--folds lists a fold twice: {ids}")
-    return ids
-
-
-def read_postprocess(run_dir: Path, num_classes: int) -> tuple[list[float], list[int]]:
-    """Thresholds and minimum areas from ``RUN/postprocess.json`` (thesis 0.5 / 200 when absent)."""
-    path = run_dir / rundir.POSTPROCESS
-    if not path.is_file():
-        log.info("%s absent: using the thesis defaults (threshold %s, min area %d)", path, DEFAULT_THRESHOLD,
-                 DEFAULT_MIN_AREA)
-        return default_thresholds(num_classes), default_min_areas(num_classes)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object with 'thresholds' and 'min_areas'")
-    thresholds = data.get("thresholds", default_thresholds(num_classes))
-    min_areas = data.get("min_areas", default_min_areas(num_classes))
-    for name, values in (("thresholds", thresholds), ("min_areas", min_areas)):
-        if not isinstance(values, list) or len(values) != num_classes:
-            raise ValueError(f"{path}: '{name}' must be a list of {num_classes} values (one per class), got {values!r}")
-    try:
-        return [float(t) for t in thresholds], [int(a) for a in min_areas]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: thresholds must be numbers and min_areas integers ({exc})") from exc
-
-
-def read_postprocess_tta(run_dir: Path) -> str:
-    """The flip TTA ``RUN/postprocess.json`` was searched with (``none`` when absent): what export and
-    evaluation use unless told otherwise, so the thresholds are used with the TTA they were chosen for."""
-    path = run_dir / rundir.POSTPROCESS
-    if not path.is_file():
-        return "none"
-    try:
-        tta = json.loads(path.read_text()).get("tta", "none")
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a JSON object ({exc})") from exc
-    if tta not in TTA_MODES:
-        raise ValueError(f"{path}: 'tta' must be one of {', '.join(TTA_MODES)}, got {tta!r}")
-    return tta
-
-
-def read_gate_thresholds(run_dir: Path, num_classes: int) -> list[float]:
-    """``gate_thresholds`` of ``RUN/postprocess.json``, else 0.5 per class (folds trained with ``--gate``)."""
-    path = run_dir / rundir.POSTPROCESS
-    values = json.loads(path.read_text()).get("gate_thresholds") if path.is_file() else None
-    if values is None:
-        return default_gate_thresholds(num_classes)
-    if not isinstance(values, list) or len(values) != num_classes:
-        raise ValueError(f"{path}: 'gate_thresholds' must be a list of {num_classes} values, got {values!r}")
-    return [float(v) for v in values]
-
-
-def resolve_tta(run_dir: Path, tta: str | None) -> str:
-    """``tta``, or the run's when None; warns when it differs from the one the thresholds were searched with."""
-    searched = read_postprocess_tta(run_dir)
-    if tta is None:
-        return searched
-    if tta != searched and (run_dir / rundir.POSTPROCESS).is_file():
-        log.warning("--tta %s, but %s was searched with --tta %s: its thresholds may not suit", tta,
-                    run_dir / rundir.POSTPROCESS, searched)
-    return tta
-
-
-# Facts every fold of one model must share; a mismatch means the folds come from different runs.
-_SHARED_FACTS = ("input_size", "train_size", "class_names", "mean", "std")
-
-
-def load_run(run_dir: str | Path, folds: str | Sequence[int] = "all", tta: str | None = None) -> RunModel:
-    """Rebuilds a run's selected folds (eval mode, CPU) and the metadata of their ensemble (flip
-    TTA ``tta``, default the run's: see :func:`resolve_tta`).
-
-    Raises:
-        FileNotFoundError: no run directory, or a selected fold has no ``best.pt``.
-        ValueError: folds that disagree on architecture or data facts, a bad postprocess.json.
-    """
-    from engine.hashing import file_sha256
-    from network.checkpoint import fold_metadata, load_fold
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir}: no such run directory")
-    available = rundir.best_checkpoints(run_dir)
-    wanted = parse_folds(folds)
-    if wanted is None:
-        if not available:
-            raise FileNotFoundError(f"{run_dir}: no fold checkpoints (expected {run_dir}/fold<k>/best.pt)")
-        wanted = sorted(available)
-    missing = [k for k in wanted if k not in available]
-    if missing:
-        raise FileNotFoundError(
-            f"{run_dir}: no checkpoint for fold(s) {missing} (expected {run_dir}/fold<k>/best.pt; "
-            f"found folds {sorted(available) or 'none'})"
-        )
-    nets, facts, checkpoints = [], [], []
-    config = None
-    for k in wanted:
-        unet, cfg, fold_facts = load_fold(available[k])
-        if config is None:
-            config = cfg
-        elif cfg != config:
-            raise ValueError(f"{available[k]}: U-Net {cfg} differs from fold {wanted[0]}'s {config}")
-        first = facts[0] if facts else fold_facts
-        for fact in _SHARED_FACTS:
-            if getattr(fold_facts, fact) != getattr(first, fact):
-                raise ValueError(
-                    f"{available[k]}: {fact} {getattr(fold_facts, fact)!r} differs from fold {wanted[0]}'s "
-                    f"{getattr(first, fact)!r}; all folds of one model must share it"
-                )
-        nets.append(unet)
-        facts.append(fold_facts)
-        checkpoints.append(available[k])
-    assert config is not None
-    thresholds, min_areas = read_postprocess(run_dir, config.num_classes)
-    shas = [file_sha256(p) for p in checkpoints]
-    combined = hashlib.sha256("".join(shas).encode()).hexdigest()[:12]
-    meta = fold_metadata(
-        facts[0],
-        config,
-        thresholds=thresholds,
-        min_areas=min_areas,
-        folds=len(nets),
-        checkpoint_sha256=shas,
-        model_version=f"{run_dir.resolve().name}-{combined}",
-        tta=resolve_tta(run_dir, tta),
-        gate_thresholds=read_gate_thresholds(run_dir, config.num_classes) if config.gate else None,
-    )
-    return RunModel(run_dir, nets, list(wanted), checkpoints, config, meta)
-
-
-# --------------------------------------------------------------------------- drift reference
-
-
 # --------------------------------------------------------------------------- export
+
+
+def _check_request(out_path: Path, precision: str, parity_frames: int) -> None:
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"--precision must be fp32 or fp16, got {precision!r}")
+    if out_path.suffix.lower() != ".onnx":
+        raise ValueError(f"{out_path}: an ONNX export must end in .onnx")
+    if parity_frames < 0:
+        raise ValueError(f"--parity-frames must be >= 0, got {parity_frames}")
 
 
 def export_onnx(
@@ -306,18 +144,8 @@ def export_onnx(
         ExportParityError: the exported graph differs from the eager reference beyond tolerance.
         FileNotFoundError: ``drift_data`` given but unusable.
     """
-    import torch
-
-    from network.inspection import InspectionModel
-    from toolchain.parity import synthetic_frames
-
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"--precision must be fp32 or fp16, got {precision!r}")
     out_path = Path(out_path)
-    if out_path.suffix.lower() != ".onnx":
-        raise ValueError(f"{out_path}: an ONNX export must end in .onnx")
-    if parity_frames < 0:
-        raise ValueError(f"--parity-frames must be >= 0, got {parity_frames}")
+    _check_request(out_path, precision, parity_frames)
     run = load_run(run_dir, folds, tta)
     meta, drift = _with_drift_reference(
         run, ModelMetadata.from_dict({**run.metadata.to_dict(), "precision": precision}),
@@ -327,8 +155,6 @@ def export_onnx(
     eager_outputs = _eager_outputs(eager_model, frames) if parity_frames else None
     graph_model = eager_model
     if precision == "fp16":
-        import copy
-
         halves = [copy.deepcopy(f).half() for f in eager_model.folds]
         graph_model = InspectionModel(halves, meta, with_probs=True, compute_dtype=torch.float16).eval()
     model = _trace(graph_model, frames, meta, opset)
@@ -359,8 +185,6 @@ def _with_drift_reference(
 
 def _eager_outputs(eager_model: Any, frames: Any) -> dict[str, Any]:
     """The torch eager fp32 outputs the exported graph is compared with (probabilities included)."""
-    import torch
-
     with torch.no_grad():
         masks, counts, present, probs = eager_model(torch.from_numpy(frames))
     return {graph.MASKS.name: masks.numpy(), graph.COUNTS.name: counts.numpy(), graph.PRESENT.name: present.numpy(),
@@ -369,9 +193,6 @@ def _eager_outputs(eager_model: Any, frames: Any) -> dict[str, Any]:
 
 def _trace(graph_model: Any, frames: Any, meta: ModelMetadata, opset: int) -> Any:
     """The traced ONNX model (with ``probs`` among its outputs), its signature and metadata set, checked."""
-    import onnx
-    import torch
-
     output_names = [*graph.OUTPUT_NAMES, graph.PROBS_NAME]
     buffer = io.BytesIO()
     log.info("tracing the %s inspection graph (%d folds, opset %d)", meta.precision, len(graph_model.folds), opset)
@@ -403,8 +224,6 @@ def _trace(graph_model: Any, frames: Any, meta: ModelMetadata, opset: int) -> An
 def _check_parity(model: Any, frames: Any, eager_outputs: dict[str, Any], meta: ModelMetadata,
                   out_path: Path) -> ParityReport:
     """ONNX Runtime on the graph against the eager outputs; raises ExportParityError beyond tolerance."""
-    from toolchain.parity import compare_outputs, tolerance_for
-
     outputs = _run_onnxruntime(model.SerializeToString(), frames, [*graph.OUTPUT_NAMES, graph.PROBS_NAME])
     report = compare_outputs(eager_outputs, outputs, meta.thresholds, meta.min_areas, tolerance_for(meta.precision),
                              reference_name="torch eager fp32", candidate_name=f"onnxruntime cpu {meta.precision}",
@@ -419,8 +238,6 @@ def _check_parity(model: Any, frames: Any, eager_outputs: dict[str, Any], meta: 
 
 def _serialise(model: Any, with_probs: bool) -> bytes:
     """The model's bytes; without ``probs`` among the outputs unless asked for."""
-    import onnx
-
     if not with_probs:
         # The probabilities feed the threshold node, so dropping the graph output leaves no dead nodes.
         keep = [o for o in model.graph.output if o.name != graph.PROBS_NAME]
@@ -441,7 +258,7 @@ def _set_signature(model: Any, meta: ModelMetadata) -> None:
 
 
 def _run_onnxruntime(model_bytes: bytes, frames: Any, output_names: Sequence[str]) -> dict[str, Any]:
-    import onnxruntime as ort
+    import onnxruntime as ort  # an extra, in one of two packages (cpu or gpu): imported where it runs
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -462,9 +279,6 @@ def export_ensemble(
 ) -> ExportReport:
     """Writes the torch backend's ``.pt`` ensemble bundle (every selected fold + metadata, drift
     reference included; the drift arguments as in :func:`export_onnx`)."""
-    from engine.hashing import file_sha256
-    from network.checkpoint import save_ensemble
-
     out_path = Path(out_path)
     if out_path.suffix.lower() != ".pt":
         raise ValueError(f"{out_path}: an ensemble bundle must end in .pt")
@@ -483,60 +297,3 @@ def export_ensemble(
     )
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: Any) -> None:
-    parser.add_argument("--run", required=True, type=Path, help="training run directory (fold<k>/best.pt)")
-    parser.add_argument("--out", required=True, type=Path, help="model.onnx (inspection graph) or model.pt (bundle)")
-    parser.add_argument("--folds", default="all", help="'all' or comma-separated fold numbers (default: all)")
-    parser.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="U-Net precision (ONNX only)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    parser.add_argument("--with-probs", action="store_true", help="also output the mean probabilities (debugging)")
-    parser.add_argument(
-        "--parity-frames", type=int, default=2, help="synthetic frames for the parity check (0 skips it; default 2)"
-    )
-    parser.add_argument("--report", type=Path, help="also write the export report as JSON here")
-    parser.add_argument("--tta", choices=TTA_MODES, default=None,
-                        help="flip test-time augmentation inside the graph: none, hflip, or hvflip (frame, "
-                             "horizontal and vertical flip); default: the one postprocess.json was searched with")
-    drift = parser.add_argument_group("drift reference (server drift monitoring)")
-    drift.add_argument(
-        "--drift-frames", type=int, default=DEFAULT_DRIFT_FRAMES, metavar="N",
-        help=f"non-holdout training frames sampled for the drift reference (0 = none; default {DEFAULT_DRIFT_FRAMES})",
-    )
-    drift.add_argument(
-        "--data", action="append", type=Path, metavar="DIR",
-        help="the run's data folder(s), when not where its config.json says (repeat for several)",
-    )
-    drift.add_argument("--drift-bins", type=int, default=None, metavar="B",
-                       help="histogram bins per statistic (default 10)")
-    drift.add_argument("--device", default="cpu",
-                       help="where the out-of-fold predictions run: cpu, cuda, cuda:N or auto (default cpu)")
-
-
-def run(args: Any) -> int:
-    suffix = args.out.suffix.lower()
-    drift = {"drift_frames": args.drift_frames, "drift_data": args.data, "drift_bins": args.drift_bins,
-             "device": args.device, "tta": args.tta}
-    if suffix == ".onnx":
-        report = export_onnx(
-            args.run,
-            args.out,
-            folds=args.folds,
-            precision=args.precision,
-            opset=args.opset,
-            with_probs=args.with_probs,
-            parity_frames=args.parity_frames,
-            **drift,
-        )
-    elif suffix == ".pt":
-        if args.precision != "fp32" or args.with_probs:
-            raise CLIError("--precision fp16 and --with-probs apply to ONNX exports only; a .pt bundle is fp32")
-        report = export_ensemble(args.run, args.out, folds=args.folds, **drift)
-    else:
-        raise CLIError(f"--out {args.out}: expected a .onnx (inspection graph) or .pt (ensemble bundle) file")
-    print(report.summary())
-    if args.report:
-        args.report.write_text(json.dumps(report.to_dict(), indent=2))
-    return 0

@@ -20,7 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.cli_util import progress_bar
 from engine.decode import FrameRejected, declared_size, decode_encoded
+from trainer.samples import IMAGE_SUFFIXES, IMAGES_DIR, MAX_IMAGE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,6 @@ class BadImage:
 
 def image_files(data_dir: Path) -> list[Path]:
     """The images of ``DATA/train_images`` that training reads, sorted."""
-    from trainer.data import IMAGE_SUFFIXES, IMAGES_DIR
-
     folder = Path(data_dir) / IMAGES_DIR
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} has no {IMAGES_DIR}/ folder of images")
@@ -46,8 +46,6 @@ def image_files(data_dir: Path) -> list[Path]:
 
 def check_image(path: Path, size: tuple[int, int] | None) -> BadImage | None:
     """None when ``path`` decodes completely (to ``size`` = (height, width) when given)."""
-    from trainer.data import MAX_IMAGE_PIXELS
-
     try:
         decode_encoded(Path(path).read_bytes(), size, MAX_IMAGE_PIXELS)
     except FrameRejected as exc:
@@ -113,22 +111,19 @@ def frame_size(data_dir: Path) -> tuple[int, int]:
     return sizes.most_common(1)[0][0]
 
 
-def check_training_images(data_dirs: Sequence[Path], size: tuple[int, int], progress: bool = False) -> int:
+def check_training_images(data_dirs: Sequence[Path], size: tuple[int, int], progress: bool | None = False) -> int:
     """``trainer fit``'s check: every image of every data folder, one error naming all bad ones.
+
+    ``progress``: a progress bar always (True), never (False) or only on a terminal (None).
 
     Returns:
         How many images were checked.
     """
     paths = [p for d in data_dirs for p in image_files(Path(d))]
-    bar = None
-    if progress:
-        from engine.cli_util import progress_bar
-
-        bar = progress_bar(total=len(paths), desc="checking training images", unit="image", leave=False)
+    bar = progress_bar(total=len(paths), desc="checking training images", unit="image", leave=False, show=progress)
     try:
-        bad = check_images(paths, size, on_checked=bar.update if bar is not None else None)
+        bad = check_images(paths, size, on_checked=bar.update)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     require_usable(bad, len(paths), size)
     return len(paths)

@@ -22,9 +22,7 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 
     A class absent from a batch is left to the BCE. Scoring it too (Dice ``smooth / (sum p + smooth)``)
     pushes its probabilities down on every batch that lacks it, which for a rare class is nearly every
-    batch: on the synthetic strips, pits and stains (in 12 % and 6 % of frames) stopped being
-    predicted at all within a few epochs (training Dice 0.000 after 30 epochs), while BCE alone
-    still learned them slowly.
+    batch, until the class is no longer predicted at all.
     """
     probs = torch.sigmoid(logits.float())
     target = target.float()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = [
     "CONFUSION_FIELDS",
@@ -198,8 +199,6 @@ def mask_stats(masks: Any, truth_masks: Any, present: Any | None = None, min_are
 
 
 def _as_bool_tensor(x: Any):
-    import torch
-
     if isinstance(x, torch.Tensor):
         return x.detach() != 0
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x)) != 0)

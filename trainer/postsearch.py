@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from trainer.metrics import PixelStats, kaggle_metric, pair_dice
 
@@ -118,8 +119,6 @@ def threshold_stats(probs: Any, truth_masks: Any, thresholds: Sequence[float] = 
     ``bincount`` per (image, class, bucket) and a reversed cumulative sum then give the pixels at
     or above every threshold, the same float32 comparison the inspection graph makes.
     """
-    import torch
-
     probs_t = probs if isinstance(probs, torch.Tensor) else torch.from_numpy(np.asarray(probs))
     truth_t = truth_masks if isinstance(truth_masks, torch.Tensor) else torch.from_numpy(np.asarray(truth_masks))
     probs_t = probs_t.detach().to(torch.float32)

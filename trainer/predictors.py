@@ -17,10 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from engine.backends.base import Backend, InspectionResult, check_frames
+from engine.cpu import cpu_autocast_dtype
 from engine.devices import parse_device
 from engine.metadata import ModelMetadata
+from engine.rle import decode_many
+from network.inspection import InspectionModel
+from trainer.rundir import load_run
 
 
 class RunEnsembleBackend(Backend):
@@ -37,11 +42,7 @@ class RunEnsembleBackend(Backend):
 
     def __init__(self, run_dir: Path, folds: Sequence[int] | str, device: Any,
                  override: dict[str, Any] | None = None, amp: bool = False) -> None:
-        import torch
 
-        from engine.cpu import cpu_autocast_dtype
-        from network.inspection import InspectionModel
-        from trainer.export import load_run
 
         loaded = load_run(run_dir, folds)
         self.metadata = dataclasses.replace(loaded.metadata, **(override or {}))
@@ -80,8 +81,6 @@ class PredictionsFile:
     rles: dict[str, list[str]]
 
     def infer(self, frames: np.ndarray, image_ids: Sequence[str]) -> InspectionResult:
-        from engine.rle import decode_many
-
         h, w = frames.shape[-2:]
         masks = np.stack([decode_many(self.rles[i], h, w) for i in image_ids])
         counts = masks.astype(np.int64).sum(axis=(2, 3)).astype(np.int32)

@@ -7,8 +7,15 @@ wait on network timeouts and end in a traceback.
 from __future__ import annotations
 
 import socket
+import urllib.request
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
+
+import segmentation_models_pytorch as smp
+from huggingface_hub import constants, try_to_load_from_cache
+
+from network.build import build_unet
+from network.config import ENCODERS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -26,13 +33,6 @@ def check_pretrained_reachable(
         RuntimeError: the weights are not cached and the hub (or the proxy) cannot be reached.
         ValueError: the encoder has no such weights.
     """
-    import urllib.request
-
-    import segmentation_models_pytorch as smp
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    from network.config import ENCODERS
-
     settings = smp.encoders.encoders[ENCODERS[encoder]]["pretrained_settings"].get(weights)
     if settings is None:
         raise ValueError(f"encoder {encoder} has no {weights!r} weights; use --encoder-weights none")
@@ -61,8 +61,6 @@ def check_pretrained_reachable(
 
 def build_pretrained_unet(ucfg: UNetConfig, weights: str) -> nn.Module:
     """The U-Net with ``weights`` (e.g. ``imagenet``) in its encoder, or a clear error why not."""
-    from network.build import build_unet
-
     check_pretrained_reachable(ucfg.encoder, weights)
     try:
         return build_unet(ucfg, encoder_weights=weights)

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from trainer import run as rundir
+from trainer import rundir
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,12 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     if eval_dir.is_dir():
         for path in sorted(eval_dir.glob("*.json")):
             evaluations[path.stem] = _read_json(path)
-    postprocess_path = run_dir / rundir.POSTPROCESS
+    post = rundir.read_postprocess(run_dir, int(config["num_classes"])) if "num_classes" in config else None
     return {
         "run": str(run_dir),
         "config": config,
         "training": training,
-        "postprocess": _read_json(postprocess_path) if postprocess_path.exists() else None,
+        "postprocess": None if post is None else post.to_dict(),
         "evaluations": evaluations,
         "thesis": THESIS_RESULTS.get(str(config.get("encoder"))),
     }

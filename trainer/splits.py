@@ -33,21 +33,18 @@ import numpy as np
 
 from engine.files import atomic_write
 from engine.metadata import class_ids
+from trainer.samples import label_matrix
 
 if TYPE_CHECKING:
     from trainer.samples import Sample
 
 log = logging.getLogger(__name__)
 
+#: What ``trainer evaluate --split`` scores: the holdout, every image out of fold, or every image.
+SPLITS = ("holdout", "oof", "all")
 HOLDOUT = -1
 FOLDS_HEADER = ("ImageId", "fold", "labels")
 
-HELP = "make the stratified holdout and K folds of one or more data folders, write folds.csv"
-DESCRIPTION = (
-    "Splits the images of the data folders into a stratified holdout and K stratified folds "
-    "(multi-label iterative stratification on each image's set of defect classes), writes "
-    "folds.csv (ImageId,fold,labels; fold -1 = holdout) and prints the class counts per fold."
-)
 
 
 # --------------------------------------------------------------------------- stratification
@@ -175,8 +172,6 @@ def make_folds(
     Returns:
         image id -> fold index ``0..folds-1``, or :data:`HOLDOUT` (-1).
     """
-    from trainer.samples import label_matrix
-
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
         raise ValueError(f"folds must be an integer >= 2, got {folds!r}")
     ordered = sorted(samples, key=lambda s: s.image_id)
@@ -379,8 +374,6 @@ class FoldCounts:
 
 def fold_class_counts(assignment: dict[str, int], samples: Sequence[Sample], num_classes: int) -> FoldCounts:
     """Per fold (and holdout): images, defect-free images, multi-class images, images per class."""
-    from trainer.samples import label_matrix
-
     ordered = [s for s in samples if s.image_id in assignment]
     if len(ordered) != len(assignment):
         raise ValueError("the assignment names images that are not in the samples")
@@ -417,43 +410,3 @@ def parse_holdout(text: str) -> float | int:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        type=Path,
-        action="append",
-        required=True,
-        metavar="DIR",
-        help="data folder with train_images/ and train.csv (repeat for several)",
-    )
-    parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default 5)")
-    parser.add_argument(
-        "--holdout",
-        type=parse_holdout,
-        default=0.1,
-        help="holdout size: a fraction (0.1) or an image count (250); default 0.1",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--out", type=Path, help="folds file to write (default: FIRST_DIR/folds.csv)")
-    parser.add_argument("--classes", type=int, default=4, help="number of defect classes (default 4)")
-    parser.add_argument("--height", type=int, default=256, help="frame height in pixels (default 256)")
-    parser.add_argument("--width", type=int, default=1600, help="frame width in pixels (default 1600)")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing folds file that differs")
-
-
-def run(args: argparse.Namespace) -> int:
-    from engine.cli_util import CLIError
-    from trainer.data import DataConfig, load_samples
-
-    cfg = DataConfig(num_classes=args.classes, height=args.height, width=args.width)
-    samples = load_samples(args.data, cfg)
-    if not samples:
-        raise CLIError(f"no images found in {', '.join(str(d) for d in args.data)}")
-    out = args.out if args.out is not None else args.data[0] / "folds.csv"
-    assignment = make_folds(samples, cfg.num_classes, folds=args.folds, holdout=args.holdout, seed=args.seed)
-    if out.exists() and not args.force and read_folds(out) != assignment:
-        raise CLIError(f"{out} exists with a different split; pass --force to overwrite it")
-    write_folds(out, assignment, samples)
-    print(f"{len(samples)} images -> {out}")
-    print(fold_class_counts(assignment, samples, cfg.num_classes).format(cfg.class_names))
-    return 0

@@ -27,23 +27,19 @@ background's streaks after the thesis' 2x downscale.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 from pathlib import Path
 
+import cv2
 import numpy as np
+
+from engine import rle
 
 log = logging.getLogger(__name__)
 
-HELP = "write a synthetic Severstal-format data set (train_images/ + train.csv) of a steel strip line"
-DESCRIPTION = (
-    "Draws N frames of rolled steel with four kinds of defects (pits/dents, stains, scratches, "
-    "cracks/scabs) and writes DIR/train_images/*.jpg, DIR/train.csv (ImageId,ClassId,EncodedPixels) "
-    "and DIR/synth.json. Deterministic by seed."
-)
 
 KINDS = ("pits/dents", "stains", "scratches", "cracks/scabs")
 # Share of images holding each class: the real data's order (3 >> 1 > 4 > 2), with the rare
@@ -59,8 +55,6 @@ MAX_CLASSES_PER_IMAGE = 2
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: tuple[int, int]) -> np.ndarray:
     """Zero-mean, unit-std smooth noise of ``shape`` from a ``cells`` grid upsampled bicubically."""
-    import cv2
-
     gh, gw = max(2, cells[0]), max(2, cells[1])
     grid = rng.standard_normal((gh, gw)).astype(np.float32)
     field = cv2.resize(grid, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC)
@@ -68,8 +62,6 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: tuple
 
 
 def _blur1d(values: np.ndarray, sigma: float) -> np.ndarray:
-    import cv2
-
     return cv2.GaussianBlur(values.astype(np.float32)[None, :], (0, 0), sigmaX=max(sigma, 0.3))[0]
 
 
@@ -130,8 +122,6 @@ def _ellipse_field(ry: float, rx: float, reach: float) -> tuple[np.ndarray, int,
 
 def _pits(rng: np.random.Generator, u: float) -> tuple[np.ndarray, np.ndarray]:
     """Class 1: a cluster of small dark hollows, darkest in the middle."""
-    import cv2
-
     spread_y, spread_x = max(4, int(rng.uniform(30, 70) * u)), max(6, int(rng.uniform(40, 140) * u))
     # A border of the largest pit's size keeps every pit whole inside the patch.
     border = int(math.ceil(1.3 * max(2.0, 10.0 * u))) + 1
@@ -166,8 +156,6 @@ def _stain(rng: np.random.Generator, u: float, height: int) -> tuple[np.ndarray,
 
 def _scratches(rng: np.random.Generator, u: float, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Class 3: one to three thin lines along the rolling direction, slightly slanted and wavy."""
-    import cv2
-
     count = int(rng.choice([1, 1, 2, 3]))
     angle = math.radians(float(np.clip(rng.normal(0.0, 10.0), -30.0, 30.0)))
     length = rng.uniform(0.45, 1.0) * height / math.cos(angle)
@@ -196,8 +184,6 @@ def _scratches(rng: np.random.Generator, u: float, height: int) -> tuple[np.ndar
 
 def _crack(rng: np.random.Generator, u: float, height: int) -> tuple[np.ndarray, np.ndarray]:
     """Class 4: a large rough patch with a ragged outline, grainy texture and dark crack lines."""
-    import cv2
-
     ry = min(rng.uniform(35.0, 100.0) * u, 0.45 * height)
     rx = rng.uniform(60.0, 200.0) * u
     ellipse, ph, pw = _ellipse_field(ry, rx, reach=1.6)
@@ -283,6 +269,17 @@ def image_name(seed: int, index: int) -> str:
     return hashlib.sha1(f"strip-synth/{seed}/{index}".encode()).hexdigest()[:9] + ".jpg"
 
 
+def _check_request(images: int, height: int, width: int, num_classes: int) -> None:
+    if images < 1:
+        raise ValueError(f"--images must be >= 1, got {images}")
+    if height < 16 or width < 16:
+        raise ValueError(f"frames must be at least 16x16 pixels, got {height}x{width}")
+    if not 1 <= num_classes <= len(KINDS):
+        raise ValueError(
+            f"--classes must be 1..{len(KINDS)} (synth draws {len(KINDS)} defect kinds), got {num_classes}"
+        )
+
+
 def synthesize(
     out: Path,
     images: int,
@@ -309,18 +306,7 @@ def synthesize(
         ValueError: bad sizes or class count.
         FileExistsError: ``out`` already holds a data set and ``overwrite`` is False.
     """
-    import cv2
-
-    from engine import rle
-
-    if images < 1:
-        raise ValueError(f"--images must be >= 1, got {images}")
-    if height < 16 or width < 16:
-        raise ValueError(f"frames must be at least 16x16 pixels, got {height}x{width}")
-    if not 1 <= num_classes <= len(KINDS):
-        raise ValueError(
-            f"--classes must be 1..{len(KINDS)} (synth draws {len(KINDS)} defect kinds), got {num_classes}"
-        )
+    _check_request(images, height, width, num_classes)
     out = Path(out)
     images_dir, csv_path = _clear_output(out, overwrite)
     held = _assign_classes(np.random.default_rng([seed, 0x5EED]), images, num_classes)
@@ -371,42 +357,3 @@ def _clear_output(out: Path, overwrite: bool) -> tuple[Path, Path]:
     return images_dir, csv_path
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="data folder to write")
-    parser.add_argument("--images", type=int, default=200, help="number of frames (default 200)")
-    parser.add_argument("--height", type=int, default=256, help="frame height (default 256)")
-    parser.add_argument("--width", type=int, default=1600, help="frame width (default 1600)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--classes", type=int, default=4, help="defect classes to draw, 1..4 (default 4)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier data set in DIR")
-
-
-def run(args: argparse.Namespace) -> int:
-    import time
-
-    from engine import rle
-    from trainer.data import ANNOTATIONS_FILE
-
-    start = time.perf_counter()
-    out = synthesize(
-        args.out, args.images, args.height, args.width, args.seed, args.classes, overwrite=args.force
-    )
-    seconds = time.perf_counter() - start
-    counts = np.zeros(args.classes, dtype=np.int64)
-    areas: list[list[int]] = [[] for _ in range(args.classes)]
-    with open(out / ANNOTATIONS_FILE, encoding="utf-8") as f:
-        next(f)
-        for line in f:
-            _, k, encoded = line.rstrip("\n").split(",")
-            counts[int(k) - 1] += 1
-            areas[int(k) - 1].append(int(rle.decode(encoded, args.height, args.width).sum()))
-    pairs = args.images * args.classes
-    print(f"wrote {args.images} frames of {args.height}x{args.width} to {out} in {seconds:.1f} s")
-    for k in range(args.classes):
-        median = int(np.median(areas[k])) if areas[k] else 0
-        print(f"  class {k + 1} {KINDS[k]:<13} images {counts[k]:>5}  median area {median} px")
-    print(f"  empty (image, class) pairs: {1 - counts.sum() / pairs:.1%}")
-    return 0

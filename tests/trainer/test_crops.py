@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import FitConfig, FitOptions, resolve
-from trainer.crops import CropSampler, parse_crop
+from trainer.commands.fit import parse_crop
+from trainer.config import FitOptions, FitSettings, resolve
+from trainer.crops import CropSampler
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,15 +51,16 @@ def test_parse_crop_names_bad_values() -> None:
 
 def test_fit_on_crops_validates_and_saves_whole_frame_folds(synth_dir: Path, tmp_path: Path) -> None:
     from network.checkpoint import load_fold
-    from trainer.config import FitConfig, FitOptions, resolve
-    from trainer.fit import read_metrics, run_fit
+    from trainer.config import FitOptions, FitSettings, resolve
+    from trainer.fit import run_fit
+    from trainer.rundir import read_metrics
 
     torch.set_num_threads(1)
     values = dict(data=[str(synth_dir)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
                   decoder_channels=(16, 8, 4), folds=2, holdout=0.15, epochs=1, batch_size=8)
     with pytest.raises(ValueError, match="within the training size 32x160"):
-        resolve(FitConfig(**values, crop=(48, 64)))
-    cfg = resolve(FitConfig(**values, crop=(20, 60), crop_defect_p=0.3))  # not a multiple of the stride: padded
+        resolve(FitSettings(**values, crop=(48, 64)))
+    cfg = resolve(FitSettings(**values, crop=(20, 60), crop_defect_p=0.3))  # not a multiple of the stride: padded
     out = tmp_path / "run"
     run_fit(cfg, FitOptions(out=str(out), fold=0, device="cpu", workers=0, progress=False))
     saved = json.loads((out / "config.json").read_text())
@@ -72,30 +74,32 @@ def test_crop_training_re_estimates_batchnorm_statistics_on_whole_frames(synth_d
     """After an epoch on crops, the BatchNorm statistics are those of whole training frames: the
     first layer's running mean is the mean of its input over the recalibration frames."""
     from network.processing import scaled_input
-    from trainer import fit as fit_module
     from trainer.data import load_samples
     from trainer.distributed import setup_distributed
-    from trainer.fit import FoldPaths, FoldTrainer, split_fold
+    from trainer.fit import split_fold
+    from trainer.folddata import RECALIBRATION_FRAMES
+    from trainer.loop import FoldTrainer
+    from trainer.rundir import FoldPaths
     from trainer.splits import make_folds
 
     torch.set_num_threads(1)
-    cfg = resolve(FitConfig(data=[str(synth_dir)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
+    cfg = resolve(FitSettings(data=[str(synth_dir)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
                             decoder_channels=(16, 8, 4), scale=0.5, folds=2, holdout=0.15, epochs=1,
                             batch_size=4, crop=(16, 32), balance=False))
-    samples = load_samples(synth_dir, fit_module.data_config(cfg))
+    samples = load_samples(synth_dir, cfg.frames)
     train, val = split_fold(samples, make_folds(samples, 4, folds=2, holdout=0.15, seed=0), 0)
     opts = FitOptions(out=str(tmp_path / "run"), fold=0, device="cpu", workers=0, progress=False)
     trainer = FoldTrainer(cfg, opts, setup_distributed("cpu"), 0, FoldPaths.of(opts.out, 0), train, val)
     trainer.make_loaders()
-    picks = trainer.recalibration
-    assert 0 < len(picks) <= fit_module.RECALIBRATION_FRAMES
+    picks = trainer.data.recalibration
+    assert 0 < len(picks) <= RECALIBRATION_FRAMES
     assert {s.image_id for s in picks} <= {s.image_id for s in train}
     trainer.train_epoch(1)
     bn, conv = trainer.unet.encoder.bn1, trainer.unet.encoder.conv1
     assert bn.momentum == 0.1  # restored after the re-estimation
     with torch.no_grad():
         batch_means = []
-        for i in range(0, len(picks), cfg.batch_size):
-            frames = torch.stack([trainer.train_set.scaled(s)[0] for s in picks[i:i + cfg.batch_size]])
+        for i in range(0, len(picks), cfg.optim.batch_size):
+            frames = torch.stack([trainer.data.train_set.scaled(s)[0] for s in picks[i:i + cfg.optim.batch_size]])
             batch_means.append(conv(scaled_input(frames, trainer.meta)).mean(dim=(0, 2, 3)))
     torch.testing.assert_close(bn.running_mean, torch.stack(batch_means).mean(dim=0), rtol=1e-4, atol=1e-5)

@@ -11,8 +11,9 @@ import torch
 import torch.multiprocessing as mp
 
 from network.checkpoint import load_checkpoint
-from trainer.config import FitConfig, FitOptions, resolve
-from trainer.fit import EpochEnd, read_metrics, run_fit
+from trainer.config import FitOptions, FitSettings, resolve
+from trainer.fit import EpochEnd, run_fit
+from trainer.rundir import read_metrics
 
 WORLD = 2
 EPOCHS = 2
@@ -29,7 +30,7 @@ def _worker(rank: int, port: int, data: str, out: str, dumps: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    cfg = resolve(FitConfig(data=[data], encoder="resnet18", encoder_weights="none", encoder_depth=3,
+    cfg = resolve(FitSettings(data=[data], encoder="resnet18", encoder_weights="none", encoder_depth=3,
                             decoder_channels=(16, 8, 4), folds=2, holdout=0.15, epochs=EPOCHS, batch_size=4))
 
     def dump(event: EpochEnd) -> None:

@@ -15,10 +15,10 @@ import torch
 
 from network.checkpoint import fold_metadata, load_fold
 from network.inspection import InspectionModel
-from trainer.config import FitConfig, FitOptions, resolve
+from trainer.config import FitConfig, FitOptions, FitSettings, resolve
 from trainer.data import SeverstalDataset, load_samples
 from trainer.evaluate import DECISION_SCORES, decision_scores, evaluate_run
-from trainer.fit import data_config, run_fit
+from trainer.fit import run_fit
 from trainer.metrics import PixelStats, kaggle_metric, mask_stats
 from trainer.splits import HOLDOUT, read_folds
 
@@ -27,7 +27,7 @@ from trainer.splits import HOLDOUT, read_folds
 def trained_run(synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two folds, two epochs each, of a tiny U-Net on the 48 synthetic 64x320 frames."""
     torch.set_num_threads(1)
-    cfg = resolve(FitConfig(data=[str(synth_dir)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
+    cfg = resolve(FitSettings(data=[str(synth_dir)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
                             decoder_channels=(16, 8, 4), folds=2, holdout=0.15, epochs=2, batch_size=8))
     out = tmp_path_factory.mktemp("evaluate") / "run"
     run_fit(cfg, FitOptions(out=str(out), device="cpu", workers=0, progress=False))
@@ -57,13 +57,13 @@ def test_oof_search_scores_each_image_with_its_own_fold_and_writes_postprocess(t
 
     # Recompute the baseline score independently: each fold's checkpoint on exactly its own validation images.
     cfg = FitConfig.from_dict(json.loads((run / "config.json").read_text()))
-    samples = load_samples([Path(d) for d in cfg.data], data_config(cfg))
+    samples = load_samples([Path(d) for d in cfg.data], cfg.frames)
     parts = []
     for fold in (0, 1):
         unet, ucfg, facts = load_fold(run / f"fold{fold}" / "best.pt")
         model = InspectionModel([unet], fold_metadata(facts, ucfg)).eval()
         group = [s for s in samples if assignment[s.image_id] == fold]
-        dataset = SeverstalDataset(group, data_config(cfg))
+        dataset = SeverstalDataset(group, cfg.frames)
         frames = torch.stack([dataset[i][0] for i in range(len(group))])
         truth = torch.stack([dataset[i][1] for i in range(len(group))])
         with torch.inference_mode():
@@ -97,7 +97,7 @@ def test_holdout_of_the_exported_onnx_scores_like_the_eager_ensemble(trained_run
 
     # The all-empty baseline is the fraction of empty (image, class) pairs, from the labels alone.
     cfg = FitConfig.from_dict(json.loads((run / "config.json").read_text()))
-    holdout = [s for s in load_samples([Path(d) for d in cfg.data], data_config(cfg))
+    holdout = [s for s in load_samples([Path(d) for d in cfg.data], cfg.frames)
                if read_folds(run / "folds.csv")[s.image_id] == HOLDOUT]
     empty_pairs = np.mean([[not r for r in s.rles] for s in holdout])
     assert eager["empty_kaggle"] == pytest.approx(empty_pairs)

@@ -15,7 +15,7 @@ from toolchain.parity import FP32_TOLERANCE, Tolerance, compare_outputs, synthet
 
 
 def _export_cli(argv: list[str]) -> int:
-    return run_cli("trainer", "test", {"export": "trainer.export"}, ["export", *argv])
+    return run_cli("trainer", "test", {"export": "trainer.commands.export"}, ["export", *argv])
 
 
 def test_graph_signature(tiny_onnx: Path) -> None:
@@ -55,7 +55,7 @@ def test_onnx_runtime_matches_torch_reference(tiny_onnx: Path, tiny_run: Path, t
 
     from engine.backends import load_backend
     from network.inspection import InspectionModel
-    from trainer.export import load_run
+    from trainer.rundir import load_run
 
     run = load_run(tiny_run)
     with torch.no_grad():
@@ -126,7 +126,8 @@ def test_fold_selection_and_defaults(tmp_path: Path) -> None:
 
 
 def test_run_errors_name_the_problem(tmp_path: Path) -> None:
-    from trainer.export import export_onnx, load_run
+    from trainer.export import export_onnx
+    from trainer.rundir import load_run
 
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         load_run(tmp_path / "nowhere")

@@ -11,7 +11,8 @@ import torch
 from engine.metadata import read_onnx_metadata
 from tests.fixtures import make_tiny_run
 from toolchain.parity import synthetic_frames
-from trainer.export import export_onnx, load_run
+from trainer.export import export_onnx
+from trainer.rundir import load_run
 
 FPN = {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 32, 8], "arch": "fpn"}
 
@@ -60,11 +61,11 @@ def test_hflip_tta_in_the_graph_is_the_mean_over_the_frame_and_its_mirror(tiny_r
 
 def test_fit_trains_an_fpn_fold(synth_dir: Path, tmp_path: Path) -> None:
     from network.checkpoint import load_fold
-    from trainer.config import FitConfig, FitOptions, resolve
+    from trainer.config import FitOptions, FitSettings, resolve
     from trainer.fit import run_fit
 
     torch.set_num_threads(1)
-    cfg = resolve(FitConfig(data=[str(synth_dir)], arch="fpn", encoder="resnet18", encoder_weights="none",
+    cfg = resolve(FitSettings(data=[str(synth_dir)], arch="fpn", encoder="resnet18", encoder_weights="none",
                             encoder_depth=3, decoder_channels=(32, 32, 8), folds=2, holdout=0.15, epochs=1,
                             batch_size=8))
     run_fit(cfg, FitOptions(out=str(tmp_path / "run"), fold=0, device="cpu", workers=0, progress=False))

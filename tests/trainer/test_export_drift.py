@@ -27,7 +27,7 @@ PIXELS = 64 * 320
 
 
 def _export_cli(argv: list[str]) -> int:
-    return run_cli("trainer", "test", {"export": "trainer.export"}, ["export", *argv])
+    return run_cli("trainer", "test", {"export": "trainer.commands.export"}, ["export", *argv])
 
 
 def _info_cli(argv: list[str]) -> int:

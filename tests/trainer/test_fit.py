@@ -15,9 +15,13 @@ import torch
 from network.checkpoint import fold_metadata, load_checkpoint, load_fold, read_fold_checkpoint
 from network.inspection import InspectionModel
 from network.processing import downscale_masks
-from trainer import fit as fit_module
-from trainer.config import FitConfig, FitOptions, read_config_file, resolve
-from trainer.fit import EpochEnd, check_pretrained_reachable, read_metrics, run_fit
+from trainer import loop
+from trainer.commands import fit as fit_command
+from trainer.config import FitConfig, FitOptions, FitSettings, differences, read_config_file, resolve
+from trainer.fit import EpochEnd, run_fit
+from trainer.pretrained import check_pretrained_reachable
+from trainer.priors import class_pixel_priors, init_output_prior
+from trainer.rundir import read_metrics
 from trainer.splits import read_folds
 
 
@@ -26,7 +30,7 @@ def tiny_config(data: Path, **overrides) -> FitConfig:
     values = dict(data=[str(data)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
                   decoder_channels=(16, 8, 4), scale=0.5, folds=2, holdout=0.15, epochs=2, patience=5, batch_size=8)
     values.update(overrides)
-    return resolve(FitConfig(**values))
+    return resolve(FitSettings(**values))
 
 
 def options(out: Path, **overrides) -> FitOptions:
@@ -144,19 +148,41 @@ def test_other_settings_are_refused_unless_restart(synth_dir: Path, tmp_path: Pa
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    fit_module.add_arguments(parser)
+    fit_command.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def test_device_flag_takes_what_engine_devices_accepts(synth_dir: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``--device cuda:1`` is accepted as :func:`engine.devices.parse_device` accepts it (and refused
+    at training time where no such GPU is); anything it refuses, the flag and a config file refuse."""
+    from trainer.distributed import setup_distributed
+
+    base = ["--data", str(synth_dir), "--out", str(tmp_path / "r"), "--encoder", "resnet18"]
+    for text in ("cuda:1", "CUDA", "cpu", "auto"):
+        _, opts = fit_command.config_from_args(_parse([*base, "--device", text]))
+        assert opts.device == text.lower()
+    with pytest.raises(SystemExit):
+        _parse([*base, "--device", "gpu"])
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+    config_file = tmp_path / "fit.yaml"
+    config_file.write_text("device: cuda-1\n")
+    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N"):
+        fit_command.config_from_args(_parse([*base, "--config", str(config_file)]))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            setup_distributed("cuda:1")
 
 
 def test_config_file_flags_precedence_and_unknown_keys(synth_dir: Path, tmp_path: Path) -> None:
     config_file = tmp_path / "fit.yaml"
     config_file.write_text(f"data: [{synth_dir}]\nencoder: resnet18\nencoder-weights: none\nencoder_depth: 3\n"
                            "lr: 0.005\nepochs: 7\npos_weight: [2, 2, 1, 1.5]\nworkers: 0\n")
-    cfg, opts = fit_module.config_from_args(_parse(["--config", str(config_file), "--out", str(tmp_path / "r"),
+    cfg, opts = fit_command.config_from_args(_parse(["--config", str(config_file), "--out", str(tmp_path / "r"),
                                                     "--epochs", "3", "--no-balance"]))
-    assert cfg.lr == 0.005 and cfg.epochs == 3 and cfg.balance is False  # flags beat the file
-    assert cfg.pos_weight == (2.0, 2.0, 1.0, 1.5) and cfg.decoder_channels == (256, 128, 64)
-    assert cfg.patience == 15 and opts.workers == 0 and opts.out == str(tmp_path / "r")
+    assert cfg.optim.lr == 0.005 and cfg.optim.epochs == 3 and cfg.balance is False  # flags beat the file
+    assert cfg.optim.pos_weight == (2.0, 2.0, 1.0, 1.5) and cfg.network.decoder_channels == (256, 128, 64)
+    assert cfg.optim.patience == 15 and opts.workers == 0 and opts.out == str(tmp_path / "r")
 
     config_file.write_text("encoder: resnet18\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match=r"fit\.yaml: unknown key 'learning_rate'"):
@@ -167,7 +193,7 @@ def test_config_file_flags_precedence_and_unknown_keys(synth_dir: Path, tmp_path
 
 
 def test_cosine_schedule_warms_up_over_the_first_epoch_then_decays_to_zero() -> None:
-    from trainer.fit import cosine_lr
+    from trainer.loop import cosine_lr
 
     lrs = [cosine_lr(0.01, epoch, step, 4, 5) for epoch in range(1, 6) for step in range(4)]
     assert lrs[0] == pytest.approx(0.001) and lrs[3] == pytest.approx(0.001 + 0.009 * 3 / 4)
@@ -227,8 +253,8 @@ def test_training_frames_match_the_graph_input(synth_dir: Path) -> None:
     from trainer.data import SeverstalDataset, TrainingFrames, load_samples
 
     cfg = tiny_config(synth_dir, mean=0.3, std=0.2)
-    meta = fit_module.preprocessing_metadata(cfg)
-    data_cfg = fit_module.data_config(cfg)
+    meta = cfg.metadata()
+    data_cfg = cfg.frames
     samples = load_samples(synth_dir, data_cfg)[:2]
     frames = torch.stack([SeverstalDataset(samples, data_cfg)[i][0] for i in range(2)])
     full = [SeverstalDataset(samples, data_cfg)[i][1] for i in range(2)]
@@ -240,7 +266,7 @@ def test_training_frames_match_the_graph_input(synth_dir: Path) -> None:
     pairs = [scaled[i] for i in range(2)]
     torch.testing.assert_close(scaled_input(torch.stack([p[0] for p in pairs]), meta), x, rtol=0, atol=1e-5)
     for (_, masks), truth in zip(pairs, full):
-        assert masks.dtype == torch.uint8 and masks.shape == (cfg.num_classes, 32, 160)
+        assert masks.dtype == torch.uint8 and masks.shape == (cfg.frames.num_classes, 32, 160)
         assert torch.equal(masks, downscale_masks(truth[None], (32, 160))[0].to(torch.uint8))
     # The second read comes from the cache, and handing it out does not expose the cached tensors.
     again = scaled[0][0]
@@ -267,10 +293,10 @@ def test_cuda_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path
 def test_cpu_fit_with_bf16_autocast_and_channels_last(synth_dir: Path, tmp_path: Path, bf16_on) -> None:
     """--amp with bf16 on (native here or emulated by torch): the U-Net runs in bf16 (channels_last),
     losses and checkpoints stay fp32; --no-amp trains in fp32, and the two differ (so bf16 really ran)."""
-    from trainer.fit import _amp_dtype
+    from trainer.loop import amp_dtype
 
-    assert _amp_dtype(torch, on_cuda=False, amp=True) == torch.bfloat16
-    assert _amp_dtype(torch, on_cuda=False, amp=False) is None
+    assert amp_dtype(on_cuda=False, amp=True) == torch.bfloat16
+    assert amp_dtype(on_cuda=False, amp=False) is None
     torch.set_num_threads(1)
     runs = {}
     for amp in (True, False):
@@ -288,14 +314,14 @@ def test_output_prior_initialisation_matches_the_defect_pixel_fraction(synth_dir
     from trainer.data import load_samples, sample_masks
 
     cfg = tiny_config(synth_dir)
-    samples = load_samples(synth_dir, fit_module.data_config(cfg))
-    priors = fit_module.class_pixel_priors(samples, cfg)
-    masks = np.stack([sample_masks(s, fit_module.data_config(cfg)) for s in samples])
+    samples = load_samples(synth_dir, cfg.frames)
+    priors = class_pixel_priors(samples, cfg.frames)
+    masks = np.stack([sample_masks(s, cfg.frames) for s in samples])
     expected = np.clip(masks.mean(axis=(0, 2, 3)), 1e-4, 0.5)
     assert priors == pytest.approx(expected.tolist(), rel=1e-9)
 
-    unet = fit_module.build_model(cfg, pretrained=False)
-    fit_module.init_output_prior(unet, priors)
+    unet = loop.build_model(cfg, pretrained=False)
+    init_output_prior(unet, priors)
     with torch.no_grad():
         probs = torch.sigmoid(unet.segmentation_head[0].bias)
     assert probs.tolist() == pytest.approx(priors, rel=1e-5)
@@ -305,13 +331,15 @@ def test_fold_training_steps_one_by_one(synth_dir: Path, tmp_path: Path) -> None
     """The units train_fold is made of: set-up, loaders, validate, one epoch, save, restore."""
     from trainer.data import load_samples
     from trainer.distributed import setup_distributed
-    from trainer.fit import FoldPaths, FoldTrainer, read_resume, split_fold
+    from trainer.fit import read_resume, split_fold
+    from trainer.loop import FoldTrainer
+    from trainer.rundir import FoldPaths
     from trainer.splits import make_folds
 
     torch.set_num_threads(1)
     cfg = tiny_config(synth_dir, balance=False)
     opts = options(tmp_path / "run")
-    samples = load_samples(synth_dir, fit_module.data_config(cfg))
+    samples = load_samples(synth_dir, cfg.frames)
     assignment = make_folds(samples, 4, folds=2, holdout=0.15, seed=0)
     train, val = split_fold(samples, assignment, 0)
     assert {s.image_id for s in train}.isdisjoint({s.image_id for s in val}) and all(
@@ -354,6 +382,21 @@ def test_augment_is_recorded_and_changes_what_training_sees(synth_dir: Path, tmp
     # A run made before --augment existed (its config.json lacks the key) still resumes.
     saved = json.loads((tmp_path / "none" / "config.json").read_text())
     del saved["augment"]
-    assert fit_module.differences(saved, tiny_config(synth_dir, epochs=1)) == []
-    assert fit_module.differences(saved, tiny_config(synth_dir, epochs=1, augment="light")) == [
+    assert differences(saved, tiny_config(synth_dir, epochs=1)) == []
+    assert differences(saved, tiny_config(synth_dir, epochs=1, augment="light")) == [
         "augment: '<absent>' -> 'light'"]
+
+
+def test_config_json_of_a_run_made_before_the_composed_config_reads_and_writes_back_unchanged() -> None:
+    """RUN/config.json stays flat: the composed FitConfig reads an old run's file and writes the same keys
+    and values; an unknown key is still an error naming it and the file."""
+    path = Path(__file__).parent / "fixtures" / "run_before_move" / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    cfg = FitConfig.from_dict(saved, str(path))
+    assert cfg.network.encoder == "resnet18" and cfg.network.decoder_channels == (4,)
+    assert cfg.frames.size == (64, 320) and cfg.optim.batch_size == 4 and cfg.train_size == (32, 160)
+    assert cfg.to_dict() == saved and differences(saved, cfg) == []
+    with pytest.raises(ValueError, match=r"config\.json: unknown key 'learning_rate'"):
+        FitConfig.from_dict({**saved, "learning_rate": 0.1}, str(path))
+    with pytest.raises(ValueError, match="decoder_channels has 2 entries"):  # the network's record checks it
+        FitConfig.from_dict({**saved, "decoder_channels": [4, 4]}, str(path))

@@ -12,14 +12,15 @@ import torch
 from engine.metadata import read_onnx_metadata
 from network.inspection import InspectionModel
 from toolchain.parity import synthetic_frames
-from trainer.config import FitConfig, FitOptions, resolve
-from trainer.export import export_onnx, load_run
+from trainer.config import FitOptions, FitSettings, resolve
+from trainer.export import export_onnx
 from trainer.fit import run_fit
+from trainer.rundir import load_run
 
 
 def test_gated_fold_trains_and_the_graph_requires_the_class_head_to_agree(synth_dir: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    cfg = resolve(FitConfig(data=[str(synth_dir)], gate=True, encoder="resnet18", encoder_weights="none",
+    cfg = resolve(FitSettings(data=[str(synth_dir)], gate=True, encoder="resnet18", encoder_weights="none",
                             encoder_depth=3, decoder_channels=(16, 8, 4), folds=2, holdout=0.15, epochs=1,
                             batch_size=8))
     run = tmp_path / "run"

@@ -13,7 +13,7 @@ import torch
 
 from engine import rle
 from server.capture import CapturePolicy, CaptureWriter
-from trainer.config import FitConfig, FitOptions, resolve
+from trainer.config import FitOptions, FitSettings, resolve
 from trainer.data import DataConfig, load_samples, read_image
 from trainer.fit import run_fit
 from trainer.samples import label_matrix
@@ -63,12 +63,12 @@ def test_fit_on_original_data_and_captures_splits_and_trains_on_the_union(
 ) -> None:
     torch.set_num_threads(1)
     original, captures = two_folders
-    cfg = resolve(FitConfig(data=[str(original), str(captures)], encoder="resnet18", encoder_weights="none",
+    cfg = resolve(FitSettings(data=[str(original), str(captures)], encoder="resnet18", encoder_weights="none",
                             encoder_depth=3, decoder_channels=(16, 8, 4), scale=0.5, folds=2, holdout=0.15,
                             epochs=1, batch_size=8))
     run = tmp_path / "run"
     outcomes = run_fit(cfg, FitOptions(out=str(run), fold=0, device="cpu", workers=0, progress=False))
-    assert [o.fold for o in outcomes] == [0] and outcomes[0].epochs_run == cfg.epochs
+    assert [o.fold for o in outcomes] == [0] and outcomes[0].epochs_run == cfg.optim.epochs
     assert json.loads((run / "config.json").read_text())["data"] == [str(original), str(captures)]
 
     # The capture folder loads through the trainer's reader: its frames and labels are what was captured.

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from network.processing import padded_logits
-from trainer.config import FitConfig, FitOptions, resolve
+from trainer.config import FitOptions, FitSettings, resolve
 from trainer.fit import run_fit
 
 
@@ -42,7 +42,7 @@ def odd_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("odd")
     data = synthesize(root / "data", 24, 200, 200, seed=3)
-    cfg = resolve(FitConfig(data=[str(data)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
+    cfg = resolve(FitSettings(data=[str(data)], encoder="resnet18", encoder_weights="none", encoder_depth=3,
                             decoder_channels=(8, 8, 4), scale=0.5, folds=2, holdout=0.15, epochs=1, batch_size=8))
     assert cfg.train_size == (100, 100) and 100 % 8
     run_fit(cfg, FitOptions(out=str(root / "run"), fold=0, device="cpu", workers=0, progress=False))
@@ -100,7 +100,7 @@ def _postprocess_with_masks(run: Path, frames: np.ndarray) -> None:
     import json
 
     from network.inspection import InspectionModel
-    from trainer.export import load_run
+    from trainer.rundir import load_run
 
     loaded = load_run(run)
     with torch.no_grad():

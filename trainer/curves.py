@@ -1,5 +1,5 @@
-"""Pictures: learning curves (thesis figures 66-69). Prediction overlays (figures 70-74) are drawn by
-:mod:`engine.overlay`, the one drawing the server's console uses too."""
+"""Learning curves of a fold (thesis figures 66-69), drawn from its metrics.csv rows. Prediction overlays
+(figures 70-74) are :mod:`engine.overlay`'s, the one drawing the server's console uses too."""
 
 from __future__ import annotations
 
@@ -7,17 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a training machine
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
 from engine.files import atomic_write
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
     """Loss and Dice per epoch, train vs validation, side by side; written atomically as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     epochs = [int(r["epoch"]) for r in rows]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_dice, "dice", "Dice (thesis, soft)")):

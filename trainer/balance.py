@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 
 from trainer.samples import Sample, label_matrix
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,6 @@ def _rotation_padding(height: int, width: int, degrees: float) -> tuple[int, int
 
 
 def _reflect_pad(x: torch.Tensor, pad_x: int, pad_y: int) -> torch.Tensor:
-    from torchvision.transforms.v2 import functional as F
-
     # Reflection padding is limited to less than the tensor's size per step; wide frames rotated
     # by 10 degrees can need more vertical border than that, so pad in steps.
     while pad_x > 0 or pad_y > 0:
@@ -118,6 +116,29 @@ def _reflect_pad(x: torch.Tensor, pad_x: int, pad_y: int) -> torch.Tensor:
         pad_x -= step_x
         pad_y -= step_y
     return x
+
+
+def _rotate(img: tv_tensors.Image, masks_t: torch.Tensor, degrees: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image and its masks rotated about the centre, the corners filled by reflection."""
+    msk = tv_tensors.Mask(masks_t)
+    h, w = img.shape[-2:]
+    c = masks_t.shape[0]
+    # Up to 8 class masks travel as the bits of one uint8 channel: nearest-neighbour sampling
+    # copies whole source values, so the bits survive exactly (overlaps too), and padding and
+    # resampling one channel instead of C is most of the cost of a rotation.
+    packed = 0 < c <= 8 and masks_t.dtype == torch.uint8 and bool(masks_t.max() <= 1)
+    if packed:
+        bits = torch.tensor([1 << k for k in range(c)], dtype=torch.uint8).view(c, 1, 1)
+        msk = tv_tensors.Mask((masks_t * bits).sum(dim=0, keepdim=True, dtype=torch.uint8))
+    pad_x, pad_y = _rotation_padding(h, w, degrees)
+    img = _reflect_pad(img, pad_x, pad_y)
+    msk = _reflect_pad(msk, pad_x, pad_y)
+    img = F.rotate(img, degrees, interpolation=F.InterpolationMode.BILINEAR)
+    msk = F.rotate(msk, degrees)
+    img, msk = F.center_crop(img, [h, w]), F.center_crop(msk, [h, w])
+    if packed:
+        msk = (msk.as_subclass(torch.Tensor) & bits).ne(0).to(torch.uint8)
+    return img, msk
 
 
 def apply_transform(image, masks, name: str | None):
@@ -141,10 +162,6 @@ def apply_transform(image, masks, name: str | None):
         return image, masks
     if name not in TRANSFORMS:
         raise ValueError(f"unknown transform {name!r}; known: {', '.join(TRANSFORMS)}")
-    import torch
-    from torchvision import tv_tensors
-    from torchvision.transforms.v2 import functional as F
-
     as_numpy = isinstance(image, np.ndarray)
     image_t = torch.as_tensor(image)
     masks_t = torch.as_tensor(masks)
@@ -162,24 +179,7 @@ def apply_transform(image, masks, name: str | None):
     elif name == "rot180":
         img, msk = F.rotate(img, 180.0), F.rotate(msk, 180.0)
     else:
-        degrees = _ROTATIONS[name]
-        h, w = image_t.shape
-        c = masks_t.shape[0]
-        # Up to 8 class masks travel as the bits of one uint8 channel: nearest-neighbour sampling
-        # copies whole source values, so the bits survive exactly (overlaps too), and padding and
-        # resampling one channel instead of C is most of the cost of a rotation.
-        packed = 0 < c <= 8 and masks_t.dtype == torch.uint8 and bool(masks_t.max() <= 1)
-        if packed:
-            bits = torch.tensor([1 << k for k in range(c)], dtype=torch.uint8).view(c, 1, 1)
-            msk = tv_tensors.Mask((masks_t * bits).sum(dim=0, keepdim=True, dtype=torch.uint8))
-        pad_x, pad_y = _rotation_padding(h, w, degrees)
-        img = _reflect_pad(img, pad_x, pad_y)
-        msk = _reflect_pad(msk, pad_x, pad_y)
-        img = F.rotate(img, degrees, interpolation=F.InterpolationMode.BILINEAR)
-        msk = F.rotate(msk, degrees)
-        img, msk = F.center_crop(img, [h, w]), F.center_crop(msk, [h, w])
-        if packed:
-            msk = (msk.as_subclass(torch.Tensor) & bits).ne(0).to(torch.uint8)
+        img, msk = _rotate(img, masks_t, _ROTATIONS[name])
     out_image = img.as_subclass(torch.Tensor)[0]
     out_masks = msk.as_subclass(torch.Tensor)
     if as_numpy:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.augment import TRANSFORMS, apply_transform, balance_plan, class_counts
+from trainer.balance import TRANSFORMS, apply_transform, balance_plan, class_counts
 from trainer.data import DataConfig, load_samples
 from trainer.samples import Sample
 

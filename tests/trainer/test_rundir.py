@@ -1,4 +1,4 @@
-"""``trainer.run``: the run directory's shared files under concurrent writers, and the typed resume state."""
+"""``trainer.rundir``: the run directory's shared files under concurrent writers, and the typed resume state."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import run as rundir
+from trainer import rundir
 from trainer.splits import read_folds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def test_the_lock_excludes_another_process(tmp_path: Path) -> None:
     holder.start()
     try:
         assert held.wait(30)
-        code = ("import sys, fcntl; from trainer import run\n"
+        code = ("import sys, fcntl; from trainer import rundir\n"
                 f"f = open({str(tmp_path / rundir.LOCK)!r}, 'a+b')\n"
                 "try:\n    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
         blocked = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60)
