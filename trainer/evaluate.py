@@ -347,6 +347,7 @@ class _Scoring:
             "loss": self.loss_sum / self.loss_count if self.loss_count else None,
             "loss_kind": _loss_kind(cfg),
             "empty_kaggle": float((self.stats.truth == 0).mean()),
+            "empty_kaggle_per_class": (self.stats.truth == 0).mean(axis=0).tolist(),
             "metadata": None if meta is None else {
                 "thresholds": list(meta.thresholds), "min_areas": list(meta.min_areas),
                 "model_version": meta.model_version, "folds": meta.folds, "tta": meta.tta},
