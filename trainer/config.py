@@ -92,7 +92,7 @@ class FitSettings:
     prior_init: bool = True
     mean: float | None = None
     std: float | None = None
-    amp: bool = True
+    amp: bool | None = None  # None: on for CUDA, off on CPUs (see trainer.loop.amp_dtype)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,7 +118,7 @@ class OptimConfig:
     lr_schedule: str = "none"
     loss: str = "bce"
     pos_weight: tuple[float, ...] | None = None
-    amp: bool = True
+    amp: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -123,9 +123,13 @@ def cosine_lr(base: float, epoch: int, step: int, steps: int, epochs: int) -> fl
     return base * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
 
-def amp_dtype(on_cuda: bool, amp: bool) -> torch.dtype | None:
+def amp_dtype(on_cuda: bool, amp: bool | None) -> torch.dtype | None:
     """The autocast dtype of ``--amp``: bf16 on CUDA where supported (else fp16), bf16 on a CPU with
-    native bf16 (:func:`engine.cpu.supports_bf16`), None (fp32) otherwise."""
+    native bf16 (:func:`engine.cpu.supports_bf16`), None (fp32) otherwise. ``amp=None`` (the
+    default) is on for CUDA and off on CPUs: bf16 training on the CPU has not yet matched fp32 on an
+    independent set (``benchmarks/RESULTS.md``), so it is asked for, never assumed."""
+    if amp is None:
+        amp = on_cuda
     if not amp:
         return None
     if on_cuda:

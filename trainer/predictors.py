@@ -41,7 +41,7 @@ class RunEnsembleBackend(Backend):
     name = "torch (run folds)"
 
     def __init__(self, run_dir: Path, folds: Sequence[int] | str, device: Any,
-                 override: dict[str, Any] | None = None, amp: bool = False) -> None:
+                 override: dict[str, Any] | None = None, amp: bool | None = False) -> None:
 
 
         loaded = load_run(run_dir, folds)
@@ -52,7 +52,7 @@ class RunEnsembleBackend(Backend):
         self._torch = torch
         # The U-Nets under bf16 autocast on a CPU with native bf16 when the run trained with --amp;
         # probabilities, losses and metrics stay fp32.
-        autocast = cpu_autocast_dtype(amp) if parse_device(self.device).is_cpu else None
+        autocast = cpu_autocast_dtype(bool(amp)) if parse_device(self.device).is_cpu else None
         self.precision = "bf16" if autocast is not None else "fp32"
         self.model = InspectionModel(loaded.folds, self.metadata, with_probs=True, autocast=autocast).eval().to(device)
         which = f"fold {loaded.fold_ids[0]}" if len(loaded.fold_ids) == 1 else f"ensemble of folds {loaded.fold_ids}"
@@ -106,7 +106,7 @@ class Predictor:
 
     @classmethod
     def of_run(cls, run_dir: Path, folds: Sequence[int] | str, device: Any,
-               override: dict[str, Any] | None = None, amp: bool = False) -> Predictor:
+               override: dict[str, Any] | None = None, amp: bool | None = False) -> Predictor:
         backend = RunEnsembleBackend(run_dir, folds, device, override, amp)
         return cls(name=backend.description, metadata=backend.metadata, backend=backend)
 

@@ -139,7 +139,9 @@ def _optimisation_flags(o: argparse._ArgumentGroup, d: FitSettings) -> None:
                    help="per-class weight of defect pixels in the BCE, e.g. 2,2,1,1.5")
     o.add_argument("--amp", action=argparse.BooleanOptionalAction, default=SUPPRESS,
                    help="mixed precision: bf16 autocast + channels_last on CUDA (fp16 where bf16 is not supported) "
-                   "and on a CPU with native bf16 (AVX-512 BF16/AMX); losses and metrics stay fp32; default on")
+                   "and on a CPU with native bf16 (AVX-512 BF16/AMX); losses and metrics stay fp32. Default: on "
+                   "for CUDA, off on CPUs (bf16 training on the CPU lost thin scratches on an independent set: "
+                   "benchmarks/RESULTS.md)")
     o.add_argument("--seed", type=int, default=SUPPRESS, help=f"seed for splits, balancing and training (default {d.seed})")
 
 
