@@ -30,6 +30,13 @@ MAX_CAMERA_ID_BYTES = 256
 #: stream (gRPC RESOURCE_EXHAUSTED): a camera must refuse such a frame itself before sending it.
 #: 16 MiB is well above a full-resolution raw BGR8 Severstal frame (256 x 1600 x 3 = 1.2 MB).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Trailing-metadata key of every status the server ends an ``Inspect`` stream with: whether the
+#: camera should resend its unanswered frames (to this server later, or to another). A camera
+#: decides from it rather than from the status code, which its transport may rewrite (grpc.aio
+#: reports a status that arrives while it is writing as INTERNAL, grpc/grpc#36066).
+RESEND_KEY = "inspection-resend"
+RESEND_YES = "yes"
+RESEND_FINAL = "no"
 
 #: Most characters of client input (a camera id, a policy token) quoted back in a message or a log line.
 MAX_ECHO_CHARS = 64
@@ -265,7 +272,8 @@ def capture_from_args(args: argparse.Namespace) -> CaptureConfig | None:
 
 
 __all__ = [
-    "MAX_CAMERA_ID_BYTES", "MAX_ECHO_CHARS", "MAX_MESSAGE_BYTES", "clip", "CaptureConfig", "ServerConfig", "add_arguments",
+    "MAX_CAMERA_ID_BYTES", "MAX_ECHO_CHARS", "MAX_MESSAGE_BYTES", "RESEND_FINAL", "RESEND_KEY", "RESEND_YES",
+    "clip", "CaptureConfig", "ServerConfig", "add_arguments",
     "add_capture_arguments", "capture_from_args", "check_capture_limits", "check_drift_settings",
     "config_from_args",
 ]
