@@ -24,11 +24,11 @@ REPO = Path(__file__).resolve().parents[2]
 class ServeProcess:
     """``server serve`` as a real process on a free port, its log collected by a reader thread."""
 
-    def __init__(self, model: Path, *flags: str) -> None:
+    def __init__(self, model: Path, *flags: str, **popen) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", "0",
              "--metrics-port", "-1", "--device", "cpu", *flags],
-            cwd=REPO, stderr=subprocess.PIPE, text=True,
+            cwd=REPO, stderr=subprocess.PIPE, text=True, **popen,
         )
         self.lines: list[str] = []
         self.address: str | None = None
