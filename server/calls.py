@@ -156,8 +156,8 @@ class Servicer(pb_grpc.InspectionServiceServicer):
             log.warning("event=stream_unreadable peer=%s frames_read=%d: %s", context.peer(), call.read,
                         call.unreadable.problem)
             await end_stream(context, grpc.StatusCode.INVALID_ARGUMENT,
-                             f"message {call.read + 1} of the stream: {call.unreadable.problem}; the "
-                             f"{call.read} frames before it are answered", resend=False)
+                             f"message {call.read + 1} of the stream: {call.unreadable.problem}; every frame "
+                             f"before it is answered ({call.read})", resend=False)
         if call.stopped_reading:
             log.info("event=stream_drained peer=%s frames_read=%d answered=%d", context.peer(), call.read,
                      call.answered)

@@ -47,7 +47,7 @@ class UnreadableRequest:
 
     frame_id: int | None
     problem: str
-    camera_id: str = ""  # a printable rendering of the id the camera sent, cut short
+    camera_id: str = ""  # the id the camera sent as a bytes literal, cut short
 
 
 def _bytes_id_request_class() -> type:
@@ -77,13 +77,13 @@ def parse_request(data: bytes) -> pb.InspectRequest | UnreadableRequest:
         error = exc
     try:
         view = _BytesIdRequest.FromString(data)
-    except DecodeError:
-        return UnreadableRequest(None, f"the message is not an InspectRequest ({error})")
+    except DecodeError as unreadable:
+        return UnreadableRequest(None, f"the message is not an InspectRequest ({unreadable})")
     raw = bytes(view.camera_id)
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as bad:
-        shown = clip(raw.decode("utf-8", "backslashreplace"))
+        shown = clip(repr(raw))  # a bytes literal: b'\xff...'
         return UnreadableRequest(view.frame_id, f"camera_id is not valid UTF-8 ({bad.reason} at byte {bad.start} "
                                  f"of {len(raw)}); it must be at most {MAX_CAMERA_ID_BYTES} bytes of UTF-8", shown)
     return UnreadableRequest(view.frame_id, f"the request cannot be read ({error})")
@@ -175,7 +175,8 @@ def frame_error(request: pb.InspectRequest | UnreadableRequest, code: grpc.Statu
     when over its bound or unreadable: nothing a camera sends makes an answer over the size limit."""
     readable = isinstance(request, pb.InspectRequest)
     frame_id = request.frame_id or 0
-    message = f"camera {clip(request.camera_id)!r} frame {frame_id}: {reason}"
+    camera = repr(clip(request.camera_id)) if readable else request.camera_id
+    message = f"camera {camera} frame {frame_id}: {reason}"
     log.warning("event=frame_error code=%s %s", code.name, message)
     return pb.InspectResponse(
         camera_id=request.camera_id if readable and camera_id_fits(request.camera_id) else "",

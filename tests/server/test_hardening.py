@@ -249,3 +249,70 @@ def test_max_message_bytes_is_one_constant():
 
     assert ServerConfig().max_message_bytes == MAX_MESSAGE_BYTES
     assert np.iinfo(np.int32).max > MAX_MESSAGE_BYTES  # a valid gRPC channel option
+
+
+# --------------------------------------------------------------------------- issue 24.7: camera ids that are not UTF-8
+
+
+def raw_inspect(channel: grpc.aio.Channel):
+    """``Inspect`` sending pre-serialized bytes: what a camera with another protobuf library may put on the wire."""
+    return channel.stream_stream("/inspection.v1.InspectionService/Inspect", request_serializer=lambda data: data,
+                                 response_deserializer=pb.InspectResponse.FromString)
+
+
+def test_a_camera_id_that_is_not_utf8_fails_its_frame_and_the_stream_goes_on(tiny_onnx, camera_frames,
+                                                                             direct_output):
+    # proto3 refuses a whole message whose string field is not valid UTF-8: the server used to end the
+    # stream with UNKNOWN "DecodeError" there, and the frames after it were never read.
+    bad = pb.InspectRequest(camera_id="cam", frame_id=1, encoded_image=b"x").SerializeToString()
+    bad = bad.replace(b"\x0a\x03cam", b"\x0a\x05\xff\xfecam", 1)  # field 1 (camera_id): 5 bytes, not UTF-8
+    messages = [make_request("cam", 0, camera_frames[0], "gray8").SerializeToString(), bad,
+                make_request("cam", 2, camera_frames[2], "gray8").SerializeToString()]
+
+    async def main():
+        async with running_server(tiny_onnx) as server:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                async def frames():
+                    for data in messages:
+                        yield data
+
+                answers = [r async for r in raw_inspect(channel)(frames())]
+                one = await channel.unary_unary("/inspection.v1.InspectionService/InspectOne",
+                                                request_serializer=lambda data: data,
+                                                response_deserializer=pb.InspectResponse.FromString)(bad)
+            return answers, one, server.stats()
+
+    answers, one, stats = asyncio.run(main())
+    assert [a.frame_id for a in answers] == [0, 1, 2]
+    assert_equals_direct(answers[0], direct_output, 0)
+    assert_equals_direct(answers[2], direct_output, 2)
+    for refused in (answers[1], one):
+        assert refused.error.code == INVALID_ARGUMENT and refused.camera_id == "" and refused.frame_id == 1
+        assert "camera_id is not valid UTF-8" in refused.error.message, refused.error.message
+        assert refused.error.message.startswith("camera b'\\xff\\xfecam' frame 1: ")  # the id, as a bytes literal
+    assert stats["accepted"] == stats["answered"] == 4
+
+
+def test_a_message_that_is_no_request_ends_the_stream_with_a_final_status(tiny_onnx, camera_frames, direct_output):
+    from server.config import RESEND_FINAL, RESEND_KEY
+
+    async def main():
+        async with running_server(tiny_onnx) as server:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                async def frames():
+                    yield make_request("cam", 0, camera_frames[0], "gray8").SerializeToString()
+                    yield b"\x0a\xff\x01"  # a camera_id of 255 bytes, then the message ends
+
+                call = raw_inspect(channel)(frames())
+                answers = []
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    async for answer in call:
+                        answers.append(answer)
+            return answers, ended.value
+
+    answers, ended = asyncio.run(main())
+    assert [a.frame_id for a in answers] == [0]
+    assert_equals_direct(answers[0], direct_output, 0)
+    assert ended.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "message 2 of the stream: the message is not an InspectRequest" in ended.details()
+    assert dict(ended.trailing_metadata())[RESEND_KEY] == RESEND_FINAL  # the camera library stops, no resend
