@@ -14,7 +14,7 @@ from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
 from server.camera import Backoff, CameraStream, CameraStreamError, open_channel
 from tests.server.conftest import running_server, wait_until
-from tests.server.test_service import assert_equals_direct, make_request
+from tests.server.test_service import assert_equals_direct, assert_has_defects, make_request
 
 
 async def stream(channel, frames, count: int, camera_id: str = "cam0", pace_s: float = 0.0, during=None, **kw):
@@ -43,11 +43,12 @@ def assert_all_answered(answers, count: int, direct_output) -> None:
     for a in answers:
         assert a.response.camera_id == "cam0"
         assert_equals_direct(a.response, direct_output, a.frame_id % 50)
+    assert_has_defects([a.response for a in answers])
 
 
-def test_every_frame_answered_once_in_order_as_the_backend_answers(tiny_onnx, camera_frames, direct_output):
+def test_every_frame_answered_once_in_order_as_the_backend_answers(defect_onnx, camera_frames, direct_output):
     async def main():
-        async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
+        async with running_server(defect_onnx) as server, open_channel(server.address) as channel:
             return await stream(channel, camera_frames, 60)
 
     answers, counters = asyncio.run(main())
@@ -56,9 +57,9 @@ def test_every_frame_answered_once_in_order_as_the_backend_answers(tiny_onnx, ca
         60, 60, 0, 0, 0)
 
 
-def test_a_drained_then_restarted_server_costs_a_reconnect_not_a_frame(tiny_onnx, camera_frames, direct_output):
+def test_a_drained_then_restarted_server_costs_a_reconnect_not_a_frame(defect_onnx, camera_frames, direct_output):
     async def main():
-        first = running_server(tiny_onnx, max_stream_inflight=8)
+        first = running_server(defect_onnx, max_stream_inflight=8)
         server = await first.__aenter__()
         port = server.port
         restarted = []
@@ -67,7 +68,7 @@ def test_a_drained_then_restarted_server_costs_a_reconnect_not_a_frame(tiny_onnx
             await wait_until(lambda: len(answers) >= 20, 60, "20 answers")
             await first.__aexit__(None, None, None)  # SIGTERM's drain: answer what was read, UNAVAILABLE
             await asyncio.sleep(0.3)  # nobody listens for a while
-            second = running_server(tiny_onnx, port=port)
+            second = running_server(defect_onnx, port=port)
             restarted.append((second, await second.__aenter__()))
 
         try:
@@ -87,10 +88,10 @@ def test_a_drained_then_restarted_server_costs_a_reconnect_not_a_frame(tiny_onnx
     assert first_stats["answered"] + second_stats["answered"] == 150 + counters.duplicates
 
 
-def test_a_killed_server_process_costs_a_resend_not_a_frame(tiny_onnx, camera_frames, direct_output):
+def test_a_killed_server_process_costs_a_resend_not_a_frame(defect_onnx, camera_frames, direct_output):
     from deploy.balanced import Replica, free_port
 
-    replica = Replica("killed", tiny_onnx, free_port(), flags=("--device", "cpu", "--threads", "1")).start()
+    replica = Replica("killed", defect_onnx, free_port(), flags=("--device", "cpu", "--threads", "1")).start()
 
     async def main():
         await asyncio.to_thread(replica.wait_ready)
@@ -198,9 +199,9 @@ def test_no_server_at_all_gives_up_after_give_up_s_naming_the_frames(camera_fram
     assert counters.reconnects >= 2
 
 
-def test_block_policy_keeps_at_most_max_unanswered(tiny_onnx, camera_frames, direct_output):
+def test_block_policy_keeps_at_most_max_unanswered(defect_onnx, camera_frames, direct_output):
     async def main():
-        async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
+        async with running_server(defect_onnx) as server, open_channel(server.address) as channel:
             async with CameraStream(channel, "cam0", max_unanswered=3) as camera:
                 most = 0
                 for i in range(40):
@@ -214,10 +215,10 @@ def test_block_policy_keeps_at_most_max_unanswered(tiny_onnx, camera_frames, dir
     assert most == 3 and counters.dropped == 0
 
 
-def test_drop_oldest_policy_answers_dropped_frames_locally_in_their_turn(tiny_onnx, camera_frames, direct_output,
+def test_drop_oldest_policy_answers_dropped_frames_locally_in_their_turn(defect_onnx, camera_frames, direct_output,
                                                                           caplog):
     async def main():
-        async with running_server(tiny_onnx) as server, open_channel(server.address) as channel:
+        async with running_server(defect_onnx) as server, open_channel(server.address) as channel:
             async with CameraStream(channel, "cam0", max_unanswered=2, policy="drop_oldest") as camera:
                 for i in range(10):  # no await yields to the stream in between: the buffer overflows
                     await camera.send(make_request("cam0", i, camera_frames[i], "gray8"))
@@ -248,7 +249,7 @@ def test_frame_ids_must_increase_and_settings_are_checked(camera_frames):
     asyncio.run(main())
 
 
-def test_the_readme_camera_example_runs_as_shown(tiny_onnx, camera_frames, direct_output, capsys):
+def test_the_readme_camera_example_runs_as_shown(defect_onnx, camera_frames, direct_output, capsys):
     """The README's camera-side section shows the whole API: that code, run against a real server."""
     import re
     from pathlib import Path
@@ -261,7 +262,7 @@ def test_the_readme_camera_example_runs_as_shown(tiny_onnx, camera_frames, direc
     pngs = [cv2.imencode(".png", f)[1].tobytes() for f in camera_frames[:5]]
 
     async def main():
-        async with running_server(tiny_onnx) as server:
+        async with running_server(defect_onnx) as server:
             namespace: dict = {}
             exec(code.replace("127.0.0.1:50050", server.address), namespace)  # noqa: S102 - the README's code
             await namespace["camera"](pngs)

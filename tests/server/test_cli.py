@@ -16,7 +16,7 @@ import numpy as np
 
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
 from tests.server.conftest import ServerThread, running_server
-from tests.server.test_service import assert_equals_direct, make_request
+from tests.server.test_service import assert_equals_direct, assert_has_defects, make_request
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,10 +52,10 @@ class ServeProcess:
         return "".join(self.lines)
 
 
-def test_sigterm_during_streaming_answers_every_accepted_frame(tiny_onnx, camera_frames, direct_output):
+def test_sigterm_during_streaming_answers_every_accepted_frame(defect_onnx, camera_frames, direct_output):
     # The cameras use gRPC's synchronous API: the asyncio client may report a status that arrives
     # while it is still writing as INTERNAL "Internal error from Core" (grpc/grpc#36066).
-    server = ServeProcess(tiny_onnx, "--max-batch", "4", "--max-stream-inflight", "8")
+    server = ServeProcess(defect_onnx, "--max-batch", "4", "--max-stream-inflight", "8")
     answers: dict[str, list] = {"cam0": [], "cam1": []}
     endings: dict[str, tuple] = {}
     enough = threading.Event()
@@ -129,7 +129,7 @@ def write_images(folder: Path, frames: np.ndarray) -> list[str]:
     return names
 
 
-def test_client_csv_is_the_models_answer_and_scores_like_it(tiny_onnx, direct_backend, tmp_path, capsys):
+def test_client_csv_is_the_models_answer_and_scores_like_it(defect_onnx, direct_backend, tmp_path, capsys):
     """The CSV of a labelled (synthetic Severstal-format) folder reads back through the trainer's CSV
     reader as the backend's own gated masks, and the trainer's metrics score it exactly as they
     score the backend's direct output against the same labels."""
@@ -143,7 +143,7 @@ def test_client_csv_is_the_models_answer_and_scores_like_it(tiny_onnx, direct_ba
     cfg = DataConfig(height=64, width=320)
     samples = load_samples(data, cfg)
     out = tmp_path / "results.csv"
-    with ServerThread(tiny_onnx) as server:
+    with ServerThread(defect_onnx) as server:
         code = main(["client", "--target", server.address, "--images", str(data), "--streams", "3", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
@@ -167,13 +167,13 @@ def test_client_csv_is_the_models_answer_and_scores_like_it(tiny_onnx, direct_ba
     assert direct.present.any() and truth.any()
 
 
-def test_client_library_raw_frames(tiny_onnx, camera_frames, direct_output, tmp_path):
+def test_client_library_raw_frames(defect_onnx, camera_frames, direct_output, tmp_path):
     from server.client import list_images, run_cameras
 
     names = write_images(tmp_path / "images", camera_frames[:12])
 
     async def main():
-        async with running_server(tiny_onnx) as server:
+        async with running_server(defect_onnx) as server:
             return await run_cameras(server.address, list_images(tmp_path / "images"), streams=5, raw=True, fps=100)
 
     run = asyncio.run(main())
@@ -183,6 +183,7 @@ def test_client_library_raw_frames(tiny_onnx, camera_frames, direct_output, tmp_
         i = names.index(answer.image_id)
         assert answer.camera_id == f"cam{i % 5}" and answer.frame_id == i // 5
         assert_equals_direct(answer.response, direct_output, i)
+    assert_has_defects([a.response for a in run.answers])
 
 
 def test_client_lists_failed_frames_and_exits_1(tiny_onnx, camera_frames, tmp_path, capsys):

@@ -32,7 +32,7 @@ def _run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedPr
     return done
 
 
-def test_serve_install_serves_onnx_without_torch(tmp_path: Path, tiny_onnx: Path, camera_frames, direct_output):
+def test_serve_install_serves_onnx_without_torch(tmp_path: Path, defect_onnx: Path, camera_frames, direct_output):
     source = tmp_path / "src"
     source.mkdir()
     for name in SOURCES:
@@ -50,7 +50,7 @@ def test_serve_install_serves_onnx_without_torch(tmp_path: Path, tiny_onnx: Path
     assert _run([str(python), "-c", probe], timeout=60).stdout.strip() == "[]"
 
     process = subprocess.Popen(
-        [str(venv / "bin" / "server"), "serve", "--model", str(tiny_onnx), "--port", "0", "--metrics-port", "-1",
+        [str(venv / "bin" / "server"), "serve", "--model", str(defect_onnx), "--port", "0", "--metrics-port", "-1",
          "--device", "cpu", "--max-batch", "2"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True,
     )
