@@ -14,20 +14,38 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
-from server.admission import FrameLease, release_all
-from server.config import clip
+from server.admission import Admission, FrameLease, release_all
+from server.config import ServerConfig, clip
 from server.wire import UnreadableRequest, end_stream
 
-if TYPE_CHECKING:
-    from server.service import InspectionServer
-
 log = logging.getLogger(__name__)
+
+Request = pb.InspectRequest | UnreadableRequest
+
+
+class InspectionServer(Protocol):
+    """What the calls use of :class:`server.service.InspectionServer` (which imports this module)."""
+
+    config: ServerConfig
+    admission: Admission
+    info: pb.ModelInfo | None
+
+    @property
+    def inflight(self) -> int: ...
+    async def admit_call(self, context: grpc.aio.ServicerContext, draining_ok: bool = False) -> None: ...
+    def deadline_of(self, context: grpc.aio.ServicerContext) -> float | None: ...
+    def call_started(self, stream: CameraCall | None) -> None: ...
+    def call_ended(self, stream: CameraCall | None) -> None: ...
+    def spawn_frame(self, request: Request, deadline: float | None,
+                    received: float) -> asyncio.Task[pb.InspectResponse]: ...
+    async def inspect_frame(self, request: Request, deadline: float | None, received: float) -> pb.InspectResponse: ...
+    def line_status(self, camera_id: str = "") -> pb.LineStatus: ...
 
 
 class CameraCall:
@@ -37,7 +55,7 @@ class CameraCall:
     answered or abandoned); ``slots`` bounds this stream's share.
     """
 
-    def __init__(self, server: InspectionServer, requests: AsyncIterator[pb.InspectRequest | UnreadableRequest],
+    def __init__(self, server: InspectionServer, requests: AsyncIterator[Request],
                  deadline: float | None):
         self.server = server
         self.requests = requests
@@ -126,7 +144,7 @@ class Servicer(pb_grpc.InspectionServiceServicer):
     def __init__(self, server: InspectionServer) -> None:
         self.server = server
 
-    async def Inspect(self, request_iterator: AsyncIterator[pb.InspectRequest | UnreadableRequest],
+    async def Inspect(self, request_iterator: AsyncIterator[Request],
                       context: grpc.aio.ServicerContext) -> None:
         # A coroutine writing with context.write (not an async generator): when the client cancels,
         # the cancellation lands inside this coroutine and the cleanup below runs at once.
@@ -163,7 +181,7 @@ class Servicer(pb_grpc.InspectionServiceServicer):
                      call.answered)
             await end_stream(context, grpc.StatusCode.UNAVAILABLE, call.drained_message(), resend=True)
 
-    async def InspectOne(self, request: pb.InspectRequest | UnreadableRequest,
+    async def InspectOne(self, request: Request,
                          context: grpc.aio.ServicerContext) -> pb.InspectResponse:
         server = self.server
         received = time.perf_counter()
