@@ -106,7 +106,7 @@ class ConsoleConfig:
     thumbnail_width: int = 320
     encodes_per_s: float = 4.0
     max_cameras: int = MAX_CAMERAS
-    max_connections: int = 64
+    max_connections: int = 128
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 30.0
 
