@@ -18,9 +18,19 @@ replica out), the stream reconnects with exponential backoff and full jitter and
 the same camera and frame ids, every frame sent and not yet answered. A frame may therefore reach
 servers more than once (at-least-once on the wire); an answer for a frame already answered is
 dropped and counted, so the caller sees each frame exactly once. A frame the server answers with
-an error (a bad frame) is an answer, not a reason to resend. Statuses that resending cannot mend
-(INVALID_ARGUMENT on the stream, UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED...) end the
-stream with a :class:`CameraStreamError` naming the status and the unanswered frames.
+an error (a bad frame) is an answer, not a reason to resend.
+
+Resend or stop is the server's call: the inspection server sets a trailer
+(:data:`server.config.RESEND_KEY`) on every status that ends a stream, and the camera follows it
+whatever the status code says (grpc.aio may report a status that arrives while it is writing as
+INTERNAL, grpc/grpc#36066). Where no trailer came (a balancer, a reset, a rewritten status) the code
+decides (:data:`RETRYABLE`), and the next stream starts in lock-step: one frame, then nothing more
+until its answer, so that a status the server sends then reaches the camera as sent. A final status
+ends the stream with a :class:`CameraStreamError` naming it and the unanswered frames.
+
+``Backoff.give_up_s`` bounds how long frames wait without a single answer, whether the server is
+unreachable or connected and silent: then the stream fails with a :class:`CameraStreamError`
+listing the unanswered frames, and leaving ``async with`` returns.
 
 The resend buffer holds the frames sent and not yet answered, at most ``max_unanswered``. When it
 is full, ``policy="block"`` (the default) makes :meth:`CameraStream.send` wait: the camera slows to
@@ -42,7 +52,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from client.wire import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES
+from client.wire import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES, RESEND_FINAL, RESEND_KEY, RESEND_YES
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
 
@@ -50,9 +60,10 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("block", "drop_oldest")
 
-# Statuses a new stream (to the same server later, or to another replica) can mend. INTERNAL and
-# UNKNOWN come from resets: a balancer whose replica died resets the stream, and grpc's asyncio
-# client reports a status that arrives while it is still writing as INTERNAL (grpc/grpc#36066).
+# Statuses a new stream (to the same server later, or to another replica) can mend, for endings
+# that carry no RESEND_KEY trailer. INTERNAL and UNKNOWN come from resets: a balancer whose replica
+# died resets the stream, and grpc's asyncio client reports a status that arrives while it is still
+# writing as INTERNAL (grpc/grpc#36066).
 RETRYABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -88,7 +99,8 @@ class Backoff:
 
     Attributes:
         base_s, cap_s: the first ceiling and the largest.
-        give_up_s: seconds without a single answer after which the stream fails (None: never).
+        give_up_s: seconds frames wait without a single answer before the stream fails (None: never),
+            whether the server is unreachable or connected and silent.
     """
 
     base_s: float = 0.05
@@ -158,6 +170,24 @@ class _State:
     closed: bool = False
 
 
+@dataclass(frozen=True)
+class _StreamEnd:
+    """How one ``Inspect`` call ended: its status (None: ended cleanly), and whether to resend."""
+
+    code: grpc.StatusCode | None
+    details: str
+    resend: bool
+    server_said: bool  # the resend decision came from the server's trailer
+
+
+def _stream_end(error: grpc.aio.AioRpcError) -> _StreamEnd:
+    """The server's resend decision from the trailer; the status code's where it sent none."""
+    told = dict(error.trailing_metadata() or ()).get(RESEND_KEY)
+    if told in (RESEND_YES, RESEND_FINAL):
+        return _StreamEnd(error.code(), error.details() or "", told == RESEND_YES, True)
+    return _StreamEnd(error.code(), error.details() or "", error.code() in RETRYABLE, False)
+
+
 class CameraStream:
     """One camera's frames to the server behind ``channel``, one :class:`Answer` per frame, in order.
 
@@ -195,6 +225,9 @@ class CameraStream:
         self._changed = asyncio.Event()  # a frame was added, answered or the stream closed
         self._failure: CameraStreamError | None = None
         self._task: asyncio.Task[None] | None = None
+        self._progress_at = time.monotonic()  # the last answer, or the first frame after none were unanswered
+        self._last_end: _StreamEnd | None = None
+        self._lockstep = False  # the next stream waits for its first answer before its second frame
 
     async def __aenter__(self) -> CameraStream:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"camera-{self.camera_id}")
@@ -236,6 +269,8 @@ class CameraStream:
         else:
             await self._make_room()
             frame.queued_at = time.perf_counter()
+            if not self._in_flight():
+                self._progress_at = time.monotonic()  # the wait for an answer starts now
         state.frames[request.frame_id] = frame
         self._deliver_local()
         self._changed.set()
@@ -305,6 +340,7 @@ class CameraStream:
                 f"camera {self.camera_id}: the server answered frame {response.frame_id} before frame {head} "
                 "(answers must come in frame order)", None, list(frames))
         del frames[head]
+        self._progress_at = time.monotonic()
         self._hand_over(head, frame, response)
         self._deliver_local()
         self._changed.set()
@@ -315,7 +351,14 @@ class CameraStream:
     async def _requests(self) -> AsyncIterator[pb.InspectRequest]:
         """One stream's frames: every unanswered one in order (resends first), then new ones."""
         last_written = -1
+        answered_at_start = self.counters.answered
         while True:
+            if self._lockstep and last_written >= 0:
+                if self.counters.answered == answered_at_start:
+                    self._changed.clear()
+                    await self._changed.wait()  # the server's first answer, or its status, comes first
+                    continue
+                self._lockstep = False
             frame_id, frame = next(((fid, f) for fid, f in self._state.frames.items()
                                     if fid > last_written and not f.local_error), (None, None))
             if frame is None:
@@ -334,35 +377,11 @@ class CameraStream:
         return self._state.closed and not self._state.frames
 
     async def _run(self) -> None:
-        attempt = 0
-        progress_at = time.monotonic()
+        give_up = self._backoff.give_up_s
+        loop = asyncio.get_running_loop()
+        watchdog = loop.create_task(self._watch_progress(give_up)) if give_up is not None else None
         try:
-            while not self._done():
-                if not any(not f.local_error for f in self._state.frames.values()):
-                    self._changed.clear()
-                    await self._changed.wait()  # open a stream only once there is a frame for it
-                    continue
-                answered_before = self.counters.answered
-                code, details = await self._stream_once()
-                if self.counters.answered > answered_before:
-                    attempt, progress_at = 0, time.monotonic()
-                if self._done():
-                    break
-                if code is not None and code not in RETRYABLE:
-                    raise CameraStreamError(
-                        f"camera {self.camera_id}: the server ended the stream with {code.name}: {details}; "
-                        "resending cannot mend that", code, list(self._state.frames))
-                give_up = self._backoff.give_up_s
-                if give_up is not None and time.monotonic() - progress_at > give_up:
-                    raise CameraStreamError(
-                        f"camera {self.camera_id}: no answer for {give_up:g} s (last: "
-                        f"{code.name if code else 'stream ended'}: {details})", code, list(self._state.frames))
-                delay = self._backoff.delay(attempt, self._rng)
-                attempt += 1
-                log.info("camera=%s event=reconnect status=%s unanswered=%d delay_s=%.3f: %s", self.camera_id,
-                         code.name if code else "OK", self.unanswered, delay, details)
-                await asyncio.sleep(delay)
-                self.counters.reconnects += 1
+            await self._stream_until_done()
         except CameraStreamError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -370,7 +389,50 @@ class CameraStream:
                                          list(self._state.frames)))
             raise
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             self._answers.put_nowait(None)
+
+    async def _stream_until_done(self) -> None:
+        """Streams, and reconnects after each ending the server (or the code) says resending can mend."""
+        attempt = 0
+        while not self._done():
+            if not self._in_flight():
+                self._changed.clear()
+                await self._changed.wait()  # open a stream only once there is a frame for it
+                continue
+            answered_before = self.counters.answered
+            end = self._last_end = await self._stream_once()
+            if self.counters.answered > answered_before:
+                attempt = 0
+            if self._done():
+                break
+            if not end.resend:
+                raise CameraStreamError(
+                    f"camera {self.camera_id}: the server ended the stream with {_name(end.code)}: {end.details}; "
+                    "resending cannot mend that", end.code, list(self._state.frames))
+            self._lockstep = end.code is not None and not end.server_said
+            delay = self._backoff.delay(attempt, self._rng)
+            attempt += 1
+            log.info("camera=%s event=reconnect status=%s unanswered=%d delay_s=%.3f: %s", self.camera_id,
+                     _name(end.code), self.unanswered, delay, end.details)
+            await asyncio.sleep(delay)
+            self.counters.reconnects += 1
+
+    async def _watch_progress(self, give_up_s: float) -> None:
+        """Fails the stream once frames have waited ``give_up_s`` without a single answer."""
+        while True:
+            waited = time.monotonic() - self._progress_at
+            if self._in_flight() and waited >= give_up_s:
+                end = self._last_end
+                last = ("the server took the stream and has not answered" if end is None
+                        else f"last: {_name(end.code)}: {end.details}")
+                self._fail(CameraStreamError(f"camera {self.camera_id}: no answer for {give_up_s:g} s ({last})",
+                                             None if end is None else end.code, list(self._state.frames)))
+                if self._task is not None:
+                    self._task.cancel()
+                return
+            await asyncio.sleep(min(1.0, give_up_s / 10))
 
     def _fail(self, exc: CameraStreamError) -> None:
         if self._failure is None:
@@ -378,19 +440,23 @@ class CameraStream:
             log.error("camera=%s event=stream_failed unanswered=%d: %s", self.camera_id, len(exc.unanswered), exc)
         self._changed.set()
 
-    async def _stream_once(self) -> tuple[grpc.StatusCode | None, str]:
-        """One ``Inspect`` call: returns how it ended (None, "" when it ended cleanly)."""
+    async def _stream_once(self) -> _StreamEnd:
+        """One ``Inspect`` call: how it ended."""
         call = self._stub.Inspect(self._requests())
         try:
             async for response in call:
                 self._on_response(response)
-            return None, "stream ended"
+            return _StreamEnd(None, "stream ended", True, False)
         except grpc.aio.AioRpcError as exc:
-            return exc.code(), exc.details() or ""
+            return _stream_end(exc)
         except grpc.aio.UsageError as exc:  # the channel was closed under us
             raise CameraStreamError(f"camera {self.camera_id}: {exc}", None, list(self._state.frames)) from exc
         finally:
             call.cancel()
+
+
+def _name(code: grpc.StatusCode | None) -> str:
+    return code.name if code is not None else "OK"
 
 
 __all__ = ["Answer", "Backoff", "CameraCounters", "CameraStream", "CameraStreamError",

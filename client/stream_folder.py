@@ -279,7 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connect-timeout", type=float, default=10.0,
                         help="seconds to wait for the server (default: 10)")
     parser.add_argument("--give-up", type=float, default=60.0,
-                        help="seconds a camera keeps reconnecting without an answer before it stops (default: 60)")
+                        help="seconds a camera's frames wait without an answer (reconnecting, or connected to a "
+                        "server that does not answer) before it stops and lists them (default: 60)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from client.wire import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES
+from client.wire import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES, RESEND_FINAL, RESEND_KEY, RESEND_YES
 from engine.drift import DEFAULT_MIN_FILL
 from server.capture_policy import DEFAULT_CAPTURE_POLICY, DEFAULT_UNCERTAIN_BAND, POLICY_TOKENS, CapturePolicy
 
@@ -257,7 +257,8 @@ def capture_from_args(args: argparse.Namespace) -> CaptureConfig | None:
 
 
 __all__ = [
-    "MAX_CAMERA_ID_BYTES", "MAX_ECHO_CHARS", "MAX_MESSAGE_BYTES", "clip", "CaptureConfig", "ServerConfig", "add_arguments",
+    "MAX_CAMERA_ID_BYTES", "MAX_ECHO_CHARS", "MAX_MESSAGE_BYTES", "RESEND_FINAL", "RESEND_KEY", "RESEND_YES",
+    "clip", "CaptureConfig", "ServerConfig", "add_arguments",
     "add_capture_arguments", "capture_from_args", "check_capture_limits", "check_drift_settings",
     "config_from_args",
 ]

@@ -7,15 +7,17 @@ class over the last minutes, and the server's load, errors, drift, capture count
 How it stays off the inspection's hot path:
 
 * :meth:`Console.observe` is the server's batch listener (``InspectionServer.batch_listeners``):
-  called on the event loop once a batch's frames are answered, it stores references per camera
-  (the batch's frame row, its RLE strings, counts and decisions) in a dict and a bounded deque,
-  and adds the decisions to the per-camera rate buckets. No drawing, no encoding, no copies but
-  the frame of a defective one (kept for its thumbnail, so the deque does not pin whole batches).
-* A background task wakes ``refresh_hz`` times a second, and does nothing while no viewer is
-  connected. With viewers it draws and JPEG-encodes, on its own thread, only the frames the page
-  will show (each camera's latest, new thumbnails), each ONCE: images are cached by frame sequence
-  number and every viewer fetches the same bytes. It then pushes one JSON state to every viewer
-  over server-sent events.
+  it keeps references per camera in :class:`server.console_buffer.CameraBuffer` (at most
+  ``max_cameras`` cameras, the least recently seen making room). No drawing, no encoding.
+* A background task wakes ``refresh_hz`` times a second, and does nothing unless a viewer is
+  connected or ``/api/state`` was asked for lately. Then it draws and JPEG-encodes, on its own
+  thread, only the frames the page will show, each ONCE and at most ``encodes_per_s`` a second
+  over all cameras, and caches the JSON state: every viewer and every ``/api/state`` request gets
+  that cached state, and an image request is served only from the images already encoded, so
+  nothing a client does makes the console encode more.
+* Connections are bounded and timed out (:mod:`server.console_connections`), and a viewer whose
+  events cannot be written for ``idle_timeout_s`` is closed, so the console's clients cannot take
+  the file descriptors or memory the inspection needs.
 
 The page (``server/console_static/index.html``) is one static file of HTML and vanilla JS; no
 front-end build step. aiohttp serves it on the server's own event loop (grpc.aio's).
@@ -31,15 +33,16 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from server.console_buffer import CameraBuffer, Shot, newer
+from server.console_connections import ConnectionGuard
 from server.console_state import camera_state, latency_buckets, server_state
 
 if TYPE_CHECKING:
@@ -51,12 +54,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATIC_PAGE = "console_static/index.html"  # package data of ``server``
-#: Cameras the console keeps; frames of further cameras are counted and not shown.
+#: Cameras the console shows by default; a new camera takes the place of the one seen least recently.
 MAX_CAMERAS = 64
 #: Seconds of load history behind frames/s and p95 latency.
 LOAD_WINDOW_S = 10.0
-#: Frames of one camera observed within this many seconds are ordered by frame id.
-REORDER_S = 1.0
+#: Seconds the state keeps being refreshed after an ``/api/state`` request (with no viewer connected).
+STATE_WANTED_S = 10.0
 JPEG_QUALITY = 80
 
 
@@ -84,6 +87,11 @@ class ConsoleConfig:
         thumbnail_width: width of a thumbnail.
         encodes_per_s: most images drawn and encoded per second, over all cameras (with many
             cameras each one's frame refreshes less often; the inspection's CPU stays its own).
+        max_cameras: cameras shown; a new one takes the place of the one seen least recently.
+        max_connections: console connections held at once; further ones are closed at once.
+        header_timeout_s: seconds a connection has to send its request headers (and finish TLS).
+        idle_timeout_s: seconds a connection may sit idle between requests, and a viewer may not
+            take its events, before it is closed.
     """
 
     port: int = 0
@@ -97,6 +105,10 @@ class ConsoleConfig:
     display_width: int = 800
     thumbnail_width: int = 320
     encodes_per_s: float = 4.0
+    max_cameras: int = MAX_CAMERAS
+    max_connections: int = 128
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -111,20 +123,10 @@ class ConsoleConfig:
             raise ValueError("thumbnails must be >= 0, display_width and thumbnail_width >= 16")
         if not 0 < self.bucket_s <= self.history_s:
             raise ValueError(f"bucket_s must lie in (0, history_s={self.history_s}], got {self.bucket_s}")
-
-
-@dataclass(eq=False)
-class _Shot:
-    """One inspected frame as the console keeps it: references, no encoding."""
-
-    seq: int
-    camera_id: str
-    frame_id: int
-    time: float  # time.time()
-    frame: np.ndarray  # uint8 [H, W]: a row of the batch (latest) or a copy (thumbnails)
-    rles: list[str]
-    counts: np.ndarray  # int [C]
-    present: np.ndarray  # bool [C]
+        if self.max_cameras < 1 or self.max_connections < 1:
+            raise ValueError("max_cameras and max_connections must be >= 1")
+        if not (self.header_timeout_s > 0 and self.idle_timeout_s > 0):
+            raise ValueError("header_timeout_s and idle_timeout_s must be positive")
 
 
 def _lowest_priority() -> None:
@@ -136,39 +138,12 @@ def _lowest_priority() -> None:
         log.debug("console encoder keeps its priority: %s", exc)
 
 
-def _newer(shot: _Shot, other: _Shot) -> bool:
-    """Whether ``shot`` is a later frame of its camera than ``other``.
-
-    Batches finish in any order (their RLE runs in a pool), so a frame observed later may be an
-    earlier one: by frame id, unless ``other`` was observed over REORDER_S before (the camera
-    restarted its numbering)."""
-    return shot.frame_id > other.frame_id or shot.time - other.time >= REORDER_S
-
-
-def _keep(kept: list[_Shot], shot: _Shot, limit: int) -> None:
-    """Inserts ``shot`` into ``kept`` (oldest first) in frame order, keeping the newest ``limit``."""
-    i = len(kept)
-    while i > 0 and not _newer(shot, kept[i - 1]):
-        i -= 1
-    kept.insert(i, shot)
-    if len(kept) > limit:
-        del kept[0]
-
-
-@dataclass(eq=False)
-class _Camera:
-    camera_id: str
-    num_classes: int
-    latest: _Shot | None = None
-    shown: _Shot | None = None  # the latest frame whose image is ready: what the page shows
-    shown_at: float = 0.0  # time.monotonic() it was shown
-    defective: list[_Shot] = field(default_factory=list)  # the last defective frames, oldest first
-    frames: int = 0
-    defective_frames: np.ndarray = field(default=None)  # type: ignore[assignment]  # int64 [C]
-    buckets: deque[list[Any]] = field(default_factory=deque)  # [bucket start, frames, defects [C]]
-
-    def __post_init__(self) -> None:
-        self.defective_frames = np.zeros(self.num_classes, np.int64)
+def _offer(queue: asyncio.Queue[str | None], message: str | None) -> None:
+    """Puts ``message`` in a viewer's one-slot queue, replacing what it has not taken yet: a slow
+    viewer gets the newest state (or the end), not a backlog, and a full queue never raises."""
+    if queue.full():
+        queue.get_nowait()
+    queue.put_nowait(message)
 
 
 class Console:
@@ -185,19 +160,22 @@ class Console:
     def __init__(self, server: InspectionServer, config: ConsoleConfig | None = None) -> None:
         self.server = server
         self.config = config or ConsoleConfig()
+        cfg = self.config
         self.port: int | None = None
-        self._cameras: dict[str, _Camera] = {}
-        self._seq = 0
-        self._ignored_frames = 0
+        self.buffer = CameraBuffer(cfg.max_cameras, cfg.thumbnails, cfg.bucket_s, cfg.history_s)
         self._viewers: set[asyncio.Queue[str | None]] = set()
         self._images: dict[tuple[int, str], asyncio.Future[bytes]] = {}
         self._encoder = ThreadPoolExecutor(1, thread_name_prefix="console-encode", initializer=_lowest_priority)
         self._load: deque[tuple[float, int, dict[str, int], np.ndarray]] = deque()
         self._last_state: str | None = None
+        self._last_state_at = 0.0  # time.monotonic()
+        self._state_wanted_until = 0.0  # time.monotonic(): /api/state keeps the refresh running until then
+        self._refreshed = asyncio.Event()
         self._refresh: asyncio.Task[None] | None = None
         self._runner: Any = None
+        self.connections: ConnectionGuard | None = None
         self.encoded = 0  # images encoded, over all viewers (each at most once)
-        self.updates = 0  # states pushed (one per tick with viewers)
+        self.updates = 0  # states made (one per tick with viewers or /api/state clients)
 
     @property
     def url(self) -> str:
@@ -208,54 +186,9 @@ class Console:
     def viewers(self) -> int:
         return len(self._viewers)
 
-    # ------------------------------------------------------------------ hot path
-
     def observe(self, batch: FinishedBatch) -> None:
-        """Keeps references to a finished batch's frames; the server's batch listener (O(1) per frame)."""
-        now = time.time()
-        present = batch.result.present
-        counts = batch.result.counts
-        flagged = present.any(axis=1)
-        for i, camera_id in enumerate(batch.camera_ids):
-            camera = self._cameras.get(camera_id)
-            if camera is None:
-                camera = self._add_camera(camera_id, present.shape[1])
-                if camera is None:
-                    continue
-            self._seq += 1
-            shot = _Shot(self._seq, camera_id, int(getattr(batch.sources[i], "frame_id", -1)), now, batch.frames[i],
-                         batch.rles[i], counts[i], present[i])
-            if camera.latest is None or _newer(shot, camera.latest):
-                camera.latest = shot
-            camera.frames += 1
-            bucket = self._bucket(camera, now)
-            bucket[1] += 1
-            if flagged[i]:
-                bucket[2] += present[i]
-                camera.defective_frames += present[i]
-                if self.config.thumbnails:
-                    # A copy: a kept thumbnail must not pin its whole batch.
-                    _keep(camera.defective, _Shot(shot.seq, camera_id, shot.frame_id, now, batch.frames[i].copy(),
-                                                  shot.rles, shot.counts, shot.present), self.config.thumbnails)
-
-    def _add_camera(self, camera_id: str, num_classes: int) -> _Camera | None:
-        if len(self._cameras) >= MAX_CAMERAS:
-            if self._ignored_frames == 0:
-                log.warning("event=console_cameras_full cameras=%d camera=%r: further cameras are not shown",
-                            MAX_CAMERAS, camera_id)
-            self._ignored_frames += 1
-            return None
-        camera = _Camera(camera_id, num_classes)
-        self._cameras[camera_id] = camera
-        return camera
-
-    def _bucket(self, camera: _Camera, now: float) -> list[Any]:
-        start = now - now % self.config.bucket_s
-        if not camera.buckets or camera.buckets[-1][0] != start:
-            camera.buckets.append([start, 0, np.zeros(camera.num_classes, np.int64)])
-            while camera.buckets[0][0] < now - self.config.history_s:
-                camera.buckets.popleft()
-        return camera.buckets[-1]
+        """The server's batch listener: keeps references to a finished batch's frames (O(1) per frame)."""
+        self.buffer.observe(batch)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -272,27 +205,35 @@ class Console:
             raise RuntimeError(f"the console needs aiohttp ({exc}): pip install -e '.[serve]'") from None
 
         cfg = self.config
-        app = web.Application()
+        ssl_context = self._ssl_context()
+
+        @web.middleware
+        async def timeouts(request: web.Request, handler: Any) -> web.StreamResponse:
+            assert self.connections is not None
+            return await self.connections.middleware(request, handler)
+
+        app = web.Application(middlewares=[timeouts])
         app.add_routes([
             web.get("/", self._index),
             web.get("/events", self._events),
             web.get("/api/state", self._state_json),
-            web.get(r"/frames/{seq:\d+}.jpg", self._frame_image),
-            web.get(r"/thumbs/{seq:\d+}.jpg", self._thumb_image),
+            # At most 18 digits: a longer number is no frame (and int() of thousands of digits raises).
+            web.get(r"/frames/{seq:\d{1,18}}.jpg", self._frame_image),
+            web.get(r"/thumbs/{seq:\d{1,18}}.jpg", self._thumb_image),
         ])
-        ssl_context = self._ssl_context()
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=cfg.idle_timeout_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.bind, cfg.port, ssl_context=ssl_context)
+        self.connections = ConnectionGuard(self._runner.server, cfg.max_connections, cfg.header_timeout_s,
+                                           cfg.idle_timeout_s, ssl_context)
         try:
-            await site.start()
+            self.port = await self.connections.listen(cfg.bind, cfg.port)
         except OSError as exc:
             await self._runner.cleanup()
             raise OSError(f"console cannot listen on {cfg.bind}:{cfg.port}: {exc}") from None
-        self.port = int(self._runner.addresses[0][1])
         self.server.batch_listeners.append(self.observe)
         self._refresh = asyncio.get_running_loop().create_task(self._refresh_loop())
-        log.info("event=console_start url=%s refresh_hz=%g", self.url, cfg.refresh_hz)
+        log.info("event=console_start url=%s refresh_hz=%g max_connections=%d", self.url, cfg.refresh_hz,
+                 cfg.max_connections)
         return self.port
 
     def _ssl_context(self) -> ssl.SSLContext | None:
@@ -307,58 +248,70 @@ class Console:
         return context
 
     async def stop(self) -> None:
-        """Ends every viewer's event stream, then the web server and the encoder thread."""
+        """Ends every viewer's event stream and closes every connection (a viewer that stopped
+        reading included), then the web server and the encoder thread."""
         if self.observe in self.server.batch_listeners:
             self.server.batch_listeners.remove(self.observe)
         if self._refresh is not None:
             self._refresh.cancel()
             await asyncio.gather(self._refresh, return_exceptions=True)
         for queue in list(self._viewers):
-            queue.put_nowait(None)
+            _offer(queue, None)
+        if self.connections is not None:
+            self.connections.close()
+            await asyncio.sleep(0.1)  # viewers that read take their end of stream
+            await self.connections.abort_all()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         await asyncio.get_running_loop().run_in_executor(None, self._encoder.shutdown, True)
-        log.info("event=console_stop encoded=%d updates=%d", self.encoded, self.updates)
+        log.info("event=console_stop encoded=%d updates=%d viewers=%d", self.encoded, self.updates, len(self._viewers))
 
     # ------------------------------------------------------------------ refresh
+
+    def _wanted(self) -> bool:
+        return bool(self._viewers) or time.monotonic() < self._state_wanted_until
 
     async def _refresh_loop(self) -> None:
         period = 1.0 / self.config.refresh_hz
         while True:
             await asyncio.sleep(period)
-            if not self._viewers:
+            if not self._wanted():
                 continue
             try:
                 state = await self.state()
             except Exception:  # noqa: BLE001 - the console must never take the server down
                 log.exception("event=console_refresh_error")
                 continue
-            self._last_state = json.dumps(state)
+            self._last_state, self._last_state_at = json.dumps(state), time.monotonic()
             self.updates += 1
             for queue in self._viewers:
-                if queue.full():  # a slow viewer gets the newest state, not a backlog
-                    queue.get_nowait()
-                queue.put_nowait(self._last_state)
+                _offer(queue, self._last_state)
+            self._refreshed.set()
+            self._refreshed = asyncio.Event()
 
     async def state(self) -> dict[str, Any]:
-        """What the page shows, as JSON-ready data: frames and thumbnails whose images are ready."""
+        """What the page shows, as JSON-ready data: frames and thumbnails whose images are ready.
+
+        Encodes up to one tick's budget of images: the refresh task is its only caller."""
         self._sample_load()
         await self._encode_some()
+        cfg, buffer = self.config, self.buffer
         cameras = [
-            camera_state(camera, [s for s in camera.defective if self._ready(s, "thumb")], self.config.bucket_s,
-                         self.config.history_s, self._load)
-            for camera in self._cameras.values()
+            camera_state(camera, [s for s in camera.defective if self._ready(s, "thumb")], cfg.bucket_s,
+                         cfg.history_s, self._load)
+            for camera in buffer.cameras.values()
         ]
         return {"time": time.time(), **server_state(self.server, self._load), "cameras": cameras,
-                "ignored_frames": self._ignored_frames}
+                "max_cameras": cfg.max_cameras, "cameras_not_shown": len(buffer.hidden),
+                "cameras_evicted": buffer.evicted}
 
     async def _encode_some(self) -> None:
         """Encodes the images the page lacks, at most the tick's budget: cameras' latest frames
         first (the one refreshed longest ago first), then new thumbnails. A camera keeps showing
         its previous frame until its turn comes."""
         wanted = []
-        for camera in self._cameras.values():
+        for camera in self.buffer.cameras.values():
             if camera.latest is not None and camera.latest is not camera.shown:
                 wanted.append((0, camera.shown_at, camera, camera.latest, "frame"))
             wanted.extend((1, s.time, camera, s, "thumb") for s in camera.defective if (s.seq, "thumb") not in self._images)
@@ -371,33 +324,25 @@ class Console:
             if isinstance(result, BaseException):
                 log.error("event=console_image_error camera=%r frame=%d error=%r", shot.camera_id, shot.frame_id,
                           result)
-            elif kind == "frame" and (camera.shown is None or _newer(shot, camera.shown)):
+            elif kind == "frame" and (camera.shown is None or newer(shot, camera.shown)):
                 camera.shown, camera.shown_at = shot, now
         self._forget_images()
 
-    def _ready(self, shot: _Shot, kind: str) -> bool:
+    def _ready(self, shot: Shot, kind: str) -> bool:
         future = self._images.get((shot.seq, kind))
         return future is not None and future.done() and future.exception() is None
 
     def _sample_load(self) -> None:
         """One sample of the counters behind frames/s and p95 latency (kept for LOAD_WINDOW_S)."""
         now = time.monotonic()
-        frames = {camera_id: camera.frames for camera_id, camera in self._cameras.items()}
+        frames = {camera_id: camera.frames for camera_id, camera in self.buffer.cameras.items()}
         self._load.append((now, self.server.stats()["answered"], frames, latency_buckets(self.server.metrics)))
         while len(self._load) > 2 and self._load[1][0] <= now - LOAD_WINDOW_S:
             self._load.popleft()
 
     # ------------------------------------------------------------------ images
 
-    def _retained(self) -> Iterable[_Shot]:
-        for camera in self._cameras.values():
-            yield from (s for s in (camera.latest, camera.shown) if s is not None)
-            yield from camera.defective
-
-    def _find(self, seq: int) -> _Shot | None:
-        return next((s for s in self._retained() if s.seq == seq), None)
-
-    def _image(self, shot: _Shot, kind: str) -> asyncio.Future[bytes]:
+    def _image(self, shot: Shot, kind: str) -> asyncio.Future[bytes]:
         """The JPEG of a shot (``frame``: display size, ``thumb``: thumbnail), encoded at most once."""
         key = (shot.seq, kind)
         future = self._images.get(key)
@@ -408,7 +353,7 @@ class Console:
             self._images[key] = future
         return future
 
-    def _encode(self, shot: _Shot, width: int) -> bytes:
+    def _encode(self, shot: Shot, width: int) -> bytes:
         """Draws and encodes one shot (on the encoder thread)."""
         import cv2
 
@@ -426,7 +371,7 @@ class Console:
         return data.tobytes()
 
     def _forget_images(self) -> None:
-        keep = {s.seq for s in self._retained()}
+        keep = {s.seq for s in self.buffer.retained()}
         for key in [k for k in self._images if k[0] not in keep]:
             del self._images[key]
 
@@ -439,7 +384,8 @@ class Console:
         return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-cache"})
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: one ``data:`` line of JSON state per refresh while connected."""
+        """Server-sent events: one ``data:`` line of JSON state per refresh while connected. A viewer
+        that does not take an event within ``idle_timeout_s`` (stopped reading) is closed."""
         from aiohttp import web
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -449,11 +395,21 @@ class Console:
         self._viewers.add(queue)
         log.info("event=console_viewer_open viewers=%d peer=%s", len(self._viewers), request.remote)
         try:
-            await response.write(b"retry: 2000\n\n")
-            if self._last_state is not None:
-                await response.write(f"data: {self._last_state}\n\n".encode())
-            while (message := await queue.get()) is not None:
-                await response.write(f"data: {message}\n\n".encode())
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(self.config.idle_timeout_s) as timer:  # only while writing
+                await response.write(b"retry: 2000\n\n")
+                if self._last_state is not None:
+                    await response.write(f"data: {self._last_state}\n\n".encode())
+                timer.reschedule(None)
+                while (message := await queue.get()) is not None:
+                    timer.reschedule(loop.time() + self.config.idle_timeout_s)
+                    await response.write(f"data: {message}\n\n".encode())
+                    timer.reschedule(None)
+        except TimeoutError:
+            log.warning("event=console_viewer_stalled peer=%s: no event taken for %g s; closed", request.remote,
+                        self.config.idle_timeout_s)
+            if request.transport is not None:
+                request.transport.abort()
         except (ConnectionResetError, ConnectionError):
             pass
         finally:
@@ -462,9 +418,19 @@ class Console:
         return response
 
     async def _state_json(self, request: web.Request) -> web.Response:
+        """The cached state (the one the viewers get); waits for the next refresh when it is stale."""
         from aiohttp import web
 
-        return web.json_response(await self.state())
+        period = 1.0 / self.config.refresh_hz
+        self._state_wanted_until = time.monotonic() + STATE_WANTED_S
+        if self._last_state is None or time.monotonic() - self._last_state_at > 2 * period:
+            try:
+                await asyncio.wait_for(self._refreshed.wait(), timeout=2 * period + 1.0)
+            except TimeoutError:
+                pass
+        if self._last_state is None:
+            raise web.HTTPServiceUnavailable(text="the console has no state yet; retry")
+        return web.Response(text=self._last_state, content_type="application/json", headers={"Cache-Control": "no-cache"})
 
     async def _frame_image(self, request: web.Request) -> web.Response:
         return await self._image_response(request, "frame")
@@ -473,15 +439,13 @@ class Console:
         return await self._image_response(request, "thumb")
 
     async def _image_response(self, request: web.Request, kind: str) -> web.Response:
+        """An image the refresh has encoded (or is encoding); never one more encode for a request."""
         from aiohttp import web
 
         seq = int(request.match_info["seq"])
         future = self._images.get((seq, kind))
         if future is None:
-            shot = self._find(seq)
-            if shot is None:
-                raise web.HTTPNotFound(text=f"frame {seq} is no longer kept by the console")
-            future = self._image(shot, kind)
+            raise web.HTTPNotFound(text=f"frame {seq} is not on the console (no longer kept, or not shown yet)")
         data = await future
         return web.Response(body=data, content_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 

@@ -1,11 +1,8 @@
 """The inspection service: ``InspectionServer(backend, config)``, usable as a library and by ``server serve``.
 
-Life of a frame: the stream's reader takes a request off the wire (only while the stream and the
-server have room: that is the backpressure, HTTP/2 flow control does the rest), hands it to a
-frame task (decode in the worker pool -> dynamic batcher -> inference thread -> RLE in the worker
-pool) and queues that task in the stream's answer queue. The stream's writer awaits the tasks in
-queue order, so responses leave in frame order whatever order the batches finished in, and every
-frame that was read gets exactly one response, an error included.
+Life of a frame: an ``Inspect`` call (:mod:`server.calls`) reads it off the wire (:mod:`server.wire`
+parses it) and hands it to a frame task: decode in the worker pool -> dynamic batcher -> inference
+thread -> RLE in the worker pool. Answers leave in frame order, one per frame read, an error included.
 
 After a batch's frames are answered, the line feedback (:mod:`server.feedback`) takes the batch on
 its own thread: drift statistics per camera when the model carries a drift reference, and capture
@@ -13,7 +10,7 @@ of chosen frames for retraining (``--capture-dir``). ``GetLineStatus`` and ``/me
 
 Shutdown (:meth:`InspectionServer.stop`): health goes NOT_SERVING, new calls are refused with
 UNAVAILABLE, every stream stops reading, every frame already read is answered, then the stream
-ends with UNAVAILABLE so its camera knows to resend the rest elsewhere; the line feedback finishes
+ends with UNAVAILABLE (and the trailer saying "resend") so its camera resends the rest elsewhere; the line feedback finishes
 its batches and the capture writer saves what it holds.
 """
 
@@ -22,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,202 +30,33 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from engine.backends.base import Backend
-from engine.metadata import class_ids
 from protos.inspection.v1 import inspection_pb2 as pb
-from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
-from server.admission import Admission, FrameLease, release_all
-from server.batcher import DynamicBatcher, FrameExpired, FrameResult, InferenceFailed
-from server.config import MAX_CAMERA_ID_BYTES, ServerConfig, clip
+from server.admission import Admission
+from server.batcher import DynamicBatcher, FrameExpired, InferenceFailed
+from server.calls import CameraCall, Servicer
+from server.config import ServerConfig, clip
 from server.decode import FrameRejected, decode_request
 from server.feedback import LineFeedback, LineFeedbackCollector
 from server.metrics import ServerMetrics
+from server.wire import (
+    SERVICE_NAME,
+    UnreadableRequest,
+    add_servicer,
+    camera_id_fits,
+    camera_id_problem,
+    end_stream,
+    frame_error,
+    frame_response,
+    model_info,
+)
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from server.batcher import FinishedBatch
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InspectionService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def model_info(backend: Backend, max_batch: int) -> pb.ModelInfo:
-    meta = backend.metadata
-    return pb.ModelInfo(
-        classes=[pb.DefectClass(class_id=k, name=n) for k, n in zip(meta.class_ids, meta.class_names)],
-        input_height=meta.input_height,
-        input_width=meta.input_width,
-        thresholds=meta.thresholds,
-        min_areas=meta.min_areas,
-        backend=backend.name,
-        precision=backend.precision,
-        backend_selection=backend.selection,
-        model_version=meta.model_version,
-        device=backend.device,
-        max_batch=max_batch,
-        folds=meta.folds,
-        encoder=meta.encoder,
-        project_version=meta.project_version,
-    )
-
-
-def camera_id_fits(camera_id: str) -> bool:
-    """Whether a camera id is within :data:`MAX_CAMERA_ID_BYTES` of UTF-8."""
-    # More characters than bytes allowed is over without encoding a possibly huge string.
-    return len(camera_id) <= MAX_CAMERA_ID_BYTES and len(camera_id.encode("utf-8")) <= MAX_CAMERA_ID_BYTES
-
-
-def camera_id_problem(camera_id: str) -> str:
-    size = len(camera_id) if len(camera_id) > MAX_CAMERA_ID_BYTES else len(camera_id.encode("utf-8"))
-    return (f"camera_id is {'at least ' if len(camera_id) > MAX_CAMERA_ID_BYTES else ''}{size} bytes of UTF-8; "
-            f"at most {MAX_CAMERA_ID_BYTES} are allowed")
-
-
-def _us(seconds: float) -> int:
-    return max(0, round(seconds * 1e6))
-
-
-class _CameraStream:
-    """One Inspect call: a reader task feeding frame tasks into an ordered answer queue.
-
-    Every frame read holds a lease from the server's :class:`Admission` (in ``leases`` until it is
-    answered or abandoned); ``slots`` bounds this stream's share.
-    """
-
-    def __init__(self, server: InspectionServer, requests: AsyncIterator[pb.InspectRequest], deadline: float | None):
-        self.server = server
-        self.requests = requests
-        self.deadline = deadline
-        self.slots = asyncio.Semaphore(server.config.max_stream_inflight)
-        self.answers: asyncio.Queue[tuple[asyncio.Task[pb.InspectResponse], FrameLease] | None] = asyncio.Queue()
-        self.leases: set[FrameLease] = set()
-        self.read = 0
-        self.answered = 0
-        self.last_frame: tuple[str, int] | None = None
-        self.stopped_reading = False
-        self.reader: asyncio.Task[None] | None = None
-
-    def stop_reading(self) -> None:
-        """Shutdown: take no more frames; the ones already read are still answered."""
-        self.stopped_reading = True
-        if self.reader is not None:
-            self.reader.cancel()
-
-    async def read_frames(self) -> None:
-        server = self.server
-        try:
-            if self.stopped_reading:  # shutdown began before the first read
-                return
-            async for request in self.requests:
-                received = time.perf_counter()
-                # Not reading while full is the backpressure: gRPC stops granting the camera
-                # HTTP/2 flow-control window, so its writes wait instead of piling up here.
-                lease = await server.admission.acquire(self.slots, owner=self.leases)
-                self.read += 1
-                self.last_frame = (request.camera_id, request.frame_id)
-                self.answers.put_nowait((server._spawn_frame(request, self.deadline, received), lease))
-        except asyncio.CancelledError:
-            if not self.stopped_reading:
-                raise
-        finally:
-            self.answers.put_nowait(None)
-
-    def abandon(self) -> list[asyncio.Task]:
-        """Ends the reader and every unanswered frame; releases their leases now (no await).
-
-        Returns:
-            The tasks to await (the reader and the cancelled frames) for their exceptions.
-        """
-        tasks: list[asyncio.Task] = []
-        if self.reader is not None:
-            if not self.reader.done():
-                self.reader.cancel()
-            tasks.append(self.reader)
-        while not self.answers.empty():
-            item = self.answers.get_nowait()
-            if item is not None:
-                tasks.append(item[0])
-        for task in tasks:
-            task.cancel()
-        release_all(self.leases)
-        return tasks
-
-    def drained_message(self) -> str:
-        last = self.last_frame
-        after = f"; the last frame read was {clip(last[0])!r}/{last[1]}" if last else ""
-        return (f"server is shutting down: answered all {self.answered} frames it read{after}; "
-                "resend later frames to another server")
-
-
-class _Servicer(pb_grpc.InspectionServiceServicer):
-    def __init__(self, server: InspectionServer) -> None:
-        self.server = server
-
-    async def Inspect(
-        self, request_iterator: AsyncIterator[pb.InspectRequest], context: grpc.aio.ServicerContext
-    ) -> None:
-        # A coroutine writing with context.write (not an async generator): when the client cancels,
-        # the cancellation lands inside this coroutine and the cleanup below runs at once.
-        server = self.server
-        await server._admit_call(context)
-        stream = _CameraStream(server, request_iterator, server._deadline(context))
-        server._call_started(stream)
-        current: asyncio.Task[pb.InspectResponse] | None = None
-        try:
-            stream.reader = asyncio.get_running_loop().create_task(stream.read_frames())
-            while (item := await stream.answers.get()) is not None:
-                current, lease = item
-                response = await current
-                await context.write(response)
-                stream.answered += 1
-                lease.answered(response)
-            await stream.reader  # re-raises a failed read (a broken stream)
-            if stream.stopped_reading:
-                log.info("event=stream_drained peer=%s frames_read=%d answered=%d", context.peer(), stream.read,
-                         stream.answered)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, stream.drained_message())
-        finally:
-            # Client cancel, deadline, broken stream, a failed write, or this task cancelled: every
-            # slot is released before the first await below, so a cancellation landing there
-            # cannot leak one, and the call is counted as ended whatever happens to that await.
-            abandoned = stream.abandon()
-            if current is not None and not current.done():
-                current.cancel()
-                abandoned.append(current)
-            try:
-                await asyncio.gather(*abandoned, return_exceptions=True)
-            finally:
-                server._call_ended(stream)
-
-    async def InspectOne(self, request: pb.InspectRequest, context: grpc.aio.ServicerContext) -> pb.InspectResponse:
-        server = self.server
-        received = time.perf_counter()
-        await server._admit_call(context)
-        lease = await server.admission.try_acquire()
-        if lease is None:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server saturated: {server.inflight} frames in flight (max {server.config.max_inflight}); "
-                "retry later",
-            )
-        server._call_started(None)
-        try:
-            response = await server._inspect_frame(request, server._deadline(context), received)
-            lease.answered(response)
-            return response
-        finally:
-            lease.abandon()  # a no-op once answered
-            server._call_ended(None)
-
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        await self.server._admit_call(context, draining_ok=True)
-        assert self.server._info is not None
-        return self.server._info
-
-    async def GetLineStatus(self, request: pb.GetLineStatusRequest, context: grpc.aio.ServicerContext) -> pb.LineStatus:
-        await self.server._admit_call(context, draining_ok=True)
-        return self.server.line_status(request.camera_id)
 
 
 class InspectionServer:
@@ -269,12 +97,12 @@ class InspectionServer:
         self._workers = ThreadPoolExecutor(self.config.decode_workers, thread_name_prefix="decode")
         self._inference_thread = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._batcher: DynamicBatcher | None = None
-        self._info: pb.ModelInfo | None = None
+        self.info: pb.ModelInfo | None = None  # GetModelInfo's answer, once loaded
         self._loading: asyncio.Task[None] | None = None
         self._ready = False
         self._stopping = False
         self._stopped = asyncio.Event()
-        self._streams: set[_CameraStream] = set()
+        self._streams: set[CameraCall] = set()
         self._active_calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -326,7 +154,7 @@ class InspectionServer:
                 ("grpc.max_send_message_length", limit),
             ]
         )
-        pb_grpc.add_InspectionServiceServicer_to_server(_Servicer(self), self._grpc)
+        add_servicer(Servicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -399,7 +227,7 @@ class InspectionServer:
         if cfg.warmup:
             sizes = tuple(sorted({1, self._batcher.max_batch}))
             await self._batcher.run_on_backend_thread(backend.warmup, sizes)
-        self._info = model_info(backend, self._batcher.max_batch)
+        self.info = model_info(backend, self._batcher.max_batch)
         self._batcher.start()
         self._ready = True
         if not self._stopping:
@@ -481,18 +309,21 @@ class InspectionServer:
 
     # ------------------------------------------------------------------ per call
 
-    async def _admit_call(self, context: grpc.aio.ServicerContext, draining_ok: bool = False) -> None:
+    async def admit_call(self, context: grpc.aio.ServicerContext, draining_ok: bool = False) -> None:
+        """Ends a call the server cannot take now (shutting down, model loading): UNAVAILABLE, resend later."""
         if self._stopping and not draining_ok:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; connect to another server")
+            await end_stream(context, grpc.StatusCode.UNAVAILABLE, "server is shutting down; connect to another "
+                             "server", resend=True)
         if not self._ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is loading; retry when health says SERVING")
+            await end_stream(context, grpc.StatusCode.UNAVAILABLE, "model is loading; retry when health says SERVING",
+                             resend=True)
 
     @staticmethod
-    def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
-    def _call_started(self, stream: _CameraStream | None) -> None:
+    def call_started(self, stream: CameraCall | None) -> None:
         self._active_calls += 1
         self._idle.clear()
         if stream is not None:
@@ -501,7 +332,7 @@ class InspectionServer:
             if self._stopping:  # raced with stop(): it must not read anything
                 stream.stop_reading()
 
-    def _call_ended(self, stream: _CameraStream | None) -> None:
+    def call_ended(self, stream: CameraCall | None) -> None:
         self._active_calls -= 1
         if stream is not None:
             self._streams.discard(stream)
@@ -509,34 +340,32 @@ class InspectionServer:
         if self._active_calls == 0:
             self._idle.set()
 
-    def _spawn_frame(
-        self, request: pb.InspectRequest, deadline: float | None, received: float
-    ) -> asyncio.Task[pb.InspectResponse]:
-        task = asyncio.get_running_loop().create_task(self._inspect_frame(request, deadline, received))
+    def spawn_frame(self, request: pb.InspectRequest | UnreadableRequest, deadline: float | None,
+                    received: float) -> asyncio.Task[pb.InspectResponse]:
+        task = asyncio.get_running_loop().create_task(self.inspect_frame(request, deadline, received))
         self._frame_tasks.add(task)
         task.add_done_callback(self._frame_tasks.discard)
         return task
 
-    async def _inspect_frame(
-        self, request: pb.InspectRequest, deadline: float | None, received: float
-    ) -> pb.InspectResponse:
+    async def inspect_frame(self, request: pb.InspectRequest | UnreadableRequest, deadline: float | None,
+                            received: float) -> pb.InspectResponse:
         """Decode, batch, infer, encode: one response for one frame, never an exception."""
         assert self._batcher is not None and self.backend is not None
-        meta = self.backend.metadata
-        loop = asyncio.get_running_loop()
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if isinstance(request, UnreadableRequest):
+            return self._error(request, invalid, request.problem, received)
         if not camera_id_fits(request.camera_id):
-            return self._error(request, grpc.StatusCode.INVALID_ARGUMENT, camera_id_problem(request.camera_id),
-                               received)
+            return self._error(request, invalid, camera_id_problem(request.camera_id), received)
         try:
             start = time.perf_counter()
-            frame = await loop.run_in_executor(
-                self._workers, decode_request, request, meta.input_size, self.config.max_frame_pixels
+            frame = await asyncio.get_running_loop().run_in_executor(
+                self._workers, decode_request, request, self.backend.metadata.input_size, self.config.max_frame_pixels
             )
             decode_s = time.perf_counter() - start
             self.metrics.decode_seconds.observe(decode_s)
             result = await self._batcher.submit(frame, deadline, request.camera_id, request)
         except FrameRejected as exc:
-            return self._error(request, grpc.StatusCode.INVALID_ARGUMENT, str(exc), received)
+            return self._error(request, invalid, str(exc), received)
         except FrameExpired as exc:
             return self._error(request, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), received)
         except InferenceFailed as exc:
@@ -546,49 +375,21 @@ class InspectionServer:
         except Exception as exc:  # noqa: BLE001 - a frame's failure is answered, never raised into the stream
             log.exception("event=frame_error camera=%r frame=%d", clip(request.camera_id), request.frame_id)
             return self._error(request, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", received)
-        return self._response(request, result, decode_s, received)
+        total_s = self._observe_total(received)
+        return frame_response(request, result, self._model_version, decode_s, total_s)
 
-    def _response(
-        self, request: pb.InspectRequest, result: FrameResult, decode_s: float, received: float
-    ) -> pb.InspectResponse:
+    @property
+    def _model_version(self) -> str:
+        return self.info.model_version if self.info else ""
+
+    def _observe_total(self, received: float) -> float:
         total_s = time.perf_counter() - received
         self.metrics.total_seconds.observe(total_s)
-        return pb.InspectResponse(
-            camera_id=request.camera_id,
-            frame_id=request.frame_id,
-            defects=[
-                pb.DefectResult(class_id=k, present=present, pixel_count=count, rle=rle)
-                for k, present, count, rle in zip(
-                    class_ids(len(result.counts)), result.present, result.counts, result.rles
-                )
-            ],
-            model_version=self._info.model_version if self._info else "",
-            timings=pb.Timings(
-                queue_us=_us(result.queue_s),
-                inference_us=_us(result.inference_s),
-                postprocess_us=_us(result.postprocess_s),
-                total_us=_us(total_s),
-                decode_us=_us(decode_s),
-                batch_size=result.batch_size,
-            ),
-        )
+        return total_s
 
-    def _error(
-        self, request: pb.InspectRequest, code: grpc.StatusCode, reason: str, received: float
-    ) -> pb.InspectResponse:
-        # The id is quoted cut short, and not echoed at all when over its bound: nothing a camera
-        # sends can make an answer larger than the message size limit.
-        message = f"camera {clip(request.camera_id)!r} frame {request.frame_id}: {reason}"
-        log.warning("event=frame_error code=%s %s", code.name, message)
-        total_s = time.perf_counter() - received
-        self.metrics.total_seconds.observe(total_s)
-        return pb.InspectResponse(
-            camera_id=request.camera_id if camera_id_fits(request.camera_id) else "",
-            frame_id=request.frame_id,
-            error=pb.FrameError(code=code.value[0], message=message),
-            model_version=self._info.model_version if self._info else "",
-            timings=pb.Timings(total_us=_us(total_s)),
-        )
+    def _error(self, request: pb.InspectRequest | UnreadableRequest, code: grpc.StatusCode, reason: str,
+               received: float) -> pb.InspectResponse:
+        return frame_error(request, code, reason, self._model_version, self._observe_total(received))
 
 
 __all__ = ["InspectionServer", "ServerConfig", "model_info", "SERVICE_NAME"]

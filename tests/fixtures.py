@@ -233,7 +233,7 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # --------------------------------------------------------------------------- camera frames
-# The frames the server and client tests stream, and the tiny model's own answer for each: every
+# The frames the server and client tests stream, and the defect model's own answer for each: every
 # answer that comes back through a server is compared with it.
 
 
@@ -246,11 +246,12 @@ def camera_frames() -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def direct_backend(tiny_onnx: Path):
-    """The tiny model loaded directly: the reference every server answer is compared with."""
+def direct_backend(defect_onnx: Path):
+    """The defect model (tests.defect_model) loaded directly: the reference every server answer is
+    compared with."""
     from engine.backends import load_backend
 
-    backend = load_backend(tiny_onnx, device="cpu")
+    backend = load_backend(defect_onnx, device="cpu")
     yield backend
     backend.close()
 

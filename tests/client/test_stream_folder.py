@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from tests.server.conftest import ServerThread, running_server
-from tests.server.test_service import assert_equals_direct
+from tests.server.test_service import assert_equals_direct, assert_has_defects
 
 
 def write_images(folder: Path, frames: np.ndarray) -> list[str]:
@@ -21,7 +21,7 @@ def write_images(folder: Path, frames: np.ndarray) -> list[str]:
     return names
 
 
-def test_client_csv_is_the_models_answer_and_scores_like_it(tiny_onnx, direct_backend, tmp_path, capsys):
+def test_client_csv_is_the_models_answer_and_scores_like_it(defect_onnx, direct_backend, tmp_path, capsys):
     """The CSV of a labelled (synthetic Severstal-format) folder reads back through the trainer's CSV
     reader as the backend's own gated masks, and the trainer's metrics score it exactly as they
     score the backend's direct output against the same labels."""
@@ -35,7 +35,7 @@ def test_client_csv_is_the_models_answer_and_scores_like_it(tiny_onnx, direct_ba
     cfg = DataConfig(height=64, width=320)
     samples = load_samples(data, cfg)
     out = tmp_path / "results.csv"
-    with ServerThread(tiny_onnx) as server:
+    with ServerThread(defect_onnx) as server:
         code = main(["client", "--target", server.address, "--images", str(data), "--streams", "3", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
@@ -59,13 +59,13 @@ def test_client_csv_is_the_models_answer_and_scores_like_it(tiny_onnx, direct_ba
     assert direct.present.any() and truth.any()
 
 
-def test_client_library_raw_frames(tiny_onnx, camera_frames, direct_output, tmp_path):
+def test_client_library_raw_frames(defect_onnx, camera_frames, direct_output, tmp_path):
     from client.stream_folder import list_images, run_cameras
 
     names = write_images(tmp_path / "images", camera_frames[:12])
 
     async def main():
-        async with running_server(tiny_onnx) as server:
+        async with running_server(defect_onnx) as server:
             return await run_cameras(server.address, list_images(tmp_path / "images"), streams=5, raw=True, fps=100)
 
     run = asyncio.run(main())
@@ -75,6 +75,7 @@ def test_client_library_raw_frames(tiny_onnx, camera_frames, direct_output, tmp_
         i = names.index(answer.image_id)
         assert answer.camera_id == f"cam{i % 5}" and answer.frame_id == i // 5
         assert_equals_direct(answer.response, direct_output, i)
+    assert_has_defects([a.response for a in run.answers])
 
 
 def test_client_lists_failed_frames_and_exits_1(tiny_onnx, camera_frames, tmp_path, capsys):

@@ -20,11 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 class ServeProcess:
     """``server serve`` as a real process on a free port, its log collected by a reader thread."""
 
-    def __init__(self, model: Path, *flags: str) -> None:
+    def __init__(self, model: Path, *flags: str, **popen) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", "0",
              "--metrics-port", "-1", "--device", "cpu", *flags],
-            cwd=REPO, stderr=subprocess.PIPE, text=True,
+            cwd=REPO, stderr=subprocess.PIPE, text=True, **popen,
         )
         self.lines: list[str] = []
         self.address: str | None = None
@@ -48,10 +48,10 @@ class ServeProcess:
         return "".join(self.lines)
 
 
-def test_sigterm_during_streaming_answers_every_accepted_frame(tiny_onnx, camera_frames, direct_output):
+def test_sigterm_during_streaming_answers_every_accepted_frame(defect_onnx, camera_frames, direct_output):
     # The cameras use gRPC's synchronous API: the asyncio client may report a status that arrives
     # while it is still writing as INTERNAL "Internal error from Core" (grpc/grpc#36066).
-    server = ServeProcess(tiny_onnx, "--max-batch", "4", "--max-stream-inflight", "8")
+    server = ServeProcess(defect_onnx, "--max-batch", "4", "--max-stream-inflight", "8")
     answers: dict[str, list] = {"cam0": [], "cam1": []}
     endings: dict[str, tuple] = {}
     enough = threading.Event()

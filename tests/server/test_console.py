@@ -113,12 +113,12 @@ def test_console_state_matches_the_answers_and_encodes_once_per_frame(tiny_onnx,
     assert encoded == 2 + 2 * 4
 
 
-def test_frame_image_is_the_overlay_drawing(tiny_onnx, camera_frames, direct_output) -> None:
+def test_frame_image_is_the_overlay_drawing(defect_onnx, camera_frames, direct_output) -> None:
     from engine.overlay import draw_prediction
     from engine.rle import decode_many
 
     async def main():
-        async with running_server(tiny_onnx, max_batch=4) as server:
+        async with running_server(defect_onnx, max_batch=4) as server:
             console = Console(server, ConsoleConfig(port=0, refresh_hz=10, display_width=160, encodes_per_s=100))
             await console.start()
             try:

@@ -204,3 +204,34 @@ def test_console_in_chromium_shows_the_streamed_answers(drift_onnx, tmp_path: Pa
     assert caption.startswith(f"defective frame {clicked}")
     assert screenshot.stat().st_size > 10_000
 
+
+
+def test_the_page_shows_the_cameras_seen_most_recently_and_says_how_many_it_does_not(tiny_onnx, camera_frames):
+    from selenium.webdriver.common.by import By
+
+    thread = ServerThread(tiny_onnx, metrics_port=None)
+    with thread as server, tempfile.TemporaryDirectory() as profile:
+        console = None
+        driver = chromium(Path(profile))
+        try:
+            console = start_console(thread, refresh_hz=4, max_cameras=2)
+            driver.get(console.url)
+            wait_for(driver, lambda: driver.find_element(By.ID, "connection").text == "live", 30, "the event stream")
+
+            def cards() -> list[str]:
+                return [s.get_attribute("data-camera") for s in driver.find_elements(By.CSS_SELECTOR, "section.camera")]
+
+            stream(server.address, "retired", camera_frames[:2])
+            stream(server.address, "cam-1", camera_frames[2:4])
+            wait_for(driver, lambda: cards() == ["retired", "cam-1"], 30, "two cameras")
+            assert not driver.find_element(By.ID, "hidden-cameras").is_displayed()
+            stream(server.address, "cam-2", camera_frames[4:6])  # a third camera: "retired" makes room
+            wait_for(driver, lambda: cards() == ["cam-1", "cam-2"], 30, "the new camera in the retired one's place")
+            hidden = driver.find_element(By.ID, "hidden-cameras")
+            wait_for(driver, hidden.is_displayed, 10, "the count of cameras not shown")
+            text = hidden.text
+        finally:
+            driver.quit()
+            if console is not None:
+                stop_console(thread, console)
+    assert text == "1 camera not shown: the console shows the 2 cameras seen most recently"

@@ -131,9 +131,9 @@ def test_brightness_shift_drifts_on_its_camera_only(drift_onnx, drift_reference,
     ],
 )
 def test_without_a_usable_reference_drift_is_off_and_says_why(
-    reference, state, tiny_onnx, camera_frames, direct_output, tmp_path, caplog
+    reference, state, defect_onnx, camera_frames, direct_output, tmp_path, caplog
 ):
-    model = with_drift_reference(tiny_onnx, reference, tmp_path / "model.onnx")
+    model = with_drift_reference(defect_onnx, reference, tmp_path / "model.onnx")
 
     async def main():
         async with running_server(model, metrics_port=0) as server:
@@ -163,7 +163,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_serve_capture_flags_write_a_folder_the_trainer_loads(tiny_onnx, direct_backend, synth_dir, tmp_path):
+def test_serve_capture_flags_write_a_folder_the_trainer_loads(defect_onnx, direct_backend, synth_dir, tmp_path):
     from trainer.data import DataConfig, SeverstalDataset, load_samples, read_image
 
     cfg = DataConfig(num_classes=4, height=64, width=320)
@@ -175,7 +175,7 @@ def test_serve_capture_flags_write_a_folder_the_trainer_loads(tiny_onnx, direct_
     async def main():
         config = serve_config("--port", "0", "--metrics-port", "-1", "--capture-dir", str(captures),
                               "--capture", "defects,sample:1.0")
-        async with running_server(tiny_onnx, **config) as server:
+        async with running_server(defect_onnx, **config) as server:
             channel, stub = stub_for(server)
             async with channel:
 
@@ -237,7 +237,7 @@ async def _collect(call) -> list[pb.InspectResponse]:
 
 @pytest.mark.parametrize("failure", ["full quota", "unusable folder"])
 def test_capture_that_cannot_save_skips_and_counts_while_every_frame_is_answered(
-    failure, tiny_onnx, camera_frames, direct_output, tmp_path
+    failure, defect_onnx, camera_frames, direct_output, tmp_path
 ):
     if failure == "full quota":
         folder, flags, outcome = tmp_path / "captures", ["--capture-quota-gb", "1e-9"], "skipped_quota"  # 1 byte
@@ -249,7 +249,7 @@ def test_capture_that_cannot_save_skips_and_counts_while_every_frame_is_answered
     async def main():
         config = serve_config("--port", "0", "--metrics-port", "0", "--capture-dir", str(folder),
                               "--capture", "sample:1.0", *flags)
-        async with running_server(tiny_onnx, **config) as server:
+        async with running_server(defect_onnx, **config) as server:
             channel, stub = stub_for(server)
             async with channel:
                 answers = await asyncio.gather(stream(stub, "cam0", frames[:10]), stream(stub, "cam1", frames[10:], "png"))

@@ -22,7 +22,7 @@ from server.config import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES
 from tests.jpeg_faults import declaring, jpeg, truncated_mid_scan, with_orientation
 from tests.server.conftest import FRAME_SIZE, running_server, scrape, wait_until
 from tests.server.test_cli import REPO, ServeProcess
-from tests.server.test_service import assert_equals_direct, make_request, stub_for
+from tests.server.test_service import assert_equals_direct, assert_has_defects, make_request, stub_for
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 BIG_MESSAGES = [("grpc.max_send_message_length", 2 * MAX_MESSAGE_BYTES),
@@ -32,12 +32,12 @@ BIG_MESSAGES = [("grpc.max_send_message_length", 2 * MAX_MESSAGE_BYTES),
 # --------------------------------------------------------------------------- 1. the slot leak
 
 
-def test_oversize_camera_ids_leak_no_slot_and_sigterm_exits_at_once(tiny_onnx, camera_frames, direct_output):
+def test_oversize_camera_ids_leak_no_slot_and_sigterm_exits_at_once(defect_onnx, camera_frames, direct_output):
     # Four streams: 40 good frames, one whose camera_id is 9 MiB, then more good frames (so each
     # stream's 64 slots are full when the bad frame is answered). Its error answer used to echo the
     # id twice (18 MiB > the 16 MiB send limit): the write failed, the handler was cancelled in its
     # cleanup, and the four streams held all 256 server-wide slots for ever.
-    server = ServeProcess(tiny_onnx, "--metrics-port", "0", "--grace", "30", "--max-batch", "8")
+    server = ServeProcess(defect_onnx, "--metrics-port", "0", "--grace", "30", "--max-batch", "8")
     metrics_port = int(re.search(r"metrics_port=(\d+)", server.log).group(1))
     huge_id = "x" * (9 * 1024 * 1024)
     outcomes: dict[int, tuple] = {}
@@ -72,6 +72,7 @@ def test_oversize_camera_ids_leak_no_slot_and_sigterm_exits_at_once(tiny_onnx, c
             assert len(bad.error.message) < 400  # the id is quoted cut short, not echoed
             for r in responses[:40] + responses[41:]:
                 assert_equals_direct(r, direct_output, r.frame_id % 50)
+            assert_has_defects(responses[:40])
         # A fifth stream is served fully, and nothing stays in flight.
         with grpc.insecure_channel(server.address) as channel:
             fifth = list(pb_grpc.InspectionServiceStub(channel).Inspect(
@@ -99,12 +100,12 @@ def test_oversize_camera_ids_leak_no_slot_and_sigterm_exits_at_once(tiny_onnx, c
     assert len(server.log) < 200_000  # and the log never carried the 9 MiB id
 
 
-def test_camera_id_bound_is_in_utf8_bytes(tiny_onnx, camera_frames, direct_output):
+def test_camera_id_bound_is_in_utf8_bytes(defect_onnx, camera_frames, direct_output):
     fits = "é" * (MAX_CAMERA_ID_BYTES // 2)  # 2 bytes each: exactly the bound
     over = fits + "x"
 
     async def main():
-        async with running_server(tiny_onnx) as server:
+        async with running_server(defect_onnx) as server:
             channel, stub = stub_for(server)
             async with channel:
                 ok = await stub.InspectOne(make_request(fits, 0, camera_frames[0]))
@@ -121,7 +122,7 @@ def test_camera_id_bound_is_in_utf8_bytes(tiny_onnx, camera_frames, direct_outpu
 # --------------------------------------------------------------------------- 2. corrupt JPEGs
 
 
-def test_corrupt_jpegs_are_invalid_argument_and_orientation_is_ignored(tiny_onnx, camera_frames, direct_output):
+def test_corrupt_jpegs_are_invalid_argument_and_orientation_is_ignored(defect_onnx, camera_frames, direct_output):
     h, w = FRAME_SIZE
     intact = jpeg(camera_frames[0])
     cases = {
@@ -131,7 +132,7 @@ def test_corrupt_jpegs_are_invalid_argument_and_orientation_is_ignored(tiny_onnx
     }
 
     async def main():
-        async with running_server(tiny_onnx) as server:
+        async with running_server(defect_onnx) as server:
             channel, stub = stub_for(server)
             async with channel:
                 requests = [pb.InspectRequest(camera_id="cam", frame_id=i, encoded_image=data)
@@ -249,3 +250,70 @@ def test_max_message_bytes_is_one_constant():
 
     assert ServerConfig().max_message_bytes == MAX_MESSAGE_BYTES
     assert np.iinfo(np.int32).max > MAX_MESSAGE_BYTES  # a valid gRPC channel option
+
+
+# --------------------------------------------------------------------------- issue 24.7: camera ids that are not UTF-8
+
+
+def raw_inspect(channel: grpc.aio.Channel):
+    """``Inspect`` sending pre-serialized bytes: what a camera with another protobuf library may put on the wire."""
+    return channel.stream_stream("/inspection.v1.InspectionService/Inspect", request_serializer=lambda data: data,
+                                 response_deserializer=pb.InspectResponse.FromString)
+
+
+def test_a_camera_id_that_is_not_utf8_fails_its_frame_and_the_stream_goes_on(defect_onnx, camera_frames,
+                                                                             direct_output):
+    # proto3 refuses a whole message whose string field is not valid UTF-8: the server used to end the
+    # stream with UNKNOWN "DecodeError" there, and the frames after it were never read.
+    bad = pb.InspectRequest(camera_id="cam", frame_id=1, encoded_image=b"x").SerializeToString()
+    bad = bad.replace(b"\x0a\x03cam", b"\x0a\x05\xff\xfecam", 1)  # field 1 (camera_id): 5 bytes, not UTF-8
+    messages = [make_request("cam", 0, camera_frames[0], "gray8").SerializeToString(), bad,
+                make_request("cam", 2, camera_frames[2], "gray8").SerializeToString()]
+
+    async def main():
+        async with running_server(defect_onnx) as server:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                async def frames():
+                    for data in messages:
+                        yield data
+
+                answers = [r async for r in raw_inspect(channel)(frames())]
+                one = await channel.unary_unary("/inspection.v1.InspectionService/InspectOne",
+                                                request_serializer=lambda data: data,
+                                                response_deserializer=pb.InspectResponse.FromString)(bad)
+            return answers, one, server.stats()
+
+    answers, one, stats = asyncio.run(main())
+    assert [a.frame_id for a in answers] == [0, 1, 2]
+    assert_equals_direct(answers[0], direct_output, 0)
+    assert_equals_direct(answers[2], direct_output, 2)
+    for refused in (answers[1], one):
+        assert refused.error.code == INVALID_ARGUMENT and refused.camera_id == "" and refused.frame_id == 1
+        assert "camera_id is not valid UTF-8" in refused.error.message, refused.error.message
+        assert refused.error.message.startswith("camera b'\\xff\\xfecam' frame 1: ")  # the id, as a bytes literal
+    assert stats["accepted"] == stats["answered"] == 4
+
+
+def test_a_message_that_is_no_request_ends_the_stream_with_a_final_status(defect_onnx, camera_frames, direct_output):
+    from server.config import RESEND_FINAL, RESEND_KEY
+
+    async def main():
+        async with running_server(defect_onnx) as server:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                async def frames():
+                    yield make_request("cam", 0, camera_frames[0], "gray8").SerializeToString()
+                    yield b"\x0a\xff\x01"  # a camera_id of 255 bytes, then the message ends
+
+                call = raw_inspect(channel)(frames())
+                answers = []
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    async for answer in call:
+                        answers.append(answer)
+            return answers, ended.value
+
+    answers, ended = asyncio.run(main())
+    assert [a.frame_id for a in answers] == [0]
+    assert_equals_direct(answers[0], direct_output, 0)
+    assert ended.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "message 2 of the stream: the message is not an InspectRequest" in ended.details()
+    assert dict(ended.trailing_metadata())[RESEND_KEY] == RESEND_FINAL  # the camera library stops, no resend

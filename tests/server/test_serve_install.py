@@ -46,7 +46,7 @@ def _installed(python: Path, modules: tuple[str, ...]) -> str:
     return _run([str(python), "-c", probe], timeout=60).stdout.strip()
 
 
-def test_serve_install_serves_onnx_without_torch(tmp_path: Path, tiny_onnx: Path, camera_frames, direct_output):
+def test_serve_install_serves_onnx_without_torch(tmp_path: Path, defect_onnx: Path, camera_frames, direct_output):
     source = tmp_path / "src"
     source.mkdir()
     for name in SOURCES:
@@ -66,11 +66,11 @@ def test_serve_install_serves_onnx_without_torch(tmp_path: Path, tiny_onnx: Path
          timeout=600)
     assert _installed(python, HEAVY) == "[]"
     # `engine info` (the toolchain's console script) works on the serving install too.
-    info = _run([str(venv / "bin" / "engine"), "info", str(tiny_onnx)], timeout=120).stdout
-    assert info.startswith(f"{tiny_onnx}  (onnx)") and "runs on" in info
+    info = _run([str(venv / "bin" / "engine"), "info", str(defect_onnx)], timeout=120).stdout
+    assert info.startswith(f"{defect_onnx}  (onnx)") and "runs on" in info
 
     process = subprocess.Popen(
-        [str(venv / "bin" / "server"), "serve", "--model", str(tiny_onnx), "--port", "0", "--metrics-port", "-1",
+        [str(venv / "bin" / "server"), "serve", "--model", str(defect_onnx), "--port", "0", "--metrics-port", "-1",
          "--device", "cpu", "--max-batch", "2"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True,
     )

@@ -69,6 +69,11 @@ class InspectionServiceServicer:
         RESOURCE_EXHAUSTED, and the frames read before it that were not yet answered are never answered.
         A camera therefore checks each serialized request against that limit before sending it, refuses
         an oversize frame locally (reporting it), and never sends it.
+
+        Every status the server ends this stream with carries the trailing-metadata key
+        "inspection-resend" (server.config.RESEND_KEY): "yes" when the camera should resend its
+        unanswered frames (to this server later or to another), "no" when resending cannot help (a
+        message that is not an InspectRequest). Cameras decide from it, not from the status code.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
