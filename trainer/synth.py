@@ -68,8 +68,10 @@ def _blur1d(values: np.ndarray, sigma: float) -> np.ndarray:
 # --------------------------------------------------------------------------- background
 
 
-def _background(rng: np.random.Generator, height: int, width: int, u: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rolled-metal frame (float32 [H, W]) and the bool mask of the steel (False off the strip's edge)."""
+def _background(rng: np.random.Generator, height: int, width: int, u: float,
+                edge_probability: float = 0.12) -> tuple[np.ndarray, np.ndarray]:
+    """Rolled-metal frame (float32 [H, W]) and the bool mask of the steel (False off the strip's edge,
+    drawn with ``edge_probability``; the draw is made whatever it is, so the rest follows the seed alike)."""
     x = np.arange(width, dtype=np.float32) / width
     y = np.arange(height, dtype=np.float32) / height
     base = rng.uniform(75.0, 135.0)
@@ -98,7 +100,7 @@ def _background(rng: np.random.Generator, height: int, width: int, u: float) -> 
     frame += rng.normal(0.0, rng.uniform(2.5, 4.5), size=(height, width)).astype(np.float32)
 
     steel = np.ones((height, width), dtype=bool)
-    if rng.uniform() < 0.12:
+    if rng.uniform() < edge_probability:
         # The strip's edge: beyond it the dark line bed, with a slightly wavy boundary.
         edge = rng.uniform(0.04, 0.25) * width
         wobble = 2.0 * max(u, 0.5) * _smooth_noise(rng, (height, 1), (3, 1))[:, 0]
