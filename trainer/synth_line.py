@@ -41,7 +41,7 @@ from coils.line_folder import (
     write_truth,
 )
 from engine import rle
-from trainer.synth import JPEG_QUALITY, KINDS, _background, _draw_defect
+from trainer.synth import JPEG_QUALITY, KINDS, draw_background, draw_defect
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Planting:
 
 def _connected_shape(class_index: int, rng: np.random.Generator, u: float, height: int) -> tuple[np.ndarray, np.ndarray]:
     """A ``trainer synth`` defect kept to its largest 8-connected part, cropped to it."""
-    mask, delta = _draw_defect(class_index, rng, u, height)
+    mask, delta = draw_defect(class_index, rng, u, height)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     label = 1 + int(np.argmax(stats[1:count, cv2.CC_STAT_AREA]))
     left, top, width, tall = (int(v) for v in stats[label, :4])
@@ -243,7 +243,7 @@ def render_frame(spec: LineSpec, plantings: list[Planting], coil_index: int, cam
     """What camera ``camera`` sees of frame ``frame``: the image uint8 ``[H, W]`` and the true masks ``[4, H, W]``."""
     h, w = spec.height, spec.width
     rng = np.random.default_rng([spec.seed, coil_index, camera, frame])
-    image, _ = _background(rng, h, w, min(h / 256, w / 1600), edge_probability=0.0)
+    image, _ = draw_background(rng, h, w, min(h / 256, w / 1600), edge_probability=0.0)
     masks = np.zeros((len(KINDS), h, w), np.uint8)
     top, left = frame * h, spec.lane_left(camera)
     for p in plantings:
