@@ -5,7 +5,7 @@ number of pixels; an encoder triggers every camera once per frame length, so fra
 starts ``f x frame length`` from the coil's head. Defects are planted on the coil in coil
 pixels (the shapes of ``trainer synth``, each kept to its largest 8-connected part so that one
 planted defect is one physical defect), and every frame shows the part of each defect inside its
-window, over a background of its own. Planted per coil:
+window, over a background of its own at the coil's brightness. Planted per coil:
 
 * ``boundary``: a defect over a boundary between two frames, in one lane;
 * ``lane``: a defect over the middle of two neighbouring lanes' overlap;
@@ -244,6 +244,9 @@ def render_frame(spec: LineSpec, plantings: list[Planting], coil_index: int, cam
     h, w = spec.height, spec.width
     rng = np.random.default_rng([spec.seed, coil_index, camera, frame])
     image, _ = draw_background(rng, h, w, min(h / 256, w / 1600), edge_probability=0.0)
+    # One strip, one brightness: every frame of a coil is brought to the coil's level (the background
+    # generator draws a level per frame, which would band the strip frame by frame).
+    image += np.random.default_rng([spec.seed, coil_index, 0x1E7E1]).uniform(85.0, 125.0) - image.mean()
     masks = np.zeros((len(KINDS), h, w), np.uint8)
     top, left = frame * h, spec.lane_left(camera)
     for p in plantings:
