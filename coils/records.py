@@ -134,8 +134,14 @@ def frame_components(key: FrameKey, class_id: int, mask: np.ndarray, position_mm
         owned_across: the across range whose pixels count towards areas (:meth:`Line.owned_across`).
         probability: the class probability ``[H, W]``, for each component's maximum; None if not known.
     """
-    grid = np.ascontiguousarray(to_along_across(np.asarray(mask) > 0, camera), dtype=np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(grid, connectivity=8)
+    grid = to_along_across(np.asarray(mask), camera)
+    if grid.dtype == bool:
+        grid = grid.view(np.uint8)
+    elif grid.dtype != np.uint8:
+        grid = (grid > 0).astype(np.uint8)
+    if not grid.any():  # most classes of most frames: no labelling needed
+        return []
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(grid), connectivity=8)
     probs = None if probability is None else to_along_across(np.asarray(probability, np.float32), camera)
     pa, px = camera.mm_per_px_along, camera.mm_per_px_across
     centres = camera.lane_start_mm + (np.arange(grid.shape[1]) + 0.5) * px
