@@ -160,3 +160,28 @@ def test_a_frame_of_the_wrong_size_or_an_unknown_camera_is_refused() -> None:
     with pytest.raises(KeyError, match="camera 'cam9' is not in line"):
         builder.add_frame("C1", "cam9", 0, 0.0, np.zeros((1, 20, 30), np.uint8))
     assert builder.frames_added == 0
+
+
+@pytest.mark.parametrize("jitter_mm", [-0.3, 0.3])
+def test_encoder_jitter_under_the_gap_still_joins_boundaries_and_keeps_one_clean_row_apart(jitter_mm: float) -> None:
+    canvas = planted()
+    line = two_cameras()
+    # Every odd frame's encoder reading is off by jitter_mm (under the default gap of half a pixel).
+    frames = [(c, f, p + (jitter_mm if f % 2 else 0.0), m) for c, f, p, m in frames_of(canvas, line)]
+    records = built(line, frames)
+    assert len(records) == 9
+    by_place = {(r.class_id, round(r.along_start_mm), round(r.across_start_mm)): r for r in records}
+    assert by_place[(1, 15, 2)].frames == (("cam0", 0), ("cam0", 1))  # still one record over the boundary
+    assert (1, 55, 44) in by_place and (1, 61, 44) in by_place  # still two records one clean row apart
+
+
+def test_a_wider_gap_joins_what_lies_within_it() -> None:
+    canvas = planted()
+    line = two_cameras()
+    builder = RecordBuilder(line, gap_mm=1.5)
+    for camera, frame_id, position, masks in frames_of(canvas, line):
+        builder.add_frame("C1", camera, frame_id, position, masks)
+    places = {(r.along_start_mm, r.across_start_mm) for r in builder.records("C1")}
+    assert (55.0, 44.0) in places and (61.0, 44.0) not in places  # one row apart over a boundary: joined
+    with pytest.raises(ValueError, match="gap_mm must be a finite number >= 0"):
+        RecordBuilder(line, gap_mm=-1)
