@@ -127,7 +127,7 @@ def line_shots(line: Path) -> dict[str, list[Shot]]:
 
     Raises:
         FileNotFoundError: no frames file, or a listed image that is missing.
-        ValueError: a wrong row (the file and line named).
+        ValueError: a wrong row (the file and line named), or a camera's frame ids not increasing.
     """
     from coils.line_folder import frames_file, read_frames
 
@@ -137,8 +137,11 @@ def line_shots(line: Path) -> dict[str, list[Shot]]:
         path = folder / frame.file
         if not path.is_file():
             raise FileNotFoundError(f"--line {line}: frame {frame.camera_id}/{frame.frame_id}: no such file {path}")
-        cameras.setdefault(frame.camera_id, []).append(
-            Shot(frame.frame_id, path, frame.file, frame.coil_id, frame.position_mm))
+        shots = cameras.setdefault(frame.camera_id, [])
+        if shots and frame.frame_id <= shots[-1].frame_id:
+            raise ValueError(f"--line {line}: camera {frame.camera_id}: frame {frame.frame_id} is listed after frame "
+                             f"{shots[-1].frame_id}; each camera's frame ids must increase down the file")
+        shots.append(Shot(frame.frame_id, path, frame.file, frame.coil_id, frame.position_mm))
     if not cameras:
         raise ValueError(f"--line {line}: no frames listed")
     return cameras

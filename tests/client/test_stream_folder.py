@@ -142,12 +142,19 @@ def test_client_streams_a_line_folder_with_coil_ids_and_positions(defect_onnx, t
     assert listed == {f.file for f in frames}  # every frame's file, answered
 
 
-def test_client_line_names_a_missing_frame_file(tmp_path, capsys):
+def test_client_line_names_a_missing_frame_file_and_frames_out_of_order(tmp_path, capsys):
     from server.cli import main
     from trainer.synth_line import LineSpec, synthesize_line
 
     folder = tmp_path / "line"
     synthesize_line(folder, LineSpec(cameras=1, frames=4, height=64, width=320, overlap_px=0))
+    frames_csv = folder / "frames.csv"
+    rows = frames_csv.read_text().splitlines()
+    frames_csv.write_text("\n".join([rows[0], rows[2], rows[1], *rows[3:]]) + "\n")
+    assert main(["client", "--target", "127.0.0.1:1", "--line", str(folder)]) == 2
+    assert "camera cam0: frame 0 is listed after frame 1; each camera's frame ids must increase" in (
+        capsys.readouterr().err)
+    frames_csv.write_text("\n".join(rows) + "\n")
     (folder / "cam0" / "coil-0-000-00002.jpg").unlink()
     assert main(["client", "--target", "127.0.0.1:1", "--line", str(folder)]) == 2
     assert "frame cam0/2: no such file" in capsys.readouterr().err
