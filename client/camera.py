@@ -243,7 +243,8 @@ class CameraStream:
     # ------------------------------------------------------------------ the caller's side
 
     async def send(self, request: pb.InspectRequest) -> None:
-        """Queues one frame (its ``camera_id`` is set to this camera's); frame ids must increase.
+        """Queues one frame (its ``camera_id`` is set to this camera's); frame ids must increase. Every
+        other field (the image, ``coil_id``, ``position_mm``...) is sent as given, and resent unchanged.
 
         Raises:
             ValueError: a frame id not above the previous one.

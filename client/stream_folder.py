@@ -5,6 +5,9 @@ The images are dealt round-robin to ``--streams`` cameras (``cam0``, ``cam1``...
 opens one ``Inspect`` stream and sends its images as frames 0, 1, 2... (``--fps`` paces each
 camera; 0 sends as fast as the server takes them). Encoded files are sent as they are (the server
 decodes them); ``--raw`` reads them here as grayscale and sends raw GRAY8 frames instead.
+``--line DIR`` streams a line folder instead (``trainer synth-line``, :mod:`coils.line_folder`):
+one camera per camera id of its ``frames.csv``, each frame with its frame id, ``coil_id`` and
+``position_mm``; the CSV's ``ImageId`` is then the frame's file, relative to the folder.
 
 The CSV (``ImageId,ClassId,EncodedPixels``, the Severstal ``train.csv`` layout that
 ``trainer.data.read_annotations`` and ``trainer evaluate`` read) has one row per inspected image
@@ -102,11 +105,58 @@ def list_images(folder: Path) -> list[Path]:
     raise ValueError(f"--images {folder}: no .jpg/.jpeg/.png files in it (or in its train_images/)")
 
 
-def make_request(camera_id: str, frame_id: int, path: Path, raw: bool) -> Any:
-    """An ``InspectRequest`` carrying the file's bytes, or (``raw``) its GRAY8 pixels."""
+@dataclass(frozen=True)
+class Shot:
+    """One frame a camera sends: its id, image file and, on a line, its coil and strip position."""
+
+    frame_id: int
+    path: Path
+    image_id: str
+    coil_id: str = ""
+    position_mm: float | None = None
+
+
+def image_shots(images: Sequence[Path], streams: int) -> dict[str, list[Shot]]:
+    """``images`` dealt round-robin to ``streams`` cameras ``cam0``, ``cam1``..., as frames 0, 1, 2..."""
+    return {f"cam{i}": [Shot(n, path, path.name) for n, path in enumerate(images[i::streams])]
+            for i in range(streams) if images[i::streams]}
+
+
+def line_shots(line: Path) -> dict[str, list[Shot]]:
+    """A line folder's frames (or those its ``frames.csv`` lists) per camera id, in file order.
+
+    Raises:
+        FileNotFoundError: no frames file, or a listed image that is missing.
+        ValueError: a wrong row (the file and line named), or a camera's frame ids not increasing.
+    """
+    from coils.line_folder import frames_file, read_frames
+
+    folder = frames_file(line).parent
+    cameras: dict[str, list[Shot]] = {}
+    for frame in read_frames(line):
+        path = folder / frame.file
+        if not path.is_file():
+            raise FileNotFoundError(f"--line {line}: frame {frame.camera_id}/{frame.frame_id}: no such file {path}")
+        shots = cameras.setdefault(frame.camera_id, [])
+        if shots and frame.frame_id <= shots[-1].frame_id:
+            raise ValueError(f"--line {line}: camera {frame.camera_id}: frame {frame.frame_id} is listed after frame "
+                             f"{shots[-1].frame_id}; each camera's frame ids must increase down the file")
+        shots.append(Shot(frame.frame_id, path, frame.file, frame.coil_id, frame.position_mm))
+    if not cameras:
+        raise ValueError(f"--line {line}: no frames listed")
+    return cameras
+
+
+def make_request(camera_id: str, frame_id: int, path: Path, raw: bool, coil_id: str = "",
+                 position_mm: float | None = None) -> Any:
+    """An ``InspectRequest`` carrying the file's bytes, or (``raw``) its GRAY8 pixels, and the frame's
+    coil and strip position when it has them."""
     from protos.inspection.v1 import inspection_pb2 as pb
 
     request = pb.InspectRequest(camera_id=camera_id, frame_id=frame_id, captured_at_unix_ns=time.time_ns())
+    if coil_id:
+        request.coil_id = coil_id
+        request.position_mm = position_mm
     if raw:
         import cv2
 
@@ -165,6 +215,7 @@ async def run_cameras(
     connect_timeout: float = 10.0,
     on_answer: Callable[[FrameAnswer], None] | None = None,
     give_up_s: float | None = 60.0,
+    shots: dict[str, list[Shot]] | None = None,
 ) -> CameraRun:
     """Streams ``images`` to ``target`` as ``streams`` concurrent cameras (:class:`client.camera.CameraStream`).
 
@@ -176,6 +227,7 @@ async def run_cameras(
         connect_timeout: seconds to wait for the server to answer at all.
         on_answer: called on the event loop for every answer (progress display).
         give_up_s: a camera whose stream gets no answer for this long stops (its images ``unanswered``).
+        shots: camera id -> its frames (:func:`line_shots`), sent instead of ``images`` and ``streams``.
 
     Raises:
         ConnectionError: the server cannot be reached or is not serving yet.
@@ -186,6 +238,7 @@ async def run_cameras(
         raise ValueError(f"--streams must be >= 1, got {streams}")
     if fps < 0:
         raise ValueError(f"--fps must be >= 0, got {fps}")
+    cameras = shots if shots is not None else image_shots(list(images), streams)
     channel = open_channel(target, credentials, max_message_bytes)
     try:
         info = await model_info(channel, target, connect_timeout)
@@ -194,8 +247,8 @@ async def run_cameras(
         run = CameraRun(model_info=info)
         started = time.perf_counter()
         backoff = Backoff(give_up_s=give_up_s)
-        await asyncio.gather(*(_camera(channel, f"cam{i}", list(images[i::streams]), fps, raw, backoff, run,
-                                       on_answer) for i in range(streams)))
+        await asyncio.gather(*(_camera(channel, camera_id, frames, fps, raw, backoff, run, on_answer)
+                               for camera_id, frames in cameras.items()))
     finally:
         await channel.close()
     run.elapsed_s = time.perf_counter() - started
@@ -203,21 +256,21 @@ async def run_cameras(
     return run
 
 
-async def _camera(channel: Any, camera_id: str, paths: list[Path], fps: float, raw: bool, backoff: Any,
+async def _camera(channel: Any, camera_id: str, shots: list[Shot], fps: float, raw: bool, backoff: Any,
                   run: CameraRun, on_answer: Callable[[FrameAnswer], None] | None) -> None:
-    """One camera: sends ``paths`` as frames 0, 1, 2... and collects their answers."""
+    """One camera: sends its ``shots`` in order and collects their answers."""
     from client.camera import CameraStream, CameraStreamError
 
-    if not paths:
-        return
+    by_id = {shot.frame_id: shot for shot in shots}
     async with CameraStream(channel, camera_id, backoff=backoff) as camera:
         async def produce() -> None:
             t0 = time.perf_counter()
             try:
-                for frame_id, path in enumerate(paths):
-                    if fps > 0 and (delay := t0 + frame_id / fps - time.perf_counter()) > 0:
+                for n, shot in enumerate(shots):
+                    if fps > 0 and (delay := t0 + n / fps - time.perf_counter()) > 0:
                         await asyncio.sleep(delay)
-                    await camera.send(await asyncio.to_thread(make_request, camera_id, frame_id, path, raw))
+                    await camera.send(await asyncio.to_thread(make_request, camera_id, shot.frame_id, shot.path, raw,
+                                                              shot.coil_id, shot.position_mm))
             except CameraStreamError:
                 return  # answers() reports it
             finally:
@@ -227,18 +280,18 @@ async def _camera(channel: Any, camera_id: str, paths: list[Path], fps: float, r
         answered = 0
         try:
             async for answer in camera.answers():
-                frame = FrameAnswer(paths[answer.frame_id].name, camera_id, answer.frame_id, answer.response,
+                frame = FrameAnswer(by_id[answer.frame_id].image_id, camera_id, answer.frame_id, answer.response,
                                     answer.latency_s, answer.error)
                 run.answers.append(frame)
                 answered += 1
                 if on_answer is not None:
                     on_answer(frame)
         except CameraStreamError as exc:
-            log.warning("camera=%s stopped after %d of %d frames: %s", camera_id, answered, len(paths), exc)
-            run.unanswered.extend((paths[i].name, str(exc)) for i in exc.unanswered)
+            log.warning("camera=%s stopped after %d of %d frames: %s", camera_id, answered, len(shots), exc)
+            run.unanswered.extend((by_id[i].image_id, str(exc)) for i in exc.unanswered)
             sent = set(exc.unanswered) | {a.frame_id for a in run.answers if a.camera_id == camera_id}
-            run.unanswered.extend((p.name, "never sent: the stream had ended") for i, p in enumerate(paths)
-                                  if i not in sent)
+            run.unanswered.extend((s.image_id, "never sent: the stream had ended") for s in shots
+                                  if s.frame_id not in sent)
         finally:
             if sys.exc_info()[0] is not None and not isinstance(sys.exc_info()[1], CameraStreamError):
                 producer.cancel()
@@ -269,9 +322,14 @@ def write_predictions_csv(path: Path, answers: Sequence[FrameAnswer]) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", required=True, help="server address HOST:PORT")
-    parser.add_argument("--images", type=Path, required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=Path,
                         help="folder of .jpg/.png images (or a Severstal data folder with train_images/)")
-    parser.add_argument("--streams", type=int, default=4, help="concurrent camera streams (default: 4)")
+    source.add_argument("--line", type=Path, metavar="FILE_OR_FOLDER",
+                        help="a line folder (trainer synth-line) or its frames.csv: one camera per camera id, each "
+                        "frame sent with its coil_id and position_mm")
+    parser.add_argument("--streams", type=int, default=4,
+                        help="concurrent camera streams for --images (default: 4; --line: one per camera)")
     parser.add_argument("--fps", type=float, default=0.0, help="frames per second per camera; 0 = as fast as possible")
     parser.add_argument("--out", type=Path, default=Path("results.csv"), help="CSV to write (default: results.csv)")
     parser.add_argument("--raw", action="store_true", help="send raw GRAY8 pixels instead of the encoded files")
@@ -286,7 +344,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from engine.cli_util import progress_bar
 
-    images = list_images(args.images)
+    shots = line_shots(args.line) if args.line is not None else None
+    images = list_images(args.images) if shots is None else [s.path for frames in shots.values() for s in frames]
+    streams = args.streams if shots is None else len(shots)
     credentials = channel_credentials(args.tls_ca)
     bar = progress_bar(total=len(images), unit="frame", desc="inspect", dynamic_ncols=True, file=sys.stderr)
     failed = 0
@@ -302,16 +362,16 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(errors=failed, p50_ms=f"{1000 * window[len(window) // 2]:.1f}", refresh=False)
 
     try:
-        result = asyncio.run(run_cameras(args.target, images, args.streams, args.fps, args.raw, credentials,
+        result = asyncio.run(run_cameras(args.target, images, streams, args.fps, args.raw, credentials,
                                          connect_timeout=args.connect_timeout, on_answer=on_answer,
-                                         give_up_s=args.give_up))
+                                         give_up_s=args.give_up, shots=shots))
     finally:
         bar.close()
     rows = write_predictions_csv(args.out, result.answers)
     ok = len(result.answers) - len(result.failed)
     rate = len(result.answers) / result.elapsed_s if result.elapsed_s > 0 else 0.0
     print(f"{ok} of {len(images)} frames inspected in {result.elapsed_s:.2f} s ({rate:.1f} frames/s) over "
-          f"{args.streams} streams; {rows} rows written to {args.out}", file=sys.stderr)
+          f"{streams} streams; {rows} rows written to {args.out}", file=sys.stderr)
     totals = result.totals()
     if totals.reconnects or totals.resent or totals.duplicates:
         print(f"  reconnects {totals.reconnects}, frames resent {totals.resent}, duplicate answers dropped "

@@ -12,6 +12,8 @@ from __future__ import annotations
 #: Bounded so that nothing a camera sends can make an answer (which echoes the id) exceed the
 #: message size limit, and so that ids stay cheap as metric labels and status entries.
 MAX_CAMERA_ID_BYTES = 256
+#: Longest ``coil_id`` (UTF-8 bytes) a request may carry, bounded like the camera id and for the same reasons.
+MAX_COIL_ID_BYTES = 256
 #: gRPC message size limit, both directions (receive and send). A request over it ends the whole
 #: stream (gRPC RESOURCE_EXHAUSTED): a camera must refuse such a frame itself before sending it.
 #: 16 MiB is well above a full-resolution raw BGR8 Severstal frame (256 x 1600 x 3 = 1.2 MB).
@@ -24,4 +26,4 @@ RESEND_KEY = "inspection-resend"
 RESEND_YES = "yes"
 RESEND_FINAL = "no"
 
-__all__ = ["MAX_CAMERA_ID_BYTES", "MAX_MESSAGE_BYTES", "RESEND_FINAL", "RESEND_KEY", "RESEND_YES"]
+__all__ = ["MAX_CAMERA_ID_BYTES", "MAX_COIL_ID_BYTES", "MAX_MESSAGE_BYTES", "RESEND_FINAL", "RESEND_KEY", "RESEND_YES"]

@@ -35,6 +35,7 @@ class InspectionServer(Protocol):
     config: ServerConfig
     admission: Admission
     info: pb.ModelInfo | None
+    line_info: pb.Line | None
 
     @property
     def inflight(self) -> int: ...
@@ -212,6 +213,14 @@ class Servicer(pb_grpc.InspectionServiceServicer):
     async def GetLineStatus(self, request: pb.GetLineStatusRequest, context: grpc.aio.ServicerContext) -> pb.LineStatus:
         await self.server.admit_call(context, draining_ok=True)
         return self.server.line_status(request.camera_id)
+
+    async def GetLine(self, request: pb.GetLineRequest, context: grpc.aio.ServicerContext) -> pb.Line:
+        # The line is known from the start (it does not wait for the model), and while draining.
+        if self.server.line_info is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this server was started without a line description (server serve --line "
+                                "line.yaml): it knows no line geometry")
+        return self.server.line_info
 
 
 __all__ = ["CameraCall", "Servicer"]

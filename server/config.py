@@ -19,7 +19,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from client.wire import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES, RESEND_FINAL, RESEND_KEY, RESEND_YES
+from client.wire import (
+    MAX_CAMERA_ID_BYTES,
+    MAX_COIL_ID_BYTES,
+    MAX_MESSAGE_BYTES,
+    RESEND_FINAL,
+    RESEND_KEY,
+    RESEND_YES,
+)
+from coils.line import Line, load_line
 from engine.drift import DEFAULT_MIN_FILL
 from server.capture_policy import DEFAULT_CAPTURE_POLICY, DEFAULT_UNCERTAIN_BAND, POLICY_TOKENS, CapturePolicy
 
@@ -147,6 +155,8 @@ class ServerConfig:
         64, "cameras with their own Prometheus labels; the rest are aggregated as camera=\"other\"")
     max_status_cameras: int = _setting(256, "cameras one GetLineStatus answer lists (it says how many it left out)")
     capture: CaptureConfig | None = field(default=None, metadata={"flag": False})
+    #: The line's geometry (``--line line.yaml``, :mod:`coils.line`); None: GetLine says there is none.
+    line: Line | None = field(default=None, metadata={"flag": False})
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "max_inflight", "max_stream_inflight", "decode_workers", "max_frame_pixels",
@@ -189,6 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help=f.metadata["help"] + shown)
     warmup = next(f for f in fields(ServerConfig) if f.name == "warmup")
     parser.add_argument("--no-warmup", action="store_true", help=f"skip this: {warmup.metadata['help']}")
+    parser.add_argument("--line", type=Path, default=None, metavar="FILE",
+                        help="the line's geometry (line.yaml: cameras' lanes and pixel sizes, strip width, rolls); "
+                        "checked before the port opens, returned by GetLine")
     add_capture_arguments(parser)
 
 
@@ -197,7 +210,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
     Raises:
         ValueError: a setting out of range (the message names its flag).
-        FileNotFoundError: a TLS file is missing.
+        FileNotFoundError: a TLS file or the line description is missing.
+        coils.line.LineError: the line description is wrong (a ValueError naming the key and camera).
     """
     for flag in ("tls_cert", "tls_key"):
         path = getattr(args, flag)
@@ -206,7 +220,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     values = {f.name: getattr(args, f.name) for f in _flag_fields()}
     if values["metrics_port"] is not None and values["metrics_port"] < 0:
         values["metrics_port"] = None
-    return ServerConfig(**values, warmup=not args.no_warmup, capture=capture_from_args(args))
+    line = load_line(args.line) if args.line is not None else None
+    return ServerConfig(**values, warmup=not args.no_warmup, capture=capture_from_args(args), line=line)
 
 
 def _band(text: str) -> tuple[float, float]:
@@ -257,7 +272,7 @@ def capture_from_args(args: argparse.Namespace) -> CaptureConfig | None:
 
 
 __all__ = [
-    "MAX_CAMERA_ID_BYTES", "MAX_ECHO_CHARS", "MAX_MESSAGE_BYTES", "RESEND_FINAL", "RESEND_KEY", "RESEND_YES",
+    "MAX_CAMERA_ID_BYTES", "MAX_COIL_ID_BYTES", "MAX_ECHO_CHARS", "MAX_MESSAGE_BYTES", "RESEND_FINAL", "RESEND_KEY", "RESEND_YES",
     "clip", "CaptureConfig", "ServerConfig", "add_arguments",
     "add_capture_arguments", "capture_from_args", "check_capture_limits", "check_drift_settings",
     "config_from_args",

@@ -69,6 +69,10 @@ class ServerMetrics:
             "inspection_feedback_seconds", "Line feedback per batch (drift statistics and capture selection), "
             "on its own thread after the batch's frames were answered", buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.coil_frames = Counter(
+            "inspection_coil_frames", "Frames read that carried a coil id and a strip position (coil_id, "
+            "position_mm); frames with a wrong one are not counted", registry=r,
+        )
         self._http: Any = None
         self._thread: threading.Thread | None = None
 

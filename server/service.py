@@ -44,9 +44,11 @@ from server.wire import (
     add_servicer,
     camera_id_fits,
     camera_id_problem,
+    coil_problem,
     end_stream,
     frame_error,
     frame_response,
+    line_message,
     model_info,
 )
 
@@ -98,6 +100,8 @@ class InspectionServer:
         self._inference_thread = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._batcher: DynamicBatcher | None = None
         self.info: pb.ModelInfo | None = None  # GetModelInfo's answer, once loaded
+        #: GetLine's answer: the line description (``--line``), None without one.
+        self.line_info: pb.Line | None = line_message(self.config.line) if self.config.line else None
         self._loading: asyncio.Task[None] | None = None
         self._ready = False
         self._stopping = False
@@ -356,6 +360,10 @@ class InspectionServer:
             return self._error(request, invalid, request.problem, received)
         if not camera_id_fits(request.camera_id):
             return self._error(request, invalid, camera_id_problem(request.camera_id), received)
+        if (problem := coil_problem(request)) is not None:
+            return self._error(request, invalid, problem, received)
+        if request.coil_id:
+            self.metrics.coil_frames.inc()
         try:
             start = time.perf_counter()
             frame = await asyncio.get_running_loop().run_in_executor(

@@ -1,20 +1,22 @@
 """What the inspection service reads off and writes on the wire, apart from the batching.
 
-* Requests are parsed here (:func:`parse_request`). ``InspectRequest.camera_id`` is a proto3
-  ``string``, and protobuf refuses a whole message whose string is not valid UTF-8: read with the
-  generated class, one such frame would end its camera's stream. The server therefore parses a
-  request that fails that way again with a bytes view of the same message (same field numbers,
-  ``camera_id`` as ``bytes``: identical on the wire) and answers that one frame with
-  INVALID_ARGUMENT. Cameras keep sending the published ``InspectRequest`` with a ``str`` id.
+* Requests are parsed here (:func:`parse_request`). ``InspectRequest.camera_id`` and ``coil_id``
+  are proto3 ``string`` fields, and protobuf refuses a whole message whose string is not valid
+  UTF-8: read with the generated class, one such frame would end its camera's stream. The server
+  therefore parses a request that fails that way again with a bytes view of the same message (same
+  field numbers, both ids as ``bytes``: identical on the wire) and answers that one frame with
+  INVALID_ARGUMENT. Cameras keep sending the published ``InspectRequest`` with ``str`` ids. A
+  request's coil fields are checked by :func:`coil_problem`.
 * Every status that ends an ``Inspect`` stream carries the trailing-metadata key
   :data:`server.config.RESEND_KEY` (:func:`end_stream`), so a camera decides to resend or stop
   from what the server meant, not from a status code its transport may have rewritten.
-* Answers (:func:`frame_response`, :func:`frame_error`) and ``ModelInfo`` are built here.
+* Answers (:func:`frame_response`, :func:`frame_error`), ``ModelInfo`` and ``Line`` are built here.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
@@ -22,11 +24,12 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
+from coils.line import Line
 from engine.backends.base import Backend
 from engine.metadata import class_ids
 from protos.inspection.v1 import inspection_pb2 as pb
 from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
-from server.config import MAX_CAMERA_ID_BYTES, RESEND_FINAL, RESEND_KEY, RESEND_YES, clip
+from server.config import MAX_CAMERA_ID_BYTES, MAX_COIL_ID_BYTES, RESEND_FINAL, RESEND_KEY, RESEND_YES, clip
 
 if TYPE_CHECKING:
     from server.batcher import FrameResult
@@ -49,16 +52,20 @@ class UnreadableRequest:
     frame_id: int | None
     problem: str
     camera_id: str = ""  # the id the camera sent as a bytes literal, cut short
+    answer_camera_id: str = ""  # the camera id the answer carries: a readable one that fits, else ""
+
+
+_BYTES_FIELDS = ("camera_id", "coil_id")
 
 
 def _bytes_id_request_class() -> type:
-    """``InspectRequest`` with ``camera_id`` declared ``bytes``: the same message on the wire."""
+    """``InspectRequest`` with ``camera_id`` and ``coil_id`` declared ``bytes``: the same message on the wire."""
     file = descriptor_pb2.FileDescriptorProto(name="inspection/v1/inspection_bytes_id.proto",
                                               package="inspection.v1.bytes_id", syntax="proto3")
     for message in (pb.InspectRequest, pb.RawImage):
         message.DESCRIPTOR.CopyToProto(file.message_type.add())
     for field in file.message_type[0].field:
-        if field.name == "camera_id":
+        if field.name in _BYTES_FIELDS:
             field.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
         elif field.type == descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE:
             field.type_name = field.type_name.replace(".inspection.v1.", ".inspection.v1.bytes_id.")
@@ -82,12 +89,20 @@ def parse_request(data: bytes) -> pb.InspectRequest | UnreadableRequest:
         return UnreadableRequest(None, f"the message is not an InspectRequest ({unreadable})")
     raw = bytes(view.camera_id)
     try:
-        raw.decode("utf-8")
+        camera_id = raw.decode("utf-8")
     except UnicodeDecodeError as bad:
         shown = clip(repr(raw))  # a bytes literal: b'\xff...'
         return UnreadableRequest(view.frame_id, f"camera_id is not valid UTF-8 ({bad.reason} at byte {bad.start} "
                                  f"of {len(raw)}); it must be at most {MAX_CAMERA_ID_BYTES} bytes of UTF-8", shown)
-    return UnreadableRequest(view.frame_id, f"the request cannot be read ({error})")
+    shown, echoed = repr(clip(camera_id)), camera_id if camera_id_fits(camera_id) else ""
+    coil = bytes(view.coil_id)
+    try:
+        coil.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return UnreadableRequest(view.frame_id, f"coil_id {clip(repr(coil))} is not valid UTF-8 ({bad.reason} at byte "
+                                 f"{bad.start} of {len(coil)}); it must be at most {MAX_COIL_ID_BYTES} bytes of "
+                                 "UTF-8", shown, echoed)
+    return UnreadableRequest(view.frame_id, f"the request cannot be read ({error})", shown, echoed)
 
 
 def add_servicer(servicer: pb_grpc.InspectionServiceServicer, server: grpc.aio.Server) -> None:
@@ -104,6 +119,9 @@ def add_servicer(servicer: pb_grpc.InspectionServiceServicer, server: grpc.aio.S
         "GetLineStatus": grpc.unary_unary_rpc_method_handler(
             servicer.GetLineStatus, request_deserializer=pb.GetLineStatusRequest.FromString,
             response_serializer=pb.LineStatus.SerializeToString),
+        "GetLine": grpc.unary_unary_rpc_method_handler(
+            servicer.GetLine, request_deserializer=pb.GetLineRequest.FromString,
+            response_serializer=pb.Line.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
@@ -133,6 +151,38 @@ def model_info(backend: Backend, max_batch: int) -> pb.ModelInfo:
         encoder=meta.encoder,
         project_version=meta.project_version,
     )
+
+
+def line_message(line: Line) -> pb.Line:
+    """``GetLine``'s answer: the line description, field for field."""
+    return pb.Line(
+        name=line.name,
+        strip_width_mm=line.strip_width_mm,
+        cameras=[pb.CameraGeometry(camera_id=c.camera_id, lane_start_mm=c.lane_start_mm,
+                                   mm_per_px_across=c.mm_per_px_across, mm_per_px_along=c.mm_per_px_along,
+                                   along_axis=c.along_axis, frame_width_px=c.frame_width_px,
+                                   frame_height_px=c.frame_height_px) for c in line.cameras],
+        rolls=[pb.Roll(name=r.name, diameter_mm=r.diameter_mm) for r in line.rolls],
+    )
+
+
+def coil_problem(request: pb.InspectRequest) -> str | None:
+    """What is wrong with a request's coil fields, or None (both unset, or a coil id that fits with a
+    finite position >= 0)."""
+    has_coil, has_position = bool(request.coil_id), request.HasField("position_mm")
+    if not has_coil and not has_position:
+        return None
+    if not has_coil:
+        return f"position_mm ({request.position_mm:g}) is given without a coil_id; send both or neither"
+    if len(request.coil_id) > MAX_COIL_ID_BYTES or len(request.coil_id.encode("utf-8")) > MAX_COIL_ID_BYTES:
+        return (f"coil_id {clip(request.coil_id)!r} is over {MAX_COIL_ID_BYTES} bytes of UTF-8 "
+                f"({len(request.coil_id.encode('utf-8'))} bytes)")
+    if not has_position:
+        return f"coil_id {clip(request.coil_id)!r} is given without position_mm; send both or neither"
+    if not math.isfinite(request.position_mm) or request.position_mm < 0:
+        return (f"position_mm must be a finite number of millimetres >= 0 from the coil's head, got "
+                f"{request.position_mm!r}")
+    return None
 
 
 def camera_id_fits(camera_id: str) -> bool:
@@ -180,7 +230,8 @@ def frame_error(request: pb.InspectRequest | UnreadableRequest, code: grpc.Statu
     message = f"camera {camera} frame {frame_id}: {reason}"
     log.warning("event=frame_error code=%s %s", code.name, message)
     return pb.InspectResponse(
-        camera_id=request.camera_id if readable and camera_id_fits(request.camera_id) else "",
+        camera_id=(request.camera_id if camera_id_fits(request.camera_id) else "") if readable
+        else request.answer_camera_id,
         frame_id=frame_id,
         error=pb.FrameError(code=code.value[0], message=message),
         model_version=model_version,
@@ -188,5 +239,5 @@ def frame_error(request: pb.InspectRequest | UnreadableRequest, code: grpc.Statu
     )
 
 
-__all__ = ["SERVICE_NAME", "UnreadableRequest", "add_servicer", "camera_id_fits", "camera_id_problem", "end_stream",
-           "frame_error", "frame_response", "model_info", "parse_request", "us"]
+__all__ = ["SERVICE_NAME", "UnreadableRequest", "add_servicer", "camera_id_fits", "camera_id_problem", "coil_problem",
+           "end_stream", "frame_error", "frame_response", "line_message", "model_info", "parse_request", "us"]

@@ -9,6 +9,7 @@ from engine.cli_util import run_cli
 
 COMMANDS = {
     "synth": "trainer.commands.synth",
+    "synth-line": "trainer.commands.synth_line",
     "split": "trainer.commands.split",
     "fit": "trainer.commands.fit",
     "evaluate": "trainer.commands.evaluate",

@@ -68,8 +68,10 @@ def _blur1d(values: np.ndarray, sigma: float) -> np.ndarray:
 # --------------------------------------------------------------------------- background
 
 
-def _background(rng: np.random.Generator, height: int, width: int, u: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rolled-metal frame (float32 [H, W]) and the bool mask of the steel (False off the strip's edge)."""
+def draw_background(rng: np.random.Generator, height: int, width: int, u: float,
+                edge_probability: float = 0.12) -> tuple[np.ndarray, np.ndarray]:
+    """Rolled-metal frame (float32 [H, W]) and the bool mask of the steel (False off the strip's edge,
+    drawn with ``edge_probability``; the draw is made whatever it is, so the rest follows the seed alike)."""
     x = np.arange(width, dtype=np.float32) / width
     y = np.arange(height, dtype=np.float32) / height
     base = rng.uniform(75.0, 135.0)
@@ -98,7 +100,7 @@ def _background(rng: np.random.Generator, height: int, width: int, u: float) -> 
     frame += rng.normal(0.0, rng.uniform(2.5, 4.5), size=(height, width)).astype(np.float32)
 
     steel = np.ones((height, width), dtype=bool)
-    if rng.uniform() < 0.12:
+    if rng.uniform() < edge_probability:
         # The strip's edge: beyond it the dark line bed, with a slightly wavy boundary.
         edge = rng.uniform(0.04, 0.25) * width
         wobble = 2.0 * max(u, 0.5) * _smooth_noise(rng, (height, 1), (3, 1))[:, 0]
@@ -203,7 +205,8 @@ def _crack(rng: np.random.Generator, u: float, height: int) -> tuple[np.ndarray,
     return mask, (delta * mask).astype(np.float32)
 
 
-def _draw_defect(kind: int, rng: np.random.Generator, u: float, height: int) -> tuple[np.ndarray, np.ndarray]:
+def draw_defect(kind: int, rng: np.random.Generator, u: float, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """One defect of 0-based ``kind`` on a patch of its own: its bool mask and grey-level change (float32)."""
     if kind == 0:
         return _pits(rng, u)
     if kind == 1:
@@ -221,7 +224,7 @@ def draw_frame(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A frame (uint8 ``[H, W]``) with a defect of each 0-based class in ``classes``; masks ``[C, H, W]``."""
     u = min(height / 256, width / 1600)
-    frame, steel = _background(rng, height, width, u)
+    frame, steel = draw_background(rng, height, width, u)
     masks = np.zeros((num_classes, height, width), dtype=bool)
     steel_cols = np.flatnonzero(steel.any(axis=0))
     lo, hi = int(steel_cols[0]), int(steel_cols[-1]) + 1
@@ -229,7 +232,7 @@ def draw_frame(
     order = rng.permutation(len(classes))
     bounds = np.linspace(lo, hi, len(classes) + 1)
     for slot, k in zip(order, classes):
-        patch_mask, delta = _draw_defect(k, rng, u, height)
+        patch_mask, delta = draw_defect(k, rng, u, height)
         ph, pw = patch_mask.shape
         a, b = bounds[slot], bounds[slot + 1]
         x0 = int(rng.uniform(a, max(a, b - pw)))

@@ -109,3 +109,52 @@ def test_client_reports_an_unreachable_server(camera_frames, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert f"cannot reach an inspection server at 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_client_streams_a_line_folder_with_coil_ids_and_positions(defect_onnx, tmp_path, capsys):
+    """``server client --line``: one camera per camera of the folder, every frame answered, and every
+    request the server inspected carried the frame's coil id and encoder position."""
+    from coils.line_folder import read_frames
+    from server.cli import main
+    from tests.server.conftest import metric_samples
+    from trainer.synth_line import LineSpec, synthesize_line
+
+    folder = tmp_path / "line"
+    synthesize_line(folder, LineSpec(cameras=2, frames=6, coils=2, height=64, width=320, overlap_px=32,
+                                     image_format="png"))
+    frames = read_frames(folder)
+    seen: list[tuple] = []
+    out = tmp_path / "results.csv"
+    with ServerThread(defect_onnx) as server:
+        server.batch_listeners.append(lambda batch: seen.extend(
+            (r.camera_id, r.frame_id, r.coil_id, r.position_mm) for r in batch.sources))
+        code = main(["client", "--target", server.address, "--line", str(folder), "--out", str(out)])
+        from prometheus_client import generate_latest
+
+        counted = metric_samples(generate_latest(server.metrics.registry).decode())
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"{len(frames)} of {len(frames)} frames inspected" in err and "over 2 streams" in err
+    assert sorted(seen) == sorted((f.camera_id, f.frame_id, f.coil_id, f.position_mm) for f in frames)
+    assert {f.coil_id for f in frames} == {"coil-0-000", "coil-0-001"} and len(frames) == 24
+    assert counted[("inspection_coil_frames_total", ())] == len(frames)
+    listed = {line.split(",")[0] for line in out.read_text().splitlines()[1:]}
+    assert listed == {f.file for f in frames}  # every frame's file, answered
+
+
+def test_client_line_names_a_missing_frame_file_and_frames_out_of_order(tmp_path, capsys):
+    from server.cli import main
+    from trainer.synth_line import LineSpec, synthesize_line
+
+    folder = tmp_path / "line"
+    synthesize_line(folder, LineSpec(cameras=1, frames=4, height=64, width=320, overlap_px=0))
+    frames_csv = folder / "frames.csv"
+    rows = frames_csv.read_text().splitlines()
+    frames_csv.write_text("\n".join([rows[0], rows[2], rows[1], *rows[3:]]) + "\n")
+    assert main(["client", "--target", "127.0.0.1:1", "--line", str(folder)]) == 2
+    assert "camera cam0: frame 0 is listed after frame 1; each camera's frame ids must increase" in (
+        capsys.readouterr().err)
+    frames_csv.write_text("\n".join(rows) + "\n")
+    (folder / "cam0" / "coil-0-000-00002.jpg").unlink()
+    assert main(["client", "--target", "127.0.0.1:1", "--line", str(folder)]) == 2
+    assert "frame cam0/2: no such file" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def test_contract_names_and_field_numbers() -> None:
     methods = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
     assert methods == {
         "Inspect": (True, True), "InspectOne": (False, False), "GetModelInfo": (False, False),
-        "GetLineStatus": (False, False),
+        "GetLineStatus": (False, False), "GetLine": (False, False),
     }
 
     def numbers(message: type) -> dict[str, int]:
@@ -43,7 +43,9 @@ def test_contract_names_and_field_numbers() -> None:
     assert numbers(pb.RawImage) == {"width": 1, "height": 2, "channels": 3, "data": 4}
     assert numbers(pb.InspectRequest) == {
         "camera_id": 1, "frame_id": 2, "encoded_image": 3, "raw_image": 4, "captured_at_unix_ns": 5,
+        "coil_id": 6, "position_mm": 7,
     }
+    assert pb.InspectRequest.DESCRIPTOR.fields_by_name["position_mm"].has_presence  # 0 is the coil's head
     assert [f.name for f in pb.InspectRequest.DESCRIPTOR.oneofs_by_name["image"].fields] == [
         "encoded_image", "raw_image",
     ]
@@ -71,6 +73,12 @@ def test_contract_names_and_field_numbers() -> None:
         "drift_min_frames": 6, "statistics": 7, "cameras": 8, "capture": 9, "model_version": 10,
         "feedback_skipped_batches": 11, "cameras_tracked": 12, "cameras_omitted": 13,
     }
+    assert numbers(pb.Line) == {"name": 1, "strip_width_mm": 2, "cameras": 3, "rolls": 4}
+    assert numbers(pb.CameraGeometry) == {
+        "camera_id": 1, "lane_start_mm": 2, "mm_per_px_across": 3, "mm_per_px_along": 4, "along_axis": 5,
+        "frame_width_px": 6, "frame_height_px": 7,
+    }
+    assert numbers(pb.Roll) == {"name": 1, "diameter_mm": 2}
 
 
 @pytest.mark.parametrize("module", ["inspection_pb2", "inspection_pb2_grpc"])

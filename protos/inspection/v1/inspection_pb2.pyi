@@ -19,18 +19,22 @@ class RawImage(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., channels: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class InspectRequest(_message.Message):
-    __slots__ = ("camera_id", "frame_id", "encoded_image", "raw_image", "captured_at_unix_ns")
+    __slots__ = ("camera_id", "frame_id", "encoded_image", "raw_image", "captured_at_unix_ns", "coil_id", "position_mm")
     CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     ENCODED_IMAGE_FIELD_NUMBER: _ClassVar[int]
     RAW_IMAGE_FIELD_NUMBER: _ClassVar[int]
     CAPTURED_AT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    COIL_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_MM_FIELD_NUMBER: _ClassVar[int]
     camera_id: str
     frame_id: int
     encoded_image: bytes
     raw_image: RawImage
     captured_at_unix_ns: int
-    def __init__(self, camera_id: _Optional[str] = ..., frame_id: _Optional[int] = ..., encoded_image: _Optional[bytes] = ..., raw_image: _Optional[_Union[RawImage, _Mapping]] = ..., captured_at_unix_ns: _Optional[int] = ...) -> None: ...
+    coil_id: str
+    position_mm: float
+    def __init__(self, camera_id: _Optional[str] = ..., frame_id: _Optional[int] = ..., encoded_image: _Optional[bytes] = ..., raw_image: _Optional[_Union[RawImage, _Mapping]] = ..., captured_at_unix_ns: _Optional[int] = ..., coil_id: _Optional[str] = ..., position_mm: _Optional[float] = ...) -> None: ...
 
 class FrameError(_message.Message):
     __slots__ = ("code", "message")
@@ -221,3 +225,45 @@ class LineStatus(_message.Message):
     cameras_tracked: int
     cameras_omitted: int
     def __init__(self, drift_enabled: _Optional[bool] = ..., drift_state: _Optional[str] = ..., psi_threshold: _Optional[float] = ..., ks_threshold: _Optional[float] = ..., drift_window: _Optional[int] = ..., drift_min_frames: _Optional[int] = ..., statistics: _Optional[_Iterable[str]] = ..., cameras: _Optional[_Iterable[_Union[CameraDrift, _Mapping]]] = ..., capture: _Optional[_Union[CaptureStatus, _Mapping]] = ..., model_version: _Optional[str] = ..., feedback_skipped_batches: _Optional[int] = ..., cameras_tracked: _Optional[int] = ..., cameras_omitted: _Optional[int] = ...) -> None: ...
+
+class GetLineRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CameraGeometry(_message.Message):
+    __slots__ = ("camera_id", "lane_start_mm", "mm_per_px_across", "mm_per_px_along", "along_axis", "frame_width_px", "frame_height_px")
+    CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
+    LANE_START_MM_FIELD_NUMBER: _ClassVar[int]
+    MM_PER_PX_ACROSS_FIELD_NUMBER: _ClassVar[int]
+    MM_PER_PX_ALONG_FIELD_NUMBER: _ClassVar[int]
+    ALONG_AXIS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
+    FRAME_HEIGHT_PX_FIELD_NUMBER: _ClassVar[int]
+    camera_id: str
+    lane_start_mm: float
+    mm_per_px_across: float
+    mm_per_px_along: float
+    along_axis: str
+    frame_width_px: int
+    frame_height_px: int
+    def __init__(self, camera_id: _Optional[str] = ..., lane_start_mm: _Optional[float] = ..., mm_per_px_across: _Optional[float] = ..., mm_per_px_along: _Optional[float] = ..., along_axis: _Optional[str] = ..., frame_width_px: _Optional[int] = ..., frame_height_px: _Optional[int] = ...) -> None: ...
+
+class Roll(_message.Message):
+    __slots__ = ("name", "diameter_mm")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIAMETER_MM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    diameter_mm: float
+    def __init__(self, name: _Optional[str] = ..., diameter_mm: _Optional[float] = ...) -> None: ...
+
+class Line(_message.Message):
+    __slots__ = ("name", "strip_width_mm", "cameras", "rolls")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STRIP_WIDTH_MM_FIELD_NUMBER: _ClassVar[int]
+    CAMERAS_FIELD_NUMBER: _ClassVar[int]
+    ROLLS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    strip_width_mm: float
+    cameras: _containers.RepeatedCompositeFieldContainer[CameraGeometry]
+    rolls: _containers.RepeatedCompositeFieldContainer[Roll]
+    def __init__(self, name: _Optional[str] = ..., strip_width_mm: _Optional[float] = ..., cameras: _Optional[_Iterable[_Union[CameraGeometry, _Mapping]]] = ..., rolls: _Optional[_Iterable[_Union[Roll, _Mapping]]] = ...) -> None: ...

@@ -54,6 +54,11 @@ class InspectionServiceStub:
                 request_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.LineStatus.FromString,
                 _registered_method=True)
+        self.GetLine = channel.unary_unary(
+                '/inspection.v1.InspectionService/GetLine',
+                request_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineRequest.SerializeToString,
+                response_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.Line.FromString,
+                _registered_method=True)
 
 
 class InspectionServiceServicer:
@@ -99,6 +104,15 @@ class InspectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLine(self, request, context):
+        """The line's geometry (`server serve --line line.yaml`): each camera's lane across the strip, its
+        pixel size and along axis, the strip's width, the rolls. FAILED_PRECONDITION when the server was
+        started without --line.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InspectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +135,11 @@ def add_InspectionServiceServicer_to_server(servicer, server):
                     servicer.GetLineStatus,
                     request_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineStatusRequest.FromString,
                     response_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.LineStatus.SerializeToString,
+            ),
+            'GetLine': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLine,
+                    request_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineRequest.FromString,
+                    response_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.Line.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +250,33 @@ class InspectionService:
             '/inspection.v1.InspectionService/GetLineStatus',
             protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineStatusRequest.SerializeToString,
             protos_dot_inspection_dot_v1_dot_inspection__pb2.LineStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inspection.v1.InspectionService/GetLine',
+            protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineRequest.SerializeToString,
+            protos_dot_inspection_dot_v1_dot_inspection__pb2.Line.FromString,
             options,
             channel_credentials,
             insecure,

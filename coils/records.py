@@ -1,0 +1,346 @@
+"""Defect records: one physical defect is one record, in coil coordinates (:class:`RecordBuilder`).
+
+Per frame and class, the predicted mask's connected components (OpenCV's
+``connectedComponentsWithStats``, 8-connectivity) are mapped into coil coordinates with the line's
+geometry (:mod:`coils.line`): millimetres along from the coil's head, across from the operator-side
+edge. Components of different frames of one coil and class whose pixels touch (within
+``gap_mm``) are the same defect: a scratch running over a frame boundary, a stain seen by two
+cameras in their lanes' overlap, or both at once. Merging is union-find over components:
+
+* incremental: a frame's components are joined to what is already there as the frame arrives
+  (candidates come from a spatial index along the coil), nothing is recomputed;
+* order-independent: the sets union-find ends with depend on which pairs touch, not on the order
+  the frames came in, so cameras may deliver frames in any interleaving;
+* near-linear: union by size with path halving costs an inverse-Ackermann factor per operation.
+
+"Touch" is decided on the pixels, not the boxes: both components are rasterised on a grid of the
+finer pixel size over the window where their boxes meet, one is dilated by the tolerance, and
+the two must share a cell. At ``gap_mm`` of half a pixel this is exactly 8-connectivity across
+the frame boundary or lane edge, as if the frames were one image; two defects one clean pixel
+apart stay two records.
+
+A record's area counts each pixel once: where two lanes overlap, each camera counts only the
+pixels on its side of the overlap's middle (:meth:`coils.line.Line.owned_across`). Frames of one
+camera are assumed to tile along the strip (encoder step = frame length); overlapping frames would
+count their shared rows twice in the area (extents stay exact).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from coils.line import CameraGeometry, Line
+
+#: Along-strip size of one bucket of the spatial index that finds merge candidates.
+BUCKET_MM = 512.0
+#: Floating-point slack when comparing millimetre positions computed from pixel indices.
+EPSILON_MM = 1e-6
+
+
+@dataclass(frozen=True)
+class FrameKey:
+    """Which frame a component came from: adding a frame with a key already seen changes nothing."""
+
+    coil_id: str
+    camera_id: str
+    frame_id: int
+
+
+@dataclass(frozen=True)
+class Component:
+    """One connected component of one class in one frame, in coil coordinates.
+
+    Attributes:
+        mask: bool ``[along, across]``, the component's pixels within its box (other components' cleared).
+        along_start_mm, across_start_mm: the box's first pixel's edge.
+        mm_per_px_along, mm_per_px_across: the frame's pixel size.
+        pixel_count: every pixel of the component.
+        area_mm2: its pixels on its camera's side of a lane overlap, in mm².
+        max_probability: the class probability's maximum inside it; None when not given.
+    """
+
+    key: FrameKey
+    class_id: int
+    mask: np.ndarray
+    along_start_mm: float
+    across_start_mm: float
+    mm_per_px_along: float
+    mm_per_px_across: float
+    pixel_count: int
+    area_mm2: float
+    max_probability: float | None
+
+    @property
+    def along_end_mm(self) -> float:
+        return self.along_start_mm + self.mask.shape[0] * self.mm_per_px_along
+
+    @property
+    def across_end_mm(self) -> float:
+        return self.across_start_mm + self.mask.shape[1] * self.mm_per_px_across
+
+
+@dataclass(frozen=True)
+class DefectRecord:
+    """One physical defect on a coil, merged from every frame and lane it touches.
+
+    Attributes:
+        along_start_mm, along_end_mm: its extent along the strip, mm from the coil's head.
+        across_start_mm, across_end_mm: its extent across, mm from the operator-side edge.
+        area_mm2: its area, each pixel counted once.
+        max_probability: the largest class probability inside it; None when no frame gave any.
+        frames: ``(camera_id, frame_id)`` of every frame it was seen in, sorted.
+        cameras: the cameras that saw it, sorted.
+    """
+
+    coil_id: str
+    class_id: int
+    along_start_mm: float
+    along_end_mm: float
+    across_start_mm: float
+    across_end_mm: float
+    area_mm2: float
+    max_probability: float | None
+    frames: tuple[tuple[str, int], ...]
+    cameras: tuple[str, ...]
+
+    @property
+    def length_mm(self) -> float:
+        return self.along_end_mm - self.along_start_mm
+
+    @property
+    def width_mm(self) -> float:
+        return self.across_end_mm - self.across_start_mm
+
+
+def to_along_across(mask: np.ndarray, camera: CameraGeometry) -> np.ndarray:
+    """A frame-shaped ``[H, W]`` array as ``[along, across]`` for ``camera`` (a view, no copy)."""
+    if mask.shape != (camera.frame_height_px, camera.frame_width_px):
+        raise ValueError(f"camera {camera.camera_id!r}: frame {mask.shape[0]}x{mask.shape[1]} is not the line's "
+                         f"{camera.frame_height_px}x{camera.frame_width_px} (height x width)")
+    return mask if camera.along_axis == "y" else mask.T
+
+
+def frame_components(key: FrameKey, class_id: int, mask: np.ndarray, position_mm: float, camera: CameraGeometry,
+                     owned_across: tuple[float, float], probability: np.ndarray | None = None) -> list[Component]:
+    """The connected components (8-connectivity) of one class's ``[H, W]`` mask in coil coordinates.
+
+    Args:
+        position_mm: the encoder reading of the frame's first along pixel.
+        owned_across: the across range whose pixels count towards areas (:meth:`Line.owned_across`).
+        probability: the class probability ``[H, W]``, for each component's maximum; None if not known.
+    """
+    grid = to_along_across(np.asarray(mask), camera)
+    if grid.dtype == bool:
+        grid = grid.view(np.uint8)
+    elif grid.dtype != np.uint8:
+        grid = (grid > 0).astype(np.uint8)
+    if not grid.any():  # most classes of most frames: no labelling needed
+        return []
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(grid), connectivity=8)
+    probs = None if probability is None else to_along_across(np.asarray(probability, np.float32), camera)
+    pa, px = camera.mm_per_px_along, camera.mm_per_px_across
+    centres = camera.lane_start_mm + (np.arange(grid.shape[1]) + 0.5) * px
+    owned = (centres >= owned_across[0]) & (centres < owned_across[1])
+    found = []
+    for label in range(1, count):
+        left, top, width, height, pixels = (int(v) for v in stats[label, :5])
+        window = (slice(top, top + height), slice(left, left + width))
+        crop = labels[window] == label
+        owned_pixels = int(crop[:, owned[window[1]]].sum())
+        peak = None if probs is None else float(probs[window][crop].max())
+        found.append(Component(key, class_id, crop, position_mm + top * pa, camera.lane_start_mm + left * px,
+                               pa, px, pixels, owned_pixels * pa * px, peak))
+    return found
+
+
+def _raster(component: Component, along0: float, across0: float, cell: float, shape: tuple[int, int]) -> np.ndarray:
+    """``component``'s pixels sampled at the centres of a ``cell``-mm grid starting at (along0, across0)."""
+    along = along0 + (np.arange(shape[0]) + 0.5) * cell
+    across = across0 + (np.arange(shape[1]) + 0.5) * cell
+    rows = np.floor((along - component.along_start_mm) / component.mm_per_px_along).astype(np.int64)
+    cols = np.floor((across - component.across_start_mm) / component.mm_per_px_across).astype(np.int64)
+    inside_rows = (rows >= 0) & (rows < component.mask.shape[0])
+    inside_cols = (cols >= 0) & (cols < component.mask.shape[1])
+    raster = np.zeros(shape, dtype=np.uint8)
+    if inside_rows.any() and inside_cols.any():
+        picked = component.mask[np.ix_(rows[inside_rows], cols[inside_cols])]
+        raster[np.ix_(inside_rows, inside_cols)] = picked
+    return raster
+
+
+def boxes_meet(a: Component, b: Component, gap_mm: float) -> bool:
+    """Whether the two boxes overlap or lie within ``gap_mm`` of each other along and across."""
+    slack = gap_mm + EPSILON_MM
+    return (a.along_start_mm <= b.along_end_mm + slack and b.along_start_mm <= a.along_end_mm + slack
+            and a.across_start_mm <= b.across_end_mm + slack and b.across_start_mm <= a.across_end_mm + slack)
+
+
+def pixels_touch(a: Component, b: Component, gap_mm: float) -> bool:
+    """Whether a pixel of ``a`` and one of ``b`` lie within ``gap_mm`` of each other (gap 0: sharing an
+    edge or a corner, 8-connectivity), on a grid of the finer of the two pixel sizes."""
+    if not boxes_meet(a, b, gap_mm):
+        return False
+    cell = min(a.mm_per_px_along, a.mm_per_px_across, b.mm_per_px_along, b.mm_per_px_across)
+    reach = int(math.floor(gap_mm / cell + EPSILON_MM)) + 1  # cells of dilation: 1 = the 8 neighbours
+    along0 = max(a.along_start_mm, b.along_start_mm) - (reach + 1) * cell
+    across0 = max(a.across_start_mm, b.across_start_mm) - (reach + 1) * cell
+    along1 = min(a.along_end_mm, b.along_end_mm) + (reach + 1) * cell
+    across1 = min(a.across_end_mm, b.across_end_mm) + (reach + 1) * cell
+    shape = (max(1, math.ceil((along1 - along0) / cell)), max(1, math.ceil((across1 - across0) / cell)))
+    raster_a = _raster(a, along0, across0, cell, shape)
+    raster_b = _raster(b, along0, across0, cell, shape)
+    kernel = np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)
+    return bool((cv2.dilate(raster_a, kernel) & raster_b).any())
+
+
+class _UnionFind:
+    """Disjoint sets over 0, 1, 2...: union by size, path halving."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+
+    def add(self) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(1)
+        return len(self.parent) - 1
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return
+        if self.size[a] < self.size[b]:
+            a, b = b, a
+        self.parent[b] = a
+        self.size[a] += self.size[b]
+
+
+class RecordBuilder:
+    """Defect records of the coils of one line, built frame by frame in any order.
+
+    Example::
+
+        builder = RecordBuilder(load_line("line.yaml"))
+        builder.add_frame("C123", "top-0", frame_id=41, position_mm=10496.0, masks=masks)  # [C, H, W]
+        records = builder.records("C123")
+
+    Args:
+        line: the line's geometry.
+        gap_mm: components of different frames whose pixels lie at most this far apart are one
+            defect; default half the smallest pixel of the line (8-connectivity, robust to encoder
+            jitter below half a pixel).
+    """
+
+    def __init__(self, line: Line, gap_mm: float | None = None) -> None:
+        self.line = line
+        smallest = min(min(c.mm_per_px_along, c.mm_per_px_across) for c in line.cameras)
+        self.gap_mm = smallest / 2 if gap_mm is None else float(gap_mm)
+        if not (math.isfinite(self.gap_mm) and self.gap_mm >= 0):
+            raise ValueError(f"gap_mm must be a finite number >= 0, got {gap_mm}")
+        self._owned = {c.camera_id: line.owned_across(c.camera_id) for c in line.cameras}
+        self._components: list[Component] = []
+        self._sets = _UnionFind()
+        self._frames: set[FrameKey] = set()
+        # (coil, class) -> along bucket -> indices of the components whose box reaches into it
+        self._index: dict[tuple[str, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+
+    @property
+    def frames_added(self) -> int:
+        return len(self._frames)
+
+    def add_frame(self, coil_id: str, camera_id: str, frame_id: int, position_mm: float, masks: np.ndarray,
+                  probabilities: np.ndarray | None = None) -> bool:
+        """Adds one frame's masks ``[C, H, W]`` (class ``k`` at index ``k - 1``) and merges its components.
+
+        Args:
+            position_mm: the encoder reading of the frame's first along pixel.
+            probabilities: ``[C, H, W]`` class probabilities, or None.
+
+        Returns:
+            False when this (coil, camera, frame id) was added before: nothing changes (a resent frame).
+
+        Raises:
+            KeyError: the line has no such camera.
+            ValueError: the masks' frame size is not the camera's.
+        """
+        key = FrameKey(coil_id, camera_id, int(frame_id))
+        if key in self._frames:
+            return False
+        camera = self.line.camera(camera_id)
+        found = []
+        for k in range(len(masks)):
+            probability = None if probabilities is None else probabilities[k]
+            found += frame_components(key, k + 1, masks[k], float(position_mm), camera, self._owned[camera_id],
+                                      probability)
+        self._frames.add(key)
+        for component in found:
+            self._insert(component)
+        return True
+
+    def _buckets(self, component: Component) -> range:
+        start = math.floor((component.along_start_mm - self.gap_mm) / BUCKET_MM)
+        return range(start, math.floor((component.along_end_mm + self.gap_mm) / BUCKET_MM) + 1)
+
+    def _insert(self, component: Component) -> None:
+        index = self._sets.add()
+        self._components.append(component)
+        buckets = self._index[(component.key.coil_id, component.class_id)]
+        seen: set[int] = set()
+        for bucket in self._buckets(component):
+            for other in buckets[bucket]:
+                if other in seen:
+                    continue
+                seen.add(other)
+                neighbour = self._components[other]
+                # Components of one frame are apart by construction (connected components).
+                if neighbour.key == component.key or self._sets.find(other) == self._sets.find(index):
+                    continue
+                if pixels_touch(neighbour, component, self.gap_mm):
+                    self._sets.union(other, index)
+            buckets[bucket].append(index)
+
+    def coils(self) -> list[str]:
+        """The coils with at least one frame added, sorted."""
+        return sorted({key.coil_id for key in self._frames})
+
+    def records(self, coil_id: str) -> list[DefectRecord]:
+        """The coil's defect records as they stand, sorted by along start, across start and class."""
+        groups: dict[int, list[Component]] = defaultdict(list)
+        for index, component in enumerate(self._components):
+            if component.key.coil_id == coil_id:
+                groups[self._sets.find(index)].append(component)
+        found = [_record(parts) for parts in groups.values()]
+        return sorted(found, key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
+
+
+def _record(parts: list[Component]) -> DefectRecord:
+    peaks = [p.max_probability for p in parts if p.max_probability is not None]
+    first = parts[0]
+    return DefectRecord(
+        coil_id=first.key.coil_id,
+        class_id=first.class_id,
+        along_start_mm=min(p.along_start_mm for p in parts),
+        along_end_mm=max(p.along_end_mm for p in parts),
+        across_start_mm=min(p.across_start_mm for p in parts),
+        across_end_mm=max(p.across_end_mm for p in parts),
+        area_mm2=sum(p.area_mm2 for p in parts),
+        max_probability=max(peaks) if peaks else None,
+        frames=tuple(sorted({(p.key.camera_id, p.key.frame_id) for p in parts})),
+        cameras=tuple(sorted({p.key.camera_id for p in parts})),
+    )
+
+
+__all__ = ["BUCKET_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
+           "frame_components", "pixels_touch", "to_along_across"]
