@@ -22,7 +22,7 @@ from engine import graph
 from engine.backends.base import Backend, InspectionResult, check_frames, result_from_outputs
 from engine.devices import BackendUnavailable, cuda_index, is_cuda, parse_device
 from engine.fastpost import FastPostprocess, check_choice, fast_or_graph
-from engine.lowres import load_onnx_cut
+from engine.lowres import GATE_KEY, LOWRES_KEY, load_onnx_cut
 from engine.metadata import ModelMetadata
 from engine.rle import encode_batch_torch
 
@@ -159,12 +159,21 @@ class OnnxRuntimeBackend(Backend):
         if not isinstance(frames, np.ndarray):
             # A torch tensor (CPU or CUDA) on the CPU provider: one copy to the host.
             frames = frames.detach().cpu().numpy()
-        values = self.session.run(self.output_names, {graph.INPUT_NAME: np.ascontiguousarray(frames)})
         if self.fast is None:
+            values = self.session.run(self.output_names, {graph.INPUT_NAME: np.ascontiguousarray(frames)})
             return result_from_outputs(dict(zip(self.output_names, values)))
-        result = result_from_outputs(self.fast(*values))
-        result.gate = values[1] if len(values) > 1 else None
+        lowres = self.lowres(frames)
+        result = result_from_outputs(self.fast(lowres[LOWRES_KEY], lowres.get(GATE_KEY)))
+        result.gate = lowres.get(GATE_KEY)
         return result
+
+    def lowres(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph up to where its decision starts (the fast path's network part, which ``bench``
+        times alone): the low-resolution mean probabilities and the gate's, by :mod:`engine.lowres` key."""
+        if self.fast is None:
+            raise ValueError(f"{self.path}: this backend post-processes in the graph ({self.postprocess})")
+        values = self.session.run(self.output_names, {graph.INPUT_NAME: np.ascontiguousarray(frames)})
+        return dict(zip((LOWRES_KEY, GATE_KEY), values))
 
     def _infer_bound(self, frames: Any) -> InspectionResult:
         """IO-bound run on the GPU: device frames in, outputs into device tensors, one copy out."""

@@ -388,16 +388,28 @@ class OpenVinoBackend(Backend):
         check_frames(frames, self.metadata)
         if not isinstance(frames, np.ndarray):
             frames = frames.detach().cpu().numpy()
-        tensors: dict[str, np.ndarray] = {graph.INPUT_NAME: np.ascontiguousarray(frames)}
-        for stage, request, outputs in self.requests:
-            values = request.infer([tensors[k] for k in stage.inputs])
-            # Copies: the request reuses its output buffers on the next call.
-            tensors.update({k: np.array(values[o]) for k, o in zip(stage.outputs, outputs)})
+        tensors = self._run_stages(frames)
         if self.fast is None:
             return result_from_outputs(tensors)
         result = result_from_outputs(self.fast(tensors[LOWRES_KEY], tensors.get(GATE_KEY)))
         result.gate = tensors.get(GATE_KEY)
         return result
+
+    def lowres(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph up to where its decision starts (the fast path's network part, which ``bench``
+        times alone): the low-resolution mean probabilities and the gate's, by :mod:`engine.lowres` key."""
+        if self.fast is None:
+            raise ValueError(f"{self.path}: this backend post-processes in the graph ({self.postprocess})")
+        tensors = self._run_stages(frames)
+        return {k: tensors[k] for k in (LOWRES_KEY, GATE_KEY) if k in tensors}
+
+    def _run_stages(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        tensors: dict[str, np.ndarray] = {graph.INPUT_NAME: np.ascontiguousarray(frames)}
+        for stage, request, outputs in self.requests:
+            values = request.infer([tensors[k] for k in stage.inputs])
+            # Copies: the request reuses its output buffers on the next call.
+            tensors.update({k: np.array(values[o]) for k, o in zip(stage.outputs, outputs)})
+        return tensors
 
     def close(self) -> None:
         self.requests = []
