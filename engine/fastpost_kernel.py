@@ -19,14 +19,23 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
+def compiled(function):
+    """``function`` compiled without the GIL, its machine code cached on disk where numba can write
+    a cache (beside this file, else its per-user directory); compiled at each start where it cannot."""
+    try:
+        return njit(cache=True, nogil=True, boundscheck=False)(function)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available" (read-only install, no HOME)
+        return njit(cache=False, nogil=True, boundscheck=False)(function)
+
+
+@compiled
 def _expand(row, xi0, xi1, at0, at1):  # pragma: no cover - compiled
     for x in range(xi0.shape[0]):
         at0[x] = row[xi0[x]]
         at1[x] = row[xi1[x]]
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
+@compiled
 def decide_plane(p, t, margin, yi0, yi1, wy0, wy1, xi0, xi1, wx0, wx1, out, scratch):  # pragma: no cover
     """Masks of one image and class into ``out`` ``[H, W]`` (uint8); returns their pixel count.
 
@@ -64,7 +73,7 @@ def decide_plane(p, t, margin, yi0, yi1, wy0, wy1, xi0, xi1, wx0, wx1, out, scra
     return total
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
+@compiled
 def _row(e00, e01, e10, e11, a, b, wx0, wx1, t, row):  # pragma: no cover - compiled
     count = 0
     for x in range(row.shape[0]):
@@ -75,7 +84,7 @@ def _row(e00, e01, e10, e11, a, b, wx0, wx1, t, row):  # pragma: no cover - comp
     return count
 
 
-@njit(cache=True, nogil=True, boundscheck=False)
+@compiled
 def decide(probs, thresholds, margin, yi0, yi1, wy0, wy1, xi0, xi1, wx0, wx1, masks, counts, first, last):  # pragma: no cover
     """:func:`decide_plane` for the planes ``first..last-1`` of ``probs`` ``[N, C, h, w]`` (flattened
     N*C order), into ``masks`` ``[N, C, H, W]`` and ``counts`` ``[N, C]``."""
