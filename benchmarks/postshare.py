@@ -84,11 +84,12 @@ class NetworkPart:
 
     def __init__(self, backend: Any, path: Path, device: str, options: dict[str, Any]) -> None:
         from engine.backends import load_backend
+        from engine.devices import parse_device
         from engine.lowres import FastPathUnavailable
 
         self.owned = None
         self.runner = None
-        if not hasattr(backend, "lowres") or device != "cpu":
+        if not hasattr(backend, "lowres") or not parse_device(device).is_cpu:
             return
         if getattr(backend, "fast", None) is not None:
             self.runner = backend

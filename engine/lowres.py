@@ -149,7 +149,7 @@ def find_post_cut(view: GraphView, meta: ModelMetadata) -> PostCut:
         _check_constant(view, gated.inputs[1], meta.gate_thresholds, "float32", "gate thresholds")
         gate = gated.inputs[0]
     else:
-        area = _compare(view, view.output(graph.PRESENT.name), "present")
+        area = _compare(view, view.output(graph.PRESENT.name), graph.PRESENT.name)
         if meta.gate_thresholds is not None:
             raise FastPathUnavailable("the metadata has gate thresholds, but the graph does not gate presence")
     if not _is_counts(view, area.inputs[0]):

@@ -120,7 +120,7 @@ class OnnxRuntimeBackend(Backend):
         if is_cuda(self.device) and postprocess == "fast":
             raise ValueError("postprocess='fast' runs on the CPU only; on a GPU the graph post-processes")
         built: tuple[FastPostprocess, bytes] | None = None
-        if self.device == "cpu":
+        if not is_cuda(self.device):
             built, self.postprocess = fast_or_graph(postprocess, str(self.path), lambda: fast_path(str(self.path)))
         else:
             self.postprocess = "graph (GPU device)"

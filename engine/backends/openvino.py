@@ -363,22 +363,26 @@ class OpenVinoBackend(Backend):
             self.stages = split_stages(self.path, with_probs=with_probs)
             net = "bf16" if self.precision == "bf16" else "fp32"
             precisions = ["fp32", net, "fp32"]
-        self.fast: FastPostprocess | None = None
-        check_choice(postprocess)
-        if with_probs:
-            self.postprocess = "graph (probabilities asked for)"
-        else:
-            built, self.postprocess = fast_or_graph(postprocess, str(self.path),
-                                                    lambda: cut_stage(self.stages[-1], self.metadata))
-            if built is not None:
-                self.fast, self.stages[-1] = built
-                self.fast.warmup(self.metadata.train_size)
+        self._choose_postprocess(postprocess, with_probs)
         self.requests = []
         for stage, prec in zip(self.stages, precisions):
             compiled = core.compile_model(stage.model, "CPU", config(prec))
             self.requests.append((stage, compiled.create_infer_request(), compiled.outputs))
         log.info("loaded %s with OpenVINO %s on the CPU (%s; %s; post-processing: %s)", self.path, ov.get_version(),
                  self.precision, " | ".join(f"{s.name} {p}" for s, p in zip(self.stages, precisions)), self.postprocess)
+
+    def _choose_postprocess(self, postprocess: str, with_probs: bool) -> None:
+        """Cuts the last stage for the fast path (:attr:`fast`) unless the graph must post-process."""
+        self.fast: FastPostprocess | None = None
+        check_choice(postprocess)
+        if with_probs:
+            self.postprocess = "graph (probabilities asked for)"
+            return
+        built, self.postprocess = fast_or_graph(postprocess, str(self.path),
+                                                lambda: cut_stage(self.stages[-1], self.metadata))
+        if built is not None:
+            self.fast, self.stages[-1] = built
+            self.fast.warmup(self.metadata.train_size)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "threads": self.threads, "stages": [s.name for s in self.stages],
