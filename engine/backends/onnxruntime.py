@@ -13,6 +13,7 @@ the graph's (``postprocess="graph"`` runs the whole graph; see :mod:`engine.lowr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from engine import graph
 from engine.backends.base import Backend, InspectionResult, check_frames, result_from_outputs
 from engine.devices import BackendUnavailable, cuda_index, is_cuda, parse_device
 from engine.fastpost import FastPostprocess, check_choice, fast_or_graph
-from engine.lowres import GATE_KEY, LOWRES_KEY, load_onnx_cut
+from engine.lowres import GATE_KEY, LOWRES_KEY, FastPathUnavailable, load_onnx_cut
 from engine.metadata import ModelMetadata
 from engine.rle import encode_batch_torch
 
@@ -79,11 +80,14 @@ def choose_providers(
     return f"cuda:{index}", chain
 
 
-def fast_path(path: str) -> tuple[FastPostprocess, bytes]:
-    """The CPU fast path for an ``.onnx`` graph: its decision and the graph cut before its resize back
-    (serialised); FastPathUnavailable where the graph does not allow it."""
+def fast_path(path: str, session: Callable[[bytes], Any]) -> tuple[FastPostprocess, Any]:
+    """The CPU fast path for an ``.onnx`` graph: its decision, and ``session`` of the graph cut before
+    its resize back; FastPathUnavailable where the graph does not allow it or the cut does not load."""
     meta, cut, _ = load_onnx_cut(path)
-    return FastPostprocess(meta), cut
+    try:
+        return FastPostprocess(meta), session(cut)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise FastPathUnavailable(f"ONNX Runtime cannot load the graph cut before its resize ({exc})") from exc
 
 
 class OnnxRuntimeBackend(Backend):
@@ -119,19 +123,24 @@ class OnnxRuntimeBackend(Backend):
         self.device, providers = choose_providers(device, ort.get_available_providers(), provider, cache_dir)
         if is_cuda(self.device) and postprocess == "fast":
             raise ValueError("postprocess='fast' runs on the CPU only; on a GPU the graph post-processes")
-        built: tuple[FastPostprocess, bytes] | None = None
-        if not is_cuda(self.device):
-            built, self.postprocess = fast_or_graph(postprocess, str(self.path), lambda: fast_path(str(self.path)))
-        else:
-            self.postprocess = "graph (GPU device)"
-        self.fast, cut = built if built is not None else (None, None)
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(cut or str(self.path), options, providers=providers)
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
-            raise ValueError(f"{self.path}: ONNX Runtime cannot load this model ({type(exc).__name__}: {exc})") from exc
+
+        def session(source: str | bytes) -> Any:
+            return ort.InferenceSession(source, options, providers=providers)
+
+        built: tuple[FastPostprocess, Any] | None = None
+        if not is_cuda(self.device):
+            built, self.postprocess = fast_or_graph(postprocess, str(self.path), lambda: fast_path(str(self.path), session))
+        else:
+            self.postprocess = "graph (GPU device)"
+        self.fast, self.session = built if built is not None else (None, None)
+        if self.session is None:
+            try:
+                self.session = session(str(self.path))
+            except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types for bad files
+                raise ValueError(f"{self.path}: ONNX Runtime cannot load this model ({type(exc).__name__}: {exc})") from exc
         self.metadata = ModelMetadata.from_onnx_props(
             dict(self.session.get_modelmeta().custom_metadata_map), source=str(self.path)
         )

@@ -5,9 +5,9 @@ pixels whose graph probability lies within BAND of the class threshold (float32 
 differently ordered resize could flip those); counts are the masks' sums; present is
 ``counts >= min_area`` (and the gate). The kernel uses ONNX Runtime's own resize formula, so on ONNX
 Runtime no pixel differs at all here; the band is what the contract promises. Models: the random
-tiny ensemble (trained-like thresholds per class), the defect model (known defects), a gated
-ensemble with flip TTA at an odd frame size (a non-integer upscale), and one whose frames are
-smaller than its training size (the resize back is a downscale).
+tiny ensemble (trained-like thresholds per class) in fp32 and as an FP16 graph, the defect model
+(known defects), a gated ensemble with flip TTA at an odd frame size (a non-integer upscale), and
+one whose frames are smaller than its training size (the resize back is a downscale).
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ def _export(root: Path, name: str, unet: dict, input_size, train_size, folds: in
 
 
 @pytest.fixture(scope="module")
-def odd_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A gated 2-fold ensemble with hflip TTA on 61x317 frames, and a 1-fold hvflip model on 30x150
-    frames trained at 32x160 (its resize back is a downscale); thresholds near the random U-Nets' 0.5."""
+def odd_models(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> dict[str, Path]:
+    """A gated 2-fold ensemble with hflip TTA on 61x317 frames, a 1-fold hvflip model on 30x150
+    frames trained at 32x160 (its resize back is a downscale), thresholds near the random U-Nets'
+    0.5; and the tiny ensemble as an FP16 graph (U-Nets in fp16, the decision in fp32)."""
     from tests.fixtures import TINY_UNET
+    from trainer.export import export_onnx
 
     root = tmp_path_factory.mktemp("fastpost_models")
     gated = _export(root, "gated", {**TINY_UNET, "gate": True}, (61, 317), (32, 160), 2,
@@ -48,7 +50,9 @@ def odd_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                      "gate_thresholds": [0.3, 0.5, 0.6, 0.1]})
     down = _export(root, "down", TINY_UNET, (30, 150), (32, 160), 1,
                    {"thresholds": [0.48, 0.5, 0.505, 0.53], "min_areas": [1, 500, 1000, 0], "tta": "hvflip"})
-    return {"gated": gated, "down": down}
+    fp16 = root / "fp16.onnx"
+    export_onnx(tiny_run, fp16, precision="fp16", drift_frames=0)
+    return {"gated": gated, "down": down, "fp16": fp16}
 
 
 def graph_probs(path: Path, frames: np.ndarray) -> np.ndarray:
@@ -93,7 +97,7 @@ def _frames(meta, n: int, seed: int) -> np.ndarray:
     return synthetic_frames(n, *meta.input_size, seed=seed)
 
 
-@pytest.mark.parametrize("model", ["tiny", "defect", "gated", "down"])
+@pytest.mark.parametrize("model", ["tiny", "defect", "gated", "down", "fp16"])
 def test_onnxruntime_fast_path_is_the_whole_graph(model: str, tiny_onnx: Path, defect_onnx: Path,
                                                    odd_models: dict[str, Path]) -> None:
     path = {"tiny": tiny_onnx, "defect": defect_onnx, **odd_models}[model]
