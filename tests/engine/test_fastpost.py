@@ -132,6 +132,22 @@ def test_openvino_fast_path_is_its_whole_graph(model: str, tiny_onnx: Path, odd_
         np.testing.assert_array_equal(got.present, reference.infer(frames).present)
 
 
+def test_openvino_ir_of_a_gated_model_takes_the_fast_path(odd_models: dict[str, Path], tmp_path: Path) -> None:
+    """An IR (engine build --target openvino) keeps the graph's decision, so the fast path finds it there
+    too; a gated model's IR builds (its parity allows the gate to clear present)."""
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'strip-inspection[cpu]')")
+    from toolchain.cli import main
+
+    ir = tmp_path / "gated.xml"
+    assert main(["build", "--target", "openvino", "--onnx", str(odd_models["gated"]), "--out", str(ir),
+                 "--precision", "fp32", "--parity-frames", "4"]) == 0
+    with load_backend(ir, device="cpu", postprocess="graph") as whole, load_backend(ir, device="cpu") as fast:
+        assert fast.describe()["postprocess"].startswith("fast")
+        frames = _frames(whole.metadata, 3, seed=4)
+        probs = whole.__class__(ir, with_probs=True).infer(frames).probs
+        assert_same_decision(fast.infer(frames), whole.infer(frames), probs, whole.metadata)
+
+
 def _reference_resize(low: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """ONNX Runtime's half-pixel bilinear resize, written out in numpy float32 (its formula and order)."""
     from engine.fastpost import resize_axis
