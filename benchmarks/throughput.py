@@ -2,14 +2,17 @@
 
 With no arguments it builds (or reuses) the small default bench model (a one-fold ResNet-18 U-Net
 with a slim decoder at the thesis geometry: 256x1600 camera frames, U-Net at 128x800; random
-weights, see benchmarks.models), and its int8 OpenVINO IR, and measures ONNX Runtime, OpenVINO
-fp32/bf16/int8, torch eager fp32/bf16 on the CPU, and the naive pipeline. Rows that cannot run here
+weights, see benchmarks.models), and its int8 OpenVINO IR, and measures the reference row
+(``onnxruntime-graph``: the exported graph whole on ONNX Runtime, fp32, as a user would run it), ONNX
+Runtime and OpenVINO fp32/bf16/int8 with their CPU post-processing (engine.fastpost), torch eager
+fp32/bf16 on the CPU, and the naive pipeline. Rows that cannot run here
 (no openvino, no native bf16) are skipped with the reason in the notes.
 
 A timed batch runs JPEG decode -> (upload) -> backend inference -> RLE (see
 benchmarks.pipeline). The model's FLOPs per image are counted (see benchmarks.flops)
 and the achieved FLOP/s of the inference stage is compared with the peak a large matrix product
-of the row's own precision (fp32, bf16, int8) reaches on the same device in the same run.
+of the row's own precision (fp32, bf16, int8) reaches on the same device in the same run. The
+post-processing's share of the inference stage and its floor are in benchmarks.postshare.
 """
 
 from __future__ import annotations
