@@ -84,6 +84,9 @@ class Measurement:
     bytes, already contained in ``inference`` (the backend returns host arrays).
     ``rle_in_inference``: the backend found the RLE runs on the device inside its call, so
     ``postprocess_rle`` only formats what it returned.
+    ``network_seconds``: the network part alone (the graph up to its low-resolution probabilities,
+    see :mod:`benchmarks.postshare`), where the row has one; the rest of ``inference`` is
+    post-processing, compared with ``post_floor_seconds`` (its counted floor for the batch).
     """
 
     backend: str
@@ -98,6 +101,8 @@ class Measurement:
     flops_per_image: int | None = None
     peak_flops_per_s: float | None = None
     notes: list[str] = field(default_factory=list)
+    network_seconds: list[float] | None = None
+    post_floor_seconds: float | None = None
 
     @property
     def repeats(self) -> int:
@@ -139,8 +144,20 @@ class Measurement:
             stage_ms_median={s: self.stage_ms(s) for s in STAGES},
             achieved_flops_per_s=self.achieved_flops_per_s,
             peak_fraction=self.peak_fraction,
+            **self._post_share(),
         )
         return d
+
+    def _post_share(self) -> dict[str, float | None]:
+        """Network part, post-processing (inference minus it), its share of inference and its floor, in ms."""
+        if not self.network_seconds:
+            return {"network_ms": None, "post_ms": None, "post_share": None,
+                    "post_floor_ms": None if self.post_floor_seconds is None else 1000.0 * self.post_floor_seconds}
+        infer = 1000.0 * float(np.median(self.stage_seconds["inference"]))
+        network = 1000.0 * float(np.median(self.network_seconds))
+        post = max(0.0, infer - network)
+        return {"network_ms": network, "post_ms": post, "post_share": post / infer if infer else None,
+                "post_floor_ms": None if self.post_floor_seconds is None else 1000.0 * self.post_floor_seconds}
 
 
 def repeats_for(frames: int, batch_size: int, min_repeats: int) -> int:

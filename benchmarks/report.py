@@ -37,6 +37,11 @@ def throughput_markdown(report: dict[str, Any]) -> str:
         flops = model.get("flops")
         flops_text = f"{flops['flops_per_image'] / 1e9:.2f} GFLOP/image ({flops['method']})" if flops else "FLOPs n/a"
         out.append(f"- model `{model['file']}`: {model['summary']}; {flops_text}")
+        floor = model.get("post_floor")
+        if floor:
+            out.append(f"  - post-processing floor: {floor['multiply_adds'] / 1e6:.1f} M multiply-adds, "
+                       f"{floor['compares'] / 1e6:.2f} M compares and adds, {floor['bytes_moved'] / 1e6:.2f} MB "
+                       f"moved per image: {1000 * floor['seconds']:.3f} ms")
     if report.get("cpu_features"):
         out.append(f"- {report['cpu_features']['line']}")
     for peak in report["peaks"]:
@@ -47,10 +52,14 @@ def throughput_markdown(report: dict[str, Any]) -> str:
             + (f", {peak['threads']} threads" if peak.get("threads") else "")
             + ")"
         )
+    bandwidth = report.get("memory_bandwidth")
+    if bandwidth:
+        out.append(f"- memory bandwidth: {bandwidth['bytes_per_s'] / 1e9:,.1f} GB/s ({bandwidth['method']} of "
+                   f"{bandwidth['size_bytes'] >> 20} MiB, read + write, best of {bandwidth['repeats']})")
     out.append("")
     headers = ["backend", "model", "device", "prec", "batch", "img/s", "ms/batch p50", "p95", "runs"]
     headers += [f"{STAGE_TITLES[s]} ms" for s in STAGES]
-    headers += ["GFLOP/s", "% peak", "x naive"]
+    headers += ["U-Net ms", "post % infer", "post floor ms", "GFLOP/s", "% peak", "x naive"]
     table = []
     for r in rows:
         stages = []
@@ -76,6 +85,9 @@ def throughput_markdown(report: dict[str, Any]) -> str:
                 fmt_ms(r["ms_per_batch_p95"]),
                 str(r["repeats"]),
                 *stages,
+                fmt_ms(r.get("network_ms")),
+                fmt(None if r.get("post_share") is None else 100 * r["post_share"], 1),
+                "n/a" if r.get("post_floor_ms") is None else f"{r['post_floor_ms']:.3f}",
                 fmt(None if achieved is None else achieved / 1e9, 1),
                 fmt(None if fraction is None else 100 * fraction, 1),
                 "n/a" if speedup is None else f"{speedup:.2f}x",

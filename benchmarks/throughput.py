@@ -2,14 +2,17 @@
 
 With no arguments it builds (or reuses) the small default bench model (a one-fold ResNet-18 U-Net
 with a slim decoder at the thesis geometry: 256x1600 camera frames, U-Net at 128x800; random
-weights, see benchmarks.models), and its int8 OpenVINO IR, and measures ONNX Runtime, OpenVINO
-fp32/bf16/int8, torch eager fp32/bf16 on the CPU, and the naive pipeline. Rows that cannot run here
+weights, see benchmarks.models), and its int8 OpenVINO IR, and measures the reference row
+(``onnxruntime-graph``: the exported graph whole on ONNX Runtime, fp32, as a user would run it), ONNX
+Runtime and OpenVINO fp32/bf16/int8 with their CPU post-processing (engine.fastpost), torch eager
+fp32/bf16 on the CPU, and the naive pipeline. Rows that cannot run here
 (no openvino, no native bf16) are skipped with the reason in the notes.
 
 A timed batch runs JPEG decode -> (upload) -> backend inference -> RLE (see
 benchmarks.pipeline). The model's FLOPs per image are counted (see benchmarks.flops)
 and the achieved FLOP/s of the inference stage is compared with the peak a large matrix product
-of the row's own precision (fp32, bf16, int8) reaches on the same device in the same run.
+of the row's own precision (fp32, bf16, int8) reaches on the same device in the same run. The
+post-processing's share of the inference stage and its floor are in benchmarks.postshare.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    "onnxruntime": Variant((".onnx",), "cpu", {"backend": "onnxruntime"}, "ONNX Runtime, CPU provider"),
+    "onnxruntime-graph": Variant((".onnx",), "cpu", {"backend": "onnxruntime", "postprocess": "graph"},
+                                 "the reference: the exported .onnx on ONNX Runtime's CPU provider, whole graph, fp32"),
+    "onnxruntime": Variant((".onnx",), "cpu", {"backend": "onnxruntime"},
+                           "ONNX Runtime, CPU provider, post-processing by engine.fastpost where the graph allows"),
     "openvino-fp32": Variant((".onnx",), "cpu", {"backend": "openvino", "precision": "fp32"}, "OpenVINO fp32"),
     "openvino-bf16": Variant((".onnx",), "cpu", {"backend": "openvino", "precision": "bf16"},
                              "OpenVINO, U-Nets bf16, pre/post-processing fp32"),
@@ -60,7 +66,8 @@ VARIANTS: dict[str, Variant] = {
     "naive": Variant((".pt",), "cpu", {}, "naive pipeline on the CPU (per image, numpy post-processing)"),
     "naive-cuda": Variant((".pt",), "cuda", {}, "naive pipeline with the U-Nets on CUDA"),
 }
-DEFAULT_BACKENDS = ("onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8", "torch", "torch-bf16", "naive")
+DEFAULT_BACKENDS = ("onnxruntime-graph", "onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8", "torch",
+                    "torch-bf16", "naive")
 
 
 @dataclass
@@ -426,8 +433,9 @@ def _check_against_naive(name: str, path: Path, backend: Any, naive_check: Any, 
             **a.to_dict()}
 
 
-def _time_one_backend(cfg, name, path, threads, frames_pool, model_info, flops_by_model, peaks, notes):
-    from benchmarks.pipeline import repeats_for, time_backend
+def _time_one_backend(cfg, name, path, threads, frames_pool, model_info, flops_by_model, peaks, notes, bandwidth=None):
+    from benchmarks.pipeline import decode_frames, repeats_for, time_backend
+    from benchmarks.postshare import NetworkPart, post_floor
     from engine.backends import load_backend
 
     options = dict(VARIANTS[name].options)
@@ -436,12 +444,17 @@ def _time_one_backend(cfg, name, path, threads, frames_pool, model_info, flops_b
     device = "cuda" if is_cuda(VARIANTS[name].device) else "cpu"
     log.info("loading %s with %s", path.name, name)
     backend = load_backend(path, device=device, **options)
-    rows = []
+    rows, network = [], None
     try:
         frames = frames_pool(backend.metadata)
         info = next(i for i in model_info if i["path"] == str(path))
         info.setdefault("summary", model_summary(backend.metadata))
         peak = peaks.get(peak_key(str(backend.device), str(backend.precision)))
+        fp32_peak = peaks.get(("cpu", "float32"))
+        floor = post_floor(backend.metadata, fp32_peak.flops_per_s if fp32_peak else None, bandwidth)
+        if floor is not None:
+            info["post_floor"] = floor.to_dict()
+        network = NetworkPart(backend, path, device, options)
         for batch_size in cfg.batch_sizes:
             if backend.max_batch_size is not None and batch_size > backend.max_batch_size:
                 notes.append(f"{name} {path.name}: batch {batch_size} skipped, above the engine's "
@@ -452,19 +465,30 @@ def _time_one_backend(cfg, name, path, threads, frames_pool, model_info, flops_b
             m = time_backend(backend, frames, batch_size, repeats, cfg.warmup, model=path.name, label=name)
             m.flops_per_image = flops_by_model.get(path)
             m.peak_flops_per_s = peak.flops_per_s if peak else None
+            batch = decode_frames([frames[i % len(frames)] for i in range(batch_size)], *backend.metadata.input_size)
+            m.network_seconds = network.time(batch, repeats)
+            m.post_floor_seconds = None if floor is None else floor.seconds * batch_size
             rows.append(m)
         return rows, backend
     except BaseException:
         backend.close()
         raise
+    finally:
+        if network is not None:
+            network.close()
 
 
 def _standard_notes(threads: int, machine_before: dict[str, Any]) -> list[str]:
     return [
         "img/s and ms/batch: the whole batch, JPEG decode to RLE strings, median (and p95) over the timed runs "
         "after warm-up; x naive: img/s over the naive pipeline's",
-        "infer: the backend's call, thresholds and exact counts included (they are in the graph); "
-        "post+RLE: RLE of the returned masks (the naive pipeline: its numpy sigmoid/threshold/count and RLE)",
+        "infer: the backend's call, thresholds and exact counts included (in the graph, or engine.fastpost's kernel "
+        "from the graph's low-resolution probabilities); post+RLE: RLE of the returned masks (the naive pipeline: "
+        "its numpy sigmoid/threshold/count and RLE)",
+        "U-Net ms: the row's network part alone (the graph up to its low-resolution probabilities), timed on the "
+        "same frames; post % infer: (infer - U-Net) / infer; post floor ms: the resize/threshold/count's counted "
+        "work (separable bilinear multiply-adds, a compare and an add per pixel) at the fp32 peak, or its bytes "
+        "(masks written, probabilities read) at the measured memory bandwidth, whichever is longer",
         "H2D/D2H: n/a on the CPU (no device copies); on CUDA, H2D uploads the decoded frames, and D2H* is a "
         "separately timed copy of the outputs' bytes, already inside infer (backends return host arrays)",
         "GFLOP/s: counted FLOPs per image x images/s of the infer stage; % peak: of the matmul peak of the row's "
@@ -482,6 +506,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     import torch
 
     from benchmarks.machine import describe_machine, usable_cpus
+    from benchmarks.postshare import measure_memory_bandwidth
     from engine.cpu import cpu_features
 
     threads = cfg.threads or usable_cpus()
@@ -494,6 +519,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     peaks = _measure_peaks(cfg, sorted(set(backends) | {b for b in cfg.backends if variant_unavailable(b) is None}),
                            threads)
     model_info, flops_by_model = _model_info(models)
+    bandwidth = measure_memory_bandwidth() if any(not is_cuda(VARIANTS[b].device) for b in backends) else None
     frames_pool = FramePool(cfg)
     rows, naive_check = _time_naive_variants(cfg, backends, reference, frames_pool, peaks, flops_by_model, notes)
     naive_row = rows[0] if rows else None
@@ -501,7 +527,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     for name in [b for b in backends if not b.startswith("naive")]:
         for path in [p for p in models if p.suffix.lower() in VARIANTS[name].suffixes]:
             timed, backend = _time_one_backend(cfg, name, path, threads, frames_pool, model_info, flops_by_model,
-                                               peaks, notes)
+                                               peaks, notes, bandwidth)
             try:
                 rows += timed
                 if naive_check is not None:
@@ -533,6 +559,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
         "cpu_features": {**features.to_dict(), "line": features.line()},
         "models": model_info,
         "peaks": [p.to_dict() for p in peaks.values()],
+        "memory_bandwidth": None if bandwidth is None else bandwidth.to_dict(),
         "rows": row_dicts,
         "naive_agreement": checks,
         "notes": notes + _standard_notes(threads, machine_before),

@@ -111,3 +111,12 @@ _ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(bool)"
 def ort_dtype(type_text: str) -> str:
     """``"tensor(float)"`` -> ``"float32"`` (unknown types pass through, and fail :func:`check_io`)."""
     return _ORT_TYPES.get(type_text, type_text)
+
+
+# ONNX's TensorProto element types, for the ones the graph uses.
+_ONNX_TYPES = {1: "float32", 2: "uint8", 6: "int32", 7: "int64", 9: "bool", 10: "float16"}
+
+
+def onnx_dtype(elem_type: int) -> str:
+    """An ONNX ``TensorProto`` element type -> numpy dtype name (unknown ones as ``onnx type N``)."""
+    return _ONNX_TYPES.get(elem_type, f"onnx type {elem_type}")

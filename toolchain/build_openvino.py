@@ -138,7 +138,8 @@ def _parity(reference_path: Path, candidate_path: Path, precision: str, frames: 
     candidate = OpenVinoBackend(candidate_path, precision=precision, with_probs=True, threads=threads)
     meta = reference.metadata
     return compare_outputs(reference.infer(frames), candidate.infer(frames), meta.thresholds, meta.min_areas,
-                           tolerance, "openvino fp32 graph", f"openvino {precision} IR")
+                           tolerance, "openvino fp32 graph", f"openvino {precision} IR",
+                           gated=meta.gate_thresholds is not None)
 
 
 def _check_request(onnx_path: Path, out_path: Path, precision: str, calibration: Any, calibration_frames: int,

@@ -15,6 +15,10 @@ fold mean and sigmoid in bf16 and move the pixel counts. The CPU plugin's per-no
 ``pre`` and ``post`` are compiled in f32, ``net`` in bf16 (or, for a quantised IR, with its int8
 convolutions and the rest in f32). The split is computed from the graph at load time, so the
 post-processing is still the one defined in the exported graph. Counts stay exact integers.
+
+By default the last stage ends at the low-resolution mean probabilities (the resize's input) and
+:class:`engine.fastpost.FastPostprocess` makes the masks, counts and present from them in fp32, as
+the graph does (``postprocess="graph"`` keeps the graph's own; see :mod:`engine.lowres`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import numpy as np
 from engine import graph
 from engine.backends.base import Backend, InspectionResult, check_frames, result_from_outputs
 from engine.devices import BackendUnavailable, parse_device
+from engine.fastpost import FastPostprocess, check_choice, fast_or_graph
+from engine.lowres import GATE_KEY, LOWRES_KEY, OpenVinoView, find_post_cut
 from engine.metadata import PREFIX, ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -248,6 +254,20 @@ def split_stages(path: str | Path, with_probs: bool = False) -> list[Stage]:
     return pieces
 
 
+def cut_stage(stage: Stage, meta: ModelMetadata) -> tuple[FastPostprocess, Stage]:
+    """The last stage cut where the graph's decision starts (:func:`engine.lowres.find_post_cut`): it
+    outputs the low-resolution probabilities (and the gate's), and the fast path decides from them."""
+    ov = import_openvino()
+    cut = find_post_cut(OpenVinoView(stage.model), meta)
+    outputs, keys = [cut.probs], [LOWRES_KEY]
+    if cut.gate is not None:
+        outputs.append(cut.gate)
+        keys.append(GATE_KEY)
+    fast = FastPostprocess(meta)
+    model = ov.Model(outputs, list(stage.model.get_parameters()), f"inspection-{stage.name}-lowres")
+    return fast, Stage(stage.name, model, stage.inputs, keys)
+
+
 # --------------------------------------------------------------------------- the backend
 
 
@@ -290,7 +310,10 @@ class OpenVinoBackend(Backend):
         precision: ``fp32``, ``bf16`` or ``int8`` (int8 needs a quantised IR); default: an IR's own
             precision, for ``.onnx`` bf16 where the CPU has native bf16, else fp32.
         threads: ``INFERENCE_NUM_THREADS`` (0 = OpenVINO's default, one per core).
-        with_probs: also return the mean probabilities (parity checks).
+        with_probs: also return the mean probabilities (parity checks); the whole graph runs.
+        postprocess: ``auto`` (default) runs the graph up to its low-resolution probabilities and
+            decides with :class:`engine.fastpost.FastPostprocess` where the graph allows it, ``fast``
+            insists on that, ``graph`` runs the graph's own post-processing (see :mod:`engine.lowres`).
     """
 
     name = "openvino"
@@ -302,6 +325,7 @@ class OpenVinoBackend(Backend):
         precision: str | None = None,
         threads: int = 0,
         with_probs: bool = False,
+        postprocess: str = "auto",
     ) -> None:
         ov = import_openvino()
         self.path = Path(path)
@@ -339,26 +363,57 @@ class OpenVinoBackend(Backend):
             self.stages = split_stages(self.path, with_probs=with_probs)
             net = "bf16" if self.precision == "bf16" else "fp32"
             precisions = ["fp32", net, "fp32"]
+        self._choose_postprocess(postprocess, with_probs)
         self.requests = []
         for stage, prec in zip(self.stages, precisions):
             compiled = core.compile_model(stage.model, "CPU", config(prec))
             self.requests.append((stage, compiled.create_infer_request(), compiled.outputs))
-        log.info("loaded %s with OpenVINO %s on the CPU (%s; %s)", self.path, ov.get_version(), self.precision,
-                 " | ".join(f"{s.name} {p}" for s, p in zip(self.stages, precisions)))
+        log.info("loaded %s with OpenVINO %s on the CPU (%s; %s; post-processing: %s)", self.path, ov.get_version(),
+                 self.precision, " | ".join(f"{s.name} {p}" for s, p in zip(self.stages, precisions)), self.postprocess)
+
+    def _choose_postprocess(self, postprocess: str, with_probs: bool) -> None:
+        """Cuts the last stage for the fast path (:attr:`fast`) unless the graph must post-process."""
+        self.fast: FastPostprocess | None = None
+        check_choice(postprocess)
+        if with_probs:
+            self.postprocess = "graph (probabilities asked for)"
+            return
+        built, self.postprocess = fast_or_graph(postprocess, str(self.path),
+                                                lambda: cut_stage(self.stages[-1], self.metadata))
+        if built is not None:
+            self.fast, self.stages[-1] = built
+            self.fast.warmup(self.metadata.train_size)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "threads": self.threads, "stages": [s.name for s in self.stages]}
+        return {**super().describe(), "threads": self.threads, "stages": [s.name for s in self.stages],
+                "postprocess": self.postprocess}
 
     def infer(self, frames: Any) -> InspectionResult:
         check_frames(frames, self.metadata)
         if not isinstance(frames, np.ndarray):
             frames = frames.detach().cpu().numpy()
+        tensors = self._run_stages(frames)
+        if self.fast is None:
+            return result_from_outputs(tensors)
+        result = result_from_outputs(self.fast(tensors[LOWRES_KEY], tensors.get(GATE_KEY)))
+        result.gate = tensors.get(GATE_KEY)
+        return result
+
+    def lowres(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph up to where its decision starts (the fast path's network part, which ``bench``
+        times alone): the low-resolution mean probabilities and the gate's, by :mod:`engine.lowres` key."""
+        if self.fast is None:
+            raise ValueError(f"{self.path}: this backend post-processes in the graph ({self.postprocess})")
+        tensors = self._run_stages(frames)
+        return {k: tensors[k] for k in (LOWRES_KEY, GATE_KEY) if k in tensors}
+
+    def _run_stages(self, frames: np.ndarray) -> dict[str, np.ndarray]:
         tensors: dict[str, np.ndarray] = {graph.INPUT_NAME: np.ascontiguousarray(frames)}
         for stage, request, outputs in self.requests:
             values = request.infer([tensors[k] for k in stage.inputs])
             # Copies: the request reuses its output buffers on the next call.
             tensors.update({k: np.array(values[o]) for k, o in zip(stage.outputs, outputs)})
-        return result_from_outputs(tensors)
+        return tensors
 
     def close(self) -> None:
         self.requests = []

@@ -107,13 +107,14 @@ def test_throughput_writes_table_json_and_plot(
     rc = cli.main(
         ["throughput", "--model", str(onnx), "--model", str(pt), "--batch-sizes", "1,2", "--frames", "2",
          "--min-repeats", "2", "--naive-frames", "2", "--peak-seconds", "0.05", "--peak-size", "256",
-         "--threads", "1", "--json", str(out_json), "--backends", "onnxruntime,torch,naive",
+         "--threads", "1", "--json", str(out_json), "--backends", "onnxruntime-graph,onnxruntime,torch,naive",
          "--plot", str(out_png)]
     )
     assert rc == 0
     stdout = capsys.readouterr().out
     for title in ("img/s", "ms/batch p50", "p95", "decode ms", "H2D ms", "infer ms", "post+RLE ms", "D2H ms",
-                  "GFLOP/s", "% peak", "x naive"):
+                  "U-Net ms", "post % infer", "post floor ms", "GFLOP/s", "% peak", "x naive",
+                  "post-processing floor:", "memory bandwidth:"):
         assert title in stdout
     assert "| naive | model.pt | cpu | fp32 | 1 (per image) |" in stdout
     assert "outputs equal to the naive pipeline's" in stdout
@@ -125,8 +126,20 @@ def test_throughput_writes_table_json_and_plot(
     assert report["peaks"][0]["device"] == "cpu" and report["peaks"][0]["flops_per_s"] > 0
     rows = report["rows"]
     assert sorted({(r["backend"], r["batch_size"]) for r in rows}) == [
-        ("naive", 1), ("onnxruntime", 1), ("onnxruntime", 2), ("torch", 1), ("torch", 2)
+        ("naive", 1), ("onnxruntime", 1), ("onnxruntime", 2), ("onnxruntime-graph", 1), ("onnxruntime-graph", 2),
+        ("torch", 1), ("torch", 2)
     ]
+    assert report["memory_bandwidth"]["bytes_per_s"] > 0
+    floor = next(m for m in report["models"] if m["file"] == "model.onnx")["post_floor"]
+    assert floor["compares"] == 4 * 64 * 320 and floor["seconds"] > 0
+    for r in rows:
+        if r["backend"].startswith("onnxruntime"):  # the network part timed alone (the graph row: by its twin)
+            infer = 1000 * np.median(r["stage_seconds"]["inference"])
+            assert r["network_ms"] > 0 and r["post_ms"] == pytest.approx(max(0.0, infer - r["network_ms"]))
+            assert 0 <= r["post_share"] < 1
+            assert r["post_floor_ms"] == pytest.approx(1000 * floor["seconds"] * r["batch_size"])
+        else:
+            assert r["network_ms"] is None and r["post_share"] is None
     flops = {m["file"]: m["flops"]["flops_per_image"] for m in report["models"]}
     assert flops["model.onnx"] == flops["model.pt"] > 0
     for r in rows:
@@ -141,7 +154,7 @@ def test_throughput_writes_table_json_and_plot(
         assert r["achieved_flops_per_s"] == pytest.approx(r["flops_per_image"] * r["inference_images_per_s"])
         assert 0 < r["peak_fraction"]
         assert r["speedup_vs_naive"] > 0
-    assert [c["equal"] for c in report["naive_agreement"]] == [True, True]
+    assert [c["equal"] for c in report["naive_agreement"]] == [True, True, True]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -27,7 +27,7 @@ from tests.server.test_service import assert_equals_direct, make_request
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "segmentation_models_pytorch", "matplotlib", "torchvision", "timm")
-SERVER_EXTRAS = ("aiohttp", "onnxruntime", "openvino")
+SERVER_EXTRAS = ("aiohttp", "onnxruntime", "openvino", "numba")
 SOURCES = ("pyproject.toml", "README.md", "engine", "network", "toolchain", "trainer", "server", "client", "coils",
            "benchmarks", "protos")
 
