@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
 
 from engine import graph
+from engine.backends.base import InspectionResult, result_from_outputs
 from engine.devices import BackendUnavailable
-from engine.lowres import FastPathUnavailable
+from engine.lowres import GATE_KEY, LOWRES_KEY, FastPathUnavailable
 from engine.metadata import ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,14 @@ class FastPostprocess:
                 raise ValueError("the model has a gate, but no gate probabilities were given")
             present &= np.asarray(gate, dtype=np.float32) >= self.gate_thresholds[None, :]
         return {graph.MASKS.name: masks, graph.COUNTS.name: counts, graph.PRESENT.name: present}
+
+    def result(self, tensors: Mapping[str, np.ndarray]) -> InspectionResult:
+        """A backend's answer from its graph's low-resolution tensors (by :mod:`engine.lowres` key):
+        the decision made here, the gate's probabilities kept on the result."""
+        gate = tensors.get(GATE_KEY)
+        result = result_from_outputs(self(tensors[LOWRES_KEY], gate))
+        result.gate = gate
+        return result
 
 
 # --------------------------------------------------------------------------- the backends' choice

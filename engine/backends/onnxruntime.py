@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 
 from engine import graph
-from engine.backends.base import Backend, InspectionResult, check_frames, result_from_outputs
+from engine.backends.base import (
+    Backend,
+    InspectionResult,
+    check_frames,
+    result_from_outputs,
+)
 from engine.devices import BackendUnavailable, cuda_index, is_cuda, parse_device
 from engine.fastpost import FastPostprocess, check_choice, fast_or_graph
 from engine.lowres import GATE_KEY, LOWRES_KEY, FastPathUnavailable, load_onnx_cut
@@ -171,10 +176,7 @@ class OnnxRuntimeBackend(Backend):
         if self.fast is None:
             values = self.session.run(self.output_names, {graph.INPUT_NAME: np.ascontiguousarray(frames)})
             return result_from_outputs(dict(zip(self.output_names, values)))
-        lowres = self.lowres(frames)
-        result = result_from_outputs(self.fast(lowres[LOWRES_KEY], lowres.get(GATE_KEY)))
-        result.gate = lowres.get(GATE_KEY)
-        return result
+        return self.fast.result(self.lowres(frames))
 
     def lowres(self, frames: np.ndarray) -> dict[str, np.ndarray]:
         """The graph up to where its decision starts (the fast path's network part, which ``bench``

@@ -32,7 +32,12 @@ from typing import Any
 import numpy as np
 
 from engine import graph
-from engine.backends.base import Backend, InspectionResult, check_frames, result_from_outputs
+from engine.backends.base import (
+    Backend,
+    InspectionResult,
+    check_frames,
+    result_from_outputs,
+)
 from engine.devices import BackendUnavailable, parse_device
 from engine.fastpost import FastPostprocess, check_choice, fast_or_graph
 from engine.lowres import GATE_KEY, LOWRES_KEY, OpenVinoView, find_post_cut
@@ -395,9 +400,7 @@ class OpenVinoBackend(Backend):
         tensors = self._run_stages(frames)
         if self.fast is None:
             return result_from_outputs(tensors)
-        result = result_from_outputs(self.fast(tensors[LOWRES_KEY], tensors.get(GATE_KEY)))
-        result.gate = tensors.get(GATE_KEY)
-        return result
+        return self.fast.result(tensors)
 
     def lowres(self, frames: np.ndarray) -> dict[str, np.ndarray]:
         """The graph up to where its decision starts (the fast path's network part, which ``bench``
