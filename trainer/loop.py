@@ -123,33 +123,6 @@ def cosine_lr(base: float, epoch: int, step: int, steps: int, epochs: int) -> fl
     return base * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
 
 
-#: The parts of the U-Net that stay fp32 under CPU bf16 autocast (``--amp`` on a CPU): the decoder and
-#: the segmentation head rebuild one-pixel-wide structures at full resolution, and in bf16 they lost
-#: thin scratches (benchmarks/RESULTS.md, issue 23); the encoder, most of the FLOPs, runs in bf16.
-FP32_UNDER_CPU_AUTOCAST = ("decoder", "segmentation_head")
-
-
-def _as_fp32(value: Any) -> Any:
-    if torch.is_tensor(value) and value.is_floating_point():
-        return value.float()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_as_fp32(v) for v in value)
-    return value
-
-
-def run_in_fp32(module: nn.Module) -> None:
-    """Makes ``module`` compute in fp32 under an enclosing CPU autocast: its inputs are cast up and
-    autocast is off inside. Only this instance's ``forward`` changes, so its parameters, state dict and
-    checkpoints are those of the plain module (export and serving rebuild it from the checkpoint)."""
-    forward = module.forward
-
-    def fp32_forward(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast("cpu", enabled=False):
-            return forward(*_as_fp32(args), **{k: _as_fp32(v) for k, v in kwargs.items()})
-
-    module.forward = fp32_forward
-
-
 def amp_dtype(on_cuda: bool, amp: bool | None) -> torch.dtype | None:
     """The autocast dtype of ``--amp``: bf16 on CUDA where supported (else fp16), bf16 on a CPU with
     native bf16 (:func:`engine.cpu.supports_bf16`), None (fp32) otherwise. ``amp=None`` (the
@@ -196,9 +169,6 @@ class FoldTrainer:
         self.memory_format = torch.channels_last if self.on_cuda or self.amp_dtype is not None \
             else torch.contiguous_format
         self.unet.to(d.device, memory_format=self.memory_format)
-        if self.amp_dtype is not None and not self.on_cuda:
-            for name in FP32_UNDER_CPU_AUTOCAST:
-                run_in_fp32(self.unet.get_submodule(name))
         self.optimizer = torch.optim.Adam([p for p in self.unet.parameters() if p.requires_grad], lr=cfg.optim.lr)
         self.scheduler = None
         if cfg.optim.lr_schedule == "plateau":

@@ -402,28 +402,3 @@ def test_config_json_of_a_run_made_before_the_composed_config_reads_and_writes_b
         FitConfig.from_dict({**saved, "learning_rate": 0.1}, str(path))
     with pytest.raises(ValueError, match="decoder_channels has 2 entries"):  # the network's record checks it
         FitConfig.from_dict({**saved, "decoder_channels": [4, 4]}, str(path))
-
-
-def test_cpu_bf16_training_keeps_the_decoder_and_head_in_fp32(bf16_on) -> None:
-    """Under CPU bf16 autocast the encoder runs in bf16 and the decoder and segmentation head in fp32
-    (they lost thin scratches in bf16); the state dict is the plain module's."""
-    from network.build import build_unet
-    from network.config import UNetConfig
-
-    unet = build_unet(UNetConfig(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 4), num_classes=4))
-    keys = list(unet.state_dict())
-    for name in loop.FP32_UNDER_CPU_AUTOCAST:
-        loop.run_in_fp32(unet.get_submodule(name))
-    seen = {}
-
-    def record(name):
-        def hook(module, inputs, out) -> None:
-            seen[name] = (out[-1] if isinstance(out, (list, tuple)) else out).dtype
-        return hook
-
-    unet.encoder.register_forward_hook(record("encoder"))
-    unet.decoder.register_forward_hook(record("decoder"))
-    with torch.autocast("cpu", dtype=loop.amp_dtype(on_cuda=False, amp=True)):
-        logits = unet(torch.randn(2, 1, 32, 64))
-    assert seen == {"encoder": torch.bfloat16, "decoder": torch.float32} and logits.dtype == torch.float32
-    assert list(unet.state_dict()) == keys
