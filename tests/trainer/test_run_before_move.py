@@ -38,8 +38,10 @@ MEAN_PROBS = [
 
 
 @pytest.fixture
-def old_run(tmp_path: Path) -> Path:
-    """A copy of the committed run (evaluate writes into the run directory)."""
+def old_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the committed run (evaluate writes into the run directory), evaluated in fp32 as its
+    figures were recorded (it trained with --amp, so a bf16 CPU would otherwise evaluate it in bf16)."""
+    monkeypatch.setenv("STRIP_CPU_BF16", "0")
     run = tmp_path / "run"
     shutil.copytree(FIXTURE / "run", run)
     return run
