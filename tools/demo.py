@@ -137,14 +137,21 @@ def holdout_folder(data: Path, folds_csv: Path, dest: Path) -> int:
     return len(ids)
 
 
-def headline(path: Path) -> dict:
-    """The decision-level figures of a ``trainer evaluate --json`` file (see trainer.evaluate.decision_scores)."""
+def evaluation(path: Path) -> tuple[dict, dict]:
+    """A ``trainer evaluate --json`` file: (its whole result, its decision-level figures, see
+    trainer.evaluate.decision_scores), read once."""
     from trainer.evaluate import decision_scores
 
     try:
-        return decision_scores(json.loads(path.read_text()))
+        result = json.loads(path.read_text())
+        return result, decision_scores(result)
     except (OSError, ValueError) as exc:
         raise StepFailed(f"{path}: {exc}") from None
+
+
+def headline(path: Path) -> dict:
+    """The decision-level figures of a ``trainer evaluate --json`` file."""
+    return evaluation(path)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,11 +280,8 @@ def independent_set(demo: Demo, out: Path, run: Path, model: Path, frames: int) 
     report = out / "independent.json"
     demo.run("7b-score-independent", "trainer", "evaluate", "--run", str(run), "--data", str(data), "--split", "all",
              "--model", str(model), "--device", "cpu", "--json", str(report))
-    try:
-        result = json.loads(report.read_text())
-    except (OSError, ValueError) as exc:
-        raise StepFailed(f"{report}: {exc}") from None
-    s, empty = headline(report), result["empty_kaggle_per_class"]
+    result, s = evaluation(report)
+    empty = result["empty_kaggle_per_class"]
     print(f"independent set ({result['images']} frames): Kaggle {s['kaggle']:.4f} (predicting nothing "
           f"{result['empty_kaggle']:.4f}), label accuracy {s['label_accuracy']:.4f}")
     for k, (kaggle, floor) in enumerate(zip(s["kaggle_per_class"], empty)):
