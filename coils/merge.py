@@ -66,10 +66,15 @@ def _touch_on_grid(a: np.ndarray, b: np.ndarray, offset: tuple[int, int], reach:
     left, right = max(cols, -reach), min(cols + b.shape[1], a.shape[1] + reach)
     if top >= bottom or left >= right:
         return False
-    padded = np.zeros((a.shape[0] + 2 * reach, a.shape[1] + 2 * reach), np.uint8)
-    padded[reach:reach + a.shape[0], reach:reach + a.shape[1]] = a
+    # Only a's pixels within reach of that part matter (a long scratch meets its neighbour at one end).
+    a_top, a_bottom = max(top - reach, 0), min(bottom + reach, a.shape[0])
+    a_left, a_right = max(left - reach, 0), min(right + reach, a.shape[1])
+    if a_top >= a_bottom or a_left >= a_right:
+        return False
+    padded = np.zeros((a_bottom - a_top + 2 * reach, a_right - a_left + 2 * reach), np.uint8)
+    padded[reach:reach + a_bottom - a_top, reach:reach + a_right - a_left] = a[a_top:a_bottom, a_left:a_right]
     grown = cv2.dilate(padded, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
-    near = grown[top + reach:bottom + reach, left + reach:right + reach]
+    near = grown[top - a_top + reach:bottom - a_top + reach, left - a_left + reach:right - a_left + reach]
     return bool((near.astype(bool) & b[top - rows:bottom - rows, left - cols:right - cols]).any())
 
 
@@ -128,9 +133,9 @@ def candidate_pairs(along_start: np.ndarray, along_end: np.ndarray, across_start
 class UnionFind:
     """Disjoint sets over 0, 1, 2...: union by size, path halving."""
 
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.size: list[int] = []
+    def __init__(self, count: int = 0) -> None:
+        self.parent: list[int] = list(range(count))
+        self.size: list[int] = [1] * count
 
     def add(self) -> int:
         self.parent.append(len(self.parent))

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 
 from coils.line import CameraGeometry, Line
-from coils.merge import EPSILON_MM, UnionFind, boxes_meet, candidate_pairs, pixels_touch
+from coils.merge import EPSILON_MM, UnionFind, boxes_meet, pixels_touch
 
 #: Along-strip size of one bucket of the spatial index that finds merge candidates.
 BUCKET_MM = 512.0
@@ -116,23 +116,11 @@ def pack_mask(mask: np.ndarray) -> bytes:
 
 def unpack_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     """The bool ``shape`` mask :func:`pack_mask` packed; ValueError when the bytes do not fit the shape."""
-    rows, cols = (int(v) for v in shape)
+    rows, cols = int(shape[0]), int(shape[1])
     if len(data) != (rows * cols + 7) // 8:
         raise ValueError(f"a packed {rows}x{cols} mask has {(rows * cols + 7) // 8} bytes, got {len(data)}")
     bits = np.unpackbits(np.frombuffer(data, np.uint8), count=rows * cols)
     return bits.view(bool).reshape(rows, cols)
-
-
-def unpack_masks(packed: Sequence[bytes], shapes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """Many :func:`pack_mask` masks at once (one unpacking for all; each mask a view of the result)."""
-    bits = np.unpackbits(np.frombuffer(b"".join(packed), np.uint8)).view(bool)
-    masks, offset = [], 0
-    for data, (rows, cols) in zip(packed, shapes):
-        if len(data) != (rows * cols + 7) // 8:
-            raise ValueError(f"a packed {rows}x{cols} mask has {(rows * cols + 7) // 8} bytes, got {len(data)}")
-        masks.append(bits[offset:offset + rows * cols].reshape(rows, cols))
-        offset += 8 * len(data)
-    return masks
 
 
 def _check_keys(what: str, data: dict[str, Any], expected: Sequence[str]) -> None:
@@ -266,6 +254,11 @@ def masks_components(line: Line, key: FrameKey, position_mm: float, masks: np.nd
     return found
 
 
+def default_gap_mm(line: Line) -> float:
+    """Half the line's smallest pixel: components this close are one defect (8-connectivity over boundaries)."""
+    return min(min(c.mm_per_px_along, c.mm_per_px_across) for c in line.cameras) / 2
+
+
 class RecordBuilder:
     """Defect records of the coils of one line, built frame by frame in any order.
 
@@ -284,8 +277,7 @@ class RecordBuilder:
 
     def __init__(self, line: Line, gap_mm: float | None = None) -> None:
         self.line = line
-        smallest = min(min(c.mm_per_px_along, c.mm_per_px_across) for c in line.cameras)
-        self.gap_mm = smallest / 2 if gap_mm is None else float(gap_mm)
+        self.gap_mm = default_gap_mm(line) if gap_mm is None else float(gap_mm)
         if not (math.isfinite(self.gap_mm) and self.gap_mm >= 0):
             raise ValueError(f"gap_mm must be a finite number >= 0, got {gap_mm}")
         self._owned = {c.camera_id: line.owned_across(c.camera_id) for c in line.cameras}
@@ -294,10 +286,6 @@ class RecordBuilder:
         self._frames: set[FrameKey] = set()
         # (coil, class) -> along bucket -> indices of the components whose box reaches into it
         self._index: dict[tuple[str, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
-        # (coil, class) -> its components' indices and boxes (along start/end, across start/end, frame number)
-        self._members: dict[tuple[str, int], list[int]] = defaultdict(list)
-        self._indexed = 0  # components 0.._indexed-1 are in the along index
-        self._boxes: dict[tuple[str, int], list[tuple[float, float, float, float, int]]] = defaultdict(list)
 
     @property
     def frames_added(self) -> int:
@@ -343,36 +331,6 @@ class RecordBuilder:
             self._insert(component)
         return True
 
-    def add_many(self, frames: Iterable[tuple[FrameKey, Iterable[Component]]]) -> int:
-        """Adds many frames' components at once (a store rebuilding a coil); returns how many frames were new.
-
-        The same records as :meth:`add_components` frame by frame, found faster: the pairs of boxes
-        that may touch come from one sweep along each coil and class
-        (:func:`coils.merge.candidate_pairs`) instead of a lookup per component, and only those
-        pairs' pixels are compared.
-
-        Raises:
-            ValueError: a component belongs to another frame than the one it is given for.
-        """
-        first, added = len(self._components), 0
-        for key, components in frames:
-            if key not in self._frames:
-                for component in self._take(key, components):
-                    self._append(component, index=False)
-                added += 1
-        groups = {(c.key.coil_id, c.class_id) for c in self._components[first:]}
-        find, union, parts = self._sets.find, self._sets.union, self._components
-        for group in sorted(groups):
-            members = np.asarray(self._members[group])
-            boxes = np.asarray(self._boxes[group], dtype=np.float64)
-            i, j = candidate_pairs(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3], boxes[:, 4], self.gap_mm)
-            i, j = members[i], members[j]
-            new = np.maximum(i, j) >= first  # pairs of components added before were decided then
-            for a, b in zip(i[new].tolist(), j[new].tolist()):
-                if find(a) != find(b) and pixels_touch(parts[a], parts[b], self.gap_mm):
-                    union(a, b)
-        return added
-
     def _take(self, key: FrameKey, components: Iterable[Component]) -> list[Component]:
         """``components`` of the new frame ``key``, checked; the frame counts as added."""
         found = list(components)
@@ -386,34 +344,14 @@ class RecordBuilder:
         start = math.floor((component.along_start_mm - self.gap_mm) / BUCKET_MM)
         return range(start, math.floor((component.along_end_mm + self.gap_mm) / BUCKET_MM) + 1)
 
-    def _append(self, component: Component, index: bool = True) -> int:
-        """Adds ``component`` to the sets and its group, merging nothing; returns its number.
-
-        Args:
-            index: also to the along index; :meth:`add_many` leaves that to the next :meth:`_insert`.
-        """
+    def _append(self, component: Component) -> int:
+        """Adds ``component`` to the sets and the along index, merging nothing; returns its number."""
         number = self._sets.add()
         self._components.append(component)
-        group = (component.key.coil_id, component.class_id)
-        if index:
-            self._index_up_to(number)
-            self._indexed += 1
-            buckets = self._index[group]
-            for bucket in self._buckets(component):
-                buckets[bucket].append(number)
-        self._members[group].append(number)
-        self._boxes[group].append((component.along_start_mm, component.along_end_mm, component.across_start_mm,
-                                   component.across_end_mm, len(self._frames)))  # the frame's number: _take counted it
+        buckets = self._index[(component.key.coil_id, component.class_id)]
+        for bucket in self._buckets(component):
+            buckets[bucket].append(number)
         return number
-
-    def _index_up_to(self, end: int) -> None:
-        """Puts the components before ``end`` that :meth:`add_many` left out into the along index."""
-        for number in range(self._indexed, end):
-            component = self._components[number]
-            buckets = self._index[(component.key.coil_id, component.class_id)]
-            for bucket in self._buckets(component):
-                buckets[bucket].append(number)
-        self._indexed = max(self._indexed, end)
 
     def _insert(self, component: Component) -> None:
         index = self._append(component)
@@ -443,14 +381,15 @@ class RecordBuilder:
         for number, component in enumerate(self._components):
             if component.key.coil_id == coil_id:
                 if parent[number] == number and size[number] == 1:  # most records: one component
-                    found.append(_record([component]))
+                    found.append(record_of([component]))
                 else:
                     groups[find(number)].append(component)
-        found += [_record(parts) for parts in groups.values()]
+        found += [record_of(parts) for parts in groups.values()]
         return sorted(found, key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
 
 
-def _record(parts: list[Component]) -> DefectRecord:
+def record_of(parts: Sequence[Component]) -> DefectRecord:
+    """The record of one set of touching components: their joint box, summed area, largest probability."""
     if len(parts) == 1:  # most records: one component in one frame
         (part,) = parts
         key = part.key
@@ -474,5 +413,5 @@ def _record(parts: list[Component]) -> DefectRecord:
 
 
 __all__ = ["BUCKET_MM", "EPSILON_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
-           "frame_components", "masks_components", "pack_mask", "pixels_touch", "to_along_across", "unpack_mask",
-           "unpack_masks"]
+           "default_gap_mm", "frame_components", "masks_components", "pack_mask", "pixels_touch", "record_of",
+           "to_along_across", "unpack_mask"]
