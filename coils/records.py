@@ -13,11 +13,16 @@ cameras in their lanes' overlap, or both at once. Merging is union-find over com
   the frames came in, so cameras may deliver frames in any interleaving;
 * near-linear: union by size with path halving costs an inverse-Ackermann factor per operation.
 
-"Touch" is decided on the pixels, not the boxes: both components are rasterised on a grid of the
-finer pixel size over the window where their boxes meet, one is dilated by the tolerance, and
-the two must share a cell. At ``gap_mm`` of half a pixel this is exactly 8-connectivity across
-the frame boundary or lane edge, as if the frames were one image; two defects one clean pixel
-apart stay two records.
+"Touch" is decided on the pixels, not the boxes (:mod:`coils.merge`): both components are
+rasterised on a grid of the finer pixel size over the window where their boxes meet, one is
+dilated by the tolerance, and the two must share a cell. At ``gap_mm`` of half a pixel this is
+exactly 8-connectivity across the frame boundary or lane edge, as if the frames were one image;
+two defects one clean pixel apart stay two records.
+
+Stored components come back without labelling again: :meth:`RecordBuilder.add_components` takes a
+frame's components as they were made, and :func:`coils.columns.merged_records` merges a whole
+coil's from a store's columns at close (same rule, same records, faster). Components and records
+serialise to JSON (``to_dict``/``from_dict``); a box mask is stored as bits (:func:`pack_mask`).
 
 A record's area counts each pixel once: where two lanes overlap, each camera counts only the
 pixels on its side of the overlap's middle (:meth:`coils.line.Line.owned_across`). Frames of one
@@ -27,19 +32,21 @@ count their shared rows twice in the area (extents stay exact).
 
 from __future__ import annotations
 
+import base64
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import cv2
 import numpy as np
 
 from coils.line import CameraGeometry, Line
+from coils.merge import EPSILON_MM, UnionFind, boxes_meet, pixels_touch
 
 #: Along-strip size of one bucket of the spatial index that finds merge candidates.
 BUCKET_MM = 512.0
-#: Floating-point slack when comparing millimetre positions computed from pixel indices.
-EPSILON_MM = 1e-6
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,52 @@ class Component:
     def across_end_mm(self) -> float:
         return self.across_start_mm + self.mask.shape[1] * self.mm_per_px_across
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the key's fields, the box mask as base64 of :func:`pack_mask` and its shape."""
+        out = {name: getattr(self, name) for name in _COMPONENT_SCALARS}
+        out.update(coil_id=self.key.coil_id, camera_id=self.key.camera_id, frame_id=self.key.frame_id,
+                   mask=base64.b64encode(pack_mask(self.mask)).decode("ascii"), mask_shape=list(self.mask.shape))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Component:
+        """What :meth:`to_dict` wrote; KeyError naming a missing or unknown key."""
+        _check_keys("component", data, (*_COMPONENT_SCALARS, "coil_id", "camera_id", "frame_id", "mask",
+                                        "mask_shape"))
+        mask = unpack_mask(base64.b64decode(data["mask"]), tuple(data["mask_shape"]))
+        probability = data["max_probability"]
+        return cls(FrameKey(data["coil_id"], data["camera_id"], int(data["frame_id"])), int(data["class_id"]), mask,
+                   float(data["along_start_mm"]), float(data["across_start_mm"]), float(data["mm_per_px_along"]),
+                   float(data["mm_per_px_across"]), int(data["pixel_count"]), float(data["area_mm2"]),
+                   None if probability is None else float(probability))
+
+
+_COMPONENT_SCALARS = ("class_id", "along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across",
+                      "pixel_count", "area_mm2", "max_probability")
+
+
+def pack_mask(mask: np.ndarray) -> bytes:
+    """A bool box mask as bits (``np.packbits``, row-major): 1/8 of its pixels in bytes; the shape goes beside it."""
+    return np.packbits(np.asarray(mask, dtype=bool), axis=None).tobytes()
+
+
+def unpack_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    """The bool ``shape`` mask :func:`pack_mask` packed; ValueError when the bytes do not fit the shape."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if len(data) != (rows * cols + 7) // 8:
+        raise ValueError(f"a packed {rows}x{cols} mask has {(rows * cols + 7) // 8} bytes, got {len(data)}")
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), count=rows * cols)
+    return bits.view(bool).reshape(rows, cols)
+
+
+def _check_keys(what: str, data: dict[str, Any], expected: Sequence[str]) -> None:
+    if not isinstance(data, dict):
+        raise TypeError(f"{what}: expected a mapping, got {type(data).__name__}")
+    missing = [k for k in expected if k not in data]
+    unknown = [k for k in data if k not in expected]
+    if missing or unknown:
+        raise KeyError(f"{what}: missing keys {missing}, unknown keys {unknown}")
+
 
 @dataclass(frozen=True)
 class DefectRecord:
@@ -116,6 +169,26 @@ class DefectRecord:
     def width_mm(self) -> float:
         return self.across_end_mm - self.across_start_mm
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field; frames as ``[camera_id, frame_id]`` pairs."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["frames"] = [list(frame) for frame in self.frames]
+        out["cameras"] = list(self.cameras)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DefectRecord:
+        """What :meth:`to_dict` wrote; KeyError naming a missing or unknown key."""
+        _check_keys("defect record", data, [f.name for f in fields(cls)])
+        probability = data["max_probability"]
+        return cls(
+            coil_id=str(data["coil_id"]), class_id=int(data["class_id"]),
+            along_start_mm=float(data["along_start_mm"]), along_end_mm=float(data["along_end_mm"]),
+            across_start_mm=float(data["across_start_mm"]), across_end_mm=float(data["across_end_mm"]),
+            area_mm2=float(data["area_mm2"]), max_probability=None if probability is None else float(probability),
+            frames=tuple((str(camera), int(frame)) for camera, frame in data["frames"]),
+            cameras=tuple(str(camera) for camera in data["cameras"]))
+
 
 def to_along_across(mask: np.ndarray, camera: CameraGeometry) -> np.ndarray:
     """A frame-shaped ``[H, W]`` array as ``[along, across]`` for ``camera`` (a view, no copy)."""
@@ -139,9 +212,15 @@ def frame_components(key: FrameKey, class_id: int, mask: np.ndarray, position_mm
         grid = grid.view(np.uint8)
     elif grid.dtype != np.uint8:
         grid = (grid > 0).astype(np.uint8)
-    if not grid.any():  # most classes of most frames: no labelling needed
+    rows = grid.any(axis=1)
+    if not rows.any():  # most classes of most frames: no labelling needed
         return []
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(np.ascontiguousarray(grid), connectivity=8)
+    # Labelled within the box of the set pixels: the same components (raster order kept), a fraction of the work.
+    cols = np.flatnonzero(grid.any(axis=0))
+    rows = np.flatnonzero(rows)
+    r0, c0 = int(rows[0]), int(cols[0])
+    box = np.ascontiguousarray(grid[r0:rows[-1] + 1, c0:cols[-1] + 1])
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(box, connectivity=8)
     probs = None if probability is None else to_along_across(np.asarray(probability, np.float32), camera)
     pa, px = camera.mm_per_px_along, camera.mm_per_px_across
     centres = camera.lane_start_mm + (np.arange(grid.shape[1]) + 0.5) * px
@@ -149,82 +228,40 @@ def frame_components(key: FrameKey, class_id: int, mask: np.ndarray, position_mm
     found = []
     for label in range(1, count):
         left, top, width, height, pixels = (int(v) for v in stats[label, :5])
-        window = (slice(top, top + height), slice(left, left + width))
-        crop = labels[window] == label
-        owned_pixels = int(crop[:, owned[window[1]]].sum())
-        peak = None if probs is None else float(probs[window][crop].max())
+        crop = labels[top:top + height, left:left + width] == label
+        top, left = top + r0, left + c0
+        owned_pixels = int(crop[:, owned[left:left + width]].sum())
+        peak = None if probs is None else float(probs[top:top + height, left:left + width][crop].max())
         found.append(Component(key, class_id, crop, position_mm + top * pa, camera.lane_start_mm + left * px,
                                pa, px, pixels, owned_pixels * pa * px, peak))
     return found
 
 
-def _raster(component: Component, along0: float, across0: float, cell: float, shape: tuple[int, int]) -> np.ndarray:
-    """``component``'s pixels sampled at the centres of a ``cell``-mm grid starting at (along0, across0)."""
-    along = along0 + (np.arange(shape[0]) + 0.5) * cell
-    across = across0 + (np.arange(shape[1]) + 0.5) * cell
-    rows = np.floor((along - component.along_start_mm) / component.mm_per_px_along).astype(np.int64)
-    cols = np.floor((across - component.across_start_mm) / component.mm_per_px_across).astype(np.int64)
-    inside_rows = (rows >= 0) & (rows < component.mask.shape[0])
-    inside_cols = (cols >= 0) & (cols < component.mask.shape[1])
-    raster = np.zeros(shape, dtype=np.uint8)
-    if inside_rows.any() and inside_cols.any():
-        picked = component.mask[np.ix_(rows[inside_rows], cols[inside_cols])]
-        raster[np.ix_(inside_rows, inside_cols)] = picked
-    return raster
+def masks_components(line: Line, key: FrameKey, position_mm: float, masks: np.ndarray,
+                     probabilities: np.ndarray | None = None,
+                     owned_across: tuple[float, float] | None = None) -> list[Component]:
+    """Every class's components of one frame's masks ``[C, H, W]`` (class ``k`` at index ``k - 1``).
+
+    Args:
+        probabilities: ``[C, H, W]`` class probabilities, or None.
+        owned_across: ``line.owned_across(key.camera_id)``, when the caller keeps it.
+
+    Raises:
+        KeyError: the line has no such camera.
+        ValueError: the masks' frame size is not the camera's.
+    """
+    camera = line.camera(key.camera_id)
+    owned = line.owned_across(key.camera_id) if owned_across is None else owned_across
+    found: list[Component] = []
+    for k in range(len(masks)):
+        probability = None if probabilities is None else probabilities[k]
+        found += frame_components(key, k + 1, masks[k], float(position_mm), camera, owned, probability)
+    return found
 
 
-def boxes_meet(a: Component, b: Component, gap_mm: float) -> bool:
-    """Whether the two boxes overlap or lie within ``gap_mm`` of each other along and across."""
-    slack = gap_mm + EPSILON_MM
-    return (a.along_start_mm <= b.along_end_mm + slack and b.along_start_mm <= a.along_end_mm + slack
-            and a.across_start_mm <= b.across_end_mm + slack and b.across_start_mm <= a.across_end_mm + slack)
-
-
-def pixels_touch(a: Component, b: Component, gap_mm: float) -> bool:
-    """Whether a pixel of ``a`` and one of ``b`` lie within ``gap_mm`` of each other (gap 0: sharing an
-    edge or a corner, 8-connectivity), on a grid of the finer of the two pixel sizes."""
-    if not boxes_meet(a, b, gap_mm):
-        return False
-    cell = min(a.mm_per_px_along, a.mm_per_px_across, b.mm_per_px_along, b.mm_per_px_across)
-    reach = int(math.floor(gap_mm / cell + EPSILON_MM)) + 1  # cells of dilation: 1 = the 8 neighbours
-    along0 = max(a.along_start_mm, b.along_start_mm) - (reach + 1) * cell
-    across0 = max(a.across_start_mm, b.across_start_mm) - (reach + 1) * cell
-    along1 = min(a.along_end_mm, b.along_end_mm) + (reach + 1) * cell
-    across1 = min(a.across_end_mm, b.across_end_mm) + (reach + 1) * cell
-    shape = (max(1, math.ceil((along1 - along0) / cell)), max(1, math.ceil((across1 - across0) / cell)))
-    raster_a = _raster(a, along0, across0, cell, shape)
-    raster_b = _raster(b, along0, across0, cell, shape)
-    kernel = np.ones((2 * reach + 1, 2 * reach + 1), np.uint8)
-    return bool((cv2.dilate(raster_a, kernel) & raster_b).any())
-
-
-class _UnionFind:
-    """Disjoint sets over 0, 1, 2...: union by size, path halving."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.size: list[int] = []
-
-    def add(self) -> int:
-        self.parent.append(len(self.parent))
-        self.size.append(1)
-        return len(self.parent) - 1
-
-    def find(self, x: int) -> int:
-        parent = self.parent
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        a, b = self.find(a), self.find(b)
-        if a == b:
-            return
-        if self.size[a] < self.size[b]:
-            a, b = b, a
-        self.parent[b] = a
-        self.size[a] += self.size[b]
+def default_gap_mm(line: Line) -> float:
+    """Half the line's smallest pixel: components this close are one defect (8-connectivity over boundaries)."""
+    return min(min(c.mm_per_px_along, c.mm_per_px_across) for c in line.cameras) / 2
 
 
 class RecordBuilder:
@@ -245,13 +282,12 @@ class RecordBuilder:
 
     def __init__(self, line: Line, gap_mm: float | None = None) -> None:
         self.line = line
-        smallest = min(min(c.mm_per_px_along, c.mm_per_px_across) for c in line.cameras)
-        self.gap_mm = smallest / 2 if gap_mm is None else float(gap_mm)
+        self.gap_mm = default_gap_mm(line) if gap_mm is None else float(gap_mm)
         if not (math.isfinite(self.gap_mm) and self.gap_mm >= 0):
             raise ValueError(f"gap_mm must be a finite number >= 0, got {gap_mm}")
         self._owned = {c.camera_id: line.owned_across(c.camera_id) for c in line.cameras}
         self._components: list[Component] = []
-        self._sets = _UnionFind()
+        self._sets = UnionFind()
         self._frames: set[FrameKey] = set()
         # (coil, class) -> along bucket -> indices of the components whose box reaches into it
         self._index: dict[tuple[str, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
@@ -278,24 +314,52 @@ class RecordBuilder:
         key = FrameKey(coil_id, camera_id, int(frame_id))
         if key in self._frames:
             return False
-        camera = self.line.camera(camera_id)
-        found = []
-        for k in range(len(masks)):
-            probability = None if probabilities is None else probabilities[k]
-            found += frame_components(key, k + 1, masks[k], float(position_mm), camera, self._owned[camera_id],
-                                      probability)
-        self._frames.add(key)
-        for component in found:
+        self.line.camera(camera_id)  # KeyError naming the line's cameras
+        return self.add_components(key, masks_components(self.line, key, position_mm, masks, probabilities,
+                                                         self._owned[camera_id]))
+
+    def add_components(self, key: FrameKey, components: Iterable[Component]) -> bool:
+        """Adds one frame's components as :func:`frame_components` made them (stored ones, read back).
+
+        No connected components are computed again: a store keeps each frame's components and
+        rebuilds a coil's records from them. An empty ``components`` still counts the frame.
+
+        Returns:
+            False when ``key`` was added before: nothing changes.
+
+        Raises:
+            ValueError: a component belongs to another frame.
+        """
+        if key in self._frames:
+            return False
+        for component in self._take(key, components):
             self._insert(component)
         return True
+
+    def _take(self, key: FrameKey, components: Iterable[Component]) -> list[Component]:
+        """``components`` of the new frame ``key``, checked; the frame counts as added."""
+        found = list(components)
+        for component in found:
+            if component.key != key:
+                raise ValueError(f"a component of frame {component.key} given for frame {key}")
+        self._frames.add(key)
+        return found
 
     def _buckets(self, component: Component) -> range:
         start = math.floor((component.along_start_mm - self.gap_mm) / BUCKET_MM)
         return range(start, math.floor((component.along_end_mm + self.gap_mm) / BUCKET_MM) + 1)
 
-    def _insert(self, component: Component) -> None:
-        index = self._sets.add()
+    def _append(self, component: Component) -> int:
+        """Adds ``component`` to the sets and the along index, merging nothing; returns its number."""
+        number = self._sets.add()
         self._components.append(component)
+        buckets = self._index[(component.key.coil_id, component.class_id)]
+        for bucket in self._buckets(component):
+            buckets[bucket].append(number)
+        return number
+
+    def _insert(self, component: Component) -> None:
+        index = self._append(component)
         buckets = self._index[(component.key.coil_id, component.class_id)]
         seen: set[int] = set()
         for bucket in self._buckets(component):
@@ -304,12 +368,11 @@ class RecordBuilder:
                     continue
                 seen.add(other)
                 neighbour = self._components[other]
-                # Components of one frame are apart by construction (connected components).
+                # Components of one frame are apart by construction (connected components); itself included.
                 if neighbour.key == component.key or self._sets.find(other) == self._sets.find(index):
                     continue
                 if pixels_touch(neighbour, component, self.gap_mm):
                     self._sets.union(other, index)
-            buckets[bucket].append(index)
 
     def coils(self) -> list[str]:
         """The coils with at least one frame added, sorted."""
@@ -318,14 +381,26 @@ class RecordBuilder:
     def records(self, coil_id: str) -> list[DefectRecord]:
         """The coil's defect records as they stand, sorted by along start, across start and class."""
         groups: dict[int, list[Component]] = defaultdict(list)
-        for index, component in enumerate(self._components):
+        parent, size, find = self._sets.parent, self._sets.size, self._sets.find
+        found = []
+        for number, component in enumerate(self._components):
             if component.key.coil_id == coil_id:
-                groups[self._sets.find(index)].append(component)
-        found = [_record(parts) for parts in groups.values()]
+                if parent[number] == number and size[number] == 1:  # most records: one component
+                    found.append(record_of([component]))
+                else:
+                    groups[find(number)].append(component)
+        found += [record_of(parts) for parts in groups.values()]
         return sorted(found, key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
 
 
-def _record(parts: list[Component]) -> DefectRecord:
+def record_of(parts: Sequence[Component]) -> DefectRecord:
+    """The record of one set of touching components: their joint box, summed area, largest probability."""
+    if len(parts) == 1:  # most records: one component in one frame
+        (part,) = parts
+        key = part.key
+        return DefectRecord(key.coil_id, part.class_id, part.along_start_mm, part.along_end_mm, part.across_start_mm,
+                            part.across_end_mm, part.area_mm2, part.max_probability,
+                            ((key.camera_id, key.frame_id),), (key.camera_id,))
     peaks = [p.max_probability for p in parts if p.max_probability is not None]
     first = parts[0]
     return DefectRecord(
@@ -342,5 +417,6 @@ def _record(parts: list[Component]) -> DefectRecord:
     )
 
 
-__all__ = ["BUCKET_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
-           "frame_components", "pixels_touch", "to_along_across"]
+__all__ = ["BUCKET_MM", "EPSILON_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
+           "default_gap_mm", "frame_components", "masks_components", "pack_mask", "pixels_touch", "record_of",
+           "to_along_across", "unpack_mask"]
