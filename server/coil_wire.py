@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from coils.line import CameraGeometry, Line, Roll
 from coils.records import DefectRecord
 from coils.summary import CoilSummary
 from protos.inspection.v1 import inspection_pb2 as pb
@@ -66,6 +67,13 @@ def summary_from_message(message: pb.CoilSummary) -> CoilSummary:
     )
 
 
+def line_from_message(message: pb.Line) -> Line:
+    """``GetLine``'s answer back as the typed line (the inverse of :func:`server.wire.line_message`)."""
+    cameras = tuple(CameraGeometry(c.camera_id, c.lane_start_mm, c.mm_per_px_across, c.mm_per_px_along, c.along_axis,
+                                   c.frame_width_px, c.frame_height_px) for c in message.cameras)
+    return Line(message.name, message.strip_width_mm, cameras, tuple(Roll(r.name, r.diameter_mm) for r in message.rolls))
+
+
 def page_request(request: pb.ListCoilsRequest) -> tuple[int, float | None]:
     """(page size, opened before) of a ListCoils request.
 
@@ -100,5 +108,5 @@ def end_coil_problem(request: pb.EndCoilRequest) -> str | None:
     return None
 
 
-__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "end_coil_problem", "page_request", "page_token",
+__all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "end_coil_problem", "line_from_message", "page_request", "page_token",
            "record_from_message", "record_message", "summary_from_message", "summary_message"]
