@@ -233,6 +233,7 @@ class Servicer(pb_grpc.InspectionServiceServicer):
     async def EndCoil(self, request: pb.EndCoilRequest, context: grpc.aio.ServicerContext) -> pb.CoilSummary:
         from server.coil_wire import end_coil_problem, summary_message
 
+        await self._require_coils(context)
         if (problem := end_coil_problem(request)) is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         length = request.length_mm if request.HasField("length_mm") else None
@@ -242,6 +243,7 @@ class Servicer(pb_grpc.InspectionServiceServicer):
     async def ListCoils(self, request: pb.ListCoilsRequest, context: grpc.aio.ServicerContext) -> pb.ListCoilsResponse:
         from server.coil_wire import page_request, page_token, summary_message
 
+        await self._require_coils(context)
         try:
             size, before = page_request(request)
         except ValueError as exc:
@@ -252,21 +254,27 @@ class Servicer(pb_grpc.InspectionServiceServicer):
     async def GetCoil(self, request: pb.GetCoilRequest, context: grpc.aio.ServicerContext) -> pb.Coil:
         from server.coil_wire import record_message, summary_message
 
+        await self._require_coils(context)
         if not request.coil_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "coil_id is empty: name the coil to read")
         summary, records = await self._on_coils(context, request.coil_id,
                                                 lambda coils: coils.get_coil(request.coil_id))
         return pb.Coil(summary=summary_message(summary), records=[record_message(r) for r in records])
 
-    async def _on_coils(self, context: grpc.aio.ServicerContext, coil_id: str,
-                        work: Callable[[CoilTracker], T]) -> T:
-        """``work(tracker)`` on the tracker's read thread, its errors as statuses: FAILED_PRECONDITION
-        without --coil-db, NOT_FOUND for an unknown coil, UNAVAILABLE while the database is down."""
-        coils = self.server.coils
-        if coils is None:
+    async def _require_coils(self, context: grpc.aio.ServicerContext) -> CoilTracker:
+        """The server's coil tracker; FAILED_PRECONDITION (before any other check) without --coil-db."""
+        if self.server.coils is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this server does not track coils: start it with --coil-db URL (and --line)")
+        return self.server.coils
+
+    async def _on_coils(self, context: grpc.aio.ServicerContext, coil_id: str,
+                        work: Callable[[CoilTracker], T]) -> T:
+        """``work(tracker)`` on the tracker's read thread, its errors as statuses: NOT_FOUND for an
+        unknown coil, UNAVAILABLE while the database is down."""
         from coils.store import StoreUnavailable
+
+        coils = await self._require_coils(context)
 
         loop = asyncio.get_running_loop()
         try:

@@ -27,12 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from coils.spool import Spool, SpoolFull
-from coils.store import CoilStore, FrameComponents, StoreUnavailable
-from coils.summary import CoilSummary
 
 from coils.line import Line
 from coils.records import Component, DefectRecord, FrameKey, frame_components
+from coils.spool import Spool, SpoolFull
+from coils.store import CoilStore, FrameComponents, StoreUnavailable
+from coils.summary import CoilSummary
 from server.batcher import FinishedBatch, FrameNotRecorded
 from server.config import CoilTrackingConfig
 from server.metrics import ServerMetrics
