@@ -64,7 +64,6 @@ class CoilTracker:
         self._owned = {c.camera_id: line.owned_across(c.camera_id) for c in line.cameras}
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="coil-write")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="coil-read")
-        self._spool_lock = threading.Lock()
         self._stop = threading.Event()
         self._db_error = ""  # why the database cannot be written now; "" while it can
         self._open: set[str] = set()  # coils this server stored frames of and has not seen closed
@@ -171,14 +170,17 @@ class CoilTracker:
             else:
                 self._stored(frames, late)
                 return
-        with self._spool_lock:
-            self.spool.append(frames)
+        self.spool.append(frames)
         self._update_spool_gauges()
 
     def _stored(self, frames: Sequence[FrameComponents], late: Sequence[FrameKey]) -> None:
         self.frames_stored += len(frames)
         self._metrics.coil_frames_stored.inc(len(frames))
         self._open.update(f.key.coil_id for f in frames)
+        self._late(late)
+
+    def _late(self, late: Sequence[FrameKey]) -> None:
+        """Reports frames the store kept as late (their coil was closed before they came)."""
         if late:
             self.late_frames += len(late)
             self._metrics.coil_late_frames.inc(len(late))
@@ -195,28 +197,25 @@ class CoilTracker:
         self._metrics.coil_db_up.set(0)
 
     def drain(self) -> int:
-        """Writes the spooled frames to the database (oldest first); returns how many.
+        """Writes the spooled frames to the database (oldest first); returns how many (runs on :attr:`writer`).
 
         Raises:
             coils.store.StoreUnavailable: the database is still down (what is left stays spooled).
         """
-        with self._spool_lock:
-            if self.spool.pending_frames:
-                try:
-                    written = self.spool.drain(self.store)
-                except StoreUnavailable as exc:
-                    self._database_failed(exc)
-                    raise
-                finally:
-                    self._update_spool_gauges()
-            else:
-                written = 0
+        written = 0
+        if self.spool.pending_frames:
+            try:
+                written = self.spool.drain(self.store, on_late=self._late)
+            except StoreUnavailable as exc:
+                self._database_failed(exc)
+                raise
+            finally:
+                self._update_spool_gauges()
         if written:
             self.frames_stored += written
             self._metrics.coil_frames_stored.inc(written)
-            log.info("event=coil_spool_drained frames=%d", written)
         if self._db_error:
-            log.info("event=coil_db_available: the spool is drained, frames are written directly again")
+            log.info("event=coil_db_available drained=%d: frames are written directly again", written)
             self._db_error = ""
             self._metrics.coil_db_up.set(1)
         return written

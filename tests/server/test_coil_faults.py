@@ -121,3 +121,44 @@ def test_sigkill_mid_coil_loses_and_doubles_no_record(fault_line, tmp_path):
     finally:
         server.process.kill()
         server.process.wait(timeout=30)
+
+
+def _line_status(address: str):
+    import grpc
+
+    from protos.inspection.v1 import inspection_pb2 as pb
+    from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.InspectionServiceStub(channel).GetLineStatus(pb.GetLineStatusRequest(), timeout=10)
+
+
+def test_postgres_down_mid_coil_spools_and_drains(fault_line, postgres_url, tmp_path):
+    """PostgreSQL stops for 10 s mid-coil: frames are still answered, their components wait in the
+    spool (GetLineStatus says how many), EndCoil is retried until the database is back, the spool
+    drains, and the records are those of an uninterrupted run."""
+    from tests.server.conftest import ServerThread
+
+    folder, model, reference = fault_line
+    url = postgres_url.new_database()
+    with ServerThread(model, line=_line(folder), coil_db=url, coil_spool=tmp_path / "spool") as server:
+        streaming = _Streaming(server.address, folder, fps=10.0)
+        streaming.wait_for(20)
+        postgres_url.stop_postgres()
+        try:
+            down_at, spooled, states = streaming.answered, 0, set()
+            stop = time.monotonic() + 10
+            while time.monotonic() < stop:
+                status = _line_status(server.address).coils
+                spooled = max(spooled, status.spool_frames)
+                states.add(status.db_state.split(":")[0])
+                time.sleep(0.25)
+            answered_while_down = streaming.answered - down_at
+        finally:
+            postgres_url.start_postgres()
+        run = streaming.result()
+        _assert_same_coil(run, server.address, reference, 2 * FRAMES)
+        after = _line_status(server.address).coils
+    assert answered_while_down >= 50, "frames stopped being answered while the database was down"
+    assert spooled > 0 and "unavailable" in states
+    assert after.spool_frames == 0 and after.db_state == "ok" and after.frames_stored == 2 * FRAMES
