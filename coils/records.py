@@ -27,9 +27,12 @@ count their shared rows twice in the area (extents stay exact).
 
 from __future__ import annotations
 
+import base64
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import cv2
 import numpy as np
@@ -83,6 +86,52 @@ class Component:
     def across_end_mm(self) -> float:
         return self.across_start_mm + self.mask.shape[1] * self.mm_per_px_across
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the key's fields, the box mask as base64 of :func:`pack_mask` and its shape."""
+        out = {name: getattr(self, name) for name in _COMPONENT_SCALARS}
+        out.update(coil_id=self.key.coil_id, camera_id=self.key.camera_id, frame_id=self.key.frame_id,
+                   mask=base64.b64encode(pack_mask(self.mask)).decode("ascii"), mask_shape=list(self.mask.shape))
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Component:
+        """What :meth:`to_dict` wrote; KeyError naming a missing or unknown key."""
+        _check_keys("component", data, (*_COMPONENT_SCALARS, "coil_id", "camera_id", "frame_id", "mask",
+                                        "mask_shape"))
+        mask = unpack_mask(base64.b64decode(data["mask"]), tuple(data["mask_shape"]))
+        probability = data["max_probability"]
+        return cls(FrameKey(data["coil_id"], data["camera_id"], int(data["frame_id"])), int(data["class_id"]), mask,
+                   float(data["along_start_mm"]), float(data["across_start_mm"]), float(data["mm_per_px_along"]),
+                   float(data["mm_per_px_across"]), int(data["pixel_count"]), float(data["area_mm2"]),
+                   None if probability is None else float(probability))
+
+
+_COMPONENT_SCALARS = ("class_id", "along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across",
+                      "pixel_count", "area_mm2", "max_probability")
+
+
+def pack_mask(mask: np.ndarray) -> bytes:
+    """A bool box mask as bits (``np.packbits``, row-major): 1/8 of its pixels in bytes; the shape goes beside it."""
+    return np.packbits(np.asarray(mask, dtype=bool), axis=None).tobytes()
+
+
+def unpack_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    """The bool ``shape`` mask :func:`pack_mask` packed; ValueError when the bytes do not fit the shape."""
+    rows, cols = (int(v) for v in shape)
+    if len(data) != (rows * cols + 7) // 8:
+        raise ValueError(f"a packed {rows}x{cols} mask has {(rows * cols + 7) // 8} bytes, got {len(data)}")
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), count=rows * cols)
+    return bits.view(bool).reshape(rows, cols)
+
+
+def _check_keys(what: str, data: dict[str, Any], expected: Sequence[str]) -> None:
+    if not isinstance(data, dict):
+        raise TypeError(f"{what}: expected a mapping, got {type(data).__name__}")
+    missing = [k for k in expected if k not in data]
+    unknown = [k for k in data if k not in expected]
+    if missing or unknown:
+        raise KeyError(f"{what}: missing keys {missing}, unknown keys {unknown}")
+
 
 @dataclass(frozen=True)
 class DefectRecord:
@@ -115,6 +164,26 @@ class DefectRecord:
     @property
     def width_mm(self) -> float:
         return self.across_end_mm - self.across_start_mm
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field; frames as ``[camera_id, frame_id]`` pairs."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["frames"] = [list(frame) for frame in self.frames]
+        out["cameras"] = list(self.cameras)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DefectRecord:
+        """What :meth:`to_dict` wrote; KeyError naming a missing or unknown key."""
+        _check_keys("defect record", data, [f.name for f in fields(cls)])
+        probability = data["max_probability"]
+        return cls(
+            coil_id=str(data["coil_id"]), class_id=int(data["class_id"]),
+            along_start_mm=float(data["along_start_mm"]), along_end_mm=float(data["along_end_mm"]),
+            across_start_mm=float(data["across_start_mm"]), across_end_mm=float(data["across_end_mm"]),
+            area_mm2=float(data["area_mm2"]), max_probability=None if probability is None else float(probability),
+            frames=tuple((str(camera), int(frame)) for camera, frame in data["frames"]),
+            cameras=tuple(str(camera) for camera in data["cameras"]))
 
 
 def to_along_across(mask: np.ndarray, camera: CameraGeometry) -> np.ndarray:
@@ -155,6 +224,28 @@ def frame_components(key: FrameKey, class_id: int, mask: np.ndarray, position_mm
         peak = None if probs is None else float(probs[window][crop].max())
         found.append(Component(key, class_id, crop, position_mm + top * pa, camera.lane_start_mm + left * px,
                                pa, px, pixels, owned_pixels * pa * px, peak))
+    return found
+
+
+def masks_components(line: Line, key: FrameKey, position_mm: float, masks: np.ndarray,
+                     probabilities: np.ndarray | None = None,
+                     owned_across: tuple[float, float] | None = None) -> list[Component]:
+    """Every class's components of one frame's masks ``[C, H, W]`` (class ``k`` at index ``k - 1``).
+
+    Args:
+        probabilities: ``[C, H, W]`` class probabilities, or None.
+        owned_across: ``line.owned_across(key.camera_id)``, when the caller keeps it.
+
+    Raises:
+        KeyError: the line has no such camera.
+        ValueError: the masks' frame size is not the camera's.
+    """
+    camera = line.camera(key.camera_id)
+    owned = line.owned_across(key.camera_id) if owned_across is None else owned_across
+    found: list[Component] = []
+    for k in range(len(masks)):
+        probability = None if probabilities is None else probabilities[k]
+        found += frame_components(key, k + 1, masks[k], float(position_mm), camera, owned, probability)
     return found
 
 
@@ -278,12 +369,28 @@ class RecordBuilder:
         key = FrameKey(coil_id, camera_id, int(frame_id))
         if key in self._frames:
             return False
-        camera = self.line.camera(camera_id)
-        found = []
-        for k in range(len(masks)):
-            probability = None if probabilities is None else probabilities[k]
-            found += frame_components(key, k + 1, masks[k], float(position_mm), camera, self._owned[camera_id],
-                                      probability)
+        self.line.camera(camera_id)  # KeyError naming the line's cameras
+        return self.add_components(key, masks_components(self.line, key, position_mm, masks, probabilities,
+                                                         self._owned[camera_id]))
+
+    def add_components(self, key: FrameKey, components: Iterable[Component]) -> bool:
+        """Adds one frame's components as :func:`frame_components` made them (stored ones, read back).
+
+        No connected components are computed again: a store keeps each frame's components and
+        rebuilds a coil's records from them. An empty ``components`` still counts the frame.
+
+        Returns:
+            False when ``key`` was added before: nothing changes.
+
+        Raises:
+            ValueError: a component belongs to another frame.
+        """
+        if key in self._frames:
+            return False
+        found = list(components)
+        for component in found:
+            if component.key != key:
+                raise ValueError(f"a component of frame {component.key} given for frame {key}")
         self._frames.add(key)
         for component in found:
             self._insert(component)
@@ -343,4 +450,4 @@ def _record(parts: list[Component]) -> DefectRecord:
 
 
 __all__ = ["BUCKET_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
-           "frame_components", "pixels_touch", "to_along_across"]
+           "frame_components", "masks_components", "pack_mask", "pixels_touch", "to_along_across", "unpack_mask"]
