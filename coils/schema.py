@@ -13,6 +13,8 @@ The tables here are the schema at :data:`coils.migrations.HEAD`; the revisions i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -120,6 +122,7 @@ def create_engine(url: str) -> Engine:
     """An engine for ``url`` (:func:`database_url`) with the timeouts and SQLite settings above."""
     parsed = database_url(url)
     if parsed.get_backend_name() == "sqlite":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(parsed, connect_args={"timeout": TIMEOUT_S}, pool_timeout=TIMEOUT_S)
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)

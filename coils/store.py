@@ -28,7 +28,6 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -116,8 +115,6 @@ class CoilStore:
         """
         engine = schema.create_engine(url)
         store = cls(engine, line)
-        if engine.dialect.name == "sqlite":
-            Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
         with store._unavailable():
             schema.upgrade(engine)
         return store
@@ -175,7 +172,7 @@ class CoilStore:
         return late
 
     def _touch_coil(self, connection: Connection, coil_id: str, batch: list[FrameComponents]) -> bool:
-        """Creates the coil's row or moves its latest frame and furthest end; False when it is closed.
+        """Creates the coil's row or widens its first/latest frame times and furthest end; False when it is closed.
 
         The UPDATE takes the coil's row lock until the batch commits, so a close running beside it
         either waits for the batch (and merges it) or went first (and the batch is late).
@@ -188,6 +185,7 @@ class CoilStore:
         c = schema.coils.c
         done = connection.execute(
             schema.coils.update().where(c.coil_id == coil_id, c.state == OPEN).values(
+                opened_unix_s=sa.case((c.opened_unix_s > min(received), min(received)), else_=c.opened_unix_s),
                 last_frame_unix_s=sa.case((c.last_frame_unix_s < max(received), max(received)),
                                           else_=c.last_frame_unix_s),
                 far_end_mm=sa.case((c.far_end_mm < far_end, far_end), else_=c.far_end_mm)))
@@ -237,9 +235,9 @@ class CoilStore:
         if reason not in ("end", "silence"):
             raise ValueError(f"close reason must be 'end' or 'silence', got {reason!r}")
         with self._transaction(write=False) as connection:
+            if self._coil_row(connection, coil_id).state == CLOSED:
+                return self._summary(connection, coil_id)[0]
             snapshot = self._snapshot(connection, coil_id)
-        if snapshot.row.state == CLOSED:
-            return self.get_coil(coil_id)[0]
         built = self._records(snapshot)
         with self._transaction(write=True) as connection:
             c = schema.coils.c
@@ -337,12 +335,11 @@ class CoilStore:
         count = self._frame_count(connection, coil_id)
         t = schema.components.c
         by_frame: dict[FrameKey, list[Component]] = defaultdict(list)
-        if row.state == OPEN:
-            found = connection.execute(sa.select(schema.components).where(t.coil_id == coil_id, sa.not_(t.late))
-                                       .order_by(t.camera_id, t.frame_id, t.component_no))
-            for r in found:
-                key = FrameKey(coil_id, r.camera_id, _wire_frame_id(r.frame_id))
-                by_frame[key].append(_component(key, r))
+        found = connection.execute(sa.select(schema.components).where(t.coil_id == coil_id, sa.not_(t.late))
+                                   .order_by(t.camera_id, t.frame_id, t.component_no))
+        for r in found:
+            key = FrameKey(coil_id, r.camera_id, _wire_frame_id(r.frame_id))
+            by_frame[key].append(_component(key, r))
         return _Snapshot(row, count, by_frame)
 
     def _records(self, snapshot: _Snapshot) -> list[DefectRecord]:

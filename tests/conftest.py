@@ -16,7 +16,7 @@ import pytest
 # subprocesses inherit it. ``STRIP_CPU_BF16=1 make test`` runs the whole suite on the bf16 paths.
 os.environ.setdefault("STRIP_CPU_BF16", "0")
 
-pytest_plugins = ["tests.fixtures", "tests.defect_model"]
+pytest_plugins = ["tests.fixtures", "tests.defect_model", "tests.postgres"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
