@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc
 
@@ -24,7 +24,12 @@ from server.admission import Admission, FrameLease, release_all
 from server.config import ServerConfig, clip
 from server.wire import UnreadableRequest, end_stream
 
+if TYPE_CHECKING:
+    from server.coil_tracker import CoilTracker
+
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Request = pb.InspectRequest | UnreadableRequest
 
@@ -36,6 +41,7 @@ class InspectionServer(Protocol):
     admission: Admission
     info: pb.ModelInfo | None
     line_info: pb.Line | None
+    coils: CoilTracker | None
 
     @property
     def inflight(self) -> int: ...
@@ -221,6 +227,63 @@ class Servicer(pb_grpc.InspectionServiceServicer):
                                 "this server was started without a line description (server serve --line "
                                 "line.yaml): it knows no line geometry")
         return self.server.line_info
+
+    # ------------------------------------------------------------------ coils
+
+    async def EndCoil(self, request: pb.EndCoilRequest, context: grpc.aio.ServicerContext) -> pb.CoilSummary:
+        from server.coil_wire import end_coil_problem, summary_message
+
+        await self._require_coils(context)
+        if (problem := end_coil_problem(request)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        length = request.length_mm if request.HasField("length_mm") else None
+        summary = await self._on_coils(context, request.coil_id, lambda coils: coils.end_coil(request.coil_id, length))
+        return summary_message(summary)
+
+    async def ListCoils(self, request: pb.ListCoilsRequest, context: grpc.aio.ServicerContext) -> pb.ListCoilsResponse:
+        from server.coil_wire import page_request, page_token, summary_message
+
+        await self._require_coils(context)
+        try:
+            size, before = page_request(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        coils = await self._on_coils(context, "", lambda tracker: tracker.list_coils(size, before))
+        return pb.ListCoilsResponse(coils=[summary_message(c) for c in coils], next_page_token=page_token(coils, size))
+
+    async def GetCoil(self, request: pb.GetCoilRequest, context: grpc.aio.ServicerContext) -> pb.Coil:
+        from server.coil_wire import record_message, summary_message
+
+        await self._require_coils(context)
+        if not request.coil_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "coil_id is empty: name the coil to read")
+        summary, records = await self._on_coils(context, request.coil_id,
+                                                lambda coils: coils.get_coil(request.coil_id))
+        return pb.Coil(summary=summary_message(summary), records=[record_message(r) for r in records])
+
+    async def _require_coils(self, context: grpc.aio.ServicerContext) -> CoilTracker:
+        """The server's coil tracker; FAILED_PRECONDITION (before any other check) without --coil-db."""
+        if self.server.coils is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this server does not track coils: start it with --coil-db URL (and --line)")
+        return self.server.coils
+
+    async def _on_coils(self, context: grpc.aio.ServicerContext, coil_id: str,
+                        work: Callable[[CoilTracker], T]) -> T:
+        """``work(tracker)`` on the tracker's read thread, its errors as statuses: NOT_FOUND for an
+        unknown coil, UNAVAILABLE while the database is down."""
+        from coils.store import StoreUnavailable
+
+        coils = await self._require_coils(context)
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(coils.reader, work, coils)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no coil {clip(coil_id)!r}: no frame of it was stored")
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the coil database cannot be reached ({exc}); retry")
+        raise AssertionError("unreachable")  # context.abort raises
 
 
 __all__ = ["CameraCall", "Servicer"]
