@@ -13,6 +13,7 @@ import pytest
 from coils.coilmap import MIN_MARK_PX, map_svg, render_map
 from coils.line import Line
 from coils.records import DefectRecord, RecordBuilder
+from coils.summary import CoilFacts, CoilSummary, summarise
 from engine.overlay import class_colour
 
 ALONG, ACROSS, OVERLAP, FRAMES = 64, 100, 10, 20  # 1 mm pixels: a 1280 mm coil, 190 mm strip
@@ -48,22 +49,12 @@ def planted_records(line: Line, coil_id: str = "C-map") -> list[DefectRecord]:
     return builder.records(coil_id)
 
 
-def summary_of(records: list[DefectRecord], coil_id: str = "C-map", state: str = "closed"):
-    try:
-        from coils.summary import CoilSummary
-    except ImportError:  # TODO(coil-store): coils/summary.py lands with the store's branch
-        from types import SimpleNamespace as CoilSummary
-
-    counts: dict[int, int] = {}
-    for r in records:
-        counts[r.class_id] = counts.get(r.class_id, 0) + 1
-    length = FRAMES * ALONG
-    return CoilSummary(coil_id=coil_id, state=state, opened_unix_s=1.0e9, last_frame_unix_s=1.0e9 + 60,
-                       closed_unix_s=1.0e9 + 61 if state == "closed" else None,
-                       close_reason="end" if state == "closed" else "", length_mm=float(length), frames=2 * FRAMES,
-                       late_frames=0, defects_per_class=counts,
-                       per_100m={k: n * 100_000 / length for k, n in counts.items()},
-                       largest=tuple(sorted(records, key=lambda r: -r.area_mm2)[:10]))
+def summary_of(records: list[DefectRecord], coil_id: str = "C-map", state: str = "closed") -> CoilSummary:
+    closed = state == "closed"
+    facts = CoilFacts(coil_id=coil_id, state=state, opened_unix_s=1.0e9, last_frame_unix_s=1.0e9 + 60,
+                      closed_unix_s=1.0e9 + 61 if closed else None, close_reason="end" if closed else "",
+                      length_mm=float(FRAMES * ALONG), frames=2 * FRAMES, late_frames=0)
+    return summarise(facts, records)
 
 
 @pytest.fixture(scope="module")
