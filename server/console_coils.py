@@ -13,9 +13,9 @@ The pages are one static file (``console_static/coils.html``) that reads JSON fr
   where it lies on the coil, not where in each frame, so the band is what can be placed exactly),
   its across edges marked in the class's colour.
 
-The coil store is the server's ``coil_store`` (``server serve --coil-db``; its ``list_coils`` and
-``get_coil``), the geometry the server's line (``--line``); without them the pages say coil
-tracking is off. Store reads and crops run on one thread of their own, never on the event loop the
+The coils are read from the server's coil tracker (``InspectionServer.coils``, ``server serve
+--coil-db``: its ``list_coils`` and ``get_coil``), the geometry is the server's line (``--line``);
+without them the pages say coil tracking is off. Store reads and crops run on one thread of their own, never on the event loop the
 inspection shares, and one coil's answer is reused for ``CACHE_S``, so any number of viewers
 polling an open coil cost one read per ``CACHE_S``.
 """
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from coils.summary import CoilSummary
+    from server.coil_tracker import CoilTracker
     from server.service import InspectionServer
 
 COILS_PAGE = "console_static/coils.html"  # package data of ``server``
@@ -177,9 +178,10 @@ class CoilPages:
         self._coils: dict[str, _Cached] = {}
 
     @property
-    def store(self) -> Any:
-        """The server's coil store (``list_coils``, ``get_coil``), or None without ``--coil-db``."""
-        return getattr(self.server, "coil_store", None)
+    def store(self) -> CoilTracker | None:
+        """The server's coil reader (``list_coils``, ``get_coil``): its coil tracker, None without ``--coil-db``
+        (and until the model has loaded)."""
+        return self.server.coils
 
     @property
     def line(self) -> Line | None:

@@ -4,16 +4,27 @@ rows run across the strip, and the coil read once per cache period whatever the 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
 
 from coils.records import DefectRecord
 from server.console_coils import CROP_MARGIN_PX, OFF_MESSAGE, frame_crop
+from tests.server.coil_line import grey_bands_onnx, make_coil_line
 from tests.server.conftest import running_server
-from tests.server.test_console_coils_browser import COIL, coil_line, write_coil
+from tests.server.test_console_coils_browser import HEIGHT, WIDTH, inspect
 
 aiohttp = pytest.importorskip("aiohttp")
+
+
+@pytest.fixture(scope="module")
+def short_coil(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The grey-bands model and a painted line folder of one 4-frame coil (see tests/server/coil_line.py)."""
+    folder = tmp_path_factory.mktemp("short_coil")
+    make_coil_line(folder / "line", frames=4, height=HEIGHT, width=WIDTH)
+    return grey_bands_onnx(folder / "model.onnx", HEIGHT, WIDTH), folder / "line"
 
 
 async def fetch(session, url: str) -> tuple[int, object]:
@@ -44,46 +55,45 @@ def test_without_a_coil_store_the_pages_say_tracking_is_off(tiny_onnx) -> None:
     assert page[0] == 200 and "<title>Coils" in page[1]
 
 
-def test_bad_queries_and_unknown_coils_are_named_and_reads_are_shared(tiny_onnx, tmp_path) -> None:
-    from coils.store import CoilStore
+def test_bad_queries_and_unknown_coils_are_named_and_reads_are_shared(short_coil, tmp_path) -> None:
+    from coils.line import load_line
     from server.console import Console, ConsoleConfig
 
-    line = coil_line()
-    store = CoilStore.open(f"sqlite:///{tmp_path / 'coils.db'}", line)
-    write_coil(store, line)
-    reads = []
-    get_coil = store.get_coil
-    store.get_coil = lambda coil_id: reads.append(coil_id) or get_coil(coil_id)  # counts the real store's reads
+    coil_model, coil_folder = short_coil
+    line = load_line(coil_folder / "line.yaml")
 
     async def main():
-        async with running_server(tiny_onnx, line=line) as server:
-            server.coil_store = store
+        async with running_server(coil_model, line=line, coil_db=f"sqlite:///{tmp_path / 'coils.db'}") as server:
+            coil_id = await asyncio.to_thread(inspect, server.address, coil_folder, range(4))
+            tracker, reads = server.coils, []
+            get_coil = tracker.get_coil
+            tracker.get_coil = lambda c: reads.append(c) or get_coil(c)  # counts the real tracker's reads
             console = Console(server, ConsoleConfig(port=0))
             await console.start()
-            base = console.url
+            base, coil = console.url, quote(coil_id)
             try:
                 async with aiohttp.ClientSession() as session:
                     answers = {
                         "limit": await fetch(session, base + "api/coils?limit=0"),
                         "unknown": await fetch(session, base + "api/coil?id=nope"),
                         "no id": await fetch(session, base + "api/coil"),
-                        "record": await fetch(session, base + f"api/coil/frames?id={COIL}&record=7"),
-                        "not its frame": await fetch(session, base + f"coils-crop.jpg?id={COIL}&record=0&camera=cam1&frame=6"),
+                        "record": await fetch(session, base + f"api/coil/frames?id={coil}&record=99"),
+                        "not its frame": await fetch(session, base + f"coils-crop.jpg?id={coil}&record=0&camera=cam9&frame=6"),
                     }
-                    together = await asyncio.gather(*(fetch(session, base + f"api/coil?id={COIL}") for _ in range(5)))
+                    together = await asyncio.gather(*(fetch(session, base + f"api/coil?id={coil}") for _ in range(5)))
             finally:
                 await console.stop()
-        return answers, together
+        return coil_id, answers, together, reads
 
-    answers, together = asyncio.run(main())
-    store.close()
+    coil_id, answers, together, reads = asyncio.run(main())
     assert answers["limit"] == (400, "query parameter 'limit' must be an integer in 1..500, got '0'")
     assert answers["unknown"][0] == 404 and "nope" in answers["unknown"][1]
     assert answers["no id"][0] == 400 and "'id'" in answers["no id"][1]
-    assert answers["record"] == (404, f"coil {COIL!r} has no record 7")
-    assert answers["not its frame"] == (404, "record 0 does not come from camera 'cam1' frame 6")
-    assert all(status == 200 and len(body["records"]) == 2 for status, body in together)
-    assert reads.count(COIL) == 1, "five viewers at once: one store read"
+    assert answers["record"] == (404, f"coil {coil_id!r} has no record 99")
+    assert answers["not its frame"] == (404, "record 0 does not come from camera 'cam9' frame 6")
+    records = together[0][1]["records"]
+    assert records and all(status == 200 and body["records"] == records for status, body in together)
+    assert reads.count(coil_id) == 1, "five viewers at once: one read of the coil"
 
 
 def test_a_crop_keeps_the_records_band_in_the_cameras_orientation() -> None:

@@ -1,144 +1,92 @@
-"""The console's coil pages in headless Chromium: a real server (capture on) with a real SQLite coil store.
+"""The console's coil pages in headless Chromium, on a real server tracking a real coil.
 
-Two cameras' frames of one coil are written to the store as the server's coil tracking writes them
-(components from planted masks); camera ``cam0``'s first frames are also streamed through the
-server, which captures them. ``/coils`` lists the coil; ``/coils/<id>`` shows its map with one mark
-per record; a click on a defect from a captured frame shows that frame's crop, a click on one from a
-frame that was not captured says so; a frame with a new defect arriving while the page is open
-shows up on it, and so does the close. A screenshot is saved (to ``$COILS_SCREENSHOT`` when set:
+A simulated coil (``trainer synth-line``, repainted so that the grey-bands inspection graph finds the
+planted defects pixel for pixel) goes through two real servers sharing one SQLite coil database,
+as replicas behind a balancer would: the first (with the console, capturing defective frames)
+inspects the coil's first frames, the second (no capture) the next ones. ``/coils`` lists the coil;
+``/coils/<id>`` shows one mark per record; a click on a defect from a captured frame shows that
+frame's crop (the defect's grey level inside it), a click on one from the other replica's frames
+says "frame not captured"; the coil's last frames arriving while the page is open show up on it,
+and so does its close. A screenshot is saved (to ``$COILS_SCREENSHOT`` when set:
 ``docs/console-coils.png`` is taken this way).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-from urllib.parse import quote
 
+import cv2
 import numpy as np
 import pytest
 
-from coils.line import Line
-from coils.records import FrameKey, frame_components
+from server.console_coils import CROP_MARGIN_PX
+from tests.server.coil_line import GREY, grey_bands_onnx, make_coil_line
 from tests.server.conftest import ServerThread
 from tests.server.test_console_browser import (
     browser_missing_reason,
     chromium,
     start_console,
     stop_console,
-    stream,
     wait_for,
 )
 
 pytestmark = pytest.mark.skipif(browser_missing_reason() is not None, reason=str(browser_missing_reason()))
 
-ALONG, ACROSS, OVERLAP = 64, 320, 20  # the tiny model's frames; 1 mm pixels
-COIL = "C 17/a"  # a space and a slash: the page and its links must carry any id
-CAPTURED = 4  # cam0's frames 0..3 are streamed through the server, so captured
+HEIGHT, WIDTH, FRAMES = 32, 128, 24
+FIRST, SECOND = range(0, 12), range(12, 20)  # frames inspected by the capturing server, then by the other one
 
 
-def coil_line() -> Line:
-    cameras = [{"camera_id": f"cam{c}", "lane_start_mm": c * (ACROSS - OVERLAP), "mm_per_px_across": 1.0,
-                "mm_per_px_along": 1.0, "along_axis": "y", "frame_width_px": ACROSS, "frame_height_px": ALONG}
-               for c in range(2)]
-    return Line.from_dict({"name": "console-test", "strip_width_mm": 2 * ACROSS - OVERLAP, "cameras": cameras})
+@pytest.fixture(scope="module")
+def coil_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return grey_bands_onnx(tmp_path_factory.mktemp("grey_bands") / "model.onnx", HEIGHT, WIDTH)
 
 
-def frame(line: Line, camera_id: str, frame_id: int, defects: dict[int, tuple[slice, slice]]):
-    """One stored frame of ``COIL``: ``defects`` class -> (rows, columns) of a planted box."""
-    from coils.store import FrameComponents
-
-    camera = line.camera(camera_id)
-    key, found = FrameKey(COIL, camera_id, frame_id), []
-    for class_id, (rows, columns) in defects.items():
-        mask = np.zeros((ALONG, ACROSS), np.uint8)
-        mask[rows, columns] = 1
-        found += frame_components(key, class_id, mask, frame_id * ALONG, camera, line.owned_across(camera_id))
-    return FrameComponents(key, float(frame_id * ALONG), tuple(found), time.time())
+@pytest.fixture(scope="module")
+def coil_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("coil") / "line"
+    make_coil_line(folder, frames=FRAMES, height=HEIGHT, width=WIDTH, seed=5)
+    return folder
 
 
-def write_coil(store, line: Line) -> None:
-    """Eight frames per camera: a stain in cam0's captured frame 1, a scratch in cam1's frame 6."""
-    frames = [frame(line, camera.camera_id, f, {}) for f in range(8) for camera in line.cameras]
-    frames[2] = frame(line, "cam0", 1, {1: (slice(10, 30), slice(40, 80))})
-    frames[13] = frame(line, "cam1", 6, {3: (slice(5, 60), slice(100, 103))})
-    assert store.write_frames(frames) == []
+def inspect(address: str, folder: Path, frames: range) -> str:
+    """Sends both cameras' frames ``frames`` (per-camera frame index) with their coil and position;
+    returns the coil id."""
+    import grpc
+
+    from client.stream_folder import line_shots, make_request
+    from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+
+    shots = line_shots(folder)
+    requests = [make_request(camera_id, s.frame_id, s.path, False, s.coil_id, s.position_mm)
+                for camera_id, listed in shots.items() for k, s in enumerate(listed) if k in frames]
+
+    async def send() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            answers = [a async for a in pb_grpc.InspectionServiceStub(channel).Inspect(iter(requests))]
+        assert len(answers) == len(requests) and not any(a.HasField("error") for a in answers)
+
+    asyncio.run(send())
+    return next(iter(shots.values()))[0].coil_id
 
 
 PAGE_JS = """
-const marks = [...document.querySelectorAll("#map .defect")];
+const state = document.getElementById("state");
 return {
-  marks: marks.map((m) => [Number(m.dataset.record), Number(m.dataset.class)]),
-  records: [...document.querySelectorAll("#records tbody tr")].length,
-  state: document.getElementById("state") ? document.getElementById("state").textContent : "",
+  marks: [...document.querySelectorAll("#map .defect")].map((m) => Number(m.dataset.record)).sort((a, b) => a - b),
+  rows: document.querySelectorAll("#records tbody tr").length,
+  state: state ? state.textContent : "",
   crops: [...document.querySelectorAll("#defect figure.crop")].map((f) => {
-    const img = f.querySelector("img");
+    const img = f.querySelector("img"), missing = f.querySelector(".not-captured");
     return {camera: f.dataset.camera, frame: Number(f.dataset.frame),
-            size: img && img.complete ? [img.naturalWidth, img.naturalHeight] : null,
-            text: f.querySelector(".not-captured") ? f.querySelector(".not-captured").textContent : null};
+            src: img && img.complete && img.naturalWidth > 0 ? img.src : null, text: missing ? missing.textContent : null};
   }),
 };
 """
-
-
-def test_the_coil_pages_list_map_and_follow_the_coil(tiny_onnx, camera_frames, tmp_path: Path) -> None:
-    from selenium.webdriver.common.by import By
-
-    from coils.store import CoilStore
-    from server.capture import CaptureConfig, CapturePolicy
-
-    line = coil_line()
-    store = CoilStore.open(f"sqlite:///{tmp_path / 'coils.db'}", line)
-    capture = CaptureConfig(tmp_path / "captures", policy=CapturePolicy.parse("sample:1"))
-    thread = ServerThread(tiny_onnx, metrics_port=None, line=line, capture=capture)
-    with thread as server, tempfile.TemporaryDirectory() as profile:
-        server.coil_store = store  # what serve --coil-db makes (coil-serve); the pages read it from there
-        stream(server.address, "cam0", camera_frames[:CAPTURED])
-        wait_for_captures(tmp_path / "captures", CAPTURED)
-        write_coil(store, line)
-        console, driver = None, chromium(Path(profile))
-        try:
-            console = start_console(thread, refresh_hz=4)
-            driver.get(console.url + "coils")
-            link = wait_for(driver, lambda: driver.find_element(By.CSS_SELECTOR, "#coils tbody tr a"), 30, "the coil")
-            listed = [driver.find_element(By.CSS_SELECTOR, f"#coils tbody tr td{c}").text
-                      for c in ("", ".coil-state", ".defects", ".per-class")]
-            link.click()
-            page = wait_for(driver, lambda: shown(driver, lambda p: len(p["marks"]) == 2), 30, "the map's two marks")
-            assert driver.current_url.endswith("/coils/" + quote(COIL, safe=""))
-            click_mark(driver, 0)
-            captured = wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and p["crops"][0]["size"]), 30,
-                                "the captured frame's crop")["crops"]
-            click_mark(driver, 1)
-            missing = wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and p["crops"][0]["camera"] == "cam1"),
-                               30, "the other record's frames")["crops"]
-            click_mark(driver, 0)
-            wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and p["crops"][0]["size"]), 30, "the crop again")
-            store.write_frames([frame(line, "cam0", 8, {2: (slice(20, 50), slice(200, 260))})])  # a frame arrives
-            live = wait_for(driver, lambda: shown(driver, lambda p: len(p["marks"]) == 3), 30, "the new defect")
-            if os.environ.get("COILS_SCREENSHOT"):
-                driver.set_window_size(1300, 1250)
-                driver.execute_script("window.scrollTo(0, 0)")
-                time.sleep(0.5)
-                driver.save_screenshot(os.environ["COILS_SCREENSHOT"])
-            store.close_coil(COIL, 9 * ALONG, "end")
-            closed = wait_for(driver, lambda: shown(driver, lambda p: p["state"].startswith("closed")), 30, "the close")
-        finally:
-            driver.quit()
-            if console is not None:
-                stop_console(thread, console)
-            store.close()
-    assert listed == [COIL, "open", "2", "pits/dents 1, scratches 1"]
-    assert sorted(page["marks"]) == [[0, 1], [1, 3]] and page["records"] == 2
-    assert page["state"] == "open (updates live)"
-    # Record 0 lies across 40..80 mm of cam0's lane: the crop keeps that band and 32 px either side, every row.
-    assert captured == [{"camera": "cam0", "frame": 1, "size": [104, ALONG], "text": None}]
-    assert missing == [{"camera": "cam1", "frame": 6, "size": None, "text": "frame not captured"}]
-    assert sorted(live["marks"]) == [[0, 1], [1, 3], [2, 2]]
-    assert live["crops"][0]["size"] == [104, ALONG], "the selection stays while the coil updates"
-    assert closed["state"].startswith("closed (end)") and len(closed["marks"]) == 3
 
 
 def shown(driver, predicate):
@@ -165,3 +113,100 @@ def wait_for_captures(folder: Path, count: int) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"the server did not capture {count} frames into {folder}")
+
+
+def end_coil(address: str, coil_id: str) -> None:
+    import grpc
+
+    from protos.inspection.v1 import inspection_pb2 as pb
+    from protos.inspection.v1 import inspection_pb2_grpc as pb_grpc
+
+    async def end() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await pb_grpc.InspectionServiceStub(channel).EndCoil(pb.EndCoilRequest(coil_id=coil_id))
+
+    asyncio.run(end())
+
+
+def records_of(server, coil_id: str) -> list:
+    return server.coils.get_coil(coil_id)[1]
+
+
+def only_from(records, frames: range, per_camera: dict[str, list[int]]) -> int:
+    """The first record all of whose frames are among ``frames`` (per-camera frame indices)."""
+    for index, record in enumerate(records):
+        if all(per_camera[c].index(f) in frames for c, f in record.frames):
+            return index
+    raise AssertionError(f"no record comes from frames {frames} only")
+
+
+def test_the_coil_pages_list_map_and_follow_the_coil(coil_model, coil_folder, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    from client.stream_folder import line_shots
+    from coils.line import load_line
+    from server.capture import CaptureConfig, CapturePolicy
+
+    line, database = load_line(coil_folder / "line.yaml"), f"sqlite:///{tmp_path / 'coils.db'}"
+    per_camera = {c: [s.frame_id for s in listed] for c, listed in line_shots(coil_folder).items()}
+    capture = CaptureConfig(tmp_path / "captures", policy=CapturePolicy.parse("defects"))
+    first = ServerThread(coil_model, line=line, coil_db=database, capture=capture)
+    second = ServerThread(coil_model, line=line, coil_db=database, coil_spool=tmp_path / "spool-2")
+    with first as server, tempfile.TemporaryDirectory() as profile:
+        with second as replica:
+            coil_id = inspect(server.address, coil_folder, FIRST)
+            inspect(replica.address, coil_folder, SECOND)
+        records = records_of(server, coil_id)
+        captured_index = only_from(records, FIRST, per_camera)
+        missing_index = only_from(records, SECOND, per_camera)
+        from_first = {(c, f) for r in records for c, f in r.frames if per_camera[c].index(f) in FIRST}
+        wait_for_captures(tmp_path / "captures", len(from_first))
+        console, driver = None, chromium(Path(profile))
+        try:
+            console = start_console(thread=first, refresh_hz=4)
+            driver.get(console.url + "coils")
+            link = wait_for(driver, lambda: driver.find_element(By.CSS_SELECTOR, "#coils tbody tr a"), 30, "the coil")
+            listed = [driver.find_element(By.CSS_SELECTOR, f"#coils tbody tr td{c}").text
+                      for c in ("", ".coil-state", ".defects")]
+            link.click()
+            page = wait_for(driver, lambda: shown(driver, lambda p: len(p["marks"]) == len(records)), 30, "the marks")
+            click_mark(driver, captured_index)
+            captured = wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and all(c["src"] for c in p["crops"])),
+                                30, "the captured frames' crops")["crops"]
+            crop = cv2.imdecode(np.frombuffer(urllib.request.urlopen(captured[0]["src"]).read(), np.uint8),
+                                cv2.IMREAD_GRAYSCALE)
+            click_mark(driver, missing_index)
+            missing = wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and p["crops"][0]["text"]), 30,
+                               "the other replica's frames")["crops"]
+            inspect(server.address, coil_folder, range(SECOND.stop, FRAMES))  # the coil's last frames arrive
+            everything = records_of(server, coil_id)
+            live = wait_for(driver, lambda: shown(driver, lambda p: len(p["marks"]) == len(everything)), 30,
+                            "the last frames' defects")
+            if os.environ.get("COILS_SCREENSHOT"):
+                click_mark(driver, captured_index)
+                wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and p["crops"][0]["src"]), 30, "a crop")
+                driver.set_window_size(1300, 1250)
+                driver.execute_script("window.scrollTo(0, 0)")
+                time.sleep(0.5)
+                driver.save_screenshot(os.environ["COILS_SCREENSHOT"])
+            end_coil(server.address, coil_id)
+            closed = wait_for(driver, lambda: shown(driver, lambda p: p["state"].startswith("closed")), 30, "the close")
+        finally:
+            driver.quit()
+            if console is not None:
+                stop_console(first, console)
+    assert listed == [coil_id, "open", str(len(records))]
+    assert page["marks"] == list(range(len(records))) and page["rows"] == len(records)
+    assert page["state"] == "open (updates live)"
+    record = records[captured_index]
+    assert [(c["camera"], c["frame"]) for c in captured] == list(record.frames)
+    camera = line.camera(record.frames[0][0])
+    first_px = int((record.across_start_mm - camera.lane_start_mm) // camera.mm_per_px_across)
+    last_px = int(-(-(record.across_end_mm - camera.lane_start_mm) // camera.mm_per_px_across))
+    band = min(camera.pixels_across, last_px + CROP_MARGIN_PX) - max(0, first_px - CROP_MARGIN_PX)
+    assert crop.shape == (HEIGHT, band), "the record's band with its margins, every row of the frame"
+    assert (np.abs(crop.astype(int) - GREY[record.class_id]) <= 12).sum() >= 2, "the defect's own grey is in the crop"
+    assert {c["text"] for c in missing} == {"frame not captured"}
+    assert [(c["camera"], c["frame"]) for c in missing] == list(records[missing_index].frames)
+    assert len(everything) > len(records) and live["rows"] == len(everything)
+    assert closed["state"].startswith("closed (end)")
