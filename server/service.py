@@ -55,7 +55,6 @@ from server.wire import (
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from coils.store import CoilStore
     from server.batcher import FinishedBatch
     from server.coil_tracker import CoilTracker
 
@@ -106,8 +105,6 @@ class InspectionServer:
         self.line_info: pb.Line | None = line_message(self.config.line) if self.config.line else None
         #: Coil tracking (``--coil-db``), opened by :meth:`start`; None without it.
         self.coils: CoilTracker | None = None
-        #: Its store, which the console's coil pages read (server.console_coils); None without it.
-        self.coil_store: CoilStore | None = None
         self._loading: asyncio.Task[None] | None = None
         self._ready = False
         self._stopping = False
@@ -211,7 +208,6 @@ class InspectionServer:
         assert self.config.line is not None  # ServerConfig checks --coil-db has --line
         self.coils = await asyncio.get_running_loop().run_in_executor(
             None, CoilTracker.open, tracking, self.config.line, self.metrics)
-        self.coil_store = self.coils.store
 
     async def _close_coil_tracking(self) -> None:
         if self.coils is not None:

@@ -107,7 +107,6 @@ def test_a_streamed_coil_is_one_record_per_planted_defect(coil_model, coil_folde
         assert not run.coils.failed and set(run.coils.summaries) == {coil_id}
         summary, records = _get_coil(server.address, coil_id)
         status = server.line_status()
-        assert server.coil_store is server.coils.store  # what the console's coil pages read
         counted = metric_samples(generate_latest(server.metrics.registry).decode())
         cli = {action: main(["coils", action, "--target", server.address, *extra]) for action, extra in (
             ("list", []), ("show", [coil_id]),
