@@ -71,6 +71,7 @@ class CameraRun:
         answers: one per answered image, in (camera, frame) order.
         unanswered: ``(image_id, reason)`` for images the server never answered (its stream ended early).
         elapsed_s: wall time from the first frame sent to the last answer.
+        coils_ended_s: from the last answer until every coil's EndCoil had returned.
     """
 
     answers: list[FrameAnswer] = field(default_factory=list)
@@ -79,6 +80,7 @@ class CameraRun:
     model_info: Any = None  # inspection.v1.ModelInfo of the server
     counters: dict[str, Any] = field(default_factory=dict)  # camera id -> client.camera.CameraCounters
     coils: Any = None  # client.coil_end.CoilEnds when the frames carried coils
+    coils_ended_s: float = 0.0
 
     @property
     def failed(self) -> list[FrameAnswer]:
@@ -258,11 +260,12 @@ async def run_cameras(
         ender = CoilEnder(channel, per_coil, coil_lengths or {}, give_up_s) if per_coil else None
         await asyncio.gather(*(_camera(channel, camera_id, frames, fps, raw, backoff, run, on_answer, ender)
                                for camera_id, frames in cameras.items()))
+        run.elapsed_s = time.perf_counter() - started
         if ender is not None:
             run.coils = await ender.finish()
+            run.coils_ended_s = time.perf_counter() - started - run.elapsed_s
     finally:
         await channel.close()
-    run.elapsed_s = time.perf_counter() - started
     run.answers.sort(key=lambda a: (a.camera_id, a.frame_id))
     return run
 

@@ -42,6 +42,42 @@ def boxes_meet(a: Component, b: Component, gap_mm: float) -> bool:
             and a.across_start_mm <= b.across_end_mm + slack and b.across_start_mm <= a.across_end_mm + slack)
 
 
+def _grid_offset(a: Component, b: Component, cell: float) -> tuple[int, int] | None:
+    """``b``'s box start in ``a``'s pixels when both have square pixels of ``cell`` mm on one grid, else None.
+
+    The usual case (frames of one line at encoder steps of whole pixels): the cell grid of
+    :func:`pixels_touch` is then the pixels themselves, and no resampling is needed.
+    """
+    if not (a.mm_per_px_along == a.mm_per_px_across == b.mm_per_px_along == b.mm_per_px_across == cell):
+        return None
+    rows = (b.along_start_mm - a.along_start_mm) / cell
+    cols = (b.across_start_mm - a.across_start_mm) / cell
+    if abs(rows - round(rows)) * cell > EPSILON_MM or abs(cols - round(cols)) * cell > EPSILON_MM:
+        return None
+    return round(rows), round(cols)
+
+
+def _touch_on_grid(a: np.ndarray, b: np.ndarray, offset: tuple[int, int], reach: int) -> bool:
+    """Whether a pixel of ``b`` (its box at ``offset`` pixels from ``a``'s) lies within ``reach`` pixels
+    (Chebyshev) of a pixel of ``a``: what the rasters of :func:`pixels_touch` decide, without resampling."""
+    rows, cols = offset
+    # The part of b's box within reach of a's box, in a's pixels.
+    top, bottom = max(rows, -reach), min(rows + b.shape[0], a.shape[0] + reach)
+    left, right = max(cols, -reach), min(cols + b.shape[1], a.shape[1] + reach)
+    if top >= bottom or left >= right:
+        return False
+    # Only a's pixels within reach of that part matter (a long scratch meets its neighbour at one end).
+    a_top, a_bottom = max(top - reach, 0), min(bottom + reach, a.shape[0])
+    a_left, a_right = max(left - reach, 0), min(right + reach, a.shape[1])
+    if a_top >= a_bottom or a_left >= a_right:
+        return False
+    padded = np.zeros((a_bottom - a_top + 2 * reach, a_right - a_left + 2 * reach), np.uint8)
+    padded[reach:reach + a_bottom - a_top, reach:reach + a_right - a_left] = a[a_top:a_bottom, a_left:a_right]
+    grown = cv2.dilate(padded, np.ones((2 * reach + 1, 2 * reach + 1), np.uint8))
+    near = grown[top - a_top + reach:bottom - a_top + reach, left - a_left + reach:right - a_left + reach]
+    return bool((near.astype(bool) & b[top - rows:bottom - rows, left - cols:right - cols]).any())
+
+
 def pixels_touch(a: Component, b: Component, gap_mm: float) -> bool:
     """Whether a pixel of ``a`` and one of ``b`` lie within ``gap_mm`` of each other (gap 0: sharing an
     edge or a corner, 8-connectivity), on a grid of the finer of the two pixel sizes."""
@@ -49,6 +85,15 @@ def pixels_touch(a: Component, b: Component, gap_mm: float) -> bool:
         return False
     cell = min(a.mm_per_px_along, a.mm_per_px_across, b.mm_per_px_along, b.mm_per_px_across)
     reach = int(math.floor(gap_mm / cell + EPSILON_MM)) + 1  # cells of dilation: 1 = the 8 neighbours
+    offset = _grid_offset(a, b, cell)
+    if offset is not None:
+        return _touch_on_grid(a.mask, b.mask, offset, reach)
+    return touch_resampled(a, b, cell, reach)
+
+
+def touch_resampled(a: Component, b: Component, cell: float, reach: int) -> bool:
+    """:func:`pixels_touch` for any pixel sizes and positions: both rasterised on a ``cell``-mm grid over the
+    window where their boxes meet, ``a`` dilated by ``reach`` cells, a shared cell found or not."""
     along0 = max(a.along_start_mm, b.along_start_mm) - (reach + 1) * cell
     across0 = max(a.across_start_mm, b.across_start_mm) - (reach + 1) * cell
     along1 = min(a.along_end_mm, b.along_end_mm) + (reach + 1) * cell
@@ -60,12 +105,37 @@ def pixels_touch(a: Component, b: Component, gap_mm: float) -> bool:
     return bool((cv2.dilate(raster_a, kernel) & raster_b).any())
 
 
+def candidate_pairs(along_start: np.ndarray, along_end: np.ndarray, across_start: np.ndarray,
+                    across_end: np.ndarray, frames: np.ndarray, gap_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` of boxes of different frames that :func:`boxes_meet` may join, found in one sweep.
+
+    Sorted by along start, each box is paired with the boxes that start before its end (plus the
+    gap), then the pairs are filtered across and by frame: O(n log n + pairs) in numpy, where a
+    lookup per box would cost a Python loop over its neighbours. Every pair whose boxes meet is in
+    the result (the same inequalities as :func:`boxes_meet`); the pixels decide afterwards.
+
+    Args:
+        frames: an integer per box naming its frame; pairs within one frame are left out.
+    """
+    slack = gap_mm + EPSILON_MM
+    order = np.argsort(along_start, kind="stable")
+    starts = along_start[order]
+    last = np.searchsorted(starts, along_end[order] + slack, side="right")  # boxes order[i+1:last[i]] start in time
+    counts = np.maximum(last - np.arange(1, len(order) + 1), 0)
+    first = np.repeat(np.arange(len(order)), counts)
+    second = first + 1 + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    i, j = order[first], order[second]
+    keep = ((across_start[i] <= across_end[j] + slack) & (across_start[j] <= across_end[i] + slack)
+            & (frames[i] != frames[j]))
+    return i[keep], j[keep]
+
+
 class UnionFind:
     """Disjoint sets over 0, 1, 2...: union by size, path halving."""
 
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.size: list[int] = []
+    def __init__(self, count: int = 0) -> None:
+        self.parent: list[int] = list(range(count))
+        self.size: list[int] = [1] * count
 
     def add(self) -> int:
         self.parent.append(len(self.parent))
@@ -89,4 +159,4 @@ class UnionFind:
         self.size[a] += self.size[b]
 
 
-__all__ = ["EPSILON_MM", "UnionFind", "boxes_meet", "pixels_touch"]
+__all__ = ["EPSILON_MM", "UnionFind", "boxes_meet", "candidate_pairs", "pixels_touch", "touch_resampled"]

@@ -116,7 +116,7 @@ def pack_mask(mask: np.ndarray) -> bytes:
 
 def unpack_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     """The bool ``shape`` mask :func:`pack_mask` packed; ValueError when the bytes do not fit the shape."""
-    rows, cols = (int(v) for v in shape)
+    rows, cols = int(shape[0]), int(shape[1])
     if len(data) != (rows * cols + 7) // 8:
         raise ValueError(f"a packed {rows}x{cols} mask has {(rows * cols + 7) // 8} bytes, got {len(data)}")
     bits = np.unpackbits(np.frombuffer(data, np.uint8), count=rows * cols)
@@ -254,6 +254,11 @@ def masks_components(line: Line, key: FrameKey, position_mm: float, masks: np.nd
     return found
 
 
+def default_gap_mm(line: Line) -> float:
+    """Half the line's smallest pixel: components this close are one defect (8-connectivity over boundaries)."""
+    return min(min(c.mm_per_px_along, c.mm_per_px_across) for c in line.cameras) / 2
+
+
 class RecordBuilder:
     """Defect records of the coils of one line, built frame by frame in any order.
 
@@ -272,8 +277,7 @@ class RecordBuilder:
 
     def __init__(self, line: Line, gap_mm: float | None = None) -> None:
         self.line = line
-        smallest = min(min(c.mm_per_px_along, c.mm_per_px_across) for c in line.cameras)
-        self.gap_mm = smallest / 2 if gap_mm is None else float(gap_mm)
+        self.gap_mm = default_gap_mm(line) if gap_mm is None else float(gap_mm)
         if not (math.isfinite(self.gap_mm) and self.gap_mm >= 0):
             raise ValueError(f"gap_mm must be a finite number >= 0, got {gap_mm}")
         self._owned = {c.camera_id: line.owned_across(c.camera_id) for c in line.cameras}
@@ -323,22 +327,34 @@ class RecordBuilder:
         """
         if key in self._frames:
             return False
+        for component in self._take(key, components):
+            self._insert(component)
+        return True
+
+    def _take(self, key: FrameKey, components: Iterable[Component]) -> list[Component]:
+        """``components`` of the new frame ``key``, checked; the frame counts as added."""
         found = list(components)
         for component in found:
             if component.key != key:
                 raise ValueError(f"a component of frame {component.key} given for frame {key}")
         self._frames.add(key)
-        for component in found:
-            self._insert(component)
-        return True
+        return found
 
     def _buckets(self, component: Component) -> range:
         start = math.floor((component.along_start_mm - self.gap_mm) / BUCKET_MM)
         return range(start, math.floor((component.along_end_mm + self.gap_mm) / BUCKET_MM) + 1)
 
-    def _insert(self, component: Component) -> None:
-        index = self._sets.add()
+    def _append(self, component: Component) -> int:
+        """Adds ``component`` to the sets and the along index, merging nothing; returns its number."""
+        number = self._sets.add()
         self._components.append(component)
+        buckets = self._index[(component.key.coil_id, component.class_id)]
+        for bucket in self._buckets(component):
+            buckets[bucket].append(number)
+        return number
+
+    def _insert(self, component: Component) -> None:
+        index = self._append(component)
         buckets = self._index[(component.key.coil_id, component.class_id)]
         seen: set[int] = set()
         for bucket in self._buckets(component):
@@ -347,12 +363,11 @@ class RecordBuilder:
                     continue
                 seen.add(other)
                 neighbour = self._components[other]
-                # Components of one frame are apart by construction (connected components).
+                # Components of one frame are apart by construction (connected components); itself included.
                 if neighbour.key == component.key or self._sets.find(other) == self._sets.find(index):
                     continue
                 if pixels_touch(neighbour, component, self.gap_mm):
                     self._sets.union(other, index)
-            buckets[bucket].append(index)
 
     def coils(self) -> list[str]:
         """The coils with at least one frame added, sorted."""
@@ -361,14 +376,26 @@ class RecordBuilder:
     def records(self, coil_id: str) -> list[DefectRecord]:
         """The coil's defect records as they stand, sorted by along start, across start and class."""
         groups: dict[int, list[Component]] = defaultdict(list)
-        for index, component in enumerate(self._components):
+        parent, size, find = self._sets.parent, self._sets.size, self._sets.find
+        found = []
+        for number, component in enumerate(self._components):
             if component.key.coil_id == coil_id:
-                groups[self._sets.find(index)].append(component)
-        found = [_record(parts) for parts in groups.values()]
+                if parent[number] == number and size[number] == 1:  # most records: one component
+                    found.append(record_of([component]))
+                else:
+                    groups[find(number)].append(component)
+        found += [record_of(parts) for parts in groups.values()]
         return sorted(found, key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
 
 
-def _record(parts: list[Component]) -> DefectRecord:
+def record_of(parts: Sequence[Component]) -> DefectRecord:
+    """The record of one set of touching components: their joint box, summed area, largest probability."""
+    if len(parts) == 1:  # most records: one component in one frame
+        (part,) = parts
+        key = part.key
+        return DefectRecord(key.coil_id, part.class_id, part.along_start_mm, part.along_end_mm, part.across_start_mm,
+                            part.across_end_mm, part.area_mm2, part.max_probability,
+                            ((key.camera_id, key.frame_id),), (key.camera_id,))
     peaks = [p.max_probability for p in parts if p.max_probability is not None]
     first = parts[0]
     return DefectRecord(
@@ -386,4 +413,5 @@ def _record(parts: list[Component]) -> DefectRecord:
 
 
 __all__ = ["BUCKET_MM", "EPSILON_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
-           "frame_components", "masks_components", "pack_mask", "pixels_touch", "to_along_across", "unpack_mask"]
+           "default_gap_mm", "frame_components", "masks_components", "pack_mask", "pixels_touch", "record_of",
+           "to_along_across", "unpack_mask"]

@@ -7,6 +7,7 @@ JSON form (the stored one, and what the server and the console send on).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -104,13 +105,14 @@ def summarise(facts: CoilFacts, records: Sequence[DefectRecord]) -> CoilSummary:
         per_class[record.class_id] = per_class.get(record.class_id, 0) + 1
     hundreds = facts.length_mm / 100_000.0
     per_100m = {k: (n / hundreds if hundreds > 0 else 0.0) for k, n in sorted(per_class.items())}
-    largest = sorted(records, key=lambda r: (-r.area_mm2, r.along_start_mm, r.across_start_mm, r.class_id))
+    largest = heapq.nsmallest(LARGEST, records, key=lambda r: (-r.area_mm2, r.along_start_mm, r.across_start_mm,
+                                                              r.class_id))
     return CoilSummary(
         coil_id=facts.coil_id, state=facts.state, opened_unix_s=facts.opened_unix_s,
         last_frame_unix_s=facts.last_frame_unix_s, closed_unix_s=facts.closed_unix_s,
         close_reason=facts.close_reason, length_mm=facts.length_mm, frames=facts.frames,
         late_frames=facts.late_frames, defects_per_class=dict(sorted(per_class.items())), per_100m=per_100m,
-        largest=tuple(largest[:LARGEST]))
+        largest=tuple(largest))
 
 
 __all__ = ["CLOSED", "CLOSE_REASONS", "LARGEST", "OPEN", "CoilFacts", "CoilSummary", "summarise"]

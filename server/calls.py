@@ -5,7 +5,9 @@ An ``Inspect`` call's reader takes a request off the wire only while the stream 
 room (that is the backpressure; HTTP/2 flow control does the rest), hands it to a frame task and
 queues that task in the call's answer queue. The writer awaits the tasks in queue order, so
 responses leave in frame order whatever order the batches finished in, and every frame that was
-read gets exactly one response, an error included.
+read gets exactly one response, an error included; or, when a frame's result could not be made
+durable (coil tracking's database down and its spool full), the call ends UNAVAILABLE before that
+frame's answer, saying "resend", and the camera resends it and the frames after it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Request = pb.InspectRequest | UnreadableRequest
+#: A frame answer with this code is never sent: its result could not be made durable (coil tracking's
+#: database down and spool full), so the call ends UNAVAILABLE and the camera resends the frame.
+NOT_RECORDED = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 class InspectionServer(Protocol):
@@ -75,6 +80,7 @@ class CameraCall:
         self.last_frame: tuple[str, int] | None = None
         self.stopped_reading = False
         self.unreadable: UnreadableRequest | None = None  # a message that was no InspectRequest: the call ends
+        self.unrecorded: pb.InspectResponse | None = None  # a frame whose result could not be made durable
         self.reader: asyncio.Task[None] | None = None
         self.current: asyncio.Task[pb.InspectResponse] | None = None  # the answer being written
 
@@ -135,10 +141,14 @@ class CameraCall:
                 "resend later frames to another server")
 
     async def write_answers(self, context: grpc.aio.ServicerContext) -> None:
-        """Writes each frame's answer in read order, until the reader has ended."""
+        """Writes each frame's answer in read order, until the reader has ended or a frame's result
+        could not be recorded (:attr:`unrecorded`: the stream must end so that the camera resends it)."""
         while (item := await self.answers.get()) is not None:
             self.current, lease = item
             response = await self.current
+            if response.error.code == NOT_RECORDED:
+                self.unrecorded = response
+                break
             await context.write(response)
             self.answered += 1
             lease.answered(response)
@@ -162,6 +172,10 @@ class Servicer(pb_grpc.InspectionServiceServicer):
         try:
             call.reader = asyncio.get_running_loop().create_task(call.read_frames())
             await call.write_answers(context)
+            if call.unrecorded is not None:
+                # Not answered: the camera resends this frame and every later one (the finally below
+                # abandons them), as after a drain; coil tracking's spool was full.
+                await end_stream(context, grpc.StatusCode.UNAVAILABLE, call.unrecorded.error.message, resend=True)
             await call.reader  # re-raises a failed read (a broken stream)
             await self._end(call, context)
         finally:
@@ -205,6 +219,8 @@ class Servicer(pb_grpc.InspectionServiceServicer):
         server.call_started(None)
         try:
             response = await server.inspect_frame(request, server.deadline_of(context), received)
+            if response.error.code == NOT_RECORDED:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, response.error.message)
             lease.answered(response)
             return response
         finally:

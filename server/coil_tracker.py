@@ -10,7 +10,8 @@ frame id), so a resend never doubles a record.
 When the database cannot be written (down, slow, locked) the batch goes to the disk spool
 (:class:`coils.spool.Spool`, bounded, fsynced) and its frames are answered as usual; later batches
 go straight to the spool until the upkeep thread has drained it into the database again. Only when
-the spool is full too are frames answered UNAVAILABLE (the camera resends them): nothing is dropped.
+the spool is full too are the frames failed with :class:`FrameNotRecorded`: their stream ends
+UNAVAILABLE before their answers, and the camera resends them. Nothing is dropped.
 
 The upkeep thread drains the spool and closes coils silent for ``silence_s``. Database work runs on
 two threads of the tracker's own: the write path (commits, drains) and the read path (EndCoil,
@@ -162,13 +163,16 @@ class CoilTracker:
 
     def _store_or_spool(self, frames: list[FrameComponents]) -> None:
         """Writes ``frames`` in one transaction, or spools them; raises SpoolFull when neither can."""
-        if not self._db_error:  # while the database is known down, batches go straight to the spool
+        # While the database is known down and the spool holds frames, batches join the spool at once
+        # (no wait for a connection to fail); the drainer finds out when the database is back.
+        if not (self._db_error and self.spool.pending_frames):
             try:
                 late = self.store.write_frames(frames)
             except StoreUnavailable as exc:
                 self._database_failed(exc)
             else:
                 self._stored(frames, late)
+                self._database_back()
                 return
         self.spool.append(frames)
         self._update_spool_gauges()
@@ -211,14 +215,17 @@ class CoilTracker:
                 raise
             finally:
                 self._update_spool_gauges()
+            self._database_back()
         if written:
             self.frames_stored += written
             self._metrics.coil_frames_stored.inc(written)
+        return written
+
+    def _database_back(self) -> None:
         if self._db_error:
-            log.info("event=coil_db_available drained=%d: frames are written directly again", written)
+            log.info("event=coil_db_available: frames are written directly again")
             self._db_error = ""
             self._metrics.coil_db_up.set(1)
-        return written
 
     def _update_spool_gauges(self) -> None:
         self._metrics.coil_spool_frames.set(self.spool.pending_frames)
@@ -231,7 +238,7 @@ class CoilTracker:
         next_sweep = time.monotonic() + sweep_every
         while not self._stop.wait(DRAIN_INTERVAL_S):
             try:
-                if self._db_error or self.spool.pending_frames:
+                if self.spool.pending_frames:
                     self._writer.submit(self._drain_quietly).result()
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + sweep_every

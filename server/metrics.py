@@ -80,7 +80,8 @@ class ServerMetrics:
     def _coil_series(self, r: CollectorRegistry) -> None:
         """Coil tracking (``server serve --coil-db``): what was stored, what waits, what went wrong."""
         self.coil_frames_stored = Counter(
-            "inspection_coil_frames_stored", "Coil frames written to the coil database (spooled ones when drained)",
+            "inspection_coil_frames_stored", "Coil frames committed to the coil database, spooled ones when drained "
+            "(a resent frame counts again; the database keeps one)",
             registry=r,
         )
         self.coil_spool_frames = Gauge(

@@ -162,3 +162,33 @@ def test_postgres_down_mid_coil_spools_and_drains(fault_line, postgres_url, tmp_
     assert answered_while_down >= 50, "frames stopped being answered while the database was down"
     assert spooled > 0 and "unavailable" in states
     assert after.spool_frames == 0 and after.db_state == "ok" and after.frames_stored == 2 * FRAMES
+
+
+def test_a_full_spool_makes_the_camera_resend(fault_line, postgres_url, tmp_path):
+    """Database down and a spool too small for one batch: the streams end UNAVAILABLE before the
+    frames' answers, the camera library resends them until the database is back, and every frame
+    is answered once and stored once."""
+    from tests.server.conftest import ServerThread
+
+    folder = tmp_path / "line"
+    make_coil_line(folder, frames=6, height=HEIGHT, width=WIDTH, seed=6)
+    _, model, _ = fault_line
+    url = postgres_url.new_database()
+    with ServerThread(model, line=_line(folder), coil_db=url, coil_spool=tmp_path / "spool",
+                      coil_spool_mb=1e-6) as server:
+        postgres_url.stop_postgres()
+        try:
+            streaming = _Streaming(server.address, folder, fps=0)
+            deadline = time.monotonic() + 30
+            while _line_status(server.address).coils.refused_frames < 2:
+                assert time.monotonic() < deadline, "no frame was refused"
+                time.sleep(0.1)
+            assert streaming.answered == 0
+        finally:
+            postgres_url.start_postgres()
+        run = streaming.result()
+        assert not run.unanswered and not run.failed and len(run.answers) == 12
+        assert run.totals().reconnects >= 1 and run.totals().duplicates == 0
+        (coil_id,) = run.coils.summaries
+        summary, _ = _get_coil(server.address, coil_id)
+    assert summary.frames == 12
