@@ -218,3 +218,12 @@ def test_an_open_coil_without_records_draws_its_strip(coil) -> None:
     root = parse(map_svg(line, summary_of([], state="open"), []))
     assert by_class(root, "defect") == [] and by_class(root, "density") == []
     assert by_class(root, "title")[0].text.startswith("coil C-map: open, 1.3 m")
+
+
+def test_the_frame_url_carries_the_coil_id_quoted(coil) -> None:
+    line, _, _ = coil
+    records = planted_records(line, "C 1/2")
+    root = parse(map_svg(line, summary_of(records, "C 1/2"), records, frames_url="/coils/{coil_id}/records/{record}"))
+    assert {m.get("data-frame-url") for m in by_class(root, "defect")} == {
+        f"/coils/C%201%2F2/records/{i}" for i in range(len(records))}
+    assert by_class(root, "title")[0].text.startswith("coil C 1/2: closed")
