@@ -12,6 +12,9 @@ timings, and from its Prometheus ``/metrics`` when reachable), the server's own 
 the serving overhead: end-to-end frames/sec over the same backend's raw pipeline throughput
 (decode -> inference -> RLE, benchmarks.pipeline) at the same batch size.
 
+``--coil-db URL --line FILE`` runs every stream count a second time through a server that tracks
+coils (:mod:`benchmarks.stream_coils`): coil tracking on against off, in one run.
+
 ``--console`` opens the server's live console (``server serve --console-port``) with one viewer
 connected for the whole measurement, as a browser would: it follows the server-sent events and
 fetches every image they name. Run once with and once without it to see what an open console
@@ -67,6 +70,8 @@ class StreamConfig:
     connect_timeout: float = 30.0
     cache_dir: Path | None = None
     console: bool = False
+    coil_db: str | None = None
+    line: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.streams or any(s < 1 for s in self.streams):
@@ -85,6 +90,9 @@ class StreamConfig:
             raise ValueError("--in-process starts a server; it contradicts --target (a running server)")
         if self.console and self.target is not None:
             raise ValueError("--console opens the console of a server bench stream starts; it contradicts --target")
+        from benchmarks.stream_coils import check_coil_settings
+
+        check_coil_settings(self.coil_db, self.line, self.target, self.streams)
         if self.target is not None and (":" not in self.target or not self.target.rsplit(":", 1)[1].isdigit()):
             raise ValueError(f"--target must be HOST:PORT, got {self.target!r}")
 
@@ -126,7 +134,9 @@ def wait_serving(target: str, timeout: float, alive: Any = None) -> None:
 class SubprocessServer:
     """``server serve`` in its own process on free local ports (a deployed server's situation)."""
 
-    def __init__(self, cfg: StreamConfig, model: Path) -> None:
+    def __init__(self, cfg: StreamConfig, model: Path, coil_spool: Path | None = None) -> None:
+        from benchmarks.stream_coils import coil_server_flags
+
         self.port = free_port()
         self.metrics_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -138,6 +148,8 @@ class SubprocessServer:
         ]
         if cfg.threads and model.suffix.lower() == ".onnx":
             command += ["--threads", str(cfg.threads)]
+        if coil_spool is not None:
+            command += coil_server_flags(cfg.coil_db, cfg.line, coil_spool)
         self.console_url = None
         if cfg.console:
             console_port = free_port()
@@ -175,13 +187,16 @@ class SubprocessServer:
 class InProcessServer:
     """The library server (:class:`server.service.InspectionServer`) on its own event-loop thread."""
 
-    def __init__(self, cfg: StreamConfig, model: Path) -> None:
+    def __init__(self, cfg: StreamConfig, model: Path, coil_spool: Path | None = None) -> None:
+        from coils.line import load_line
         from engine.backends import load_backend
         from server.config import ServerConfig
         from server.service import InspectionServer
 
         options = {"threads": cfg.threads} if cfg.threads and model.suffix.lower() == ".onnx" else {}
-        config = ServerConfig(port=0, metrics_port=0, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms)
+        coils = {} if coil_spool is None else {"line": load_line(cfg.line), "coil_db": cfg.coil_db,
+                                               "coil_spool": coil_spool}
+        config = ServerConfig(port=0, metrics_port=0, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, **coils)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="bench-server", daemon=True)
         self.thread.start()
@@ -344,12 +359,15 @@ def summarise(run: Any, streams: int, fps: float, frames: int, metrics: tuple[fl
 
 
 def run_setting(
-    target: str, images: list[Path], streams: int, fps: float, metrics_url: str | None, connect_timeout: float
+    target: str, images: list[Path], streams: int, fps: float, metrics_url: str | None, connect_timeout: float,
+    shots: dict[str, list] | None = None, coil_lengths: dict[str, float | None] | None = None,
 ) -> dict[str, Any]:
+    """One stream count; ``shots`` (camera -> frames with their coils) instead of dealing ``images`` round-robin."""
     from client.stream_folder import run_cameras
 
     before = scrape_batches(metrics_url)
-    run = asyncio.run(run_cameras(target, images, streams=streams, fps=fps, connect_timeout=connect_timeout))
+    run = asyncio.run(run_cameras(target, images, streams=streams, fps=fps, connect_timeout=connect_timeout,
+                                  shots=shots, coil_lengths=coil_lengths))
     after = scrape_batches(metrics_url)
     delta = (after[0] - before[0], after[1] - before[1]) if before and after else None
     return summarise(run, streams, fps, len(images), delta)
@@ -376,6 +394,7 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
     """Starts (or reaches) the server, drives every stream setting, measures the raw pipeline, reports."""
     from benchmarks.machine import describe_machine
     from benchmarks.pipeline import jpeg_frames
+    from benchmarks.stream_coils import coil_ratio_note
 
     model = cfg.model
     if model is None and cfg.target is None:
@@ -421,6 +440,14 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
                 console = {"open": True, "url": server.console_url if server else None, **viewer.close()}
             if server is not None:
                 server.close()
+        if cfg.coil_db is not None:
+            from benchmarks.stream_coils import run_coil_settings
+
+            assert model is not None
+            for setting in settings:
+                setting["coils"] = "off"
+            factory = InProcessServer if cfg.in_process else SubprocessServer
+            settings += run_coil_settings(cfg, model, images, factory, run_setting)
     raw: dict[int, dict] = {}
     notes = []
     if model is not None:
@@ -449,6 +476,7 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
         "decode and RLE (worker threads) with inference, which the sequential raw pipeline does not; "
         "rate-limited at a fixed --fps (throughput = offered load)",
         "client and server share this machine's CPUs",
+        *([note] if (note := coil_ratio_note(settings)) else []),
         "console: " + (f"open, one viewer following its events for the whole run ({console['updates']} states, "
                        f"{console['images']} images fetched)" if console else "closed (no --console)"),
     ]
@@ -501,13 +529,15 @@ def stream_markdown(report: dict[str, Any]) -> str:
         f"{'open, one viewer' if report.get('console', {}).get('open') else 'closed'}",
         "",
     ]
-    headers = ["streams", "fps/stream", "frames", "errors", "frames/s", "p50 ms", "p95 ms", "p99 ms",
+    coils = any("coils" in s for s in report["settings"])
+    headers = [*(["coils"] if coils else []), "streams", "fps/stream", "frames", "errors", "frames/s", "p50 ms", "p95 ms", "p99 ms",
                "mean batch", "decode", "queue", "infer", "RLE", "in server", "raw img/s @batch", "e2e/raw"]
     rows = []
     for s in report["settings"]:
         server_ms = s["server_ms_median"]
         raw = s.get("raw_images_per_s")
         rows.append([
+            *([s.get("coils", "off")] if coils else []),
             str(s["streams"]),
             "max" if not s["fps_per_stream"] else f"{s['fps_per_stream']:g} ({s['offered_fps']:g} total)",
             str(s["frames"]),
@@ -573,6 +603,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--console", action="store_true",
                         help="open the server's live console with one viewer connected during the measurement "
                         "(compare with a run without it)")
+    parser.add_argument("--coil-db", default=None, metavar="URL",
+                        help="also run every stream count through a server tracking coils in this database "
+                        "(sqlite:///coils.db, postgresql://...): coil tracking on against off (needs --line)")
+    parser.add_argument("--line", type=Path, default=None, metavar="FILE",
+                        help="the line description for --coil-db, with at least as many cameras as --streams' "
+                        "largest count (trainer synth-line --cameras 16 writes one)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the default model is built (default benchmarks/results/models)")
 
@@ -596,6 +632,8 @@ def run(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         cache_dir=args.cache_dir,
         console=args.console,
+        coil_db=args.coil_db,
+        line=args.line,
     )
     report = run_stream(cfg)
     table = stream_markdown(report)

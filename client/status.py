@@ -1,7 +1,8 @@
 """``server status`` (and ``camera status``): a running server's line status (``GetLineStatus``) for a person or a script.
 
 Prints whether drift monitoring is on (and why not), each camera's window and its scores per
-statistic (``*`` marks a score over its threshold), and the capture counters; ``--json`` prints the
+statistic (``*`` marks a score over its threshold), the capture counters and coil tracking's (frames
+stored, spooled while the database is down, late); ``--json`` prints the
 ``LineStatus`` message as JSON instead.
 """
 
@@ -86,6 +87,15 @@ def format_status(status: Any) -> str:
         )
     else:
         lines.append("capture: off")
+    k = status.coils
+    if k.enabled:
+        lines.append(
+            f"coils: database {k.db_state}; {k.frames_stored} frames stored, {k.spool_frames} spooled "
+            f"({k.spool_bytes} bytes), {k.late_frames} late, {k.refused_frames} refused; {k.open_coils} open, "
+            f"{k.coils_closed} closed"
+        )
+    else:
+        lines.append("coils: not tracked (server serve --coil-db)")
     if status.feedback_skipped_batches:
         lines.append(f"line feedback fell behind: {status.feedback_skipped_batches} batches skipped")
     return "\n".join(lines)

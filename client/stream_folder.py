@@ -7,7 +7,8 @@ camera; 0 sends as fast as the server takes them). Encoded files are sent as the
 decodes them); ``--raw`` reads them here as grayscale and sends raw GRAY8 frames instead.
 ``--line DIR`` streams a line folder instead (``trainer synth-line``, :mod:`coils.line_folder`):
 one camera per camera id of its ``frames.csv``, each frame with its frame id, ``coil_id`` and
-``position_mm``; the CSV's ``ImageId`` is then the frame's file, relative to the folder.
+``position_mm``; the CSV's ``ImageId`` is then the frame's file, relative to the folder. Once every
+frame of a coil is answered (over all cameras) the coil is ended with ``EndCoil`` (:mod:`client.coil_end`).
 
 The CSV (``ImageId,ClassId,EncodedPixels``, the Severstal ``train.csv`` layout that
 ``trainer.data.read_annotations`` and ``trainer evaluate`` read) has one row per inspected image
@@ -28,6 +29,7 @@ import csv
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,7 @@ class CameraRun:
         answers: one per answered image, in (camera, frame) order.
         unanswered: ``(image_id, reason)`` for images the server never answered (its stream ended early).
         elapsed_s: wall time from the first frame sent to the last answer.
+        coils_ended_s: from the last answer until every coil's EndCoil had returned.
     """
 
     answers: list[FrameAnswer] = field(default_factory=list)
@@ -76,6 +79,8 @@ class CameraRun:
     elapsed_s: float = 0.0
     model_info: Any = None  # inspection.v1.ModelInfo of the server
     counters: dict[str, Any] = field(default_factory=dict)  # camera id -> client.camera.CameraCounters
+    coils: Any = None  # client.coil_end.CoilEnds when the frames carried coils
+    coils_ended_s: float = 0.0
 
     @property
     def failed(self) -> list[FrameAnswer]:
@@ -216,6 +221,7 @@ async def run_cameras(
     on_answer: Callable[[FrameAnswer], None] | None = None,
     give_up_s: float | None = 60.0,
     shots: dict[str, list[Shot]] | None = None,
+    coil_lengths: dict[str, float | None] | None = None,
 ) -> CameraRun:
     """Streams ``images`` to ``target`` as ``streams`` concurrent cameras (:class:`client.camera.CameraStream`).
 
@@ -227,12 +233,15 @@ async def run_cameras(
         connect_timeout: seconds to wait for the server to answer at all.
         on_answer: called on the event loop for every answer (progress display).
         give_up_s: a camera whose stream gets no answer for this long stops (its images ``unanswered``).
-        shots: camera id -> its frames (:func:`line_shots`), sent instead of ``images`` and ``streams``.
+        shots: camera id -> its frames (:func:`line_shots`), sent instead of ``images`` and ``streams``;
+            each coil among them is ended (``EndCoil``) once all its frames are answered.
+        coil_lengths: the length to end each coil with (:func:`client.coil_end.coil_lengths`).
 
     Raises:
         ConnectionError: the server cannot be reached or is not serving yet.
     """
     from client.camera import Backoff, open_channel
+    from client.coil_end import CoilEnder
 
     if streams < 1:
         raise ValueError(f"--streams must be >= 1, got {streams}")
@@ -247,17 +256,22 @@ async def run_cameras(
         run = CameraRun(model_info=info)
         started = time.perf_counter()
         backoff = Backoff(give_up_s=give_up_s)
-        await asyncio.gather(*(_camera(channel, camera_id, frames, fps, raw, backoff, run, on_answer)
+        per_coil = Counter(s.coil_id for frames in cameras.values() for s in frames if s.coil_id)
+        ender = CoilEnder(channel, per_coil, coil_lengths or {}, give_up_s) if per_coil else None
+        await asyncio.gather(*(_camera(channel, camera_id, frames, fps, raw, backoff, run, on_answer, ender)
                                for camera_id, frames in cameras.items()))
+        run.elapsed_s = time.perf_counter() - started
+        if ender is not None:
+            run.coils = await ender.finish()
+            run.coils_ended_s = time.perf_counter() - started - run.elapsed_s
     finally:
         await channel.close()
-    run.elapsed_s = time.perf_counter() - started
     run.answers.sort(key=lambda a: (a.camera_id, a.frame_id))
     return run
 
 
 async def _camera(channel: Any, camera_id: str, shots: list[Shot], fps: float, raw: bool, backoff: Any,
-                  run: CameraRun, on_answer: Callable[[FrameAnswer], None] | None) -> None:
+                  run: CameraRun, on_answer: Callable[[FrameAnswer], None] | None, ender: Any = None) -> None:
     """One camera: sends its ``shots`` in order and collects their answers."""
     from client.camera import CameraStream, CameraStreamError
 
@@ -284,6 +298,8 @@ async def _camera(channel: Any, camera_id: str, shots: list[Shot], fps: float, r
                                     answer.latency_s, answer.error)
                 run.answers.append(frame)
                 answered += 1
+                if ender is not None:
+                    ender.answered(by_id[answer.frame_id].coil_id)
                 if on_answer is not None:
                     on_answer(frame)
         except CameraStreamError as exc:
@@ -342,9 +358,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from client.coil_end import coil_lengths
     from engine.cli_util import progress_bar
 
     shots = line_shots(args.line) if args.line is not None else None
+    lengths = coil_lengths(args.line, shots) if shots is not None else None
     images = list_images(args.images) if shots is None else [s.path for frames in shots.values() for s in frames]
     streams = args.streams if shots is None else len(shots)
     credentials = channel_credentials(args.tls_ca)
@@ -364,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(run_cameras(args.target, images, streams, args.fps, args.raw, credentials,
                                          connect_timeout=args.connect_timeout, on_answer=on_answer,
-                                         give_up_s=args.give_up, shots=shots))
+                                         give_up_s=args.give_up, shots=shots, coil_lengths=lengths))
     finally:
         bar.close()
     rows = write_predictions_csv(args.out, result.answers)
@@ -380,4 +398,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"  failed {answer.image_id}: {answer.error_message}", file=sys.stderr)
     for image_id, reason in result.unanswered:
         print(f"  unanswered {image_id}: {reason}", file=sys.stderr)
-    return 1 if result.failed or result.unanswered else 0
+    coils_failed = _report_coils(result.coils)
+    return 1 if result.failed or result.unanswered or coils_failed else 0
+
+
+def _report_coils(ends: Any) -> bool:
+    """Prints the ended coils (and those that could not be ended); True when some could not."""
+    if ends is None or ends.untracked:
+        return False
+    for coil_id, summary in sorted(ends.summaries.items()):
+        defects = sum(c.defects for c in summary.classes)
+        print(f"  coil {coil_id} ended: {summary.frames} frames, {defects} defects, {summary.length_mm / 1000:.3f} m",
+              file=sys.stderr)
+    for coil_id, reason in ends.failed:
+        print(f"  coil {coil_id} not ended: {reason}", file=sys.stderr)
+    return bool(ends.failed)

@@ -8,7 +8,9 @@ arriving, so a busy server forms full batches and an idle one answers a lone fra
 Every call into the backend (loading, warm-up, inference) happens on one dedicated thread: the
 event loop keeps reading, decoding and replying while the model runs, and GPU runtimes see a
 single host thread. Run-length encoding of a finished batch runs in the worker pool while the
-next batch is already on the backend. Once a batch's frames are answered, an optional ``on_batch``
+next batch is already on the backend. Before a batch's answers are set, an optional ``before_answer``
+hook makes what they announce durable (coil tracking stores the frames' defects there, on its own
+thread); it may fail single frames with :class:`FrameNotRecorded`. Once a batch's frames are answered, an optional ``on_batch``
 hook gets the whole batch (camera ids, the frames the model saw, the result): the server's line
 feedback (drift statistics, capture) works on it there, vectorised over the batch.
 """
@@ -19,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,6 +42,10 @@ class FrameExpired(Exception):
 
 class InferenceFailed(RuntimeError):
     """The backend raised while running the frame's batch."""
+
+
+class FrameNotRecorded(RuntimeError):
+    """The frame was inspected, but what it found could not be made durable: answer UNAVAILABLE, resend."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,9 @@ class DynamicBatcher:
         inference_thread: the executor the backend runs on (one thread); created when None.
         on_batch: called on the event loop with each :class:`FinishedBatch` once its frames are
             answered; it must return at once (hand heavy work to a thread). Its errors are logged.
+        before_answer: awaited with each :class:`FinishedBatch` before its answers are set; returns
+            per frame None or the exception to answer that frame with (:class:`FrameNotRecorded`).
+            If it raises, every frame of the batch gets :class:`FrameNotRecorded`.
     """
 
     def __init__(
@@ -111,6 +120,7 @@ class DynamicBatcher:
         metrics: ServerMetrics,
         inference_thread: ThreadPoolExecutor | None = None,
         on_batch: Callable[[FinishedBatch], None] | None = None,
+        before_answer: Callable[[FinishedBatch], Awaitable[Sequence[Exception | None]]] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -126,6 +136,7 @@ class DynamicBatcher:
         self._workers = workers
         self._metrics = metrics
         self._on_batch = on_batch
+        self._before_answer = before_answer
         self._owns_inference = inference_thread is None
         self._inference = inference_thread or ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._queue: deque[_Pending] = deque()
@@ -284,8 +295,15 @@ class DynamicBatcher:
             return
         postprocess_s = time.perf_counter() - start
         self._metrics.postprocess_seconds.observe(postprocess_s)
+        # Frames whose stream went away are in it too: they were inspected all the same.
+        finished = FinishedBatch([item.camera_id for item in batch], [item.source for item in batch], frames,
+                                 result, rles)
+        failures = await self._durable(finished)
         for i, item in enumerate(batch):
             if item.future.done():
+                continue
+            if failures[i] is not None:
+                item.future.set_exception(failures[i])
                 continue
             item.future.set_result(
                 FrameResult(
@@ -299,10 +317,24 @@ class DynamicBatcher:
                 )
             )
         if self._on_batch is not None:
-            # Frames whose stream went away are in it too: they were inspected all the same.
-            finished = FinishedBatch([item.camera_id for item in batch], [item.source for item in batch], frames,
-                                     result, rles)
             try:
                 self._on_batch(finished)
             except Exception:  # noqa: BLE001 - the answers are out; a failing hook must not stop batching
                 log.exception("event=on_batch_error batch_size=%d", len(batch))
+
+    async def _durable(self, finished: FinishedBatch) -> Sequence[Exception | None]:
+        """``before_answer``'s verdict per frame; every frame fails when the hook itself fails."""
+        size = len(finished.sources)
+        if self._before_answer is None:
+            return [None] * size
+        try:
+            failures = list(await self._before_answer(finished))
+            if len(failures) != size:
+                raise RuntimeError(f"before_answer returned {len(failures)} outcomes for {size} frames")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the frames are answered with it, not lost
+            log.exception("event=before_answer_error batch_size=%d", size)
+            return [FrameNotRecorded(f"the frame was inspected but its result could not be recorded "
+                                     f"({type(exc).__name__}: {exc}); resend it")] * size
+        return failures

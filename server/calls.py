@@ -5,7 +5,9 @@ An ``Inspect`` call's reader takes a request off the wire only while the stream 
 room (that is the backpressure; HTTP/2 flow control does the rest), hands it to a frame task and
 queues that task in the call's answer queue. The writer awaits the tasks in queue order, so
 responses leave in frame order whatever order the batches finished in, and every frame that was
-read gets exactly one response, an error included.
+read gets exactly one response, an error included; or, when a frame's result could not be made
+durable (coil tracking's database down and its spool full), the call ends UNAVAILABLE before that
+frame's answer, saying "resend", and the camera resends it and the frames after it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import grpc
 
@@ -24,9 +26,17 @@ from server.admission import Admission, FrameLease, release_all
 from server.config import ServerConfig, clip
 from server.wire import UnreadableRequest, end_stream
 
+if TYPE_CHECKING:
+    from server.coil_tracker import CoilTracker
+
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 Request = pb.InspectRequest | UnreadableRequest
+#: A frame answer with this code is never sent: its result could not be made durable (coil tracking's
+#: database down and spool full), so the call ends UNAVAILABLE and the camera resends the frame.
+NOT_RECORDED = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 class InspectionServer(Protocol):
@@ -36,6 +46,7 @@ class InspectionServer(Protocol):
     admission: Admission
     info: pb.ModelInfo | None
     line_info: pb.Line | None
+    coils: CoilTracker | None
 
     @property
     def inflight(self) -> int: ...
@@ -69,6 +80,7 @@ class CameraCall:
         self.last_frame: tuple[str, int] | None = None
         self.stopped_reading = False
         self.unreadable: UnreadableRequest | None = None  # a message that was no InspectRequest: the call ends
+        self.unrecorded: pb.InspectResponse | None = None  # a frame whose result could not be made durable
         self.reader: asyncio.Task[None] | None = None
         self.current: asyncio.Task[pb.InspectResponse] | None = None  # the answer being written
 
@@ -129,10 +141,14 @@ class CameraCall:
                 "resend later frames to another server")
 
     async def write_answers(self, context: grpc.aio.ServicerContext) -> None:
-        """Writes each frame's answer in read order, until the reader has ended."""
+        """Writes each frame's answer in read order, until the reader has ended or a frame's result
+        could not be recorded (:attr:`unrecorded`: the stream must end so that the camera resends it)."""
         while (item := await self.answers.get()) is not None:
             self.current, lease = item
             response = await self.current
+            if response.error.code == NOT_RECORDED:
+                self.unrecorded = response
+                break
             await context.write(response)
             self.answered += 1
             lease.answered(response)
@@ -156,6 +172,10 @@ class Servicer(pb_grpc.InspectionServiceServicer):
         try:
             call.reader = asyncio.get_running_loop().create_task(call.read_frames())
             await call.write_answers(context)
+            if call.unrecorded is not None:
+                # Not answered: the camera resends this frame and every later one (the finally below
+                # abandons them), as after a drain; coil tracking's spool was full.
+                await end_stream(context, grpc.StatusCode.UNAVAILABLE, call.unrecorded.error.message, resend=True)
             await call.reader  # re-raises a failed read (a broken stream)
             await self._end(call, context)
         finally:
@@ -199,6 +219,8 @@ class Servicer(pb_grpc.InspectionServiceServicer):
         server.call_started(None)
         try:
             response = await server.inspect_frame(request, server.deadline_of(context), received)
+            if response.error.code == NOT_RECORDED:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, response.error.message)
             lease.answered(response)
             return response
         finally:
@@ -221,6 +243,63 @@ class Servicer(pb_grpc.InspectionServiceServicer):
                                 "this server was started without a line description (server serve --line "
                                 "line.yaml): it knows no line geometry")
         return self.server.line_info
+
+    # ------------------------------------------------------------------ coils
+
+    async def EndCoil(self, request: pb.EndCoilRequest, context: grpc.aio.ServicerContext) -> pb.CoilSummary:
+        from server.coil_wire import end_coil_problem, summary_message
+
+        await self._require_coils(context)
+        if (problem := end_coil_problem(request)) is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        length = request.length_mm if request.HasField("length_mm") else None
+        summary = await self._on_coils(context, request.coil_id, lambda coils: coils.end_coil(request.coil_id, length))
+        return summary_message(summary)
+
+    async def ListCoils(self, request: pb.ListCoilsRequest, context: grpc.aio.ServicerContext) -> pb.ListCoilsResponse:
+        from server.coil_wire import page_request, page_token, summary_message
+
+        await self._require_coils(context)
+        try:
+            size, before = page_request(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        coils = await self._on_coils(context, "", lambda tracker: tracker.list_coils(size, before))
+        return pb.ListCoilsResponse(coils=[summary_message(c) for c in coils], next_page_token=page_token(coils, size))
+
+    async def GetCoil(self, request: pb.GetCoilRequest, context: grpc.aio.ServicerContext) -> pb.Coil:
+        from server.coil_wire import record_message, summary_message
+
+        await self._require_coils(context)
+        if not request.coil_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "coil_id is empty: name the coil to read")
+        summary, records = await self._on_coils(context, request.coil_id,
+                                                lambda coils: coils.get_coil(request.coil_id))
+        return pb.Coil(summary=summary_message(summary), records=[record_message(r) for r in records])
+
+    async def _require_coils(self, context: grpc.aio.ServicerContext) -> CoilTracker:
+        """The server's coil tracker; FAILED_PRECONDITION (before any other check) without --coil-db."""
+        if self.server.coils is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this server does not track coils: start it with --coil-db URL (and --line)")
+        return self.server.coils
+
+    async def _on_coils(self, context: grpc.aio.ServicerContext, coil_id: str,
+                        work: Callable[[CoilTracker], T]) -> T:
+        """``work(tracker)`` on the tracker's read thread, its errors as statuses: NOT_FOUND for an
+        unknown coil, UNAVAILABLE while the database is down."""
+        from coils.store import StoreUnavailable
+
+        coils = await self._require_coils(context)
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(coils.reader, work, coils)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no coil {clip(coil_id)!r}: no frame of it was stored")
+        except StoreUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the coil database cannot be reached ({exc}); retry")
+        raise AssertionError("unreachable")  # context.abort raises
 
 
 __all__ = ["CameraCall", "Servicer"]

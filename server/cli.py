@@ -1,4 +1,4 @@
-"""``server``: serve a model over gRPC, and stream images to it as cameras."""
+"""``server``: serve a model over gRPC, stream images to it as cameras, and read its coils back."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ COMMANDS: dict[str, str] = {
     "serve": "server.serve",
     "client": "client.stream_folder",
     "status": "client.status",
+    "coils": "server.coils_cli",
 }
 
 

@@ -53,6 +53,11 @@ DEFAULT_PSI_THRESHOLD = 0.25
 DEFAULT_KS_THRESHOLD = 0.2
 DEFAULT_DRIFT_MAX_CAMERAS = 256
 
+DEFAULT_COIL_SILENCE_S = 300.0
+DEFAULT_COIL_SPOOL_MB = 1024.0
+#: Where the spool goes beside a SQLite database file ``coils.db``: ``coils.db.spool/``.
+SQLITE_SPOOL_SUFFIX = ".spool"
+
 DEFAULT_CAPTURE_QUEUE = 64
 DEFAULT_CAPTURE_QUOTA_GB = 5.0
 
@@ -115,6 +120,47 @@ class CaptureConfig:
         check_capture_limits(self.quota_bytes, self.queue_size)
 
 
+@dataclass(frozen=True)
+class CoilTrackingConfig:
+    """Where coils are stored (``--coil-db``, ``--coil-spool``, ``--coil-spool-mb``, ``--coil-silence-s``),
+    resolved: the spool folder is set (SQLite's default beside the database file)."""
+
+    db_url: str
+    spool_dir: Path
+    spool_max_bytes: int
+    silence_s: float
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URL; None for another database or an in-memory one."""
+    scheme, sep, rest = url.partition(":///")
+    if not sep or scheme.split("+", 1)[0] != "sqlite" or not rest or rest.startswith(":memory:"):
+        return None
+    return Path(rest.split("?", 1)[0])
+
+
+def check_coil_settings(db_url: str | None, spool: Path | None, spool_mb: float, silence_s: float,
+                        line: Line | None) -> None:
+    """The one check of the coil-tracking flags (:class:`ServerConfig` calls it).
+
+    Raises:
+        ValueError: naming the flag and what it needs.
+    """
+    if db_url is None:
+        if spool is not None:
+            raise ValueError("--coil-spool needs --coil-db (the database the spooled frames wait for)")
+        return
+    if line is None:
+        raise ValueError("--coil-db needs --line (the line's geometry places each frame's defects on the coil)")
+    if spool is None and sqlite_file(db_url) is None:
+        raise ValueError(f"--coil-db {db_url.split('://', 1)[0]}://...: --coil-spool DIR is needed (only a SQLite "
+                         "database file has a default spool, beside it)")
+    if not (math.isfinite(silence_s) and silence_s > 0):
+        raise ValueError(f"coil_silence_s (--coil-silence-s) must be a positive number of seconds, got {silence_s}")
+    if not (math.isfinite(spool_mb) and spool_mb > 0):
+        raise ValueError(f"coil_spool_mb (--coil-spool-mb) must be a positive size, got {spool_mb}")
+
+
 def _setting(default: Any, help: str, flag: bool = True, **argparse_options: Any) -> Any:
     """A ServerConfig field that is also a ``server serve`` flag (``--name-with-dashes``)."""
     return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_options})
@@ -154,6 +200,16 @@ class ServerConfig:
     max_metric_cameras: int = _setting(
         64, "cameras with their own Prometheus labels; the rest are aggregated as camera=\"other\"")
     max_status_cameras: int = _setting(256, "cameras one GetLineStatus answer lists (it says how many it left out)")
+    coil_db: str | None = _setting(
+        None, "coil tracking: SQLAlchemy URL of the coil database (sqlite:///coils.db, postgresql://user@host/db); "
+        "needs --line", type=str)
+    coil_spool: Path | None = _setting(
+        None, "folder where coil frames wait while the database is down (default for SQLite: beside the "
+        "database file, FILE.spool; required otherwise)", type=Path)
+    coil_spool_mb: float = _setting(DEFAULT_COIL_SPOOL_MB, "most megabytes the coil spool holds; past it "
+                                    "frames are answered UNAVAILABLE (the camera resends them)")
+    coil_silence_s: float = _setting(DEFAULT_COIL_SILENCE_S, "an open coil with no frame for this many seconds "
+                                     "is closed (EndCoil closes it at once)")
     capture: CaptureConfig | None = field(default=None, metadata={"flag": False})
     #: The line's geometry (``--line line.yaml``, :mod:`coils.line`); None: GetLine says there is none.
     line: Line | None = field(default=None, metadata={"flag": False})
@@ -176,6 +232,18 @@ class ServerConfig:
             raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
         check_drift_settings(self.drift_window, self.drift_min_frames, self.drift_psi_threshold,
                              self.drift_ks_threshold, self.drift_max_cameras)
+        check_coil_settings(self.coil_db, self.coil_spool, self.coil_spool_mb, self.coil_silence_s, self.line)
+
+    def coil_tracking(self) -> CoilTrackingConfig | None:
+        """The coil database and spool, resolved; None without ``--coil-db``."""
+        if self.coil_db is None:
+            return None
+        spool = self.coil_spool
+        if spool is None:
+            database = sqlite_file(self.coil_db)
+            assert database is not None  # checked in __post_init__
+            spool = database.with_name(database.name + SQLITE_SPOOL_SUFFIX)
+        return CoilTrackingConfig(self.coil_db, Path(spool), int(self.coil_spool_mb * 1e6), self.coil_silence_s)
 
 
 def _flag_fields() -> list[Any]:
@@ -191,8 +259,9 @@ def _flag_type(f: Any) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``server serve``'s ServerConfig flags, then ``--no-warmup``, drift and capture flags."""
     drift = parser.add_argument_group("drift monitoring (when the model carries a drift reference)")
+    coils = parser.add_argument_group("coil tracking (with --line)")
     for f in _flag_fields():
-        group = drift if f.name.startswith("drift_") else parser
+        group = drift if f.name.startswith("drift_") else coils if f.name.startswith("coil_") else parser
         default = -1 if f.name == "metrics_port" and f.default is None else f.default
         shown = "" if default is None else " (default: %(default)s)"
         group.add_argument("--" + f.name.replace("_", "-"), type=_flag_type(f), default=default,
@@ -273,7 +342,7 @@ def capture_from_args(args: argparse.Namespace) -> CaptureConfig | None:
 
 __all__ = [
     "MAX_CAMERA_ID_BYTES", "MAX_COIL_ID_BYTES", "MAX_ECHO_CHARS", "MAX_MESSAGE_BYTES", "RESEND_FINAL", "RESEND_KEY", "RESEND_YES",
-    "clip", "CaptureConfig", "ServerConfig", "add_arguments",
+    "clip", "CaptureConfig", "CoilTrackingConfig", "ServerConfig", "check_coil_settings", "sqlite_file", "add_arguments",
     "add_capture_arguments", "capture_from_args", "check_capture_limits", "check_drift_settings",
     "config_from_args",
 ]

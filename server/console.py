@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from server.console_buffer import CameraBuffer, Shot, newer
+from server.console_coils import CoilPages
 from server.console_connections import ConnectionGuard
 from server.console_state import camera_state, latency_buckets, server_state
 
@@ -174,6 +175,7 @@ class Console:
         self._refresh: asyncio.Task[None] | None = None
         self._runner: Any = None
         self.connections: ConnectionGuard | None = None
+        self.coil_pages = CoilPages(server)  # /coils, /coils/<id>
         self.encoded = 0  # images encoded, over all viewers (each at most once)
         self.updates = 0  # states made (one per tick with viewers or /api/state clients)
 
@@ -220,6 +222,7 @@ class Console:
             # At most 18 digits: a longer number is no frame (and int() of thousands of digits raises).
             web.get(r"/frames/{seq:\d{1,18}}.jpg", self._frame_image),
             web.get(r"/thumbs/{seq:\d{1,18}}.jpg", self._thumb_image),
+            *self.coil_pages.routes(),
         ])
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=cfg.idle_timeout_s)
         await self._runner.setup()
@@ -265,6 +268,7 @@ class Console:
             await self._runner.cleanup()
             self._runner = None
         await asyncio.get_running_loop().run_in_executor(None, self._encoder.shutdown, True)
+        self.coil_pages.close()
         log.info("event=console_stop encoded=%d updates=%d viewers=%d", self.encoded, self.updates, len(self._viewers))
 
     # ------------------------------------------------------------------ refresh

@@ -22,7 +22,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
-    """The server's series: frames by status, batch sizes, latencies, in-flight frames, open streams."""
+    """The server's series: frames by status, batch sizes, latencies, in-flight frames, open streams, coils."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -73,8 +73,44 @@ class ServerMetrics:
             "inspection_coil_frames", "Frames read that carried a coil id and a strip position (coil_id, "
             "position_mm); frames with a wrong one are not counted", registry=r,
         )
+        self._coil_series(r)
         self._http: Any = None
         self._thread: threading.Thread | None = None
+
+    def _coil_series(self, r: CollectorRegistry) -> None:
+        """Coil tracking (``server serve --coil-db``): what was stored, what waits, what went wrong."""
+        self.coil_frames_stored = Counter(
+            "inspection_coil_frames_stored", "Coil frames committed to the coil database, spooled ones when drained "
+            "(a resent frame counts again; the database keeps one)",
+            registry=r,
+        )
+        self.coil_spool_frames = Gauge(
+            "inspection_coil_spool_frames", "Coil frames waiting in the spool for the database", registry=r,
+        )
+        self.coil_spool_bytes = Gauge("inspection_coil_spool_bytes", "Bytes of the coil spool", registry=r)
+        self.coil_late_frames = Counter(
+            "inspection_coil_late_frames", "Frames that arrived for a closed coil (kept, not merged)", registry=r,
+        )
+        self.coil_db_errors = Counter(
+            "inspection_coil_db_errors", "Coil database writes or reads that failed (unreachable, timed out)",
+            registry=r,
+        )
+        self.coil_db_up = Gauge(
+            "inspection_coil_db_up", "1 while the coil database takes writes, 0 while frames go to the spool",
+            registry=r,
+        )
+        self.coil_refused_frames = Counter(
+            "inspection_coil_refused_frames", "Frames answered UNAVAILABLE: the database was down and the spool "
+            "full (the camera resends them)", registry=r,
+        )
+        self.coil_commit_seconds = Histogram(
+            "inspection_coil_commit_seconds", "Storing a batch's coil frames before its answers (database or "
+            "spool)", buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.coil_close_seconds = Histogram(
+            "inspection_coil_close_seconds", "Closing a coil: merging its records and storing them and its summary",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Starts the ``/metrics`` HTTP endpoint (port 0 picks a free port) and returns its port."""

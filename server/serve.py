@@ -17,7 +17,8 @@ DESCRIPTION = (
     "model is loaded and warmed up, SERVING after. SIGTERM/SIGINT: health NOT_SERVING, no new calls, "
     "every frame already read is answered, exit 0. When the model carries a drift reference, every "
     "camera's frame statistics are scored against it (GetLineStatus, /metrics, a log warning per "
-    "crossing); --capture-dir saves chosen frames with their predictions for retraining."
+    "crossing); --capture-dir saves chosen frames with their predictions for retraining; --line with --coil-db "
+    "stores every coil frame's defects before its answer and merges them into defect records per coil."
 )
 
 log = logging.getLogger(__name__)

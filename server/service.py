@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from engine.backends.base import Backend
 from protos.inspection.v1 import inspection_pb2 as pb
 from server.admission import Admission
-from server.batcher import DynamicBatcher, FrameExpired, InferenceFailed
+from server.batcher import DynamicBatcher, FrameExpired, FrameNotRecorded, InferenceFailed
 from server.calls import CameraCall, Servicer
 from server.config import ServerConfig, clip
 from server.decode import FrameRejected, decode_request
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from server.batcher import FinishedBatch
+    from server.coil_tracker import CoilTracker
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -102,6 +103,8 @@ class InspectionServer:
         self.info: pb.ModelInfo | None = None  # GetModelInfo's answer, once loaded
         #: GetLine's answer: the line description (``--line``), None without one.
         self.line_info: pb.Line | None = line_message(self.config.line) if self.config.line else None
+        #: Coil tracking (``--coil-db``), opened by :meth:`start`; None without it.
+        self.coils: CoilTracker | None = None
         self._loading: asyncio.Task[None] | None = None
         self._ready = False
         self._stopping = False
@@ -151,6 +154,7 @@ class InspectionServer:
             FileNotFoundError: a TLS file is missing.
         """
         cfg = self.config
+        await self._open_coil_tracking()
         limit = cfg.max_message_bytes
         self._grpc = grpc.aio.server(
             options=[
@@ -173,7 +177,11 @@ class InspectionServer:
             else:
                 self.port = self._grpc.add_insecure_port(address)
         except RuntimeError as exc:
+            await self._close_coil_tracking()
             raise OSError(f"cannot listen on {address}: {exc}") from None
+        except BaseException:
+            await self._close_coil_tracking()
+            raise
         await self._grpc.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.bind)
@@ -189,6 +197,40 @@ class InspectionServer:
             except BaseException:
                 await self.stop(grace=0)
                 raise
+
+    async def _open_coil_tracking(self) -> None:
+        """Opens the coil database and spool (``--coil-db``) before the port: a bad URL fails the start."""
+        tracking = self.config.coil_tracking()
+        if tracking is None or self.coils is not None:
+            return
+        from server.coil_tracker import CoilTracker
+
+        assert self.config.line is not None  # ServerConfig checks --coil-db has --line
+        self.coils = await asyncio.get_running_loop().run_in_executor(
+            None, CoilTracker.open, tracking, self.config.line, self.metrics)
+
+    async def _close_coil_tracking(self) -> None:
+        if self.coils is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.coils.close)
+
+    async def _commit_coils(self, batch: FinishedBatch) -> list[Exception | None]:
+        """The batcher's ``before_answer``: the batch's coil frames stored (or spooled) before its answers."""
+        assert self.coils is not None
+        if not any(getattr(source, "coil_id", "") for source in batch.sources):
+            return [None] * len(batch.sources)
+        return await asyncio.get_running_loop().run_in_executor(self.coils.writer, self.coils.commit, batch)
+
+    def _check_line_frames(self, backend: Backend) -> None:
+        """With coil tracking, every camera of the line must send frames of the model's size."""
+        if self.coils is None:
+            return
+        height, width = backend.metadata.input_height, backend.metadata.input_width
+        for camera in self.coils.line.cameras:
+            if (camera.frame_height_px, camera.frame_width_px) != (height, width):
+                raise ValueError(
+                    f"--line: camera {camera.camera_id!r} sends {camera.frame_height_px}x{camera.frame_width_px} "
+                    f"frames (height x width), the model takes {height}x{width}: coil tracking places the model's "
+                    "masks with the camera's geometry, so the two must agree")
 
     def _tls_credentials(self) -> grpc.ServerCredentials:
         cfg = self.config
@@ -218,6 +260,7 @@ class InspectionServer:
             factory = self._backend_source
             self.backend = await loop.run_in_executor(self._inference_thread, factory)  # type: ignore[arg-type]
         backend = self.backend
+        self._check_line_frames(backend)
         self.feedback = LineFeedback(
             backend.metadata, drift_window=cfg.drift_window, drift_min_frames=cfg.drift_min_frames,
             psi_threshold=cfg.drift_psi_threshold, ks_threshold=cfg.drift_ks_threshold,
@@ -226,7 +269,7 @@ class InspectionServer:
         )
         self._batcher = DynamicBatcher(
             backend, cfg.max_batch, cfg.max_delay_ms / 1000.0, self._workers, self.metrics, self._inference_thread,
-            on_batch=self._batch_finished,
+            on_batch=self._batch_finished, before_answer=self._commit_coils if self.coils is not None else None,
         )
         if cfg.warmup:
             sizes = tuple(sorted({1, self._batcher.max_batch}))
@@ -262,7 +305,12 @@ class InspectionServer:
         """Drift per camera (every camera, or ``camera_id``'s) and capture counters."""
         if self.feedback is None:
             raise RuntimeError("the model is not loaded yet")
-        return self.feedback.status(camera_id)
+        status = self.feedback.status(camera_id)
+        if self.coils is not None:
+            status.coils.CopyFrom(pb.CoilTrackingStatus(**self.coils.status()))
+        else:
+            status.coils.db_state = "off (server serve --coil-db)"
+        return status
 
     async def stop(self, grace: float = 30.0) -> None:
         """Graceful shutdown: refuse new calls, answer every frame already read, then close.
@@ -299,6 +347,7 @@ class InspectionServer:
         if self.feedback is not None:
             # After the drain: the last batches' statistics are in and every chosen frame is on disk.
             await loop.run_in_executor(None, self.feedback.close)
+        await self._close_coil_tracking()  # after the batcher: every answered frame is committed
         await loop.run_in_executor(None, self._inference_thread.shutdown, True)
         await loop.run_in_executor(None, self._workers.shutdown, True)
         if self.backend is not None and self.backend is not self._backend_source:
@@ -363,6 +412,8 @@ class InspectionServer:
         if (problem := coil_problem(request)) is not None:
             return self._error(request, invalid, problem, received)
         if request.coil_id:
+            if self.coils is not None and (problem := self._unknown_camera(request.camera_id)) is not None:
+                return self._error(request, invalid, problem, received)
             self.metrics.coil_frames.inc()
         try:
             start = time.perf_counter()
@@ -378,6 +429,8 @@ class InspectionServer:
             return self._error(request, grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), received)
         except InferenceFailed as exc:
             return self._error(request, grpc.StatusCode.INTERNAL, str(exc), received)
+        except FrameNotRecorded as exc:
+            return self._error(request, grpc.StatusCode.UNAVAILABLE, str(exc), received)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a frame's failure is answered, never raised into the stream
@@ -385,6 +438,16 @@ class InspectionServer:
             return self._error(request, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", received)
         total_s = self._observe_total(received)
         return frame_response(request, result, self._model_version, decode_s, total_s)
+
+    def _unknown_camera(self, camera_id: str) -> str | None:
+        """Why a coil frame of ``camera_id`` cannot be placed on its coil, or None."""
+        assert self.coils is not None
+        known = [c.camera_id for c in self.coils.line.cameras]
+        if camera_id in known:
+            return None
+        return (f"camera {clip(camera_id)!r} is not in the line description (--line lists "
+                f"{', '.join(map(repr, known[:8]))}{'...' if len(known) > 8 else ''}): its coil frames cannot be "
+                "placed on the coil")
 
     @property
     def _model_version(self) -> str:

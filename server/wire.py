@@ -123,6 +123,12 @@ def add_servicer(servicer: pb_grpc.InspectionServiceServicer, server: grpc.aio.S
             servicer.GetLine, request_deserializer=pb.GetLineRequest.FromString,
             response_serializer=pb.Line.SerializeToString),
     }
+    for name, request, response in (("EndCoil", pb.EndCoilRequest, pb.CoilSummary),
+                                    ("ListCoils", pb.ListCoilsRequest, pb.ListCoilsResponse),
+                                    ("GetCoil", pb.GetCoilRequest, pb.Coil)):
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name), request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 

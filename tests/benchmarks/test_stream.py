@@ -117,6 +117,10 @@ def test_stream_against_a_running_server(tiny_onnx: Path, tmp_path: Path) -> Non
         (["--fps", "-1"], "--fps must be >= 0"),
         (["--target", "127.0.0.1:1", "--console"], "--console opens the console of a server bench stream starts"),
         (["--model", "missing.onnx"], "--model missing.onnx: no such file"),
+        (["--coil-db", "sqlite:///c.db"], "--coil-db and --line go together"),
+        (["--coil-db", "sqlite:///c.db", "--line", "missing.yaml"], "--line missing.yaml: no such line description"),
+        (["--target", "127.0.0.1:1", "--coil-db", "sqlite:///c.db", "--line", "l.yaml"],
+         "--coil-db starts a coil-tracking server of its own; it contradicts --target"),
     ],
 )
 def test_bad_flags_are_clear_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,3 +135,33 @@ def test_unreachable_target_is_a_clear_error(capsys: pytest.CaptureFixture[str])
     assert cli.main(["stream", "--target", f"127.0.0.1:{port}", "--streams", "1", "--frames", "1",
                      "--connect-timeout", "1"]) == 2
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_stream_with_coil_tracking_on_against_off(tiny_onnx: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``--coil-db --line``: every stream count runs again through a coil-tracking server, the frames
+    on one coil per setting, each coil ended and stored; the report compares the two."""
+    from coils.line import load_line
+    from coils.store import CoilStore
+    from trainer.synth_line import LineSpec, synthesize_line
+
+    synthesize_line(tmp_path / "line", LineSpec(cameras=3, frames=4, height=64, width=320, overlap_px=32))
+    line = tmp_path / "line" / "line.yaml"
+    out, database = tmp_path / "stream.json", tmp_path / "coils.db"
+    rc = cli.main(["stream", "--model", str(tiny_onnx), "--streams", "1,3", "--frames", "6", "--in-process",
+                   "--raw-repeats", "1", "--max-batch", "4", "--json", str(out), "--coil-db", f"sqlite:///{database}",
+                   "--line", str(line)])
+    assert rc == 0
+    report = read_report(out)
+    assert [(s["coils"], s["streams"]) for s in report["settings"]] == [("off", 1), ("off", 3), ("on", 1), ("on", 3)]
+    for s in report["settings"]:
+        check_setting(s, 6, max_batch=4)
+    assert any(note.startswith("coil tracking: frames/s with it on over off") for note in report["notes"])
+    store = CoilStore.open(f"sqlite:///{database}", load_line(line))
+    try:
+        coils = store.list_coils(10)
+    finally:
+        store.close()
+    assert sorted(c.frames for c in coils) == [2, 6, 6] and {c.state for c in coils} == {"closed"}  # warm-up too
+    assert cli.main(["stream", "--streams", "4", "--coil-db", f"sqlite:///{database}", "--line", str(line)]) == 2
+    assert "has 3 cameras, --streams asks for 4" in capsys.readouterr().err

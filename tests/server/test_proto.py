@@ -53,7 +53,8 @@ def test_contract_names_and_field_numbers() -> None:
     methods = {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
     assert methods == {
         "Inspect": (True, True), "InspectOne": (False, False), "GetModelInfo": (False, False),
-        "GetLineStatus": (False, False), "GetLine": (False, False),
+        "GetLineStatus": (False, False), "GetLine": (False, False), "EndCoil": (False, False),
+        "ListCoils": (False, False), "GetCoil": (False, False),
     }
 
     def numbers(message: type) -> dict[str, int]:
@@ -90,8 +91,28 @@ def test_contract_names_and_field_numbers() -> None:
     assert numbers(pb.LineStatus) == {
         "drift_enabled": 1, "drift_state": 2, "psi_threshold": 3, "ks_threshold": 4, "drift_window": 5,
         "drift_min_frames": 6, "statistics": 7, "cameras": 8, "capture": 9, "model_version": 10,
-        "feedback_skipped_batches": 11, "cameras_tracked": 12, "cameras_omitted": 13,
+        "feedback_skipped_batches": 11, "cameras_tracked": 12, "cameras_omitted": 13, "coils": 14,
     }
+    assert numbers(pb.CoilTrackingStatus) == {
+        "enabled": 1, "db_state": 2, "spool_frames": 3, "spool_bytes": 4, "open_coils": 5, "frames_stored": 6,
+        "late_frames": 7, "refused_frames": 8, "coils_closed": 9,
+    }
+    assert numbers(pb.EndCoilRequest) == {"coil_id": 1, "length_mm": 2}
+    assert pb.EndCoilRequest.DESCRIPTOR.fields_by_name["length_mm"].has_presence
+    assert numbers(pb.ListCoilsRequest) == {"page_size": 1, "page_token": 2}
+    assert numbers(pb.ListCoilsResponse) == {"coils": 1, "next_page_token": 2}
+    assert numbers(pb.GetCoilRequest) == {"coil_id": 1}
+    assert numbers(pb.FrameRef) == {"camera_id": 1, "frame_id": 2}
+    assert numbers(pb.DefectRecord) == {
+        "coil_id": 1, "class_id": 2, "along_start_mm": 3, "along_end_mm": 4, "across_start_mm": 5,
+        "across_end_mm": 6, "area_mm2": 7, "max_probability": 8, "frames": 9, "cameras": 10,
+    }
+    assert numbers(pb.ClassDefects) == {"class_id": 1, "defects": 2, "per_100m": 3}
+    assert numbers(pb.CoilSummary) == {
+        "coil_id": 1, "state": 2, "opened_unix_s": 3, "last_frame_unix_s": 4, "closed_unix_s": 5,
+        "close_reason": 6, "length_mm": 7, "frames": 8, "late_frames": 9, "classes": 10, "largest": 11,
+    }
+    assert numbers(pb.Coil) == {"summary": 1, "records": 2}
     assert numbers(pb.Line) == {"name": 1, "strip_width_mm": 2, "cameras": 3, "rolls": 4}
     assert numbers(pb.CameraGeometry) == {
         "camera_id": 1, "lane_start_mm": 2, "mm_per_px_across": 3, "mm_per_px_along": 4, "along_axis": 5,

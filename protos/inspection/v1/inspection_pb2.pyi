@@ -197,7 +197,7 @@ class CaptureStatus(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., directory: _Optional[str] = ..., policy: _Optional[str] = ..., offered: _Optional[int] = ..., selected: _Optional[int] = ..., written: _Optional[int] = ..., skipped_queue_full: _Optional[int] = ..., skipped_quota: _Optional[int] = ..., skipped_error: _Optional[int] = ..., bytes_used: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
 
 class LineStatus(_message.Message):
-    __slots__ = ("drift_enabled", "drift_state", "psi_threshold", "ks_threshold", "drift_window", "drift_min_frames", "statistics", "cameras", "capture", "model_version", "feedback_skipped_batches", "cameras_tracked", "cameras_omitted")
+    __slots__ = ("drift_enabled", "drift_state", "psi_threshold", "ks_threshold", "drift_window", "drift_min_frames", "statistics", "cameras", "capture", "model_version", "feedback_skipped_batches", "cameras_tracked", "cameras_omitted", "coils")
     DRIFT_ENABLED_FIELD_NUMBER: _ClassVar[int]
     DRIFT_STATE_FIELD_NUMBER: _ClassVar[int]
     PSI_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +211,7 @@ class LineStatus(_message.Message):
     FEEDBACK_SKIPPED_BATCHES_FIELD_NUMBER: _ClassVar[int]
     CAMERAS_TRACKED_FIELD_NUMBER: _ClassVar[int]
     CAMERAS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    COILS_FIELD_NUMBER: _ClassVar[int]
     drift_enabled: bool
     drift_state: str
     psi_threshold: float
@@ -224,7 +225,30 @@ class LineStatus(_message.Message):
     feedback_skipped_batches: int
     cameras_tracked: int
     cameras_omitted: int
-    def __init__(self, drift_enabled: _Optional[bool] = ..., drift_state: _Optional[str] = ..., psi_threshold: _Optional[float] = ..., ks_threshold: _Optional[float] = ..., drift_window: _Optional[int] = ..., drift_min_frames: _Optional[int] = ..., statistics: _Optional[_Iterable[str]] = ..., cameras: _Optional[_Iterable[_Union[CameraDrift, _Mapping]]] = ..., capture: _Optional[_Union[CaptureStatus, _Mapping]] = ..., model_version: _Optional[str] = ..., feedback_skipped_batches: _Optional[int] = ..., cameras_tracked: _Optional[int] = ..., cameras_omitted: _Optional[int] = ...) -> None: ...
+    coils: CoilTrackingStatus
+    def __init__(self, drift_enabled: _Optional[bool] = ..., drift_state: _Optional[str] = ..., psi_threshold: _Optional[float] = ..., ks_threshold: _Optional[float] = ..., drift_window: _Optional[int] = ..., drift_min_frames: _Optional[int] = ..., statistics: _Optional[_Iterable[str]] = ..., cameras: _Optional[_Iterable[_Union[CameraDrift, _Mapping]]] = ..., capture: _Optional[_Union[CaptureStatus, _Mapping]] = ..., model_version: _Optional[str] = ..., feedback_skipped_batches: _Optional[int] = ..., cameras_tracked: _Optional[int] = ..., cameras_omitted: _Optional[int] = ..., coils: _Optional[_Union[CoilTrackingStatus, _Mapping]] = ...) -> None: ...
+
+class CoilTrackingStatus(_message.Message):
+    __slots__ = ("enabled", "db_state", "spool_frames", "spool_bytes", "open_coils", "frames_stored", "late_frames", "refused_frames", "coils_closed")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    DB_STATE_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SPOOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPEN_COILS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_STORED_FIELD_NUMBER: _ClassVar[int]
+    LATE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    COILS_CLOSED_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    db_state: str
+    spool_frames: int
+    spool_bytes: int
+    open_coils: int
+    frames_stored: int
+    late_frames: int
+    refused_frames: int
+    coils_closed: int
+    def __init__(self, enabled: _Optional[bool] = ..., db_state: _Optional[str] = ..., spool_frames: _Optional[int] = ..., spool_bytes: _Optional[int] = ..., open_coils: _Optional[int] = ..., frames_stored: _Optional[int] = ..., late_frames: _Optional[int] = ..., refused_frames: _Optional[int] = ..., coils_closed: _Optional[int] = ...) -> None: ...
 
 class GetLineRequest(_message.Message):
     __slots__ = ()
@@ -267,3 +291,109 @@ class Line(_message.Message):
     cameras: _containers.RepeatedCompositeFieldContainer[CameraGeometry]
     rolls: _containers.RepeatedCompositeFieldContainer[Roll]
     def __init__(self, name: _Optional[str] = ..., strip_width_mm: _Optional[float] = ..., cameras: _Optional[_Iterable[_Union[CameraGeometry, _Mapping]]] = ..., rolls: _Optional[_Iterable[_Union[Roll, _Mapping]]] = ...) -> None: ...
+
+class EndCoilRequest(_message.Message):
+    __slots__ = ("coil_id", "length_mm")
+    COIL_ID_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_MM_FIELD_NUMBER: _ClassVar[int]
+    coil_id: str
+    length_mm: float
+    def __init__(self, coil_id: _Optional[str] = ..., length_mm: _Optional[float] = ...) -> None: ...
+
+class ListCoilsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListCoilsResponse(_message.Message):
+    __slots__ = ("coils", "next_page_token")
+    COILS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    coils: _containers.RepeatedCompositeFieldContainer[CoilSummary]
+    next_page_token: str
+    def __init__(self, coils: _Optional[_Iterable[_Union[CoilSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetCoilRequest(_message.Message):
+    __slots__ = ("coil_id",)
+    COIL_ID_FIELD_NUMBER: _ClassVar[int]
+    coil_id: str
+    def __init__(self, coil_id: _Optional[str] = ...) -> None: ...
+
+class FrameRef(_message.Message):
+    __slots__ = ("camera_id", "frame_id")
+    CAMERA_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    camera_id: str
+    frame_id: int
+    def __init__(self, camera_id: _Optional[str] = ..., frame_id: _Optional[int] = ...) -> None: ...
+
+class DefectRecord(_message.Message):
+    __slots__ = ("coil_id", "class_id", "along_start_mm", "along_end_mm", "across_start_mm", "across_end_mm", "area_mm2", "max_probability", "frames", "cameras")
+    COIL_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    ALONG_START_MM_FIELD_NUMBER: _ClassVar[int]
+    ALONG_END_MM_FIELD_NUMBER: _ClassVar[int]
+    ACROSS_START_MM_FIELD_NUMBER: _ClassVar[int]
+    ACROSS_END_MM_FIELD_NUMBER: _ClassVar[int]
+    AREA_MM2_FIELD_NUMBER: _ClassVar[int]
+    MAX_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CAMERAS_FIELD_NUMBER: _ClassVar[int]
+    coil_id: str
+    class_id: int
+    along_start_mm: float
+    along_end_mm: float
+    across_start_mm: float
+    across_end_mm: float
+    area_mm2: float
+    max_probability: float
+    frames: _containers.RepeatedCompositeFieldContainer[FrameRef]
+    cameras: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, coil_id: _Optional[str] = ..., class_id: _Optional[int] = ..., along_start_mm: _Optional[float] = ..., along_end_mm: _Optional[float] = ..., across_start_mm: _Optional[float] = ..., across_end_mm: _Optional[float] = ..., area_mm2: _Optional[float] = ..., max_probability: _Optional[float] = ..., frames: _Optional[_Iterable[_Union[FrameRef, _Mapping]]] = ..., cameras: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ClassDefects(_message.Message):
+    __slots__ = ("class_id", "defects", "per_100m")
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    DEFECTS_FIELD_NUMBER: _ClassVar[int]
+    PER_100M_FIELD_NUMBER: _ClassVar[int]
+    class_id: int
+    defects: int
+    per_100m: float
+    def __init__(self, class_id: _Optional[int] = ..., defects: _Optional[int] = ..., per_100m: _Optional[float] = ...) -> None: ...
+
+class CoilSummary(_message.Message):
+    __slots__ = ("coil_id", "state", "opened_unix_s", "last_frame_unix_s", "closed_unix_s", "close_reason", "length_mm", "frames", "late_frames", "classes", "largest")
+    COIL_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OPENED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_FRAME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_REASON_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_MM_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    LATE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    LARGEST_FIELD_NUMBER: _ClassVar[int]
+    coil_id: str
+    state: str
+    opened_unix_s: float
+    last_frame_unix_s: float
+    closed_unix_s: float
+    close_reason: str
+    length_mm: float
+    frames: int
+    late_frames: int
+    classes: _containers.RepeatedCompositeFieldContainer[ClassDefects]
+    largest: _containers.RepeatedCompositeFieldContainer[DefectRecord]
+    def __init__(self, coil_id: _Optional[str] = ..., state: _Optional[str] = ..., opened_unix_s: _Optional[float] = ..., last_frame_unix_s: _Optional[float] = ..., closed_unix_s: _Optional[float] = ..., close_reason: _Optional[str] = ..., length_mm: _Optional[float] = ..., frames: _Optional[int] = ..., late_frames: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassDefects, _Mapping]]] = ..., largest: _Optional[_Iterable[_Union[DefectRecord, _Mapping]]] = ...) -> None: ...
+
+class Coil(_message.Message):
+    __slots__ = ("summary", "records")
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    summary: CoilSummary
+    records: _containers.RepeatedCompositeFieldContainer[DefectRecord]
+    def __init__(self, summary: _Optional[_Union[CoilSummary, _Mapping]] = ..., records: _Optional[_Iterable[_Union[DefectRecord, _Mapping]]] = ...) -> None: ...

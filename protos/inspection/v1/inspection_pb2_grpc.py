@@ -59,6 +59,21 @@ class InspectionServiceStub:
                 request_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineRequest.SerializeToString,
                 response_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.Line.FromString,
                 _registered_method=True)
+        self.EndCoil = channel.unary_unary(
+                '/inspection.v1.InspectionService/EndCoil',
+                request_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.EndCoilRequest.SerializeToString,
+                response_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.CoilSummary.FromString,
+                _registered_method=True)
+        self.ListCoils = channel.unary_unary(
+                '/inspection.v1.InspectionService/ListCoils',
+                request_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.ListCoilsRequest.SerializeToString,
+                response_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.ListCoilsResponse.FromString,
+                _registered_method=True)
+        self.GetCoil = channel.unary_unary(
+                '/inspection.v1.InspectionService/GetCoil',
+                request_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetCoilRequest.SerializeToString,
+                response_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.Coil.FromString,
+                _registered_method=True)
 
 
 class InspectionServiceServicer:
@@ -113,6 +128,33 @@ class InspectionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndCoil(self, request, context):
+        """Coil tracking (`server serve --coil-db URL`): every answered frame of a coil is stored before
+        its answer is sent; a coil's records are merged from them at close. The three answer
+        FAILED_PRECONDITION on a server without --coil-db, NOT_FOUND for a coil no frame was stored for,
+        and UNAVAILABLE (retry) while the database cannot be reached.
+        Ends a coil (the line's PLC knows when the tail has passed): this server's spooled frames are
+        written first, then the coil's records are merged and stored with its summary. Ending a closed
+        coil again returns its stored summary. Frames that arrive after it are kept and counted late.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCoils(self, request, context):
+        """Coils, newest first (by when their first frame arrived), a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCoil(self, request, context):
+        """A coil's summary and its defect records (an open coil's as they stand now).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InspectionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +182,21 @@ def add_InspectionServiceServicer_to_server(servicer, server):
                     servicer.GetLine,
                     request_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineRequest.FromString,
                     response_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.Line.SerializeToString,
+            ),
+            'EndCoil': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndCoil,
+                    request_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.EndCoilRequest.FromString,
+                    response_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.CoilSummary.SerializeToString,
+            ),
+            'ListCoils': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCoils,
+                    request_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.ListCoilsRequest.FromString,
+                    response_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.ListCoilsResponse.SerializeToString,
+            ),
+            'GetCoil': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCoil,
+                    request_deserializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.GetCoilRequest.FromString,
+                    response_serializer=protos_dot_inspection_dot_v1_dot_inspection__pb2.Coil.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -277,6 +334,87 @@ class InspectionService:
             '/inspection.v1.InspectionService/GetLine',
             protos_dot_inspection_dot_v1_dot_inspection__pb2.GetLineRequest.SerializeToString,
             protos_dot_inspection_dot_v1_dot_inspection__pb2.Line.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndCoil(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inspection.v1.InspectionService/EndCoil',
+            protos_dot_inspection_dot_v1_dot_inspection__pb2.EndCoilRequest.SerializeToString,
+            protos_dot_inspection_dot_v1_dot_inspection__pb2.CoilSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCoils(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inspection.v1.InspectionService/ListCoils',
+            protos_dot_inspection_dot_v1_dot_inspection__pb2.ListCoilsRequest.SerializeToString,
+            protos_dot_inspection_dot_v1_dot_inspection__pb2.ListCoilsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCoil(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inspection.v1.InspectionService/GetCoil',
+            protos_dot_inspection_dot_v1_dot_inspection__pb2.GetCoilRequest.SerializeToString,
+            protos_dot_inspection_dot_v1_dot_inspection__pb2.Coil.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,107 @@
+"""``bench stream --coil-db URL --line FILE``: the same stream settings with coil tracking off, then on.
+
+After the usual settings (a server without coil tracking), a second server is started with
+``--line FILE --coil-db URL`` and every stream count runs again on the same frames, now carrying
+coils: stream ``i`` is the line's camera ``i`` (the line needs as many cameras as the largest
+stream count: ``trainer synth-line --cameras 16``), all streams of a setting on one coil, each
+camera's frames one frame length apart along it; the coil is ended (``EndCoil``) once its frames
+are answered. The report lists both runs (column "coils") and the frames/s ratio on/off
+per stream count: the price of storing every frame's components before its answer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def check_coil_settings(coil_db: str | None, line: Path | None, target: str | None, streams: tuple[int, ...]) -> None:
+    """``--coil-db`` and ``--line`` come together, with a server bench stream starts, and a line of
+    at least as many cameras as the largest stream count.
+
+    Raises:
+        ValueError: naming the flag.
+        FileNotFoundError: the line description is missing.
+    """
+    if (coil_db is None) != (line is None):
+        raise ValueError("--coil-db and --line go together: coil tracking places frames with the line's geometry")
+    if coil_db is None:
+        return
+    if target is not None:
+        raise ValueError("--coil-db starts a coil-tracking server of its own; it contradicts --target")
+    from coils.line import load_line
+
+    if not Path(line).is_file():
+        raise FileNotFoundError(f"--line {line}: no such line description")
+    cameras = len(load_line(line).cameras)
+    if max(streams) > cameras:
+        raise ValueError(f"--line {line} has {cameras} cameras, --streams asks for {max(streams)}: each stream is "
+                         "one camera of the line (trainer synth-line --cameras N writes a wider line)")
+
+
+def coil_server_flags(coil_db: str, line: Path, spool: Path) -> list[str]:
+    """``server serve``'s coil-tracking flags (the spool in ``spool``: any database can use it)."""
+    return ["--line", str(line), "--coil-db", coil_db, "--coil-spool", str(spool)]
+
+
+def coil_shots(line: Path, images: list[Path], streams: int, coil_id: str) -> tuple[dict[str, list], dict]:
+    """``images`` dealt to the line's first ``streams`` cameras, all on coil ``coil_id``.
+
+    Returns:
+        (camera id -> its :class:`client.stream_folder.Shot` list, {coil_id: its length in mm}).
+    """
+    from client.stream_folder import Shot
+    from coils.line import load_line
+
+    shots: dict[str, list[Shot]] = {}
+    length = 0.0
+    for i, camera in enumerate(load_line(line).cameras[:streams]):
+        mine = images[i::streams]
+        step = camera.frame_length_mm
+        shots[camera.camera_id] = [Shot(n, path, path.name, coil_id, n * step) for n, path in enumerate(mine)]
+        length = max(length, len(mine) * step)
+    return {camera_id: frames for camera_id, frames in shots.items() if frames}, {coil_id: length}
+
+
+def run_coil_settings(cfg: Any, model: Path, images: list[Path], server_factory: Any,
+                      run_setting: Any) -> list[dict[str, Any]]:
+    """Every stream count again through a coil-tracking server; each setting's dict marked ``coils: on``.
+
+    Args:
+        server_factory: ``(cfg, model, spool) -> server`` (bench stream's subprocess or in-process one,
+            tracking coils with its spool in ``spool``).
+        run_setting: bench stream's ``run_setting`` (it takes ``shots`` and ``coil_lengths``).
+    """
+    settings = []
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())  # coil ids of earlier runs in the same database differ
+    with tempfile.TemporaryDirectory(prefix="bench-coil-spool-") as spool:
+        server = server_factory(cfg, model, Path(spool))
+        try:
+            if cfg.warmup_frames:
+                shots, lengths = coil_shots(cfg.line, images[: cfg.warmup_frames], 1, f"bench-{stamp}-warmup")
+                run_setting(server.target, images[: cfg.warmup_frames], 1, 0.0, None, cfg.connect_timeout,
+                            shots=shots, coil_lengths=lengths)
+            for n, streams in enumerate(cfg.streams):
+                shots, lengths = coil_shots(cfg.line, images, streams, f"bench-{stamp}-{n}")
+                setting = run_setting(server.target, images, streams, cfg.fps, server.metrics_url,
+                                      cfg.connect_timeout, shots=shots, coil_lengths=lengths)
+                settings.append({**setting, "coils": "on"})
+        finally:
+            server.close()
+    return settings
+
+
+def coil_ratio_note(settings: list[dict[str, Any]]) -> str | None:
+    """The note comparing frames/s with coil tracking on and off per stream count, or None."""
+    off = {s["streams"]: s["frames_per_s"] for s in settings if s.get("coils") == "off"}
+    on = {s["streams"]: s["frames_per_s"] for s in settings if s.get("coils") == "on"}
+    pairs = [f"{n} streams {on[n] / off[n]:.3f}" for n in sorted(on) if on[n] and off.get(n)]
+    if not pairs:
+        return None
+    return "coil tracking: frames/s with it on over off, same frames and stream counts: " + ", ".join(pairs)
+
+
+__all__ = ["check_coil_settings", "coil_ratio_note", "coil_server_flags", "coil_shots", "run_coil_settings"]
+
