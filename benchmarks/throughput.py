@@ -496,7 +496,7 @@ def _standard_notes(threads: int, machine_before: dict[str, Any]) -> list[str]:
         "measured than during that row)",
         "bf16/int8 rows: the U-Nets in reduced precision, pre/post-processing fp32 (engine.backends.openvino); "
         "compared with the naive pipeline with the band their parity tolerance excludes, and as many differing "
-        "pixels outside it as that tolerance allows (bf16 0.5 %, int8 5 %)",
+        "pixels outside it as that tolerance allows (bf16 and int8 0.5 %)",
         f"threads: {threads} (torch, ONNX Runtime, OpenVINO); CPU shared with other work: see load average "
         f"{machine_before.get('load_average')} before and the JSON's machine_after",
     ]
