@@ -239,7 +239,7 @@ def read_metadata(path: Path) -> Any:
 
         return read_onnx_metadata(str(path))
     if suffix == ".xml":
-        from engine.backends.openvino import model_metadata, read_model
+        from engine.backends.openvino_ir import model_metadata, read_model
 
         return model_metadata(read_model(path), str(path))
     if suffix == ".pt":

@@ -194,7 +194,7 @@ def _save_if_within(model: Any, meta: ModelMetadata, build: dict[str, Any], onnx
     when it is within ``tolerance`` (raises :class:`BuildParityError` otherwise)."""
     import openvino as ov
 
-    from engine.backends.openvino import write_metadata
+    from engine.backends.openvino_ir import write_metadata
 
     precision = meta.precision
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,7 +236,8 @@ def build_openvino(
     """
     import openvino as ov
 
-    from engine.backends.openvino import check_precision, model_metadata, read_model
+    from engine.backends.openvino import check_precision
+    from engine.backends.openvino_ir import model_metadata, read_model
     from engine.hashing import file_sha256
 
     started = time.perf_counter()
