@@ -191,10 +191,13 @@ def resolve_models(
 ) -> tuple[list[Path], Path | None, dict[str, Any] | None]:
     """The model files to measure, the naive pipeline's ``.pt``, and the default model's spec (if built).
 
-    The default model also gets its int8 OpenVINO IR when ``openvino-int8`` is asked for (built once,
-    cached beside it; a build refused for parity is a note, and the row is left out)."""
+    When ``openvino-int8`` is asked for, the default model also gets its int8 OpenVINO IR (built once,
+    cached beside it; a build refused for parity is a note, and the row is left out), and a given
+    ``.onnx`` its IR where one sits beside it (:func:`int8_irs_beside`)."""
     if cfg.models:
         models = list(cfg.models)
+        if "openvino-int8" in cfg.backends and variant_unavailable("openvino-int8") is None:
+            models += int8_irs_beside(models, notes)
         reference = cfg.reference
         if reference is None:
             reference = next((m for m in models if m.suffix.lower() == ".pt"), None)
@@ -222,6 +225,25 @@ def resolve_models(
         elif notes is not None:
             notes.append(f"openvino-int8: skipped, {why_not}")
     return models, cfg.reference or built.pt, {"name": spec.name, **spec.key()}
+
+
+def int8_irs_beside(models: list[Path], notes: list[str] | None) -> list[Path]:
+    """The int8 IRs beside the given ``.onnx`` models (``model.int8.xml``, see engine.backends.int8) that
+    may run in their place, on any CPU (bench measures int8 where it is slow too); where no IR was
+    given either, each ``.onnx`` without one is a note saying why (and how to build it)."""
+    from engine.backends.int8 import pick_int8
+
+    found = []
+    given_ir = any(m.suffix.lower() == ".xml" for m in models)
+    for model in models:
+        if model.suffix.lower() != ".onnx":
+            continue
+        pick = pick_int8(model, asked=True)
+        if pick.ir is not None and pick.ir not in models:
+            found.append(pick.ir)
+        elif pick.ir is None and notes is not None and not given_ir:
+            notes.append(f"openvino-int8: no row for {model.name}: {pick.reason}")
+    return found
 
 
 def model_summary(meta: Any) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import graph
 from engine.metadata import ModelMetadata
 from toolchain.parity import ParityReport, Tolerance, compare_outputs, synthetic_frames, tolerance_for
 
@@ -161,6 +162,18 @@ def quantize_int8(model: Any, frames: np.ndarray) -> tuple[Any, dict[str, int]]:
     return quantized, {"ignored_nodes": len(outside), "fp32_layers": len(edges)}
 
 
+#: Frames per inference call of the parity runs: full-resolution probabilities of a few dozen frames in
+#: one call cost the runtime hundreds of MB of scratch memory for nothing.
+PARITY_BATCH = 8
+
+
+def _infer_in_batches(backend: Any, frames: np.ndarray) -> dict[str, np.ndarray]:
+    """``backend``'s masks, counts, present and probabilities for ``frames``, run :data:`PARITY_BATCH` at a time."""
+    parts = [backend.infer(frames[i:i + PARITY_BATCH]) for i in range(0, len(frames), PARITY_BATCH)]
+    names = (graph.MASKS.name, graph.COUNTS.name, graph.PRESENT.name, graph.PROBS_NAME)
+    return {name: np.concatenate([getattr(part, name) for part in parts]) for name in names}
+
+
 def _parity(reference_path: Path, candidate_path: Path, precision: str, frames: np.ndarray,
             tolerance: Tolerance, threads: int) -> ParityReport:
     from engine.backends.openvino import OpenVinoBackend
@@ -168,9 +181,9 @@ def _parity(reference_path: Path, candidate_path: Path, precision: str, frames: 
     reference = OpenVinoBackend(reference_path, precision="fp32", with_probs=True, threads=threads)
     candidate = OpenVinoBackend(candidate_path, precision=precision, with_probs=True, threads=threads)
     meta = reference.metadata
-    return compare_outputs(reference.infer(frames), candidate.infer(frames), meta.thresholds, meta.min_areas,
-                           tolerance, "openvino fp32 graph", f"openvino {precision} IR",
-                           gated=meta.gate_thresholds is not None)
+    return compare_outputs(_infer_in_batches(reference, frames), _infer_in_batches(candidate, frames),
+                           meta.thresholds, meta.min_areas, tolerance, "openvino fp32 graph",
+                           f"openvino {precision} IR", gated=meta.gate_thresholds is not None)
 
 
 def _check_request(onnx_path: Path, out_path: Path, precision: str, calibration: Any, calibration_frames: int,

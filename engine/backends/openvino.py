@@ -37,6 +37,7 @@ from engine.backends.base import (
     check_frames,
     result_from_outputs,
 )
+from engine.backends.int8 import build_command
 from engine.backends.openvino_ir import build_info, import_openvino, model_metadata, read_model
 from engine.devices import BackendUnavailable, parse_device
 from engine.fastpost import FastPostprocess, check_choice, fast_or_graph
@@ -230,8 +231,7 @@ def check_precision(precision: str, meta: ModelMetadata, source: str) -> None:
         raise ValueError(
             f"{source} is {'an int8' if meta.precision == 'int8' else 'a ' + meta.precision} model: "
             + ("it runs as int8 only" if meta.precision == "int8" else
-               "int8 needs a quantised IR: engine build --target openvino --precision int8 --onnx "
-               f"{source} --calibration DIR --out model_int8.xml")
+               f"int8 needs a quantised IR: {build_command(Path(source))}")
         )
     if precision == "bf16" and not supports_bf16():
         raise BackendUnavailable(f"precision bf16 asked for, but {no_bf16_reason()}; use precision fp32")
