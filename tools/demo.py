@@ -60,7 +60,7 @@ TRAINED_FOLD = 0
 INDEPENDENT_FRAMES = 300
 INDEPENDENT_SEED = 1
 #: Held-out frames (of the training frames; the others calibrate) the int8 IR is compared with the
-#: fp32 graph on: 48 frames are 192 (image, class) labels. The build takes 15-35 s on 2 cores.
+#: fp32 graph on: 48 frames are 192 (image, class) labels. The build took 12-35 s on 2 cores.
 INT8_PARITY_FRAMES = 48
 
 
