@@ -78,7 +78,9 @@ def ir_verdict(ir: Path, model: Path, need_default_tolerance: bool) -> tuple[str
     parity = build.get("parity") or {}
     if not parity.get("passed"):
         return f"{ir.name}: no passed parity against the fp32 graph is recorded in it", build
-    if need_default_tolerance and not build.get("default_tolerance"):
+    if need_default_tolerance and "default_tolerance" not in build:
+        return f"{ir.name} records no parity limits (built by an older engine build): rebuild it", build
+    if need_default_tolerance and not build["default_tolerance"]:
         return (f"{ir.name} passed its parity only under loosened limits (engine build --tolerance): it runs "
                 "only when pointed to"), build
     return None, build

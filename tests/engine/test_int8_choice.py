@@ -8,6 +8,7 @@ Tolerance: INT8_TOLERANCE (toolchain.parity): mask Dice >= 0.9, labels agreeing 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def test_an_ir_without_passed_default_parity_or_of_another_graph_is_never_chosen
     parity = {**json.loads(json.dumps(_recorded_parity(tiny_int8))), "passed": False}
     failed = _copy_with_build(tiny_int8, tmp_path / "failed", parity=parity)
     loosened = _copy_with_build(tiny_int8, tmp_path / "loosened", default_tolerance=False)
+    older = _copy_with_build(tiny_int8, tmp_path / "older")
+    _drop_build_fact(int8_ir_path(older), "default_tolerance")
     stale = tmp_path / "stale" / "model.onnx"
     stale.parent.mkdir()
     shutil.copyfile(defect_onnx, stale)  # another graph, with the tiny model's IR beside it
@@ -108,7 +111,8 @@ def test_an_ir_without_passed_default_parity_or_of_another_graph_is_never_chosen
     shutil.copyfile(int8_ir_path(tiny_int8).with_suffix(".bin"), int8_ir_path(stale).with_suffix(".bin"))
     for model, why in ((failed, "no passed parity against the fp32 graph is recorded"),
                        (loosened, "passed its parity only under loosened limits"),
-                       (stale, "was built from another graph than model.onnx")):
+                       (stale, "was built from another graph than model.onnx"),
+                       (older, "records no parity limits (built by an older engine build): rebuild it")):
         choice = select_backend(model, "cpu")
         assert choice.path == model and why in choice.reason, choice
         with pytest.raises(ValueError, match="precision int8 asked for"):
@@ -120,6 +124,14 @@ def test_an_ir_without_passed_default_parity_or_of_another_graph_is_never_chosen
             select_backend(model, "cpu", int8=int8_ir_path(model))
     with pytest.raises(ValueError, match="runs in place of an .onnx graph with OpenVINO on the CPU"):
         select_backend(tiny_int8, "cpu", precision="fp32", int8=int8_ir_path(tiny_int8))
+
+
+def _drop_build_fact(ir: Path, key: str) -> None:
+    """Rewrites the IR's XML without the build fact ``key`` (as an older ``engine build`` wrote it)."""
+    text = ir.read_text(encoding="utf-8")
+    kept = re.sub(rf"\s*<{key} value=\"[^\"]*\" />", "", text)
+    assert kept != text, f"{key} not found in {ir}"
+    ir.write_text(kept, encoding="utf-8")
 
 
 def _recorded_parity(model: Path) -> dict:
