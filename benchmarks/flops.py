@@ -156,7 +156,7 @@ def model_flops(path: str | Path) -> FlopCount | None:
         frames = torch.zeros((1, *meta.input_size), dtype=torch.uint8)
         return FlopCount(count_flops_torch(model, frames), "torch.utils.flop_counter.FlopCounterMode, eager fp32")
     if suffix == ".xml":
-        from engine.backends.openvino import build_info, read_model
+        from engine.backends.openvino_ir import build_info, read_model
 
         source = build_info(read_model(path)).get("onnx")
         if source and Path(source).is_file():

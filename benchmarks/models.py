@@ -237,12 +237,14 @@ def run(args: Any) -> int:
 
 
 def ensure_int8_ir(onnx_path: Path, calibration_frames: int = 32, parity_frames: int = 16) -> tuple[Path | None, str]:
-    """The int8 OpenVINO IR of a bench model (``model_int8.xml`` beside it), built once with
-    ``engine build``'s own code, calibrated on synthetic strip frames; (None, why) when NNCF is
+    """The int8 OpenVINO IR of a bench model (beside it, where engine.backends.int8 looks), built once
+    with ``engine build``'s own code, calibrated on synthetic strip frames; (None, why) when NNCF is
     missing or the build is refused for parity (its message says by how much)."""
     import importlib.util
 
-    ir = onnx_path.with_name("model_int8.xml")
+    from engine.backends.int8 import int8_ir_path
+
+    ir = int8_ir_path(onnx_path)
     refused = ir.with_suffix(".refused.txt")
     if ir.is_file() and ir.with_suffix(".bin").is_file() and ir.stat().st_mtime >= onnx_path.stat().st_mtime:
         return ir, "cached"

@@ -191,10 +191,13 @@ def resolve_models(
 ) -> tuple[list[Path], Path | None, dict[str, Any] | None]:
     """The model files to measure, the naive pipeline's ``.pt``, and the default model's spec (if built).
 
-    The default model also gets its int8 OpenVINO IR when ``openvino-int8`` is asked for (built once,
-    cached beside it; a build refused for parity is a note, and the row is left out)."""
+    When ``openvino-int8`` is asked for, the default model also gets its int8 OpenVINO IR (built once,
+    cached beside it; a build refused for parity is a note, and the row is left out), and a given
+    ``.onnx`` its IR where one sits beside it (:func:`int8_irs_beside`)."""
     if cfg.models:
         models = list(cfg.models)
+        if "openvino-int8" in cfg.backends and variant_unavailable("openvino-int8") is None:
+            models += int8_irs_beside(models, notes)
         reference = cfg.reference
         if reference is None:
             reference = next((m for m in models if m.suffix.lower() == ".pt"), None)
@@ -224,6 +227,25 @@ def resolve_models(
     return models, cfg.reference or built.pt, {"name": spec.name, **spec.key()}
 
 
+def int8_irs_beside(models: list[Path], notes: list[str] | None) -> list[Path]:
+    """The int8 IRs beside the given ``.onnx`` models (``model.int8.xml``, see engine.backends.int8) that
+    may run in their place, on any CPU (bench measures int8 where it is slow too); where no IR was
+    given either, each ``.onnx`` without one is a note saying why (and how to build it)."""
+    from engine.backends.int8 import pick_int8
+
+    found = []
+    given_ir = any(m.suffix.lower() == ".xml" for m in models)
+    for model in models:
+        if model.suffix.lower() != ".onnx":
+            continue
+        pick = pick_int8(model, asked=True)
+        if pick.ir is not None and pick.ir not in models:
+            found.append(pick.ir)
+        elif pick.ir is None and notes is not None and not given_ir:
+            notes.append(f"openvino-int8: no row for {model.name}: {pick.reason}")
+    return found
+
+
 def model_summary(meta: Any) -> str:
     return (
         f"{meta.folds} x {meta.encoder} U-Net, frames {meta.input_height}x{meta.input_width}, U-Net at "
@@ -239,7 +261,7 @@ def read_metadata(path: Path) -> Any:
 
         return read_onnx_metadata(str(path))
     if suffix == ".xml":
-        from engine.backends.openvino import model_metadata, read_model
+        from engine.backends.openvino_ir import model_metadata, read_model
 
         return model_metadata(read_model(path), str(path))
     if suffix == ".pt":
@@ -496,7 +518,7 @@ def _standard_notes(threads: int, machine_before: dict[str, Any]) -> list[str]:
         "measured than during that row)",
         "bf16/int8 rows: the U-Nets in reduced precision, pre/post-processing fp32 (engine.backends.openvino); "
         "compared with the naive pipeline with the band their parity tolerance excludes, and as many differing "
-        "pixels outside it as that tolerance allows (bf16 0.5 %, int8 5 %)",
+        "pixels outside it as that tolerance allows (bf16 and int8 0.5 %)",
         f"threads: {threads} (torch, ONNX Runtime, OpenVINO); CPU shared with other work: see load average "
         f"{machine_before.get('load_average')} before and the JSON's machine_after",
     ]

@@ -7,8 +7,9 @@ nothing is assumed.
 
 ``STRIP_CPU_BF16`` forces the choice wherever precision is picked automatically: ``0`` says no (the
 fp32 paths on a bf16 machine), ``1`` says yes (the bf16 paths on any CPU: torch emulates bf16
-where the CPU lacks it, slowly but with the same rounding). The test suite runs with ``0`` unless
-told otherwise, so its outcomes do not depend on the machine it lands on.
+where the CPU lacks it, slowly but with the same rounding). ``STRIP_CPU_INT8`` does the same for
+the automatic choice of an int8 OpenVINO IR (:mod:`engine.backends.int8`). The test suite runs with
+both at ``0`` unless told otherwise, so its outcomes do not depend on the machine it lands on.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ FLAG_NAMES: dict[str, str] = {
     "avx_vnni": "AVX-VNNI",
 }
 BF16_ENV = "STRIP_CPU_BF16"
+INT8_ENV = "STRIP_CPU_INT8"
 
 
 @dataclass(frozen=True)
@@ -84,16 +86,21 @@ def cpu_features() -> CpuFeatures:
         return CpuFeatures(model=platform.processor() or "unknown", flags=frozenset())
 
 
-def bf16_forced() -> bool | None:
-    """``STRIP_CPU_BF16``: True for ``1``, False for ``0``, None when unset (detect).
+def _forced(env: str, what: str) -> bool | None:
+    """``env``: True for ``1``, False for ``0``, None when unset (detect).
 
     Raises:
         ValueError: any other value (a typo must not silently pick a precision).
     """
-    value = os.environ.get(BF16_ENV, "").strip()
+    value = os.environ.get(env, "").strip()
     if value not in ("", "0", "1"):
-        raise ValueError(f"{BF16_ENV}={value!r}: expected 0 (bf16 off), 1 (bf16 on) or unset (detect)")
+        raise ValueError(f"{env}={value!r}: expected 0 ({what} off), 1 ({what} on) or unset (detect)")
     return None if value == "" else value == "1"
+
+
+def bf16_forced() -> bool | None:
+    """``STRIP_CPU_BF16``: True for ``1``, False for ``0``, None when unset (detect); ValueError otherwise."""
+    return _forced(BF16_ENV, "bf16")
 
 
 def supports_bf16() -> bool:
@@ -107,6 +114,25 @@ def no_bf16_reason() -> str:
     if bf16_forced() is False:
         return f"bf16 switched off by {BF16_ENV}=0"
     return f"this CPU has no native bf16 (neither AVX-512 BF16 nor AMX-BF16): {cpu_features().line()}"
+
+
+def int8_forced() -> bool | None:
+    """``STRIP_CPU_INT8``: True for ``1``, False for ``0``, None when unset (detect); ValueError otherwise."""
+    return _forced(INT8_ENV, "int8")
+
+
+def supports_int8() -> bool:
+    """Whether the automatic choice may run an int8 IR: native int8 dot products here (VNNI or
+    AMX-INT8, the instructions that make int8 pay), unless ``STRIP_CPU_INT8`` forces it."""
+    forced = int8_forced()
+    return cpu_features().int8 if forced is None else forced
+
+
+def no_int8_reason() -> str:
+    """Why :func:`supports_int8` says no."""
+    if int8_forced() is False:
+        return f"int8 switched off by {INT8_ENV}=0"
+    return f"this CPU has no native int8 (neither VNNI nor AMX-INT8): {cpu_features().line()}"
 
 
 def cpu_autocast_dtype(amp: bool = True) -> object | None:

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 from engine.backends import BACKEND_CHOICES
+from engine.backends.int8 import INT8_IR_SUFFIX
 from server import config
 
 HELP = "serve a model (.onnx, .xml, .engine/.plan, .pt) over gRPC with dynamic batching"
@@ -32,9 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model file: .onnx, .xml (OpenVINO IR), .engine/.plan or .pt")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                        help="runtime for the model (default auto: for .onnx on a CPU OpenVINO bf16 where the CPU "
-                        "has native bf16 and openvino is installed, else ONNX Runtime fp32; the server log, "
-                        "GetModelInfo and 'engine info' say which)")
+                        help="runtime for the model (default auto: for .onnx on a CPU the int8 IR beside it "
+                        "(see --int8-ir), else OpenVINO bf16 where the CPU has native bf16 and openvino is "
+                        "installed, else ONNX Runtime fp32; the server log, GetModelInfo and 'engine info' say which)")
+    parser.add_argument("--int8-ir", default="auto", metavar="auto|off|PATH",
+                        help="for an .onnx model on the CPU: auto (default) runs the int8 OpenVINO IR beside it "
+                        f"(model{INT8_IR_SUFFIX}) where the CPU has VNNI or AMX-INT8 and the IR's recorded parity "
+                        "against this graph passed; off never; PATH runs that IR (built from this graph, parity "
+                        "passed) on any CPU")
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "int8", "fp16"),
                         help="ask for a precision where the backend has a choice (OpenVINO, torch)")
     parser.add_argument("--threads", type=int, default=None,
@@ -54,7 +60,7 @@ async def serve(args: argparse.Namespace) -> int:
     backend_class(args.model)  # an unknown suffix fails now, before a port opens
     if not args.model.is_file():
         raise FileNotFoundError(f"--model {args.model}: no such model file")
-    chosen, why = choose_backend(args.model, args.device, args.backend, args.precision)
+    chosen, why = choose_backend(args.model, args.device, args.backend, args.precision, args.int8_ir)
     options = {}
     if args.threads is not None:
         if chosen not in ("onnxruntime", "openvino"):
@@ -63,7 +69,8 @@ async def serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     log.info("event=backend_choice backend=%s reason=%r", chosen, why)
     server = InspectionServer(
-        lambda: load_backend(args.model, device=args.device, backend=args.backend, precision=args.precision, **options),
+        lambda: load_backend(args.model, device=args.device, backend=args.backend, precision=args.precision,
+                             int8=args.int8_ir, **options),
         config,
     )
 

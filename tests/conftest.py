@@ -14,7 +14,9 @@ import pytest
 # without native bf16). Every test runs fp32 unless it asks for bf16 (the ``bf16_on`` and
 # ``native_bf16`` fixtures), so no outcome depends on the machine; servers and CLIs started in
 # subprocesses inherit it. ``STRIP_CPU_BF16=1 make test`` runs the whole suite on the bf16 paths.
+# Likewise no int8 IR is chosen automatically unless a test forces ``STRIP_CPU_INT8=1``.
 os.environ.setdefault("STRIP_CPU_BF16", "0")
+os.environ.setdefault("STRIP_CPU_INT8", "0")
 
 pytest_plugins = ["tests.fixtures", "tests.defect_model", "tests.postgres"]
 

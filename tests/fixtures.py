@@ -109,6 +109,24 @@ def tiny_onnx(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_int8(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path, synth_dir: Path) -> Path:
+    """A copy of ``tiny_onnx`` (``model.onnx``) with its int8 OpenVINO IR built beside it
+    (``model.int8.xml``, where the automatic backend choice looks), calibrated on ``synth_dir``;
+    returns the ``.onnx``. Skips where openvino or NNCF is missing."""
+    import shutil
+
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'strip-inspection[cpu]')")
+    pytest.importorskip("nncf", reason="nncf is not installed (pip install 'strip-inspection[build]')")
+    from engine.backends.int8 import int8_ir_path
+    from toolchain.build_openvino import build_openvino
+
+    model = tmp_path_factory.mktemp("tiny_int8") / "model.onnx"
+    shutil.copyfile(tiny_onnx, model)
+    build_openvino(model, int8_ir_path(model), "int8", calibration=synth_dir, calibration_frames=24, parity_frames=12)
+    return model
+
+
+@pytest.fixture(scope="session")
 def tiny_pt(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> Path:
     """``tiny_run`` as the torch backend's ``.pt`` ensemble bundle."""
     from trainer.export import export_ensemble

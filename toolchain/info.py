@@ -129,7 +129,7 @@ def _live_engine_io(path: Path) -> list[dict[str, Any]] | str:
 
 def describe_openvino(path: Path) -> dict[str, Any]:
     """An OpenVINO IR: metadata and build facts from its rt_info, I/O from the model (weights not run)."""
-    from engine.backends.openvino import build_info, model_metadata, read_model
+    from engine.backends.openvino_ir import build_info, model_metadata, read_model
     from engine.hashing import file_sha256
 
     model = read_model(path)

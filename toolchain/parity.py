@@ -84,11 +84,17 @@ BF16_TOLERANCE = Tolerance(
     min_mask_dice=0.9, min_present_agreement=0.95,
 )
 # INT8 U-Nets (NNCF post-training quantisation, pre/post-processing fp32) vs FP32: 8-bit activations
-# and weights; what matters is the decision, so the limits are on masks and labels: mask Dice
-# >= 0.9 and labels agreeing on >= 95 % of (image, class) pairs (a quantised threshold, the trap of
-# a plain NNCF run, gives empty masks: Dice 0). Probabilities are reported, held loosely.
+# and weights; what matters is the decision, so int8 is held to bf16's decision limits (mask Dice
+# >= 0.9, labels agreeing on >= 95 % of (image, class) pairs, <= 0.5 % of the pixels outside the
+# band differing, mean |dprob| <= 5e-3) with a wider band (5e-2) for its coarser rounding. The
+# largest single-pixel probability difference is reported, not limited: on a trained model, whose
+# sigmoid is steep, a defect's edge moved by one U-Net pixel changes the upsampled probability by
+# nearly 1 there (the trained `make demo` model at mask Dice 0.976 and every label agreeing: max
+# 0.99), so a limit below 1 refuses every healthy build and says nothing the mask limits do not. A
+# quantised threshold (the trap of a plain NNCF run) gives empty masks: Dice 0; a quantised stem
+# convolution on that model gave Dice 0.857 and invented stains (benchmarks/RESULTS.md).
 INT8_TOLERANCE = Tolerance(
-    max_prob_diff=0.5, max_mask_mismatch=5e-2, max_mean_prob_diff=5e-2, threshold_band=5e-2,
+    max_prob_diff=1.0, max_mask_mismatch=5e-3, max_mean_prob_diff=5e-3, threshold_band=5e-2,
     min_mask_dice=0.9, min_present_agreement=0.95,
 )
 TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE, "bf16": BF16_TOLERANCE, "int8": INT8_TOLERANCE}

@@ -23,7 +23,6 @@ the graph does (``postprocess="graph"`` keeps the graph's own; see :mod:`engine.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,85 +37,18 @@ from engine.backends.base import (
     check_frames,
     result_from_outputs,
 )
+from engine.backends.int8 import build_command
+from engine.backends.openvino_ir import build_info, import_openvino, model_metadata, read_model
 from engine.devices import BackendUnavailable, parse_device
 from engine.fastpost import FastPostprocess, check_choice, fast_or_graph
 from engine.lowres import GATE_KEY, LOWRES_KEY, OpenVinoView, find_post_cut
-from engine.metadata import PREFIX, ModelMetadata
+from engine.metadata import ModelMetadata
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
-#: rt_info sections of an IR written by ``engine build --target openvino``.
-META_SECTION = "inspection"
-BUILD_SECTION = "inspection_build"
-INSTALL_HINT = "pip install 'strip-inspection[cpu]' (or pip install openvino)"
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 STAGES = ("pre", "net", "post")
-
-
-def import_openvino() -> Any:
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise BackendUnavailable(f"openvino is not installed ({exc}): {INSTALL_HINT}") from exc
-    return ov
-
-
-def read_model(path: str | Path) -> Any:
-    """``.onnx`` or ``.xml`` (with its ``.bin``) -> ``ov.Model``; ValueError naming the file when unreadable."""
-    ov = import_openvino()
-    path = Path(path)
-    if path.suffix.lower() == ".xml" and not path.with_suffix(".bin").is_file():
-        raise FileNotFoundError(f"{path}: the IR's weights {path.with_suffix('.bin').name} are missing beside it")
-    if path.suffix.lower() == ".onnx":
-        from engine.metadata import read_onnx_metadata
-
-        try:
-            read_onnx_metadata(str(path))  # a corrupt or foreign file fails here, with the onnx package's reason
-        except ValueError as exc:
-            reason = str(exc).removeprefix(f"{path}: ").removeprefix(f"{path} ")
-            raise ValueError(f"{path}: OpenVINO cannot load this model ({reason})") from exc
-    try:
-        return ov.Core().read_model(str(path))
-    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses for bad files
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "Exception from" not in line]
-        raise ValueError(f"{path}: OpenVINO cannot load this model ({lines[0] if lines else type(exc).__name__})") from exc
-
-
-def _section(model: Any, name: str) -> dict[str, str] | None:
-    if not model.has_rt_info([name]):
-        return None
-    entries = model.get_rt_info([name]).astype(dict)
-    return {k: (v.astype(str) if hasattr(v, "astype") else str(v)) for k, v in entries.items()}
-
-
-def model_metadata(model: Any, source: str) -> ModelMetadata:
-    """The inspection metadata an ``ov.Model`` carries: the IR's ``inspection`` rt_info section, or,
-    for a model read from ONNX, its ``metadata_props`` (which OpenVINO files under ``framework``)."""
-    own = _section(model, META_SECTION)
-    if own is not None:
-        return ModelMetadata.from_onnx_props({PREFIX + k: v for k, v in own.items()}, source=source)
-    return ModelMetadata.from_onnx_props(_section(model, "framework") or {}, source=source)
-
-
-def build_info(model: Any) -> dict[str, Any]:
-    """The ``inspection_build`` section of an IR (precision, parity report...), JSON-decoded; {} if none."""
-    return {k: json.loads(v) for k, v in (_section(model, BUILD_SECTION) or {}).items()}
-
-
-def write_metadata(model: Any, meta: ModelMetadata, build: dict[str, Any]) -> None:
-    """Puts the metadata (one JSON value per field) and the build facts into the model's rt_info.
-
-    The copy of the ONNX ``metadata_props`` OpenVINO keeps under ``framework`` is dropped: one
-    description per artifact (its precision would say fp32 for an int8 IR).
-    """
-    rt_info = model.get_rt_info()
-    if "framework" in list(rt_info.keys()):
-        del rt_info["framework"]
-    for key, value in meta.to_onnx_props().items():
-        model.set_rt_info(value, [META_SECTION, key[len(PREFIX):]])
-    for key, value in build.items():
-        model.set_rt_info(json.dumps(value), [BUILD_SECTION, key])
 
 
 # --------------------------------------------------------------------------- the pre / net / post split
@@ -299,8 +231,7 @@ def check_precision(precision: str, meta: ModelMetadata, source: str) -> None:
         raise ValueError(
             f"{source} is {'an int8' if meta.precision == 'int8' else 'a ' + meta.precision} model: "
             + ("it runs as int8 only" if meta.precision == "int8" else
-               "int8 needs a quantised IR: engine build --target openvino --precision int8 --onnx "
-               f"{source} --calibration DIR --out model_int8.xml")
+               f"int8 needs a quantised IR: {build_command(Path(source))}")
         )
     if precision == "bf16" and not supports_bf16():
         raise BackendUnavailable(f"precision bf16 asked for, but {no_bf16_reason()}; use precision fp32")

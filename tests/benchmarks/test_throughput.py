@@ -256,3 +256,20 @@ def test_reduced_precision_rows_are_held_to_the_peak_of_their_own_precision(
         assert r["peak_flops_per_s"] == peaks[by_precision[r["precision"]]]["flops_per_s"], r["backend"]
     agreement = {c["backend"]: c["equal"] for c in report["naive_agreement"]}
     assert agreement["openvino-fp32"] and agreement["openvino-bf16"] and agreement["torch-bf16"]
+
+
+def test_a_given_onnx_gets_an_int8_row_where_its_int8_ir_sits_beside_it(tiny_int8: Path, tiny_models: tuple[Path, Path]
+                                                                        ) -> None:
+    """``bench throughput --model model.onnx`` adds the ``model.int8.xml`` beside it (the openvino-int8 row),
+    and notes, for a model without one, how to build it; without openvino-int8 asked for, nothing is added."""
+    from benchmarks.throughput import ThroughputConfig, resolve_models
+
+    onnx, _ = tiny_models
+    notes: list[str] = []
+    cfg = ThroughputConfig(models=[tiny_int8, onnx], backends=("onnxruntime", "openvino-int8"))
+    models, _, _ = resolve_models(cfg, notes)
+    assert models == [tiny_int8, onnx, tiny_int8.with_name("model.int8.xml")]
+    assert len(notes) == 1 and f"no row for {onnx.name}: no int8 IR model.int8.xml beside" in notes[0]
+    assert "engine build --target openvino --precision int8" in notes[0]
+    cfg = ThroughputConfig(models=[tiny_int8], backends=("onnxruntime",))
+    assert resolve_models(cfg, [])[0] == [tiny_int8]

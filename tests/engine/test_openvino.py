@@ -167,8 +167,11 @@ def test_int8_build_reports_parity_and_a_tight_tolerance_is_refused(tiny_onnx: P
     assert report.parity.passed and report.parity.tolerance == tolerance_for("int8")
     assert report.calibration["calibration_frames"] == 24 and report.calibration["parity_frames"] == 12
     assert report.calibration["ignored_nodes"] > 0
+    # Each of the two folds keeps its stem convolution and its segmentation head in fp32.
+    assert report.calibration["fp32_layers"] == 4
     with load_backend(out) as backend:
         assert (backend.name, backend.precision, backend.metadata.precision) == ("openvino", "int8", "int8")
+        assert backend.build["default_tolerance"] is True
         parity = backend.build["parity"]
         assert set(parity) >= {"mask_dice", "present_agreement", "max_count_diff", "max_prob_diff", "passed"}
         assert parity["mask_dice"] == pytest.approx(report.parity.mask_dice)

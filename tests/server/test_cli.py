@@ -115,3 +115,29 @@ def test_serve_reports_a_bad_model_file(tmp_path: Path, capsys):
     assert f"server serve: error: {bad}: " in err
     assert "cannot load this model" in err
     assert "Traceback" not in err
+
+
+def test_serve_runs_the_int8_ir_it_is_pointed_to_and_says_why(tiny_int8: Path, tmp_path: Path, capsys):
+    """--int8-ir PATH runs that IR in place of the graph (any CPU); auto leaves it where the CPU may not
+    use it (the tests run with STRIP_CPU_INT8=0); a path that is not this graph's IR is refused."""
+    from engine.backends.int8 import int8_ir_path
+    from server.cli import main
+
+    ir = int8_ir_path(tiny_int8)
+    server = ServeProcess(tiny_int8, "--int8-ir", str(ir))
+    try:
+        assert "event=backend_choice backend=openvino reason='openvino int8 IR model.int8.xml (pointed to;" in server.log
+        assert re.search(r"event=ready .*backend=openvino device=cpu precision=int8", server.log), server.log
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+    server = ServeProcess(tiny_int8)
+    try:
+        assert "model.int8.xml not used: int8 switched off by STRIP_CPU_INT8=0" in server.log
+        assert re.search(r"event=ready .*precision=fp32", server.log), server.log
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+    other = tmp_path / "other.int8.xml"
+    assert main(["serve", "--model", str(tiny_int8), "--int8-ir", str(other), "--port", "0", "--metrics-port", "-1"]) == 2
+    assert f"server serve: error: int8 IR {other}: {other}: no such file" in capsys.readouterr().err
