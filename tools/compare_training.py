@@ -42,7 +42,7 @@ NETWORK = {"encoder": "resnet18", "encoder_weights": "none", "encoder_depth": 3,
            "patience": 1000}
 #: The plain baseline: every product option off.
 BASELINE = {"arch": "unet", "loss": "bce", "pos_weight": None, "balance": False, "prior_init": False,
-            "augment": "none", "crop": None}
+            "augment": "none", "crop": None, "lr_schedule": "none"}
 #: The product's preset (to be tuned by measurement; ``tta`` is the evaluation's and export's).
 PRODUCT = {"loss": "bce+dice", "pos_weight": None, "balance": True, "prior_init": True, "augment": "light",
            "tta": "hflip"}

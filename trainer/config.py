@@ -48,6 +48,9 @@ IMAGENET_GRAY_STD = 0.226
 NETWORK_KEYS = ("encoder", "in_channels", "num_classes", "encoder_depth", "decoder_channels", "arch", "gate",
                 "gate_pooling")
 OPTIM_KEYS = ("epochs", "patience", "batch_size", "lr", "lr_schedule", "loss", "pos_weight", "amp")
+#: What a ``RUN/config.json`` written before a key existed meant by its absence, where the key's default
+#: has changed since (the measured recipe became the default): such a run trained with the old behaviour.
+BEFORE_KEY_EXISTED: dict[str, Any] = {"augment": "none", "lr_schedule": "none"}
 #: The key of ``RUN/config.json`` that holds the planner's choices and reasons (:mod:`trainer.plan`); not a setting.
 PLANNED_KEY = "planned"
 
@@ -56,22 +59,23 @@ PLANNED_KEY = "planned"
 class FitSettings:
     """A training run's settings as given: flags, a config file, or ``RUN/config.json`` (flat keys).
 
-    Defaults are the thesis' protocol (U-Net/ResNet-34, half resolution, Adam 1e-3, BCE, batch 16,
-    150 epochs with patience 15, 5 folds, balanced training folds), plus ``prior_init`` (see
-    :mod:`trainer.priors`). ``trainer fit`` plans the data- and machine-dependent ones (scale, crop,
-    batch, depth, decoder widths, epochs: :mod:`trainer.plan`) unless they are given. ``None`` values
-    are resolved from the data by :func:`resolve`.
+    Defaults are the recipe the measurements support (``benchmarks/RESULTS.md``, ``docs/training.md``):
+    a ResNet-18 U-Net cut to 3 encoder stages from random weights, BCE+Dice, class balancing, output-prior
+    initialisation, light augmentation, Adam 4e-3 with the cosine schedule, batch 8, half resolution,
+    up to 150 epochs with patience 15, 5 folds. ``trainer fit`` plans the data- and machine-dependent
+    ones (scale, crop, batch, depth, decoder widths, epochs: :mod:`trainer.plan`) unless they are given.
+    ``None`` values are resolved from the data by :func:`resolve`.
     """
 
     data: list[str] = field(default_factory=list)
     arch: str = "unet"
     gate: bool = False
     gate_pooling: str = "max"
-    encoder: str = "resnet34"
-    encoder_weights: str = "imagenet"
+    encoder: str = "resnet18"
+    encoder_weights: str = "none"
     freeze_encoder: bool = False
     in_channels: int = 1
-    encoder_depth: int = 5
+    encoder_depth: int = 3
     decoder_channels: tuple[int, ...] | None = None
     num_classes: int = 4
     class_names: tuple[str, ...] | None = None
@@ -83,13 +87,13 @@ class FitSettings:
     folds_file: str | None = None
     epochs: int = 150
     patience: int = 15
-    batch_size: int = 16
-    lr: float = 1e-3
-    lr_schedule: str = "none"
-    loss: str = "bce"
+    batch_size: int = 8
+    lr: float = 4e-3
+    lr_schedule: str = "cosine"
+    loss: str = "bce+dice"
     pos_weight: tuple[float, ...] | None = None
     balance: bool = True
-    augment: str = "none"
+    augment: str = "light"
     crop: tuple[int, ...] | None = None
     crop_defect_p: float = 0.7  # probability that a crop centres on a defect (trainer.crops.CropSampler)
     balance_target: int | None = None
@@ -123,10 +127,10 @@ class OptimConfig:
 
     epochs: int = 150
     patience: int = 15
-    batch_size: int = 16
-    lr: float = 1e-3
-    lr_schedule: str = "none"
-    loss: str = "bce"
+    batch_size: int = 8
+    lr: float = 4e-3
+    lr_schedule: str = "cosine"
+    loss: str = "bce+dice"
     pos_weight: tuple[float, ...] | None = None
     amp: bool | None = None
 
@@ -200,7 +204,7 @@ class FitConfig:
         Raises:
             ValueError: an unknown key or mistyped value, or a value left unresolved, naming ``source``.
         """
-        settings = FitSettings.from_dict(data, source)
+        settings = FitSettings.from_dict({**BEFORE_KEY_EXISTED, **data}, source)
         unresolved = [k for k in ("height", "width", "mean", "std") if getattr(settings, k) is None]
         if unresolved:
             raise ValueError(f"{source}: {', '.join(unresolved)} not resolved (was it written by 'trainer fit'?)")
@@ -457,7 +461,7 @@ def differences(saved: dict[str, Any], current: FitConfig) -> list[str]:
     defaults = FitSettings().to_dict()
     lines = []
     for key in sorted((set(saved) | set(now)) - {PLANNED_KEY}):
-        if key not in saved and key in defaults and now.get(key) == defaults[key]:
+        if key not in saved and key in defaults and now.get(key) == BEFORE_KEY_EXISTED.get(key, defaults[key]):
             continue  # a setting added since the run was made, at the value it had before it existed
         if saved.get(key, "<absent>") != now.get(key, "<absent>"):
             lines.append(f"{key}: {saved.get(key, '<absent>')!r} -> {now.get(key, '<absent>')!r}")
