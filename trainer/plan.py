@@ -13,7 +13,12 @@ As nnU-Net's experiment planner does for medical volumes, the rules read the dat
 - **batch size**: 8 on a CPU (the measured recipe), 16 on CUDA (32 with 40 GiB), and a batch at most
   5 % of the training pixels (nnU-Net's cap), at least 2;
 - **epochs, patience, fold**: with ``--budget-min``, one fold trained for the whole budget with the
-  cosine schedule fitted to the epochs it allows (:mod:`trainer.budget`), early stopping off.
+  cosine schedule fitted to the epochs it allows (:mod:`trainer.budget`), early stopping off. The
+  machine's speed, measured in a few steps (:mod:`trainer.speed`), gives the reason an estimate of
+  those epochs and says when they are few (under :data:`FEW_EPOCHS`).
+
+The choices depend on the fingerprints alone, never on the measured speed: the machine's load of the
+moment must not change what a command trains (the speed moved tenfold on a busy 2-core machine).
 
 Explicit settings (flags or ``--config``) always win; their reason is ``given``. The choices and
 reasons go into ``RUN/config.json`` under ``planned``; a rerun on the same run directory reuses them.
@@ -29,12 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from network.config import UNetConfig
 from trainer import rundir
-from trainer.config import FitOptions, FitSettings, resolve_data
+from trainer.config import NETWORK_KEYS, FitOptions, FitSettings, resolve_data
 from trainer.data import load_samples
 from trainer.fingerprint import DataFingerprint, MachineFingerprint, data_fingerprint, machine_fingerprint
+from trainer.folddata import RECALIBRATION_FRAMES
+from trainer.speed import Speed, measure_speed
 
 MIN_DEFECT_PX = 4.0
+#: Fewer estimated epochs than this in the budget are pointed out (the demo's 12-epoch runs fell well short
+#: of its 36-epoch run).
+FEW_EPOCHS = 12
 SCALES = (0.125, 0.25, 0.5, 1.0)
 MIN_TRAIN_SIDE = 32
 CPU_CROP = (64, 128)
@@ -104,17 +115,18 @@ class Situation:
     folds: int
     holdout: float
     arch: str
-    epoch_seconds: float | None = None
+    speed: Speed | None = None
 
 
 def make_plan(situation: Situation, given: dict[str, Any]) -> Plan:
     """Chooses every :data:`PLANNED_SETTINGS` and :data:`PLANNED_OPTIONS` key not in ``given``
-    (``given[key]`` is the value a flag or config file set); later rules see earlier values."""
+    (``given[key]`` is the value a flag or config file set); rules see the given values and the ones
+    decided before them."""
     rules: dict[str, Callable[[Situation, dict[str, Any]], Choice]] = {
         "scale": _scale, "crop": _crop, "encoder_depth": _depth, "decoder_channels": _decoder,
         "batch_size": _batch, "epochs": _epochs, "patience": _patience, "fold": _fold,
     }
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(given)
     choices: dict[str, Choice] = {}
     for key, rule in rules.items():
         choice = Choice(given[key], GIVEN) if key in given else rule(situation, values)
@@ -124,7 +136,8 @@ def make_plan(situation: Situation, given: dict[str, Any]) -> Plan:
         choices[key] = choice
         values[key] = choice.value
     fingerprint = {"data": situation.data.to_dict(), "machine": situation.machine.to_dict(),
-                   "budget_min": situation.budget_min}
+                   "budget_min": situation.budget_min,
+                   "speed": None if situation.speed is None else situation.speed.to_dict()}
     return Plan(choices, fingerprint)
 
 
@@ -141,15 +154,43 @@ def _scale(s: Situation, values: dict[str, Any]) -> Choice:
     k, width = thinnest
     by_width = next((x for x in SCALES if width * x >= MIN_DEFECT_PX), 1.0)
     scale = max(by_width, by_side)
-    name = s.data.class_names[k]
-    why = f"the thinnest common defects ({name}: a tenth of its pixels in defects up to {width:g} px wide) " \
-          f"are {width * scale:g} px wide at {scale:g}"
+    why = f"the thinnest common defects ({s.data.class_names[k]}: a tenth of its pixels in defects up to " \
+          f"{width:g} px wide) are {width * scale:g} px wide at {scale:g}"
     if width * scale < MIN_DEFECT_PX:
         return Choice(scale, why + f": full resolution, no scale keeps them {MIN_DEFECT_PX:g} px wide")
     if by_side > by_width:
         return Choice(scale, why + f"; a smaller scale would leave a side under {MIN_TRAIN_SIDE} px")
     return Choice(scale, why + f" (>= {MIN_DEFECT_PX:g} px; the next smaller scale would not keep them so)"
                   if scale > SCALES[0] else why)
+
+
+def epoch_estimate(s: Situation, scale: float, crop: tuple[int, int] | None) -> float | None:
+    """Seconds of one epoch at ``scale`` with ``crop`` from the measured speed (None without one): the
+    training records' steps, then validation and (with crops) the BatchNorm re-estimation on whole frames."""
+    if s.speed is None:
+        return None
+    th, tw = round(s.data.height * scale), round(s.data.width * scale)
+    train, val = _split_frames(s)
+    record_px = crop[0] * crop[1] if crop else th * tw
+    whole = val + (min(train, RECALIBRATION_FRAMES) if crop else 0)
+    return train * record_px * s.speed.train_px_s + whole * th * tw * s.speed.infer_px_s
+
+
+def _budget_epochs(s: Situation, values: dict[str, Any]) -> int | None:
+    """The epochs the budget holds at the planned scale and crop by the measured speed; None without either."""
+    seconds = epoch_estimate(s, values["scale"], values["crop"])
+    if s.budget_min is None or seconds is None:
+        return None
+    from trainer.budget import epochs_for_budget
+
+    return epochs_for_budget(s.budget_min * 60, 0.0, seconds, 0, MAX_BUDGET_EPOCHS)
+
+
+def _split_frames(s: Situation) -> tuple[float, float]:
+    """(training, validation) frames of one fold."""
+    holdout = s.holdout / s.data.frames if s.holdout >= 1 else s.holdout
+    kept = s.data.frames * (1 - holdout)
+    return kept * (s.folds - 1) / s.folds, kept / s.folds
 
 
 def _crop(s: Situation, values: dict[str, Any]) -> Choice:
@@ -198,8 +239,7 @@ def _batch(s: Situation, values: dict[str, Any]) -> Choice:
     th, tw = _train_size(s, values)
     crop = values["crop"]
     record_px = crop[0] * crop[1] if crop else th * tw
-    holdout = s.holdout / s.data.frames if s.holdout >= 1 else s.holdout
-    train_frames = s.data.frames * (1 - holdout) * (s.folds - 1) / s.folds
+    train_frames, _ = _split_frames(s)
     cap = max(MIN_BATCH, int(BATCH_DATA_FRACTION * train_frames * th * tw / record_px))
     where = f"CUDA with {memory:g} GiB" if s.machine.cuda else "a CPU (the measured recipe)"
     if cap < base:
@@ -211,13 +251,12 @@ def _batch(s: Situation, values: dict[str, Any]) -> Choice:
 def _epochs(s: Situation, values: dict[str, Any]) -> Choice:
     if s.budget_min is None:
         return Choice(EPOCHS, f"no --budget-min: at most {EPOCHS}, early stopping ends it")
-    if s.epoch_seconds:
-        from trainer.budget import epochs_for_budget
-
-        estimate = epochs_for_budget(s.budget_min * 60, 0.0, s.epoch_seconds, 0, MAX_BUDGET_EPOCHS)
-        return Choice(MAX_BUDGET_EPOCHS, f"at most; the {s.budget_min:g}-min budget holds about {estimate} epochs "
-                                         f"of {s.epoch_seconds:.1f} s: the cosine schedule is fitted to them and "
-                                         "re-fitted to the measured epoch times")
+    estimate = _budget_epochs(s, values)
+    if estimate is not None:
+        few = " (few: a longer --budget-min or a smaller --scale trains more)" if estimate < FEW_EPOCHS else ""
+        return Choice(MAX_BUDGET_EPOCHS, f"at most; the {s.budget_min:g}-min budget holds about {estimate} epoch{'s' * (estimate != 1)} "
+                                         f"by the speed measured now{few}: the cosine schedule is fitted to the "
+                                         "first epoch's measured time and re-fitted if it changes")
     return Choice(MAX_BUDGET_EPOCHS, f"at most; the cosine schedule is fitted to the epochs the {s.budget_min:g}-min "
                                      "budget holds, from the first epoch's measured time (re-fitted if it changes)")
 
@@ -288,8 +327,19 @@ def plan_fit(settings: FitSettings, options: FitOptions, given: dict[str, Any]) 
                               budget_min=settings.budget_min, folds=settings.folds, holdout=settings.holdout,
                               arch=settings.arch)
         plan = make_plan(situation, given)
+        if settings.budget_min is not None:
+            # How many epochs each scale leaves: the planned network's speed, then the plan again with it.
+            speed = measure_speed(_network(apply(plan, settings, options)[0]), "cuda" if situation.machine.cuda else "cpu")
+            plan = make_plan(dataclasses.replace(situation, speed=speed), given)
     settings, options = apply(plan, settings, options)
     return settings, options, plan
+
+
+def _network(settings: FitSettings) -> UNetConfig:
+    from network.config import default_decoder_channels
+
+    decoder = settings.decoder_channels or default_decoder_channels(settings.encoder_depth)
+    return UNetConfig(**{k: getattr(settings, k) for k in NETWORK_KEYS} | {"decoder_channels": tuple(decoder)})
 
 
 def _trains_on_cuda(device: str) -> bool:
@@ -313,4 +363,11 @@ def fingerprint_lines(plan: Plan) -> list[str]:
     return [f"data: {data['frames']} frames of {data['height']}x{data['width']}; classes in frames (thin-defect "
             f"width): {classes}",
             f"machine: {machine['cores']} cores, {machine['cpu']}{' (bf16)' if machine['cpu_bf16'] else ''}; "
-            f"trains on the {where}"]
+            f"trains on the {where}{_speed_text(plan.fingerprint.get('speed'))}"]
+
+
+def _speed_text(speed: dict[str, float] | None) -> str:
+    if not speed:
+        return ""
+    return (f"; measured {1e-6 / speed['train_px_s']:.2f} Mpx/s training, {1e-6 / speed['infer_px_s']:.2f} Mpx/s "
+            "inference (the machine's load included)")

@@ -23,6 +23,7 @@ from trainer.fingerprint import (
 from trainer.fit import run_fit
 from trainer.plan import GIVEN, Situation, make_plan
 from trainer.rundir import TrainingState, read_metrics
+from trainer.speed import Speed
 
 CPU = MachineFingerprint(cores=2, cpu="test CPU", cpu_bf16=False, cuda=False)
 GPU = MachineFingerprint(cores=16, cpu="test CPU", cpu_bf16=False, cuda=True, gpu="test GPU", gpu_memory_gib=80.0)
@@ -36,9 +37,9 @@ def fingerprint(height: int, width: int, widths: list[float | None], frames: int
 
 
 def situation(data: DataFingerprint, machine: MachineFingerprint = CPU, budget_min: float | None = None,
-              epoch_seconds: float | None = None) -> Situation:
+              speed: Speed | None = None) -> Situation:
     return Situation(data=data, machine=machine, budget_min=budget_min, folds=5, holdout=0.1, arch="unet",
-                     epoch_seconds=epoch_seconds)
+                     speed=speed)
 
 
 def test_thinner_defects_get_a_larger_training_scale() -> None:
@@ -78,13 +79,24 @@ def test_the_budget_decides_epochs_patience_and_fold() -> None:
     unbounded = make_plan(situation(data), {})
     assert unbounded.choices["epochs"].value == 150 and unbounded.choices["patience"].value == 15
     assert unbounded.choices["fold"].value is None
-    budget = make_plan(situation(data, budget_min=5, epoch_seconds=10.0), {})
-    assert budget.choices["fold"].value == 0
+    # 720 training and 180 validation frames of 100x100 at 1e-6 s a pixel: 9 s an epoch, 33 in 5 minutes.
+    budget = make_plan(situation(data, budget_min=5, speed=Speed(1e-6, 1e-6)), {})
+    assert budget.choices["fold"].value == 0 and budget.choices["scale"].value == 0.5
     assert budget.choices["patience"].value == budget.choices["epochs"].value  # early stopping off
-    assert "about 30 epochs" in budget.choices["epochs"].reason
+    assert "about 33 epochs" in budget.choices["epochs"].reason
     assert epochs_for_budget(300, 0, 10.0, 0, 300) == 30
     assert epochs_for_budget(300, 0, 10.0, 0, 12) == 12  # --epochs caps it
     assert epochs_for_budget(300, 295, 10.0, 7, 300) == 7  # spent: never before the epochs done
+
+
+def test_the_measured_speed_estimates_epochs_but_never_changes_a_choice() -> None:
+    """At 1e-5 s a pixel 1/2 leaves 3 epochs in 5 minutes: the plan says so, and still trains at 1/2."""
+    data = fingerprint(200, 200, [15.0])
+    fast = make_plan(situation(data, budget_min=5, speed=Speed(1e-6, 1e-6)), {})
+    slow = make_plan(situation(data, budget_min=5, speed=Speed(1e-5, 1e-5)), {})
+    assert {k: c.value for k, c in slow.choices.items()} == {k: c.value for k, c in fast.choices.items()}
+    assert "about 3 epochs" in slow.choices["epochs"].reason and "few" in slow.choices["epochs"].reason
+    assert "few" not in fast.choices["epochs"].reason
 
 
 def test_given_values_win_and_say_so() -> None:
