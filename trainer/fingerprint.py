@@ -153,15 +153,15 @@ def _class_stats(frames: int, total: int, frames_px: float, components: list[np.
     )
 
 
-def machine_fingerprint(cuda: bool) -> MachineFingerprint:
-    """This machine, training on CUDA (device 0 of this process) or on its CPU."""
+def machine_fingerprint(cuda_device: int | None) -> MachineFingerprint:
+    """This machine, training on the CUDA device of that index or (None) on its CPU."""
     features = cpu_features()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpu, memory = None, None
-    if cuda:
+    if cuda_device is not None:
         import torch
 
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        props = torch.cuda.get_device_properties(cuda_device)
         gpu, memory = props.name, round(props.total_memory / 2**30, 1)
-    return MachineFingerprint(cores=cores, cpu=features.model, cpu_bf16=features.bf16, cuda=cuda, gpu=gpu,
-                              gpu_memory_gib=memory)
+    return MachineFingerprint(cores=cores, cpu=features.model, cpu_bf16=features.bf16, cuda=cuda_device is not None,
+                              gpu=gpu, gpu_memory_gib=memory)

@@ -160,8 +160,9 @@ def train_fold(
         checkpoint, state = resume
         if d.main:
             log.info("fold %d: finished earlier (best epoch %d), skipping", fold, state.best_epoch)
+        short = checkpoint.facts.epoch < cfg.optim.epochs
         return FoldOutcome(fold, state.best_epoch, state.best_val_loss, checkpoint.facts.epoch, state.seconds,
-                           stopped_early=checkpoint.facts.epoch < cfg.optim.epochs)
+                           stopped_early=short and state.budget is None, budget_spent=short and state.budget is not None)
     trainer = FoldTrainer(cfg, options, d, fold, paths, train_samples, val_samples, fresh=resume is None)
     if budget_s is not None:
         trainer.set_budget(budget_s, None if resume is None else resume[1].budget)

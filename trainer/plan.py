@@ -29,11 +29,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from engine.devices import parse_device
 from network.config import UNetConfig
 from trainer import rundir
 from trainer.config import NETWORK_KEYS, FitOptions, FitSettings, resolve_data
@@ -319,17 +323,18 @@ def plan_fit(settings: FitSettings, options: FitOptions, given: dict[str, Any]) 
     plan = None if options.restart else recorded_plan(Path(options.out) / rundir.CONFIG, given)
     if plan is None:
         data, frames = resolve_data(settings)
+        device = _torch_device(options.device)
         samples = load_samples([Path(p) for p in data], frames)
         if not samples:
             raise ValueError(f"no images found in {', '.join(data)}")
         situation = Situation(data=data_fingerprint(samples, frames, settings.seed),
-                              machine=machine_fingerprint(_trains_on_cuda(options.device)),
+                              machine=machine_fingerprint(device.index if device.type == "cuda" else None),
                               budget_min=settings.budget_min, folds=settings.folds, holdout=settings.holdout,
                               arch=settings.arch)
         plan = make_plan(situation, given)
         if settings.budget_min is not None:
             # How many epochs each scale leaves: the planned network's speed, then the plan again with it.
-            speed = measure_speed(_network(apply(plan, settings, options)[0]), "cuda" if situation.machine.cuda else "cpu")
+            speed = measure_speed(_network(apply(plan, settings, options)[0]), device)
             plan = make_plan(dataclasses.replace(situation, speed=speed), given)
     settings, options = apply(plan, settings, options)
     return settings, options, plan
@@ -342,13 +347,15 @@ def _network(settings: FitSettings) -> UNetConfig:
     return UNetConfig(**{k: getattr(settings, k) for k in NETWORK_KEYS} | {"decoder_channels": tuple(decoder)})
 
 
-def _trains_on_cuda(device: str) -> bool:
-    import torch
-
-    from engine.devices import parse_device
-
+def _torch_device(device: str) -> torch.device:
+    """The device this process will train on (``--device``; ``auto`` = CUDA when available; under torchrun
+    its LOCAL_RANK's GPU). CUDA asked for but missing plans for the CPU: :func:`trainer.distributed.
+    setup_distributed` then refuses it with its message."""
     parsed = parse_device(device, "--device")
-    return parsed.kind == "cuda" or (parsed.is_auto and torch.cuda.is_available())
+    if parsed.kind == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", parsed.index or 0)))
+
 
 
 def fingerprint_lines(plan: Plan) -> list[str]:

@@ -35,7 +35,7 @@ class Speed:
         return asdict(self)
 
 
-def measure_speed(network: UNetConfig, device: str) -> Speed:
+def measure_speed(network: UNetConfig, device: torch.device) -> Speed:
     """Times :data:`PROBE_STEPS` training steps and inference passes of ``network`` (random weights,
     random input) after one warm-up of each."""
     torch.manual_seed(0)
@@ -63,13 +63,13 @@ def measure_speed(network: UNetConfig, device: str) -> Speed:
     return Speed(train_px_s=train_s / x[:, 0].numel(), infer_px_s=infer_s / frames[:, 0].numel())
 
 
-def _timed(step, device: str) -> float:
+def _timed(step, device: torch.device) -> float:
     step()  # warm-up: kernel selection, allocations
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     started = time.perf_counter()
     for _ in range(PROBE_STEPS):
         step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - started) / PROBE_STEPS
