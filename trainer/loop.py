@@ -34,7 +34,7 @@ from trainer.balance import class_counts
 from trainer.budget import EpochBudget
 from trainer.config import FitConfig, FitOptions
 from trainer.curves import plot_curves
-from trainer.distributed import Dist, all_reduce_sum, average_buffers, barrier
+from trainer.distributed import Dist, all_reduce_sum, average_buffers, barrier, on_main_then_share
 from trainer.folddata import FoldData
 from trainer.losses import SegmentationLoss
 from trainer.metrics import dice_from_sums
@@ -383,7 +383,11 @@ class FoldTrainer:
         improved = self.stopping.update(epoch, val_loss)
         epoch_s = time.perf_counter() - started
         self.seconds += epoch_s
-        budget_spent = self.budget is not None and self.budget.record(epoch, epoch_s, self.seconds)
+        budget, budget_spent = self.budget, False
+        if budget is not None:
+            # Rank 0's clock decides for every rank: the schedule's length sets every rank's learning rate.
+            self.budget, budget_spent = on_main_then_share(
+                self.d, lambda: (budget, budget.record(epoch, epoch_s, self.seconds)))
         row: dict[str, float] = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                                  "train_dice": train_dice, "val_dice": val_dice}
         row.update({f"train_dice_{k + 1}": v for k, v in enumerate(train_dice_c)})
