@@ -174,6 +174,8 @@ def test_the_budget_stops_a_real_training_at_the_end_of_its_fitted_schedule(synt
         # The cosine schedule was fitted to the epochs run: its last step is near 0, not near --lr as a
         # 60-epoch schedule would be after a few epochs.
         assert float(rows[-1]["lr"]) < 0.25 * cfg.optim.lr
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["folds"][0]["finished"] is True  # ended by the budget, not "unfinished"
     again = run_fit(cfg, FitOptions(out=str(out), fold=0, device="cpu", workers=0, progress=False))
     assert again[0].epochs_run == outcome.epochs_run  # finished: a rerun skips it
 
