@@ -111,7 +111,8 @@ def _text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Situation:
-    """What the rules read: the fingerprints, the budget, the split, and the values given so far."""
+    """What the rules read besides the settings: the fingerprints, the budget, the split, the architecture,
+    and the measured speed (None: not measured)."""
 
     data: DataFingerprint
     machine: MachineFingerprint
@@ -134,7 +135,7 @@ def make_plan(situation: Situation, given: dict[str, Any]) -> Plan:
     choices: dict[str, Choice] = {}
     for key, rule in rules.items():
         choice = Choice(given[key], GIVEN) if key in given else rule(situation, values)
-        if key == "decoder_channels" and "decoder_channels" in given and "encoder_depth" not in given:
+        if key == "decoder_channels" and key in given and "encoder_depth" not in given and situation.arch == "unet":
             values["encoder_depth"] = len(given[key])
             choices["encoder_depth"] = Choice(len(given[key]), "one stage per given --decoder-channels width")
         choices[key] = choice
@@ -289,7 +290,8 @@ def apply(plan: Plan, settings: Any, options: Any) -> tuple[Any, Any]:
 
 def recorded_plan(config_path: Path, given: dict[str, Any]) -> Plan | None:
     """The plan of the run ``config_path`` pins (``RUN/config.json``), with ``given`` values winning; None
-    when there is no such file. A run written before the planner has no reasons: its recorded values count."""
+    when there is no such file. A run written before the planner has no reasons: its recorded values count.
+    A planned fold is reused, a given one is not."""
     if not config_path.is_file():
         return None
     try:
@@ -302,7 +304,8 @@ def recorded_plan(config_path: Path, given: dict[str, Any]) -> Plan | None:
     for key in (*PLANNED_SETTINGS, *PLANNED_OPTIONS):
         if key in given:
             choices[key] = Choice(given[key], GIVEN)
-        elif key in recorded:
+        elif key in recorded and not (key in PLANNED_OPTIONS and recorded[key]["reason"] == GIVEN):
+            # A fold given to one invocation is that invocation's (another trains another fold).
             choices[key] = Choice(_tupled(recorded[key]["value"]), recorded[key]["reason"] + " (recorded plan)")
         elif key in saved:
             choices[key] = Choice(_tupled(saved[key]), f"recorded in {config_path}")

@@ -202,3 +202,20 @@ def test_cli_records_the_plan_and_a_rerun_reuses_it(synth_dir: Path, tmp_path: P
     assert saved["planned"]["fingerprint"]["data"]["frames"] > 0
     assert FitConfig.from_dict(saved).scale == 0.5  # readers of config.json skip the plan
     assert main(command) == 0  # same command: the recorded plan, no "other settings" refusal
+
+
+def test_a_rerun_reuses_the_recorded_plan_but_not_a_given_fold(tmp_path: Path) -> None:
+    from trainer.plan import recorded_plan
+
+    path = tmp_path / "config.json"
+    assert recorded_plan(path, {}) is None
+    planned = {"choices": {"scale": {"value": 0.5, "reason": "thin"}, "crop": {"value": [64, 128], "reason": "big"},
+                           "fold": {"value": 1, "reason": GIVEN}}, "fingerprint": {}}
+    path.write_text(json.dumps({"scale": 0.5, "crop": [64, 128], "batch_size": 8, "planned": planned}))
+    plan = recorded_plan(path, {"batch_size": 4})
+    assert plan.choices["scale"].value == 0.5 and plan.choices["scale"].reason.startswith("thin")
+    assert plan.choices["crop"].value == (64, 128) and plan.choices["batch_size"].reason == GIVEN
+    assert "fold" not in plan.choices  # fold 1 was that invocation's
+    path.write_text(json.dumps({"scale": 0.25, "crop": None}))  # a run written before the planner
+    old = recorded_plan(path, {})
+    assert old.choices["scale"].value == 0.25 and old.choices["crop"].value is None
