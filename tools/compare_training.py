@@ -7,7 +7,10 @@
   area; no balancing, no output-prior initialisation, no augmentation, no crops, no TTA;
 - product: the same network budget with the product's options (``--product`` overrides them:
   ``--product augment=strong --product loss=bce+dice``), then the out-of-fold search of thresholds
-  and minimum areas on the fold it trained (a partial run) and the TTA it names.
+  and minimum areas on the fold it trained (a partial run) and the TTA it names;
+- or, with ``--product-plan``, the product is what ``trainer fit --budget-min M`` plans and trains when
+  given nothing but the data, classes, seed and the shared split (its own network, scale, crop, batch
+  and epochs fitted to the budget: :mod:`trainer.plan`), searched and scored the same way.
 
 ``--seeds N`` trains each model N times (seeds 0..N-1, every seed on the first seed's split) and
 reports each seed, the mean and standard deviation, and whether the product beat the baseline in
@@ -42,7 +45,7 @@ NETWORK = {"encoder": "resnet18", "encoder_weights": "none", "encoder_depth": 3,
            "patience": 1000}
 #: The plain baseline: every product option off.
 BASELINE = {"arch": "unet", "loss": "bce", "pos_weight": None, "balance": False, "prior_init": False,
-            "augment": "none", "crop": None}
+            "augment": "none", "crop": None, "lr_schedule": "none"}
 #: The product's preset (to be tuned by measurement; ``tta`` is the evaluation's and export's).
 PRODUCT = {"loss": "bce+dice", "pos_weight": None, "balance": True, "prior_init": True, "augment": "light",
            "tta": "hflip"}
@@ -94,6 +97,24 @@ def train(name: str, values: dict[str, Any], out: Path, budget_s: float, workers
     except BudgetSpent:
         log.info("%s: budget of %.1f min spent after epoch %d", name, budget_s / 60, epochs[-1])
     return {"epochs": len(epochs), "minutes": round((time.monotonic() - started) / 60, 2),
+            "config": cfg.to_dict()}
+
+
+def train_planned(values: dict[str, Any], out: Path, budget_s: float, workers: int) -> dict[str, Any]:
+    """Trains what ``trainer fit --budget-min`` plans from ``values`` (the data, classes, seed and split) into
+    ``out / "product"``; the trainer's own budget ends it."""
+    from trainer.fit import run_fit
+    from trainer.plan import plan_fit
+
+    given = {**values, "budget_min": budget_s / 60}
+    settings = FitSettings(**given)
+    options = FitOptions(out=str(out / "product"), device="cpu", workers=workers, progress=False, restart=True)
+    settings, options, plan = plan_fit(settings, options, given)
+    log.info("product plan:\n%s", "\n".join(plan.lines()))
+    cfg = resolve(settings)
+    started = time.monotonic()
+    [outcome] = run_fit(cfg, options, planned=plan.to_dict())
+    return {"epochs": outcome.epochs_run, "minutes": round((time.monotonic() - started) / 60, 2),
             "config": cfg.to_dict()}
 
 
@@ -169,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a shared setting, e.g. encoder=resnet34 or scale=1.0")
     parser.add_argument("--product", action="append", default=[], metavar="KEY=VALUE",
                         help="override a product setting, e.g. augment=strong, crop=64,64 or tta=none")
+    parser.add_argument("--product-plan", action="store_true",
+                        help="the product is trainer fit's own plan for the budget (only data, classes, seed and "
+                             "split given); --network and --product then apply to the baseline alone")
     parser.add_argument("--workers", type=int, default=0, help="data-loader workers (default 0)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
@@ -187,8 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         baseline_run = train("baseline", {**network, **BASELINE, **split}, out, budget_s, args.workers)
         # Every run trains on the first baseline's split, so all are scored on the same holdout.
         folds_file = folds_file or str(out / "baseline" / "folds.csv")
-        product_run = train("product", {**network, **BASELINE, **product, "seed": seed, "folds_file": folds_file},
-                            out, budget_s, args.workers)
+        if args.product_plan:
+            given = {"data": args.data, "num_classes": args.classes, "seed": seed, "folds_file": folds_file,
+                     "folds": network["folds"], "holdout": network["holdout"]}
+            product_run = train_planned(given, out, budget_s, args.workers)
+        else:
+            product_run = train("product", {**network, **BASELINE, **product, "seed": seed, "folds_file": folds_file},
+                                out, budget_s, args.workers)
         rows += [{**score("baseline (U-Net, BCE, Adam, 0.5)", out / "baseline", "none", search=False),
                   **baseline_run, "seed": seed},
                  {**score(f"product (oof search, TTA {tta})", out / "product", tta, search=True), **product_run,

@@ -48,26 +48,34 @@ IMAGENET_GRAY_STD = 0.226
 NETWORK_KEYS = ("encoder", "in_channels", "num_classes", "encoder_depth", "decoder_channels", "arch", "gate",
                 "gate_pooling")
 OPTIM_KEYS = ("epochs", "patience", "batch_size", "lr", "lr_schedule", "loss", "pos_weight", "amp")
+#: What a ``RUN/config.json`` written before a key existed meant by its absence, where the key's default
+#: has changed since (the measured recipe became the default): such a run trained with the old behaviour.
+BEFORE_KEY_EXISTED: dict[str, Any] = {"augment": "none", "lr_schedule": "none"}
+#: The key of ``RUN/config.json`` that holds the planner's choices and reasons (:mod:`trainer.plan`); not a setting.
+PLANNED_KEY = "planned"
 
 
 @dataclass
 class FitSettings:
     """A training run's settings as given: flags, a config file, or ``RUN/config.json`` (flat keys).
 
-    Defaults are the thesis' protocol (U-Net/ResNet-34, half resolution, Adam 1e-3, BCE, batch 16,
-    150 epochs with patience 15, 5 folds, balanced training folds), plus ``prior_init`` (see
-    :mod:`trainer.priors`). ``None`` values are resolved from the data by :func:`resolve`.
+    Defaults are the recipe the measurements support (``benchmarks/RESULTS.md``, ``docs/training.md``):
+    a ResNet-18 U-Net cut to 3 encoder stages from random weights, BCE+Dice, class balancing, output-prior
+    initialisation, light augmentation, Adam 4e-3 with the cosine schedule, batch 8, half resolution,
+    up to 150 epochs with patience 15, 5 folds. ``trainer fit`` plans the data- and machine-dependent
+    ones (scale, crop, batch, depth, decoder widths, epochs: :mod:`trainer.plan`) unless they are given.
+    ``None`` values are resolved from the data by :func:`resolve`.
     """
 
     data: list[str] = field(default_factory=list)
     arch: str = "unet"
     gate: bool = False
     gate_pooling: str = "max"
-    encoder: str = "resnet34"
-    encoder_weights: str = "imagenet"
+    encoder: str = "resnet18"
+    encoder_weights: str = "none"
     freeze_encoder: bool = False
     in_channels: int = 1
-    encoder_depth: int = 5
+    encoder_depth: int = 3
     decoder_channels: tuple[int, ...] | None = None
     num_classes: int = 4
     class_names: tuple[str, ...] | None = None
@@ -79,13 +87,13 @@ class FitSettings:
     folds_file: str | None = None
     epochs: int = 150
     patience: int = 15
-    batch_size: int = 16
-    lr: float = 1e-3
-    lr_schedule: str = "none"
-    loss: str = "bce"
+    batch_size: int = 8
+    lr: float = 4e-3
+    lr_schedule: str = "cosine"
+    loss: str = "bce+dice"
     pos_weight: tuple[float, ...] | None = None
     balance: bool = True
-    augment: str = "none"
+    augment: str = "light"
     crop: tuple[int, ...] | None = None
     crop_defect_p: float = 0.7  # probability that a crop centres on a defect (trainer.crops.CropSampler)
     balance_target: int | None = None
@@ -94,17 +102,23 @@ class FitSettings:
     std: float | None = None
     amp: bool | None = None  # None: on for CUDA, off on CPUs (see trainer.loop.amp_dtype)
     seed: int = 0
+    budget_min: float | None = None  # wall-clock minutes for the folds' epochs (trainer.budget)
 
     def to_dict(self) -> dict[str, Any]:
+        """The flat form; ``budget_min`` only when set (a run without a budget writes what it wrote before
+        budgets existed)."""
         d = dataclasses.asdict(self)
         for key, value in d.items():
             if isinstance(value, tuple):
                 d[key] = list(value)
+        if d["budget_min"] is None:
+            del d["budget_min"]
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> FitSettings:
-        return cls(**_coerce(cls, data, source))
+        """Settings from their flat form; a run's ``planned`` block (the plan's reasons) is not a setting."""
+        return cls(**_coerce(cls, {k: v for k, v in data.items() if k != PLANNED_KEY}, source))
 
 
 @dataclass(frozen=True)
@@ -113,10 +127,10 @@ class OptimConfig:
 
     epochs: int = 150
     patience: int = 15
-    batch_size: int = 16
-    lr: float = 1e-3
-    lr_schedule: str = "none"
-    loss: str = "bce"
+    batch_size: int = 8
+    lr: float = 4e-3
+    lr_schedule: str = "cosine"
+    loss: str = "bce+dice"
     pos_weight: tuple[float, ...] | None = None
     amp: bool | None = None
 
@@ -153,6 +167,7 @@ class FitConfig:
     mean: float
     std: float
     seed: int
+    budget_min: float | None = None
 
     @property
     def holdout_count_or_fraction(self) -> float | int:
@@ -189,7 +204,7 @@ class FitConfig:
         Raises:
             ValueError: an unknown key or mistyped value, or a value left unresolved, naming ``source``.
         """
-        settings = FitSettings.from_dict(data, source)
+        settings = FitSettings.from_dict({**BEFORE_KEY_EXISTED, **data}, source)
         unresolved = [k for k in ("height", "width", "mean", "std") if getattr(settings, k) is None]
         if unresolved:
             raise ValueError(f"{source}: {', '.join(unresolved)} not resolved (was it written by 'trainer fit'?)")
@@ -217,7 +232,7 @@ def _compose(s: FitSettings) -> FitConfig:
     optim = OptimConfig(**{k: getattr(s, k) for k in OPTIM_KEYS})
     rest = {k: getattr(s, k) for k in ("data", "encoder_weights", "freeze_encoder", "scale", "folds", "holdout",
                                        "folds_file", "balance", "augment", "crop", "crop_defect_p",
-                                       "balance_target", "prior_init", "seed")}
+                                       "balance_target", "prior_init", "seed", "budget_min")}
     return FitConfig(network=network, frames=frames, optim=optim, mean=float(s.mean), std=float(s.std), **rest)
 
 
@@ -307,6 +322,8 @@ def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     config_part, option_part = {}, {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name == PLANNED_KEY:
+            continue  # a run's config.json given as --config: its values are in the flat keys
         if name in config_keys:
             config_part[name] = value
         elif name in option_keys:
@@ -343,12 +360,8 @@ def resolve(settings: FitSettings) -> FitConfig:
     """
     _check_choices(settings)
     _check_numbers(settings)
-    data = _data_dirs(settings)
-    height, width = settings.height, settings.width
-    if height is None or width is None:
-        found = frame_size(Path(data[0]))
-        height = found[0] if height is None else height
-        width = found[1] if width is None else width
+    data, frames = resolve_data(settings)
+    height, width = frames.size
     pretrained = settings.encoder_weights == "imagenet"
     mean = settings.mean if settings.mean is not None else (IMAGENET_GRAY_MEAN if pretrained else 0.0)
     std = settings.std if settings.std is not None else (IMAGENET_GRAY_STD if pretrained else 1.0)
@@ -359,6 +372,24 @@ def resolve(settings: FitSettings) -> FitConfig:
                                        std=float(std), folds_file=folds_file))
     _check_sizes(cfg)
     return cfg
+
+
+def resolve_data(settings: FitSettings) -> tuple[list[str], DataConfig]:
+    """The data folders (absolute) and what their frames look like: the part of :func:`resolve` that the
+    planner and the image check need before the rest is decided.
+
+    Raises:
+        FileNotFoundError: a data folder or its images are missing.
+        ValueError: no data folder, or class names that do not match the classes.
+    """
+    data = _data_dirs(settings)
+    height, width = settings.height, settings.width
+    if height is None or width is None:
+        found = frame_size(Path(data[0]))
+        height = found[0] if height is None else height
+        width = found[1] if width is None else width
+    return data, DataConfig(num_classes=settings.num_classes, height=int(height), width=int(width),
+                            class_names=settings.class_names)
 
 
 def _data_dirs(settings: FitSettings) -> list[str]:
@@ -396,6 +427,8 @@ def _check_numbers(s: FitSettings) -> None:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if not s.lr > 0:
         raise ValueError(f"--lr must be > 0, got {s.lr}")
+    if s.budget_min is not None and not s.budget_min > 0:
+        raise ValueError(f"--budget-min must be > 0 minutes, got {s.budget_min}")
     if not 0 <= s.crop_defect_p <= 1:
         raise ValueError(f"--crop-defect-p must be in [0, 1], got {s.crop_defect_p}")
     if not 0 < s.scale <= 1:
@@ -427,8 +460,8 @@ def differences(saved: dict[str, Any], current: FitConfig) -> list[str]:
     now = current.to_dict()
     defaults = FitSettings().to_dict()
     lines = []
-    for key in sorted(set(saved) | set(now)):
-        if key not in saved and key in defaults and now.get(key) == defaults[key]:
+    for key in sorted((set(saved) | set(now)) - {PLANNED_KEY}):
+        if key not in saved and key in defaults and now.get(key) == BEFORE_KEY_EXISTED.get(key, defaults[key]):
             continue  # a setting added since the run was made, at the value it had before it existed
         if saved.get(key, "<absent>") != now.get(key, "<absent>"):
             lines.append(f"{key}: {saved.get(key, '<absent>')!r} -> {now.get(key, '<absent>')!r}")

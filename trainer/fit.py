@@ -16,9 +16,11 @@ alone writes files and logs. The gloo backend serves CPUs, NCCL GPUs.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -54,6 +56,7 @@ class FoldOutcome:
 
     Attributes:
         stopped_early: patience ran out before the epoch limit (else it trained every epoch).
+        budget_spent: ``--budget-min`` ended it (the schedule was fitted to the budget).
     """
 
     fold: int
@@ -62,26 +65,35 @@ class FoldOutcome:
     epochs_run: int
     seconds: float
     stopped_early: bool
+    budget_spent: bool = False
 
 
 def run_fit(
-    cfg: FitConfig, options: FitOptions, on_epoch_end: Callable[[EpochEnd], None] | None = None
+    cfg: FitConfig, options: FitOptions, on_epoch_end: Callable[[EpochEnd], None] | None = None,
+    planned: dict[str, Any] | None = None,
 ) -> list[FoldOutcome]:
     """Trains the folds of a resolved config (every fold, or ``options.fold``); resumes unfinished ones.
 
     ``on_epoch_end`` is called on every rank after each epoch's files are written; an exception it
-    raises stops training there (the next call resumes after that epoch).
+    raises stops training there (the next call resumes after that epoch). ``planned``: the planner's
+    choices (:meth:`trainer.plan.Plan.to_dict`), recorded in a new run's ``config.json``.
     """
     if options.fold is not None and not 0 <= options.fold < cfg.folds:
         raise ValueError(f"--fold {options.fold} is out of range for --folds {cfg.folds} (0..{cfg.folds - 1})")
+    started = time.monotonic()
     d = setup_distributed(options.device)
     try:
         samples = load_samples([Path(p) for p in cfg.data], cfg.frames)
         if not samples:
             raise ValueError(f"no images found in {', '.join(cfg.data)}")
-        assignment = on_main_then_share(d, lambda: prepare_run(cfg, options, samples))
-        folds = range(cfg.folds) if options.fold is None else [options.fold]
-        outcomes = [train_fold(cfg, options, d, fold, samples, assignment, on_epoch_end) for fold in folds]
+        assignment = on_main_then_share(d, lambda: prepare_run(cfg, options, samples, planned))
+        folds = list(range(cfg.folds)) if options.fold is None else [options.fold]
+        outcomes = []
+        for i, fold in enumerate(folds):
+            # --budget-min: what is left of the budget, shared by the folds still to train.
+            share = None if cfg.budget_min is None else \
+                (cfg.budget_min * 60 - (time.monotonic() - started)) / (len(folds) - i)
+            outcomes.append(train_fold(cfg, options, d, fold, samples, assignment, on_epoch_end, share))
         if d.main:
             with rundir.locked(options.out):
                 write_report(Path(options.out))
@@ -91,14 +103,15 @@ def run_fit(
         teardown(d)
 
 
-def prepare_run(cfg: FitConfig, options: FitOptions, samples: Sequence[Sample]) -> dict[str, int]:
+def prepare_run(cfg: FitConfig, options: FitOptions, samples: Sequence[Sample],
+                planned: dict[str, Any] | None = None) -> dict[str, int]:
     """Checks or writes ``RUN/config.json``, fixes the split in ``RUN/folds.csv``; returns it.
 
     Holds the run directory's lock throughout, so that ``fit --fold K`` processes started together
     on one run directory agree on one config and one split (the first writes them, the others read).
     """
     with rundir.locked(options.out):
-        rundir.check_or_write_config(options.out, cfg, options.restart)
+        rundir.check_or_write_config(options.out, cfg, options.restart, planned)
         return rundir.fix_split(options.out, cfg, samples)
 
 
@@ -132,8 +145,14 @@ def train_fold(
     samples: Sequence[Sample],
     assignment: dict[str, int],
     on_epoch_end: Callable[[EpochEnd], None] | None = None,
+    budget_s: float | None = None,
 ) -> FoldOutcome:
-    """Trains (or resumes, or skips when finished) one fold; see the module docstring."""
+    """Trains (or resumes, or skips when finished) one fold; see the module docstring.
+
+    ``budget_s``: the fold's wall-clock seconds (``--budget-min``), counted from this call; the schedule
+    is fitted to the epochs they hold (:class:`trainer.budget.EpochBudget`).
+    """
+    started = time.monotonic()
     paths = FoldPaths.of(options.out, fold)
     train_samples, val_samples = split_fold(samples, assignment, fold)
     resume = read_resume(paths)
@@ -141,16 +160,22 @@ def train_fold(
         checkpoint, state = resume
         if d.main:
             log.info("fold %d: finished earlier (best epoch %d), skipping", fold, state.best_epoch)
+        short = checkpoint.facts.epoch < cfg.optim.epochs
         return FoldOutcome(fold, state.best_epoch, state.best_val_loss, checkpoint.facts.epoch, state.seconds,
-                           stopped_early=checkpoint.facts.epoch < cfg.optim.epochs)
+                           stopped_early=short and state.budget is None, budget_spent=short and state.budget is not None)
     trainer = FoldTrainer(cfg, options, d, fold, paths, train_samples, val_samples, fresh=resume is None)
+    if budget_s is not None:
+        trainer.set_budget(budget_s, None if resume is None else resume[1].budget)
     if resume is not None:
         trainer.restore(*resume)
     elif d.main:
         trainer.clear_stale()
     trainer.make_loaders()
-    epoch = trainer.start_epoch - 1
-    for epoch in range(trainer.start_epoch, cfg.optim.epochs + 1):
+    if trainer.budget is not None:
+        trainer.budget.seconds -= time.monotonic() - started  # the set-up (model, records) came out of it
+    epoch, finished = trainer.start_epoch - 1, False
+    while not finished and epoch < trainer.schedule_epochs:
+        epoch += 1
         row, finished = trainer.run_epoch(epoch)
         barrier(d)
         if on_epoch_end is not None:
@@ -161,5 +186,9 @@ def train_fold(
                          fold, epoch, cfg.optim.patience, trainer.stopping.best_epoch)
             break
     stopping = trainer.stopping
+    budget_spent = trainer.budget is not None and not stopping.stop and epoch < cfg.optim.epochs
+    if budget_spent and d.main:
+        log.info("fold %d: the budget ends it after epoch %d (%.1f min; best epoch %d)", fold, epoch,
+                 trainer.seconds / 60, stopping.best_epoch)
     return FoldOutcome(fold, stopping.best_epoch, stopping.best_val_loss, epoch, trainer.seconds,
-                       stopped_early=stopping.stop and epoch < cfg.optim.epochs)
+                       stopped_early=stopping.stop and epoch < trainer.schedule_epochs, budget_spent=budget_spent)

@@ -31,9 +31,10 @@ from network.checkpoint import FoldCheckpoint, FoldFacts, read_fold_checkpoint, 
 from network.processing import network_stride, padded_logits, scaled_input
 from trainer import rundir
 from trainer.balance import class_counts
+from trainer.budget import EpochBudget
 from trainer.config import FitConfig, FitOptions
 from trainer.curves import plot_curves
-from trainer.distributed import Dist, all_reduce_sum, average_buffers, barrier
+from trainer.distributed import Dist, all_reduce_sum, average_buffers, barrier, on_main_then_share
 from trainer.folddata import FoldData
 from trainer.losses import SegmentationLoss
 from trainer.metrics import dice_from_sums
@@ -178,10 +179,22 @@ class FoldTrainer:
         self.criterion = SegmentationLoss(cfg.optim.loss, cfg.optim.pos_weight).to(d.device)
         self.stopping = EarlyStopping(cfg.optim.patience)
         self.start_epoch, self.seconds = 1, 0.0
+        #: ``--budget-min``: the schedule's length fitted to the fold's budget (set by :meth:`set_budget`).
+        self.budget: EpochBudget | None = None
         self.model: nn.Module = self.unet
         if d.main:
             paths.dir.mkdir(parents=True, exist_ok=True)
         barrier(d)
+
+    @property
+    def schedule_epochs(self) -> int:
+        """The epoch the schedule (and the fold) ends with: ``--epochs``, or the budget's fitted length."""
+        return self.cfg.optim.epochs if self.budget is None else self.budget.epochs
+
+    def set_budget(self, seconds: float, state: dict[str, Any] | None = None) -> None:
+        """Fits the schedule to ``seconds`` of epochs (a resumed fold continues its recorded fit)."""
+        most = self.cfg.optim.epochs
+        self.budget = EpochBudget(seconds, most) if state is None else EpochBudget.restored(state, seconds, most)
 
     # ------------------------------------------------------------------ resume
 
@@ -207,7 +220,7 @@ class FoldTrainer:
             # Interrupted between writing last.pt and best.pt: last.pt holds the best weights.
             save_fold_checkpoint(best, self.cfg.network, self.unet, checkpoint.facts)
         log.info("fold %d: resuming at epoch %d of %d (best so far: epoch %d)", self.fold, self.start_epoch,
-                 self.cfg.optim.epochs, self.stopping.best_epoch)
+                 self.schedule_epochs, self.stopping.best_epoch)
 
     def clear_stale(self) -> None:
         """A fresh fold: files a previous, restarted attempt left behind would mislead."""
@@ -287,7 +300,7 @@ class FoldTrainer:
             self.unet.encoder.eval()  # a frozen encoder keeps its BatchNorm statistics too (as Keras does)
         sums = self._new_sums()
         bar = progress_bar(self.batches(self.data.train_loader), total=len(self.data.train_loader),
-                           desc=f"fold {self.fold} epoch {epoch}/{self.cfg.optim.epochs}", leave=False,
+                           desc=f"fold {self.fold} epoch {epoch}/{self.schedule_epochs}", leave=False,
                            dynamic_ncols=True, show=self.options.progress if self.d.main else False)
         steps = len(self.data.train_loader)
         for step, (x, y) in enumerate(bar):
@@ -295,7 +308,7 @@ class FoldTrainer:
                 x, y = self.data.crops(x, y, epoch, step)
             if self.cfg.optim.lr_schedule == "cosine":
                 for group in self.optimizer.param_groups:
-                    group["lr"] = cosine_lr(self.cfg.optim.lr, epoch, step, steps, self.cfg.optim.epochs)
+                    group["lr"] = cosine_lr(self.cfg.optim.lr, epoch, step, steps, self.schedule_epochs)
             self.optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 out = padded_logits(self.model, x, tuple(x.shape[-2:]), self.stride)
@@ -368,17 +381,23 @@ class FoldTrainer:
         if self.scheduler is not None:
             self.scheduler.step(val_loss)
         improved = self.stopping.update(epoch, val_loss)
-        self.seconds += time.perf_counter() - started
+        epoch_s = time.perf_counter() - started
+        self.seconds += epoch_s
+        budget, budget_spent = self.budget, False
+        if budget is not None:
+            # Rank 0's clock decides for every rank: the schedule's length sets every rank's learning rate.
+            self.budget, budget_spent = on_main_then_share(
+                self.d, lambda: (budget, budget.record(epoch, epoch_s, self.seconds)))
         row: dict[str, float] = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                                  "train_dice": train_dice, "val_dice": val_dice}
         row.update({f"train_dice_{k + 1}": v for k, v in enumerate(train_dice_c)})
         row.update({f"val_dice_{k + 1}": v for k, v in enumerate(val_dice_c)})
         row.update({"lr": lr, "seconds": round(time.perf_counter() - started, 3)})
-        finished = self.stopping.stop or epoch == self.cfg.optim.epochs
+        finished = self.stopping.stop or epoch >= self.schedule_epochs or budget_spent
         if self.d.main:
             self.save(epoch, row, improved, finished)
             log.info("fold %d epoch %d/%d: train loss %.4f Dice %.4f | val loss %.4f Dice %.4f%s | %.1fs", self.fold,
-                     epoch, self.cfg.optim.epochs, train_loss, train_dice, val_loss, val_dice, " *" if improved else "",
+                     epoch, self.schedule_epochs, train_loss, train_dice, val_loss, val_dice, " *" if improved else "",
                      row["seconds"])
         return row, finished
 
@@ -401,6 +420,7 @@ class FoldTrainer:
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             early_stopping=self.stopping.state(), rng=rng_state(), seconds=self.seconds, finished=finished,
             best_epoch=self.stopping.best_epoch, best_val_loss=self.stopping.best_val_loss,
+            budget=None if self.budget is None else self.budget.state(),
         )
 
     def save(self, epoch: int, row: dict[str, float], improved: bool, finished: bool) -> None:

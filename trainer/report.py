@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from network.checkpoint import read_fold_checkpoint
 from trainer import rundir
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,14 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} cannot be read as JSON ({exc})") from None
 
 
+def _finished(fold_dir: Path, config: dict[str, Any], last_epoch: int, best_epoch: int) -> bool:
+    """Whether the fold is done: at its epoch limit or out of patience; under ``--budget-min`` (which ends a
+    fold at a time, not an epoch) what its ``last.pt`` says."""
+    if config.get("budget_min") is not None and (fold_dir / rundir.LAST).exists():
+        return bool((read_fold_checkpoint(fold_dir / rundir.LAST).training or {}).get("finished", False))
+    return last_epoch >= int(config.get("epochs", 0)) or last_epoch - best_epoch >= int(config.get("patience", 0))
+
+
 def fold_summaries(run_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
     """Per fold: epochs run, the best epoch's losses and Dice, minutes, finished, parameters."""
     out = []
@@ -57,8 +66,7 @@ def fold_summaries(run_dir: Path, config: dict[str, Any]) -> list[dict[str, Any]
             "train_dice": float(best["train_dice"]),
             "val_dice": float(best["val_dice"]),
             "minutes": sum(float(r["seconds"]) for r in rows) / 60,
-            "finished": last_epoch >= int(config.get("epochs", 0))
-            or last_epoch - best_epoch >= int(config.get("patience", 0)),
+            "finished": _finished(fold_dir, config, last_epoch, best_epoch),
             "best_checkpoint": (fold_dir / rundir.BEST).exists(),
             **fold_config.get("model", {}),
         })

@@ -51,7 +51,7 @@ from engine.hashing import file_sha256
 from engine.metadata import TTA_MODES, ModelMetadata, class_ids
 from network.checkpoint import fold_metadata, load_fold
 from network.config import UNetConfig
-from trainer.config import FitConfig, differences
+from trainer.config import PLANNED_KEY, FitConfig, differences
 from trainer.samples import Sample
 from trainer.splits import load_or_make_folds
 
@@ -158,8 +158,10 @@ def remove_outputs(run_dir: str | Path) -> None:
         shutil.rmtree(folder)
 
 
-def check_or_write_config(run_dir: str | Path, cfg: FitConfig, restart: bool) -> None:
-    """Writes ``RUN/config.json``, or checks that the run it pins has ``cfg``'s settings.
+def check_or_write_config(run_dir: str | Path, cfg: FitConfig, restart: bool,
+                          planned: dict[str, Any] | None = None) -> None:
+    """Writes ``RUN/config.json`` (with ``planned``, the planner's choices and reasons, under
+    :data:`trainer.config.PLANNED_KEY`), or checks that the run it pins has ``cfg``'s settings.
 
     Raises:
         ValueError: the run directory holds a run with other settings (and no ``restart``), or
@@ -184,7 +186,7 @@ def check_or_write_config(run_dir: str | Path, cfg: FitConfig, restart: bool) ->
         return
     elif fold_dirs(out):
         raise ValueError(f"{out} has fold folders but no {CONFIG}; use --restart to start over there")
-    write_json(config_path, cfg.to_dict())
+    write_json(config_path, cfg.to_dict() | ({PLANNED_KEY: planned} if planned else {}))
 
 
 def fix_split(run_dir: str | Path, cfg: FitConfig, samples: Sequence[Sample]) -> dict[str, int]:
@@ -262,6 +264,8 @@ class TrainingState:
         seconds: training time so far.
         finished: the fold is done (early-stopped or at its last epoch).
         best_epoch, best_val_loss: the best epoch so far.
+        budget: ``--budget-min``'s fitted schedule (:meth:`trainer.budget.EpochBudget.state`); None without
+            a budget. States written before budgets existed lack the key: they had none.
     """
 
     optimizer: dict[str, Any]
@@ -273,9 +277,15 @@ class TrainingState:
     finished: bool
     best_epoch: int
     best_val_loss: float
+    budget: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The state's keys; ``budget`` only when there is one (a fold without a budget writes what it wrote
+        before budgets existed)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if d["budget"] is None:
+            del d["budget"]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, source: str = "last.pt") -> TrainingState:
@@ -283,7 +293,7 @@ class TrainingState:
         if data is None:
             raise ValueError(f"{source}: holds no training state to resume from (is it a best.pt?)")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+        missing, unknown = sorted(names - set(data) - {"budget"}), sorted(set(data) - names)
         if missing or unknown:
             raise ValueError(f"{source}: training state lacks {missing or 'nothing'} and has unknown keys "
                              f"{unknown or 'none'}; use --restart to start the fold over")

@@ -48,3 +48,19 @@ def test_seed_summary_is_mean_and_sample_std_and_checks_every_seed() -> None:
     assert stats["prod"]["label_accuracy_above_baseline_every_seed"] is True
     assert stats["prod"]["kaggle_above_baseline_every_seed"] is False  # seed 1: 0.82 < 0.84
     assert "above the baseline in every seed: no" in module.summary_table(stats)
+
+
+def test_product_plan_trains_what_trainer_fit_plans_on_the_shared_split(synth_dir: Path, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("compare_training", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.set_num_threads(1)
+    out = tmp_path / "compare"
+    assert module.main(["--data", str(synth_dir), "--out", str(out), "--budget-min", "0.001", "--product-plan",
+                        "--network", "decoder_channels=16,8,4", "--network", "folds=2"]) == 0
+    rows = json.loads((out / "comparison.json").read_text())["runs"]
+    assert [r["epochs"] for r in rows] == [1, 1] and rows[0]["images"] == rows[1]["images"]
+    assert (out / "baseline" / "folds.csv").read_text() == (out / "product" / "folds.csv").read_text()
+    product = json.loads((out / "product" / "config.json").read_text())
+    assert product["budget_min"] == 0.001 and product["planned"]["choices"]["scale"]["reason"] != "given"
+    assert product["planned"]["choices"]["fold"]["value"] == 0
