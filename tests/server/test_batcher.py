@@ -134,7 +134,8 @@ def test_finished_batches_reach_the_hook_and_a_failing_hook_changes_no_answer(
         assert (r.counts, r.present, r.rles) == (
             direct_output["counts"][i], direct_output["present"][i], direct_output["rles"][i]
         )
-    assert [b.sources for b in seen] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    # Batches finish on worker threads: the hook sees each once, not necessarily in batch order.
+    assert sorted(b.sources for b in seen) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     for batch in seen:
         assert batch.camera_ids == [f"cam{i % 2}" for i in batch.sources]
         np.testing.assert_array_equal(batch.frames, camera_frames[batch.sources])
