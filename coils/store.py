@@ -316,14 +316,20 @@ class CoilStore:
                 c.state == OPEN, c.last_frame_unix_s < now_unix_s - silence_s).order_by(c.coil_id))
             return [row.coil_id for row in found]
 
-    def list_coils(self, limit: int, before_unix_s: float | None = None) -> list[CoilSummary]:
-        """Up to ``limit`` coils, newest (by opening) first, opened before ``before_unix_s`` when given.
+    def list_coils(self, limit: int, before_unix_s: float | None = None,
+                   after_coil_id: str | None = None) -> list[CoilSummary]:
+        """Up to ``limit`` coils, newest (by opening) first, then by coil id.
 
+        ``before_unix_s`` (with ``after_coil_id``: the last coil of the previous page) continues a
+        listing after that coil: coils opened at the same instant are neither skipped nor repeated.
         An open coil's summary is made from its records as they stand (merged on read).
         """
         c = schema.coils.c
         query = sa.select(c.coil_id).order_by(c.opened_unix_s.desc(), c.coil_id).limit(max(0, int(limit)))
-        if before_unix_s is not None:
+        if before_unix_s is not None and after_coil_id is not None:
+            query = query.where(sa.or_(c.opened_unix_s < before_unix_s,
+                                       sa.and_(c.opened_unix_s == before_unix_s, c.coil_id > after_coil_id)))
+        elif before_unix_s is not None:
             query = query.where(c.opened_unix_s < before_unix_s)
         with self._transaction(write=False) as connection:
             coil_ids = list(connection.execute(query).scalars())

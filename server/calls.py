@@ -261,10 +261,10 @@ class Servicer(pb_grpc.InspectionServiceServicer):
 
         await self._require_coils(context)
         try:
-            size, before = page_request(request)
+            size, after = page_request(request)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        coils = await self._on_coils(context, "", lambda tracker: tracker.list_coils(size, before))
+        coils = await self._on_coils(context, "", lambda tracker: tracker.list_coils(size, after))
         return pb.ListCoilsResponse(coils=[summary_message(c) for c in coils], next_page_token=page_token(coils, size))
 
     async def GetCoil(self, request: pb.GetCoilRequest, context: grpc.aio.ServicerContext) -> pb.Coil:

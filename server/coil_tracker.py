@@ -297,8 +297,11 @@ class CoilTracker:
     def get_coil(self, coil_id: str) -> tuple[CoilSummary, list[DefectRecord]]:
         return self.store.get_coil(coil_id)
 
-    def list_coils(self, limit: int, before_unix_s: float | None) -> list[CoilSummary]:
-        return self.store.list_coils(limit, before_unix_s)
+    def list_coils(self, limit: int, after: float | tuple[float, str] | None) -> list[CoilSummary]:
+        """Newest first; ``after``: opened before this time, or after this (opened, coil id) of a last page."""
+        if isinstance(after, tuple):
+            return self.store.list_coils(limit, *after)
+        return self.store.list_coils(limit, after)
 
     def status(self) -> dict[str, Any]:
         """What ``GetLineStatus`` reports of coil tracking."""

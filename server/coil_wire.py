@@ -74,8 +74,8 @@ def line_from_message(message: pb.Line) -> Line:
     return Line(message.name, message.strip_width_mm, cameras, tuple(Roll(r.name, r.diameter_mm) for r in message.rolls))
 
 
-def page_request(request: pb.ListCoilsRequest) -> tuple[int, float | None]:
-    """(page size, opened before) of a ListCoils request.
+def page_request(request: pb.ListCoilsRequest) -> tuple[int, tuple[float, str] | None]:
+    """(page size, the previous page's last coil as (opened, coil id)) of a ListCoils request.
 
     Raises:
         ValueError: a page size over :data:`MAX_PAGE_SIZE`, or a page token no page gave.
@@ -85,18 +85,20 @@ def page_request(request: pb.ListCoilsRequest) -> tuple[int, float | None]:
         raise ValueError(f"page_size must be at most {MAX_PAGE_SIZE}, got {size}")
     if not request.page_token:
         return size, None
+    opened, separator, coil_id = request.page_token.partition("|")
     try:
-        before = float(request.page_token)
+        before = float(opened)
     except ValueError:
         before = math.nan
-    if not math.isfinite(before):
+    if not (math.isfinite(before) and separator and coil_id):
         raise ValueError(f"page_token {request.page_token[:64]!r} is not one a ListCoils page gave")
-    return size, before
+    return size, (before, coil_id)
 
 
 def page_token(coils: list[CoilSummary], size: int) -> str:
     """The token of the page after ``coils`` (newest first); "" when it was the last."""
-    return repr(coils[-1].opened_unix_s) if len(coils) == size else ""
+    # opened|coil id: coils opened at the same instant straddling two pages are neither skipped nor repeated
+    return f"{coils[-1].opened_unix_s!r}|{coils[-1].coil_id}" if len(coils) == size else ""
 
 
 def end_coil_problem(request: pb.EndCoilRequest) -> str | None:

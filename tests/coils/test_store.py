@@ -151,7 +151,13 @@ def test_silent_and_listed_coils(store_url, line) -> None:
     assert [s.coil_id for s in store.list_coils(10)] == ["C", "B", "A"]
     assert [s.coil_id for s in store.list_coils(2)] == ["C", "B"]
     assert [s.coil_id for s in store.list_coils(2, before_unix_s=200.0)] == ["A"]
+    assert [s.coil_id for s in store.list_coils(2, before_unix_s=200.0, after_coil_id="B")] == ["A"]
     assert [s.state for s in store.list_coils(10)] == ["open", "open", "closed"]
+    for coil_id in ["F", "D", "E"]:  # opened at one instant: a page boundary between them skips none
+        store.write_frames([dataclasses.replace(coil_frames(line, coil_id)[0], received_unix_s=500.0)])
+    first = store.list_coils(2)
+    assert [s.coil_id for s in first] == ["D", "E"]
+    assert [s.coil_id for s in store.list_coils(2, 500.0, after_coil_id=first[-1].coil_id)] == ["F", "C"]
     with pytest.raises(KeyError, match="no coil 'Z'"):
         store.get_coil("Z")
     with pytest.raises(KeyError, match="no coil 'Z'"):
