@@ -40,6 +40,7 @@ from coils.columns import ComponentColumns, merged_records
 from coils.line import Line
 from coils.records import Component, DefectRecord, FrameKey, default_gap_mm, pack_mask
 from coils.summary import CLOSED, OPEN, CoilFacts, CoilSummary, summarise
+from coils.verdict import CoilVerdict, Grader, judge
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ class CoilStore:
         self.url = engine.url.render_as_string(hide_password=True)
         insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._insert_new = lambda table: insert(table).on_conflict_do_nothing()
+        #: Grades coils at close and on read (``server serve --grading``); None: no grades.
+        self.grader: Grader | None = None
 
     @classmethod
     def open(cls, url: str, line: Line) -> CoilStore:
@@ -272,8 +275,9 @@ class CoilStore:
                     built = self._records(snapshot)
                 summary = self._facts_summary(connection, coil_id, built)
                 self._write_records(connection, coil_id, built)
+                verdict = judge(self.line, summary, built, self.grader)
                 connection.execute(schema.coils.update().where(c.coil_id == coil_id).values(
-                    summary=json.dumps(summary.to_dict())))
+                    summary=json.dumps(summary.to_dict()), **verdict.columns()))
                 log.info("coil %s closed (%s): %d frames, %d records", coil_id, reason, summary.frames, len(built))
                 return summary
         return self.get_coil(coil_id)[0]  # another replica closed it first
@@ -334,6 +338,15 @@ class CoilStore:
         with collector_paused(), self._transaction(write=False) as connection:
             summary, built = self._summary(connection, coil_id)
             return summary, built if built is not None else self._stored_records(connection, coil_id)
+
+    def verdict(self, summary: CoilSummary, records: Sequence[DefectRecord]) -> CoilVerdict:
+        """The coil's periodic defects and grade: as stored at close, else (open) judged from ``records``.
+
+        ``summary`` and ``records`` are what :meth:`get_coil` gave for the coil.
+        """
+        with self._transaction(write=False) as connection:
+            stored = CoilVerdict.from_row(self._coil_row(connection, summary.coil_id))
+        return stored if stored is not None else judge(self.line, summary, records, self.grader)
 
     def _summary(self, connection: Connection, coil_id: str) -> tuple[CoilSummary, list[DefectRecord] | None]:
         """The coil's summary, and its records when they had to be made (an open coil)."""

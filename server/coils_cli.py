@@ -133,13 +133,14 @@ def export_coil(summary: Any, records: list[Any], fmt: str, out: Path) -> Path:
     return atomic_write(out, content.encode(), make_parents=True)
 
 
-def get_coil(args: argparse.Namespace) -> tuple[Any, list[Any]]:
-    """The coil's ``CoilSummary`` and ``DefectRecord``s."""
+def get_coil(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
+    """The coil's ``CoilSummary``, ``DefectRecord``s and ``CoilVerdict`` (periodic defects, grade)."""
     from protos.inspection.v1 import inspection_pb2 as pb
-    from server.coil_wire import record_from_message, summary_from_message
+    from server.coil_wire import record_from_message, summary_from_message, verdict_from_message
 
     coil = _call(args, "GetCoil", pb.GetCoilRequest(coil_id=args.coil_id))
-    return summary_from_message(coil.summary), [record_from_message(r) for r in coil.records]
+    return (summary_from_message(coil.summary), [record_from_message(r) for r in coil.records],
+            verdict_from_message(coil))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,9 +150,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.coils_command == "map" and args.out.suffix.lower() not in (".png", ".svg"):
         raise ValueError(f"--out {args.out}: a coil map is written as .png or .svg")
-    summary, records = get_coil(args)
+    summary, records, verdict = get_coil(args)
     if args.coils_command == "show":
         print(format_coil(summary, records))
+        print(verdict.describe())
     elif args.coils_command == "export":
         path = export_coil(summary, records, args.format, args.out)
         print(f"{len(records)} records of coil {summary.coil_id} written to {path}", file=sys.stderr)
@@ -161,6 +163,6 @@ def run(args: argparse.Namespace) -> int:
         from server.coil_wire import line_from_message
 
         line = line_from_message(_call(args, "GetLine", pb.GetLineRequest()))
-        path = render_map(line, summary, records, args.out)
+        path = render_map(line, summary, records, args.out, periodic=verdict.periodic)
         print(f"coil map of {summary.coil_id} ({len(records)} records) written to {path}", file=sys.stderr)
     return 0

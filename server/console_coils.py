@@ -300,7 +300,8 @@ class CoilPages:
 
             def read() -> tuple[CoilSummary, list[DefectRecord], str]:
                 summary, records = store.get_coil(coil_id)
-                return summary, records, map_svg(line, summary, records, class_names=names)
+                periodic = store.store.verdict(summary, records).periodic
+                return summary, records, map_svg(line, summary, records, class_names=names, periodic=periodic)
 
             cached = self._coils[coil_id] = _Cached(now, asyncio.ensure_future(self._run(read)))
         return await self._guarded(lambda: cached.answer)

@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from coils.coilmap import MIN_MARK_PX, map_svg, render_map
+from coils.coilmap import MIN_MARK_PX, map_scale, map_svg, render_map
 from coils.line import Line
+from coils.periodic import PeriodicDefect
 from coils.records import DefectRecord, RecordBuilder
 from coils.summary import CoilFacts, CoilSummary, summarise
 from engine.overlay import class_colour
@@ -218,3 +219,20 @@ def test_an_open_coil_without_records_draws_its_strip(coil) -> None:
     root = parse(map_svg(line, summary_of([], state="open"), []))
     assert by_class(root, "defect") == [] and by_class(root, "density") == []
     assert by_class(root, "title")[0].text.startswith("coil C-map: open, 1.3 m")
+
+
+def test_a_periodic_defect_is_drawn_linked_with_its_period_written() -> None:
+    line = planted_line()
+    records = [DefectRecord("P", 1, a, a + 3, 10.0, 13.0, 9.0, None, (), ()) for a in (7.0, 107.0, 207.0, 307.0)]
+    summary = summarise(CoilFacts("P", "closed", 0.0, 1.0, 2.0, "end", 400.0, 20, 0), records)
+    periodic = [PeriodicDefect(1, 10.0, 13.0, 100.0, 0.999, 8.5, 308.5, 4, "work-roll", (0, 1, 2, 3))]
+    svg = map_svg(line, summary, records, periodic=periodic)
+    root = ET.fromstring(svg)
+    links = [e for e in root.iter(f"{SVG}line") if e.get("class") == "periodic"]
+    scale = map_scale(line, summary, records)
+    assert [(float(e.get("x1")), float(e.get("x2"))) for e in links] == [
+        (pytest.approx(scale.x(a + 1.5), abs=1e-3), pytest.approx(scale.x(a + 101.5), abs=1e-3)) for a in (7, 107, 207)]
+    assert {e.get("data-roll") for e in links} == {"work-roll"}
+    labels = [e.text for e in root.iter(f"{SVG}text") if e.get("class") == "periodic-label"]
+    assert labels == ["repeats every 100 mm = work-roll (4x)"]
+    assert "periodic" not in map_svg(line, summary, records)
