@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 import cv2
 import numpy as np
@@ -205,7 +206,7 @@ def _mark(index: int, record: DefectRecord, scale: MapScale, frames_url: str | N
              ("data-across-start-mm", _number(record.across_start_mm)),
              ("data-across-end-mm", _number(record.across_end_mm)), ("data-area-mm2", _number(record.area_mm2))]
     if frames_url is not None:
-        attrs.append(("data-frame-url", frames_url.format(record=index, coil_id=record.coil_id)))
+        attrs.append(("data-frame-url", frames_url.format(record=index, coil_id=quote(record.coil_id, safe=""))))
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     if is_long(record):
         along = record.length_mm >= record.width_mm
@@ -405,8 +406,8 @@ def map_svg(line: Line, summary: CoilSummary, records: Sequence[DefectRecord], f
         line: the line's geometry (lanes, strip width).
         summary: the coil's summary (id, state, length, counts).
         records: its defect records; mark ``data-record`` is the index in this sequence.
-        frames_url: a template for each mark's ``data-frame-url`` (``{record}``, ``{coil_id}`` filled in),
-            e.g. the console's link to the frame a defect came from; None: no such attribute.
+        frames_url: a template for each mark's ``data-frame-url`` (``{record}`` and the URL-quoted
+            ``{coil_id}`` filled in), e.g. a page's link to the frames a defect came from; None: no such attribute.
         class_names: one name per class (class ``k`` at index ``k - 1``); default the model's default names.
         periodic: the coil's periodic defects (:mod:`coils.periodic`): their repeats linked, the period written.
     """

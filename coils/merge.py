@@ -8,16 +8,29 @@ pixels lie within ``gap_mm`` of each other are one defect. Boxes are compared fi
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:
-    from coils.records import Component
-
 #: Floating-point slack when comparing millimetre positions computed from pixel indices.
 EPSILON_MM = 1e-6
+
+
+class Component(Protocol):
+    """What the touch test reads of a :class:`coils.records.Component`: its box mask and where it lies."""
+
+    mask: np.ndarray
+    along_start_mm: float
+    across_start_mm: float
+    mm_per_px_along: float
+    mm_per_px_across: float
+
+    @property
+    def along_end_mm(self) -> float: ...
+
+    @property
+    def across_end_mm(self) -> float: ...
 
 
 def _raster(component: Component, along0: float, across0: float, cell: float, shape: tuple[int, int]) -> np.ndarray:

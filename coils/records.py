@@ -13,11 +13,16 @@ cameras in their lanes' overlap, or both at once. Merging is union-find over com
   the frames came in, so cameras may deliver frames in any interleaving;
 * near-linear: union by size with path halving costs an inverse-Ackermann factor per operation.
 
-"Touch" is decided on the pixels, not the boxes: both components are rasterised on a grid of the
-finer pixel size over the window where their boxes meet, one is dilated by the tolerance, and
-the two must share a cell. At ``gap_mm`` of half a pixel this is exactly 8-connectivity across
-the frame boundary or lane edge, as if the frames were one image; two defects one clean pixel
-apart stay two records.
+"Touch" is decided on the pixels, not the boxes (:mod:`coils.merge`): both components are
+rasterised on a grid of the finer pixel size over the window where their boxes meet, one is
+dilated by the tolerance, and the two must share a cell. At ``gap_mm`` of half a pixel this is
+exactly 8-connectivity across the frame boundary or lane edge, as if the frames were one image;
+two defects one clean pixel apart stay two records.
+
+Stored components come back without labelling again: :meth:`RecordBuilder.add_components` takes a
+frame's components as they were made, and :func:`coils.columns.merged_records` merges a whole
+coil's from a store's columns at close (same rule, same records, faster). Components and records
+serialise to JSON (``to_dict``/``from_dict``); a box mask is stored as bits (:func:`pack_mask`).
 
 A record's area counts each pixel once: where two lanes overlap, each camera counts only the
 pixels on its side of the overlap's middle (:meth:`coils.line.Line.owned_across`). Frames of one

@@ -92,8 +92,8 @@ def collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off while a coil's tens of thousands of records are made.
 
     None of them is cyclic, but each allocation burst triggers collections that walk all of them
-    again: a third of a 40,000-frame coil's close. Thread-safe: only a caller that found the
-    collector on turns it off, and turns it back on when done.
+    again: a third of a 40,000-frame coil's close. Callers on several threads are safe: a caller
+    that found the collector on turns it back on when done, so it never stays off.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -137,8 +137,12 @@ class CoilStore:
         """
         engine = schema.create_engine(url)
         store = cls(engine, line)
-        with store._unavailable():
-            schema.upgrade(engine)
+        try:
+            with store._unavailable():
+                schema.upgrade(engine)
+        except BaseException:
+            engine.dispose()
+            raise
         return store
 
     def close(self) -> None:

@@ -16,8 +16,8 @@ The pages are one static file (``console_static/coils.html``) that reads JSON fr
 The coils are read from the server's coil tracker (``InspectionServer.coils``, ``server serve
 --coil-db``: its ``list_coils`` and ``get_coil``), the geometry is the server's line (``--line``);
 without them the pages say coil tracking is off. Store reads and crops run on one thread of their own, never on the event loop the
-inspection shares, and one coil's answer is reused for ``CACHE_S``, so any number of viewers
-polling an open coil cost one read per ``CACHE_S``.
+inspection shares, and an answer (a coil, the list) is reused for ``CACHE_S``, so any number of
+viewers polling an open coil cost one read per ``CACHE_S``.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class CoilPages:
         capture = server.config.capture
         self.captured = CapturedFrames(Path(capture.directory) if capture is not None else None)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="console-coils")
-        self._coils: dict[str, _Cached] = {}
+        self._answers: dict[tuple[Any, ...], _Cached] = {}
 
     @property
     def store(self) -> CoilTracker | None:
@@ -225,7 +225,7 @@ class CoilPages:
             return _json({"tracking": False, "message": OFF_MESSAGE, "coils": []})
         limit = _int_arg(request, "limit", LIST_DEFAULT, 1, LIST_MOST)
         before = _float_arg(request, "before")
-        coils = await self._guarded(lambda: store.list_coils(limit, before))
+        coils = await self._shared(("list", limit, before), lambda: store.list_coils(limit, before))
         seen = {k for s in coils for k in s.defects_per_class}
         return _json({"tracking": True, "classes": self._classes(seen), "coils": [summary_json(s) for s in coils]})
 
@@ -290,20 +290,25 @@ class CoilPages:
         return summary, records[index]
 
     async def _read(self, coil_id: str) -> tuple[CoilSummary, list[DefectRecord], str]:
-        """The coil's summary, records and map: one store read per ``CACHE_S`` whatever the viewers."""
+        """The coil's summary, records and map."""
+        store, line, names = self.store, self.line, self._class_names()
+
+        def read() -> tuple[CoilSummary, list[DefectRecord], str]:
+            summary, records = store.get_coil(coil_id)
+            periodic = store.store.verdict(summary, records).periodic
+            return summary, records, map_svg(line, summary, records, class_names=names, periodic=periodic)
+
+        return await self._shared(("coil", coil_id), read)
+
+    async def _shared(self, key: tuple[Any, ...], work: Callable[[], Any]) -> Any:
+        """``work()`` on the reader thread, its answer shared by every request for ``key`` for ``CACHE_S``:
+        one store read per ``CACHE_S`` whatever the number of viewers."""
         now = time.monotonic()
-        cached = self._coils.get(coil_id)
-        if cached is None or now - cached.at > CACHE_S or (cached.answer.done() and cached.answer.exception()):
-            for old in [k for k, c in self._coils.items() if now - c.at > CACHE_S]:
-                del self._coils[old]
-            store, line, names = self.store, self.line, self._class_names()
-
-            def read() -> tuple[CoilSummary, list[DefectRecord], str]:
-                summary, records = store.get_coil(coil_id)
-                periodic = store.store.verdict(summary, records).periodic
-                return summary, records, map_svg(line, summary, records, class_names=names, periodic=periodic)
-
-            cached = self._coils[coil_id] = _Cached(now, asyncio.ensure_future(self._run(read)))
+        cached = self._answers.get(key)
+        if cached is None or now - cached.at > CACHE_S or _failed(cached.answer):
+            for old in [k for k, c in self._answers.items() if now - c.at > CACHE_S]:
+                del self._answers[old]
+            cached = self._answers[key] = _Cached(now, asyncio.ensure_future(self._run(work)))
         return await self._guarded(lambda: cached.answer)
 
     async def _guarded(self, work: Callable[[], Any]) -> Any:
@@ -315,11 +320,16 @@ class CoilPages:
 
         try:
             result = work()
-            return await (result if asyncio.isfuture(result) else self._run(work))
+            # shield: a viewer that goes away must not cancel the read the others share
+            return await (asyncio.shield(result) if asyncio.isfuture(result) else self._run(work))
         except KeyError as exc:
             raise web.HTTPNotFound(text=f"no coil {exc.args[0] if exc.args else ''}") from None
         except StoreUnavailable as exc:
             raise web.HTTPServiceUnavailable(text=f"the coil database cannot be read: {exc}") from None
+
+
+def _failed(answer: asyncio.Future[Any]) -> bool:
+    return answer.done() and (answer.cancelled() or answer.exception() is not None)
 
 
 def _json(payload: dict[str, Any]) -> web.Response:

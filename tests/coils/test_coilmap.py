@@ -221,6 +221,15 @@ def test_an_open_coil_without_records_draws_its_strip(coil) -> None:
     assert by_class(root, "title")[0].text.startswith("coil C-map: open, 1.3 m")
 
 
+def test_the_frame_url_carries_the_coil_id_quoted(coil) -> None:
+    line, _, _ = coil
+    records = planted_records(line, "C 1/2")
+    root = parse(map_svg(line, summary_of(records, "C 1/2"), records, frames_url="/coils/{coil_id}/records/{record}"))
+    assert {m.get("data-frame-url") for m in by_class(root, "defect")} == {
+        f"/coils/C%201%2F2/records/{i}" for i in range(len(records))}
+    assert by_class(root, "title")[0].text.startswith("coil C 1/2: closed")
+
+
 def test_a_periodic_defect_is_drawn_linked_with_its_period_written() -> None:
     line = planted_line()
     records = [DefectRecord("P", 1, a, a + 3, 10.0, 13.0, 9.0, None, (), ()) for a in (7.0, 107.0, 207.0, 307.0)]

@@ -5,6 +5,7 @@ what was not answered). Either way the coil's records equal those of an uninterr
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 import time
@@ -192,3 +193,32 @@ def test_a_full_spool_makes_the_camera_resend(fault_line, postgres_url, tmp_path
         (coil_id,) = run.coils.summaries
         summary, _ = _get_coil(server.address, coil_id)
     assert summary.frames == 12
+
+
+def test_replicas_behind_nginx_build_one_coil_in_one_postgresql(fault_line, postgres_url, tmp_path):
+    """The balanced set-up (nginx + 3 ``server serve`` replicas, deploy/balanced.py) writing one
+    PostgreSQL database; a replica drained (SIGTERM) mid-coil moves its camera to another. The coil
+    is built from frames several replicas stored, and its records are an uninterrupted run's."""
+    from deploy.balanced import BalancedSetup, free_port, nginx_missing_reason
+    from tests.server.conftest import scrape
+
+    if (reason := nginx_missing_reason()) is not None:
+        pytest.skip(reason)
+    folder, model, reference = fault_line
+    url = postgres_url.new_database()
+    metrics = [free_port() for _ in range(3)]
+    setup = BalancedSetup(model, tmp_path, metrics_ports=metrics, flags=(
+        "--device", "cpu", "--threads", "1", "--line", str(folder / "line.yaml"), "--coil-db", url))
+    for n, replica in enumerate(setup.replicas):
+        replica.flags += ["--coil-spool", str(tmp_path / f"spool{n}")]  # a spool per replica
+    with setup:
+        streaming = _Streaming(setup.target, folder, fps=20.0)
+        streaming.wait_for(FRAMES // 2)
+        stored = {n: scrape(port).get(("inspection_coil_frames_stored_total", ()), 0) for n, port in enumerate(metrics)}
+        busiest = max(stored, key=stored.get)
+        setup.replicas[busiest].process.send_signal(signal.SIGTERM)  # drains: its cameras resend to the others
+        run = streaming.result()
+        after = {n: scrape(port).get(("inspection_coil_frames_stored_total", ()), 0)
+                 for n, port in enumerate(metrics) if n != busiest}
+        _assert_same_coil(run, setup.target, reference, 2 * FRAMES)
+    assert stored[busiest] > 0 and sum(after.values()) > sum(v for n, v in stored.items() if n != busiest)

@@ -141,8 +141,6 @@ def only_from(records, frames: range, per_camera: dict[str, list[int]]) -> int:
 
 
 def test_the_coil_pages_list_map_and_follow_the_coil(coil_model, coil_folder, tmp_path: Path) -> None:
-    from selenium.webdriver.common.by import By
-
     from client.stream_folder import line_shots
     from coils.line import load_line
     from server.capture import CaptureConfig, CapturePolicy
@@ -164,49 +162,63 @@ def test_the_coil_pages_list_map_and_follow_the_coil(coil_model, coil_folder, tm
         console, driver = None, chromium(Path(profile))
         try:
             console = start_console(thread=first, refresh_hz=4)
-            driver.get(console.url + "coils")
-            link = wait_for(driver, lambda: driver.find_element(By.CSS_SELECTOR, "#coils tbody tr a"), 30, "the coil")
-            listed = [driver.find_element(By.CSS_SELECTOR, f"#coils tbody tr td{c}").text
-                      for c in ("", ".coil-state", ".defects")]
-            link.click()
-            page = wait_for(driver, lambda: shown(driver, lambda p: len(p["marks"]) == len(records)), 30, "the marks")
-            click_mark(driver, captured_index)
-            captured = wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and all(c["src"] for c in p["crops"])),
-                                30, "the captured frames' crops")["crops"]
-            crop = cv2.imdecode(np.frombuffer(urllib.request.urlopen(captured[0]["src"]).read(), np.uint8),
-                                cv2.IMREAD_GRAYSCALE)
-            click_mark(driver, missing_index)
-            missing = wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and p["crops"][0]["text"]), 30,
-                               "the other replica's frames")["crops"]
-            inspect(server.address, coil_folder, range(SECOND.stop, FRAMES))  # the coil's last frames arrive
-            everything = records_of(server, coil_id)
-            live = wait_for(driver, lambda: shown(driver, lambda p: len(p["marks"]) == len(everything)), 30,
-                            "the last frames' defects")
-            if os.environ.get("COILS_SCREENSHOT"):
-                click_mark(driver, captured_index)
-                wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and p["crops"][0]["src"]), 30, "a crop")
-                driver.set_window_size(1300, 1250)
-                driver.execute_script("window.scrollTo(0, 0)")
-                time.sleep(0.5)
-                driver.save_screenshot(os.environ["COILS_SCREENSHOT"])
-            end_coil(server.address, coil_id)
-            closed = wait_for(driver, lambda: shown(driver, lambda p: p["state"].startswith("closed")), 30, "the close")
+            seen = walk_the_pages(driver, console.url, len(records), captured_index, missing_index,
+                                  lambda: inspect(server.address, coil_folder, range(SECOND.stop, FRAMES)),
+                                  lambda: len(records_of(server, coil_id)), lambda: end_coil(server.address, coil_id))
         finally:
             driver.quit()
             if console is not None:
                 stop_console(first, console)
-    assert listed == [coil_id, "open", str(len(records))]
-    assert page["marks"] == list(range(len(records))) and page["rows"] == len(records)
-    assert page["state"] == "open (updates live)"
+    assert seen["listed"] == [coil_id, "open", str(len(records))]
+    assert seen["page"]["marks"] == list(range(len(records))) and seen["page"]["rows"] == len(records)
+    assert seen["page"]["state"] == "open (updates live)"
     record = records[captured_index]
-    assert [(c["camera"], c["frame"]) for c in captured] == list(record.frames)
+    assert [(c["camera"], c["frame"]) for c in seen["captured"]] == list(record.frames)
     camera = line.camera(record.frames[0][0])
     first_px = int((record.across_start_mm - camera.lane_start_mm) // camera.mm_per_px_across)
     last_px = int(-(-(record.across_end_mm - camera.lane_start_mm) // camera.mm_per_px_across))
     band = min(camera.pixels_across, last_px + CROP_MARGIN_PX) - max(0, first_px - CROP_MARGIN_PX)
+    crop = seen["crop"]
     assert crop.shape == (HEIGHT, band), "the record's band with its margins, every row of the frame"
     assert (np.abs(crop.astype(int) - GREY[record.class_id]) <= 12).sum() >= 2, "the defect's own grey is in the crop"
-    assert {c["text"] for c in missing} == {"frame not captured"}
-    assert [(c["camera"], c["frame"]) for c in missing] == list(records[missing_index].frames)
-    assert len(everything) > len(records) and live["rows"] == len(everything)
-    assert closed["state"].startswith("closed (end)")
+    assert {c["text"] for c in seen["missing"]} == {"frame not captured"}
+    assert [(c["camera"], c["frame"]) for c in seen["missing"]] == list(records[missing_index].frames)
+    assert seen["all_records"] > len(records) and seen["live"]["rows"] == seen["all_records"]
+    assert seen["closed"]["state"].startswith("closed (end)")
+
+
+def walk_the_pages(driver, url: str, records: int, captured_index: int, missing_index: int, last_frames,
+                   count_records, close) -> dict:
+    """Opens ``/coils``, follows the coil's link, clicks a captured and a not captured defect, sends the
+    coil's last frames (``last_frames()``) and closes it (``close()``); returns what the pages showed."""
+    from selenium.webdriver.common.by import By
+
+    seen: dict = {}
+    driver.get(url + "coils")
+    link = wait_for(driver, lambda: driver.find_element(By.CSS_SELECTOR, "#coils tbody tr a"), 30, "the coil")
+    seen["listed"] = [driver.find_element(By.CSS_SELECTOR, f"#coils tbody tr td{c}").text
+                      for c in ("", ".coil-state", ".defects")]
+    link.click()
+    seen["page"] = wait_for(driver, lambda: shown(driver, lambda p: len(p["marks"]) == records), 30, "the marks")
+    click_mark(driver, captured_index)
+    seen["captured"] = wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and all(c["src"] for c in p["crops"])),
+                                30, "the captured frames' crops")["crops"]
+    jpeg = urllib.request.urlopen(seen["captured"][0]["src"]).read()
+    seen["crop"] = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    click_mark(driver, missing_index)
+    seen["missing"] = wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and p["crops"][0]["text"]), 30,
+                               "the other replica's frames")["crops"]
+    last_frames()  # the coil's last frames arrive while the page is open
+    seen["all_records"] = count_records()
+    seen["live"] = wait_for(driver, lambda: shown(driver, lambda p: len(p["marks"]) == seen["all_records"]), 30,
+                            "the last frames' defects")
+    if os.environ.get("COILS_SCREENSHOT"):
+        click_mark(driver, captured_index)
+        wait_for(driver, lambda: shown(driver, lambda p: p["crops"] and p["crops"][0]["src"]), 30, "a crop")
+        driver.set_window_size(1300, 1250)
+        driver.execute_script("window.scrollTo(0, 0)")
+        time.sleep(0.5)
+        driver.save_screenshot(os.environ["COILS_SCREENSHOT"])
+    close()
+    seen["closed"] = wait_for(driver, lambda: shown(driver, lambda p: p["state"].startswith("closed")), 30, "the close")
+    return seen
