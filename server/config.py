@@ -210,6 +210,9 @@ class ServerConfig:
                                     "frames are answered UNAVAILABLE (the camera resends them)")
     coil_silence_s: float = _setting(DEFAULT_COIL_SILENCE_S, "an open coil with no frame for this many seconds "
                                      "is closed (EndCoil closes it at once)")
+    grading: Path | None = _setting(
+        None, "rule file: coil grades (grades:) and live alarms (alarms:), checked against the line and the "
+        "model's classes at start; needs --line", type=Path)
     capture: CaptureConfig | None = field(default=None, metadata={"flag": False})
     #: The line's geometry (``--line line.yaml``, :mod:`coils.line`); None: GetLine says there is none.
     line: Line | None = field(default=None, metadata={"flag": False})
@@ -233,6 +236,8 @@ class ServerConfig:
         check_drift_settings(self.drift_window, self.drift_min_frames, self.drift_psi_threshold,
                              self.drift_ks_threshold, self.drift_max_cameras)
         check_coil_settings(self.coil_db, self.coil_spool, self.coil_spool_mb, self.coil_silence_s, self.line)
+        if self.grading is not None and self.line is None:
+            raise ValueError("--grading needs --line (zones and bands are checked against the strip's width)")
 
     def coil_tracking(self) -> CoilTrackingConfig | None:
         """The coil database and spool, resolved; None without ``--coil-db``."""
@@ -290,6 +295,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if values["metrics_port"] is not None and values["metrics_port"] < 0:
         values["metrics_port"] = None
     line = load_line(args.line) if args.line is not None else None
+    if args.grading is not None:
+        from coils.grading import read_rules
+
+        read_rules(args.grading)  # unreadable, not YAML, unknown top key: refused before the port opens
     return ServerConfig(**values, warmup=not args.no_warmup, capture=capture_from_args(args), line=line)
 
 

@@ -55,6 +55,7 @@ from server.wire import (
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from coils.grading import Grading
     from server.batcher import FinishedBatch
     from server.coil_tracker import CoilTracker
 
@@ -105,6 +106,8 @@ class InspectionServer:
         self.line_info: pb.Line | None = line_message(self.config.line) if self.config.line else None
         #: Coil tracking (``--coil-db``), opened by :meth:`start`; None without it.
         self.coils: CoilTracker | None = None
+        #: The coil grades of ``--grading`` (set once the model's classes are known); None without.
+        self.grading: Grading | None = None
         self._loading: asyncio.Task[None] | None = None
         self._ready = False
         self._stopping = False
@@ -232,6 +235,18 @@ class InspectionServer:
                     f"frames (height x width), the model takes {height}x{width}: coil tracking places the model's "
                     "masks with the camera's geometry, so the two must agree")
 
+    def _apply_rules(self, backend: Backend) -> None:
+        """``--grading``: the rule file's grades checked against the line and the model's classes (a wrong
+        file fails the start, naming the key); coils are graded at close from then on."""
+        if self.config.grading is None:
+            return
+        from coils.grading import load_grading
+
+        assert self.config.line is not None  # ServerConfig checks --grading has --line
+        self.grading = load_grading(self.config.grading, self.config.line, list(backend.metadata.class_names))
+        if self.coils is not None and self.grading is not None:
+            self.coils.store.grader = self.grading.grade
+
     def _tls_credentials(self) -> grpc.ServerCredentials:
         cfg = self.config
         files = {}
@@ -261,6 +276,7 @@ class InspectionServer:
             self.backend = await loop.run_in_executor(self._inference_thread, factory)  # type: ignore[arg-type]
         backend = self.backend
         self._check_line_frames(backend)
+        self._apply_rules(backend)
         self.feedback = LineFeedback(
             backend.metadata, drift_window=cfg.drift_window, drift_min_frames=cfg.drift_min_frames,
             psi_threshold=cfg.drift_psi_threshold, ks_threshold=cfg.drift_ks_threshold,
