@@ -27,7 +27,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -166,6 +166,10 @@ class CoilStore:
                 connection.execution_options(**{schema.WRITE: True})
             with connection.begin():
                 yield connection
+
+    def transaction(self, write: bool) -> AbstractContextManager[Connection]:
+        """A connection in one transaction, its failures raised as StoreUnavailable (for coils.alarm_store)."""
+        return self._transaction(write)
 
     # ------------------------------------------------------------------ writes
     def write_frames(self, frames: Sequence[FrameComponents]) -> list[FrameKey]:

@@ -213,6 +213,13 @@ class ServerConfig:
     grading: Path | None = _setting(
         None, "rule file: coil grades (grades:) and live alarms (alarms:), checked against the line and the "
         "model's classes at start; needs --line", type=Path)
+    opcua_endpoint: str | None = _setting(
+        None, "OPC UA server for the line's PLC/SCADA (opc.tcp://0.0.0.0:4840); off by default; needs --line",
+        type=str)
+    opcua_users: Path | None = _setting(
+        None, "OPC UA users: a file of 'user:password' lines (anonymous access is off unless --opcua-anonymous)",
+        type=Path)
+    opcua_anonymous: bool = _setting(False, "allow anonymous OPC UA clients", flag=False)
     capture: CaptureConfig | None = field(default=None, metadata={"flag": False})
     #: The line's geometry (``--line line.yaml``, :mod:`coils.line`); None: GetLine says there is none.
     line: Line | None = field(default=None, metadata={"flag": False})
@@ -238,6 +245,12 @@ class ServerConfig:
         check_coil_settings(self.coil_db, self.coil_spool, self.coil_spool_mb, self.coil_silence_s, self.line)
         if self.grading is not None and self.line is None:
             raise ValueError("--grading needs --line (zones and bands are checked against the strip's width)")
+        if self.opcua_endpoint is not None and self.line is None:
+            raise ValueError("--opcua-endpoint needs --line (the address space has a node per camera)")
+        if self.opcua_endpoint is not None and not self.opcua_endpoint.startswith("opc.tcp://"):
+            raise ValueError(f"--opcua-endpoint must be an opc.tcp://HOST:PORT URL, got {self.opcua_endpoint!r}")
+        if self.opcua_endpoint is not None and self.opcua_users is None and not self.opcua_anonymous:
+            raise ValueError("--opcua-endpoint needs --opcua-users FILE (user:password lines) or --opcua-anonymous")
 
     def coil_tracking(self) -> CoilTrackingConfig | None:
         """The coil database and spool, resolved; None without ``--coil-db``."""
@@ -273,6 +286,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help=f.metadata["help"] + shown)
     warmup = next(f for f in fields(ServerConfig) if f.name == "warmup")
     parser.add_argument("--no-warmup", action="store_true", help=f"skip this: {warmup.metadata['help']}")
+    parser.add_argument("--opcua-anonymous", action="store_true", help="allow anonymous OPC UA clients")
     parser.add_argument("--line", type=Path, default=None, metavar="FILE",
                         help="the line's geometry (line.yaml: cameras' lanes and pixel sizes, strip width, rolls); "
                         "checked before the port opens, returned by GetLine")
@@ -299,7 +313,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         from coils.grading import read_rules
 
         read_rules(args.grading)  # unreadable, not YAML, unknown top key: refused before the port opens
-    return ServerConfig(**values, warmup=not args.no_warmup, capture=capture_from_args(args), line=line)
+    return ServerConfig(**values, warmup=not args.no_warmup, capture=capture_from_args(args), line=line,
+                        opcua_anonymous=args.opcua_anonymous)
 
 
 def _band(text: str) -> tuple[float, float]:

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from coils.grading import Grading
     from server.batcher import FinishedBatch
     from server.coil_tracker import CoilTracker
+    from server.line_actions import LineActions
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -108,6 +109,8 @@ class InspectionServer:
         self.coils: CoilTracker | None = None
         #: The coil grades of ``--grading`` (set once the model's classes are known); None without.
         self.grading: Grading | None = None
+        #: Grades, alarms and OPC UA (``--grading``, ``--opcua-endpoint``), started with the model.
+        self.line_actions: LineActions | None = None
         self._loading: asyncio.Task[None] | None = None
         self._ready = False
         self._stopping = False
@@ -235,17 +238,14 @@ class InspectionServer:
                     f"frames (height x width), the model takes {height}x{width}: coil tracking places the model's "
                     "masks with the camera's geometry, so the two must agree")
 
-    def _apply_rules(self, backend: Backend) -> None:
-        """``--grading``: the rule file's grades checked against the line and the model's classes (a wrong
-        file fails the start, naming the key); coils are graded at close from then on."""
-        if self.config.grading is None:
-            return
-        from coils.grading import load_grading
+    async def _start_line_actions(self, backend: Backend) -> None:
+        from server.line_actions import LineActions
 
-        assert self.config.line is not None  # ServerConfig checks --grading has --line
-        self.grading = load_grading(self.config.grading, self.config.line, list(backend.metadata.class_names))
-        if self.coils is not None and self.grading is not None:
-            self.coils.store.grader = self.grading.grade
+        self.line_actions = await LineActions.start(self, list(backend.metadata.class_names))
+
+    def is_serving(self) -> bool:
+        """True while the model is loaded and the server is not shutting down."""
+        return self._ready and not self._stopping
 
     def _tls_credentials(self) -> grpc.ServerCredentials:
         cfg = self.config
@@ -276,7 +276,7 @@ class InspectionServer:
             self.backend = await loop.run_in_executor(self._inference_thread, factory)  # type: ignore[arg-type]
         backend = self.backend
         self._check_line_frames(backend)
-        self._apply_rules(backend)
+        await self._start_line_actions(backend)
         self.feedback = LineFeedback(
             backend.metadata, drift_window=cfg.drift_window, drift_min_frames=cfg.drift_min_frames,
             psi_threshold=cfg.drift_psi_threshold, ks_threshold=cfg.drift_ks_threshold,
@@ -359,6 +359,8 @@ class InspectionServer:
             await asyncio.gather(self._loading, return_exceptions=True)
         if self._batcher is not None:
             await self._batcher.close()
+        if self.line_actions is not None:
+            await self.line_actions.stop()
         loop = asyncio.get_running_loop()
         if self.feedback is not None:
             # After the drain: the last batches' statistics are in and every chosen frame is on disk.
