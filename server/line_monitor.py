@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 INTERVAL_S = 0.25
 #: An open coil is evaluated again only after this many times its last evaluation's duration: the
 #: monitor's share of a core stays under 1 / BUDGET however long the coil grows (it shares the GIL).
-BUDGET = 50
+BUDGET = 20
 #: Alarms the book keeps in memory (the database keeps them all).
 KEEP = 500
 
@@ -268,6 +268,8 @@ class LineMonitor:
 
     def _evaluate_coil(self, coil_id: str, coil: _OpenCoil, now: float) -> CoilState:
         records = coil.builder.records(coil_id)
+        if coil.state is not None and len(records) == sum(coil.state.defects_per_class.values()):
+            return replace(coil.state, length_mm=coil.far_end_mm, frames=coil.frames)  # clean frames: nothing new
         periodic = tuple(find_periodic(self.line, records))
         for alarm in coil.alarms.evaluate(records, periodic, now):
             self.book.raise_alarm(alarm)

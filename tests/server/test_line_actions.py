@@ -69,7 +69,7 @@ def test_a_wrong_rule_file_stops_the_start_naming_the_key(coil_model, coil_folde
         asyncio.run(start())
 
 
-def test_grading_needs_a_line(tmp_path: Path) -> None:
+def test_grading_and_opcua_flags_are_checked_before_the_start(tmp_path: Path) -> None:
     import argparse
 
     from server.config import add_arguments, config_from_args
@@ -82,3 +82,15 @@ def test_grading_needs_a_line(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("grads: []\n")
     with pytest.raises(ValueError, match="unknown key 'grads'"):
         config_from_args(parser.parse_args(["--grading", str(tmp_path / "bad.yaml")]))
+    line = tmp_path / "line.yaml"
+    line.write_text("name: l\nstrip_width_mm: 100\ncameras:\n  - {camera_id: c, lane_start_mm: 0, mm_per_px_across: 1, "
+                    "mm_per_px_along: 1, along_axis: y, frame_width_px: 100, frame_height_px: 10}\n")
+    for flags, message in ((["--opcua-endpoint", "opc.tcp://127.0.0.1:4840"], "--opcua-endpoint needs --line"),
+                           (["--line", str(line), "--opcua-endpoint", "http://x"], "must be an opc.tcp://"),
+                           (["--line", str(line), "--opcua-endpoint", "opc.tcp://127.0.0.1:4840"],
+                            "needs --opcua-users FILE")):
+        with pytest.raises(ValueError, match=message):
+            config_from_args(parser.parse_args(flags))
+    config = config_from_args(parser.parse_args(["--line", str(line), "--opcua-endpoint", "opc.tcp://127.0.0.1:4840",
+                                                 "--opcua-anonymous"]))
+    assert config.opcua_anonymous and config.opcua_users is None
