@@ -6,11 +6,13 @@ defect records:
 
 1. Per class, the records are put into lateral bands by their across centre (bands of
    ``band_mm``, overlapping by half, so a mark on a band's edge still lies inside one).
-2. In a band, the histogram of pairwise along distances (centre to centre) peaks at the period
-   and its multiples; its highest bins are the candidate periods.
-3. Each candidate is checked from each record of the band: walk along the strip one period at a
-   time, taking a record within ``tolerance_mm`` of each expected place (a missed turn skips
-   on). The period is then fitted to the hits (least squares on the turn numbers).
+2. In a band, the histogram of pairwise along distances (centre to centre, up to the longest period
+   looked for: twice the largest roll's circumference) peaks at the period and its multiples; its
+   highest bins are the candidate periods.
+3. Each candidate is walked from the record followed by the most records at whole periods over its
+   first turns: the record nearest each expected place within ``tolerance_mm`` is a repeat (a
+   missed turn skips on), in stages of 8, 16, 32, ... turns with the period and phase refitted to the
+   repeats after each (least squares on the turn numbers), so that it does not drift off the marks.
 4. Significance: under random defects of the band's own density ``λ`` a given expected place
    holds one with probability ``p = 1 - exp(-2 λ tol)``, so the hits of ``K`` expected places are
    Binomial(K, p). The tail probability, multiplied by the number of walks tried over the whole
@@ -50,6 +52,9 @@ class PeriodicConfig:
         alpha: the largest chance, over the whole coil, of a random background giving a find.
         roll_tolerance: relative distance of the period to a roll's circumference that names the roll.
         candidates: histogram peaks checked per band.
+        max_period_mm: longest period looked for; None: twice the line's largest roll circumference, or
+            10 m for a line without rolls (pairs further apart are never compared: the search stays
+            near-linear in the records however long the coil).
     """
 
     band_mm: float = 20.0
@@ -59,6 +64,7 @@ class PeriodicConfig:
     alpha: float = 1e-4
     roll_tolerance: float = 0.01
     candidates: int = 4
+    max_period_mm: float | None = None  # None: twice the line's largest roll circumference (10 m without rolls)
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,7 @@ def _search_band(line: Line, records: Sequence[DefectRecord], class_id: int, mem
     found: list[tuple[float, PeriodicDefect]] = []
     while len(order) >= config.min_count:
         positions = np.array([_along(records[i]) for i in order])
-        best = _best_walk(positions, config)
+        best = _best_walk(positions, config, max_period_mm(line, config))
         if best is None or best.log_p + math.log(tests) >= math.log(config.alpha):
             break
         chance = math.exp(best.log_p) * tests
@@ -162,7 +168,7 @@ def _search_band(line: Line, records: Sequence[DefectRecord], class_id: int, mem
     return found
 
 
-def _best_walk(positions: np.ndarray, config: PeriodicConfig) -> _Walk | None:
+def _best_walk(positions: np.ndarray, config: PeriodicConfig, max_period_mm: float) -> _Walk | None:
     """The walk of least tail probability over the band's candidate periods (each from its best start)."""
     span = float(positions[-1] - positions[0])
     if span <= 0:
@@ -170,7 +176,7 @@ def _best_walk(positions: np.ndarray, config: PeriodicConfig) -> _Walk | None:
     density = len(positions) / max(span, config.min_period_mm)
     p_hit = 1.0 - math.exp(-2.0 * density * config.tolerance_mm)
     best: _Walk | None = None
-    for period in _candidate_periods(positions, config):
+    for period in _candidate_periods(positions, config, max_period_mm):
         start = _best_start(positions, period, config)
         walk = None if start is None else _walk(positions, start, period, p_hit, config)
         if walk is not None and (best is None or walk.log_p < best.log_p):
@@ -184,20 +190,31 @@ def _best_start(positions: np.ndarray, period: float, config: PeriodicConfig) ->
     Only the first turns, where the candidate period's error has not yet added up; the walk from
     the start chosen then re-anchors at every repeat it takes.
     """
-    offsets = positions[None, :] - positions[:, None]
+    first, then = _pairs_within(positions, (FIRST_TURNS + 0.5) * period)
+    offsets = positions[then] - positions[first]
     turns = np.rint(offsets / period)
     near = (turns >= 1) & (turns <= FIRST_TURNS) & (np.abs(offsets - turns * period) <= config.tolerance_mm)
-    counts = near.sum(axis=1)
+    counts = np.bincount(first[near], minlength=len(positions))
     start = int(np.argmax(counts))
     return start if counts[start] >= 2 else None
 
 
-def _candidate_periods(positions: np.ndarray, config: PeriodicConfig) -> list[float]:
+def _pairs_within(positions: np.ndarray, reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)``, ``i < j``, of the sorted ``positions`` at most ``reach`` apart (no n x n matrix)."""
+    n = len(positions)
+    counts = np.searchsorted(positions, positions + reach, side="right") - np.arange(n) - 1
+    first = np.repeat(np.arange(n), counts)
+    then = first + 1 + np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return first, then
+
+
+def _candidate_periods(positions: np.ndarray, config: PeriodicConfig, max_period_mm: float) -> list[float]:
     """The mean pairwise distance in the highest bins of the distance histogram (bins of the tolerance)."""
-    diffs = (positions[None, :] - positions[:, None])[np.triu_indices(len(positions), 1)]
     span = float(positions[-1] - positions[0])
-    longest = span / (config.min_count - 1)
-    diffs = diffs[(diffs >= config.min_period_mm) & (diffs <= longest + config.tolerance_mm)]
+    longest = min(span / (config.min_count - 1), max_period_mm)
+    first, then = _pairs_within(positions, longest + config.tolerance_mm)
+    diffs = positions[then] - positions[first]
+    diffs = diffs[diffs >= config.min_period_mm]
     if diffs.size == 0:
         return []
     bins = np.floor(diffs / config.tolerance_mm).astype(np.int64)
@@ -215,22 +232,40 @@ def _candidate_periods(positions: np.ndarray, config: PeriodicConfig) -> list[fl
 
 
 def _walk(positions: np.ndarray, start: int, period: float, p_hit: float, config: PeriodicConfig) -> _Walk | None:
-    """Repeats every ``period`` from ``positions[start]``: the nearest record within tolerance of each expected place."""
-    hits, turns = [start], [0]
-    last, last_turn, turn = float(positions[start]), 0, 0
-    end = float(positions[-1]) + config.tolerance_mm
-    while (expected := last + (turn + 1 - last_turn) * period) <= end:
-        turn += 1
-        i = int(np.searchsorted(positions, expected - config.tolerance_mm))
-        j = int(np.searchsorted(positions, expected + config.tolerance_mm, side="right"))
-        if j > i:
-            nearest = i + int(np.argmin(np.abs(positions[i:j] - expected)))
-            hits.append(nearest)
-            turns.append(turn)
-            last, last_turn = float(positions[nearest]), turn
-    if len(hits) < config.min_count:
+    """Repeats every ``period`` from ``positions[start]``: the record nearest each expected place, within tolerance.
+
+    The turns are taken in stages (8, 16, 32, ... turns), the line ``phase + period x turn`` refitted to
+    the repeats after each, so that a candidate period a little off does not drift away from the marks
+    over a long coil; each stage is one vectorised pass over the band.
+    """
+    after, tol = positions[start:] - positions[start], config.tolerance_mm
+    offset, limit = 0.0, FIRST_TURNS
+    while True:
+        turns, chosen = _nearest_per_turn(after, offset, period, limit, tol)
+        if len(turns) >= 2 and turns[0] == 0:
+            period, offset = (float(v) for v in np.polyfit(turns, after[chosen], 1))
+        if period <= 0 or limit * period > after[-1] + tol:
+            break
+        limit *= 2
+    if period <= 0:
         return None
-    return _Walk(tuple(hits), tuple(turns), turn, _log_binomial_tail(len(hits) - 1, turn, p_hit))
+    total = int((after[-1] + tol - offset) // period)
+    turns, chosen = _nearest_per_turn(after, offset, period, total, tol)
+    if len(turns) < config.min_count or turns[0] != 0:
+        return None
+    hits = tuple(int(c) + start for c in chosen)
+    return _Walk(hits, tuple(int(t) for t in turns), total, _log_binomial_tail(len(hits) - 1, total, p_hit))
+
+
+def _nearest_per_turn(after: np.ndarray, offset: float, period: float, limit: float,
+                      tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """(turns, record indices): per turn up to ``limit``, the record nearest its expected place within ``tol``."""
+    turn = np.rint((after - offset) / period)
+    error = np.abs(after - offset - turn * period)
+    index = np.flatnonzero((turn >= 0) & (turn <= limit) & (error <= tol))
+    order = index[np.lexsort((error[index], turn[index]))]
+    first = np.r_[True, turn[order][1:] != turn[order][:-1]] if order.size else np.zeros(0, bool)
+    return turn[order][first], order[first]
 
 
 def _log_binomial_tail(hits: int, trials: int, p: float) -> float:
@@ -255,6 +290,13 @@ def _defect(line: Line, records: Sequence[DefectRecord], class_id: int, indices:
         across_end_mm=max(records[i].across_end_mm for i in indices), period_mm=period,
         confidence=max(0.0, 1.0 - chance), first_mm=float(along[0]), last_mm=float(along[-1]),
         count=len(indices), roll=match_roll(line, period, config.roll_tolerance), records=tuple(indices))
+
+
+def max_period_mm(line: Line, config: PeriodicConfig) -> float:
+    """The longest period :func:`find_periodic` looks for (see :class:`PeriodicConfig`)."""
+    if config.max_period_mm is not None:
+        return config.max_period_mm
+    return 2 * max((r.circumference_mm for r in line.rolls), default=5000.0)
 
 
 def match_roll(line: Line, period_mm: float, tolerance: float = 0.01) -> str:
