@@ -46,6 +46,10 @@ INTERVAL_S = 0.25
 #: An open coil is evaluated again only after this many times its last evaluation's duration: the
 #: monitor's share of a core stays under 1 / BUDGET however long the coil grows (it shares the GIL).
 BUDGET = 20
+#: An open coil without a frame for this long is dropped (closed elsewhere: another replica, a restart).
+STALE_S = 300.0
+#: Closed coils remembered (their late frames are not taken for a new coil).
+CLOSED_KEPT = 1000
 #: Alarms the book keeps in memory (the database keeps them all).
 KEEP = 500
 
@@ -149,6 +153,7 @@ class _OpenCoil:
     far_end_mm: float = 0.0
     dirty: bool = True
     next_at: float = 0.0  # time.monotonic() before which it is not evaluated again
+    last_frame_at: float = field(default_factory=time.monotonic)
     state: CoilState | None = None
 
 
@@ -162,7 +167,7 @@ class LineMonitor:
         self.grader, self.verdict_of, self.interval_s, self.budget = grader, verdict_of, interval_s, budget
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._coils: dict[str, _OpenCoil] = {}
-        self._closed: set[str] = set()
+        self._closed: dict[str, None] = {}  # insertion-ordered: the oldest forgotten first
         self._lock = threading.Lock()
         self._snapshot = LineSnapshot()
         self._cameras: Counter[str] = Counter()
@@ -211,6 +216,8 @@ class LineMonitor:
         """Takes what the hooks queued, re-evaluates the coils that changed, publishes a new snapshot."""
         last_closed = self._take_queue()
         now = time.time()
+        for coil_id in [c for c, coil in self._coils.items() if time.monotonic() - coil.last_frame_at > STALE_S]:
+            del self._coils[coil_id]
         for coil_id, coil in self._coils.items():
             if coil.dirty and time.monotonic() >= coil.next_at:
                 started = time.monotonic()
@@ -248,6 +255,7 @@ class LineMonitor:
             if coil is None:
                 coil = self._coils[coil_id] = _OpenCoil(RecordBuilder(self.line), CoilAlarms(self.rules, coil_id))
             if coil.builder.add_components(frame.key, frame.components):
+                coil.last_frame_at = time.monotonic()
                 coil.frames += 1
                 camera = self.line.camera(frame.key.camera_id)
                 coil.far_end_mm = max(coil.far_end_mm, frame.position_mm + camera.frame_length_mm)
@@ -260,7 +268,9 @@ class LineMonitor:
 
     def _closed_coil(self, summary: CoilSummary) -> CoilState | None:
         self._coils.pop(summary.coil_id, None)
-        self._closed.add(summary.coil_id)
+        self._closed[summary.coil_id] = None
+        while len(self._closed) > CLOSED_KEPT:
+            del self._closed[next(iter(self._closed))]
         verdict = self.verdict_of(summary) if self.verdict_of is not None else None
         return CoilState(summary.coil_id, summary.length_mm, summary.frames, dict(summary.defects_per_class),
                          verdict.grade if verdict else "", verdict.grade_rule if verdict else "",

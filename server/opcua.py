@@ -37,7 +37,7 @@ from asyncua import Node, Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
 
 from coils.alarms import Alarm
-from server.line_monitor import LineSnapshot
+from server.line_monitor import CoilState, LineSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -197,15 +197,14 @@ class LineOpcUa:
 
     def _coil_values(self, snapshot: LineSnapshot) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        if snapshot.open_coils:
-            coil = snapshot.open_coils[-1]
-            values.update({"OpenCoil/CoilId": coil.coil_id, "OpenCoil/LengthMm": coil.length_mm,
-                           "OpenCoil/Frames": coil.frames, "OpenCoil/Defects": sum(coil.defects_per_class.values()),
-                           "OpenCoil/Grade": coil.grade, "OpenCoil/GradeRule": coil.grade_rule,
-                           "OpenCoil/PeriodicCount": len(coil.periodic),
-                           "OpenCoil/PeriodicDefects": _periodic_text(coil.periodic)})
-            for k, name in enumerate(self.class_names, 1):
-                values[f"OpenCoil/DefectsPerClass/{name}"] = coil.defects_per_class.get(k, 0)
+        coil = snapshot.open_coils[-1] if snapshot.open_coils else _NO_COIL
+        values.update({"OpenCoil/CoilId": coil.coil_id, "OpenCoil/LengthMm": coil.length_mm,
+                       "OpenCoil/Frames": coil.frames, "OpenCoil/Defects": sum(coil.defects_per_class.values()),
+                       "OpenCoil/Grade": coil.grade, "OpenCoil/GradeRule": coil.grade_rule,
+                       "OpenCoil/PeriodicCount": len(coil.periodic),
+                       "OpenCoil/PeriodicDefects": _periodic_text(coil.periodic)})
+        for k, name in enumerate(self.class_names, 1):
+            values[f"OpenCoil/DefectsPerClass/{name}"] = coil.defects_per_class.get(k, 0)
         if snapshot.last_closed is not None:
             c = snapshot.last_closed
             values.update({"LastClosedCoil/CoilId": c.coil_id, "LastClosedCoil/LengthMm": c.length_mm,
@@ -283,6 +282,10 @@ class LineOpcUa:
             raise ua.UaStatusCodeError(ua.StatusCodes.BadResourceUnavailable) from None
         log.info("event=opcua_end_coil coil=%r at=%.3f", coil, time.time())
         return [ua.Variant(summary.state, _S), ua.Variant(summary.defects, _U), ua.Variant(verdict.grade, _S)]
+
+
+#: What the OpenCoil node shows while no coil is open.
+_NO_COIL = CoilState("", 0.0, 0, {})
 
 
 def _periodic_text(periodic: Sequence[Any]) -> str:
