@@ -48,6 +48,15 @@ class AlarmStore:
         return [_alarm(row) for row in rows]
 
 
+    def for_coil(self, coil_id: str) -> list[Alarm]:
+        """The alarms raised on one coil, oldest first."""
+        a = schema.alarms.c
+        with self._store.transaction(write=False) as connection:
+            rows = connection.execute(sa.select(schema.alarms).where(a.coil_id == coil_id)
+                                      .order_by(a.raised_unix_s, a.alarm_id)).all()
+        return [_alarm(row) for row in rows]
+
+
 def _alarm(row: Any) -> Alarm:
     return Alarm(**{k: getattr(row, k) for k in Alarm.__dataclass_fields__})
 

@@ -42,6 +42,7 @@ from engine.metadata import default_class_names
 from engine.overlay import class_colour_hex
 
 if TYPE_CHECKING:
+    from coils.alarms import Alarm
     from coils.periodic import PeriodicDefect
     from coils.summary import CoilSummary
 
@@ -62,6 +63,7 @@ _STRIP_FILL, _AXIS, _TEXT, _MUTED = "#e5e7eb", "#6b7280", "#111827", "#4b5563"
 _LANE_TINTS = ("#60a5fa", "#a78bfa")
 _FONT = "system-ui, sans-serif"
 _PERIODIC = "#dc2626"  # the lines linking a periodic defect's repeats
+_ALARM = "#f97316"  # alarm positions
 
 
 @dataclass(frozen=True)
@@ -289,9 +291,24 @@ def _periodic(defect: PeriodicDefect, records: Sequence[DefectRecord], scale: Ma
     return shapes
 
 
+def _alarm_marks(alarms: Sequence[Alarm], scale: MapScale, line: Line) -> list[Shape]:
+    """Each alarm with a position: a line across the strip at it, its id written above."""
+    shapes = []
+    for alarm in alarms:
+        if alarm.position_mm is None:
+            continue
+        x = scale.x(alarm.position_mm)
+        attrs = (("class", "alarm"), ("data-alarm-id", str(alarm.alarm_id)), ("data-rule", alarm.rule),
+                 ("data-acknowledged", "true" if alarm.acknowledged else "false"))
+        shapes += [Shape("line", x, scale.y(0.0), x2=x, y2=scale.y(line.strip_width_mm), stroke=_ALARM, width=1.0,
+                         attrs=attrs),
+                   _text(x, TOP_PX - 4, f"alarm {alarm.alarm_id}", 10, "middle", _ALARM)]
+    return shapes
+
+
 def map_shapes(line: Line, summary: CoilSummary, records: Sequence[DefectRecord], frames_url: str | None = None,
-               class_names: Sequence[str] | None = None,
-               periodic: Sequence[PeriodicDefect] = ()) -> tuple[float, list[Shape]]:
+               class_names: Sequence[str] | None = None, periodic: Sequence[PeriodicDefect] = (),
+               alarms: Sequence[Alarm] = ()) -> tuple[float, list[Shape]]:
     """The drawing: the canvas height and its shapes, in drawing order (the largest defects first,
     so that small ones on top of them stay visible)."""
     counts: dict[int, int] = {}
@@ -304,6 +321,7 @@ def map_shapes(line: Line, summary: CoilSummary, records: Sequence[DefectRecord]
     shapes = _title(summary, names, len(records)) + _strip(line, scale) + _axes(line, scale)
     for defect in periodic:
         shapes += _periodic(defect, records, scale)
+    shapes += _alarm_marks(alarms, scale, line)
     order = sorted(range(len(records)), key=lambda i: (-records[i].area_mm2, i))
     shapes += [_mark(i, records[i], scale, frames_url) for i in order]
     shapes += _density(records, scale, class_ids, names)
@@ -399,7 +417,8 @@ def shapes_png(height: float, shapes: Sequence[Shape]) -> bytes:
 
 
 def map_svg(line: Line, summary: CoilSummary, records: Sequence[DefectRecord], frames_url: str | None = None,
-            class_names: Sequence[str] | None = None, periodic: Sequence[PeriodicDefect] = ()) -> str:
+            class_names: Sequence[str] | None = None, periodic: Sequence[PeriodicDefect] = (),
+            alarms: Sequence[Alarm] = ()) -> str:
     """The coil map as an SVG document.
 
     Args:
@@ -410,8 +429,9 @@ def map_svg(line: Line, summary: CoilSummary, records: Sequence[DefectRecord], f
             ``{coil_id}`` filled in), e.g. a page's link to the frames a defect came from; None: no such attribute.
         class_names: one name per class (class ``k`` at index ``k - 1``); default the model's default names.
         periodic: the coil's periodic defects (:mod:`coils.periodic`): their repeats linked, the period written.
+        alarms: the coil's alarms (:mod:`coils.alarms`): a line across the strip at each one's position.
     """
-    return shapes_svg(*map_shapes(line, summary, records, frames_url, class_names, periodic))
+    return shapes_svg(*map_shapes(line, summary, records, frames_url, class_names, periodic, alarms))
 
 
 def render_map(line: Line, summary: CoilSummary, records: Sequence[DefectRecord], out: Path,

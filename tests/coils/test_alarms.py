@@ -79,5 +79,6 @@ def test_alarms_are_stored_and_acknowledged_once(store_url) -> None:  # noqa: F8
         assert alarms.recent(10)[1] == acked
         with pytest.raises(KeyError):
             alarms.acknowledge(9999, "x", 1.0)
+        assert alarms.for_coil("C") == [acked] and alarms.for_coil("other") == []
     finally:
         store.close()

@@ -245,3 +245,21 @@ def test_a_periodic_defect_is_drawn_linked_with_its_period_written() -> None:
     labels = [e.text for e in root.iter(f"{SVG}text") if e.get("class") == "periodic-label"]
     assert labels == ["repeats every 100 mm = work-roll (4x)"]
     assert "periodic" not in map_svg(line, summary, records)
+
+
+def test_a_coils_alarms_are_marked_across_the_strip_at_their_position() -> None:
+    from coils.alarms import Alarm
+
+    line = planted_line()
+    records = [DefectRecord("P", 1, 100.0, 103.0, 10.0, 13.0, 9.0, None, (), ())]
+    summary = summarise(CoilFacts("P", "open", 0.0, 1.0, None, "", 400.0, 20, 0), records)
+    alarms = [Alarm(7, "roll-mark", "periodic", 800, "P", "cam0", 250.0, "m", 1.0),
+              Alarm(8, "down", "not_serving", 900, "", "", None, "m", 2.0)]
+    root = ET.fromstring(map_svg(line, summary, records, alarms=alarms))
+    [mark] = [e for e in root.iter(f"{SVG}line") if e.get("class") == "alarm"]
+    scale = map_scale(line, summary, records)
+    assert float(mark.get("x1")) == pytest.approx(scale.x(250.0), abs=1e-3) == float(mark.get("x2"))
+    assert (float(mark.get("y1")), float(mark.get("y2"))) == (pytest.approx(scale.y(0.0), abs=1e-3),
+                                                             pytest.approx(scale.y(STRIP_MM), abs=1e-3))
+    assert (mark.get("data-alarm-id"), mark.get("data-rule"), mark.get("data-acknowledged")) == ("7", "roll-mark",
+                                                                                                 "false")
