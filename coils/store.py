@@ -38,6 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 from coils import schema
 from coils.columns import ComponentColumns, merged_records
 from coils.line import Line
+from coils.periodic import find_periodic
 from coils.records import Component, DefectRecord, FrameKey, default_gap_mm, pack_mask
 from coils.summary import CLOSED, OPEN, CoilFacts, CoilSummary, summarise
 from coils.verdict import CoilVerdict, Grader, judge
@@ -273,6 +274,7 @@ class CoilStore:
                 return self._summary(connection, coil_id)[0]
             snapshot = self._snapshot(connection, coil_id)
         built = self._records(snapshot)
+        periodic = find_periodic(self.line, built)  # outside the write transaction: it can take a while
         with self._transaction(write=True) as connection:
             c = schema.coils.c
             closed = connection.execute(schema.coils.update().where(c.coil_id == coil_id, c.state == OPEN).values(
@@ -281,9 +283,10 @@ class CoilStore:
                 if self._frame_count(connection, coil_id) != snapshot.frames:
                     snapshot = self._snapshot(connection, coil_id)  # under the row lock: nothing else arrives
                     built = self._records(snapshot)
+                    periodic = find_periodic(self.line, built)
                 summary = self._facts_summary(connection, coil_id, built)
                 self._write_records(connection, coil_id, built)
-                verdict = judge(self.line, summary, built, self.grader)
+                verdict = judge(self.line, summary, built, self.grader, periodic=periodic)
                 connection.execute(schema.coils.update().where(c.coil_id == coil_id).values(
                     summary=json.dumps(summary.to_dict()), **verdict.columns()))
                 log.info("coil %s closed (%s): %d frames, %d records", coil_id, reason, summary.frames, len(built))

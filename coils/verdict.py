@@ -57,9 +57,9 @@ class CoilVerdict:
 
 
 def judge(line: Line, summary: CoilSummary, records: Sequence[DefectRecord], grader: Grader | None,
-          config: PeriodicConfig | None = None) -> CoilVerdict:
-    """The coil's periodic defects, and its grade by ``grader`` (none without one)."""
-    periodic = tuple(find_periodic(line, records, config))
+          config: PeriodicConfig | None = None, periodic: Sequence[PeriodicDefect] | None = None) -> CoilVerdict:
+    """The coil's periodic defects (``periodic`` when already found), and its grade by ``grader`` (none without one)."""
+    periodic = tuple(find_periodic(line, records, config) if periodic is None else periodic)
     if grader is None:
         return CoilVerdict(periodic)
     grade, rule = grader(summary, records, periodic)
