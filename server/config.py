@@ -219,6 +219,10 @@ class ServerConfig:
     opcua_users: Path | None = _setting(
         None, "OPC UA users: a file of 'user:password' lines (anonymous access is off unless --opcua-anonymous)",
         type=Path)
+    opcua_cert: Path | None = _setting(
+        None, "OPC UA server certificate (DER or PEM) with --opcua-key: the endpoint then offers only "
+        "Basic256Sha256 Sign&Encrypt (passwords and values encrypted); without: no message security", type=Path)
+    opcua_key: Path | None = _setting(None, "the private key (PEM) of --opcua-cert", type=Path)
     opcua_anonymous: bool = _setting(False, "allow anonymous OPC UA clients", flag=False)
     capture: CaptureConfig | None = field(default=None, metadata={"flag": False})
     #: The line's geometry (``--line line.yaml``, :mod:`coils.line`); None: GetLine says there is none.
@@ -249,6 +253,8 @@ class ServerConfig:
             raise ValueError("--opcua-endpoint needs --line (the address space has a node per camera)")
         if self.opcua_endpoint is not None and not self.opcua_endpoint.startswith("opc.tcp://"):
             raise ValueError(f"--opcua-endpoint must be an opc.tcp://HOST:PORT URL, got {self.opcua_endpoint!r}")
+        if (self.opcua_cert is None) != (self.opcua_key is None):
+            raise ValueError("OPC UA security needs both a certificate (--opcua-cert) and its key (--opcua-key)")
         if self.opcua_endpoint is not None and self.opcua_users is None and not self.opcua_anonymous:
             raise ValueError("--opcua-endpoint needs --opcua-users FILE (user:password lines) or --opcua-anonymous")
 

@@ -16,9 +16,9 @@ the console, and one made elsewhere is published here as an event with AckedStat
 frame's end). Frames are never exposed.
 
 Security: anonymous access is off unless ``--opcua-anonymous``; users come from ``--opcua-users FILE``
-(``name:password`` lines, or ``name:sha256:HEX``). The endpoint offers no message security (no
-server certificate), so passwords cross the network in clear: keep the endpoint on the line's
-control network or loopback.
+(``name:password`` lines, or ``name:sha256:HEX``). With ``--opcua-cert``/``--opcua-key`` the endpoint
+offers only Basic256Sha256 Sign&Encrypt, so passwords and values are encrypted; without them it offers
+no message security and passwords cross the network in clear (loopback or a closed control network).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from server.line_monitor import CoilState, LineSnapshot
 log = logging.getLogger(__name__)
 
 NAMESPACE = "urn:strip-inspection:line"
+#: The server's application URI (a certificate given with --opcua-cert should carry it).
+APPLICATION_URI = "urn:strip-inspection:server"
 #: Seconds between two publications of the line's values.
 PUBLISH_INTERVAL_S = 0.5
 _S, _D, _U = ua.VariantType.String, ua.VariantType.Double, ua.VariantType.UInt64
@@ -103,7 +105,13 @@ class LineOpcUa:
         await opc.init()
         opc.set_endpoint(cfg.opcua_endpoint)
         opc.set_server_name("strip inspection: line")
-        opc.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await opc.set_application_uri(APPLICATION_URI)
+        if cfg.opcua_cert is not None:
+            await opc.load_certificate(str(cfg.opcua_cert))
+            await opc.load_private_key(str(cfg.opcua_key))
+            opc.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+        else:
+            opc.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         tokens: list[type] = [ua.UserNameIdentityToken] + ([ua.AnonymousIdentityToken] if cfg.opcua_anonymous else [])
         opc.set_identity_tokens(tokens)
         idx = await opc.register_namespace(NAMESPACE)
@@ -113,8 +121,8 @@ class LineOpcUa:
         loop = asyncio.get_running_loop()
         actions.book.listeners.append(lambda alarm: loop.call_soon_threadsafe(self._alarms.put_nowait, alarm))
         self._tasks = [loop.create_task(self._publish_forever()), loop.create_task(self._send_alarms())]
-        log.info("event=opcua_start endpoint=%s anonymous=%s users=%d", cfg.opcua_endpoint, cfg.opcua_anonymous,
-                 len(opc.iserver.user_manager.users))
+        log.info("event=opcua_start endpoint=%s security=%s anonymous=%s users=%d", cfg.opcua_endpoint,
+                 "Basic256Sha256" if cfg.opcua_cert else "none", cfg.opcua_anonymous, len(opc.iserver.user_manager.users))
         return self
 
     async def stop(self) -> None:
@@ -293,4 +301,4 @@ def _periodic_text(periodic: Sequence[Any]) -> str:
                      f"{p.count}x{', roll ' + p.roll if p.roll else ''}" for p in periodic)
 
 
-__all__ = ["FileUsers", "LineOpcUa", "NAMESPACE"]
+__all__ = ["APPLICATION_URI", "FileUsers", "LineOpcUa", "NAMESPACE"]

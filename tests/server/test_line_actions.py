@@ -88,7 +88,9 @@ def test_grading_and_opcua_flags_are_checked_before_the_start(tmp_path: Path) ->
     for flags, message in ((["--opcua-endpoint", "opc.tcp://127.0.0.1:4840"], "--opcua-endpoint needs --line"),
                            (["--line", str(line), "--opcua-endpoint", "http://x"], "must be an opc.tcp://"),
                            (["--line", str(line), "--opcua-endpoint", "opc.tcp://127.0.0.1:4840"],
-                            "needs --opcua-users FILE")):
+                            "needs --opcua-users FILE"),
+                           (["--line", str(line), "--opcua-endpoint", "opc.tcp://127.0.0.1:4840", "--opcua-anonymous",
+                             "--opcua-cert", str(line)], "needs both a certificate")):
         with pytest.raises(ValueError, match=message):
             config_from_args(parser.parse_args(flags))
     config = config_from_args(parser.parse_args(["--line", str(line), "--opcua-endpoint", "opc.tcp://127.0.0.1:4840",

@@ -5,6 +5,7 @@ in the database), end the coil with the method node; anonymous access refused un
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import time
 from pathlib import Path
@@ -156,3 +157,54 @@ def test_anonymous_and_wrong_passwords_are_refused(opcua_server):
     for user, password in ((None, None), ("operator", "wrong"), ("nobody", "s3cret")):
         with pytest.raises(Exception):  # noqa: B017, PT011 - asyncua raises its status as several types
             asyncio.run(connect(user, password))
+
+
+def _certificate(folder: Path, name: str, uri: str, usage) -> tuple[Path, Path]:
+    """A self-signed application certificate (DER) and its key (PEM), as OPC UA wants them."""
+    from asyncua.crypto.cert_gen import (
+        dump_private_key_as_pem,
+        generate_private_key,
+        generate_self_signed_app_certificate,
+    )
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = generate_private_key()
+    certificate = generate_self_signed_app_certificate(
+        key, name, {}, [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")], [usage])
+    cert_file, key_file = folder / f"{name}.der", folder / f"{name}.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.DER))
+    key_file.write_bytes(dump_private_key_as_pem(key))
+    return cert_file, key_file
+
+
+def test_with_a_certificate_the_endpoint_is_encrypted_only(coil_model, coil_folder, tmp_path):  # noqa: F811
+    from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from server.opcua import APPLICATION_URI
+
+    server_cert, server_key = _certificate(tmp_path, "server", APPLICATION_URI, ExtendedKeyUsageOID.SERVER_AUTH)
+    client_cert, client_key = _certificate(tmp_path, "client", "urn:test:plc", ExtendedKeyUsageOID.CLIENT_AUTH)
+    (tmp_path / "users").write_text("operator:sha256:" + hashlib.sha256(b"s3cret").hexdigest() + "\n")
+    endpoint = f"opc.tcp://127.0.0.1:{free_port()}"
+
+    async def read_state(secure: bool) -> str:
+        client = Client(endpoint)
+        client.application_uri = "urn:test:plc"
+        client.set_user("operator")
+        client.set_password("s3cret")
+        if secure:
+            await client.set_security(SecurityPolicyBasic256Sha256, str(client_cert), str(client_key),
+                                      server_certificate=str(server_cert))
+        async with client:
+            idx = await client.get_namespace_index(NAMESPACE)
+            state = await client.nodes.objects.get_child([f"{idx}:Line", f"{idx}:ServingState"])
+            await _until_value(state, "serving", 5)  # written twice a second
+            return await state.read_value()
+
+    with ServerThread(coil_model, line=_line(coil_folder), opcua_endpoint=endpoint, opcua_users=tmp_path / "users",
+                      opcua_cert=server_cert, opcua_key=server_key):
+        assert asyncio.run(read_state(secure=True)) == "serving"
+        with pytest.raises(Exception):  # noqa: B017, PT011 - no unencrypted endpoint to connect to
+            asyncio.run(read_state(secure=False))
