@@ -123,7 +123,7 @@ def find_periodic(line: Line, records: Sequence[DefectRecord],
                   config: PeriodicConfig | None = None) -> list[PeriodicDefect]:
     """The periodic defects among ``records`` (one coil's), most repeats first (see the module's doc)."""
     config = config or PeriodicConfig()
-    bands = _bands(line, records, config)
+    bands = _bands(records, config)
     tests = max(1, sum(len(b) * config.candidates for b in bands.values()))
     found: list[tuple[float, PeriodicDefect]] = []
     for (class_id, _), members in bands.items():
@@ -138,7 +138,7 @@ def find_periodic(line: Line, records: Sequence[DefectRecord],
     return sorted(kept, key=lambda d: (-d.count, d.class_id, d.first_mm))
 
 
-def _bands(line: Line, records: Sequence[DefectRecord], config: PeriodicConfig) -> dict[tuple[int, int], list[int]]:
+def _bands(records: Sequence[DefectRecord], config: PeriodicConfig) -> dict[tuple[int, int], list[int]]:
     """Record indices per (class, band number); band ``b`` covers ``[b, b + 2) * band_mm / 2``."""
     step = config.band_mm / 2
     bands: dict[tuple[int, int], list[int]] = defaultdict(list)
