@@ -17,13 +17,13 @@ from tests.coils.test_store import store_url  # noqa: F401  (the SQLite and Post
 PERIOD = 100.0  # mm: the roll's circumference; 1 mm per pixel
 
 
-def roll_mark_frames(line, coil_id: str = "R1") -> list[FrameComponents]:
-    """60 frames: a 3x3 mark every 100 mm at one across place (12 turns), and 20 random pits of class 2."""
+def roll_mark_frames(line, coil_id: str = "R1", marks: bool = True, random: int = 20) -> list[FrameComponents]:
+    """60 frames: a 3x3 mark every 100 mm at one across place (12 turns), and ``random`` random pits of class 2."""
     canvas = np.zeros((2, 60 * ALONG, STRIP), np.uint8)
-    for top in range(7, canvas.shape[1] - 3, int(PERIOD)):
+    for top in range(7, canvas.shape[1] - 3, int(PERIOD)) if marks else ():
         canvas[0, top:top + 3, 10:13] = 1
     rng = np.random.default_rng(1)
-    for _ in range(20):
+    for _ in range(random):
         top, left = int(rng.integers(0, canvas.shape[1] - 2)), int(rng.integers(0, STRIP - 2))
         canvas[1, top:top + 2, left:left + 2] = 1
     frames = []

@@ -57,6 +57,19 @@ def test_a_roll_mark_raises_one_alarm_and_the_snapshot_follows_the_coil() -> Non
     assert "inspection_alarms_unacknowledged 0.0" in generate_latest(metrics.registry).decode()
 
 
+def test_a_coil_of_random_defects_only_raises_no_periodic_alarm() -> None:
+    line = dataclasses.replace(two_cameras(), rolls=(Roll("work-roll", PERIOD / math.pi),))
+    book = AlarmBook(None)
+    monitor = LineMonitor(line, parse_alarms(RULES, NAMES), book, grade, budget=0)
+    frames = roll_mark_frames(line, marks=False, random=200)  # about 3 random pits per frame pair
+    for start in range(0, len(frames), 10):
+        monitor.on_frames(frames[start:start + 10])
+        monitor.evaluate()
+    [coil] = monitor.snapshot().open_coils
+    assert coil.frames == len(frames) and sum(coil.defects_per_class.values()) > 100
+    assert (coil.periodic, coil.grade, book.recent()) == ((), "A", [])
+
+
 def test_server_rules_raise_when_their_state_starts_and_rearm_when_it_ends() -> None:
     book = AlarmBook(None)
     monitor = LineMonitor(two_cameras(), parse_alarms(RULES, NAMES), book, interval_s=0.01)
