@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from coils.alarms import Alarm, AlarmRule, CoilAlarms
 from coils.line import Line
-from coils.periodic import PeriodicDefect, find_periodic
+from coils.periodic import PeriodicConfig, PeriodicDefect, find_periodic
 from coils.records import RecordBuilder
 from coils.store import FrameComponents, StoreUnavailable
 from coils.summary import CoilFacts, CoilSummary, summarise
@@ -46,6 +46,9 @@ INTERVAL_S = 0.25
 #: An open coil is evaluated again only after this many times its last evaluation's duration: the
 #: monitor's share of a core stays under 1 / BUDGET however long the coil grows (it shares the GIL).
 BUDGET = 20
+#: The search on an open coil: it runs again and again as the coil grows, so each run's chance of a
+#: random find is held 100 times lower than at close (a true repeat passes it a few turns later).
+LIVE_PERIODIC = PeriodicConfig(alpha=1e-6)
 #: An open coil without a frame for this long is dropped (closed elsewhere: another replica, a restart).
 STALE_S = 300.0
 #: Closed coils remembered (their late frames are not taken for a new coil).
@@ -280,7 +283,7 @@ class LineMonitor:
         records = coil.builder.records(coil_id)
         if coil.state is not None and len(records) == sum(coil.state.defects_per_class.values()):
             return replace(coil.state, length_mm=coil.far_end_mm, frames=coil.frames)  # clean frames: nothing new
-        periodic = tuple(find_periodic(self.line, records))
+        periodic = tuple(find_periodic(self.line, records, LIVE_PERIODIC))
         for alarm in coil.alarms.evaluate(records, periodic, now):
             self.book.raise_alarm(alarm)
         summary = summarise(CoilFacts(coil_id, "open", now, now, None, "", coil.far_end_mm, coil.frames, 0), records)
