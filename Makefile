@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-cpu-dev
 
-.PHONY: test lint demo proto venv clean balanced failover
+.PHONY: test lint demo line proto venv clean balanced failover
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --out demo
+
+# A simulated coil with a roll mark through a server (MODEL, default the demo's): its grade, the roll
+# found, its map and report in demo/line (tools/line_demo.py).
+line: $(STAMP)
+	$(PY) tools/line_demo.py --model $(MODEL) --out demo/line
 
 # nginx + 3 `server serve` replicas of MODEL (default: the demo's), until Ctrl-C (deploy/balanced.py).
 MODEL ?= demo/model.onnx

@@ -35,6 +35,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ class StreamConfig:
     console: bool = False
     coil_db: str | None = None
     line: Path | None = None
+    line_actions: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.streams or any(s < 1 for s in self.streams):
@@ -93,6 +95,8 @@ class StreamConfig:
         from benchmarks.stream_coils import check_coil_settings
 
         check_coil_settings(self.coil_db, self.line, self.target, self.streams)
+        if self.line_actions is not None and self.coil_db is None:
+            raise ValueError("--line-actions runs beside coil tracking: it needs --coil-db and --line")
         if self.target is not None and (":" not in self.target or not self.target.rsplit(":", 1)[1].isdigit()):
             raise ValueError(f"--target must be HOST:PORT, got {self.target!r}")
 
@@ -134,7 +138,7 @@ def wait_serving(target: str, timeout: float, alive: Any = None) -> None:
 class SubprocessServer:
     """``server serve`` in its own process on free local ports (a deployed server's situation)."""
 
-    def __init__(self, cfg: StreamConfig, model: Path, coil_spool: Path | None = None) -> None:
+    def __init__(self, cfg: StreamConfig, model: Path, coil_spool: Path | None = None, actions: bool = False) -> None:
         from benchmarks.stream_coils import coil_server_flags
 
         self.port = free_port()
@@ -149,7 +153,7 @@ class SubprocessServer:
         if cfg.threads and model.suffix.lower() == ".onnx":
             command += ["--threads", str(cfg.threads)]
         if coil_spool is not None:
-            command += coil_server_flags(cfg.coil_db, cfg.line, coil_spool)
+            command += coil_server_flags(cfg.coil_db, cfg.line, coil_spool, cfg.line_actions if actions else None)
         self.console_url = None
         if cfg.console:
             console_port = free_port()
@@ -187,7 +191,8 @@ class SubprocessServer:
 class InProcessServer:
     """The library server (:class:`server.service.InspectionServer`) on its own event-loop thread."""
 
-    def __init__(self, cfg: StreamConfig, model: Path, coil_spool: Path | None = None) -> None:
+    def __init__(self, cfg: StreamConfig, model: Path, coil_spool: Path | None = None, actions: bool = False) -> None:
+        from benchmarks.stream_coils import free_port
         from coils.line import load_line
         from engine.backends import load_backend
         from server.config import ServerConfig
@@ -196,6 +201,9 @@ class InProcessServer:
         options = {"threads": cfg.threads} if cfg.threads and model.suffix.lower() == ".onnx" else {}
         coils = {} if coil_spool is None else {"line": load_line(cfg.line), "coil_db": cfg.coil_db,
                                                "coil_spool": coil_spool}
+        if actions:
+            coils |= {"grading": cfg.line_actions, "opcua_endpoint": f"opc.tcp://127.0.0.1:{free_port()}",
+                      "opcua_anonymous": True}
         config = ServerConfig(port=0, metrics_port=0, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms, **coils)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="bench-server", daemon=True)
@@ -448,6 +456,9 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
                 setting["coils"] = "off"
             factory = InProcessServer if cfg.in_process else SubprocessServer
             settings += run_coil_settings(cfg, model, images, factory, run_setting)
+            if cfg.line_actions is not None:
+                settings += run_coil_settings(cfg, model, images, partial(factory, actions=True), run_setting,
+                                              "on+actions")
     raw: dict[int, dict] = {}
     notes = []
     if model is not None:
@@ -609,6 +620,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--line", type=Path, default=None, metavar="FILE",
                         help="the line description for --coil-db, with at least as many cameras as --streams' "
                         "largest count (trainer synth-line --cameras 16 writes one)")
+    parser.add_argument("--line-actions", type=Path, default=None, metavar="RULES",
+                        help="also run every stream count through a coil-tracking server with grades and alarms "
+                        "from this rule file and the OPC UA server on (against coil tracking alone)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the default model is built (default benchmarks/results/models)")
 
@@ -634,6 +648,7 @@ def run(args: argparse.Namespace) -> int:
         console=args.console,
         coil_db=args.coil_db,
         line=args.line,
+        line_actions=args.line_actions,
     )
     report = run_stream(cfg)
     table = stream_markdown(report)

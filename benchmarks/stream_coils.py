@@ -41,9 +41,26 @@ def check_coil_settings(coil_db: str | None, line: Path | None, target: str | No
                          "one camera of the line (trainer synth-line --cameras N writes a wider line)")
 
 
-def coil_server_flags(coil_db: str, line: Path, spool: Path) -> list[str]:
-    """``server serve``'s coil-tracking flags (the spool in ``spool``: any database can use it)."""
-    return ["--line", str(line), "--coil-db", coil_db, "--coil-spool", str(spool)]
+def coil_server_flags(coil_db: str, line: Path, spool: Path, line_actions: Path | None = None) -> list[str]:
+    """``server serve``'s coil-tracking flags (the spool in ``spool``: any database can use it); with
+    ``line_actions``, grades and alarms from that rule file and the OPC UA server too (on a free port)."""
+    flags = ["--line", str(line), "--coil-db", coil_db, "--coil-spool", str(spool)]
+    if line_actions is not None:
+        flags += [*("--grading", str(line_actions)), *line_action_options(free_port())]
+    return flags
+
+
+def line_action_options(port: int) -> tuple[str, ...]:
+    """The OPC UA flags of a line-actions run: loopback, anonymous (nothing connects; publishing still runs)."""
+    return "--opcua-endpoint", f"opc.tcp://127.0.0.1:{port}", "--opcua-anonymous"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def coil_shots(line: Path, images: list[Path], streams: int, coil_id: str) -> tuple[dict[str, list], dict]:
@@ -66,8 +83,9 @@ def coil_shots(line: Path, images: list[Path], streams: int, coil_id: str) -> tu
 
 
 def run_coil_settings(cfg: Any, model: Path, images: list[Path], server_factory: Any,
-                      run_setting: Any) -> list[dict[str, Any]]:
-    """Every stream count again through a coil-tracking server; each setting's dict marked ``coils: on``.
+                      run_setting: Any, label: str = "on") -> list[dict[str, Any]]:
+    """Every stream count again through a coil-tracking server; each setting's dict marked ``coils: LABEL``
+    (``on``, or ``on+actions`` when the factory's server also runs grades, alarms and OPC UA).
 
     Args:
         server_factory: ``(cfg, model, spool) -> server`` (bench stream's subprocess or in-process one,
@@ -80,14 +98,14 @@ def run_coil_settings(cfg: Any, model: Path, images: list[Path], server_factory:
         server = server_factory(cfg, model, Path(spool))
         try:
             if cfg.warmup_frames:
-                shots, lengths = coil_shots(cfg.line, images[: cfg.warmup_frames], 1, f"bench-{stamp}-warmup")
+                shots, lengths = coil_shots(cfg.line, images[: cfg.warmup_frames], 1, f"bench-{stamp}-{label}-warmup")
                 run_setting(server.target, images[: cfg.warmup_frames], 1, 0.0, None, cfg.connect_timeout,
                             shots=shots, coil_lengths=lengths)
             for n, streams in enumerate(cfg.streams):
-                shots, lengths = coil_shots(cfg.line, images, streams, f"bench-{stamp}-{n}")
+                shots, lengths = coil_shots(cfg.line, images, streams, f"bench-{stamp}-{label}-{n}")
                 setting = run_setting(server.target, images, streams, cfg.fps, server.metrics_url,
                                       cfg.connect_timeout, shots=shots, coil_lengths=lengths)
-                settings.append({**setting, "coils": "on"})
+                settings.append({**setting, "coils": label})
         finally:
             server.close()
     return settings
@@ -98,9 +116,15 @@ def coil_ratio_note(settings: list[dict[str, Any]]) -> str | None:
     off = {s["streams"]: s["frames_per_s"] for s in settings if s.get("coils") == "off"}
     on = {s["streams"]: s["frames_per_s"] for s in settings if s.get("coils") == "on"}
     pairs = [f"{n} streams {on[n] / off[n]:.3f}" for n in sorted(on) if on[n] and off.get(n)]
-    if not pairs:
-        return None
-    return "coil tracking: frames/s with it on over off, same frames and stream counts: " + ", ".join(pairs)
+    acting = {s["streams"]: s["frames_per_s"] for s in settings if s.get("coils") == "on+actions"}
+    actions = [f"{n} streams {acting[n] / on[n]:.3f}" for n in sorted(acting) if acting[n] and on.get(n)]
+    notes = []
+    if pairs:
+        notes.append("coil tracking: frames/s with it on over off, same frames and stream counts: " + ", ".join(pairs))
+    if actions:
+        notes.append("line actions (grades, alarms, OPC UA publishing): frames/s with them on over coil tracking "
+                     "alone: " + ", ".join(actions))
+    return "; ".join(notes) or None
 
 
 __all__ = ["check_coil_settings", "coil_ratio_note", "coil_server_flags", "coil_shots", "run_coil_settings"]

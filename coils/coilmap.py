@@ -42,6 +42,8 @@ from engine.metadata import default_class_names
 from engine.overlay import class_colour_hex
 
 if TYPE_CHECKING:
+    from coils.alarms import Alarm
+    from coils.periodic import PeriodicDefect
     from coils.summary import CoilSummary
 
 #: Canvas width and the strip's drawn height, pixels.
@@ -60,6 +62,8 @@ SUFFIXES = (".png", ".svg")
 _STRIP_FILL, _AXIS, _TEXT, _MUTED = "#e5e7eb", "#6b7280", "#111827", "#4b5563"
 _LANE_TINTS = ("#60a5fa", "#a78bfa")
 _FONT = "system-ui, sans-serif"
+_PERIODIC = "#dc2626"  # the lines linking a periodic defect's repeats
+_ALARM = "#f97316"  # alarm positions
 
 
 @dataclass(frozen=True)
@@ -269,8 +273,42 @@ def _legend(class_ids: Sequence[int], counts: Mapping[int, int], class_names: Se
     return shapes
 
 
+def _periodic(defect: PeriodicDefect, records: Sequence[DefectRecord], scale: MapScale) -> list[Shape]:
+    """A periodic defect: a line linking its repeats' centres (under the marks), its period written above."""
+    marks = [records[i] for i in defect.records if 0 <= i < len(records)]
+    if len(marks) < 2:
+        return []
+    points = [(scale.x((r.along_start_mm + r.along_end_mm) / 2), scale.y((r.across_start_mm + r.across_end_mm) / 2))
+              for r in marks]
+    attrs = (("class", "periodic"), ("data-period-mm", _number(defect.period_mm)), ("data-roll", defect.roll),
+             ("data-records", " ".join(str(i) for i in defect.records)))
+    shapes = [Shape("line", x, y, x2=x2, y2=y2, stroke=_PERIODIC, width=1.5, attrs=attrs)
+              for (x, y), (x2, y2) in zip(points, points[1:], strict=False)]
+    roll = f" = {defect.roll}" if defect.roll else ""
+    label = f"repeats every {defect.period_mm:.0f} mm{roll} ({defect.count}x)"
+    shapes.append(_text(points[0][0], max(points[0][1] - 8, TOP_PX - 4), label, 11, fill=_PERIODIC,
+                        attrs=(("class", "periodic-label"),)))
+    return shapes
+
+
+def _alarm_marks(alarms: Sequence[Alarm], scale: MapScale, line: Line) -> list[Shape]:
+    """Each alarm with a position: a line across the strip at it, its id written above."""
+    shapes = []
+    for alarm in alarms:
+        if alarm.position_mm is None:
+            continue
+        x = scale.x(alarm.position_mm)
+        attrs = (("class", "alarm"), ("data-alarm-id", str(alarm.alarm_id)), ("data-rule", alarm.rule),
+                 ("data-acknowledged", "true" if alarm.acknowledged else "false"))
+        shapes += [Shape("line", x, scale.y(0.0), x2=x, y2=scale.y(line.strip_width_mm), stroke=_ALARM, width=1.0,
+                         attrs=attrs),
+                   _text(x, TOP_PX - 4, f"alarm {alarm.alarm_id}", 10, "middle", _ALARM)]
+    return shapes
+
+
 def map_shapes(line: Line, summary: CoilSummary, records: Sequence[DefectRecord], frames_url: str | None = None,
-               class_names: Sequence[str] | None = None) -> tuple[float, list[Shape]]:
+               class_names: Sequence[str] | None = None, periodic: Sequence[PeriodicDefect] = (),
+               alarms: Sequence[Alarm] = ()) -> tuple[float, list[Shape]]:
     """The drawing: the canvas height and its shapes, in drawing order (the largest defects first,
     so that small ones on top of them stay visible)."""
     counts: dict[int, int] = {}
@@ -281,6 +319,9 @@ def map_shapes(line: Line, summary: CoilSummary, records: Sequence[DefectRecord]
     class_ids = sorted(known | set(range(1, len(names) + 1)))
     scale = map_scale(line, summary, records)
     shapes = _title(summary, names, len(records)) + _strip(line, scale) + _axes(line, scale)
+    for defect in periodic:
+        shapes += _periodic(defect, records, scale)
+    shapes += _alarm_marks(alarms, scale, line)
     order = sorted(range(len(records)), key=lambda i: (-records[i].area_mm2, i))
     shapes += [_mark(i, records[i], scale, frames_url) for i in order]
     shapes += _density(records, scale, class_ids, names)
@@ -376,7 +417,8 @@ def shapes_png(height: float, shapes: Sequence[Shape]) -> bytes:
 
 
 def map_svg(line: Line, summary: CoilSummary, records: Sequence[DefectRecord], frames_url: str | None = None,
-            class_names: Sequence[str] | None = None) -> str:
+            class_names: Sequence[str] | None = None, periodic: Sequence[PeriodicDefect] = (),
+            alarms: Sequence[Alarm] = ()) -> str:
     """The coil map as an SVG document.
 
     Args:
@@ -386,12 +428,14 @@ def map_svg(line: Line, summary: CoilSummary, records: Sequence[DefectRecord], f
         frames_url: a template for each mark's ``data-frame-url`` (``{record}`` and the URL-quoted
             ``{coil_id}`` filled in), e.g. a page's link to the frames a defect came from; None: no such attribute.
         class_names: one name per class (class ``k`` at index ``k - 1``); default the model's default names.
+        periodic: the coil's periodic defects (:mod:`coils.periodic`): their repeats linked, the period written.
+        alarms: the coil's alarms (:mod:`coils.alarms`): a line across the strip at each one's position.
     """
-    return shapes_svg(*map_shapes(line, summary, records, frames_url, class_names))
+    return shapes_svg(*map_shapes(line, summary, records, frames_url, class_names, periodic, alarms))
 
 
 def render_map(line: Line, summary: CoilSummary, records: Sequence[DefectRecord], out: Path,
-               class_names: Sequence[str] | None = None) -> Path:
+               class_names: Sequence[str] | None = None, periodic: Sequence[PeriodicDefect] = ()) -> Path:
     """Writes the coil map to ``out``: SVG for ``.svg``, PNG (the same drawing, rasterised) for ``.png``.
 
     Raises:
@@ -401,7 +445,7 @@ def render_map(line: Line, summary: CoilSummary, records: Sequence[DefectRecord]
     suffix = out.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"coil map {out}: suffix {out.suffix!r} is not one of {', '.join(SUFFIXES)}")
-    height, shapes = map_shapes(line, summary, records, None, class_names)
+    height, shapes = map_shapes(line, summary, records, None, class_names, periodic)
     content = shapes_svg(height, shapes) if suffix == ".svg" else shapes_png(height, shapes)
     return atomic_write(out, content)
 

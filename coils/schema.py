@@ -52,6 +52,9 @@ coils = sa.Table(
     sa.Column("close_reason", sa.String(16), nullable=False),
     sa.Column("end_length_mm", sa.Double),
     sa.Column("summary", sa.Text),
+    sa.Column("periodic", sa.Text),  # JSON list of coils.periodic.PeriodicDefect, set at close (0003)
+    sa.Column("grade", sa.String(64)),
+    sa.Column("grade_rule", sa.Text),
 )
 frames = sa.Table(
     "frames", metadata, *_frame_key(),
@@ -92,6 +95,21 @@ records = sa.Table(
     sa.Column("max_probability", sa.Double),
     sa.Column("frames", sa.Text, nullable=False),
     sa.Column("cameras", sa.Text, nullable=False),
+)
+
+alarms = sa.Table(
+    "alarms", metadata,
+    sa.Column("alarm_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rule", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("severity", sa.Integer, nullable=False),
+    sa.Column("coil_id", ID, nullable=False),
+    sa.Column("camera_id", ID, nullable=False),
+    sa.Column("position_mm", sa.Double),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("raised_unix_s", sa.Double, nullable=False),
+    sa.Column("acknowledged_unix_s", sa.Double),
+    sa.Column("acknowledged_by", ID, nullable=False),
 )
 
 
@@ -174,5 +192,5 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
-__all__ = ["CONNECT_TIMEOUT_S", "TIMEOUT_S", "alembic_config", "coils", "components", "create_engine",
+__all__ = ["CONNECT_TIMEOUT_S", "TIMEOUT_S", "alarms", "alembic_config", "coils", "components", "create_engine",
            "current_revision", "database_url", "frames", "late_frames", "metadata", "records", "upgrade"]

@@ -27,7 +27,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,8 +38,10 @@ from sqlalchemy.engine import Connection, Engine
 from coils import schema
 from coils.columns import ComponentColumns, merged_records
 from coils.line import Line
+from coils.periodic import find_periodic
 from coils.records import Component, DefectRecord, FrameKey, default_gap_mm, pack_mask
 from coils.summary import CLOSED, OPEN, CoilFacts, CoilSummary, summarise
+from coils.verdict import CoilVerdict, Grader, judge
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,8 @@ class CoilStore:
         self.url = engine.url.render_as_string(hide_password=True)
         insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._insert_new = lambda table: insert(table).on_conflict_do_nothing()
+        #: Grades coils at close and on read (``server serve --grading``); None: no grades.
+        self.grader: Grader | None = None
 
     @classmethod
     def open(cls, url: str, line: Line) -> CoilStore:
@@ -163,6 +167,10 @@ class CoilStore:
                 connection.execution_options(**{schema.WRITE: True})
             with connection.begin():
                 yield connection
+
+    def transaction(self, write: bool) -> AbstractContextManager[Connection]:
+        """A connection in one transaction, its failures raised as StoreUnavailable (for coils.alarm_store)."""
+        return self._transaction(write)
 
     # ------------------------------------------------------------------ writes
     def write_frames(self, frames: Sequence[FrameComponents]) -> list[FrameKey]:
@@ -266,6 +274,7 @@ class CoilStore:
                 return self._summary(connection, coil_id)[0]
             snapshot = self._snapshot(connection, coil_id)
         built = self._records(snapshot)
+        periodic = find_periodic(self.line, built)  # outside the write transaction: it can take a while
         with self._transaction(write=True) as connection:
             c = schema.coils.c
             closed = connection.execute(schema.coils.update().where(c.coil_id == coil_id, c.state == OPEN).values(
@@ -274,10 +283,12 @@ class CoilStore:
                 if self._frame_count(connection, coil_id) != snapshot.frames:
                     snapshot = self._snapshot(connection, coil_id)  # under the row lock: nothing else arrives
                     built = self._records(snapshot)
+                    periodic = find_periodic(self.line, built)
                 summary = self._facts_summary(connection, coil_id, built)
                 self._write_records(connection, coil_id, built)
+                verdict = judge(self.line, summary, built, self.grader, periodic=periodic)
                 connection.execute(schema.coils.update().where(c.coil_id == coil_id).values(
-                    summary=json.dumps(summary.to_dict())))
+                    summary=json.dumps(summary.to_dict()), **verdict.columns()))
                 log.info("coil %s closed (%s): %d frames, %d records", coil_id, reason, summary.frames, len(built))
                 return summary
         return self.get_coil(coil_id)[0]  # another replica closed it first
@@ -344,6 +355,15 @@ class CoilStore:
         with collector_paused(), self._transaction(write=False) as connection:
             summary, built = self._summary(connection, coil_id)
             return summary, built if built is not None else self._stored_records(connection, coil_id)
+
+    def verdict(self, summary: CoilSummary, records: Sequence[DefectRecord]) -> CoilVerdict:
+        """The coil's periodic defects and grade: as stored at close, else (open) judged from ``records``.
+
+        ``summary`` and ``records`` are what :meth:`get_coil` gave for the coil.
+        """
+        with self._transaction(write=False) as connection:
+            stored = CoilVerdict.from_row(self._coil_row(connection, summary.coil_id))
+        return stored if stored is not None else judge(self.line, summary, records, self.grader)
 
     def _summary(self, connection: Connection, coil_id: str) -> tuple[CoilSummary, list[DefectRecord] | None]:
         """The coil's summary, and its records when they had to be made (an open coil)."""

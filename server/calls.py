@@ -268,14 +268,17 @@ class Servicer(pb_grpc.InspectionServiceServicer):
         return pb.ListCoilsResponse(coils=[summary_message(c) for c in coils], next_page_token=page_token(coils, size))
 
     async def GetCoil(self, request: pb.GetCoilRequest, context: grpc.aio.ServicerContext) -> pb.Coil:
-        from server.coil_wire import record_message, summary_message
+        from server.coil_wire import coil_message
 
         await self._require_coils(context)
         if not request.coil_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "coil_id is empty: name the coil to read")
-        summary, records = await self._on_coils(context, request.coil_id,
-                                                lambda coils: coils.get_coil(request.coil_id))
-        return pb.Coil(summary=summary_message(summary), records=[record_message(r) for r in records])
+
+        def read(coils: CoilTracker) -> pb.Coil:
+            summary, records = coils.get_coil(request.coil_id)
+            return coil_message(summary, records, coils.store.verdict(summary, records))
+
+        return await self._on_coils(context, request.coil_id, read)
 
     async def _require_coils(self, context: grpc.aio.ServicerContext) -> CoilTracker:
         """The server's coil tracker; FAILED_PRECONDITION (before any other check) without --coil-db."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -72,6 +72,10 @@ class CoilTracker:
         self.late_frames = 0
         self.refused_frames = 0
         self.coils_closed = 0
+        #: Called with each batch's coil frames once stored or spooled (on the writer thread; keep it short).
+        self.frame_listeners: list[Callable[[list[FrameComponents]], None]] = []
+        #: Called with each coil's summary when it is closed (on the reader thread).
+        self.close_listeners: list[Callable[[CoilSummary], None]] = []
         self._upkeep = threading.Thread(target=self._run_upkeep, name="coil-upkeep", daemon=True)
         self._update_spool_gauges()
         metrics.coil_db_up.set(1)
@@ -129,6 +133,8 @@ class CoilTracker:
             return outcome
         try:
             self._store_or_spool(frames)
+            for listener in self.frame_listeners:
+                listener(frames)
         except SpoolFull as exc:
             self.refused_frames += len(frames)
             self._metrics.coil_refused_frames.inc(len(frames))
@@ -288,6 +294,8 @@ class CoilTracker:
         if summary.closed_unix_s is not None and summary.closed_unix_s >= wall:  # closed now, not before
             self.coils_closed += 1
         self._open.discard(coil_id)
+        for listener in self.close_listeners:
+            listener(summary)
         elapsed = time.perf_counter() - started
         self._metrics.coil_close_seconds.observe(elapsed)
         log.info("event=coil_closed coil=%r reason=%s frames=%d records=%d close_s=%.3f", coil_id, summary.close_reason,

@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 
 from coils.line import CameraGeometry, Line, Roll
+from coils.periodic import PeriodicDefect
 from coils.records import DefectRecord
 from coils.summary import CoilSummary
+from coils.verdict import CoilVerdict
 from protos.inspection.v1 import inspection_pb2 as pb
 
 #: ListCoils' page size when the request gives none, and the most one page holds.
@@ -65,6 +67,21 @@ def summary_from_message(message: pb.CoilSummary) -> CoilSummary:
         per_100m={c.class_id: c.per_100m for c in message.classes},
         largest=tuple(record_from_message(r) for r in message.largest),
     )
+
+
+def coil_message(summary: CoilSummary, records: list[DefectRecord], verdict: CoilVerdict) -> pb.Coil:
+    """``GetCoil``'s answer: summary, records, periodic defects and grade."""
+    return pb.Coil(summary=summary_message(summary), records=[record_message(r) for r in records],
+                   periodic=[pb.PeriodicDefect(**p.to_dict()) for p in verdict.periodic], grade=verdict.grade,
+                   grade_rule=verdict.grade_rule)
+
+
+def verdict_from_message(message: pb.Coil) -> CoilVerdict:
+    """A ``Coil`` answer's periodic defects and grade."""
+    periodic = tuple(PeriodicDefect(
+        p.class_id, p.across_start_mm, p.across_end_mm, p.period_mm, p.confidence, p.first_mm, p.last_mm, p.count,
+        p.roll, tuple(p.records)) for p in message.periodic)
+    return CoilVerdict(periodic, message.grade, message.grade_rule)
 
 
 def line_from_message(message: pb.Line) -> Line:

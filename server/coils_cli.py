@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export = sub.add_parser("export", parents=[common], help="a coil's defect records as CSV or JSON")
     export.add_argument("--format", choices=FORMATS, default="csv", help="file format (default: csv)")
     drawing = sub.add_parser("map", parents=[common], help="the coil map as a PNG or SVG file")
-    for action in (show, export, drawing):
+    grading = sub.add_parser("grade", parents=[common], help="grade a coil by another rule file (nothing stored)")
+    grading.add_argument("--grading", type=Path, required=True, help="the rule file (grades:), as server serve --grading")
+    for action in (show, export, drawing, grading):
         action.add_argument("coil_id", metavar="COIL", help="the coil id")
     export.add_argument("--out", type=Path, required=True, help="the file to write")
     drawing.add_argument("--out", type=Path, required=True, help="the file to write: .png or .svg")
@@ -133,13 +135,35 @@ def export_coil(summary: Any, records: list[Any], fmt: str, out: Path) -> Path:
     return atomic_write(out, content.encode(), make_parents=True)
 
 
-def get_coil(args: argparse.Namespace) -> tuple[Any, list[Any]]:
-    """The coil's ``CoilSummary`` and ``DefectRecord``s."""
+def get_coil(args: argparse.Namespace) -> tuple[Any, list[Any], Any]:
+    """The coil's ``CoilSummary``, ``DefectRecord``s and ``CoilVerdict`` (periodic defects, grade)."""
     from protos.inspection.v1 import inspection_pb2 as pb
-    from server.coil_wire import record_from_message, summary_from_message
+    from server.coil_wire import record_from_message, summary_from_message, verdict_from_message
 
     coil = _call(args, "GetCoil", pb.GetCoilRequest(coil_id=args.coil_id))
-    return summary_from_message(coil.summary), [record_from_message(r) for r in coil.records]
+    return (summary_from_message(coil.summary), [record_from_message(r) for r in coil.records],
+            verdict_from_message(coil))
+
+
+def regrade(args: argparse.Namespace, summary: Any, records: list[Any], verdict: Any) -> str:
+    """The coil graded by ``--grading`` here, against the server's line and the model's classes.
+
+    Read-only: the coil keeps the grade it got at close (the mill's rules); a customer's rules give
+    their grade on demand, from the records any reader may fetch, without a write to the database.
+    """
+    from coils.grading import load_grading
+    from protos.inspection.v1 import inspection_pb2 as pb
+    from server.coil_wire import line_from_message
+
+    line = line_from_message(_call(args, "GetLine", pb.GetLineRequest()))
+    info = _call(args, "GetModelInfo", pb.GetModelInfoRequest())
+    names = [c.name for c in sorted(info.classes, key=lambda c: c.class_id)]
+    grading = load_grading(args.grading, line, names)
+    if grading is None:
+        raise ValueError(f"--grading {args.grading}: the file has no grades:")
+    grade, rule = grading.grade(summary, records, verdict.periodic)
+    stored = f"{verdict.grade} ({verdict.grade_rule})" if verdict.grade else "none"
+    return f"coil {summary.coil_id}: grade {grade} by rule {rule!r} ({args.grading}); stored grade: {stored}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,9 +173,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.coils_command == "map" and args.out.suffix.lower() not in (".png", ".svg"):
         raise ValueError(f"--out {args.out}: a coil map is written as .png or .svg")
-    summary, records = get_coil(args)
-    if args.coils_command == "show":
+    summary, records, verdict = get_coil(args)
+    if args.coils_command == "grade":
+        print(regrade(args, summary, records, verdict))
+    elif args.coils_command == "show":
         print(format_coil(summary, records))
+        print(verdict.describe())
     elif args.coils_command == "export":
         path = export_coil(summary, records, args.format, args.out)
         print(f"{len(records)} records of coil {summary.coil_id} written to {path}", file=sys.stderr)
@@ -161,6 +188,6 @@ def run(args: argparse.Namespace) -> int:
         from server.coil_wire import line_from_message
 
         line = line_from_message(_call(args, "GetLine", pb.GetLineRequest()))
-        path = render_map(line, summary, records, args.out)
+        path = render_map(line, summary, records, args.out, periodic=verdict.periodic)
         print(f"coil map of {summary.coil_id} ({len(records)} records) written to {path}", file=sys.stderr)
     return 0

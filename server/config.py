@@ -210,6 +210,20 @@ class ServerConfig:
                                     "frames are answered UNAVAILABLE (the camera resends them)")
     coil_silence_s: float = _setting(DEFAULT_COIL_SILENCE_S, "an open coil with no frame for this many seconds "
                                      "is closed (EndCoil closes it at once)")
+    grading: Path | None = _setting(
+        None, "rule file: coil grades (grades:) and live alarms (alarms:), checked against the line and the "
+        "model's classes at start; needs --line", type=Path)
+    opcua_endpoint: str | None = _setting(
+        None, "OPC UA server for the line's PLC/SCADA (opc.tcp://0.0.0.0:4840); off by default; needs --line",
+        type=str)
+    opcua_users: Path | None = _setting(
+        None, "OPC UA users: a file of 'user:password' lines (anonymous access is off unless --opcua-anonymous)",
+        type=Path)
+    opcua_cert: Path | None = _setting(
+        None, "OPC UA server certificate (DER or PEM) with --opcua-key: the endpoint then offers only "
+        "Basic256Sha256 Sign&Encrypt (passwords and values encrypted); without: no message security", type=Path)
+    opcua_key: Path | None = _setting(None, "the private key (PEM) of --opcua-cert", type=Path)
+    opcua_anonymous: bool = _setting(False, "allow anonymous OPC UA clients", flag=False)
     capture: CaptureConfig | None = field(default=None, metadata={"flag": False})
     #: The line's geometry (``--line line.yaml``, :mod:`coils.line`); None: GetLine says there is none.
     line: Line | None = field(default=None, metadata={"flag": False})
@@ -233,6 +247,16 @@ class ServerConfig:
         check_drift_settings(self.drift_window, self.drift_min_frames, self.drift_psi_threshold,
                              self.drift_ks_threshold, self.drift_max_cameras)
         check_coil_settings(self.coil_db, self.coil_spool, self.coil_spool_mb, self.coil_silence_s, self.line)
+        if self.grading is not None and self.line is None:
+            raise ValueError("--grading needs --line (zones and bands are checked against the strip's width)")
+        if self.opcua_endpoint is not None and self.line is None:
+            raise ValueError("--opcua-endpoint needs --line (the address space has a node per camera)")
+        if self.opcua_endpoint is not None and not self.opcua_endpoint.startswith("opc.tcp://"):
+            raise ValueError(f"--opcua-endpoint must be an opc.tcp://HOST:PORT URL, got {self.opcua_endpoint!r}")
+        if (self.opcua_cert is None) != (self.opcua_key is None):
+            raise ValueError("OPC UA security needs both a certificate (--opcua-cert) and its key (--opcua-key)")
+        if self.opcua_endpoint is not None and self.opcua_users is None and not self.opcua_anonymous:
+            raise ValueError("--opcua-endpoint needs --opcua-users FILE (user:password lines) or --opcua-anonymous")
 
     def coil_tracking(self) -> CoilTrackingConfig | None:
         """The coil database and spool, resolved; None without ``--coil-db``."""
@@ -268,6 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help=f.metadata["help"] + shown)
     warmup = next(f for f in fields(ServerConfig) if f.name == "warmup")
     parser.add_argument("--no-warmup", action="store_true", help=f"skip this: {warmup.metadata['help']}")
+    parser.add_argument("--opcua-anonymous", action="store_true", help="allow anonymous OPC UA clients")
     parser.add_argument("--line", type=Path, default=None, metavar="FILE",
                         help="the line's geometry (line.yaml: cameras' lanes and pixel sizes, strip width, rolls); "
                         "checked before the port opens, returned by GetLine")
@@ -290,7 +315,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if values["metrics_port"] is not None and values["metrics_port"] < 0:
         values["metrics_port"] = None
     line = load_line(args.line) if args.line is not None else None
-    return ServerConfig(**values, warmup=not args.no_warmup, capture=capture_from_args(args), line=line)
+    if args.grading is not None:
+        from coils.grading import read_rules
+
+        read_rules(args.grading)  # unreadable, not YAML, unknown top key: refused before the port opens
+    return ServerConfig(**values, warmup=not args.no_warmup, capture=capture_from_args(args), line=line,
+                        opcua_anonymous=args.opcua_anonymous)
 
 
 def _band(text: str) -> tuple[float, float]:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from server.console_alarms import AlarmBanner
 from server.console_buffer import CameraBuffer, Shot, newer
 from server.console_coils import CoilPages
 from server.console_connections import ConnectionGuard
@@ -223,6 +224,7 @@ class Console:
             web.get(r"/frames/{seq:\d{1,18}}.jpg", self._frame_image),
             web.get(r"/thumbs/{seq:\d{1,18}}.jpg", self._thumb_image),
             *self.coil_pages.routes(),
+            *AlarmBanner(self.server).routes(),
         ])
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=cfg.idle_timeout_s)
         await self._runner.setup()

@@ -295,7 +295,12 @@ class CoilPages:
 
         def read() -> tuple[CoilSummary, list[DefectRecord], str]:
             summary, records = store.get_coil(coil_id)
-            return summary, records, map_svg(line, summary, records, class_names=names)
+            from coils.alarm_store import AlarmStore
+
+            periodic = store.store.verdict(summary, records).periodic
+            alarms = AlarmStore(store.store).for_coil(coil_id)
+            return summary, records, map_svg(line, summary, records, class_names=names, periodic=periodic,
+                                             alarms=alarms)
 
         return await self._shared(("coil", coil_id), read)
 

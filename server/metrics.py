@@ -111,6 +111,13 @@ class ServerMetrics:
             "inspection_coil_close_seconds", "Closing a coil: merging its records and storing them and its summary",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.alarms_raised = Counter(
+            "inspection_alarms_raised", "Alarms raised, per alarm rule (server serve --grading FILE, alarms:)",
+            ["rule"], registry=r,
+        )
+        self.alarms_unacknowledged = Gauge(
+            "inspection_alarms_unacknowledged", "Alarms raised and not yet acknowledged (console, OPC UA)", registry=r,
+        )
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Starts the ``/metrics`` HTTP endpoint (port 0 picks a free port) and returns its port."""

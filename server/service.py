@@ -55,8 +55,10 @@ from server.wire import (
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from coils.grading import Grading
     from server.batcher import FinishedBatch
     from server.coil_tracker import CoilTracker
+    from server.line_actions import LineActions
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -105,6 +107,10 @@ class InspectionServer:
         self.line_info: pb.Line | None = line_message(self.config.line) if self.config.line else None
         #: Coil tracking (``--coil-db``), opened by :meth:`start`; None without it.
         self.coils: CoilTracker | None = None
+        #: The coil grades of ``--grading`` (set once the model's classes are known); None without.
+        self.grading: Grading | None = None
+        #: Grades, alarms and OPC UA (``--grading``, ``--opcua-endpoint``), started with the model.
+        self.line_actions: LineActions | None = None
         self._loading: asyncio.Task[None] | None = None
         self._ready = False
         self._stopping = False
@@ -232,6 +238,15 @@ class InspectionServer:
                     f"frames (height x width), the model takes {height}x{width}: coil tracking places the model's "
                     "masks with the camera's geometry, so the two must agree")
 
+    async def _start_line_actions(self, backend: Backend) -> None:
+        from server.line_actions import LineActions
+
+        self.line_actions = await LineActions.start(self, list(backend.metadata.class_names))
+
+    def is_serving(self) -> bool:
+        """True while the model is loaded and the server is not shutting down."""
+        return self._ready and not self._stopping
+
     def _tls_credentials(self) -> grpc.ServerCredentials:
         cfg = self.config
         files = {}
@@ -261,6 +276,7 @@ class InspectionServer:
             self.backend = await loop.run_in_executor(self._inference_thread, factory)  # type: ignore[arg-type]
         backend = self.backend
         self._check_line_frames(backend)
+        await self._start_line_actions(backend)
         self.feedback = LineFeedback(
             backend.metadata, drift_window=cfg.drift_window, drift_min_frames=cfg.drift_min_frames,
             psi_threshold=cfg.drift_psi_threshold, ks_threshold=cfg.drift_ks_threshold,
@@ -343,6 +359,8 @@ class InspectionServer:
             await asyncio.gather(self._loading, return_exceptions=True)
         if self._batcher is not None:
             await self._batcher.close()
+        if self.line_actions is not None:
+            await self.line_actions.stop()
         loop = asyncio.get_running_loop()
         if self.feedback is not None:
             # After the drain: the last batches' statistics are in and every chosen frame is on disk.

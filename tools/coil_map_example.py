@@ -2,7 +2,8 @@
 
 No model and no server: the coil's true masks (``masks.csv``) go through the record builder as a
 perfect model's answers would, so the picture shows every planted kind: plain defects, ones over a
-frame boundary or two lanes, a long scratch, and the roll mark repeating along the strip's edge.
+frame boundary or two lanes, a long scratch, and the roll mark repeating along the strip's edge (its
+repeats linked and its period written: :mod:`coils.periodic`).
 ``server coils map COIL --out map.png`` draws a served coil's map the same way.
 
     .venv/bin/python tools/coil_map_example.py --out docs/coil-map.png
@@ -20,6 +21,7 @@ import numpy as np
 from coils.coilmap import render_map
 from coils.line import load_line
 from coils.line_folder import LINE_FILE, TRUTH_JSON, read_frames, read_masks
+from coils.periodic import find_periodic
 from coils.records import RecordBuilder
 from coils.summary import CoilFacts, summarise
 from engine import rle
@@ -49,7 +51,7 @@ def main() -> int:
     start = 1_780_000_000.0  # a fixed time: the picture does not change from run to run
     facts = CoilFacts(coil["coil_id"], "closed", start, start + 60, start + 61, "end", coil["length_mm"],
                       builder.frames_added, 0)
-    written = render_map(line, summarise(facts, records), records, args.out)
+    written = render_map(line, summarise(facts, records), records, args.out, periodic=find_periodic(line, records))
     print(f"{written}: {len(records)} defect records of coil {coil['coil_id']}")
     return 0
 

@@ -8,4 +8,4 @@ a newer server opens an older database. A new revision is a new file in ``versio
 from __future__ import annotations
 
 #: The newest revision: what this code reads and writes.
-HEAD = "0002"
+HEAD = "0003"

@@ -148,20 +148,25 @@ def test_stream_with_coil_tracking_on_against_off(tiny_onnx: Path, tmp_path: Pat
     synthesize_line(tmp_path / "line", LineSpec(cameras=3, frames=4, height=64, width=320, overlap_px=32))
     line = tmp_path / "line" / "line.yaml"
     out, database = tmp_path / "stream.json", tmp_path / "coils.db"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("grades: [{name: A}]\nalarms: [{name: roll-mark, kind: periodic}]\n")
     rc = cli.main(["stream", "--model", str(tiny_onnx), "--streams", "1,3", "--frames", "6", "--in-process",
                    "--raw-repeats", "1", "--max-batch", "4", "--json", str(out), "--coil-db", f"sqlite:///{database}",
-                   "--line", str(line)])
+                   "--line", str(line), "--line-actions", str(rules)])
     assert rc == 0
     report = read_report(out)
-    assert [(s["coils"], s["streams"]) for s in report["settings"]] == [("off", 1), ("off", 3), ("on", 1), ("on", 3)]
+    assert [(s["coils"], s["streams"]) for s in report["settings"]] == [
+        ("off", 1), ("off", 3), ("on", 1), ("on", 3), ("on+actions", 1), ("on+actions", 3)]
     for s in report["settings"]:
         check_setting(s, 6, max_batch=4)
-    assert any(note.startswith("coil tracking: frames/s with it on over off") for note in report["notes"])
+    assert any(note.startswith("coil tracking: frames/s with it on over off") and
+               "line actions (grades, alarms, OPC UA publishing): frames/s with them on" in note
+               for note in report["notes"])
     store = CoilStore.open(f"sqlite:///{database}", load_line(line))
     try:
         coils = store.list_coils(10)
     finally:
         store.close()
-    assert sorted(c.frames for c in coils) == [2, 6, 6] and {c.state for c in coils} == {"closed"}  # warm-up too
+    assert sorted(c.frames for c in coils) == [2, 2, 6, 6, 6, 6] and {c.state for c in coils} == {"closed"}  # warm-ups
     assert cli.main(["stream", "--streams", "4", "--coil-db", f"sqlite:///{database}", "--line", str(line)]) == 2
     assert "has 3 cameras, --streams asks for 4" in capsys.readouterr().err

@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from coils.coilmap import MIN_MARK_PX, map_svg, render_map
+from coils.coilmap import MIN_MARK_PX, map_scale, map_svg, render_map
 from coils.line import Line
+from coils.periodic import PeriodicDefect
 from coils.records import DefectRecord, RecordBuilder
 from coils.summary import CoilFacts, CoilSummary, summarise
 from engine.overlay import class_colour
@@ -227,3 +228,38 @@ def test_the_frame_url_carries_the_coil_id_quoted(coil) -> None:
     assert {m.get("data-frame-url") for m in by_class(root, "defect")} == {
         f"/coils/C%201%2F2/records/{i}" for i in range(len(records))}
     assert by_class(root, "title")[0].text.startswith("coil C 1/2: closed")
+
+
+def test_a_periodic_defect_is_drawn_linked_with_its_period_written() -> None:
+    line = planted_line()
+    records = [DefectRecord("P", 1, a, a + 3, 10.0, 13.0, 9.0, None, (), ()) for a in (7.0, 107.0, 207.0, 307.0)]
+    summary = summarise(CoilFacts("P", "closed", 0.0, 1.0, 2.0, "end", 400.0, 20, 0), records)
+    periodic = [PeriodicDefect(1, 10.0, 13.0, 100.0, 0.999, 8.5, 308.5, 4, "work-roll", (0, 1, 2, 3))]
+    svg = map_svg(line, summary, records, periodic=periodic)
+    root = ET.fromstring(svg)
+    links = [e for e in root.iter(f"{SVG}line") if e.get("class") == "periodic"]
+    scale = map_scale(line, summary, records)
+    assert [(float(e.get("x1")), float(e.get("x2"))) for e in links] == [
+        (pytest.approx(scale.x(a + 1.5), abs=1e-3), pytest.approx(scale.x(a + 101.5), abs=1e-3)) for a in (7, 107, 207)]
+    assert {e.get("data-roll") for e in links} == {"work-roll"}
+    labels = [e.text for e in root.iter(f"{SVG}text") if e.get("class") == "periodic-label"]
+    assert labels == ["repeats every 100 mm = work-roll (4x)"]
+    assert "periodic" not in map_svg(line, summary, records)
+
+
+def test_a_coils_alarms_are_marked_across_the_strip_at_their_position() -> None:
+    from coils.alarms import Alarm
+
+    line = planted_line()
+    records = [DefectRecord("P", 1, 100.0, 103.0, 10.0, 13.0, 9.0, None, (), ())]
+    summary = summarise(CoilFacts("P", "open", 0.0, 1.0, None, "", 400.0, 20, 0), records)
+    alarms = [Alarm(7, "roll-mark", "periodic", 800, "P", "cam0", 250.0, "m", 1.0),
+              Alarm(8, "down", "not_serving", 900, "", "", None, "m", 2.0)]
+    root = ET.fromstring(map_svg(line, summary, records, alarms=alarms))
+    [mark] = [e for e in root.iter(f"{SVG}line") if e.get("class") == "alarm"]
+    scale = map_scale(line, summary, records)
+    assert float(mark.get("x1")) == pytest.approx(scale.x(250.0), abs=1e-3) == float(mark.get("x2"))
+    assert (float(mark.get("y1")), float(mark.get("y2"))) == (pytest.approx(scale.y(0.0), abs=1e-3),
+                                                             pytest.approx(scale.y(STRIP_MM), abs=1e-3))
+    assert (mark.get("data-alarm-id"), mark.get("data-rule"), mark.get("data-acknowledged")) == ("7", "roll-mark",
+                                                                                                 "false")

@@ -52,9 +52,8 @@ def _stream(address: str, folder: Path):
     return run, shots
 
 
-def _get_coil(address: str, coil_id: str):
+def _get_coil_message(address: str, coil_id: str):
     from protos.inspection.v1 import inspection_pb2 as pb
-    from server.coil_wire import record_from_message, summary_from_message
 
     async def get():
         async with grpc.aio.insecure_channel(address) as channel:
@@ -62,7 +61,13 @@ def _get_coil(address: str, coil_id: str):
 
             return await pb_grpc.InspectionServiceStub(channel).GetCoil(pb.GetCoilRequest(coil_id=coil_id))
 
-    coil = asyncio.run(get())
+    return asyncio.run(get())
+
+
+def _get_coil(address: str, coil_id: str):
+    from server.coil_wire import record_from_message, summary_from_message
+
+    coil = _get_coil_message(address, coil_id)
     return summary_from_message(coil.summary), [record_from_message(r) for r in coil.records]
 
 
@@ -96,6 +101,7 @@ def test_a_streamed_coil_is_one_record_per_planted_defect(coil_model, coil_folde
 
     from coils.line_folder import read_truth
     from server.cli import main
+    from server.coil_wire import verdict_from_message
 
     line = _line(coil_folder)
     truth = read_truth(coil_folder)
@@ -106,6 +112,7 @@ def test_a_streamed_coil_is_one_record_per_planted_defect(coil_model, coil_folde
         (coil_id,) = {t.coil_id for t in truth}
         assert not run.coils.failed and set(run.coils.summaries) == {coil_id}
         summary, records = _get_coil(server.address, coil_id)
+        verdict = verdict_from_message(_get_coil_message(server.address, coil_id))
         status = server.line_status()
         counted = metric_samples(generate_latest(server.metrics.registry).decode())
         cli = {action: main(["coils", action, "--target", server.address, *extra]) for action, extra in (
@@ -131,6 +138,17 @@ def test_a_streamed_coil_is_one_record_per_planted_defect(coil_model, coil_folde
     data = json.loads((tmp_path / "records.json").read_text())
     assert len(data["records"]) == len(records) and data["summary"]["coil_id"] == coil_id
     assert (tmp_path / "map.svg").read_text().lstrip().startswith(("<svg", "<?xml"))
+    _assert_roll_mark_found(line, truth, records, verdict)
+    assert 'class="periodic"' in (tmp_path / "map.svg").read_text() and "periodic: class 1 every" in out
+
+
+def _assert_roll_mark_found(line, truth, records, verdict) -> None:
+    """GetCoil's periodic defect is the planted roll mark: its records, its roll, its period within 1 %."""
+    [mark] = verdict.periodic
+    roll = line.rolls[0]
+    assert mark.roll == roll.name and abs(mark.period_mm - roll.circumference_mm) < 0.01 * roll.circumference_mm
+    planted = sorted(t.along_start_mm for t in truth if t.kind == "roll_mark")
+    assert sorted(records[i].along_start_mm for i in mark.records) == pytest.approx(planted, abs=1.0)
 
 
 def _requests(folder: Path, frames: list[tuple[str, int]] | None = None):

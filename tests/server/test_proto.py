@@ -112,7 +112,11 @@ def test_contract_names_and_field_numbers() -> None:
         "coil_id": 1, "state": 2, "opened_unix_s": 3, "last_frame_unix_s": 4, "closed_unix_s": 5,
         "close_reason": 6, "length_mm": 7, "frames": 8, "late_frames": 9, "classes": 10, "largest": 11,
     }
-    assert numbers(pb.Coil) == {"summary": 1, "records": 2}
+    assert numbers(pb.Coil) == {"summary": 1, "records": 2, "periodic": 3, "grade": 4, "grade_rule": 5}
+    assert numbers(pb.PeriodicDefect) == {
+        "class_id": 1, "across_start_mm": 2, "across_end_mm": 3, "period_mm": 4, "confidence": 5, "first_mm": 6,
+        "last_mm": 7, "count": 8, "roll": 9, "records": 10,
+    }
     assert numbers(pb.Line) == {"name": 1, "strip_width_mm": 2, "cameras": 3, "rolls": 4}
     assert numbers(pb.CameraGeometry) == {
         "camera_id": 1, "lane_start_mm": 2, "mm_per_px_across": 3, "mm_per_px_along": 4, "along_axis": 5,

@@ -391,9 +391,39 @@ class CoilSummary(_message.Message):
     def __init__(self, coil_id: _Optional[str] = ..., state: _Optional[str] = ..., opened_unix_s: _Optional[float] = ..., last_frame_unix_s: _Optional[float] = ..., closed_unix_s: _Optional[float] = ..., close_reason: _Optional[str] = ..., length_mm: _Optional[float] = ..., frames: _Optional[int] = ..., late_frames: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[ClassDefects, _Mapping]]] = ..., largest: _Optional[_Iterable[_Union[DefectRecord, _Mapping]]] = ...) -> None: ...
 
 class Coil(_message.Message):
-    __slots__ = ("summary", "records")
+    __slots__ = ("summary", "records", "periodic", "grade", "grade_rule")
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    PERIODIC_FIELD_NUMBER: _ClassVar[int]
+    GRADE_FIELD_NUMBER: _ClassVar[int]
+    GRADE_RULE_FIELD_NUMBER: _ClassVar[int]
     summary: CoilSummary
     records: _containers.RepeatedCompositeFieldContainer[DefectRecord]
-    def __init__(self, summary: _Optional[_Union[CoilSummary, _Mapping]] = ..., records: _Optional[_Iterable[_Union[DefectRecord, _Mapping]]] = ...) -> None: ...
+    periodic: _containers.RepeatedCompositeFieldContainer[PeriodicDefect]
+    grade: str
+    grade_rule: str
+    def __init__(self, summary: _Optional[_Union[CoilSummary, _Mapping]] = ..., records: _Optional[_Iterable[_Union[DefectRecord, _Mapping]]] = ..., periodic: _Optional[_Iterable[_Union[PeriodicDefect, _Mapping]]] = ..., grade: _Optional[str] = ..., grade_rule: _Optional[str] = ...) -> None: ...
+
+class PeriodicDefect(_message.Message):
+    __slots__ = ("class_id", "across_start_mm", "across_end_mm", "period_mm", "confidence", "first_mm", "last_mm", "count", "roll", "records")
+    CLASS_ID_FIELD_NUMBER: _ClassVar[int]
+    ACROSS_START_MM_FIELD_NUMBER: _ClassVar[int]
+    ACROSS_END_MM_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_MM_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_MM_FIELD_NUMBER: _ClassVar[int]
+    LAST_MM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    ROLL_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    class_id: int
+    across_start_mm: float
+    across_end_mm: float
+    period_mm: float
+    confidence: float
+    first_mm: float
+    last_mm: float
+    count: int
+    roll: str
+    records: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, class_id: _Optional[int] = ..., across_start_mm: _Optional[float] = ..., across_end_mm: _Optional[float] = ..., period_mm: _Optional[float] = ..., confidence: _Optional[float] = ..., first_mm: _Optional[float] = ..., last_mm: _Optional[float] = ..., count: _Optional[int] = ..., roll: _Optional[str] = ..., records: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -1,0 +1,89 @@
+"""The line monitor: an open coil's frames (as the coil tracker hands them over) raise the roll-mark
+alarm once, the snapshot carries the coil so far and its grade; server rules raise on a change of
+state; the alarm book counts, keeps and acknowledges."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+
+from prometheus_client import generate_latest
+
+from coils.alarms import parse_alarms
+from coils.line import Roll
+from server.line_monitor import AlarmBook, LineMonitor
+from server.metrics import ServerMetrics
+from tests.coils.test_records import two_cameras
+from tests.coils.test_verdict import PERIOD, roll_mark_frames
+
+RULES = [{"name": "roll-mark", "kind": "periodic", "class": 1, "severity": 800},
+         {"name": "drift", "kind": "drift", "severity": 300},
+         {"name": "down", "kind": "not_serving", "after_s": 0}]
+NAMES = ("pit", "inclusion", "scratch", "patch")
+
+
+def grade(summary, records, periodic) -> tuple[str, str]:
+    return ("B", "B: not A: periodic") if periodic else ("A", "A: every condition holds")
+
+
+def test_a_roll_mark_raises_one_alarm_and_the_snapshot_follows_the_coil() -> None:
+    line = dataclasses.replace(two_cameras(), rolls=(Roll("work-roll", PERIOD / math.pi),))
+    metrics = ServerMetrics()
+    book = AlarmBook(metrics)
+    heard = []
+    book.listeners.append(heard.append)
+    monitor = LineMonitor(line, parse_alarms(RULES, NAMES), book, grade, budget=0)
+    frames = roll_mark_frames(line)
+    monitor.on_frames(frames[:8])  # camera 0's first 160 mm: two turns, no repeat yet
+    monitor.evaluate()
+    [coil] = monitor.snapshot().open_coils
+    assert (coil.coil_id, coil.frames, coil.length_mm, coil.grade, coil.periodic) == ("R1", 8, 160.0, "A", ())
+    monitor.on_frames(frames[8:])
+    monitor.evaluate()
+    monitor.on_frames(frames[:4])  # a resend: nothing new
+    monitor.evaluate()
+    [coil] = monitor.snapshot().open_coils
+    assert coil.frames == len(frames) and coil.grade == "B" and [p.roll for p in coil.periodic] == ["work-roll"]
+    assert coil.length_mm == 1200.0 and coil.defects_per_class[1] == 12
+    [alarm] = book.recent()
+    assert alarm.rule == "roll-mark" and alarm.coil_id == "R1" and alarm.alarm_id < 0 and heard == [alarm]
+    assert "repeats every 100 mm (roll work-roll), 12x" in alarm.message
+    text = generate_latest(metrics.registry).decode()
+    assert 'inspection_alarms_raised_total{rule="roll-mark"} 1.0' in text
+    assert "inspection_alarms_unacknowledged 1.0" in text
+    acked = book.acknowledge(alarm.alarm_id, "console")
+    assert acked.acknowledged and book.active() == [] and heard[-1] == acked
+    assert "inspection_alarms_unacknowledged 0.0" in generate_latest(metrics.registry).decode()
+
+
+def test_a_coil_of_random_defects_only_raises_no_periodic_alarm() -> None:
+    line = dataclasses.replace(two_cameras(), rolls=(Roll("work-roll", PERIOD / math.pi),))
+    book = AlarmBook(None)
+    monitor = LineMonitor(line, parse_alarms(RULES, NAMES), book, grade, budget=0)
+    frames = roll_mark_frames(line, marks=False, random=200)  # about 3 random pits per frame pair
+    for start in range(0, len(frames), 10):
+        monitor.on_frames(frames[start:start + 10])
+        monitor.evaluate()
+    [coil] = monitor.snapshot().open_coils
+    assert coil.frames == len(frames) and sum(coil.defects_per_class.values()) > 100
+    assert (coil.periodic, coil.grade, book.recent()) == ((), "A", [])
+
+
+def test_server_rules_raise_when_their_state_starts_and_rearm_when_it_ends() -> None:
+    book = AlarmBook(None)
+    monitor = LineMonitor(two_cameras(), parse_alarms(RULES, NAMES), book, interval_s=0.01)
+    state = {"serving": True, "drift": {}}
+
+    async def run() -> None:
+        watch = asyncio.ensure_future(monitor.watch_server(lambda: state["serving"], lambda: state["drift"]))
+        for serving, drift in ((True, {"cam0": ["mean"]}), (True, {"cam0": ["mean"]}), (False, {}), (True, {}),
+                               (True, {"cam0": ["std"]})):
+            state.update(serving=serving, drift=drift)
+            await asyncio.sleep(0.05)
+        watch.cancel()
+
+    asyncio.run(run())
+    assert [(a.rule, a.camera_id) for a in reversed(book.recent())] == [("drift", "cam0"), ("down", ""),
+                                                                         ("drift", "cam0")]
+    assert "camera cam0's images drifted (std over threshold)" in book.recent()[0].message
