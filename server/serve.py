@@ -27,8 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from server.console import add_arguments as add_console_arguments
 
     add_console_arguments(parser)  # --console-port, a group of its own (listed after the server's options)
-    parser.add_argument("--model", type=Path, required=True,
-                        help="model file: .onnx, .xml (OpenVINO IR), .engine/.plan or .pt")
+    models = parser.add_mutually_exclusive_group(required=True)
+    models.add_argument("--model", type=Path,
+                        help="model file: .onnx, .xml (OpenVINO IR), .engine/.plan or .pt (a repository of one)")
+    models.add_argument("--model-repo", type=Path, metavar="DIR",
+                        help="model repository: DIR/<version>/model.{onnx,xml,engine,pt}; serves its production "
+                        "version (DIR/roles.json, else the newest) and can hot-swap others (docs/models.md)")
+    parser.add_argument("--allow-class-change", action="store_true",
+                        help="a version whose classes differ from production's may be promoted")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                         help="runtime for the model (default auto: for .onnx on a CPU OpenVINO bf16 where the CPU "
@@ -46,25 +52,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 config_from_args = config.config_from_args
 
 
-async def serve(args: argparse.Namespace) -> int:
+def model_server(args: argparse.Namespace):
+    """The InspectionServer and its ModelManager that ``args`` ask for (nothing is loaded yet).
+
+    Raises:
+        FileNotFoundError: no such model file.
+        ValueError: an unknown model suffix, a bad setting, a bad repository (RepositoryError).
+    """
     from engine.backends import backend_class, choose_backend, load_backend
+    from server.model_repo import ModelRepository
+    from server.models import ModelManager, production_loader
     from server.service import InspectionServer
 
-    backend_class(args.model)  # an unknown suffix fails now, before a port opens
-    if not args.model.is_file():
-        raise FileNotFoundError(f"--model {args.model}: no such model file")
-    chosen, why = choose_backend(args.model, args.device, args.backend, args.precision)
+    if args.model is not None:
+        backend_class(args.model)  # an unknown suffix fails now, before a port opens
+        if not args.model.is_file():
+            raise FileNotFoundError(f"--model {args.model}: no such model file")
+        repository = ModelRepository.of_file(args.model)
+    else:
+        repository = ModelRepository.open(args.model_repo)
+    first = repository.model_file(repository.roles.production)
+    backend_class(first)
+    chosen, why = choose_backend(first, args.device, args.backend, args.precision)
     options = {}
     if args.threads is not None:
         if chosen not in ("onnxruntime", "openvino"):
-            raise ValueError(f"--threads applies to ONNX Runtime and OpenVINO models (.onnx, .xml), not {args.model.suffix}")
+            raise ValueError(f"--threads applies to ONNX Runtime and OpenVINO models (.onnx, .xml), not {first.suffix}")
         options["threads"] = args.threads
     config = config_from_args(args)
     log.info("event=backend_choice backend=%s reason=%r", chosen, why)
-    server = InspectionServer(
-        lambda: load_backend(args.model, device=args.device, backend=args.backend, precision=args.precision, **options),
-        config,
-    )
+
+    def load(path: Path):
+        return load_backend(path, device=args.device, backend=args.backend, precision=args.precision, **options)
+
+    label = None if repository.is_single_file else repository.roles.production
+    server = InspectionServer(production_loader(repository, load), config, model_version=label)
+    return server, ModelManager(server, repository, load, allow_class_change=args.allow_class_change)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    server, manager = model_server(args)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -82,12 +109,14 @@ async def serve(args: argparse.Namespace) -> int:
         if console is not None:
             await console.stop()
         await server.stop(grace=0)
+        await manager.close()
         raise ready.exception()  # type: ignore[misc]
     await stop_wait
     log.info("event=signal action=drain")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     await server.stop(grace=args.grace)
+    await manager.close()
     if console is not None:
         await console.stop()
     ready.cancel()

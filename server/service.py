@@ -69,6 +69,8 @@ class InspectionServer:
             the inference thread after the port is open, while health says NOT_SERVING; a backend
             made this way is closed by :meth:`stop`).
         config: listening, batching and limits.
+        model_version: names the model in answers and ``GetModelInfo`` (a model repository's
+            version); None: the model's own metadata version.
 
     Example::
 
@@ -78,8 +80,10 @@ class InspectionServer:
         await server.stop(grace=30)
     """
 
-    def __init__(self, backend: Backend | Callable[[], Backend], config: ServerConfig | None = None) -> None:
+    def __init__(self, backend: Backend | Callable[[], Backend], config: ServerConfig | None = None,
+                 model_version: str | None = None) -> None:
         self.config = config or ServerConfig()
+        self.model_label = model_version
         self._backend_source = backend
         self.backend: Backend | None = backend if isinstance(backend, Backend) else None
         self.metrics = ServerMetrics()
@@ -122,6 +126,11 @@ class InspectionServer:
     def inflight(self) -> int:
         """Frames read and not yet answered (what :class:`Admission` holds)."""
         return self.admission.inflight
+
+    @property
+    def batcher(self) -> DynamicBatcher | None:
+        """The dynamic batcher, once the model is loaded (server.models swaps its backend)."""
+        return self._batcher
 
     @property
     def open_streams(self) -> int:
@@ -226,12 +235,12 @@ class InspectionServer:
         )
         self._batcher = DynamicBatcher(
             backend, cfg.max_batch, cfg.max_delay_ms / 1000.0, self._workers, self.metrics, self._inference_thread,
-            on_batch=self._batch_finished,
+            on_batch=self._batch_finished, model_version=self.model_label or backend.metadata.model_version,
         )
         if cfg.warmup:
             sizes = tuple(sorted({1, self._batcher.max_batch}))
             await self._batcher.run_on_backend_thread(backend.warmup, sizes)
-        self.info = model_info(backend, self._batcher.max_batch)
+        self.info = model_info(backend, self._batcher.max_batch, self._batcher.model_version)
         self._batcher.start()
         self._ready = True
         if not self._stopping:
@@ -384,11 +393,11 @@ class InspectionServer:
             log.exception("event=frame_error camera=%r frame=%d", clip(request.camera_id), request.frame_id)
             return self._error(request, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", received)
         total_s = self._observe_total(received)
-        return frame_response(request, result, self._model_version, decode_s, total_s)
+        return frame_response(request, result, result.model_version, decode_s, total_s)
 
     @property
     def _model_version(self) -> str:
-        return self.info.model_version if self.info else ""
+        return self._batcher.model_version if self._batcher else ""
 
     def _observe_total(self, received: float) -> float:
         total_s = time.perf_counter() - received

@@ -1,0 +1,241 @@
+"""Hot swap of the served model: load, promote and roll back versions of a :class:`ModelRepository`
+while the line keeps streaming.
+
+Loading a version (:meth:`ModelManager.load`) reads it through the backend factory on a thread of
+its own (the inference thread keeps running production), warms it up at every batch size the
+batcher forms, and checks it fits the line: the same frame size and classes as production (unless
+``allow_class_change``) and room for the batcher's largest batch. Only then can it be switched in.
+
+The switch (:meth:`ModelManager.promote`, :meth:`ModelManager.rollback`) happens between batches:
+the batcher takes its backend once per batch (:meth:`server.batcher.DynamicBatcher.swap`), so a
+batch runs entirely on one model, batches already started finish on the old one, and the old one is
+closed on the inference thread after them. Each answer names the version that produced it, so on
+one stream the version changes once per swap and never goes back between swaps. A load that fails
+(a corrupt file, an incompatible model, out of memory) changes nothing: production keeps serving,
+health stays SERVING, and the failure is raised with its reason and written to the audit log.
+
+Every change is recorded in the repository's audit log before the call that asked for it returns;
+the roles file is replaced before the switch, so a restarted server serves what was promoted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.backends.base import Backend
+from server.model_repo import AuditEntry, ModelRepository, RepositoryError, Roles
+from server.wire import model_info
+
+if TYPE_CHECKING:
+    from server.service import InspectionServer
+
+log = logging.getLogger(__name__)
+
+
+class ModelChangeRefused(RuntimeError):
+    """A load, promote, rollback or unload that was not done; production serves as before. Says why."""
+
+
+@dataclass
+class LoadedModel:
+    """A version in memory: its backend, ready to serve (loaded, warmed up, checked)."""
+
+    version: str
+    backend: Backend
+    sha256: str
+
+
+def compatibility_problem(candidate: Backend, production: Backend, max_batch: int,
+                          allow_class_change: bool = False) -> str | None:
+    """Why ``candidate`` cannot replace ``production`` on this line, or None when it can."""
+    new, old = candidate.metadata, production.metadata
+    if new.input_size != old.input_size:
+        return (f"frame size {new.input_width}x{new.input_height} differs from production's "
+                f"{old.input_width}x{old.input_height}")
+    if not allow_class_change and (list(new.class_ids), list(new.class_names)) != (list(old.class_ids),
+                                                                                     list(old.class_names)):
+        return (f"classes {list(new.class_names)} differ from production's {list(old.class_names)} "
+                "(start the server with --allow-class-change to allow it)")
+    limit = candidate.max_batch_size
+    if limit is not None and limit < max_batch:
+        return f"takes at most {limit} frames per batch; the server forms batches of up to {max_batch}"
+    return None
+
+
+class ModelManager:
+    """Loads, switches and unloads versions of ``repository`` in a running ``server``.
+
+    Args:
+        server: the inspection server; it loads production itself (:func:`production_loader`).
+        repository: the versions and their roles.
+        load_backend: makes a backend from a model file (the server's backend factory).
+        allow_class_change: a version with other classes than production's may be promoted.
+    """
+
+    def __init__(self, server: InspectionServer, repository: ModelRepository,
+                 load_backend: Callable[[Path], Backend], allow_class_change: bool = False) -> None:
+        self.server = server
+        self.repository = repository
+        self.allow_class_change = allow_class_change
+        self._load_backend = load_backend
+        self.candidate: LoadedModel | None = None
+        self._lock = asyncio.Lock()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+
+    @property
+    def production_version(self) -> str:
+        return self.repository.roles.production
+
+    # ------------------------------------------------------------------ the operations
+
+    async def load(self, version: str, who: str) -> LoadedModel:
+        """Loads ``version`` as the candidate (an earlier candidate is unloaded).
+
+        Raises:
+            ModelChangeRefused: no such version, it is production, or loading or the checks failed.
+        """
+        async with self._lock:
+            return await self._audited("load", version, who, self._load_candidate(version))
+
+    async def unload(self, version: str, who: str) -> None:
+        """Unloads the candidate ``version`` (production cannot be unloaded, only replaced)."""
+        async with self._lock:
+            await self._audited("unload", version, who, self._unload_candidate(version))
+
+    async def promote(self, version: str | None, who: str) -> str:
+        """Makes ``version`` (default: the candidate) production by a hot swap; returns it."""
+        async with self._lock:
+            target = version or (self.candidate.version if self.candidate else "")
+            return await self._audited("promote", target, who, self._promote(target, rollback=False))
+
+    async def rollback(self, who: str) -> str:
+        """Makes the previous production version production again by a hot swap; returns it."""
+        async with self._lock:
+            history = self.repository.roles.history
+            target = history[-1] if history else ""
+            return await self._audited("rollback", target, who, self._promote(target, rollback=True))
+
+    async def close(self) -> None:
+        """Unloads the candidate and stops the loading thread (after the server has stopped)."""
+        if self.candidate is not None:
+            self.candidate.backend.close()
+            self.candidate = None
+        await asyncio.get_running_loop().run_in_executor(None, self._loader.shutdown, True)
+
+    # ------------------------------------------------------------------ steps
+
+    async def _audited(self, action: str, version: str, who: str, step):
+        """Runs ``step`` (a coroutine) and writes its outcome to the audit log either way."""
+        try:
+            result = await step
+        except ModelChangeRefused as exc:
+            outcome = "failed" if isinstance(exc.__cause__, Exception) else "refused"
+            self._record(action, version, who, outcome, str(exc))
+            log.warning("event=model_%s version=%s who=%r outcome=%s why=%r", action, version, who, outcome, str(exc))
+            raise
+        self._record(action, version, who, "ok")
+        log.info("event=model_%s version=%s who=%r outcome=ok production=%s", action, version, who,
+                 self.production_version)
+        return result
+
+    def _record(self, action: str, version: str, who: str, outcome: str, why: str = "") -> None:
+        sha = self.repository.sha256(version) if version else ""
+        self.repository.record(AuditEntry.now(action, version, sha, who, outcome, why))
+
+    async def _load_candidate(self, version: str) -> LoadedModel:
+        if version == self.production_version:
+            raise ModelChangeRefused(f"version {version!r} is production already")
+        if self.candidate is not None and self.candidate.version == version:
+            return self.candidate
+        loaded = await self._load_checked(version)
+        await self._drop_candidate()
+        self.candidate = loaded
+        roles = self.repository.roles
+        self.repository.set_roles(Roles(roles.production, version, roles.history))
+        return loaded
+
+    async def _unload_candidate(self, version: str) -> None:
+        if self.candidate is None or self.candidate.version != version:
+            loaded = self.candidate.version if self.candidate else "none"
+            raise ModelChangeRefused(f"version {version!r} is not the loaded candidate (the candidate is {loaded}); "
+                                     "production is replaced by promote or rollback, never unloaded")
+        await self._drop_candidate()
+        roles = self.repository.roles
+        self.repository.set_roles(Roles(roles.production, None, roles.history))
+
+    async def _drop_candidate(self) -> None:
+        if self.candidate is not None:
+            backend, self.candidate = self.candidate.backend, None
+            await asyncio.get_running_loop().run_in_executor(self._loader, backend.close)
+
+    async def _promote(self, version: str, rollback: bool) -> str:
+        if not version:
+            raise ModelChangeRefused("no previous production version to roll back to" if rollback
+                                     else "no version named and no candidate loaded")
+        if version == self.production_version:
+            raise ModelChangeRefused(f"version {version!r} is production already")
+        if self.candidate is not None and self.candidate.version == version:
+            loaded, self.candidate = self.candidate, None
+        else:
+            loaded = await self._load_checked(version)
+        roles = self.repository.roles
+        history = roles.history[:-1] if rollback else (*roles.history, roles.production)
+        candidate = None if roles.candidate == version else roles.candidate
+        self.repository.set_roles(Roles(version, candidate, history))
+        await self._switch(loaded)
+        return version
+
+    async def _load_checked(self, version: str) -> LoadedModel:
+        """``version`` loaded, warmed up and checked against production, or ModelChangeRefused."""
+        batcher, production = self.server.batcher, self.server.backend
+        if batcher is None or production is None:
+            raise ModelChangeRefused("the server has not loaded its production model yet")
+        try:
+            path = self.repository.model_file(version)
+        except RepositoryError as exc:
+            raise ModelChangeRefused(str(exc)) from None
+        sha = self.repository.sha256(version)
+        sizes = tuple(range(1, batcher.max_batch + 1))
+        loop = asyncio.get_running_loop()
+        try:
+            backend = await loop.run_in_executor(self._loader, self._load_backend, path)
+        except Exception as exc:  # noqa: BLE001 - whatever a corrupt file raises, production stays
+            raise ModelChangeRefused(f"loading version {version!r} ({path.name}) failed: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        try:
+            problem = compatibility_problem(backend, production, batcher.max_batch, self.allow_class_change)
+            if problem is not None:
+                raise ModelChangeRefused(f"version {version!r} does not fit this line: {problem}")
+            if self.server.config.warmup:
+                await loop.run_in_executor(self._loader, backend.warmup, sizes)
+        except ModelChangeRefused:
+            await loop.run_in_executor(self._loader, backend.close)
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await loop.run_in_executor(self._loader, backend.close)
+            raise ModelChangeRefused(f"warming up version {version!r} failed: {type(exc).__name__}: {exc}") from exc
+        return LoadedModel(version, backend, sha)
+
+    async def _switch(self, loaded: LoadedModel) -> None:
+        """Between batches: ``loaded`` serves every batch from now on; the old backend is closed after
+        the batches already running on it."""
+        batcher = self.server.batcher
+        assert batcher is not None
+        previous = batcher.swap(loaded.backend, loaded.version)
+        self.server.backend = loaded.backend
+        self.server.info = model_info(loaded.backend, batcher.max_batch, loaded.version)
+        await batcher.run_on_backend_thread(previous.close)
+
+
+def production_loader(repository: ModelRepository, load_backend: Callable[[Path], Backend]) -> Callable[[], Backend]:
+    """The server's backend factory for ``repository``: its production version's model."""
+    return lambda: load_backend(repository.model_file(repository.roles.production))
+
+
+__all__ = ["LoadedModel", "ModelChangeRefused", "ModelManager", "compatibility_problem", "production_loader"]
