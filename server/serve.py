@@ -10,6 +10,7 @@ from pathlib import Path
 
 from engine.backends import BACKEND_CHOICES
 from server import config
+from server.auth import add_arguments as add_admin_arguments
 
 HELP = "serve a model (.onnx, .xml, .engine/.plan, .pt) over gRPC with dynamic batching"
 DESCRIPTION = (
@@ -47,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds to finish accepted frames on shutdown (default: 30)")
     config.add_arguments(parser)  # every ServerConfig field, its default and help from the dataclass
+    add_admin_arguments(parser)  # --admin-subjects, --admin-token-file
 
 
 config_from_args = config.config_from_args
@@ -60,6 +62,8 @@ def model_server(args: argparse.Namespace):
         ValueError: an unknown model suffix, a bad setting, a bad repository (RepositoryError).
     """
     from engine.backends import backend_class, choose_backend, load_backend
+    from server.auth import policy_from_args
+    from server.control import add_model_control
     from server.model_repo import ModelRepository
     from server.models import ModelManager, production_loader
     from server.service import InspectionServer
@@ -80,6 +84,7 @@ def model_server(args: argparse.Namespace):
             raise ValueError(f"--threads applies to ONNX Runtime and OpenVINO models (.onnx, .xml), not {first.suffix}")
         options["threads"] = args.threads
     config = config_from_args(args)
+    policy = policy_from_args(args)
     log.info("event=backend_choice backend=%s reason=%r", chosen, why)
 
     def load(path: Path):
@@ -87,7 +92,9 @@ def model_server(args: argparse.Namespace):
 
     label = None if repository.is_single_file else repository.roles.production
     server = InspectionServer(production_loader(repository, load), config, model_version=label)
-    return server, ModelManager(server, repository, load, allow_class_change=args.allow_class_change)
+    manager = ModelManager(server, repository, load, allow_class_change=args.allow_class_change)
+    add_model_control(server, manager, policy)
+    return server, manager
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -115,6 +115,8 @@ class InspectionServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._frame_tasks: set[asyncio.Task[pb.InspectResponse]] = set()
+        #: Called with the gRPC server before it starts, to add services on the same port (ModelControl).
+        self.extra_services: list[Callable[[grpc.aio.Server], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -169,6 +171,8 @@ class InspectionServer:
         )
         add_servicer(Servicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        for add_service in self.extra_services:
+            add_service(self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._grpc,
@@ -206,7 +210,14 @@ class InspectionServer:
             if path is None or not Path(path).is_file():
                 raise FileNotFoundError(f"{flag} {path}: no such file")
             files[flag] = Path(path).read_bytes()
-        return grpc.ssl_server_credentials([(files["--tls-key"], files["--tls-cert"])])
+        if cfg.tls_client_ca is None:
+            return grpc.ssl_server_credentials([(files["--tls-key"], files["--tls-cert"])])
+        if not Path(cfg.tls_client_ca).is_file():
+            raise FileNotFoundError(f"--tls-client-ca {cfg.tls_client_ca}: no such file")
+        # mTLS: a client without a certificate signed by this CA fails the handshake.
+        return grpc.ssl_server_credentials([(files["--tls-key"], files["--tls-cert"])],
+                                           root_certificates=Path(cfg.tls_client_ca).read_bytes(),
+                                           require_client_auth=True)
 
     async def _load(self) -> None:
         try:

@@ -39,9 +39,11 @@ def with_class_names(model: Path, names: list[str], out: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def repo_server(root: Path, allow_class_change: bool = False, **config) -> AsyncIterator:
-    """A server on 127.0.0.1 serving the repository at ``root`` and its :class:`ModelManager`."""
+async def repo_server(root: Path, allow_class_change: bool = False, policy=None, **config) -> AsyncIterator:
+    """A server on 127.0.0.1 serving the repository at ``root`` and its :class:`ModelManager`; with an
+    :class:`~server.auth.AdminPolicy`, its ``ModelControl`` service too."""
     from engine.backends import load_backend
+    from server.control import add_model_control
     from server.models import ModelManager, production_loader
     from server.service import InspectionServer, ServerConfig
 
@@ -53,6 +55,8 @@ async def repo_server(root: Path, allow_class_change: bool = False, **config) ->
     server = InspectionServer(production_loader(repository, load), ServerConfig(**options),
                               model_version=repository.roles.production)
     manager = ModelManager(server, repository, load, allow_class_change=allow_class_change)
+    if policy is not None:
+        add_model_control(server, manager, policy)
     await server.start()
     try:
         yield server, manager
