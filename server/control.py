@@ -1,7 +1,8 @@
-"""The ``inspection.v1.ModelControl`` gRPC service: list, load, unload, promote, roll back, audit.
+"""The ``inspection.v1.ModelControl`` gRPC service: list, load, unload, promote, roll back, audit,
+shadow runs on and off, and ``GetModels`` (production, candidate and their agreement).
 
 It serves on the inspection server's own port (:func:`add_model_control` registers it before the
-server starts). Every call first needs the admin role (:class:`server.auth.AdminPolicy`); a change
+server starts). Every call but ``GetModels`` (which only reads) first needs the admin role (:class:`server.auth.AdminPolicy`); a change
 that is refused or fails answers FAILED_PRECONDITION with the reason, and production keeps serving.
 """
 
@@ -42,6 +43,22 @@ def model_list(manager: ModelManager) -> mc.ModelList:
                                         loaded=version in (roles.production, candidate)))
     return mc.ModelList(production=roles.production, candidate=roles.candidate or "", history=list(roles.history),
                         versions=versions)
+
+
+def models_status(manager: ModelManager) -> mc.ModelsStatus:
+    """``GetModels``' answer: the roles and the shadow run's statistics."""
+    candidate = manager.candidate.version if manager.candidate else ""
+    answer = mc.ModelsStatus(production=manager.production_version, candidate=candidate,
+                             shadow_share=manager.shadow.share)
+    status = manager.shadow.status()
+    if status is not None:
+        answer.shadow_frames, answer.shadow_skipped = status.frames, status.skipped
+        answer.disagreeing_frames, answer.candidate_latency_ms = status.disagreeing_frames, status.latency_s * 1e3
+        answer.classes.extend(
+            mc.ClassAgreement(name=c.name, presence_agreement=status.presence_agreement(k), dice=status.dice(k),
+                              dice_frames=c.dice_frames, pixel_count_difference=status.count_difference(k))
+            for k, c in enumerate(status.classes))
+    return answer
 
 
 class ModelControlServicer(mc_grpc.ModelControlServicer):
@@ -93,6 +110,18 @@ class ModelControlServicer(mc_grpc.ModelControlServicer):
                                                   who=e.who, outcome=e.outcome, why=e.why) for e in entries])
 
 
+    async def GetModels(self, request: mc.GetModelsRequest, context: grpc.aio.ServicerContext) -> mc.ModelsStatus:
+        return models_status(self.manager)
+
+    async def SetShadow(self, request: mc.ShadowRequest, context: grpc.aio.ServicerContext) -> mc.ModelsStatus:
+        who = await self._admit(context)
+        try:
+            self.manager.set_shadow_share(request.share, who)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return models_status(self.manager)
+
+
 def add_model_control(server: InspectionServer, manager: ModelManager, policy: AdminPolicy) -> None:
     """Serves ``ModelControl`` on ``server``'s port (call before ``server.start()``) and logs who may use it."""
     servicer = ModelControlServicer(manager, policy)
@@ -103,4 +132,4 @@ def add_model_control(server: InspectionServer, manager: ModelManager, policy: A
         log.info("event=management_access %s", policy.describe())
 
 
-__all__ = ["SERVICE_NAME", "ModelControlServicer", "add_model_control", "model_list"]
+__all__ = ["SERVICE_NAME", "ModelControlServicer", "add_model_control", "model_list", "models_status"]

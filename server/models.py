@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from engine.backends.base import Backend
 from server.model_repo import AuditEntry, ModelRepository, RepositoryError, Roles
+from server.shadow import ShadowCollector, ShadowRunner
 from server.wire import model_info
 
 if TYPE_CHECKING:
@@ -76,10 +77,13 @@ class ModelManager:
         repository: the versions and their roles.
         load_backend: makes a backend from a model file (the server's backend factory).
         allow_class_change: a version with other classes than production's may be promoted.
+        shadow_share: the share of live frames the loaded candidate runs in shadow (0: none until
+            ``shadow.set_share``).
     """
 
     def __init__(self, server: InspectionServer, repository: ModelRepository,
-                 load_backend: Callable[[Path], Backend], allow_class_change: bool = False) -> None:
+                 load_backend: Callable[[Path], Backend], allow_class_change: bool = False,
+                 shadow_share: float = 0.0) -> None:
         self.server = server
         self.repository = repository
         self.allow_class_change = allow_class_change
@@ -87,6 +91,9 @@ class ModelManager:
         self.candidate: LoadedModel | None = None
         self._lock = asyncio.Lock()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+        self.shadow = ShadowRunner(shadow_share)
+        server.batch_listeners.append(self.shadow.submit)
+        server.metrics.registry.register(ShadowCollector(lambda: self.shadow))
 
     @property
     def production_version(self) -> str:
@@ -121,12 +128,39 @@ class ModelManager:
             target = history[-1] if history else ""
             return await self._audited("rollback", target, who, self._promote(target, rollback=True))
 
+    def set_shadow_share(self, share: float, who: str) -> None:
+        """Shadow runs of the candidate on ``share`` of live frames (0: off); audited.
+
+        Raises:
+            ValueError: a share outside 0..1 (audited as refused).
+        """
+        version = self.candidate.version if self.candidate else ""
+        try:
+            self.shadow.set_share(share)
+        except ValueError as exc:
+            self._record("shadow", version, who, "refused", str(exc))
+            raise
+        self._record("shadow", version, who, "ok", f"share {share:g}")
+        log.info("event=model_shadow share=%g candidate=%s who=%r", share, version or "none", who)
+
     async def close(self) -> None:
-        """Unloads the candidate and stops the loading thread (after the server has stopped)."""
+        """Unloads the candidate and stops the loading and shadow threads (after the server has stopped)."""
+        await self.shadow.detach()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.shadow.close)
         if self.candidate is not None:
             self.candidate.backend.close()
             self.candidate = None
-        await asyncio.get_running_loop().run_in_executor(None, self._loader.shutdown, True)
+        await loop.run_in_executor(None, self._loader.shutdown, True)
+
+    async def restore_candidate(self) -> None:
+        """Loads the candidate the roles name (a restarted server); a failure is logged and audited."""
+        version = self.repository.roles.candidate
+        if version is not None and self.candidate is None:
+            try:
+                await self.load(version, who="server (restart)")
+            except ModelChangeRefused:
+                pass  # audited and logged: production serves without a candidate
 
     # ------------------------------------------------------------------ steps
 
@@ -156,6 +190,7 @@ class ModelManager:
         loaded = await self._load_checked(version)
         await self._drop_candidate()
         self.candidate = loaded
+        self.shadow.attach(loaded.version, loaded.backend)
         roles = self.repository.roles
         self.repository.set_roles(Roles(roles.production, version, roles.history))
         return loaded
@@ -171,6 +206,7 @@ class ModelManager:
 
     async def _drop_candidate(self) -> None:
         if self.candidate is not None:
+            await self.shadow.detach()
             backend, self.candidate = self.candidate.backend, None
             await asyncio.get_running_loop().run_in_executor(self._loader, backend.close)
 
@@ -181,6 +217,7 @@ class ModelManager:
         if version == self.production_version:
             raise ModelChangeRefused(f"version {version!r} is production already")
         if self.candidate is not None and self.candidate.version == version:
+            await self.shadow.detach()  # the candidate's backend moves to the inference thread
             loaded, self.candidate = self.candidate, None
         else:
             loaded = await self._load_checked(version)

@@ -2,7 +2,8 @@
 
 ``list`` the versions and roles, ``load VERSION`` as the candidate, ``unload VERSION``,
 ``promote [VERSION]`` (default: the candidate), ``rollback`` to the previous production, ``audit``
-the log's last entries. The admin role comes from a client certificate (``--tls-cert/--tls-key``
+the log's last entries, ``status`` of production, the candidate and its shadow run (``GetModels``),
+``shadow SHARE`` to run the candidate on that share of live frames (0: off). The admin role comes from a client certificate (``--tls-cert/--tls-key``
 with ``--tls-ca``) or a bearer token (``--token-file``); see docs/models.md.
 """
 
@@ -14,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 HELP = "manage a running server's model: list, load, unload, promote, rollback, audit"
-ACTIONS = ("list", "load", "unload", "promote", "rollback", "audit")
+ACTIONS = ("list", "load", "unload", "promote", "rollback", "audit", "status", "shadow")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=ACTIONS, help="what to do")
-    parser.add_argument("version", nargs="?", default="", help="the version (load, unload, promote)")
+    parser.add_argument("version", nargs="?", default="",
+                        help="the version (load, unload, promote), or the share of frames (shadow)")
     parser.add_argument("--target", required=True, help="server address HOST:PORT")
     parser.add_argument("--tls-ca", type=Path, default=None, help="PEM root certificate: connect with TLS")
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
@@ -70,8 +72,8 @@ async def call(target: str, action: str, version: str = "", *, credentials: Any 
     from protos.inspection.v1 import model_control_pb2_grpc as mc_grpc
     from server.auth import TOKEN_KEY, TOKEN_SCHEME
 
-    if action in ("load", "unload") and not version:
-        raise ValueError(f"{action} needs a VERSION")
+    if action in ("load", "unload", "shadow") and not version:
+        raise ValueError(f"{action} needs a {'SHARE' if action == 'shadow' else 'VERSION'}")
     metadata = ((TOKEN_KEY, TOKEN_SCHEME + token),) if token else None
     channel = (grpc.aio.secure_channel(target, credentials) if credentials is not None
                else grpc.aio.insecure_channel(target))
@@ -84,13 +86,30 @@ async def call(target: str, action: str, version: str = "", *, credentials: Any 
             "promote": (stub.Promote, mc.ModelRequest(version=version)),
             "rollback": (stub.Rollback, mc.RollbackRequest()),
             "audit": (stub.GetAudit, mc.AuditRequest(last=max(0, last))),
+            "status": (stub.GetModels, mc.GetModelsRequest()),
         }
+        if action == "shadow":
+            return await stub.SetShadow(mc.ShadowRequest(share=_share(version)), metadata=metadata, timeout=timeout)
         method, request = requests[action]
         return await method(request, metadata=metadata, timeout=timeout)
 
 
+def _share(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"shadow needs a share of frames 0..1, got {text!r}") from None
+
+
 def describe(answer: Any) -> str:
     """The answer as lines for a person."""
+    if hasattr(answer, "shadow_share"):
+        lines = [f"production {answer.production}; candidate {answer.candidate or 'none'}; shadow share "
+                 f"{answer.shadow_share:g}: {answer.shadow_frames} frames, {answer.shadow_skipped} skipped, "
+                 f"{answer.disagreeing_frames} disagreeing, {answer.candidate_latency_ms:.2f} ms/frame"]
+        lines += [f"  {c.name:<12} presence {c.presence_agreement:.3f}  dice {c.dice:.3f} ({c.dice_frames} frames)  "
+                  f"pixels +-{c.pixel_count_difference:.1f}" for c in answer.classes]
+        return "\n".join(lines)
     if hasattr(answer, "entries"):
         return "\n".join(f"{e.time} {e.action:<8} {e.version or '-':<12} {e.outcome:<7} {e.who} "
                          f"sha256={e.sha256[:12] or '-'}{'  ' + e.why if e.why else ''}" for e in answer.entries)

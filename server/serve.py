@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "version (DIR/roles.json, else the newest) and can hot-swap others (docs/models.md)")
     parser.add_argument("--allow-class-change", action="store_true",
                         help="a version whose classes differ from production's may be promoted")
+    parser.add_argument("--shadow-share", type=float, default=0.0, metavar="SHARE",
+                        help="run the loaded candidate on this share (0..1) of live frames, off the hot path, and "
+                        "measure its agreement with production (default 0: off; 'server models shadow' changes it)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                         help="runtime for the model (default auto: for .onnx on a CPU OpenVINO bf16 where the CPU "
@@ -92,7 +95,8 @@ def model_server(args: argparse.Namespace):
 
     label = None if repository.is_single_file else repository.roles.production
     server = InspectionServer(production_loader(repository, load), config, model_version=label)
-    manager = ModelManager(server, repository, load, allow_class_change=args.allow_class_change)
+    manager = ModelManager(server, repository, load, allow_class_change=args.allow_class_change,
+                           shadow_share=args.shadow_share)
     add_model_control(server, manager, policy)
     return server, manager
 
@@ -118,6 +122,7 @@ async def serve(args: argparse.Namespace) -> int:
         await server.stop(grace=0)
         await manager.close()
         raise ready.exception()  # type: ignore[misc]
+    await manager.restore_candidate()  # a restarted server loads the candidate its roles name
     await stop_wait
     log.info("event=signal action=drain")
     for sig in (signal.SIGTERM, signal.SIGINT):

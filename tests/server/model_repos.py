@@ -39,7 +39,8 @@ def with_class_names(model: Path, names: list[str], out: Path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def repo_server(root: Path, allow_class_change: bool = False, policy=None, **config) -> AsyncIterator:
+async def repo_server(root: Path, allow_class_change: bool = False, policy=None, shadow_share: float = 0.0,
+                      **config) -> AsyncIterator:
     """A server on 127.0.0.1 serving the repository at ``root`` and its :class:`ModelManager`; with an
     :class:`~server.auth.AdminPolicy`, its ``ModelControl`` service too."""
     from engine.backends import load_backend
@@ -54,7 +55,7 @@ async def repo_server(root: Path, allow_class_change: bool = False, policy=None,
     options = {"port": 0, "metrics_port": None, "max_delay_ms": 2.0, **config}
     server = InspectionServer(production_loader(repository, load), ServerConfig(**options),
                               model_version=repository.roles.production)
-    manager = ModelManager(server, repository, load, allow_class_change=allow_class_change)
+    manager = ModelManager(server, repository, load, allow_class_change=allow_class_change, shadow_share=shadow_share)
     if policy is not None:
         add_model_control(server, manager, policy)
     await server.start()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(protos/inspection/v1/model_control.proto\x12\rinspection.v1\"\x13\n\x11ListModelsRequest\"\x1f\n\x0cModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x11\n\x0fRollbackRequest\"K\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\x12\x0c\n\x04\x66ile\x18\x04 \x01(\t\"r\n\tModelList\x12\x12\n\nproduction\x18\x01 \x01(\t\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\x0f\n\x07history\x18\x03 \x03(\t\x12-\n\x08versions\x18\x04 \x03(\x0b\x32\x1b.inspection.v1.ModelVersion\"\x1c\n\x0c\x41uditRequest\x12\x0c\n\x04last\x18\x01 \x01(\r\"v\n\nAuditEntry\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0b\n\x03who\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x0b\n\x03why\x18\x07 \x01(\t\"6\n\x08\x41uditLog\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.inspection.v1.AuditEntry2\xac\x03\n\x0cModelControl\x12H\n\nListModels\x12 .inspection.v1.ListModelsRequest\x1a\x18.inspection.v1.ModelList\x12\x42\n\tLoadModel\x12\x1b.inspection.v1.ModelRequest\x1a\x18.inspection.v1.ModelList\x12\x44\n\x0bUnloadModel\x12\x1b.inspection.v1.ModelRequest\x1a\x18.inspection.v1.ModelList\x12@\n\x07Promote\x12\x1b.inspection.v1.ModelRequest\x1a\x18.inspection.v1.ModelList\x12\x44\n\x08Rollback\x12\x1e.inspection.v1.RollbackRequest\x1a\x18.inspection.v1.ModelList\x12@\n\x08GetAudit\x12\x1b.inspection.v1.AuditRequest\x1a\x17.inspection.v1.AuditLogb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(protos/inspection/v1/model_control.proto\x12\rinspection.v1\"\x13\n\x11ListModelsRequest\"\x1f\n\x0cModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x11\n\x0fRollbackRequest\"K\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\x12\x0c\n\x04\x66ile\x18\x04 \x01(\t\"r\n\tModelList\x12\x12\n\nproduction\x18\x01 \x01(\t\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\x0f\n\x07history\x18\x03 \x03(\t\x12-\n\x08versions\x18\x04 \x03(\x0b\x32\x1b.inspection.v1.ModelVersion\"\x1c\n\x0c\x41uditRequest\x12\x0c\n\x04last\x18\x01 \x01(\r\"v\n\nAuditEntry\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0b\n\x03who\x18\x05 \x01(\t\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x0b\n\x03why\x18\x07 \x01(\t\"6\n\x08\x41uditLog\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.inspection.v1.AuditEntry\"\x12\n\x10GetModelsRequest\"\x1e\n\rShadowRequest\x12\r\n\x05share\x18\x01 \x01(\x01\"}\n\x0e\x43lassAgreement\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12presence_agreement\x18\x02 \x01(\x01\x12\x0c\n\x04\x64ice\x18\x03 \x01(\x01\x12\x13\n\x0b\x64ice_frames\x18\x04 \x01(\x04\x12\x1e\n\x16pixel_count_difference\x18\x05 \x01(\x01\"\xe4\x01\n\x0cModelsStatus\x12\x12\n\nproduction\x18\x01 \x01(\t\x12\x11\n\tcandidate\x18\x02 \x01(\t\x12\x14\n\x0cshadow_share\x18\x03 \x01(\x01\x12\x15\n\rshadow_frames\x18\x04 \x01(\x04\x12\x16\n\x0eshadow_skipped\x18\x05 \x01(\x04\x12\x1a\n\x12\x64isagreeing_frames\x18\x06 \x01(\x04\x12\x1c\n\x14\x63\x61ndidate_latency_ms\x18\x07 \x01(\x01\x12.\n\x07\x63lasses\x18\x08 \x03(\x0b\x32\x1d.inspection.v1.ClassAgreement2\xbf\x04\n\x0cModelControl\x12H\n\nListModels\x12 .inspection.v1.ListModelsRequest\x1a\x18.inspection.v1.ModelList\x12\x42\n\tLoadModel\x12\x1b.inspection.v1.ModelRequest\x1a\x18.inspection.v1.ModelList\x12\x44\n\x0bUnloadModel\x12\x1b.inspection.v1.ModelRequest\x1a\x18.inspection.v1.ModelList\x12@\n\x07Promote\x12\x1b.inspection.v1.ModelRequest\x1a\x18.inspection.v1.ModelList\x12\x44\n\x08Rollback\x12\x1e.inspection.v1.RollbackRequest\x1a\x18.inspection.v1.ModelList\x12@\n\x08GetAudit\x12\x1b.inspection.v1.AuditRequest\x1a\x17.inspection.v1.AuditLog\x12I\n\tGetModels\x12\x1f.inspection.v1.GetModelsRequest\x1a\x1b.inspection.v1.ModelsStatus\x12\x46\n\tSetShadow\x12\x1c.inspection.v1.ShadowRequest\x1a\x1b.inspection.v1.ModelsStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,6 +47,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDITENTRY']._serialized_end=473
   _globals['_AUDITLOG']._serialized_start=475
   _globals['_AUDITLOG']._serialized_end=529
-  _globals['_MODELCONTROL']._serialized_start=532
-  _globals['_MODELCONTROL']._serialized_end=960
+  _globals['_GETMODELSREQUEST']._serialized_start=531
+  _globals['_GETMODELSREQUEST']._serialized_end=549
+  _globals['_SHADOWREQUEST']._serialized_start=551
+  _globals['_SHADOWREQUEST']._serialized_end=581
+  _globals['_CLASSAGREEMENT']._serialized_start=583
+  _globals['_CLASSAGREEMENT']._serialized_end=708
+  _globals['_MODELSSTATUS']._serialized_start=711
+  _globals['_MODELSSTATUS']._serialized_end=939
+  _globals['_MODELCONTROL']._serialized_start=942
+  _globals['_MODELCONTROL']._serialized_end=1517
 # @@protoc_insertion_point(module_scope)

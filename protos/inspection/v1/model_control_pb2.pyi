@@ -73,3 +73,47 @@ class AuditLog(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class GetModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShadowRequest(_message.Message):
+    __slots__ = ("share",)
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    share: float
+    def __init__(self, share: _Optional[float] = ...) -> None: ...
+
+class ClassAgreement(_message.Message):
+    __slots__ = ("name", "presence_agreement", "dice", "dice_frames", "pixel_count_difference")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    DICE_FIELD_NUMBER: _ClassVar[int]
+    DICE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_COUNT_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    presence_agreement: float
+    dice: float
+    dice_frames: int
+    pixel_count_difference: float
+    def __init__(self, name: _Optional[str] = ..., presence_agreement: _Optional[float] = ..., dice: _Optional[float] = ..., dice_frames: _Optional[int] = ..., pixel_count_difference: _Optional[float] = ...) -> None: ...
+
+class ModelsStatus(_message.Message):
+    __slots__ = ("production", "candidate", "shadow_share", "shadow_frames", "shadow_skipped", "disagreeing_frames", "candidate_latency_ms", "classes")
+    PRODUCTION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SHARE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    DISAGREEING_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    production: str
+    candidate: str
+    shadow_share: float
+    shadow_frames: int
+    shadow_skipped: int
+    disagreeing_frames: int
+    candidate_latency_ms: float
+    classes: _containers.RepeatedCompositeFieldContainer[ClassAgreement]
+    def __init__(self, production: _Optional[str] = ..., candidate: _Optional[str] = ..., shadow_share: _Optional[float] = ..., shadow_frames: _Optional[int] = ..., shadow_skipped: _Optional[int] = ..., disagreeing_frames: _Optional[int] = ..., candidate_latency_ms: _Optional[float] = ..., classes: _Optional[_Iterable[_Union[ClassAgreement, _Mapping]]] = ...) -> None: ...

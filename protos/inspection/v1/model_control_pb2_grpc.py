@@ -30,6 +30,7 @@ class ModelControlStub:
     roles, hot swaps and the audit log. Every call needs the admin role: a client certificate whose
     subject is listed in --admin-subjects, or the bearer token of --admin-token-file ("authorization:
     Bearer TOKEN" metadata); a server with neither answers management calls from loopback only.
+    GetModels only reads: it needs no role.
     A refused or failed change answers FAILED_PRECONDITION with the reason; production keeps serving.
     """
 
@@ -69,6 +70,16 @@ class ModelControlStub:
                 request_serializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.AuditRequest.SerializeToString,
                 response_deserializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.AuditLog.FromString,
                 _registered_method=True)
+        self.GetModels = channel.unary_unary(
+                '/inspection.v1.ModelControl/GetModels',
+                request_serializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.GetModelsRequest.SerializeToString,
+                response_deserializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.ModelsStatus.FromString,
+                _registered_method=True)
+        self.SetShadow = channel.unary_unary(
+                '/inspection.v1.ModelControl/SetShadow',
+                request_serializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.ShadowRequest.SerializeToString,
+                response_deserializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.ModelsStatus.FromString,
+                _registered_method=True)
 
 
 class ModelControlServicer:
@@ -76,6 +87,7 @@ class ModelControlServicer:
     roles, hot swaps and the audit log. Every call needs the admin role: a client certificate whose
     subject is listed in --admin-subjects, or the bearer token of --admin-token-file ("authorization:
     Bearer TOKEN" metadata); a server with neither answers management calls from loopback only.
+    GetModels only reads: it needs no role.
     A refused or failed change answers FAILED_PRECONDITION with the reason; production keeps serving.
     """
 
@@ -121,6 +133,20 @@ class ModelControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModels(self, request, context):
+        """Production, the candidate, and the candidate's shadow run against production.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetShadow(self, request, context):
+        """Shadow runs of the candidate on a share of live frames (0: off).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +180,16 @@ def add_ModelControlServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.AuditRequest.FromString,
                     response_serializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.AuditLog.SerializeToString,
             ),
+            'GetModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModels,
+                    request_deserializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.GetModelsRequest.FromString,
+                    response_serializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.ModelsStatus.SerializeToString,
+            ),
+            'SetShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetShadow,
+                    request_deserializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.ShadowRequest.FromString,
+                    response_serializer=protos_dot_inspection_dot_v1_dot_model__control__pb2.ModelsStatus.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'inspection.v1.ModelControl', rpc_method_handlers)
@@ -167,6 +203,7 @@ class ModelControl:
     roles, hot swaps and the audit log. Every call needs the admin role: a client certificate whose
     subject is listed in --admin-subjects, or the bearer token of --admin-token-file ("authorization:
     Bearer TOKEN" metadata); a server with neither answers management calls from loopback only.
+    GetModels only reads: it needs no role.
     A refused or failed change answers FAILED_PRECONDITION with the reason; production keeps serving.
     """
 
@@ -322,6 +359,60 @@ class ModelControl:
             '/inspection.v1.ModelControl/GetAudit',
             protos_dot_inspection_dot_v1_dot_model__control__pb2.AuditRequest.SerializeToString,
             protos_dot_inspection_dot_v1_dot_model__control__pb2.AuditLog.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inspection.v1.ModelControl/GetModels',
+            protos_dot_inspection_dot_v1_dot_model__control__pb2.GetModelsRequest.SerializeToString,
+            protos_dot_inspection_dot_v1_dot_model__control__pb2.ModelsStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/inspection.v1.ModelControl/SetShadow',
+            protos_dot_inspection_dot_v1_dot_model__control__pb2.ShadowRequest.SerializeToString,
+            protos_dot_inspection_dot_v1_dot_model__control__pb2.ModelsStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,105 @@
+"""Shadow runs (server.shadow): the candidate on a share of live frames, its agreement with
+production in GetModels and Prometheus, and frames skipped (counted) rather than queued."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.backends.base import InspectionResult
+from server.auth import AdminPolicy
+from server.model_repo import STATE_FILE
+from server.models_cli import call
+from server.shadow import compare
+from tests.server.conftest import scrape, wait_until
+from tests.server.model_repos import repo_of, repo_server
+from tests.server.test_models import inspect
+
+
+def result(masks: np.ndarray, min_area: int = 2) -> InspectionResult:
+    counts = masks.sum(axis=(2, 3)).astype(np.int32)
+    return InspectionResult(masks=masks.astype(np.uint8), counts=counts, present=counts >= min_area)
+
+
+def test_compare_measures_presence_dice_and_pixel_differences() -> None:
+    production = np.zeros((2, 2, 4, 4), np.uint8)
+    candidate = np.zeros_like(production)
+    production[0, 0, :2, :2] = 1  # 4 pixels
+    candidate[0, 0, :2, :1] = 1  # 2 of them: Dice 2 * 2 / (4 + 2)
+    candidate[1, 1, 0, 0] = 1  # one pixel, below the minimum area: both say absent
+    agreement = compare(result(production), result(candidate))
+    assert agreement["agreed"].tolist() == [[True, True], [True, True]]
+    assert agreement["either"].tolist() == [[True, False], [False, False]]
+    assert agreement["dice"][0, 0] == pytest.approx(4 / 6) and agreement["dice"][1, 1] == 0.0
+    assert agreement["dice"][0, 1] == 1.0, "two empty masks agree"
+    assert agreement["difference"].tolist() == [[2, 0], [0, 1]]
+    candidate[0, 0] = 0
+    assert compare(result(production), result(candidate))["agreed"][0].tolist() == [False, True]
+
+
+@pytest.fixture
+def shadow_repo(tmp_path: Path, defect_onnx: Path, tiny_onnx: Path) -> Path:
+    """Production "1" (the defect model), "2" a copy of it, "3" another model."""
+    root = repo_of(tmp_path / "repo", {"1": defect_onnx, "2": defect_onnx, "3": tiny_onnx})
+    (root / STATE_FILE).write_text(json.dumps({"production": "1", "candidate": None, "history": []}))
+    return root
+
+
+def test_shadow_runs_measure_the_candidate_against_production(shadow_repo: Path, camera_frames: np.ndarray) -> None:
+    frames = camera_frames[:40]
+
+    def settled(manager, n: int):
+        return lambda: (s := manager.shadow.status()) is not None and s.frames + s.skipped == n
+
+    async def main() -> None:
+        async with repo_server(shadow_repo, shadow_share=1.0, metrics_port=0, policy=AdminPolicy()) as (server, manager):
+            await manager.load("2", who="op")  # the same model: full agreement
+            answers = await inspect(server, frames)
+            assert {r.model_version for r in answers} == {"1"}, "shadow answers never reach cameras"
+            await wait_until(settled(manager, len(frames)), what="every frame shadowed or skipped")
+            status = await call(server.address, "status")
+            assert status.candidate == "2" and status.shadow_share == 1.0 and status.shadow_frames > 0
+            assert [(c.presence_agreement, c.dice, c.pixel_count_difference) for c in status.classes] == [(1, 1, 0)] * 4
+            assert status.disagreeing_frames == 0 and status.candidate_latency_ms > 0
+            await manager.load("3", who="op")  # another model: it disagrees
+            await inspect(server, frames)
+            await wait_until(settled(manager, len(frames)), what="every frame shadowed or skipped")
+            status = await call(server.address, "status")
+            assert status.candidate == "3"
+            assert min(c.dice for c in status.classes) < 1 and max(c.pixel_count_difference for c in status.classes) > 0
+            samples = scrape(server.metrics_port)
+            frames_shadowed = samples[("inspection_shadow_frames_total", (("version", "3"),))]
+            assert frames_shadowed == status.shadow_frames
+            dice = {labels: v for (name, labels), v in samples.items() if name == "inspection_shadow_dice"}
+            assert len(dice) == 4 and min(dice.values()) < 1
+            off = await call(server.address, "shadow", "0")
+            assert off.shadow_share == 0
+            await inspect(server, frames[:5])
+            assert manager.shadow.status().frames + manager.shadow.status().skipped == len(frames)
+            await manager.promote("3", who="op")  # the shadowed candidate becomes production
+            assert manager.shadow.status() is None and (await call(server.address, "status")).candidate == ""
+
+    asyncio.run(main())
+    actions = [json.loads(line)["action"] for line in (shadow_repo / "audit.jsonl").read_text().splitlines()]
+    assert actions == ["load", "load", "shadow", "promote"]
+
+
+def test_a_shadow_run_that_is_behind_skips_and_counts(shadow_repo: Path, camera_frames: np.ndarray) -> None:
+    async def main() -> None:
+        async with repo_server(shadow_repo, shadow_share=1.0) as (server, manager):
+            await manager.load("3", who="op")
+            runner = manager.shadow
+            runner._run_lock.acquire()  # the shadow thread stalls on its first batch
+            try:
+                await inspect(server, camera_frames[:12])
+                status = runner.status()
+                assert status.skipped > 0 and status.frames == 0
+            finally:
+                runner._run_lock.release()
+            await wait_until(lambda: runner.status().frames + runner.status().skipped == 12, what="the queue drained")
+
+    asyncio.run(main())
