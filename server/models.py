@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from engine.backends.base import Backend
 from server.model_repo import AuditEntry, ModelRepository, RepositoryError, Roles
-from server.shadow import ShadowCollector, ShadowRunner
+from server.shadow import ShadowCollector, ShadowRunner, capture_disagreement
 from server.wire import model_info
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class ModelManager:
         self.candidate: LoadedModel | None = None
         self._lock = asyncio.Lock()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-load")
-        self.shadow = ShadowRunner(shadow_share)
+        self.shadow = ShadowRunner(shadow_share, on_disagree=self._capture_disagreement)
         server.batch_listeners.append(self.shadow.submit)
         server.metrics.registry.register(ShadowCollector(lambda: self.shadow))
 
@@ -127,6 +127,10 @@ class ModelManager:
             history = self.repository.roles.history
             target = history[-1] if history else ""
             return await self._audited("rollback", target, who, self._promote(target, rollback=True))
+
+    def _capture_disagreement(self, version: str, batch, i: int, result) -> None:
+        feedback = self.server.feedback
+        capture_disagreement(feedback.writer if feedback is not None else None, version, batch, i, result)
 
     def set_shadow_share(self, share: float, who: str) -> None:
         """Shadow runs of the candidate on ``share`` of live frames (0: off); audited.

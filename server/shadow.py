@@ -11,7 +11,9 @@ Per class the runner measures the candidate against production on the same frame
 agreement, mask Dice on the frames where either found the class, the mean absolute pixel-count
 difference, and the candidate's own latency (:class:`ShadowStatus`, in Prometheus and the
 ``GetModels`` RPC). The candidate can change at any time (load, unload, promote): :meth:`detach`
-returns only once no shadow run uses the old one.
+returns only once no shadow run uses the old one. With the capture policy ``disagree`` a frame where
+the candidate disagrees with production on a class's presence is saved with the candidate's
+predictions (:func:`capture_disagreement`) for review.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from engine.backends.base import Backend, InspectionResult
 
 if TYPE_CHECKING:
     from server.batcher import FinishedBatch
+    from server.capture import CaptureWriter
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +112,12 @@ class ShadowRunner:
         share: the share of live frames to shadow, 0..1 (0: off; :meth:`set_share` changes it).
         seed: seeds the draws.
         max_queued: batches waiting for the shadow thread before frames are skipped.
-        on_disagree: called on the shadow thread with (batch, frame index, candidate result of the
-            frame) for each frame where a class's presence differs (capture for review).
+        on_disagree: called on the shadow thread with (candidate version, batch, frame index, the
+            candidate's result for the frame) for each frame where a class's presence differs.
     """
 
     def __init__(self, share: float, seed: int = 0, max_queued: int = DEFAULT_SHADOW_QUEUE,
-                 on_disagree: Callable[[FinishedBatch, int, InspectionResult], None] | None = None) -> None:
+                 on_disagree: Callable[[str, FinishedBatch, int, InspectionResult], None] | None = None) -> None:
         self.share = check_share(share)
         self._rng = np.random.default_rng(seed)
         self._max_queued = max_queued
@@ -214,7 +217,26 @@ class ShadowRunner:
                 c.count_difference_sum += int(agreement["difference"][:, k].sum())
         if self._on_disagree is not None:
             for i in disagree:
-                self._on_disagree(batch, int(chosen[i]), candidate.subset(slice(int(i), int(i) + 1)))
+                self._on_disagree(version, batch, int(chosen[i]), candidate.subset(slice(int(i), int(i) + 1)))
+
+
+def capture_disagreement(writer: CaptureWriter | None, version: str, batch: FinishedBatch, i: int,
+                         candidate: InspectionResult) -> bool:
+    """Offers frame ``i`` of ``batch`` to ``writer`` with candidate ``version``'s predictions when its
+    policy has ``disagree``; the reason names the classes whose presence differs. Never blocks."""
+    if writer is None or not writer.policy.disagree:
+        return False
+    request = batch.sources[i]
+    # The camera's own bytes when it sent JPEG/PNG; a raw frame as the model saw it (gray).
+    frame = request.encoded_image if request.WhichOneof("image") == "encoded_image" else batch.frames[i]
+    classes = np.flatnonzero(candidate.present[0] != batch.result.present[i]) + 1
+    time_ns = request.captured_at_unix_ns or time.time_ns()
+    return writer.offer(
+        frame, camera_id=batch.camera_ids[i], frame_id=request.frame_id, time_ns=time_ns, model_version=version,
+        rles=candidate.rle()[0], counts=candidate.counts[0], present=candidate.present[0],
+        reason="disagree:" + ",".join(map(str, classes)),
+        image_id=f"{batch.camera_ids[i]}_{int(request.frame_id):012d}_{int(time_ns)}_shadow-{version}",
+    )
 
 
 def check_share(share: float) -> float:
@@ -263,4 +285,5 @@ class ShadowCollector:
             yield family
 
 
-__all__ = ["ClassAgreement", "ShadowCollector", "ShadowRunner", "ShadowStatus", "check_share", "compare"]
+__all__ = ["ClassAgreement", "ShadowCollector", "ShadowRunner", "ShadowStatus", "capture_disagreement", "check_share",
+           "compare"]

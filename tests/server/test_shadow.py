@@ -103,3 +103,31 @@ def test_a_shadow_run_that_is_behind_skips_and_counts(shadow_repo: Path, camera_
             await wait_until(lambda: runner.status().frames + runner.status().skipped == 12, what="the queue drained")
 
     asyncio.run(main())
+
+
+def test_capture_policy_disagree_saves_the_candidates_disagreements(shadow_repo: Path, tmp_path: Path,
+                                                                    camera_frames: np.ndarray) -> None:
+    import csv
+
+    from server.capture_policy import CapturePolicy
+    from server.config import CaptureConfig
+
+    assert str(CapturePolicy.parse("disagree,defects")) == "defects,disagree"
+    capture = CaptureConfig(tmp_path / "captures", CapturePolicy.parse("disagree"))
+    frames = camera_frames[:40]
+
+    async def main() -> int:
+        async with repo_server(shadow_repo, shadow_share=1.0, capture=capture) as (server, manager):
+            await manager.load("3", who="op")
+            await inspect(server, frames)
+            await wait_until(lambda: manager.shadow.status().frames + manager.shadow.status().skipped == len(frames),
+                             what="every frame shadowed or skipped")
+            return manager.shadow.status().disagreeing_frames
+
+    disagreeing = asyncio.run(main())
+    assert disagreeing > 0, "the two models must disagree somewhere for the test to mean anything"
+    with open(tmp_path / "captures" / "captures.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == disagreeing
+    assert {row["ModelVersion"] for row in rows} == {"3"}
+    assert all(row["Reason"].startswith("disagree:") and row["ImageId"].count("_shadow-3") == 1 for row in rows)
