@@ -116,7 +116,7 @@ class ModelControlServicer(mc_grpc.ModelControlServicer):
     async def SetShadow(self, request: mc.ShadowRequest, context: grpc.aio.ServicerContext) -> mc.ModelsStatus:
         who = await self._admit(context)
         try:
-            self.manager.set_shadow_share(request.share, who)
+            await self.manager.set_shadow_share(request.share, who)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return models_status(self.manager)

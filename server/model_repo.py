@@ -140,6 +140,7 @@ class ModelRepository:
     single_file: Path | None = None
     _roles: Roles | None = field(default=None, repr=False)
     _memory_audit: list[AuditEntry] = field(default_factory=list, repr=False)
+    _digests: dict[tuple[Path, int, int], str] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -201,9 +202,15 @@ class ModelRepository:
         return files[0]
 
     def sha256(self, version: str) -> str:
-        """The digest of ``version``'s model file, "" when there is none to read."""
+        """The digest of ``version``'s model file, "" when there is none to read (kept while the
+        file's size and modification time stay the same: every audit entry names one)."""
         try:
-            return file_sha256(self.model_file(version))
+            path = self.model_file(version)
+            stat = path.stat()
+            key = (path, stat.st_size, stat.st_mtime_ns)
+            if key not in self._digests:
+                self._digests[key] = file_sha256(path)
+            return self._digests[key]
         except (RepositoryError, OSError):
             return ""
 

@@ -132,7 +132,7 @@ class ModelManager:
         feedback = self.server.feedback
         capture_disagreement(feedback.writer if feedback is not None else None, version, batch, i, result)
 
-    def set_shadow_share(self, share: float, who: str) -> None:
+    async def set_shadow_share(self, share: float, who: str) -> None:
         """Shadow runs of the candidate on ``share`` of live frames (0: off); audited.
 
         Raises:
@@ -142,9 +142,9 @@ class ModelManager:
         try:
             self.shadow.set_share(share)
         except ValueError as exc:
-            self._record("shadow", version, who, "refused", str(exc))
+            await self._record("shadow", version, who, "refused", str(exc))
             raise
-        self._record("shadow", version, who, "ok", f"share {share:g}")
+        await self._record("shadow", version, who, "ok", f"share {share:g}")
         log.info("event=model_shadow share=%g candidate=%s who=%r", share, version or "none", who)
 
     async def close(self) -> None:
@@ -174,17 +174,21 @@ class ModelManager:
             result = await step
         except ModelChangeRefused as exc:
             outcome = "failed" if isinstance(exc.__cause__, Exception) else "refused"
-            self._record(action, version, who, outcome, str(exc))
+            await self._record(action, version, who, outcome, str(exc))
             log.warning("event=model_%s version=%s who=%r outcome=%s why=%r", action, version, who, outcome, str(exc))
             raise
-        self._record(action, version, who, "ok")
+        await self._record(action, version, who, "ok")
         log.info("event=model_%s version=%s who=%r outcome=ok production=%s", action, version, who,
                  self.production_version)
         return result
 
-    def _record(self, action: str, version: str, who: str, outcome: str, why: str = "") -> None:
-        sha = self.repository.sha256(version) if version else ""
-        self.repository.record(AuditEntry.now(action, version, sha, who, outcome, why))
+    async def _record(self, action: str, version: str, who: str, outcome: str, why: str = "") -> None:
+        """Appends the audit entry, durably, off the event loop (hashing a model file takes a while)."""
+        def record() -> None:
+            sha = self.repository.sha256(version) if version else ""
+            self.repository.record(AuditEntry.now(action, version, sha, who, outcome, why))
+
+        await asyncio.get_running_loop().run_in_executor(None, record)
 
     async def _load_candidate(self, version: str) -> LoadedModel:
         if version == self.production_version:
@@ -241,7 +245,7 @@ class ModelManager:
             path = self.repository.model_file(version)
         except RepositoryError as exc:
             raise ModelChangeRefused(str(exc)) from None
-        sha = self.repository.sha256(version)
+        sha = await asyncio.get_running_loop().run_in_executor(self._loader, self.repository.sha256, version)
         sizes = tuple(range(1, batcher.max_batch + 1))
         loop = asyncio.get_running_loop()
         try:
