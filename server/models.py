@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from server.service import InspectionServer
 
 log = logging.getLogger(__name__)
+
+RECENT_AUDIT = 8  # audit entries kept in memory for the console
 
 
 class ModelChangeRefused(RuntimeError):
@@ -89,6 +92,8 @@ class ModelManager:
         self.allow_class_change = allow_class_change
         self._load_backend = load_backend
         self.candidate: LoadedModel | None = None
+        #: The audit log's last entries (what the console shows), oldest first.
+        self.recent_audit: deque[AuditEntry] = deque(repository.audit(last=RECENT_AUDIT), maxlen=RECENT_AUDIT)
         self._lock = asyncio.Lock()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-load")
         self.shadow = ShadowRunner(shadow_share, on_disagree=self._capture_disagreement)
@@ -184,11 +189,13 @@ class ModelManager:
 
     async def _record(self, action: str, version: str, who: str, outcome: str, why: str = "") -> None:
         """Appends the audit entry, durably, off the event loop (hashing a model file takes a while)."""
-        def record() -> None:
+        def record() -> AuditEntry:
             sha = self.repository.sha256(version) if version else ""
-            self.repository.record(AuditEntry.now(action, version, sha, who, outcome, why))
+            entry = AuditEntry.now(action, version, sha, who, outcome, why)
+            self.repository.record(entry)
+            return entry
 
-        await asyncio.get_running_loop().run_in_executor(None, record)
+        self.recent_audit.append(await asyncio.get_running_loop().run_in_executor(None, record))
 
     async def _load_candidate(self, version: str) -> LoadedModel:
         if version == self.production_version:

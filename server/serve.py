@@ -111,7 +111,7 @@ async def serve(args: argparse.Namespace) -> int:
     await server.start(wait_ready=False)
     console = None
     if args.console_port is not None:
-        console = await _start_console(server, args)
+        console = await _start_console(server, args, manager)
     ready = loop.create_task(server.wait_ready())
     stop_wait = loop.create_task(stop.wait())
     await asyncio.wait({ready, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -136,11 +136,11 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _start_console(server, args: argparse.Namespace):
+async def _start_console(server, args: argparse.Namespace, manager):
     from server.console import Console, ConsoleConfig
 
     console = Console(server, ConsoleConfig(port=args.console_port, bind=args.bind, tls_cert=args.tls_cert,
-                                            tls_key=args.tls_key))
+                                            tls_key=args.tls_key), models=manager)
     try:
         await console.start()
     except BaseException:

@@ -131,3 +131,34 @@ def test_capture_policy_disagree_saves_the_candidates_disagreements(shadow_repo:
     assert len(rows) == disagreeing
     assert {row["ModelVersion"] for row in rows} == {"3"}
     assert all(row["Reason"].startswith("disagree:") and row["ImageId"].count("_shadow-3") == 1 for row in rows)
+
+
+def test_the_console_shows_the_models_their_agreement_and_who_answered(shadow_repo: Path,
+                                                                       camera_frames: np.ndarray) -> None:
+    from server.console import Console, ConsoleConfig
+
+    async def main() -> dict:
+        async with repo_server(shadow_repo, shadow_share=1.0) as (server, manager):
+            console = Console(server, ConsoleConfig(port=0, refresh_hz=10), models=manager)
+            server.batch_listeners.append(console.observe)
+            await manager.load("2", who="op")
+            await inspect(server, camera_frames[:6], camera_id="cam-a")
+            await manager.promote("2", who="op")
+            await inspect(server, camera_frames[6:8], camera_id="cam-b")
+            for _ in range(50):  # each state encodes a budget of images: the latest frames show once encoded
+                state = await console.state()
+                if all(camera["latest"] for camera in state["cameras"]):
+                    break
+                await asyncio.sleep(0.05)
+            return state
+
+    state = asyncio.run(main())
+    models = state["models"]
+    assert (models["production"], models["candidate"], models["rollback_to"]) == ("2", None, "1")
+    assert [(e["action"], e["version"], e["outcome"]) for e in models["audit"]] == [("load", "2", "ok"),
+                                                                                   ("promote", "2", "ok")]
+    assert models["shadow"] is None, "the shadowed candidate became production"
+    assert state["model"]["version"] == "2"
+    latest = {camera["id"]: camera["latest"] for camera in state["cameras"]}
+    assert (latest["cam-a"]["frame_id"], latest["cam-a"]["model_version"]) == (5, "1")
+    assert (latest["cam-b"]["frame_id"], latest["cam-b"]["model_version"]) == (1, "2")
