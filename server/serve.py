@@ -18,7 +18,9 @@ DESCRIPTION = (
     "model is loaded and warmed up, SERVING after. SIGTERM/SIGINT: health NOT_SERVING, no new calls, "
     "every frame already read is answered, exit 0. When the model carries a drift reference, every "
     "camera's frame statistics are scored against it (GetLineStatus, /metrics, a log warning per "
-    "crossing); --capture-dir saves chosen frames with their predictions for retraining."
+    "crossing); --capture-dir saves chosen frames with their predictions for retraining. --model-repo serves a "
+    "model repository whose versions 'server models' loads, shadows, promotes and rolls back without a restart "
+    "(docs/models.md)."
 )
 
 log = logging.getLogger(__name__)

@@ -115,3 +115,21 @@ def test_allow_class_change_lets_other_classes_in(tmp_path: Path, defect_onnx: P
             assert {r.model_version for r in await inspect(server, camera_frames[:2])} == {"2"}
 
     asyncio.run(main())
+
+
+def test_a_restarted_server_keeps_its_roles_and_reloads_its_candidate(tmp_path: Path, defect_onnx: Path) -> None:
+    root = repo_of(tmp_path / "repo", {"1": defect_onnx, "2": defect_onnx, "3": b"corrupt"})
+    (root / STATE_FILE).write_text(json.dumps({"production": "2", "candidate": "1", "history": ["1"]}))
+
+    async def main(expect_candidate: str | None) -> None:
+        async with repo_server(root) as (server, manager):
+            assert server.info.model_version == "2"
+            await manager.restore_candidate()
+            assert (manager.candidate.version if manager.candidate else None) == expect_candidate
+
+    asyncio.run(main("1"))
+    (root / STATE_FILE).write_text(json.dumps({"production": "2", "candidate": "3", "history": []}))
+    asyncio.run(main(None))  # a candidate that no longer loads: production serves without one
+    audit = [(e["action"], e["version"], e["who"], e["outcome"])
+             for e in map(json.loads, (root / "audit.jsonl").read_text().splitlines())]
+    assert audit == [("load", "1", "server (restart)", "ok"), ("load", "3", "server (restart)", "failed")]
