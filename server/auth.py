@@ -17,6 +17,7 @@ import argparse
 import hmac
 import ipaddress
 import logging
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +39,18 @@ class AdminRefused(Exception):
 
 
 def is_loopback_peer(peer: str) -> bool:
-    """Whether a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, ``unix:...``) is local."""
+    """Whether a gRPC peer string is local: ``ipv4:127.0.0.1:5000``, ``ipv6:%5B::1%5D:5000`` (gRPC
+    percent-encodes the brackets), an IPv4-mapped loopback address, or ``unix:...``."""
     kind, _, rest = peer.partition(":")
     if kind == "unix":
         return True
-    host = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
+    host = urllib.parse.unquote(rest).rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _text(values: Any) -> list[str]:

@@ -130,6 +130,9 @@ def add_model_control(server: InspectionServer, manager: ModelManager, policy: A
         log.warning("event=management_access %s", policy.describe())
     else:
         log.info("event=management_access %s", policy.describe())
+    if policy.token is not None and server.config.tls_cert is None:
+        log.warning("event=management_token_in_clear the admin token travels unencrypted: serve TLS (--tls-cert, "
+                    "--tls-key) or bind to a trusted network only")
 
 
 __all__ = ["SERVICE_NAME", "ModelControlServicer", "add_model_control", "model_list", "models_status"]

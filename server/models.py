@@ -23,19 +23,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from engine.backends.base import Backend
+from engine.backends.base import Backend, InspectionResult
 from server.model_repo import AuditEntry, ModelRepository, RepositoryError, Roles
 from server.shadow import ShadowCollector, ShadowRunner, capture_disagreement
 from server.wire import model_info
 
 if TYPE_CHECKING:
+    from server.batcher import FinishedBatch
     from server.service import InspectionServer
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +136,7 @@ class ModelManager:
             target = history[-1] if history else ""
             return await self._audited("rollback", target, who, self._promote(target, rollback=True))
 
-    def _capture_disagreement(self, version: str, batch, i: int, result) -> None:
+    def _capture_disagreement(self, version: str, batch: FinishedBatch, i: int, result: InspectionResult) -> None:
         feedback = self.server.feedback
         capture_disagreement(feedback.writer if feedback is not None else None, version, batch, i, result)
 
@@ -173,7 +176,7 @@ class ModelManager:
 
     # ------------------------------------------------------------------ steps
 
-    async def _audited(self, action: str, version: str, who: str, step):
+    async def _audited(self, action: str, version: str, who: str, step: Awaitable[T]) -> T:
         """Runs ``step`` (a coroutine) and writes its outcome to the audit log either way."""
         try:
             result = await step

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.backends import BACKEND_CHOICES
 from server import config
@@ -22,6 +23,10 @@ DESCRIPTION = (
     "model repository whose versions 'server models' loads, shadows, promotes and rolls back without a restart "
     "(docs/models.md)."
 )
+
+if TYPE_CHECKING:
+    from server.models import ModelManager
+    from server.service import InspectionServer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 config_from_args = config.config_from_args
 
 
-def model_server(args: argparse.Namespace):
+def model_server(args: argparse.Namespace) -> tuple[InspectionServer, ModelManager]:
     """The InspectionServer and its ModelManager that ``args`` ask for (nothing is loaded yet).
 
     Raises:

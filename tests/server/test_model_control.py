@@ -103,8 +103,12 @@ def _outside_address() -> str | None:
 
 
 def test_without_an_admin_role_management_is_loopback_only(two_versions: Path) -> None:
-    assert is_loopback_peer("ipv4:127.0.0.1:5000") and is_loopback_peer("ipv6:[::1]:5000")
-    assert not is_loopback_peer("ipv4:192.0.2.7:5000") and not is_loopback_peer("ipv6:[fd00::2]:5000")
+    # The peer strings grpc.aio reports (it percent-encodes IPv6 brackets).
+    for peer in ("ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:5000", "ipv6:[::1]:5000", "ipv6:%5B::ffff:127.0.0.1%5D:5000",
+                 "unix:/run/strip.sock"):
+        assert is_loopback_peer(peer), peer
+    for peer in ("ipv4:192.0.2.7:5000", "ipv6:%5Bfd00::2%5D:5000", "ipv6:%5B::ffff:192.0.2.7%5D:5000", "dns:x:1", ""):
+        assert not is_loopback_peer(peer), peer
     outside = _outside_address()
 
     async def main() -> None:
