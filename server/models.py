@@ -206,11 +206,15 @@ class ModelManager:
         if self.candidate is not None and self.candidate.version == version:
             return self.candidate
         loaded = await self._load_checked(version)
+        roles = self.repository.roles
+        try:
+            self._write_roles(Roles(roles.production, version, roles.history))
+        except ModelChangeRefused:
+            await asyncio.get_running_loop().run_in_executor(self._loader, loaded.backend.close)
+            raise
         await self._drop_candidate()
         self.candidate = loaded
         self.shadow.attach(loaded.version, loaded.backend)
-        roles = self.repository.roles
-        self.repository.set_roles(Roles(roles.production, version, roles.history))
         return loaded
 
     async def _unload_candidate(self, version: str) -> None:
@@ -218,9 +222,9 @@ class ModelManager:
             loaded = self.candidate.version if self.candidate else "none"
             raise ModelChangeRefused(f"version {version!r} is not the loaded candidate (the candidate is {loaded}); "
                                      "production is replaced by promote or rollback, never unloaded")
-        await self._drop_candidate()
         roles = self.repository.roles
-        self.repository.set_roles(Roles(roles.production, None, roles.history))
+        self._write_roles(Roles(roles.production, None, roles.history))
+        await self._drop_candidate()
 
     async def _drop_candidate(self) -> None:
         if self.candidate is not None:
@@ -234,17 +238,40 @@ class ModelManager:
                                      else "no version named and no candidate loaded")
         if version == self.production_version:
             raise ModelChangeRefused(f"version {version!r} is production already")
-        if self.candidate is not None and self.candidate.version == version:
-            await self.shadow.detach()  # the candidate's backend moves to the inference thread
-            loaded, self.candidate = self.candidate, None
+        was_candidate = self.candidate is not None and self.candidate.version == version
+        if was_candidate:
+            loaded = self.candidate
+            self._check(loaded)  # production may have changed since the candidate was loaded
         else:
             loaded = await self._load_checked(version)
         roles = self.repository.roles
         history = roles.history[:-1] if rollback else (*roles.history, roles.production)
-        candidate = None if roles.candidate == version else roles.candidate
-        self.repository.set_roles(Roles(version, candidate, history))
+        try:
+            self._write_roles(Roles(version, None if roles.candidate == version else roles.candidate, history))
+        except ModelChangeRefused:
+            if not was_candidate:
+                await asyncio.get_running_loop().run_in_executor(self._loader, loaded.backend.close)
+            raise
+        if was_candidate:
+            await self.shadow.detach()  # the candidate's backend moves to the inference thread
+            self.candidate = None
         await self._switch(loaded)
         return version
+
+    def _write_roles(self, roles: Roles) -> None:
+        """Records ``roles`` durably before they take effect; a disk that refuses refuses the change."""
+        try:
+            self.repository.set_roles(roles)
+        except OSError as exc:
+            raise ModelChangeRefused(f"cannot record the new roles in the repository: {exc}") from exc
+
+    def _check(self, loaded: LoadedModel) -> None:
+        """Raises ModelChangeRefused when ``loaded`` cannot replace the current production."""
+        batcher, production = self.server.batcher, self.server.backend
+        assert batcher is not None and production is not None
+        problem = compatibility_problem(loaded.backend, production, batcher.max_batch, self.allow_class_change)
+        if problem is not None:
+            raise ModelChangeRefused(f"version {loaded.version!r} does not fit this line: {problem}")
 
     async def _load_checked(self, version: str) -> LoadedModel:
         """``version`` loaded, warmed up and checked against production, or ModelChangeRefused."""
@@ -263,10 +290,9 @@ class ModelManager:
         except Exception as exc:  # noqa: BLE001 - whatever a corrupt file raises, production stays
             raise ModelChangeRefused(f"loading version {version!r} ({path.name}) failed: "
                                      f"{type(exc).__name__}: {exc}") from exc
+        loaded = LoadedModel(version, backend, sha)
         try:
-            problem = compatibility_problem(backend, production, batcher.max_batch, self.allow_class_change)
-            if problem is not None:
-                raise ModelChangeRefused(f"version {version!r} does not fit this line: {problem}")
+            self._check(loaded)
             if self.server.config.warmup:
                 await loop.run_in_executor(self._loader, backend.warmup, sizes)
         except ModelChangeRefused:
@@ -275,7 +301,7 @@ class ModelManager:
         except Exception as exc:  # noqa: BLE001
             await loop.run_in_executor(self._loader, backend.close)
             raise ModelChangeRefused(f"warming up version {version!r} failed: {type(exc).__name__}: {exc}") from exc
-        return LoadedModel(version, backend, sha)
+        return loaded
 
     async def _switch(self, loaded: LoadedModel) -> None:
         """Between batches: ``loaded`` serves every batch from now on; the old backend is closed after
