@@ -12,6 +12,7 @@ COMMANDS: dict[str, str] = {
     "stream": "benchmarks.stream",
     "model": "benchmarks.models",
     "failover": "benchmarks.failover",
+    "swap": "benchmarks.swap",
 }
 
 
