@@ -203,6 +203,12 @@ class ShadowRunner:
                 batch: FinishedBatch, chosen: np.ndarray) -> None:
         agreement = compare(production, candidate)
         disagree = np.flatnonzero(~agreement["agreed"].all(axis=1))
+        if self._on_disagree is not None:  # before the counts: a frame counted is a frame fully handled
+            for i in disagree:
+                try:
+                    self._on_disagree(version, batch, int(chosen[i]), candidate.subset(slice(int(i), int(i) + 1)))
+                except Exception:  # noqa: BLE001 - capture is best effort; the comparison still counts
+                    log.exception("event=shadow_capture_error")
         with self._counts:
             status = self._status
             if status is None or status.version != version:
@@ -215,9 +221,6 @@ class ShadowRunner:
                 c.dice_frames += int(agreement["either"][:, k].sum())
                 c.dice_sum += float(agreement["dice"][:, k][agreement["either"][:, k]].sum())
                 c.count_difference_sum += int(agreement["difference"][:, k].sum())
-        if self._on_disagree is not None:
-            for i in disagree:
-                self._on_disagree(version, batch, int(chosen[i]), candidate.subset(slice(int(i), int(i) + 1)))
 
 
 def capture_disagreement(writer: CaptureWriter | None, version: str, batch: FinishedBatch, i: int,
