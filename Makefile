@@ -46,7 +46,7 @@ failover: $(STAMP)
 
 # Regenerates the committed gRPC code (a test checks it is up to date).
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/inspection/v1/inspection.proto
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/inspection/v1/inspection.proto protos/inspection/v1/model_control.proto
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache .ruff_cache

@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "model": "benchmarks.models",
     "failover": "benchmarks.failover",
     "coil-close": "benchmarks.coilclose",
+    "swap": "benchmarks.swap",
 }
 
 

@@ -59,6 +59,7 @@ class FrameResult:
     inference_s: float
     postprocess_s: float
     batch_size: int
+    model_version: str = ""  # the model that ran the frame's batch
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class FinishedBatch:
         frames: uint8 ``[N, H, W]``, the frames the model saw.
         result: the backend's output for the batch.
         rles: per frame, one RLE per class.
+        model_version: the model that ran the batch.
     """
 
     camera_ids: list[str]
@@ -78,6 +80,7 @@ class FinishedBatch:
     frames: np.ndarray
     result: InspectionResult
     rles: list[list[str]]
+    model_version: str = ""
 
 
 @dataclass(eq=False)  # identity: queue removal must not compare frames
@@ -109,6 +112,10 @@ class DynamicBatcher:
         before_answer: awaited with each :class:`FinishedBatch` before its answers are set; returns
             per frame None or the exception to answer that frame with (:class:`FrameNotRecorded`).
             If it raises, every frame of the batch gets :class:`FrameNotRecorded`.
+        model_version: names ``backend`` in every :class:`FrameResult` it produces.
+
+    The model can change between batches (:meth:`swap`): each batch takes the backend once, when it
+    starts, so it runs entirely on one model.
     """
 
     def __init__(
@@ -121,6 +128,7 @@ class DynamicBatcher:
         inference_thread: ThreadPoolExecutor | None = None,
         on_batch: Callable[[FinishedBatch], None] | None = None,
         before_answer: Callable[[FinishedBatch], Awaitable[Sequence[Exception | None]]] | None = None,
+        model_version: str = "",
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -131,6 +139,7 @@ class DynamicBatcher:
             log.info("event=batch_limit max_batch=%d backend_max_batch=%d", max_batch, limit)
             max_batch = limit
         self.backend = backend
+        self.model_version = model_version
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self._workers = workers
@@ -152,6 +161,16 @@ class DynamicBatcher:
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
+
+    def swap(self, backend: Backend, model_version: str) -> Backend:
+        """Makes ``backend`` run every batch that starts from now on; returns the previous backend.
+
+        Batches already started finish on the previous one: close it with
+        :meth:`run_on_backend_thread`, which runs after them (the inference thread is first in,
+        first out). The caller checks ``backend`` accepts ``max_batch`` frames.
+        """
+        previous, self.backend, self.model_version = self.backend, backend, model_version
+        return previous
 
     async def run_on_backend_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Runs ``fn(*args)`` on the inference thread (loading, warm-up)."""
@@ -246,10 +265,11 @@ class DynamicBatcher:
             batch.append(item)
         return batch
 
-    def _infer(self, frames: list[np.ndarray]) -> tuple[np.ndarray, InspectionResult, float]:
+    @staticmethod
+    def _infer(backend: Backend, frames: list[np.ndarray]) -> tuple[np.ndarray, InspectionResult, float]:
         stacked = np.stack(frames)
         start = time.perf_counter()
-        result = self.backend.infer(stacked)
+        result = backend.infer(stacked)
         return stacked, result, time.perf_counter() - start
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
@@ -258,9 +278,10 @@ class DynamicBatcher:
         for item in batch:
             self._metrics.queue_seconds.observe(started - item.enqueued)
         self._metrics.batch_size.observe(len(batch))
+        backend, model_version = self.backend, self.model_version  # once: the batch runs on one model
         try:
             frames, result, inference_s = await loop.run_in_executor(
-                self._inference, self._infer, [item.frame for item in batch]
+                self._inference, self._infer, backend, [item.frame for item in batch]
             )
         except asyncio.CancelledError:
             for item in batch:
@@ -275,12 +296,13 @@ class DynamicBatcher:
                     item.future.set_exception(failure)
             return
         self._metrics.inference_seconds.observe(inference_s)
-        task = loop.create_task(self._finish(batch, frames, result, started, inference_s))
+        task = loop.create_task(self._finish(batch, frames, result, started, inference_s, model_version))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
     async def _finish(
-        self, batch: list[_Pending], frames: np.ndarray, result: InspectionResult, started: float, inference_s: float
+        self, batch: list[_Pending], frames: np.ndarray, result: InspectionResult, started: float, inference_s: float,
+        model_version: str,
     ) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
@@ -297,7 +319,7 @@ class DynamicBatcher:
         self._metrics.postprocess_seconds.observe(postprocess_s)
         # Frames whose stream went away are in it too: they were inspected all the same.
         finished = FinishedBatch([item.camera_id for item in batch], [item.source for item in batch], frames,
-                                 result, rles)
+                                 result, rles, model_version)
         failures = await self._durable(finished)
         for i, item in enumerate(batch):
             if item.future.done():
@@ -314,6 +336,7 @@ class DynamicBatcher:
                     inference_s=inference_s,
                     postprocess_s=postprocess_s,
                     batch_size=len(batch),
+                    model_version=model_version,
                 )
             )
         if self._on_batch is not None:

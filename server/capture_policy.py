@@ -1,7 +1,9 @@
 """Which frames ``server serve --capture`` saves for retraining: the policy and its flag syntax.
 
 A policy is a comma-separated list of rules: ``uncertain`` (a class whose pixel count lies near its
-minimum area), ``defects`` (any present class), ``sample:P`` (a random share P of the frames).
+minimum area), ``defects`` (any present class), ``sample:P`` (a random share P of the frames),
+``disagree`` (a shadow-run candidate disagrees with production on a class's presence: the frame is
+saved with the candidate's predictions, :mod:`server.shadow`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-POLICY_TOKENS = ("uncertain", "defects", "sample:P")
+POLICY_TOKENS = ("uncertain", "defects", "sample:P", "disagree")
 DEFAULT_CAPTURE_POLICY = "uncertain,defects,sample:0.01"
 #: A class is "uncertain" when its pixel count lies in [lo, hi] x its minimum area (and is not 0).
 DEFAULT_UNCERTAIN_BAND = (0.5, 2.0)
@@ -29,6 +31,8 @@ class CapturePolicy:
             Defined on the exact counts the server has; probabilities are not output in production.
         defects: frames with any present class.
         sample: share of all frames captured at random (0 = none).
+        disagree: frames where the shadow-run candidate disagrees with production (chosen by the
+            shadow run, never by :meth:`reasons`).
         uncertain_band: the ``(lo, hi)`` multipliers of the minimum area.
     """
 
@@ -36,6 +40,7 @@ class CapturePolicy:
     defects: bool = False
     sample: float = 0.0
     uncertain_band: tuple[float, float] = DEFAULT_UNCERTAIN_BAND
+    disagree: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.uncertain_band
@@ -63,7 +68,7 @@ class CapturePolicy:
             name = name.strip().lower()
             if name in fields:
                 raise ValueError(f"capture policy {text!r}: token {token!r} repeats {name!r}")
-            if name in ("uncertain", "defects") and not sep:
+            if name in ("uncertain", "defects", "disagree") and not sep:
                 fields[name] = True
             elif name == "sample" and sep:
                 try:
@@ -86,6 +91,8 @@ class CapturePolicy:
         parts = [n for n in ("uncertain", "defects") if getattr(self, n)]
         if self.sample:
             parts.append(f"sample:{self.sample:g}")
+        if self.disagree:
+            parts.append("disagree")
         return ",".join(parts) or "none"
 
     def reasons(

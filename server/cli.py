@@ -9,6 +9,7 @@ from engine.cli_util import run_cli
 
 COMMANDS: dict[str, str] = {
     "serve": "server.serve",
+    "models": "server.models_cli",
     "client": "client.stream_folder",
     "status": "client.status",
     "coils": "server.coils_cli",

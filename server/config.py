@@ -186,6 +186,8 @@ class ServerConfig:
     metrics_port: int | None = _setting(9100, "Prometheus /metrics port; 0 picks a free one, -1 disables")
     tls_cert: Path | None = _setting(None, "PEM certificate chain: serve TLS", type=Path)
     tls_key: Path | None = _setting(None, "PEM private key of --tls-cert", type=Path)
+    tls_client_ca: Path | None = _setting(
+        None, "PEM CA certificate(s): every client must present a certificate it signed (mutual TLS)", type=Path)
     decode_workers: int = _setting(2, "threads decoding frames and encoding results")
     max_frame_pixels: int = _setting(4096 * 4096, "largest width x height a frame may declare")
     max_message_bytes: int = _setting(MAX_MESSAGE_BYTES, "gRPC message size limit", flag=False)
@@ -244,6 +246,8 @@ class ServerConfig:
             raise ValueError(f"metrics_port (--metrics-port) must lie in 0..65535, got {self.metrics_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs TLS (--tls-cert and --tls-key)")
         check_drift_settings(self.drift_window, self.drift_min_frames, self.drift_psi_threshold,
                              self.drift_ks_threshold, self.drift_max_cameras)
         check_coil_settings(self.coil_db, self.coil_spool, self.coil_spool_mb, self.coil_silence_s, self.line)
@@ -307,7 +311,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         FileNotFoundError: a TLS file or the line description is missing.
         coils.line.LineError: the line description is wrong (a ValueError naming the key and camera).
     """
-    for flag in ("tls_cert", "tls_key"):
+    for flag in ("tls_cert", "tls_key", "tls_client_ca"):
         path = getattr(args, flag)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")

@@ -45,12 +45,13 @@ from server.console_alarms import AlarmBanner
 from server.console_buffer import CameraBuffer, Shot, newer
 from server.console_coils import CoilPages
 from server.console_connections import ConnectionGuard
-from server.console_state import camera_state, latency_buckets, server_state
+from server.console_state import camera_state, latency_buckets, models_state, server_state
 
 if TYPE_CHECKING:
     from aiohttp import web
 
     from server.batcher import FinishedBatch
+    from server.models import ModelManager
     from server.service import InspectionServer
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,10 @@ class Console:
         await console.stop()
     """
 
-    def __init__(self, server: InspectionServer, config: ConsoleConfig | None = None) -> None:
+    def __init__(self, server: InspectionServer, config: ConsoleConfig | None = None,
+                 models: ModelManager | None = None) -> None:
         self.server = server
+        self.models = models  # production, candidate, shadow run and audit log shown when given
         self.config = config or ConsoleConfig()
         cfg = self.config
         self.port: int | None = None
@@ -308,7 +311,8 @@ class Console:
                          cfg.history_s, self._load)
             for camera in buffer.cameras.values()
         ]
-        return {"time": time.time(), **server_state(self.server, self._load), "cameras": cameras,
+        return {"time": time.time(), **server_state(self.server, self._load), **models_state(self.models),
+                "cameras": cameras,
                 "max_cameras": cfg.max_cameras, "cameras_not_shown": len(buffer.hidden),
                 "cameras_evicted": buffer.evicted}
 

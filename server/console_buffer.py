@@ -43,6 +43,7 @@ class Shot:
     rles: list[str]
     counts: np.ndarray  # int [C]
     present: np.ndarray  # bool [C]
+    model_version: str = ""  # the model that answered the frame
 
 
 def newer(shot: Shot, other: Shot) -> bool:
@@ -108,7 +109,7 @@ class CameraBuffer:
             camera.seen = seen
             self._seq += 1
             shot = Shot(self._seq, camera_id, int(getattr(batch.sources[i], "frame_id", -1)), now, batch.frames[i],
-                        batch.rles[i], counts[i], present[i])
+                        batch.rles[i], counts[i], present[i], batch.model_version)
             if camera.latest is None or newer(shot, camera.latest):
                 camera.latest = shot
             camera.frames += 1
@@ -120,7 +121,8 @@ class CameraBuffer:
                 if self.thumbnails:
                     # A copy: a kept thumbnail must not pin its whole batch.
                     keep_in_order(camera.defective, Shot(shot.seq, camera_id, shot.frame_id, now, batch.frames[i].copy(),
-                                                         shot.rles, shot.counts, shot.present), self.thumbnails)
+                                                         shot.rles, shot.counts, shot.present, shot.model_version),
+                                   self.thumbnails)
 
     def _add_camera(self, camera_id: str, num_classes: int) -> Camera:
         if len(self.cameras) >= self.max_cameras:

@@ -3,7 +3,7 @@
 Kept apart from :mod:`server.console` (the web server and the frame buffer) so that what the page
 says is one set of small functions, each reading one source: the camera buffers, the Prometheus
 series of :class:`server.metrics.ServerMetrics`, the line feedback's ``LineStatus``, the model's
-``ModelInfo``.
+``ModelInfo``, the model manager's roles, shadow run and audit log.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from server.metrics import ServerMetrics
+    from server.models import ModelManager
     from server.service import InspectionServer
 
 Load = Sequence[tuple[float, int, dict[str, int], np.ndarray]]  # (monotonic, answered, frames per camera, buckets)
@@ -90,10 +91,32 @@ def model_state(server: InspectionServer) -> dict[str, Any]:
          "min_area": meta.min_areas[i]}
         for i, (k, name) in enumerate(zip(meta.class_ids, meta.class_names))
     ]
-    model = {"version": meta.model_version, "backend": backend.name, "precision": backend.precision,
+    version = server.info.model_version if server.info is not None else meta.model_version  # a repository's name
+    model = {"version": version, "backend": backend.name, "precision": backend.precision,
              "device": backend.device, "encoder": meta.encoder, "folds": meta.folds,
              "input": [meta.input_height, meta.input_width]}
     return {"model": model, "classes": classes}
+
+
+def models_state(manager: ModelManager | None) -> dict[str, Any]:
+    """Production, the candidate, its shadow run's agreement per class and the audit log's last entries."""
+    if manager is None:
+        return {"models": None}
+    shadow = manager.shadow.status()
+    agreement = None
+    if shadow is not None:
+        agreement = {
+            "share": shadow.share, "frames": shadow.frames, "skipped": shadow.skipped,
+            "disagreeing_frames": shadow.disagreeing_frames, "latency_s": shadow.latency_s,
+            "classes": [{"name": c.name, "presence": shadow.presence_agreement(k), "dice": shadow.dice(k),
+                         "pixel_difference": shadow.count_difference(k)} for k, c in enumerate(shadow.classes)],
+        }
+    roles = manager.repository.roles
+    audit = [{"time": e.time, "action": e.action, "version": e.version, "who": e.who, "outcome": e.outcome,
+              "why": e.why} for e in manager.recent_audit]
+    return {"models": {"production": roles.production, "candidate": manager.candidate.version if manager.candidate
+                       else None, "rollback_to": roles.history[-1] if roles.history else None,
+                       "shadow": agreement, "audit": audit}}
 
 
 def line_state(server: InspectionServer) -> dict[str, Any]:
@@ -129,7 +152,7 @@ def _shot_state(shot: Any, kind: str) -> dict[str, Any]:
     return {
         "seq": shot.seq, "frame_id": shot.frame_id, "time": shot.time,
         "image": f"/frames/{shot.seq}.jpg", "thumb": f"/thumbs/{shot.seq}.jpg" if kind == "thumb" else None,
-        "counts": counts, "present": present,
+        "counts": counts, "present": present, "model_version": shot.model_version,
         "discarded": [bool(n > 0 and not p) for n, p in zip(counts, present)],
     }
 

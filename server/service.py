@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -32,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from engine.backends.base import Backend
 from protos.inspection.v1 import inspection_pb2 as pb
 from server.admission import Admission
+from server.auth import server_credentials
 from server.batcher import DynamicBatcher, FrameExpired, FrameNotRecorded, InferenceFailed
 from server.calls import CameraCall, Servicer
 from server.config import ServerConfig, clip
@@ -72,6 +72,8 @@ class InspectionServer:
             the inference thread after the port is open, while health says NOT_SERVING; a backend
             made this way is closed by :meth:`stop`).
         config: listening, batching and limits.
+        model_version: names the model in answers and ``GetModelInfo`` (a model repository's
+            version); None: the model's own metadata version.
 
     Example::
 
@@ -81,8 +83,10 @@ class InspectionServer:
         await server.stop(grace=30)
     """
 
-    def __init__(self, backend: Backend | Callable[[], Backend], config: ServerConfig | None = None) -> None:
+    def __init__(self, backend: Backend | Callable[[], Backend], config: ServerConfig | None = None,
+                 model_version: str | None = None) -> None:
         self.config = config or ServerConfig()
+        self.model_label = model_version
         self._backend_source = backend
         self.backend: Backend | None = backend if isinstance(backend, Backend) else None
         self.metrics = ServerMetrics()
@@ -120,6 +124,8 @@ class InspectionServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._frame_tasks: set[asyncio.Task[pb.InspectResponse]] = set()
+        #: Called with the gRPC server before it starts, to add services on the same port (ModelControl).
+        self.extra_services: list[Callable[[grpc.aio.Server], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,6 +137,11 @@ class InspectionServer:
     def inflight(self) -> int:
         """Frames read and not yet answered (what :class:`Admission` holds)."""
         return self.admission.inflight
+
+    @property
+    def batcher(self) -> DynamicBatcher | None:
+        """The dynamic batcher, once the model is loaded (server.models swaps its backend)."""
+        return self._batcher
 
     @property
     def open_streams(self) -> int:
@@ -170,6 +181,8 @@ class InspectionServer:
         )
         add_servicer(Servicer(self), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        for add_service in self.extra_services:
+            add_service(self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._grpc,
@@ -179,7 +192,7 @@ class InspectionServer:
         address = f"{cfg.bind}:{cfg.port}"
         try:
             if cfg.tls_cert is not None:
-                self.port = self._grpc.add_secure_port(address, self._tls_credentials())
+                self.port = self._grpc.add_secure_port(address, server_credentials(cfg))
             else:
                 self.port = self._grpc.add_insecure_port(address)
         except RuntimeError as exc:
@@ -247,15 +260,6 @@ class InspectionServer:
         """True while the model is loaded and the server is not shutting down."""
         return self._ready and not self._stopping
 
-    def _tls_credentials(self) -> grpc.ServerCredentials:
-        cfg = self.config
-        files = {}
-        for flag, path in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key)):
-            if path is None or not Path(path).is_file():
-                raise FileNotFoundError(f"{flag} {path}: no such file")
-            files[flag] = Path(path).read_bytes()
-        return grpc.ssl_server_credentials([(files["--tls-key"], files["--tls-cert"])])
-
     async def _load(self) -> None:
         try:
             await self._load_and_warm_up()
@@ -286,11 +290,12 @@ class InspectionServer:
         self._batcher = DynamicBatcher(
             backend, cfg.max_batch, cfg.max_delay_ms / 1000.0, self._workers, self.metrics, self._inference_thread,
             on_batch=self._batch_finished, before_answer=self._commit_coils if self.coils is not None else None,
+            model_version=self.model_label or backend.metadata.model_version,
         )
         if cfg.warmup:
             sizes = tuple(sorted({1, self._batcher.max_batch}))
             await self._batcher.run_on_backend_thread(backend.warmup, sizes)
-        self.info = model_info(backend, self._batcher.max_batch)
+        self.info = model_info(backend, self._batcher.max_batch, self._batcher.model_version)
         self._batcher.start()
         self._ready = True
         if not self._stopping:
@@ -455,7 +460,7 @@ class InspectionServer:
             log.exception("event=frame_error camera=%r frame=%d", clip(request.camera_id), request.frame_id)
             return self._error(request, grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", received)
         total_s = self._observe_total(received)
-        return frame_response(request, result, self._model_version, decode_s, total_s)
+        return frame_response(request, result, result.model_version, decode_s, total_s)
 
     def _unknown_camera(self, camera_id: str) -> str | None:
         """Why a coil frame of ``camera_id`` cannot be placed on its coil, or None."""
@@ -469,7 +474,7 @@ class InspectionServer:
 
     @property
     def _model_version(self) -> str:
-        return self.info.model_version if self.info else ""
+        return self._batcher.model_version if self._batcher else ""
 
     def _observe_total(self, received: float) -> float:
         total_s = time.perf_counter() - received

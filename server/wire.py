@@ -139,7 +139,8 @@ async def end_stream(context: grpc.aio.ServicerContext, code: grpc.StatusCode, d
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
 
-def model_info(backend: Backend, max_batch: int) -> pb.ModelInfo:
+def model_info(backend: Backend, max_batch: int, model_version: str | None = None) -> pb.ModelInfo:
+    """``GetModelInfo``'s answer for ``backend``; ``model_version`` overrides the metadata's (a repository version)."""
     meta = backend.metadata
     return pb.ModelInfo(
         classes=[pb.DefectClass(class_id=k, name=n) for k, n in zip(meta.class_ids, meta.class_names)],
@@ -150,7 +151,7 @@ def model_info(backend: Backend, max_batch: int) -> pb.ModelInfo:
         backend=backend.name,
         precision=backend.precision,
         backend_selection=backend.selection,
-        model_version=meta.model_version,
+        model_version=meta.model_version if model_version is None else model_version,
         device=backend.device,
         max_batch=max_batch,
         folds=meta.folds,

@@ -18,11 +18,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class ServeProcess:
-    """``server serve`` as a real process on a free port, its log collected by a reader thread."""
+    """``server serve`` as a real process on a free port, its log collected by a reader thread
+    (``model`` None: the flags name what to serve, e.g. ``--model-repo DIR``)."""
 
-    def __init__(self, model: Path, *flags: str, **popen) -> None:
+    def __init__(self, model: Path | None, *flags: str, **popen) -> None:
+        serves = ["--model", str(model)] if model is not None else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--port", "0",
+            [sys.executable, "-m", "server.cli", "serve", *serves, "--port", "0",
              "--metrics-port", "-1", "--device", "cpu", *flags],
             cwd=REPO, stderr=subprocess.PIPE, text=True, **popen,
         )

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PROTO = "protos/inspection/v1/inspection.proto"
-GENERATED = ("inspection_pb2.py", "inspection_pb2.pyi", "inspection_pb2_grpc.py")
+PROTOS = ("protos/inspection/v1/inspection.proto", "protos/inspection/v1/model_control.proto")
+GENERATED = tuple(f"{Path(proto).stem}{end}" for proto in PROTOS for end in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
 # The generator's own version stamps: a fresh install may bring a newer grpcio-tools patch release
 # than the one that generated the committed code, which changes nothing in the contract.
 STAMPS = (re.compile(r"GRPC_GENERATED_VERSION = '[^']*'"), re.compile(r"# Protobuf Python Version: \S+"),
@@ -28,7 +28,7 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     # The same command as the Makefile's `proto` target, writing into a temporary tree.
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", PROTO],
+         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", *PROTOS],
         cwd=REPO, check=True, capture_output=True, text=True,
     )
     for name in GENERATED:
@@ -136,7 +136,7 @@ def test_proto_names_the_limits_a_camera_must_respect() -> None:
     # The bound and the size limit are server.config's; the proto comments name them and their values.
     from server.config import MAX_CAMERA_ID_BYTES, MAX_MESSAGE_BYTES
 
-    text = (REPO / PROTO).read_text()
+    text = (REPO / PROTOS[0]).read_text()
     assert f"At most {MAX_CAMERA_ID_BYTES} bytes of UTF-8 (server.config.MAX_CAMERA_ID_BYTES)" in text
     assert MAX_MESSAGE_BYTES == 16 * 1024 * 1024
     assert "server.config.MAX_MESSAGE_BYTES" in text and "16 MiB" in text
