@@ -225,6 +225,10 @@ class ServerConfig:
         None, "OPC UA server certificate (DER or PEM) with --opcua-key: the endpoint then offers only "
         "Basic256Sha256 Sign&Encrypt (passwords and values encrypted); without: no message security", type=Path)
     opcua_key: Path | None = _setting(None, "the private key (PEM) of --opcua-cert", type=Path)
+    opcua_trusted_certs: Path | None = _setting(
+        None, "OPC UA certificate users: a folder of trusted client certificates (DER or PEM, or a CA that signed "
+        "them); a client must present one, and may log in with it (user = its subject CN); needs --opcua-cert",
+        type=Path)
     opcua_anonymous: bool = _setting(False, "allow anonymous OPC UA clients", flag=False)
     capture: CaptureConfig | None = field(default=None, metadata={"flag": False})
     #: The line's geometry (``--line line.yaml``, :mod:`coils.line`); None: GetLine says there is none.
@@ -259,8 +263,14 @@ class ServerConfig:
             raise ValueError(f"--opcua-endpoint must be an opc.tcp://HOST:PORT URL, got {self.opcua_endpoint!r}")
         if (self.opcua_cert is None) != (self.opcua_key is None):
             raise ValueError("OPC UA security needs both a certificate (--opcua-cert) and its key (--opcua-key)")
-        if self.opcua_endpoint is not None and self.opcua_users is None and not self.opcua_anonymous:
-            raise ValueError("--opcua-endpoint needs --opcua-users FILE (user:password lines) or --opcua-anonymous")
+        if self.opcua_trusted_certs is not None and self.opcua_cert is None:
+            raise ValueError("--opcua-trusted-certs needs an encrypted endpoint (--opcua-cert and --opcua-key)")
+        if self.opcua_trusted_certs is not None and not Path(self.opcua_trusted_certs).is_dir():
+            raise ValueError(f"--opcua-trusted-certs {self.opcua_trusted_certs}: no such folder")
+        if (self.opcua_endpoint is not None and self.opcua_users is None and self.opcua_trusted_certs is None
+                and not self.opcua_anonymous):
+            raise ValueError("--opcua-endpoint needs --opcua-users FILE (user:password lines), --opcua-trusted-certs "
+                             "DIR (client certificates) or --opcua-anonymous")
 
     def coil_tracking(self) -> CoilTrackingConfig | None:
         """The coil database and spool, resolved; None without ``--coil-db``."""

@@ -19,12 +19,17 @@ Security: anonymous access is off unless ``--opcua-anonymous``; users come from 
 (``name:password`` lines, or ``name:sha256:HEX``). With ``--opcua-cert``/``--opcua-key`` the endpoint
 offers only Basic256Sha256 Sign&Encrypt, so passwords and values are encrypted; without them it offers
 no message security and passwords cross the network in clear (loopback or a closed control network).
+``--opcua-trusted-certs DIR`` (with ``--opcua-cert``) adds certificate users: asyncua's trust store of the
+folder's certificates (or CAs) checks every client's application certificate when its session is created
+(an untrusted one is refused), and a client may log in with its certificate instead of a password, as
+the user named by the certificate's subject CN. An acknowledgement is stored as ``opcua:<user>``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -34,7 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Node, Server, ua
-from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.crypto import uacrypto
+from asyncua.crypto.permission_rules import SimpleRoleRuleset, User, UserRole
+from asyncua.crypto.truststore import TrustStore
+from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+from cryptography import x509
 
 from coils.alarms import Alarm
 from server.line_monitor import CoilState, LineSnapshot
@@ -44,16 +53,19 @@ log = logging.getLogger(__name__)
 NAMESPACE = "urn:strip-inspection:line"
 #: The server's application URI (a certificate given with --opcua-cert should carry it).
 APPLICATION_URI = "urn:strip-inspection:server"
+#: Most characters of a user's name stored with an acknowledgement (the column holds 256).
+MAX_USER_CHARS = 200
 #: Seconds between two publications of the line's values.
 PUBLISH_INTERVAL_S = 0.5
 _S, _D, _U = ua.VariantType.String, ua.VariantType.Double, ua.VariantType.UInt64
 
 
 class FileUsers:
-    """asyncua user manager: the users of a ``name:password`` (or ``name:sha256:HEX``) file; anonymous if allowed."""
+    """asyncua user manager: the users of a ``name:password`` (or ``name:sha256:HEX``) file, the certificate
+    users of a trust store (named by their subject CN), and anonymous if allowed."""
 
-    def __init__(self, path: Path | None, anonymous: bool) -> None:
-        self.anonymous = anonymous
+    def __init__(self, path: Path | None, anonymous: bool, trust: TrustStore | None = None) -> None:
+        self.anonymous, self.trust = anonymous, trust
         self.users: dict[str, str] = {}
         for n, line in enumerate(Path(path).read_text().splitlines() if path is not None else [], 1):
             if not line.strip() or line.lstrip().startswith("#"):
@@ -64,12 +76,47 @@ class FileUsers:
             self.users[name] = secret if secret.startswith("sha256:") else "sha256:" + _sha256(secret)
 
     def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
-                 certificate: Any = None) -> User | None:
-        if username is None:
-            return User(role=UserRole.User, name="anonymous") if self.anonymous else None
-        expected = self.users.get(username)
-        given = "sha256:" + _sha256(password or "")
-        return User(role=UserRole.User, name=username) if expected and hmac.compare_digest(expected, given) else None
+                 certificate: bytes | None = None) -> User | None:
+        """The session's user; None refuses it. ``certificate`` is the X509 identity token's (asyncua has
+        checked its signature), or the channel's when the token is anonymous: either way the client holds
+        its key, so a trusted one names the user."""
+        if username is not None:
+            expected = self.users.get(username)
+            given = "sha256:" + _sha256(password or "")
+            return User(role=UserRole.User, name=username) if expected and hmac.compare_digest(expected, given) else None
+        if certificate and self.trust is not None:
+            trusted = uacrypto.x509_from_der(certificate)
+            if self.trust.validate(trusted):
+                return User(role=UserRole.User, name=common_name(trusted))
+        return User(role=UserRole.User, name="anonymous") if self.anonymous else None
+
+
+def common_name(certificate: x509.Certificate) -> str:
+    """The certificate's subject CN (its whole subject when it has none): the name of a certificate user."""
+    names = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(names[0].value) if names else certificate.subject.rfc4514_string()
+
+
+#: The user of the request being served. asyncua hands a method no session, but serves each connection's
+#: requests in one task and asks the permission rules first, with the session's user: they note it here.
+_caller: contextvars.ContextVar[str] = contextvars.ContextVar("opcua_caller", default="opcua")
+
+
+class CallerRules(SimpleRoleRuleset):
+    """asyncua's standard role rules, noting each request's user for the methods (see :data:`_caller`)."""
+
+    def check_validity(self, user: User | None, action_type_id: ua.NodeId, body: Any) -> bool:
+        _caller.set(f"opcua:{user.name[:MAX_USER_CHARS]}" if user is not None and user.name else "opcua")
+        return super().check_validity(user, action_type_id, body)
+
+
+async def _trust_store(folder: Path) -> TrustStore:
+    """The trust store of ``--opcua-trusted-certs`` (refused at start when it holds no certificate)."""
+    if not any(f.suffix.lower() in (".der", ".pem") for f in Path(folder).iterdir()):
+        raise ValueError(f"--opcua-trusted-certs {folder}: no .der or .pem certificate in it")
+    trust = TrustStore([Path(folder)], [])
+    await trust.load()
+    return trust
 
 
 def _sha256(text: str) -> str:
@@ -101,7 +148,8 @@ class LineOpcUa:
     async def start(cls, server: Any, actions: Any, class_names: Sequence[str]) -> LineOpcUa:
         """Builds the address space and opens the endpoint (OSError when it cannot be bound)."""
         cfg = server.config
-        opc = Server(user_manager=FileUsers(cfg.opcua_users, cfg.opcua_anonymous))
+        trust = await _trust_store(cfg.opcua_trusted_certs) if cfg.opcua_trusted_certs is not None else None
+        opc = Server(user_manager=FileUsers(cfg.opcua_users, cfg.opcua_anonymous, trust))
         await opc.init()
         opc.set_endpoint(cfg.opcua_endpoint)
         opc.set_server_name("strip inspection: line")
@@ -109,10 +157,15 @@ class LineOpcUa:
         if cfg.opcua_cert is not None:
             await opc.load_certificate(str(cfg.opcua_cert))
             await opc.load_private_key(str(cfg.opcua_key))
-            opc.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+            opc.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt], CallerRules())
         else:
-            opc.set_security_policy([ua.SecurityPolicyType.NoSecurity])
-        tokens: list[type] = [ua.UserNameIdentityToken] + ([ua.AnonymousIdentityToken] if cfg.opcua_anonymous else [])
+            opc.set_security_policy([ua.SecurityPolicyType.NoSecurity], CallerRules())
+        if trust is not None:
+            opc.set_certificate_validator(CertificateValidator(
+                CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT, trust).validate)
+        tokens: list[type] = ([ua.UserNameIdentityToken] if cfg.opcua_users is not None or trust is None else []) + (
+            [ua.X509IdentityToken] if trust is not None else []) + (
+            [ua.AnonymousIdentityToken] if cfg.opcua_anonymous else [])
         opc.set_identity_tokens(tokens)
         idx = await opc.register_namespace(NAMESPACE)
         self = cls(server, actions, opc, idx, class_names)
@@ -121,8 +174,9 @@ class LineOpcUa:
         loop = asyncio.get_running_loop()
         actions.book.listeners.append(lambda alarm: loop.call_soon_threadsafe(self._alarms.put_nowait, alarm))
         self._tasks = [loop.create_task(self._publish_forever()), loop.create_task(self._send_alarms())]
-        log.info("event=opcua_start endpoint=%s security=%s anonymous=%s users=%d", cfg.opcua_endpoint,
-                 "Basic256Sha256" if cfg.opcua_cert else "none", cfg.opcua_anonymous, len(opc.iserver.user_manager.users))
+        log.info("event=opcua_start endpoint=%s security=%s anonymous=%s users=%d trusted_certs=%s", cfg.opcua_endpoint,
+                 "Basic256Sha256" if cfg.opcua_cert else "none", cfg.opcua_anonymous, len(opc.iserver.user_manager.users),
+                 cfg.opcua_trusted_certs)
         return self
 
     async def stop(self) -> None:
@@ -260,9 +314,10 @@ class LineOpcUa:
         return []
 
     async def _acknowledge(self, alarm_id: int) -> None:
+        """Acknowledges in the alarm book as ``opcua:<the session's user>``."""
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self.actions.book.acknowledge, alarm_id, "opcua")
+            await loop.run_in_executor(None, self.actions.book.acknowledge, alarm_id, _caller.get())
         except KeyError:
             raise ua.UaStatusCodeError(ua.StatusCodes.BadNotFound) from None
 
@@ -301,4 +356,4 @@ def _periodic_text(periodic: Sequence[Any]) -> str:
                      f"{p.count}x{', roll ' + p.roll if p.roll else ''}" for p in periodic)
 
 
-__all__ = ["APPLICATION_URI", "FileUsers", "LineOpcUa", "NAMESPACE"]
+__all__ = ["APPLICATION_URI", "CallerRules", "FileUsers", "LineOpcUa", "NAMESPACE", "common_name"]

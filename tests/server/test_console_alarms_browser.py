@@ -49,10 +49,10 @@ def test_the_banner_shows_an_alarm_until_it_is_acknowledged(coil_model, coil_fol
             wait_for(driver, lambda: not banner()["shown"], 20, "the banner gone after the click")
             second = book.raise_alarm(Alarm(0, "roll-mark", "periodic", 800, "C8", "cam1", 99.0, "second", time.time()))
             wait_for(driver, lambda: banner()["ids"] == [second.alarm_id], 20, "the second alarm")
-            book.acknowledge(second.alarm_id, "opcua")  # as an OPC UA client would
+            book.acknowledge(second.alarm_id, "opcua:operator")  # as an OPC UA user would
             wait_for(driver, lambda: not banner()["shown"], 20, "the banner gone after the OPC UA acknowledgement")
         finally:
             driver.quit()
             stop_console(thread, console)
         stored = {a.alarm_id: a.acknowledged_by for a in book._store.recent(5)}
-    assert stored == {first.alarm_id: "console", second.alarm_id: "opcua"}
+    assert stored == {first.alarm_id: "console", second.alarm_id: "opcua:operator"}

@@ -90,7 +90,12 @@ def test_grading_and_opcua_flags_are_checked_before_the_start(tmp_path: Path) ->
                            (["--line", str(line), "--opcua-endpoint", "opc.tcp://127.0.0.1:4840"],
                             "needs --opcua-users FILE"),
                            (["--line", str(line), "--opcua-endpoint", "opc.tcp://127.0.0.1:4840", "--opcua-anonymous",
-                             "--opcua-cert", str(line)], "needs both a certificate")):
+                             "--opcua-cert", str(line)], "needs both a certificate"),
+                           (["--line", str(line), "--opcua-endpoint", "opc.tcp://127.0.0.1:4840",
+                             "--opcua-trusted-certs", str(tmp_path)], "--opcua-trusted-certs needs an encrypted"),
+                           (["--line", str(line), "--opcua-endpoint", "opc.tcp://127.0.0.1:4840", "--opcua-cert",
+                             str(line), "--opcua-key", str(line), "--opcua-trusted-certs", str(tmp_path / "none")],
+                            "no such folder")):
         with pytest.raises(ValueError, match=message):
             config_from_args(parser.parse_args(flags))
     config = config_from_args(parser.parse_args(["--line", str(line), "--opcua-endpoint", "opc.tcp://127.0.0.1:4840",

@@ -1,6 +1,7 @@
 """The OPC UA server with a real asyncua client on loopback: browse the line, watch the open coil's
 counters change while a simulated coil streams, receive the roll-mark alarm, acknowledge it (stored
-in the database), end the coil with the method node; anonymous access refused unless asked for."""
+in the database with the session's user), end the coil with the method node; anonymous access refused
+unless asked for; certificate users: a trusted certificate connects, an untrusted one is refused."""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def test_a_plc_watches_the_coil_acknowledges_the_roll_mark_and_ends_the_coil(opc
     assert acked and acked[0].Retain is False
     assert ended[0] == "closed" and ended[1] > 0 and ended[2] == "B"
     assert closed == ("coil-0-000", "B")
-    assert stored.acknowledged_by == "opcua" and stored.rule == "roll-mark"
+    assert stored.acknowledged_by == "opcua:operator" and stored.rule == "roll-mark"  # the session's user
 
 
 async def _session(server, endpoint: str, folder: Path):
@@ -208,3 +209,58 @@ def test_with_a_certificate_the_endpoint_is_encrypted_only(coil_model, coil_fold
         assert asyncio.run(read_state(secure=True)) == "serving"
         with pytest.raises(Exception):  # noqa: B017, PT011 - no unencrypted endpoint to connect to
             asyncio.run(read_state(secure=False))
+
+
+def test_certificate_users_a_trusted_certificate_connects_an_untrusted_one_is_refused(
+        coil_model, coil_folder, tmp_path):  # noqa: F811
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from coils.alarms import Alarm
+    from server.opcua import APPLICATION_URI
+
+    server_cert, server_key = _certificate(tmp_path, "server", APPLICATION_URI, ExtendedKeyUsageOID.SERVER_AUTH)
+    plc = _certificate(tmp_path, "plc", "urn:test:plc", ExtendedKeyUsageOID.CLIENT_AUTH)
+    intruder = _certificate(tmp_path, "intruder", "urn:test:intruder", ExtendedKeyUsageOID.CLIENT_AUTH)
+    (tmp_path / "trusted").mkdir()
+    (tmp_path / "trusted" / "plc.der").write_bytes(plc[0].read_bytes())
+    (tmp_path / "users").write_text("operator:s3cret\n")
+    endpoint = f"opc.tcp://127.0.0.1:{free_port()}"
+    with ServerThread(coil_model, line=_line(coil_folder), coil_db=f"sqlite:///{tmp_path}/coils.db",
+                      opcua_endpoint=endpoint, opcua_users=tmp_path / "users", opcua_cert=server_cert,
+                      opcua_key=server_key, opcua_trusted_certs=tmp_path / "trusted") as server:
+        book = server.line_actions.book
+        alarm = book.raise_alarm(Alarm(0, "manual", "periodic", 500, "coil-1", "cam-0", 10.0, "a test", time.time()))
+        # Logged in by its trusted certificate, no password: the acknowledgement names the certificate's CN.
+        assert asyncio.run(_acknowledge_as(endpoint, server_cert, plc, plc, None, alarm.alarm_id)) is True
+        assert book._store.recent(10)[0].acknowledged_by == "opcua:plc"
+        # A trusted application with a password user connects as that user.
+        assert asyncio.run(_acknowledge_as(endpoint, server_cert, plc, None, "s3cret", None)) is None
+        for channel, identity, password in ((intruder, None, "s3cret"),  # untrusted application, right password
+                                            (intruder, intruder, None),  # untrusted certificate user
+                                            (plc, intruder, None)):  # trusted application, untrusted user
+            with pytest.raises(Exception):  # noqa: B017, PT011 - asyncua raises its status as several types
+                asyncio.run(_acknowledge_as(endpoint, server_cert, channel, identity, password, None))
+
+
+async def _acknowledge_as(endpoint: str, server_cert: Path, channel: tuple[Path, Path],
+                          identity: tuple[Path, Path] | None, password: str | None, alarm_id: int | None):
+    """Connects over Basic256Sha256 with the ``channel`` application certificate, logged in by the ``identity``
+    certificate or as ``operator``/``password``; acknowledges ``alarm_id`` when given."""
+    from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
+
+    client = Client(endpoint)
+    client.application_uri = f"urn:test:{channel[0].stem}"
+    await client.set_security(SecurityPolicyBasic256Sha256, str(channel[0]), str(channel[1]),
+                              server_certificate=str(server_cert))
+    if identity is not None:
+        await client.load_client_certificate(str(identity[0]))
+        await client.load_private_key(identity[1])
+    else:
+        client.set_user("operator")
+        client.set_password(password)
+    async with client:
+        idx = await client.get_namespace_index(NAMESPACE)
+        alarms = await client.nodes.objects.get_child([f"{idx}:Line", f"{idx}:Alarms"])
+        if alarm_id is None:
+            return None
+        return await alarms.call_method(f"{idx}:AcknowledgeAlarm", ua.Variant(alarm_id, ua.VariantType.Int64))
