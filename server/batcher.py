@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from engine.backends.base import Backend, InspectionResult
+from engine.metadata import ModelMetadata
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class FinishedBatch:
         result: the backend's output for the batch.
         rles: per frame, one RLE per class.
         model_version: the model that ran the batch.
+        metadata: that model's metadata (classes, minimum areas, drift reference), so work that
+            follows the answers judges the batch by the model that produced it, across swaps.
     """
 
     camera_ids: list[str]
@@ -81,6 +84,7 @@ class FinishedBatch:
     result: InspectionResult
     rles: list[list[str]]
     model_version: str = ""
+    metadata: ModelMetadata | None = None
 
 
 @dataclass(eq=False)  # identity: queue removal must not compare frames
@@ -296,13 +300,15 @@ class DynamicBatcher:
                     item.future.set_exception(failure)
             return
         self._metrics.inference_seconds.observe(inference_s)
-        task = loop.create_task(self._finish(batch, frames, result, started, inference_s, model_version))
+        task = loop.create_task(
+            self._finish(batch, frames, result, started, inference_s, model_version, backend.metadata)
+        )
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
     async def _finish(
         self, batch: list[_Pending], frames: np.ndarray, result: InspectionResult, started: float, inference_s: float,
-        model_version: str,
+        model_version: str, metadata: ModelMetadata,
     ) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
@@ -319,7 +325,7 @@ class DynamicBatcher:
         self._metrics.postprocess_seconds.observe(postprocess_s)
         # Frames whose stream went away are in it too: they were inspected all the same.
         finished = FinishedBatch([item.camera_id for item in batch], [item.source for item in batch], frames,
-                                 result, rles, model_version)
+                                 result, rles, model_version, metadata)
         failures = await self._durable(finished)
         for i, item in enumerate(batch):
             if item.future.done():

@@ -136,10 +136,14 @@ class CaptureWriter:
         if not self._thread.is_alive():
             self._thread.start()
 
-    def select(self, counts: np.ndarray, present: np.ndarray) -> list[str]:
-        """The policy's reasons for a batch ``[N, C]`` (``""`` = not chosen); thread-safe."""
+    def select(self, counts: np.ndarray, present: np.ndarray, min_areas: Sequence[int] | None = None) -> list[str]:
+        """The policy's reasons for a batch ``[N, C]`` (``""`` = not chosen); thread-safe.
+
+        ``min_areas`` are those of the model that made the predictions (default: the writer's).
+        """
+        areas = self.min_areas if min_areas is None else tuple(int(a) for a in min_areas)
         with self._lock:
-            return self.policy.reasons(counts, present, self.min_areas, self._rng)
+            return self.policy.reasons(counts, present, areas, self._rng)
 
     def offer(
         self,
@@ -154,6 +158,7 @@ class CaptureWriter:
         present: Sequence[bool] | np.ndarray,
         reason: str | None = None,
         image_id: str | None = None,
+        min_areas: Sequence[int] | None = None,
     ) -> bool:
         """Offers one inspected frame; returns True when it was queued for saving. Never blocks.
 
@@ -168,14 +173,17 @@ class CaptureWriter:
                 None runs the policy on this frame here.
             image_id: the file name stem; default ``<camera>_<frame id>_<time>``. Unsafe characters
                 become ``_``; the suffix follows the image format.
+            min_areas: the minimum areas of the model that made the predictions, one per class
+                (a hot swap may change them, or the classes); default: the writer's.
         """
-        self._check_per_class(frame_id, rles, counts, present)
+        classes = len(self.min_areas if min_areas is None else min_areas)
+        self._check_per_class(frame_id, rles, counts, present, classes)
         with self._lock:
             self.offered += 1
         if self._closed:
             return False
         if reason is None:
-            reason = self.select(np.asarray(counts)[None], np.asarray(present)[None])[0]
+            reason = self.select(np.asarray(counts)[None], np.asarray(present)[None], min_areas)[0]
         if not reason:
             return False
         with self._lock:
@@ -193,12 +201,13 @@ class CaptureWriter:
             present=tuple(bool(p) for p in present),
         ))
 
-    def _check_per_class(self, frame_id: int, rles: Sequence[str], counts: Sequence[int] | np.ndarray,
-                         present: Sequence[bool] | np.ndarray) -> None:
-        if len(rles) != self.num_classes or len(counts) != self.num_classes or len(present) != self.num_classes:
+    @staticmethod
+    def _check_per_class(frame_id: int, rles: Sequence[str], counts: Sequence[int] | np.ndarray,
+                         present: Sequence[bool] | np.ndarray, num_classes: int) -> None:
+        if len(rles) != num_classes or len(counts) != num_classes or len(present) != num_classes:
             raise ValueError(
                 f"capture of frame {frame_id}: rles, counts and present need one entry per class "
-                f"({self.num_classes}), got {len(rles)}, {len(counts)}, {len(present)}"
+                f"({num_classes}), got {len(rles)}, {len(counts)}, {len(present)}"
             )
 
     def _suffix_and_size(self, frame: bytes | bytearray | memoryview | np.ndarray, camera_id: str,
@@ -249,6 +258,7 @@ class CaptureWriter:
         rles: Sequence[Sequence[str]],
         counts: np.ndarray,
         present: np.ndarray,
+        min_areas: Sequence[int] | None = None,
     ) -> int:
         """Offers one inference batch: the policy runs once over it, only chosen frames are fetched.
 
@@ -259,6 +269,7 @@ class CaptureWriter:
             time_ns: frame ``i``'s capture time (called for chosen frames only).
             rles: per frame, one RLE per class.
             counts, present: ``[N, C]`` the model's pixel counts and labels.
+            min_areas: the minimum areas of the model that ran the batch (default: the writer's).
 
         Returns:
             How many frames were queued for saving.
@@ -269,7 +280,7 @@ class CaptureWriter:
                 f"capture batch: {n} camera ids, {len(frame_ids)} frame ids, {len(rles)} rles, "
                 f"{len(counts)} counts and {len(present)} labels rows; expected one of each per frame"
             )
-        reasons = self.select(counts, present)
+        reasons = self.select(counts, present, min_areas)
         chosen = [i for i, reason in enumerate(reasons) if reason]
         with self._lock:
             self.offered += n - len(chosen)  # offer() counts the chosen ones
@@ -278,6 +289,7 @@ class CaptureWriter:
             queued += self.offer(
                 frame_of(i), camera_id=camera_ids[i], frame_id=frame_ids[i], time_ns=time_ns(i),
                 model_version=model_version, rles=rles[i], counts=counts[i], present=present[i], reason=reasons[i],
+                min_areas=min_areas,
             )
         return queued
 

@@ -13,6 +13,11 @@ batches.
 * Capture (``--capture-dir``): the policy runs once over the batch; chosen frames (the camera's
   original JPEG/PNG bytes, or the raw frame as the model saw it) go to the writer's bounded queue.
 
+Both follow the model that ran each batch (``FinishedBatch.model_version`` and ``.metadata``): after
+a hot swap, the first batch of the new version switches drift to that model's reference (every
+camera's window starts afresh, and ``GetLineStatus.model_version`` names the version the scores are
+for), and captures name the version that predicted them and are chosen with its minimum areas.
+
 At most ``max_pending`` batches wait for the thread; past that a batch's feedback is skipped and
 counted (``feedback_skipped_batches``), so a slow CPU never piles frames up in memory or holds
 anything back: the frames were answered before any of this runs.
@@ -25,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from engine.drift import DriftReference
@@ -73,11 +79,26 @@ def drift_monitor(
     return monitor, DRIFT_ON
 
 
+@dataclass(frozen=True)
+class ModelDrift:
+    """Drift for one model version: its monitor (None when off) and the state ``GetLineStatus`` reports.
+
+    Replaced whole when a batch of another version arrives, so a reader never sees one model's
+    monitor with another's version.
+    """
+
+    model_version: str
+    monitor: DriftMonitor | None
+    state: str
+
+
 class LineFeedback:
-    """Drift monitoring and capture for one loaded model.
+    """Drift monitoring and capture for the model that runs each batch.
 
     Args:
-        metadata: the model's metadata (drift reference, minimum areas, version).
+        metadata: the starting model's metadata (drift reference, minimum areas, version).
+        model_version: that model's version as answers name it (a repository's version); None: the
+            metadata's own.
         drift_window, drift_min_frames, psi_threshold, ks_threshold, drift_max_cameras: see
             :class:`DriftMonitor`.
         max_status_cameras: cameras one :meth:`status` lists at most (it counts the rest).
@@ -102,18 +123,17 @@ class LineFeedback:
         capture: CaptureConfig | None = None,
         metrics: ServerMetrics | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        model_version: str | None = None,
     ) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
-        self.model_version = metadata.model_version
         self.window = drift_window
         self.min_frames = drift_min_frames
-        self.monitor, self.drift_state = drift_monitor(
-            metadata, drift_window, drift_min_frames, psi_threshold, ks_threshold, drift_max_cameras
-        )
+        self.max_cameras = drift_max_cameras
         self.max_status_cameras = max_status_cameras
         self.psi_threshold = psi_threshold
         self.ks_threshold = ks_threshold
+        self.drift = self._drift_for(metadata, model_version or metadata.model_version)
         self.capture = capture
         self.writer: CaptureWriter | None = CaptureWriter.from_config(capture, metadata.min_areas) if capture is not None else None
         self._metrics = metrics
@@ -122,25 +142,66 @@ class LineFeedback:
         self.skipped_batches = 0
         self._last_skip_log = -SKIP_LOG_INTERVAL
         self._closed = False
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="line-feedback") if self.active else None
-        if self.monitor is not None:
-            log.info("event=drift_on statistics=%s window=%d min_frames=%d psi_threshold=%g ks_threshold=%g",
-                     ",".join(self.monitor.names), drift_window, drift_min_frames, psi_threshold, ks_threshold)
-        elif self.drift_state == NO_REFERENCE:
-            log.info("event=drift_off reason=%r", self.drift_state)
-        else:
-            log.error("event=drift_off reason=%r", self.drift_state)
+        # Threads start on first use: a model without a reference may be swapped for one with it.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="line-feedback")
+
+    # ------------------------------------------------------------------ the model followed
+
+    @property
+    def model_version(self) -> str:
+        """The version whose drift reference the scores are against (the latest batch's model)."""
+        return self.drift.model_version
+
+    @property
+    def monitor(self) -> DriftMonitor | None:
+        return self.drift.monitor
+
+    @property
+    def drift_state(self) -> str:
+        return self.drift.state
 
     @property
     def active(self) -> bool:
-        """Whether there is any per-batch work (drift on, or capturing)."""
+        """Whether there is any per-batch work for the current model (drift on, or capturing)."""
         return self.monitor is not None or self.writer is not None
+
+    def _drift_for(self, metadata: ModelMetadata, version: str) -> ModelDrift:
+        """A fresh :class:`ModelDrift` for the model ``metadata`` describes, logged."""
+        psi, ks = self.psi_threshold, self.ks_threshold
+        monitor, state = drift_monitor(metadata, self.window, self.min_frames, psi, ks, self.max_cameras)
+        if monitor is not None:
+            log.info("event=drift_on statistics=%s window=%d min_frames=%d psi_threshold=%g ks_threshold=%g "
+                     "model_version=%s", ",".join(monitor.names), self.window, self.min_frames, psi, ks, version)
+        elif state == NO_REFERENCE:
+            log.info("event=drift_off reason=%r model_version=%s", state, version)
+        else:
+            log.error("event=drift_off reason=%r model_version=%s", state, version)
+        return ModelDrift(version, monitor, state)
+
+    def _follow(self, batch: FinishedBatch) -> ModelDrift:
+        """The drift of the model that ran ``batch``: switched to it when it is a new version (a swap)."""
+        if not self._new_model(batch):
+            return self.drift
+        assert batch.metadata is not None
+        log.info("event=feedback_model_changed model_version=%s previous=%s: drift windows restart against "
+                 "the new model's reference", batch.model_version, self.drift.model_version)
+        self.drift = self._drift_for(batch.metadata, batch.model_version)
+        return self.drift
+
+    def _new_model(self, batch: FinishedBatch) -> bool:
+        """Whether ``batch`` ran on another version than the one drift follows now."""
+        return bool(batch.metadata is not None and batch.model_version
+                    and batch.model_version != self.drift.model_version)
 
     # ------------------------------------------------------------------ per batch
 
     def submit(self, batch: FinishedBatch) -> None:
-        """Hands a batch to the feedback thread; returns at once (the batcher's ``on_batch`` hook)."""
-        if self._thread is None or self._closed:
+        """Hands a batch to the feedback thread; returns at once (the batcher's ``on_batch`` hook).
+
+        A batch of a new model version is always handed on (when there is room), even when the
+        current model needs no per-batch work: the new one may carry a drift reference.
+        """
+        if self._closed or not (self.active or self._new_model(batch)):
             return
         if not self._slots.acquire(blocking=False):
             self._skipped(len(batch.camera_ids))
@@ -164,9 +225,10 @@ class LineFeedback:
     def _process(self, batch: FinishedBatch) -> None:
         start = time.perf_counter()
         try:
-            if self.monitor is not None:
+            monitor = self._follow(batch).monitor
+            if monitor is not None:
                 try:
-                    self.monitor.observe_batch(batch.camera_ids, batch.frames, batch.result.counts)
+                    monitor.observe_batch(batch.camera_ids, batch.frames, batch.result.counts)
                 except Exception:  # noqa: BLE001 - drift must never take the server down
                     log.exception("event=drift_error batch_size=%d", len(batch.camera_ids))
             if self.writer is not None:
@@ -194,40 +256,45 @@ class LineFeedback:
             camera_ids=batch.camera_ids,
             frame_ids=[r.frame_id for r in requests],
             time_ns=lambda i: requests[i].captured_at_unix_ns or now,
-            model_version=self.model_version,
+            model_version=batch.model_version or self.model_version,
             rles=batch.rles,
             counts=batch.result.counts,
             present=batch.result.present,
+            min_areas=batch.metadata.min_areas if batch.metadata is not None else None,
         )
 
     def close(self) -> None:
         """Finishes the queued batches, then closes the capture writer (writing what it holds)."""
         self._closed = True
-        if self._thread is not None:
-            self._thread.shutdown(wait=True)
+        self._thread.shutdown(wait=True)
         if self.writer is not None:
             self.writer.close()
 
     # ------------------------------------------------------------------ reporting
 
     def status(self, camera_id: str = "") -> pb.LineStatus:
-        """The ``GetLineStatus`` answer: every camera (or the one asked for), thresholds, capture."""
+        """The ``GetLineStatus`` answer: every camera (or the one asked for), thresholds, capture.
+
+        ``model_version`` names the model whose reference the drift scores are against.
+        """
+        drift = self.drift  # once: a swap may replace it meanwhile
+        monitor = drift.monitor
         status = pb.LineStatus(
-            drift_enabled=self.monitor is not None,
-            drift_state=self.drift_state,
-            psi_threshold=self.monitor.psi_threshold if self.monitor else self.psi_threshold,
-            ks_threshold=self.monitor.ks_threshold if self.monitor else self.ks_threshold,
+            drift_enabled=monitor is not None,
+            drift_state=drift.state,
+            psi_threshold=monitor.psi_threshold if monitor else self.psi_threshold,
+            ks_threshold=monitor.ks_threshold if monitor else self.ks_threshold,
             drift_window=self.window,
             drift_min_frames=self.min_frames,
-            model_version=self.model_version,
+            model_version=drift.model_version,
             feedback_skipped_batches=self.skipped_batches,
         )
-        if self.monitor is not None:
-            status.statistics.extend(self.monitor.names)
-            cameras = list(self.monitor.status().values())
+        if monitor is not None:
+            status.statistics.extend(monitor.names)
+            cameras = list(monitor.status().values())
             if camera_id:
                 cameras = [c for c in cameras if c.camera_id == camera_id]
-            status.cameras_tracked = self.monitor.cameras
+            status.cameras_tracked = monitor.cameras
             shown = reported_cameras(cameras, self.max_status_cameras)
             status.cameras_omitted = len(cameras) - len(shown)
             for camera in shown:
@@ -270,6 +337,7 @@ def _add_camera(status: pb.LineStatus, camera: CameraDrift) -> None:
 class LineFeedbackCollector:
     """Prometheus series read from the line feedback at scrape time (nothing to keep in step).
 
+    ``inspection_drift_model{model_version}`` (1 for the version the drift series are against),
     ``inspection_drift_score{camera,statistic,score}``, ``inspection_drift_over_threshold{...}``
     (1 while over), ``inspection_drift_threshold{score}``, ``inspection_drift_enabled``,
     ``inspection_drift_window_frames{camera}``, ``inspection_drift_frames_total{camera}``,
@@ -359,13 +427,18 @@ class LineFeedbackCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         feedback = self._source()
-        monitor = feedback.monitor if feedback is not None else None
+        drift = feedback.drift if feedback is not None else None
+        monitor = drift.monitor if drift is not None else None
         enabled = GaugeMetricFamily("inspection_drift_enabled",
                                     "1 when the model carries a drift reference and drift is monitored")
         enabled.add_metric([], 1.0 if monitor is not None else 0.0)
         yield enabled
-        if feedback is None:
+        if feedback is None or drift is None:
             return
+        model = GaugeMetricFamily("inspection_drift_model", "1 for the model version whose drift reference the "
+                                  "drift series are against (the model of the latest batch)", labels=["model_version"])
+        model.add_metric([drift.model_version], 1.0)
+        yield model
         if monitor is not None:
             yield from self._drift_families(monitor)
         writer = feedback.writer

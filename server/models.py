@@ -137,8 +137,10 @@ class ModelManager:
             return await self._audited("rollback", target, who, self._promote(target, rollback=True))
 
     def _capture_disagreement(self, version: str, batch: FinishedBatch, i: int, result: InspectionResult) -> None:
-        feedback = self.server.feedback
-        capture_disagreement(feedback.writer if feedback is not None else None, version, batch, i, result)
+        feedback, candidate = self.server.feedback, self.candidate
+        ours = candidate is not None and candidate.version == version
+        min_areas = candidate.backend.metadata.min_areas if ours else None
+        capture_disagreement(feedback.writer if feedback is not None else None, version, batch, i, result, min_areas)
 
     async def set_shadow_share(self, share: float, who: str) -> None:
         """Shadow runs of the candidate on ``share`` of live frames (0: off); audited.

@@ -281,16 +281,17 @@ class InspectionServer:
         backend = self.backend
         self._check_line_frames(backend)
         await self._start_line_actions(backend)
+        version = self.model_label or backend.metadata.model_version
         self.feedback = LineFeedback(
             backend.metadata, drift_window=cfg.drift_window, drift_min_frames=cfg.drift_min_frames,
             psi_threshold=cfg.drift_psi_threshold, ks_threshold=cfg.drift_ks_threshold,
             drift_max_cameras=cfg.drift_max_cameras, max_status_cameras=cfg.max_status_cameras,
-            capture=cfg.capture, metrics=self.metrics,
+            capture=cfg.capture, metrics=self.metrics, model_version=version,
         )
         self._batcher = DynamicBatcher(
             backend, cfg.max_batch, cfg.max_delay_ms / 1000.0, self._workers, self.metrics, self._inference_thread,
             on_batch=self._batch_finished, before_answer=self._commit_coils if self.coils is not None else None,
-            model_version=self.model_label or backend.metadata.model_version,
+            model_version=version,
         )
         if cfg.warmup:
             sizes = tuple(sorted({1, self._batcher.max_batch}))
@@ -311,8 +312,8 @@ class InspectionServer:
         )
 
     def _batch_finished(self, batch: FinishedBatch) -> None:
-        if self.feedback is not None and self.feedback.active:
-            self.feedback.submit(batch)
+        if self.feedback is not None:
+            self.feedback.submit(batch)  # it follows the batch's model, and skips what needs no work
         for listener in self.batch_listeners:
             listener(batch)
 

@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -224,9 +224,11 @@ class ShadowRunner:
 
 
 def capture_disagreement(writer: CaptureWriter | None, version: str, batch: FinishedBatch, i: int,
-                         candidate: InspectionResult) -> bool:
+                         candidate: InspectionResult, min_areas: Sequence[int] | None = None) -> bool:
     """Offers frame ``i`` of ``batch`` to ``writer`` with candidate ``version``'s predictions when its
-    policy has ``disagree``; the reason names the classes whose presence differs. Never blocks."""
+    policy has ``disagree``; the reason names the classes whose presence differs. Never blocks.
+
+    ``min_areas`` are the candidate's (default: the writer's)."""
     if writer is None or not writer.policy.disagree:
         return False
     request = batch.sources[i]
@@ -239,6 +241,7 @@ def capture_disagreement(writer: CaptureWriter | None, version: str, batch: Fini
         rles=candidate.rle()[0], counts=candidate.counts[0], present=candidate.present[0],
         reason="disagree:" + ",".join(map(str, classes)),
         image_id=f"{batch.camera_ids[i]}_{int(request.frame_id):012d}_{int(time_ns)}_shadow-{version}",
+        min_areas=min_areas,
     )
 
 
