@@ -99,9 +99,14 @@ class ModelManager:
         self.recent_audit: deque[AuditEntry] = deque(repository.audit(last=RECENT_AUDIT), maxlen=RECENT_AUDIT)
         self._lock = asyncio.Lock()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-load")
-        self.shadow = ShadowRunner(shadow_share, on_disagree=self._capture_disagreement)
+        self.shadow = ShadowRunner(shadow_share, on_disagree=self._capture_disagreement, busy=self._production_busy)
         server.batch_listeners.append(self.shadow.submit)
         server.metrics.registry.register(ShadowCollector(lambda: self.shadow))
+
+    def _production_busy(self) -> bool:
+        """A full batch waits for the inference thread: no spare capacity for a shadow run."""
+        batcher = self.server.batcher
+        return batcher is not None and batcher.queued >= batcher.max_batch
 
     @property
     def production_version(self) -> str:

@@ -4,8 +4,11 @@ production.
 After a batch's frames are answered (a batch listener of the server), :meth:`ShadowRunner.submit`
 draws ``share`` of its frames and hands them to the shadow thread, a thread of its own at a lower OS
 priority. When that thread is behind (``max_queued`` batches waiting) the frames are skipped and
-counted, never queued without bound: the production answers never wait for a shadow run. Shadow
-answers are never sent to cameras.
+counted, never queued without bound: the production answers never wait for a shadow run. When
+production itself has no spare capacity (``busy``: a full batch of frames is waiting for the
+inference thread) the frames are skipped too, before and again just before the candidate would run:
+on a machine without spare cores the shadow costs production nothing but the draw. Shadow answers
+are never sent to cameras.
 
 Per class the runner measures the candidate against production on the same frames: presence
 agreement, mask Dice on the frames where either found the class, the mean absolute pixel-count
@@ -114,11 +117,15 @@ class ShadowRunner:
         max_queued: batches waiting for the shadow thread before frames are skipped.
         on_disagree: called on the shadow thread with (candidate version, batch, frame index, the
             candidate's result for the frame) for each frame where a class's presence differs.
+        busy: True while production has no spare capacity (frames waiting for inference): the shadow
+            frames are skipped then; None: never busy.
     """
 
     def __init__(self, share: float, seed: int = 0, max_queued: int = DEFAULT_SHADOW_QUEUE,
-                 on_disagree: Callable[[str, FinishedBatch, int, InspectionResult], None] | None = None) -> None:
+                 on_disagree: Callable[[str, FinishedBatch, int, InspectionResult], None] | None = None,
+                 busy: Callable[[], bool] | None = None) -> None:
         self.share = check_share(share)
+        self._busy = busy or (lambda: False)
         self._rng = np.random.default_rng(seed)
         self._max_queued = max_queued
         self._on_disagree = on_disagree
@@ -168,7 +175,7 @@ class ShadowRunner:
         with self._counts:
             if self._status is None:
                 return
-            if self._queued >= self._max_queued:
+            if self._queued >= self._max_queued or self._busy():
                 self._status.skipped += len(chosen)
                 return
             self._queued += 1
@@ -182,6 +189,11 @@ class ShadowRunner:
         try:
             with self._run_lock:
                 if self._candidate is None:
+                    return
+                if self._busy():  # production got busy while this batch waited: it goes first
+                    with self._counts:
+                        if self._status is not None:
+                            self._status.skipped += len(chosen)
                     return
                 version, backend = self._candidate
                 start = time.perf_counter()

@@ -162,3 +162,32 @@ def test_the_console_shows_the_models_their_agreement_and_who_answered(shadow_re
     latest = {camera["id"]: camera["latest"] for camera in state["cameras"]}
     assert (latest["cam-a"]["frame_id"], latest["cam-a"]["model_version"]) == (5, "1")
     assert (latest["cam-b"]["frame_id"], latest["cam-b"]["model_version"]) == (1, "2")
+
+
+def test_a_busy_production_skips_the_shadow_frames_before_and_after_they_queue(tiny_onnx: Path,
+                                                                                camera_frames: np.ndarray) -> None:
+    from engine.backends import load_backend
+    from server.batcher import FinishedBatch
+    from server.shadow import ShadowRunner
+
+    candidate = load_backend(tiny_onnx, device="cpu")
+    frames = camera_frames[:4]
+    batch = FinishedBatch(["cam0"] * 4, list(range(4)), frames, candidate.infer(frames), [[]] * 4)
+    busy = [True]
+    runner = ShadowRunner(1.0, busy=lambda: busy[0])
+    runner.attach("c", candidate)
+    runner.submit(batch)  # production has a full batch waiting: nothing queued
+    assert (runner.status().frames, runner.status().skipped) == (0, 4)
+    busy[0] = False
+    runner._run_lock.acquire()  # queued while production was idle ...
+    runner.submit(batch)
+    busy[0] = True  # ... production got busy before the shadow thread ran it: skipped there
+    runner._run_lock.release()
+    runner.close()
+    assert (runner.status().frames, runner.status().skipped) == (0, 8)
+    busy[0] = False
+    runner = ShadowRunner(1.0, busy=lambda: busy[0])
+    runner.attach("c", candidate)
+    runner.submit(batch)
+    runner.close()
+    assert (runner.status().frames, runner.status().skipped) == (4, 0)
