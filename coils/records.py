@@ -1,7 +1,7 @@
 """Defect records: one physical defect is one record, in coil coordinates (:class:`RecordBuilder`).
 
-Per frame and class, the predicted mask's connected components (OpenCV's
-``connectedComponentsWithStats``, 8-connectivity) are mapped into coil coordinates with the line's
+Per frame and class, the predicted mask's connected components (8-connectivity, :mod:`coils.labelling`:
+a compiled run-based labelling, or OpenCV's where numba is missing) are mapped into coil coordinates with the line's
 geometry (:mod:`coils.line`): millimetres along from the coil's head, across from the operator-side
 edge. Components of different frames of one coil and class whose pixels touch (within
 ``gap_mm``) are the same defect: a scratch running over a frame boundary, a stain seen by two
@@ -39,9 +39,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-import cv2
 import numpy as np
 
+from coils.labelling import label
 from coils.line import CameraGeometry, Line
 from coils.merge import EPSILON_MM, UnionFind, boxes_meet, pixels_touch
 
@@ -208,33 +208,15 @@ def frame_components(key: FrameKey, class_id: int, mask: np.ndarray, position_mm
         probability: the class probability ``[H, W]``, for each component's maximum; None if not known.
     """
     grid = to_along_across(np.asarray(mask), camera)
-    if grid.dtype == bool:
-        grid = grid.view(np.uint8)
-    elif grid.dtype != np.uint8:
-        grid = (grid > 0).astype(np.uint8)
-    rows = grid.any(axis=1)
-    if not rows.any():  # most classes of most frames: no labelling needed
-        return []
-    # Labelled within the box of the set pixels: the same components (raster order kept), a fraction of the work.
-    cols = np.flatnonzero(grid.any(axis=0))
-    rows = np.flatnonzero(rows)
-    r0, c0 = int(rows[0]), int(cols[0])
-    box = np.ascontiguousarray(grid[r0:rows[-1] + 1, c0:cols[-1] + 1])
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(box, connectivity=8)
     probs = None if probability is None else to_along_across(np.asarray(probability, np.float32), camera)
     pa, px = camera.mm_per_px_along, camera.mm_per_px_across
     centres = camera.lane_start_mm + (np.arange(grid.shape[1]) + 0.5) * px
     owned = (centres >= owned_across[0]) & (centres < owned_across[1])
-    found = []
-    for label in range(1, count):
-        left, top, width, height, pixels = (int(v) for v in stats[label, :5])
-        crop = labels[top:top + height, left:left + width] == label
-        top, left = top + r0, left + c0
-        owned_pixels = int(crop[:, owned[left:left + width]].sum())
-        peak = None if probs is None else float(probs[top:top + height, left:left + width][crop].max())
-        found.append(Component(key, class_id, crop, position_mm + top * pa, camera.lane_start_mm + left * px,
-                               pa, px, pixels, owned_pixels * pa * px, peak))
-    return found
+    found = label(grid, owned, probs)
+    peaks = [None] * len(found.crops) if found.peaks is None else found.peaks.tolist()
+    return [Component(key, class_id, crop, position_mm + top * pa, camera.lane_start_mm + left * px, pa, px, pixels,
+                      owned_pixels * pa * px, peak)
+            for (top, left, _, _, pixels, owned_pixels), crop, peak in zip(found.stats.tolist(), found.crops, peaks)]
 
 
 def masks_components(line: Line, key: FrameKey, position_mm: float, masks: np.ndarray,
