@@ -26,56 +26,75 @@ def _find(parent, i):  # pragma: no cover - compiled
 _ONES = np.uint64(0x0101010101010101)
 
 
-@compiled
-def _add(rows, starts, ends, n, row, start, end):  # pragma: no cover - compiled
-    """Appends run ``n`` (growing the arrays twofold when full); returns them and the new count."""
-    if n == rows.shape[0]:
-        rows = np.concatenate((rows, np.empty(n, np.int64)))
-        starts = np.concatenate((starts, np.empty(n, np.int64)))
-        ends = np.concatenate((ends, np.empty(n, np.int64)))
-    rows[n], starts[n], ends[n] = row, start, end
-    return rows, starts, ends, n + 1
+#: Runs a first scan makes room for; a mask with more is scanned again with room for all of them.
+FIRST_ROOM = 4096
 
 
 @compiled
-def _runs(grid, words):  # pragma: no cover - compiled
-    """Row, start and end (exclusive) of every run of set pixels, row by row, and each row's first run.
+def _put(runs, n, row, start, end):  # pragma: no cover - compiled
+    """Stores run ``n`` where there is room (past it, only counts); returns the new count."""
+    if n < runs.shape[0]:
+        runs[n, 0], runs[n, 1], runs[n, 2] = row, start, end
+    return n + 1
 
-    ``words`` is ``grid`` read as uint64 ``[rows, cols // 8]`` (or ``[rows, 0]``): eight pixels
-    inside or outside a run are passed over at once, so most of a mask costs a compare per word.
+
+@compiled
+def _scan(grid, words, runs, first):  # pragma: no cover - compiled
+    """Stores every run of set pixels (row, start, end exclusive), row by row, in ``runs`` while
+    there is room, and each row's first run in ``first``; returns how many runs there are.
+
+    ``words`` is ``grid`` read as uint64 ``[rows, cols // 8]``: eight pixels inside or outside a
+    run are passed over at once, and 64 clear ones, so most of a mask costs a compare per 64 pixels.
     """
     h, w = grid.shape
-    rows = np.empty(64, np.int64)
-    starts = np.empty(64, np.int64)
-    ends = np.empty(64, np.int64)
-    first = np.empty(h + 1, np.int64)
     n = 0
     zero = np.uint64(0)
+    nw = words.shape[1]
     for r in range(h):
         first[r] = n
         inside = False
         s = 0
-        c = 0
-        for q in range(words.shape[1] + 1):
-            if q < words.shape[1]:
-                x = words[r, q]
-                if (x == zero and not inside) or (x == _ONES and inside):
-                    continue
-                c, stop = 8 * q, 8 * q + 8
+        q = 0
+        while True:
+            if inside:
+                while q < nw and words[r, q] == _ONES:
+                    q += 1
             else:
-                c, stop = 8 * words.shape[1], w
+                while q + 8 <= nw and (words[r, q] | words[r, q + 1] | words[r, q + 2] | words[r, q + 3] | words[r, q + 4]
+                                       | words[r, q + 5] | words[r, q + 6] | words[r, q + 7]) == zero:
+                    q += 8  # 64 clear pixels at a time: most of a mask
+                while q < nw and words[r, q] == zero:
+                    q += 1
+            c, stop = 8 * q, min(8 * q + 8, w) if q < nw else w
+            if c >= stop:
+                break
             while c < stop:
                 if (grid[r, c] != 0) != inside:
                     if inside:
-                        rows, starts, ends, n = _add(rows, starts, ends, n, r, s, c)
+                        n = _put(runs, n, r, s, c)
                     else:
                         s = c
                     inside = not inside
                 c += 1
+            if q >= nw:
+                break
+            q += 1
         if inside:
-            rows, starts, ends, n = _add(rows, starts, ends, n, r, s, w)
+            n = _put(runs, n, r, s, w)
     first[h] = n
-    return rows[:n], starts[:n], ends[:n], first
+    return n
+
+
+@compiled
+def _runs(grid, words):  # pragma: no cover - compiled
+    """Row, start and end (exclusive) of every run of set pixels, row by row, and each row's first run."""
+    first = np.empty(grid.shape[0] + 1, np.int64)
+    runs = np.empty((FIRST_ROOM, 3), np.int64)
+    n = _scan(grid, words, runs, first)
+    if n > FIRST_ROOM:
+        runs = np.empty((n, 3), np.int64)
+        _scan(grid, words, runs, first)
+    return runs[:n, 0], runs[:n, 1], runs[:n, 2], first
 
 
 @compiled

@@ -56,6 +56,11 @@ def test_components_equal_opencvs_on_frame_sized_masks(density: float) -> None:
     assert_same(grid.view(np.uint8) * np.uint8(255), owned, None)  # 0/255 masks: any nonzero is set
 
 
+def test_components_equal_opencvs_with_more_runs_than_the_first_scan_has_room_for() -> None:
+    grid = np.random.default_rng(7).random((256, 1600)) < 0.5  # salt: about 100,000 runs
+    assert_same(grid, np.ones(1600, bool), None)
+
+
 def test_components_are_numbered_by_their_first_2x2_block() -> None:
     """OpenCV's order, not the pixels' raster order: B's first pixel comes first, A's block does."""
     grid = np.zeros((4, 6), np.uint8)
