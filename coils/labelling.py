@@ -35,11 +35,14 @@ class Labelled(NamedTuple):
             owned pixels.
         peaks: float32 ``[n]``: the largest probability inside each; None without probabilities.
         crops: each component's bool box mask ``[height, width]`` (other components' pixels clear).
+        packed: each crop as :func:`coils.records.pack_mask` packs it, where packing came free (the
+            compiled labelling packs all crops at once); None where it did not.
     """
 
     stats: np.ndarray
     peaks: np.ndarray | None
     crops: list[np.ndarray]
+    packed: list[bytes] | None = None
 
 
 def label(grid: np.ndarray, owned: np.ndarray, probs: np.ndarray | None = None, compiled: bool = True) -> Labelled:
@@ -64,10 +67,13 @@ def _label_compiled(grid: np.ndarray, owned: np.ndarray, probs: np.ndarray | Non
     words = grid[:, :grid.shape[1] // 8 * 8].view(np.uint64)
     stats, peaks, offsets, crops = labelling_kernel.label_runs(
         grid, words, np.asarray(owned, bool), probs if has_probs else _NO_PROBS, has_probs)
-    ends = offsets.tolist()
-    shapes = stats[:, HEIGHT:WIDTH + 1].tolist()
-    return Labelled(stats, peaks if has_probs else None,
-                    [crops[ends[k]:ends[k + 1]].reshape(shapes[k]) for k in range(len(shapes))])
+    bits = np.packbits(crops)
+    starts = offsets.tolist()
+    crop_list, packed = [], []
+    for start, (height, width) in zip(starts, stats[:, HEIGHT:WIDTH + 1].tolist()):
+        crop_list.append(crops[start:start + height * width].reshape(height, width))
+        packed.append(bits[start // 8:(start + height * width + 7) // 8].tobytes())
+    return Labelled(stats, peaks if has_probs else None, crop_list, packed)
 
 
 _NO_PROBS = np.zeros((1, 1), np.float32)

@@ -185,8 +185,8 @@ def label_runs(grid, words, owned, probs, has_probs):  # pragma: no cover - comp
     Returns:
         ``stats`` int64 ``[n, 6]`` (top, left, height, width, pixels, owned pixels), ``peaks`` float32
         ``[n]`` (the largest probability inside; -inf without ``has_probs``), ``offsets`` int64 ``[n + 1]``
-        and ``crops`` bool: component ``k``'s box mask is ``crops[offsets[k]:offsets[k + 1]]``
-        reshaped to ``(height, width)``.
+        (multiples of 8) and ``crops`` bool: component ``k``'s box mask is the first ``height * width``
+        of ``crops[offsets[k]:offsets[k + 1]]``, row-major; the rest of that stretch is clear.
     """
     rows, starts, ends, first = _runs(grid, words)
     parent = np.arange(rows.shape[0])
@@ -194,8 +194,8 @@ def label_runs(grid, words, owned, probs, has_probs):  # pragma: no cover - comp
     number, n = _numbered(rows, starts, grid.shape[1], parent)
     stats, peaks = _stats(rows, starts, ends, number, n, grid.shape, owned, probs, has_probs)
     offsets = np.zeros(n + 1, np.int64)
-    for k in range(n):
-        offsets[k + 1] = offsets[k] + stats[k, 2] * stats[k, 3]
+    for k in range(n):  # each box mask starts on a byte of the packed buffer: packed all at once, sliced
+        offsets[k + 1] = offsets[k] + (stats[k, 2] * stats[k, 3] + 7) // 8 * 8
     crops = np.zeros(offsets[n], np.bool_)
     for i in range(rows.shape[0]):
         k = number[i]

@@ -36,7 +36,7 @@ import base64
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -69,6 +69,7 @@ class Component:
         pixel_count: every pixel of the component.
         area_mm2: its pixels on its camera's side of a lane overlap, in mm².
         max_probability: the class probability's maximum inside it; None when not given.
+        mask_bits: ``pack_mask(mask)``, packed once where the component is made (see :meth:`packed_mask`).
     """
 
     key: FrameKey
@@ -81,6 +82,11 @@ class Component:
     pixel_count: int
     area_mm2: float
     max_probability: float | None
+    mask_bits: bytes | None = field(default=None, compare=False, repr=False)
+
+    def packed_mask(self) -> bytes:
+        """The box mask as :func:`pack_mask` packs it (what the store and the spool keep)."""
+        return self.mask_bits if self.mask_bits is not None else pack_mask(self.mask)
 
     @property
     def along_end_mm(self) -> float:
@@ -94,7 +100,7 @@ class Component:
         """JSON-ready: the key's fields, the box mask as base64 of :func:`pack_mask` and its shape."""
         out = {name: getattr(self, name) for name in _COMPONENT_SCALARS}
         out.update(coil_id=self.key.coil_id, camera_id=self.key.camera_id, frame_id=self.key.frame_id,
-                   mask=base64.b64encode(pack_mask(self.mask)).decode("ascii"), mask_shape=list(self.mask.shape))
+                   mask=base64.b64encode(self.packed_mask()).decode("ascii"), mask_shape=list(self.mask.shape))
         return out
 
     @classmethod
@@ -102,12 +108,13 @@ class Component:
         """What :meth:`to_dict` wrote; KeyError naming a missing or unknown key."""
         _check_keys("component", data, (*_COMPONENT_SCALARS, "coil_id", "camera_id", "frame_id", "mask",
                                         "mask_shape"))
-        mask = unpack_mask(base64.b64decode(data["mask"]), tuple(data["mask_shape"]))
+        bits = base64.b64decode(data["mask"])
+        mask = unpack_mask(bits, tuple(data["mask_shape"]))
         probability = data["max_probability"]
         return cls(FrameKey(data["coil_id"], data["camera_id"], int(data["frame_id"])), int(data["class_id"]), mask,
                    float(data["along_start_mm"]), float(data["across_start_mm"]), float(data["mm_per_px_along"]),
                    float(data["mm_per_px_across"]), int(data["pixel_count"]), float(data["area_mm2"]),
-                   None if probability is None else float(probability))
+                   None if probability is None else float(probability), bits)
 
 
 _COMPONENT_SCALARS = ("class_id", "along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across",
@@ -214,9 +221,11 @@ def frame_components(key: FrameKey, class_id: int, mask: np.ndarray, position_mm
     owned = (centres >= owned_across[0]) & (centres < owned_across[1])
     found = label(grid, owned, probs)
     peaks = [None] * len(found.crops) if found.peaks is None else found.peaks.tolist()
+    packed = [pack_mask(crop) for crop in found.crops] if found.packed is None else found.packed
     return [Component(key, class_id, crop, position_mm + top * pa, camera.lane_start_mm + left * px, pa, px, pixels,
-                      owned_pixels * pa * px, peak)
-            for (top, left, _, _, pixels, owned_pixels), crop, peak in zip(found.stats.tolist(), found.crops, peaks)]
+                      owned_pixels * pa * px, peak, bits)
+            for (top, left, _, _, pixels, owned_pixels), crop, peak, bits in zip(found.stats.tolist(), found.crops,
+                                                                                 peaks, packed)]
 
 
 def masks_components(line: Line, key: FrameKey, position_mm: float, masks: np.ndarray,

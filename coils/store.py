@@ -40,7 +40,7 @@ from coils import schema
 from coils.columns import ComponentColumns, merged_records
 from coils.line import Line
 from coils.periodic import find_periodic
-from coils.records import Component, DefectRecord, FrameKey, default_gap_mm, pack_mask
+from coils.records import Component, DefectRecord, FrameKey, default_gap_mm
 from coils.summary import CLOSED, OPEN, CoilFacts, CoilSummary, summarise
 from coils.verdict import CoilVerdict, Grader, judge
 
@@ -451,7 +451,7 @@ def _component_row(key: FrameKey, number: int, component: Component, late: bool)
     return (key.coil_id, key.camera_id, _db_frame_id(key.frame_id), number, component.class_id,
             component.along_start_mm, component.across_start_mm, component.mm_per_px_along,
             component.mm_per_px_across, component.pixel_count, component.area_mm2, component.max_probability, rows,
-            cols, pack_mask(component.mask), late)
+            cols, component.packed_mask(), late)
 
 
 __all__ = ["CoilStore", "FrameComponents", "StoreUnavailable"]

@@ -11,6 +11,7 @@ from hypothesis.extra.numpy import arrays
 
 from coils import labelling
 from coils.labelling import label
+from coils.records import pack_mask
 
 pytestmark = pytest.mark.skipif(labelling.labelling_kernel is None, reason="numba is not installed: OpenCV labels")
 
@@ -22,10 +23,11 @@ def assert_same(grid: np.ndarray, owned: np.ndarray, probs: np.ndarray | None) -
         assert compiled.peaks is None and opencv.peaks is None
     else:
         np.testing.assert_array_equal(compiled.peaks, opencv.peaks)
-    assert len(compiled.crops) == len(opencv.crops)
-    for mine, theirs in zip(compiled.crops, opencv.crops):
+    assert len(compiled.crops) == len(opencv.crops) == len(compiled.packed)
+    for mine, theirs, packed in zip(compiled.crops, opencv.crops, compiled.packed):
         assert mine.dtype == theirs.dtype == bool
         np.testing.assert_array_equal(mine, theirs)
+        assert packed == pack_mask(theirs)
 
 
 @st.composite
