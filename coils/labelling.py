@@ -60,13 +60,21 @@ def label(grid: np.ndarray, owned: np.ndarray, probs: np.ndarray | None = None, 
     return _label_opencv(grid, owned, probs)
 
 
+def warm_up() -> None:
+    """Compiles the labelling now: seconds where numba's disk cache is cold, better at start than on a frame."""
+    if labelling_kernel is not None:
+        label(np.ones((2, 9), np.uint8), np.ones(9, bool), np.ones((2, 9), np.float32))
+
+
 def _label_compiled(grid: np.ndarray, owned: np.ndarray, probs: np.ndarray | None) -> Labelled:
     has_probs = probs is not None
     if grid.strides[1] != 1:  # a transposed frame (along = x): rows of contiguous bytes are read 8 at a time
         grid = np.ascontiguousarray(grid)
-    words = grid[:, :grid.shape[1] // 8 * 8].view(np.uint64)
+    # C-ordered arguments only: one compiled specialisation, the one warm_up compiles.
+    words = np.ascontiguousarray(grid[:, :grid.shape[1] // 8 * 8]).view(np.uint64)
+    probs = np.ascontiguousarray(probs, np.float32) if has_probs else _NO_PROBS
     stats, peaks, offsets, crops = labelling_kernel.label_runs(
-        grid, words, np.asarray(owned, bool), probs if has_probs else _NO_PROBS, has_probs)
+        grid, words, np.ascontiguousarray(owned, bool), probs, has_probs)
     bits = np.packbits(crops)
     starts = offsets.tolist()
     crop_list, packed = [], []
@@ -103,4 +111,4 @@ def _label_opencv(grid: np.ndarray, owned: np.ndarray, probs: np.ndarray | None)
     return Labelled(stats, peaks, crops)
 
 
-__all__ = ["HEIGHT", "LEFT", "Labelled", "OWNED", "PIXELS", "TOP", "WIDTH", "label"]
+__all__ = ["HEIGHT", "LEFT", "Labelled", "OWNED", "PIXELS", "TOP", "WIDTH", "label", "warm_up"]
