@@ -69,7 +69,8 @@ class ComponentColumns:
         def component(i: int) -> Component:
             key = FrameKey(self.coil_id, self.camera_ids[i], self.frame_ids[i])
             return Component(key, classes[i], unpack_mask(self.packed_masks[i], shapes[i]), along[i], across[i],
-                             per_along[i], per_across[i], pixels[i], areas[i], self.max_probability[i])
+                             per_along[i], per_across[i], pixels[i], areas[i], self.max_probability[i],
+                             bytes(self.packed_masks[i]))
 
         return component
 

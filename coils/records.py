@@ -1,7 +1,7 @@
 """Defect records: one physical defect is one record, in coil coordinates (:class:`RecordBuilder`).
 
-Per frame and class, the predicted mask's connected components (OpenCV's
-``connectedComponentsWithStats``, 8-connectivity) are mapped into coil coordinates with the line's
+Per frame and class, the predicted mask's connected components (8-connectivity, :mod:`coils.labelling`:
+a compiled run-based labelling, or OpenCV's where numba is missing) are mapped into coil coordinates with the line's
 geometry (:mod:`coils.line`): millimetres along from the coil's head, across from the operator-side
 edge. Components of different frames of one coil and class whose pixels touch (within
 ``gap_mm``) are the same defect: a scratch running over a frame boundary, a stain seen by two
@@ -36,12 +36,12 @@ import base64
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-import cv2
 import numpy as np
 
+from coils.labelling import label
 from coils.line import CameraGeometry, Line
 from coils.merge import EPSILON_MM, UnionFind, boxes_meet, pixels_touch
 
@@ -69,6 +69,7 @@ class Component:
         pixel_count: every pixel of the component.
         area_mm2: its pixels on its camera's side of a lane overlap, in mm².
         max_probability: the class probability's maximum inside it; None when not given.
+        mask_bits: ``pack_mask(mask)``, packed once where the component is made (see :meth:`packed_mask`).
     """
 
     key: FrameKey
@@ -81,6 +82,11 @@ class Component:
     pixel_count: int
     area_mm2: float
     max_probability: float | None
+    mask_bits: bytes | None = field(default=None, compare=False, repr=False)
+
+    def packed_mask(self) -> bytes:
+        """The box mask as :func:`pack_mask` packs it (what the store and the spool keep)."""
+        return self.mask_bits if self.mask_bits is not None else pack_mask(self.mask)
 
     @property
     def along_end_mm(self) -> float:
@@ -94,7 +100,7 @@ class Component:
         """JSON-ready: the key's fields, the box mask as base64 of :func:`pack_mask` and its shape."""
         out = {name: getattr(self, name) for name in _COMPONENT_SCALARS}
         out.update(coil_id=self.key.coil_id, camera_id=self.key.camera_id, frame_id=self.key.frame_id,
-                   mask=base64.b64encode(pack_mask(self.mask)).decode("ascii"), mask_shape=list(self.mask.shape))
+                   mask=base64.b64encode(self.packed_mask()).decode("ascii"), mask_shape=list(self.mask.shape))
         return out
 
     @classmethod
@@ -102,12 +108,13 @@ class Component:
         """What :meth:`to_dict` wrote; KeyError naming a missing or unknown key."""
         _check_keys("component", data, (*_COMPONENT_SCALARS, "coil_id", "camera_id", "frame_id", "mask",
                                         "mask_shape"))
-        mask = unpack_mask(base64.b64decode(data["mask"]), tuple(data["mask_shape"]))
+        bits = base64.b64decode(data["mask"])
+        mask = unpack_mask(bits, tuple(data["mask_shape"]))
         probability = data["max_probability"]
         return cls(FrameKey(data["coil_id"], data["camera_id"], int(data["frame_id"])), int(data["class_id"]), mask,
                    float(data["along_start_mm"]), float(data["across_start_mm"]), float(data["mm_per_px_along"]),
                    float(data["mm_per_px_across"]), int(data["pixel_count"]), float(data["area_mm2"]),
-                   None if probability is None else float(probability))
+                   None if probability is None else float(probability), bits)
 
 
 _COMPONENT_SCALARS = ("class_id", "along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across",
@@ -208,33 +215,17 @@ def frame_components(key: FrameKey, class_id: int, mask: np.ndarray, position_mm
         probability: the class probability ``[H, W]``, for each component's maximum; None if not known.
     """
     grid = to_along_across(np.asarray(mask), camera)
-    if grid.dtype == bool:
-        grid = grid.view(np.uint8)
-    elif grid.dtype != np.uint8:
-        grid = (grid > 0).astype(np.uint8)
-    rows = grid.any(axis=1)
-    if not rows.any():  # most classes of most frames: no labelling needed
-        return []
-    # Labelled within the box of the set pixels: the same components (raster order kept), a fraction of the work.
-    cols = np.flatnonzero(grid.any(axis=0))
-    rows = np.flatnonzero(rows)
-    r0, c0 = int(rows[0]), int(cols[0])
-    box = np.ascontiguousarray(grid[r0:rows[-1] + 1, c0:cols[-1] + 1])
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(box, connectivity=8)
     probs = None if probability is None else to_along_across(np.asarray(probability, np.float32), camera)
     pa, px = camera.mm_per_px_along, camera.mm_per_px_across
     centres = camera.lane_start_mm + (np.arange(grid.shape[1]) + 0.5) * px
     owned = (centres >= owned_across[0]) & (centres < owned_across[1])
-    found = []
-    for label in range(1, count):
-        left, top, width, height, pixels = (int(v) for v in stats[label, :5])
-        crop = labels[top:top + height, left:left + width] == label
-        top, left = top + r0, left + c0
-        owned_pixels = int(crop[:, owned[left:left + width]].sum())
-        peak = None if probs is None else float(probs[top:top + height, left:left + width][crop].max())
-        found.append(Component(key, class_id, crop, position_mm + top * pa, camera.lane_start_mm + left * px,
-                               pa, px, pixels, owned_pixels * pa * px, peak))
-    return found
+    found = label(grid, owned, probs)
+    peaks = [None] * len(found.crops) if found.peaks is None else found.peaks.tolist()
+    packed = [pack_mask(crop) for crop in found.crops] if found.packed is None else found.packed
+    return [Component(key, class_id, crop, position_mm + top * pa, camera.lane_start_mm + left * px, pa, px, pixels,
+                      owned_pixels * pa * px, peak, bits)
+            for (top, left, _, _, pixels, owned_pixels), crop, peak, bits in zip(found.stats.tolist(), found.crops,
+                                                                                 peaks, packed)]
 
 
 def masks_components(line: Line, key: FrameKey, position_mm: float, masks: np.ndarray,

@@ -21,6 +21,7 @@ returned to the caller to report. A database that cannot be reached or answers t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -39,7 +40,7 @@ from coils import schema
 from coils.columns import ComponentColumns, merged_records
 from coils.line import Line
 from coils.periodic import find_periodic
-from coils.records import Component, DefectRecord, FrameKey, default_gap_mm, pack_mask
+from coils.records import Component, DefectRecord, FrameKey, default_gap_mm
 from coils.summary import CLOSED, OPEN, CoilFacts, CoilSummary, summarise
 from coils.verdict import CoilVerdict, Grader, judge
 
@@ -225,10 +226,10 @@ class CoilStore:
     def _write_merged(self, connection: Connection, batch: list[FrameComponents]) -> None:
         if not batch:
             return
-        connection.execute(self._insert_new(schema.frames), [_frame_row(f) for f in batch])
+        _insert_many(connection, schema.frames, [_frame_row(f) for f in batch])
         rows = [_component_row(f.key, n, c, late=False) for f in batch for n, c in enumerate(f.components)]
         if rows:
-            connection.execute(self._insert_new(schema.components), rows)
+            _insert_many(connection, schema.components, rows)
 
     def _write_late(self, connection: Connection, coil_id: str, batch: list[FrameComponents]) -> list[FrameKey]:
         """Keeps the frames of closed ``coil_id`` that were not merged before it closed; returns their keys."""
@@ -239,10 +240,10 @@ class CoilStore:
                                                      sa.tuple_(f.camera_id, f.frame_id).in_(wanted)))}
         late = [b for b in batch if (b.key.camera_id, b.key.frame_id) not in stored]
         if late:
-            connection.execute(self._insert_new(schema.late_frames), [_frame_row(b) for b in late])
+            _insert_many(connection, schema.late_frames, [_frame_row(b) for b in late])
             rows = [_component_row(b.key, n, c, late=True) for b in late for n, c in enumerate(b.components)]
             if rows:
-                connection.execute(self._insert_new(schema.components), rows)
+                _insert_many(connection, schema.components, rows)
             log.info("coil %s is closed: %d frame(s) kept as late, not merged (first: camera %s frame %d)",
                      coil_id, len(late), late[0].key.camera_id, late[0].key.frame_id)
         return [b.key for b in late]
@@ -294,13 +295,9 @@ class CoilStore:
         return self.get_coil(coil_id)[0]  # another replica closed it first
 
     def _write_records(self, connection: Connection, coil_id: str, built: list[DefectRecord]) -> None:
-        """Inserts the coil's records: the driver's own executemany (a coil may have tens of thousands)."""
+        """Inserts the coil's records (a coil may have tens of thousands)."""
         if not built:
             return
-        names = [c.name for c in schema.records.columns]
-        mark = "?" if connection.dialect.paramstyle == "qmark" else "%s"
-        insert = (f"INSERT INTO records ({', '.join(names)}) VALUES ({', '.join([mark] * len(names))}) "
-                  f"ON CONFLICT DO NOTHING")
         quoted: dict[str, str] = {}  # camera id -> its JSON string
 
         def camera(camera_id: str) -> str:
@@ -316,7 +313,7 @@ class CoilStore:
         rows = [(coil_id, n, r.class_id, r.along_start_mm, r.along_end_mm, r.across_start_mm, r.across_end_mm,
                  r.area_mm2, r.max_probability, frames(r), "[" + ",".join(camera(c) for c in r.cameras) + "]")
                 for n, r in enumerate(built)]
-        connection.exec_driver_sql(insert, rows)
+        _insert_many(connection, schema.records, rows)
 
     # ------------------------------------------------------------------ reads
     def silent_coils(self, silence_s: float, now_unix_s: float) -> list[str]:
@@ -425,20 +422,36 @@ class CoilStore:
                              tuple(json.loads(row.cameras))) for row in found]
 
 
-def _frame_row(frame: FrameComponents) -> dict[str, Any]:
-    return {"coil_id": frame.key.coil_id, "camera_id": frame.key.camera_id,
-            "frame_id": _db_frame_id(frame.key.frame_id), "position_mm": frame.position_mm,
-            "received_unix_s": frame.received_unix_s}
+def _insert_many(connection: Connection, table: sa.Table, rows: list[tuple[Any, ...]]) -> None:
+    """``INSERT ... ON CONFLICT DO NOTHING`` of ``rows`` (plain tuples in ``table``'s column order).
+
+    Through the driver's own executemany: SQLAlchemy's per-row parameter processing cost more than
+    the insert itself on the write path (every answered frame's components, before its answer).
+    """
+    connection.exec_driver_sql(_insert_sql(table, connection.dialect.paramstyle), rows)
 
 
-def _component_row(key: FrameKey, number: int, component: Component, late: bool) -> dict[str, Any]:
+@functools.cache
+def _insert_sql(table: sa.Table, paramstyle: str) -> str:
+    names = [c.name for c in table.columns]
+    mark = "?" if paramstyle == "qmark" else "%s"
+    return (f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join([mark] * len(names))}) "
+            f"ON CONFLICT DO NOTHING")
+
+
+def _frame_row(frame: FrameComponents) -> tuple[Any, ...]:
+    """A row of ``frames`` or ``late_frames``, in the table's column order."""
+    key = frame.key
+    return key.coil_id, key.camera_id, _db_frame_id(key.frame_id), frame.position_mm, frame.received_unix_s
+
+
+def _component_row(key: FrameKey, number: int, component: Component, late: bool) -> tuple[Any, ...]:
+    """A row of ``components``, in the table's column order."""
     rows, cols = component.mask.shape
-    return {"coil_id": key.coil_id, "camera_id": key.camera_id, "frame_id": _db_frame_id(key.frame_id),
-            "component_no": number, "class_id": component.class_id, "along_start_mm": component.along_start_mm,
-            "across_start_mm": component.across_start_mm, "mm_per_px_along": component.mm_per_px_along,
-            "mm_per_px_across": component.mm_per_px_across, "pixel_count": component.pixel_count,
-            "area_mm2": component.area_mm2, "max_probability": component.max_probability, "mask_rows": rows,
-            "mask_cols": cols, "mask": pack_mask(component.mask), "late": late}
+    return (key.coil_id, key.camera_id, _db_frame_id(key.frame_id), number, component.class_id,
+            component.along_start_mm, component.across_start_mm, component.mm_per_px_along,
+            component.mm_per_px_across, component.pixel_count, component.area_mm2, component.max_probability, rows,
+            cols, component.packed_mask(), late)
 
 
 __all__ = ["CoilStore", "FrameComponents", "StoreUnavailable"]

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from coils import labelling
 from coils.line import Line
 from coils.records import Component, DefectRecord, FrameKey, frame_components
 from coils.spool import Spool, SpoolFull
@@ -87,6 +88,7 @@ class CoilTracker:
         Raises:
             coils.store.StoreUnavailable: the database cannot be reached.
         """
+        labelling.warm_up()  # the first coil frame's answer must not wait for a compilation
         store = CoilStore.open(config.db_url, line)
         try:
             spool = Spool(config.spool_dir, config.spool_max_bytes)
