@@ -45,8 +45,10 @@ import numpy as np
 from coils.line import CameraGeometry, Line
 from coils.merge import EPSILON_MM, UnionFind, boxes_meet, pixels_touch
 
-#: Along-strip size of one bucket of the spatial index that finds merge candidates.
-BUCKET_MM = 512.0
+#: Side of one square cell (along x across) of the spatial index that finds merge candidates: a
+#: component is compared only with those whose boxes reach into one of its cells, a handful on a
+#: 16-camera line, where cells as long as the strip is wide would hold every lane's.
+BUCKET_MM = 128.0
 
 
 @dataclass(frozen=True)
@@ -289,8 +291,8 @@ class RecordBuilder:
         self._components: list[Component] = []
         self._sets = UnionFind()
         self._frames: set[FrameKey] = set()
-        # (coil, class) -> along bucket -> indices of the components whose box reaches into it
-        self._index: dict[tuple[str, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        # (coil, class) -> (along, across) cell -> indices of the components whose box reaches into it
+        self._index: dict[tuple[str, int], dict[tuple[int, int], list[int]]] = defaultdict(lambda: defaultdict(list))
 
     @property
     def frames_added(self) -> int:
@@ -345,9 +347,12 @@ class RecordBuilder:
         self._frames.add(key)
         return found
 
-    def _buckets(self, component: Component) -> range:
-        start = math.floor((component.along_start_mm - self.gap_mm) / BUCKET_MM)
-        return range(start, math.floor((component.along_end_mm + self.gap_mm) / BUCKET_MM) + 1)
+    def _buckets(self, component: Component) -> list[tuple[int, int]]:
+        """The index cells ``component``'s box reaches into, widened by the merge tolerance."""
+        reach = self.gap_mm + EPSILON_MM
+        along = _cells(component.along_start_mm - reach, component.along_end_mm + reach)
+        across = _cells(component.across_start_mm - reach, component.across_end_mm + reach)
+        return [(a, c) for a in along for c in across]
 
     def _append(self, component: Component) -> int:
         """Adds ``component`` to the sets and the along index, merging nothing; returns its number."""
@@ -391,6 +396,10 @@ class RecordBuilder:
                     groups[find(number)].append(component)
         found += [record_of(parts) for parts in groups.values()]
         return sorted(found, key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
+
+
+def _cells(start_mm: float, end_mm: float) -> range:
+    return range(math.floor(start_mm / BUCKET_MM), math.floor(end_mm / BUCKET_MM) + 1)
 
 
 def record_of(parts: Sequence[Component]) -> DefectRecord:
