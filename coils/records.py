@@ -293,6 +293,11 @@ class RecordBuilder:
         self._frames: set[FrameKey] = set()
         # (coil, class) -> (along, across) cell -> indices of the components whose box reaches into it
         self._index: dict[tuple[str, int], dict[tuple[int, int], list[int]]] = defaultdict(lambda: defaultdict(list))
+        # records() kept incrementally: per coil, root -> its record, and the components added or merged
+        # away since the last call (their roots' records are made again; every other record is kept)
+        self._members: dict[int, list[int]] = {}  # root -> its components, for sets of more than one
+        self._records: dict[str, dict[int, DefectRecord]] = defaultdict(dict)
+        self._changed: dict[str, set[int]] = defaultdict(set)
 
     @property
     def frames_added(self) -> int:
@@ -365,6 +370,7 @@ class RecordBuilder:
 
     def _insert(self, component: Component) -> None:
         index = self._append(component)
+        self._changed[component.key.coil_id].add(index)
         buckets = self._index[(component.key.coil_id, component.class_id)]
         seen: set[int] = set()
         for bucket in self._buckets(component):
@@ -377,25 +383,35 @@ class RecordBuilder:
                 if neighbour.key == component.key or self._sets.find(other) == self._sets.find(index):
                     continue
                 if pixels_touch(neighbour, component, self.gap_mm):
-                    self._sets.union(other, index)
+                    self._join(other, index, component.key.coil_id)
+
+    def _join(self, a: int, b: int, coil_id: str) -> None:
+        """Unites the sets of ``a`` and ``b``, their members listed under the new root, both old roots changed."""
+        ra, rb = self._sets.find(a), self._sets.find(b)
+        self._sets.union(ra, rb)
+        root = self._sets.find(ra)
+        kept, gone = (ra, rb) if root == ra else (rb, ra)
+        members = self._members.setdefault(kept, [kept])
+        members += self._members.pop(gone, [gone])
+        self._changed[coil_id].update((ra, rb))
 
     def coils(self) -> list[str]:
         """The coils with at least one frame added, sorted."""
         return sorted({key.coil_id for key in self._frames})
 
     def records(self, coil_id: str) -> list[DefectRecord]:
-        """The coil's defect records as they stand, sorted by along start, across start and class."""
-        groups: dict[int, list[Component]] = defaultdict(list)
-        parent, size, find = self._sets.parent, self._sets.size, self._sets.find
-        found = []
-        for number, component in enumerate(self._components):
-            if component.key.coil_id == coil_id:
-                if parent[number] == number and size[number] == 1:  # most records: one component
-                    found.append(record_of([component]))
-                else:
-                    groups[find(number)].append(component)
-        found += [record_of(parts) for parts in groups.values()]
-        return sorted(found, key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
+        """The coil's defect records as they stand, sorted by along start, across start and class.
+
+        Only the records of the sets that grew or merged since the last call are made again: a
+        coil's records are there for a live view, asked for again and again as its frames come.
+        """
+        kept, changed = self._records[coil_id], self._changed.pop(coil_id, set())
+        for number in changed:
+            kept.pop(number, None)
+        find, components = self._sets.find, self._components
+        for root in {find(number) for number in changed}:
+            kept[root] = record_of([components[m] for m in sorted(self._members.get(root, (root,)))])
+        return sorted(kept.values(), key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
 
 
 def _cells(start_mm: float, end_mm: float) -> range:
