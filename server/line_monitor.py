@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from coils.alarms import Alarm, AlarmRule, CoilAlarms
 from coils.line import Line
-from coils.periodic import PeriodicConfig, PeriodicDefect, find_periodic, max_period_mm
+from coils.periodic import PeriodicConfig, PeriodicDefect, band_keys, find_periodic, max_period_mm
 from coils.records import DefectRecord, RecordBuilder
 from coils.store import FrameComponents, StoreUnavailable
 from coils.summary import CoilFacts, CoilSummary, summarise
@@ -165,6 +165,7 @@ class _OpenCoil:
     state: CoilState | None = None
     evaluated_to_mm: float = 0.0  # the far end at its last evaluation
     periodic: dict[tuple[int, str, int], PeriodicDefect] = field(default_factory=dict)  # found so far, by place
+    known: dict[int, DefectRecord] = field(default_factory=dict)  # the last window's records by id (kept alive)
 
 
 class LineMonitor:
@@ -294,7 +295,10 @@ class LineMonitor:
         if coil.state is not None and len(records) == sum(coil.state.defects_per_class.values()):
             return replace(coil.state, length_mm=coil.far_end_mm, frames=coil.frames)  # clean frames: nothing new
         recent = self._recent(records, coil)
-        found = find_periodic(self.line, recent, LIVE_PERIODIC)
+        # only the bands new or grown records fell in are searched again; the others' finds are kept
+        changed = {key for r in recent if id(r) not in coil.known for key in band_keys(r, LIVE_PERIODIC)}
+        coil.known = {id(r): r for r in recent}
+        found = find_periodic(self.line, recent, LIVE_PERIODIC, changed)
         for p in found:
             coil.periodic[(p.class_id, p.roll, round(p.across_start_mm / LIVE_PERIODIC.band_mm))] = p
         periodic = tuple(sorted(coil.periodic.values(), key=lambda d: (-d.count, d.class_id, d.first_mm)))
