@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import math
 import queue
 import threading
 import time
@@ -54,6 +55,8 @@ LIVE_PERIODIC = PeriodicConfig(alpha=1e-6)
 #: each density rule's window): a repeat shows within a few turns, and the work stays bounded however
 #: long the coil grows. Finds that slid out of it are kept; the whole coil is searched at close.
 LIVE_TURNS = 16
+#: Seconds between two grades so far of an open coil whose periodic defects did not change.
+GRADE_EVERY_S = 5.0
 #: An open coil without a frame for this long is dropped (closed elsewhere: another replica, a restart).
 STALE_S = 300.0
 #: Closed coils remembered (their late frames are not taken for a new coil).
@@ -165,6 +168,8 @@ class _OpenCoil:
     state: CoilState | None = None
     evaluated_to_mm: float = 0.0  # the far end at its last evaluation
     periodic: dict[tuple[int, str, int], PeriodicDefect] = field(default_factory=dict)  # found so far, by place
+    graded_at: float = -math.inf  # time.monotonic() of its last grade so far
+    graded_places: frozenset[tuple[int, str, int]] = frozenset()  # the periodic defects' places it saw
     known: dict[int, DefectRecord] = field(default_factory=dict)  # the last window's records by id (kept alive)
 
 
@@ -304,10 +309,22 @@ class LineMonitor:
         periodic = tuple(sorted(coil.periodic.values(), key=lambda d: (-d.count, d.class_id, d.first_mm)))
         for alarm in coil.alarms.evaluate(recent, found, now):  # the finds' record numbers are in ``recent``
             self.book.raise_alarm(alarm)
+        grade, rule = self._grade(coil_id, coil, records, periodic, now)
+        return CoilState(coil_id, coil.far_end_mm, coil.frames, dict(sorted(Counter(r.class_id for r in records)
+                                                                          .items())), grade, rule, periodic)
+
+    def _grade(self, coil_id: str, coil: _OpenCoil, records: list[DefectRecord],
+               periodic: tuple[PeriodicDefect, ...], now: float) -> tuple[str, str]:
+        """The grade so far: again when a periodic defect was found at a new place, else at most every
+        ``GRADE_EVERY_S`` (it reads every record of the coil; the grade that counts is given at close)."""
+        last, places = coil.state, frozenset(coil.periodic)
+        if last is not None and places == coil.graded_places and time.monotonic() < coil.graded_at + GRADE_EVERY_S:
+            return last.grade, last.grade_rule
+        coil.graded_at, coil.graded_places = time.monotonic(), places
+        if self.grader is None:
+            return "", ""
         summary = summarise(CoilFacts(coil_id, "open", now, now, None, "", coil.far_end_mm, coil.frames, 0), records)
-        grade, rule = self.grader(summary, records, periodic) if self.grader is not None else ("", "")
-        return CoilState(coil_id, coil.far_end_mm, coil.frames, dict(summary.defects_per_class), grade, rule,
-                         periodic)
+        return self.grader(summary, records, periodic)
 
     def _recent(self, records: list[DefectRecord], coil: _OpenCoil) -> list[DefectRecord]:
         """The records (sorted along) of the live window: from ``span`` before the far end of the last
