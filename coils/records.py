@@ -359,31 +359,26 @@ class RecordBuilder:
         across = _cells(component.across_start_mm - reach, component.across_end_mm + reach)
         return [(a, c) for a in along for c in across]
 
-    def _append(self, component: Component) -> int:
-        """Adds ``component`` to the sets and the along index, merging nothing; returns its number."""
-        number = self._sets.add()
-        self._components.append(component)
-        buckets = self._index[(component.key.coil_id, component.class_id)]
-        for bucket in self._buckets(component):
-            buckets[bucket].append(number)
-        return number
-
     def _insert(self, component: Component) -> None:
-        index = self._append(component)
+        """Adds ``component`` to the sets and the index, joined to every earlier one its pixels touch."""
+        index = self._sets.add()
+        self._components.append(component)
         self._changed[component.key.coil_id].add(index)
         buckets = self._index[(component.key.coil_id, component.class_id)]
         seen: set[int] = set()
         for bucket in self._buckets(component):
-            for other in buckets[bucket]:
+            members = buckets[bucket]
+            for other in members:
                 if other in seen:
                     continue
                 seen.add(other)
                 neighbour = self._components[other]
-                # Components of one frame are apart by construction (connected components); itself included.
+                # Components of one frame are apart by construction (connected components).
                 if neighbour.key == component.key or self._sets.find(other) == self._sets.find(index):
                     continue
                 if pixels_touch(neighbour, component, self.gap_mm):
                     self._join(other, index, component.key.coil_id)
+            members.append(index)  # after the cell's scan: never compared with itself
 
     def _join(self, a: int, b: int, coil_id: str) -> None:
         """Unites the sets of ``a`` and ``b``, their members listed under the new root, both old roots changed."""
