@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -119,15 +119,21 @@ class _Walk:
     log_p: float  # log of the binomial tail probability
 
 
-def find_periodic(line: Line, records: Sequence[DefectRecord],
-                  config: PeriodicConfig | None = None) -> list[PeriodicDefect]:
-    """The periodic defects among ``records`` (one coil's), most repeats first (see the module's doc)."""
+def find_periodic(line: Line, records: Sequence[DefectRecord], config: PeriodicConfig | None = None,
+                  only: Collection[tuple[int, int]] | None = None) -> list[PeriodicDefect]:
+    """The periodic defects among ``records`` (one coil's), most repeats first (see the module's doc).
+
+    Args:
+        only: search just these (class, band) keys (:func:`band_keys`), e.g. the bands a live view's
+            new records fell in; the significance still counts the walks of every band.
+    """
     config = config or PeriodicConfig()
     bands = _bands(records, config)
     tests = max(1, sum(len(b) * config.candidates for b in bands.values()))
     found: list[tuple[float, PeriodicDefect]] = []
-    for (class_id, _), members in bands.items():
-        found += _search_band(line, records, class_id, members, tests, config)
+    for (class_id, band), members in bands.items():
+        if only is None or (class_id, band) in only:
+            found += _search_band(line, records, class_id, members, tests, config)
     kept: list[PeriodicDefect] = []
     taken: set[int] = set()
     for _, defect in sorted(found, key=lambda f: (f[0], -f[1].count)):
@@ -140,14 +146,17 @@ def find_periodic(line: Line, records: Sequence[DefectRecord],
 
 def _bands(records: Sequence[DefectRecord], config: PeriodicConfig) -> dict[tuple[int, int], list[int]]:
     """Record indices per (class, band number); band ``b`` covers ``[b, b + 2) * band_mm / 2``."""
-    step = config.band_mm / 2
     bands: dict[tuple[int, int], list[int]] = defaultdict(list)
     for index, record in enumerate(records):
-        centre = (record.across_start_mm + record.across_end_mm) / 2
-        b = math.floor(centre / step)
-        bands[(record.class_id, b)].append(index)
-        bands[(record.class_id, b - 1)].append(index)
+        for key in band_keys(record, config):
+            bands[key].append(index)
     return {key: members for key, members in bands.items() if len(members) >= config.min_count}
+
+
+def band_keys(record: DefectRecord, config: PeriodicConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The two (class, band number) keys of the overlapping lateral bands ``record``'s across centre lies in."""
+    b = math.floor((record.across_start_mm + record.across_end_mm) / 2 / (config.band_mm / 2))
+    return (record.class_id, b), (record.class_id, b - 1)
 
 
 def _search_band(line: Line, records: Sequence[DefectRecord], class_id: int, members: list[int], tests: int,
@@ -313,4 +322,4 @@ def _along(record: DefectRecord) -> float:
     return (record.along_start_mm + record.along_end_mm) / 2
 
 
-__all__ = ["PeriodicConfig", "PeriodicDefect", "find_periodic", "match_roll"]
+__all__ = ["PeriodicConfig", "PeriodicDefect", "band_keys", "find_periodic", "match_roll"]

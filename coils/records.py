@@ -45,8 +45,10 @@ from coils.labelling import label
 from coils.line import CameraGeometry, Line
 from coils.merge import EPSILON_MM, UnionFind, boxes_meet, pixels_touch
 
-#: Along-strip size of one bucket of the spatial index that finds merge candidates.
-BUCKET_MM = 512.0
+#: Side of one square cell (along x across) of the spatial index that finds merge candidates: a
+#: component is compared only with those whose boxes reach into one of its cells, a handful on a
+#: 16-camera line, where cells as long as the strip is wide would hold every lane's.
+BUCKET_MM = 128.0
 
 
 @dataclass(frozen=True)
@@ -280,8 +282,13 @@ class RecordBuilder:
         self._components: list[Component] = []
         self._sets = UnionFind()
         self._frames: set[FrameKey] = set()
-        # (coil, class) -> along bucket -> indices of the components whose box reaches into it
-        self._index: dict[tuple[str, int], dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        # (coil, class) -> (along, across) cell -> indices of the components whose box reaches into it
+        self._index: dict[tuple[str, int], dict[tuple[int, int], list[int]]] = defaultdict(lambda: defaultdict(list))
+        # records() kept incrementally: per coil, root -> its record, and the components added or merged
+        # away since the last call (their roots' records are made again; every other record is kept)
+        self._members: dict[int, list[int]] = {}  # root -> its components, for sets of more than one
+        self._records: dict[str, dict[int, DefectRecord]] = defaultdict(dict)
+        self._changed: dict[str, set[int]] = defaultdict(set)
 
     @property
     def frames_added(self) -> int:
@@ -336,52 +343,65 @@ class RecordBuilder:
         self._frames.add(key)
         return found
 
-    def _buckets(self, component: Component) -> range:
-        start = math.floor((component.along_start_mm - self.gap_mm) / BUCKET_MM)
-        return range(start, math.floor((component.along_end_mm + self.gap_mm) / BUCKET_MM) + 1)
-
-    def _append(self, component: Component) -> int:
-        """Adds ``component`` to the sets and the along index, merging nothing; returns its number."""
-        number = self._sets.add()
-        self._components.append(component)
-        buckets = self._index[(component.key.coil_id, component.class_id)]
-        for bucket in self._buckets(component):
-            buckets[bucket].append(number)
-        return number
+    def _buckets(self, component: Component) -> list[tuple[int, int]]:
+        """The index cells ``component``'s box reaches into, widened by the merge tolerance."""
+        reach = self.gap_mm + EPSILON_MM
+        along = _cells(component.along_start_mm - reach, component.along_end_mm + reach)
+        across = _cells(component.across_start_mm - reach, component.across_end_mm + reach)
+        return [(a, c) for a in along for c in across]
 
     def _insert(self, component: Component) -> None:
-        index = self._append(component)
+        """Adds ``component`` to the sets and the index, joined to every earlier one its pixels touch."""
+        index = self._sets.add()
+        self._components.append(component)
+        self._changed[component.key.coil_id].add(index)
         buckets = self._index[(component.key.coil_id, component.class_id)]
         seen: set[int] = set()
         for bucket in self._buckets(component):
-            for other in buckets[bucket]:
+            members = buckets[bucket]
+            for other in members:
                 if other in seen:
                     continue
                 seen.add(other)
                 neighbour = self._components[other]
-                # Components of one frame are apart by construction (connected components); itself included.
+                # Components of one frame are apart by construction (connected components).
                 if neighbour.key == component.key or self._sets.find(other) == self._sets.find(index):
                     continue
                 if pixels_touch(neighbour, component, self.gap_mm):
-                    self._sets.union(other, index)
+                    self._join(other, index, component.key.coil_id)
+            members.append(index)  # after the cell's scan: never compared with itself
+
+    def _join(self, a: int, b: int, coil_id: str) -> None:
+        """Unites the sets of ``a`` and ``b``, their members listed under the new root, both old roots changed."""
+        ra, rb = self._sets.find(a), self._sets.find(b)
+        self._sets.union(ra, rb)
+        root = self._sets.find(ra)
+        kept, gone = (ra, rb) if root == ra else (rb, ra)
+        members = self._members.setdefault(kept, [kept])
+        members += self._members.pop(gone, [gone])
+        self._changed[coil_id].update((ra, rb))
 
     def coils(self) -> list[str]:
         """The coils with at least one frame added, sorted."""
         return sorted({key.coil_id for key in self._frames})
 
     def records(self, coil_id: str) -> list[DefectRecord]:
-        """The coil's defect records as they stand, sorted by along start, across start and class."""
-        groups: dict[int, list[Component]] = defaultdict(list)
-        parent, size, find = self._sets.parent, self._sets.size, self._sets.find
-        found = []
-        for number, component in enumerate(self._components):
-            if component.key.coil_id == coil_id:
-                if parent[number] == number and size[number] == 1:  # most records: one component
-                    found.append(record_of([component]))
-                else:
-                    groups[find(number)].append(component)
-        found += [record_of(parts) for parts in groups.values()]
-        return sorted(found, key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
+        """The coil's defect records as they stand, sorted by along start, across start and class.
+
+        Only the records of the sets that grew or merged since the last call are made again: a
+        coil's records are there for a live view, asked for again and again as its frames come.
+        """
+        kept, changed = self._records[coil_id], self._changed.pop(coil_id, set())
+        for number in changed:
+            kept.pop(number, None)
+        find, components = self._sets.find, self._components
+        for root in {find(number) for number in changed}:
+            kept[root] = record_of([components[m] for m in sorted(self._members.get(root, (root,)))])
+        return sorted(kept.values(), key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
+
+
+def _cells(start_mm: float, end_mm: float) -> range:
+    return range(math.floor(start_mm / BUCKET_MM), math.floor(end_mm / BUCKET_MM) + 1)
 
 
 def record_of(parts: Sequence[Component]) -> DefectRecord:

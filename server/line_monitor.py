@@ -18,7 +18,9 @@ grade so far, periodic defects), the last closed coil, per camera frames and las
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+import math
 import queue
 import threading
 import time
@@ -29,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from coils.alarms import Alarm, AlarmRule, CoilAlarms
 from coils.line import Line
-from coils.periodic import PeriodicConfig, PeriodicDefect, find_periodic
-from coils.records import RecordBuilder
+from coils.periodic import PeriodicConfig, PeriodicDefect, band_keys, find_periodic, max_period_mm
+from coils.records import DefectRecord, RecordBuilder
 from coils.store import FrameComponents, StoreUnavailable
 from coils.summary import CoilFacts, CoilSummary, summarise
 
@@ -49,6 +51,12 @@ BUDGET = 20
 #: The search on an open coil: it runs again and again as the coil grows, so each run's chance of a
 #: random find is held 100 times lower than at close (a true repeat passes it a few turns later).
 LIVE_PERIODIC = PeriodicConfig(alpha=1e-6)
+#: The live search and the coil alarms look at the coil's last this many longest periods (and at least
+#: each density rule's window): a repeat shows within a few turns, and the work stays bounded however
+#: long the coil grows. Finds that slid out of it are kept; the whole coil is searched at close.
+LIVE_TURNS = 16
+#: Seconds between two grades so far of an open coil whose periodic defects did not change.
+GRADE_EVERY_S = 5.0
 #: An open coil without a frame for this long is dropped (closed elsewhere: another replica, a restart).
 STALE_S = 300.0
 #: Closed coils remembered (their late frames are not taken for a new coil).
@@ -158,6 +166,11 @@ class _OpenCoil:
     next_at: float = 0.0  # time.monotonic() before which it is not evaluated again
     last_frame_at: float = field(default_factory=time.monotonic)
     state: CoilState | None = None
+    evaluated_to_mm: float = 0.0  # the far end at its last evaluation
+    periodic: dict[tuple[int, str, int], PeriodicDefect] = field(default_factory=dict)  # found so far, by place
+    graded_at: float = -math.inf  # time.monotonic() of its last grade so far
+    graded_places: frozenset[tuple[int, str, int]] = frozenset()  # the periodic defects' places it saw
+    known: dict[int, DefectRecord] = field(default_factory=dict)  # the last window's records by id (kept alive)
 
 
 class LineMonitor:
@@ -179,6 +192,9 @@ class LineMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="line-monitor", daemon=True)
         self._server_raised: set[tuple[str, str]] = set()
+        #: Length of the live window (:data:`LIVE_TURNS`).
+        self.span_mm = max([LIVE_TURNS * max_period_mm(line, LIVE_PERIODIC)]
+                           + [r.window_m * 1000 for r in self.rules if r.kind == "density"])
 
     # ------------------------------------------------------------------ hooks (other threads)
     def on_frames(self, frames: list[FrameComponents]) -> None:
@@ -283,13 +299,39 @@ class LineMonitor:
         records = coil.builder.records(coil_id)
         if coil.state is not None and len(records) == sum(coil.state.defects_per_class.values()):
             return replace(coil.state, length_mm=coil.far_end_mm, frames=coil.frames)  # clean frames: nothing new
-        periodic = tuple(find_periodic(self.line, records, LIVE_PERIODIC))
-        for alarm in coil.alarms.evaluate(records, periodic, now):
+        recent = self._recent(records, coil)
+        # only the bands new or grown records fell in are searched again; the others' finds are kept
+        changed = {key for r in recent if id(r) not in coil.known for key in band_keys(r, LIVE_PERIODIC)}
+        coil.known = {id(r): r for r in recent}
+        found = find_periodic(self.line, recent, LIVE_PERIODIC, changed)
+        for p in found:
+            coil.periodic[(p.class_id, p.roll, round(p.across_start_mm / LIVE_PERIODIC.band_mm))] = p
+        periodic = tuple(sorted(coil.periodic.values(), key=lambda d: (-d.count, d.class_id, d.first_mm)))
+        for alarm in coil.alarms.evaluate(recent, found, now):  # the finds' record numbers are in ``recent``
             self.book.raise_alarm(alarm)
+        grade, rule = self._grade(coil_id, coil, records, periodic, now)
+        return CoilState(coil_id, coil.far_end_mm, coil.frames, dict(sorted(Counter(r.class_id for r in records)
+                                                                          .items())), grade, rule, periodic)
+
+    def _grade(self, coil_id: str, coil: _OpenCoil, records: list[DefectRecord],
+               periodic: tuple[PeriodicDefect, ...], now: float) -> tuple[str, str]:
+        """The grade so far: again when a periodic defect was found at a new place, else at most every
+        ``GRADE_EVERY_S`` (it reads every record of the coil; the grade that counts is given at close)."""
+        last, places = coil.state, frozenset(coil.periodic)
+        if last is not None and places == coil.graded_places and time.monotonic() < coil.graded_at + GRADE_EVERY_S:
+            return last.grade, last.grade_rule
+        coil.graded_at, coil.graded_places = time.monotonic(), places
+        if self.grader is None:
+            return "", ""
         summary = summarise(CoilFacts(coil_id, "open", now, now, None, "", coil.far_end_mm, coil.frames, 0), records)
-        grade, rule = self.grader(summary, records, periodic) if self.grader is not None else ("", "")
-        return CoilState(coil_id, coil.far_end_mm, coil.frames, dict(summary.defects_per_class), grade, rule,
-                         periodic)
+        return self.grader(summary, records, periodic)
+
+    def _recent(self, records: list[DefectRecord], coil: _OpenCoil) -> list[DefectRecord]:
+        """The records (sorted along) of the live window: from ``span`` before the far end of the last
+        evaluation (so none since is missed), but never more than four spans back."""
+        start = max(min(coil.evaluated_to_mm, coil.far_end_mm) - self.span_mm, coil.far_end_mm - 4 * self.span_mm)
+        coil.evaluated_to_mm = coil.far_end_mm
+        return records[bisect.bisect_left(records, start, key=lambda r: r.along_start_mm):]
 
     # ------------------------------------------------------------------ server rules (event loop)
     async def watch_server(self, serving: Callable[[], bool], drifting: Callable[[], dict[str, list[str]]]) -> None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Node, Server, ua
+from asyncua.common.ua_utils import value_to_datavalue
 from asyncua.crypto import uacrypto
 from asyncua.crypto.permission_rules import SimpleRoleRuleset, User, UserRole
 from asyncua.crypto.truststore import TrustStore
@@ -252,10 +253,15 @@ class LineOpcUa:
                                                               if camera_id in drift else "ok")
         values.update(self._coil_values(snapshot))
         values["Alarms/Unacknowledged"] = len(self.actions.book.active())
-        for key, value in values.items():
-            if self._written.get(key) != value:
-                await self.nodes[key].write_value(ua.Variant(value, self._types[key]))
-                self._written[key] = value
+        changed = {key: value for key, value in values.items() if self._written.get(key) != value}
+        if changed:  # one write of every changed value: one pass through the address space's locks and callbacks
+            params = ua.WriteParameters()
+            params.NodesToWrite = [ua.WriteValue(NodeId=self.nodes[key].nodeid, AttributeId=ua.AttributeIds.Value,
+                                                 Value=value_to_datavalue(ua.Variant(value, self._types[key])))
+                                   for key, value in changed.items()]
+            for key, status in zip(changed, await self.nodes["Line/ServingState"].write_params(params), strict=True):
+                status.check()
+                self._written[key] = changed[key]
 
     def _coil_values(self, snapshot: LineSnapshot) -> dict[str, Any]:
         values: dict[str, Any] = {}

@@ -116,6 +116,25 @@ def test_random_blobs_come_back_as_the_canvas_components_in_any_frame_order(seed
     assert shuffled == in_order
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_records_asked_after_every_frame_are_those_of_the_frames_so_far(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((2, FRAMES * ALONG, STRIP), np.uint8)
+    for _ in range(25):
+        k, centre = int(rng.integers(2)), (int(rng.integers(STRIP)), int(rng.integers(FRAMES * ALONG)))
+        cv2.ellipse(canvas[k], centre, (int(rng.integers(1, 8)), int(rng.integers(1, 30))), 0.0, 0, 360, 1, -1)
+    line = two_cameras()
+    frames = frames_of(canvas, line)
+    order = list(range(len(frames)))
+    random.Random(seed).shuffle(order)
+    live = RecordBuilder(line)
+    for n, i in enumerate(order):
+        camera, frame_id, position, masks = frames[i]
+        live.add_frame("C1", camera, frame_id, position, masks)
+        assert live.records("C1") == built(line, frames, order[:n + 1])  # kept records, merged ones made again
+    assert as_truth(live.records("C1")) == canvas_truth(canvas)
+
+
 def test_a_resent_frame_changes_nothing_and_coils_stay_apart() -> None:
     canvas = planted()
     line = two_cameras()

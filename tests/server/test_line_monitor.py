@@ -87,3 +87,29 @@ def test_server_rules_raise_when_their_state_starts_and_rearm_when_it_ends() -> 
     assert [(a.rule, a.camera_id) for a in reversed(book.recent())] == [("drift", "cam0"), ("down", ""),
                                                                          ("drift", "cam0")]
     assert "camera cam0's images drifted (std over threshold)" in book.recent()[0].message
+
+
+def shifted(frames, by_mm: float, first_id: int):
+    """``frames`` ``by_mm`` further along the coil, under new frame ids."""
+    moved = []
+    for f in frames:
+        key = dataclasses.replace(f.key, frame_id=f.key.frame_id + first_id)
+        parts = tuple(dataclasses.replace(c, key=key, along_start_mm=c.along_start_mm + by_mm) for c in f.components)
+        moved.append(dataclasses.replace(f, key=key, position_mm=f.position_mm + by_mm, components=parts))
+    return moved
+
+
+def test_the_live_search_follows_a_long_coil_and_keeps_what_slid_out_of_its_window() -> None:
+    line = dataclasses.replace(two_cameras(), rolls=(Roll("work-roll", PERIOD / math.pi),))
+    book = AlarmBook(None)
+    monitor = LineMonitor(line, parse_alarms(RULES, NAMES), book, grade, budget=0)
+    assert monitor.span_mm == 16 * 2 * PERIOD  # LIVE_TURNS of the longest period looked for
+    for n, frames in enumerate((roll_mark_frames(line), roll_mark_frames(line, marks=False),
+                                roll_mark_frames(line))):
+        monitor.on_frames(shifted(frames, n * 3 * monitor.span_mm, n * 1000))
+        monitor.evaluate()
+        [coil] = monitor.snapshot().open_coils
+        [mark] = coil.periodic  # the head's mark kept after the window slid past it
+        assert mark.first_mm < 1200 if n < 2 else mark.first_mm > 6 * monitor.span_mm
+        assert coil.grade == "B" and coil.defects_per_class[1] == 12 * (1 if n < 2 else 2)
+    assert [a.rule for a in book.recent()] == ["roll-mark"]  # the same roll at the same place: raised once
