@@ -23,7 +23,22 @@ CLOSE_REASONS = ("", "end", "silence")
 
 
 @dataclass(frozen=True)
-class CoilSummary:
+class CoilFacts:
+    """A coil's lifecycle as its store keeps it: what a summary says beside its records."""
+
+    coil_id: str
+    state: str
+    opened_unix_s: float
+    last_frame_unix_s: float
+    closed_unix_s: float | None
+    close_reason: str
+    length_mm: float
+    frames: int
+    late_frames: int
+
+
+@dataclass(frozen=True)
+class CoilSummary(CoilFacts):
     """What is known of one coil as a whole.
 
     Attributes:
@@ -39,15 +54,6 @@ class CoilSummary:
         largest: the :data:`LARGEST` largest records by area, largest first.
     """
 
-    coil_id: str
-    state: str
-    opened_unix_s: float
-    last_frame_unix_s: float
-    closed_unix_s: float | None
-    close_reason: str
-    length_mm: float
-    frames: int
-    late_frames: int
     defects_per_class: dict[int, int]
     per_100m: dict[int, float]
     largest: tuple[DefectRecord, ...]
@@ -83,21 +89,6 @@ class CoilSummary:
             largest=tuple(DefectRecord.from_dict(r) for r in data["largest"]))
 
 
-@dataclass(frozen=True)
-class CoilFacts:
-    """A coil's lifecycle as its store keeps it: what a summary says beside its records."""
-
-    coil_id: str
-    state: str
-    opened_unix_s: float
-    last_frame_unix_s: float
-    closed_unix_s: float | None
-    close_reason: str
-    length_mm: float
-    frames: int
-    late_frames: int
-
-
 def summarise(facts: CoilFacts, records: Sequence[DefectRecord]) -> CoilSummary:
     """The summary of a coil whose lifecycle is ``facts`` and whose defect records are ``records``."""
     per_class: dict[int, int] = {}
@@ -107,12 +98,9 @@ def summarise(facts: CoilFacts, records: Sequence[DefectRecord]) -> CoilSummary:
     per_100m = {k: (n / hundreds if hundreds > 0 else 0.0) for k, n in sorted(per_class.items())}
     largest = heapq.nsmallest(LARGEST, records, key=lambda r: (-r.area_mm2, r.along_start_mm, r.across_start_mm,
                                                               r.class_id))
-    return CoilSummary(
-        coil_id=facts.coil_id, state=facts.state, opened_unix_s=facts.opened_unix_s,
-        last_frame_unix_s=facts.last_frame_unix_s, closed_unix_s=facts.closed_unix_s,
-        close_reason=facts.close_reason, length_mm=facts.length_mm, frames=facts.frames,
-        late_frames=facts.late_frames, defects_per_class=dict(sorted(per_class.items())), per_100m=per_100m,
-        largest=tuple(largest))
+    lifecycle = {f.name: getattr(facts, f.name) for f in fields(CoilFacts)}
+    return CoilSummary(**lifecycle, defects_per_class=dict(sorted(per_class.items())), per_100m=per_100m,
+                       largest=tuple(largest))
 
 
 __all__ = ["CLOSED", "CLOSE_REASONS", "LARGEST", "OPEN", "CoilFacts", "CoilSummary", "summarise"]
