@@ -3,6 +3,7 @@ come back as the canvas's own connected components in coil coordinates, whatever
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import cv2
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from coils.line import Line
-from coils.records import RecordBuilder
+from coils.records import _COMPONENT_SCALARS, FrameKey, RecordBuilder, masks_components
 
 ALONG, ACROSS, OVERLAP = 20, 30, 6  # frame: 20 rows along x 30 columns across; lanes overlap 6 px
 FRAMES = 12
@@ -204,3 +205,19 @@ def test_a_wider_gap_joins_what_lies_within_it() -> None:
     assert (55.0, 44.0) in places and (61.0, 44.0) not in places  # one row apart over a boundary: joined
     with pytest.raises(ValueError, match="gap_mm must be a finite number >= 0"):
         RecordBuilder(line, gap_mm=-1)
+
+
+def test_a_component_pickles_with_its_packed_mask_and_comes_back_whole() -> None:
+    line = two_cameras()
+    canvas = planted()
+    parts = [c for camera, frame_id, position, masks in frames_of(canvas, line)
+             for c in masks_components(line, FrameKey("C1", camera, frame_id), position, masks, None,
+                                       line.owned_across(camera))]
+    assert len(parts) > 10
+    for part in parts:
+        data = pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
+        back = pickle.loads(data)
+        assert back.key == part.key and back.packed_mask() == part.packed_mask()
+        assert np.array_equal(back.mask, part.mask) and back.mask.dtype == part.mask.dtype
+        assert [getattr(back, n) for n in _COMPONENT_SCALARS] == [getattr(part, n) for n in _COMPONENT_SCALARS]
+        assert len(data) < 200 + part.mask.size // 8  # the mask travels packed, not as an array of bools

@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import os
+import signal
+import time
 
 from prometheus_client import generate_latest
 
 from coils.alarms import parse_alarms
 from coils.line import Roll
+from server.coil_watch import NICE
 from server.line_monitor import AlarmBook, LineMonitor
 from server.metrics import ServerMetrics
 from tests.coils.test_records import two_cameras
@@ -113,3 +117,39 @@ def test_the_live_search_follows_a_long_coil_and_keeps_what_slid_out_of_its_wind
         assert mark.first_mm < 1200 if n < 2 else mark.first_mm > 6 * monitor.span_mm
         assert coil.grade == "B" and coil.defects_per_class[1] == 12 * (1 if n < 2 else 2)
     assert [a.rule for a in book.recent()] == ["roll-mark"]  # the same roll at the same place: raised once
+
+
+def wait_for(check, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout_s} s")
+
+
+def test_started_the_watch_runs_in_a_process_of_its_own_and_one_that_dies_is_replaced() -> None:
+    line = dataclasses.replace(two_cameras(), rolls=(Roll("work-roll", PERIOD / math.pi),))
+    book = AlarmBook(None)
+    monitor = LineMonitor(line, parse_alarms(RULES, NAMES), book, grade, interval_s=0.02)
+    monitor.start()
+    try:
+        first = monitor._watch.pid
+        assert first not in (None, os.getpid())
+        lower = min(os.getpriority(os.PRIO_PROCESS, 0) + NICE, 19)  # a lower priority than the server's
+        wait_for(lambda: os.getpriority(os.PRIO_PROCESS, first) == lower)
+        frames = roll_mark_frames(line)
+        monitor.on_frames(frames)
+        [alarm] = wait_for(book.recent)
+        assert alarm.rule == "roll-mark" and alarm.coil_id == "R1" and "12x" in alarm.message
+        coil = wait_for(lambda: monitor.snapshot().open_coils)[0]
+        assert coil.frames == len(frames) and coil.grade == "B" and [p.roll for p in coil.periodic] == ["work-roll"]
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: monitor._watch.pid != first)  # replaced; the open coil's live view starts over
+        monitor.on_frames(shifted(frames, 0, 1000))  # the same marks under new frame ids: found again
+        wait_for(lambda: len(book.recent()) == 2)
+        assert [a.rule for a in book.recent()] == ["roll-mark", "roll-mark"]
+    finally:
+        monitor.close()
+    assert not monitor._thread.is_alive()
