@@ -93,10 +93,9 @@ class Component:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickled as plain values with the packed mask (no array object, an eighth of the bytes): the
         serving process pickles every stored frame's components for the line watch's process."""
-        return _unpickle_component, (self.key.coil_id, self.key.camera_id, self.key.frame_id, self.class_id,
-                                     self.packed_mask(), *self.mask.shape, self.along_start_mm, self.across_start_mm,
-                                     self.mm_per_px_along, self.mm_per_px_across, self.pixel_count, self.area_mm2,
-                                     self.max_probability)
+        return _unpickle_component, (self.key, self.class_id, self.packed_mask(), *self.mask.shape,
+                                     self.along_start_mm, self.across_start_mm, self.mm_per_px_along,
+                                     self.mm_per_px_across, self.pixel_count, self.area_mm2, self.max_probability)
 
     @property
     def along_end_mm(self) -> float:
@@ -127,10 +126,8 @@ class Component:
                    None if probability is None else float(probability), bits)
 
 
-def _unpickle_component(coil_id: str, camera_id: str, frame_id: int, class_id: int, bits: bytes, rows: int,
-                        columns: int, *scalars: Any) -> Component:
-    return Component(FrameKey(coil_id, camera_id, frame_id), class_id, unpack_mask(bits, (rows, columns)), *scalars,
-                     mask_bits=bits)
+def _unpickle_component(key: FrameKey, class_id: int, bits: bytes, rows: int, columns: int, *scalars: Any) -> Component:
+    return Component(key, class_id, unpack_mask(bits, (rows, columns)), *scalars, mask_bits=bits)
 
 
 _COMPONENT_SCALARS = ("class_id", "along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across",
