@@ -59,7 +59,7 @@ class LineActions:
             store = AlarmStore(server.coils.store)
         book = AlarmBook(server.metrics, store)
         verdict_of = (lambda summary: server.coils.store.verdict(summary, [])) if server.coils is not None else None
-        monitor = LineMonitor(cfg.line, rules, book, grader, verdict_of)
+        monitor = LineMonitor(cfg.line, rules, book, grader, verdict_of, metrics=server.metrics)
         actions = cls(server, monitor)
         if server.coils is not None:
             server.coils.frame_listeners.append(monitor.on_frames)

@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 INTERVAL_S = 0.25
 #: Alarms the book keeps in memory (the database keeps them all).
 KEEP = 500
+#: Components waiting for the coil watch at most: past it, frames are left out of the live view (and
+#: counted) rather than held without bound while the watch falls behind (at saturation it runs on
+#: what inference leaves). About 200 MB of the densest frames; the records at close are whole.
+MAX_PENDING = 50_000
+#: Seconds between two log lines about frames left out.
+SHED_LOG_S = 10.0
 
 
 class AlarmBook:
@@ -128,10 +134,14 @@ class LineMonitor:
 
     def __init__(self, line: Line, rules: Sequence[AlarmRule], book: AlarmBook, grader: Grader | None = None,
                  verdict_of: Callable[[CoilSummary], CoilVerdict] | None = None,
-                 interval_s: float = INTERVAL_S, budget: float = BUDGET) -> None:
+                 interval_s: float = INTERVAL_S, budget: float = BUDGET, metrics: ServerMetrics | None = None,
+                 max_pending: int = MAX_PENDING) -> None:
         self.line, self.rules, self.book = line, tuple(rules), book
         self.grader, self.verdict_of, self.interval_s, self.budget = grader, verdict_of, interval_s, budget
+        self.metrics, self.max_pending = metrics, max_pending
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._pending = 0  # components queued for the watch (under _lock)
+        self._shed_logged = -SHED_LOG_S
         #: In place until :meth:`start` puts it in a process of its own.
         self._watch: CoilWatch | WatchProcess = CoilWatch(line, self.rules, grader, budget)
         self._lock = threading.Lock()
@@ -147,8 +157,21 @@ class LineMonitor:
 
     # ------------------------------------------------------------------ hooks (other threads)
     def on_frames(self, frames: list[FrameComponents]) -> None:
-        """The coil tracker's frame listener: a queue put, nothing more."""
-        self._queue.put(("frames", frames))
+        """The coil tracker's frame listener: a queue put, or the frames left out of the live view when
+        :data:`MAX_PENDING` components wait already."""
+        size = sum(len(f.components) for f in frames)
+        with self._lock:
+            shed = self._pending + size > self.max_pending
+            self._pending += 0 if shed else size
+        if not shed:
+            self._queue.put(("frames", frames))
+            return
+        if self.metrics is not None:
+            self.metrics.line_watch_shed.inc(len(frames))
+        if time.monotonic() - self._shed_logged >= SHED_LOG_S:
+            self._shed_logged = time.monotonic()
+            log.warning("event=line_watch_behind pending_components=%d: frames left out of the live view "
+                        "(inspection_line_watch_shed_frames_total counts them)", self._pending)
 
     def on_closed(self, summary: CoilSummary) -> None:
         """The coil tracker's close listener."""
@@ -229,6 +252,8 @@ class LineMonitor:
                 return frames, closed
             if kind == "frames":
                 frames += item
+                with self._lock:
+                    self._pending -= sum(len(f.components) for f in item)
             else:
                 closed.append(item)
 

@@ -118,6 +118,10 @@ class ServerMetrics:
         self.alarms_unacknowledged = Gauge(
             "inspection_alarms_unacknowledged", "Alarms raised and not yet acknowledged (console, OPC UA)", registry=r,
         )
+        self.line_watch_shed = Counter(
+            "inspection_line_watch_shed_frames", "Coil frames left out of the live line view (alarms, grades so far) "
+            "because the coil watch fell behind; the records at close are whole", registry=r,
+        )
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Starts the ``/metrics`` HTTP endpoint (port 0 picks a free port) and returns its port."""

@@ -153,3 +153,21 @@ def test_started_the_watch_runs_in_a_process_of_its_own_and_one_that_dies_is_rep
     finally:
         monitor.close()
     assert not monitor._thread.is_alive()
+
+
+def test_frames_past_the_pending_bound_are_left_out_of_the_live_view_and_counted() -> None:
+    line = dataclasses.replace(two_cameras(), rolls=(Roll("work-roll", PERIOD / math.pi),))
+    metrics = ServerMetrics()
+    frames = roll_mark_frames(line)
+    monitor = LineMonitor(line, parse_alarms(RULES, NAMES), AlarmBook(metrics), grade, budget=0, metrics=metrics,
+                          max_pending=sum(len(f.components) for f in frames[8:]))
+    monitor.on_frames(frames[8:])
+    monitor.on_frames(frames[:8])  # the watch has not taken the first ones yet: over the bound
+    monitor.evaluate()
+    [coil] = monitor.snapshot().open_coils
+    assert coil.frames == len(frames) - 8
+    assert "inspection_line_watch_shed_frames_total 8.0" in generate_latest(metrics.registry).decode()
+    monitor.on_frames(frames[:8])  # taken: room again
+    monitor.evaluate()
+    [coil] = monitor.snapshot().open_coils
+    assert coil.frames == len(frames) and [p.roll for p in coil.periodic] == ["work-roll"]
