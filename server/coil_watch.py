@@ -58,7 +58,7 @@ STALE_S = 300.0
 #: Closed coils remembered (their late frames are not taken for a new coil).
 CLOSED_KEPT = 1000
 #: The watch process' niceness over the server's: it runs on the cycles inference leaves.
-NICE = 10
+NICE = 19
 #: Seconds the monitor waits for one answer of the watch process before it takes it for hung.
 ANSWER_TIMEOUT_S = 120.0
 
