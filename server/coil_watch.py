@@ -57,7 +57,9 @@ GRADE_EVERY_S = 5.0
 STALE_S = 300.0
 #: Closed coils remembered (their late frames are not taken for a new coil).
 CLOSED_KEPT = 1000
-#: The watch process' niceness over the server's: it runs on the cycles inference leaves.
+#: The watch process' niceness over the server's (the lowest priority): it runs on the cycles inference
+#: leaves. At 10 it still took its share of a saturated CPU: line actions cost 7-8 % of ``bench stream``'s
+#: frames/s at 16 streams, against 0.7-5.5 % at 19 (benchmarks/RESULTS.md).
 NICE = 19
 #: Seconds the monitor waits for one answer of the watch process before it takes it for hung.
 ANSWER_TIMEOUT_S = 120.0
