@@ -100,14 +100,20 @@ def test_the_planted_cases_are_one_record_per_defect() -> None:
     assert by_place[(1, 97.0, 40.0)].along_end_mm == 103  # one record: 8-connected over the boundary
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_random_blobs_come_back_as_the_canvas_components_in_any_frame_order(seed: int) -> None:
+def random_blobs(seed: int, longest: int, rotated: bool) -> np.ndarray:
+    """25 random filled ellipses over both classes of a canvas ``[2, along, across]``, axes up to 7 by ``longest``."""
     rng = np.random.default_rng(seed)
     canvas = np.zeros((2, FRAMES * ALONG, STRIP), np.uint8)
     for _ in range(25):
         k, centre = int(rng.integers(2)), (int(rng.integers(STRIP)), int(rng.integers(FRAMES * ALONG)))
-        axes = (int(rng.integers(1, 8)), int(rng.integers(1, 14)))
-        cv2.ellipse(canvas[k], centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        axes = (int(rng.integers(1, 8)), int(rng.integers(1, longest)))
+        cv2.ellipse(canvas[k], centre, axes, float(rng.uniform(0, 180)) if rotated else 0.0, 0, 360, 1, -1)
+    return canvas
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_blobs_come_back_as_the_canvas_components_in_any_frame_order(seed: int) -> None:
+    canvas = random_blobs(seed, longest=14, rotated=True)
     line = two_cameras()
     frames = frames_of(canvas, line)
     order = list(range(len(frames)))
@@ -119,11 +125,7 @@ def test_random_blobs_come_back_as_the_canvas_components_in_any_frame_order(seed
 
 @pytest.mark.parametrize("seed", range(3))
 def test_records_asked_after_every_frame_are_those_of_the_frames_so_far(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    canvas = np.zeros((2, FRAMES * ALONG, STRIP), np.uint8)
-    for _ in range(25):
-        k, centre = int(rng.integers(2)), (int(rng.integers(STRIP)), int(rng.integers(FRAMES * ALONG)))
-        cv2.ellipse(canvas[k], centre, (int(rng.integers(1, 8)), int(rng.integers(1, 30))), 0.0, 0, 360, 1, -1)
+    canvas = random_blobs(seed, longest=30, rotated=False)
     line = two_cameras()
     frames = frames_of(canvas, line)
     order = list(range(len(frames)))
