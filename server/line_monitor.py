@@ -164,7 +164,7 @@ class LineMonitor:
             shed = self._pending + size > self.max_pending
             self._pending += 0 if shed else size
         if not shed:
-            self._queue.put(("frames", frames))
+            self._queue.put(("frames", (frames, size)))
             return
         if self.metrics is not None:
             self.metrics.line_watch_shed.inc(len(frames))
@@ -251,9 +251,10 @@ class LineMonitor:
             except queue.Empty:
                 return frames, closed
             if kind == "frames":
-                frames += item
+                taken, size = item
+                frames += taken
                 with self._lock:
-                    self._pending -= sum(len(f.components) for f in item)
+                    self._pending -= size
             else:
                 closed.append(item)
 
