@@ -6,6 +6,7 @@ alarms, and an acknowledgement made on one (console, OPC UA) is seen by all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,10 +24,18 @@ class AlarmStore:
 
     def add(self, alarm: Alarm) -> Alarm:
         """Keeps ``alarm``; returns it with the id the database gave it."""
-        row = {k: v for k, v in alarm.to_dict().items() if k != "alarm_id"}
+        return self.add_many([alarm])[0]
+
+    def add_many(self, alarms: Sequence[Alarm]) -> list[Alarm]:
+        """Keeps ``alarms`` in one transaction (one commit, one sync: an evaluation may raise dozens, and
+        the coil writer waits for the database's write lock meanwhile); returns them with their ids."""
+        kept = []
         with self._store.transaction(write=True) as connection:
-            alarm_id = connection.execute(schema.alarms.insert().values(**row)).inserted_primary_key[0]
-        return Alarm(**{**alarm.to_dict(), "alarm_id": int(alarm_id)})
+            for alarm in alarms:
+                row = {k: v for k, v in alarm.to_dict().items() if k != "alarm_id"}
+                alarm_id = connection.execute(schema.alarms.insert().values(**row)).inserted_primary_key[0]
+                kept.append(Alarm(**{**alarm.to_dict(), "alarm_id": int(alarm_id)}))
+        return kept
 
     def acknowledge(self, alarm_id: int, by: str, at_unix_s: float) -> Alarm:
         """Acknowledges an alarm (an acknowledged one keeps its first acknowledgement); KeyError when unknown."""

@@ -9,9 +9,9 @@ or in place (tests, :meth:`server.line_monitor.LineMonitor.evaluate`).
 
 Why a process of its own: on a dense coil an evaluation is pure Python and numpy for tens to
 hundreds of milliseconds; on the server's threads it would hold the interpreter lock the batcher and
-the gRPC handlers need, and at saturation it would take its cycles from inference. In a process at
-a lower scheduling priority (:data:`NICE`) it runs on what inference leaves, and the serving process
-pays only for pickling the frames' components once per interval.
+the gRPC handlers need, and at saturation it would take its cycles from inference. In a process in
+the idle scheduling class (:func:`lower_priority`) it runs only on cycles no serving thread wants, and
+the serving process pays only for pickling the frames' components once per interval.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ GRADE_EVERY_S = 5.0
 STALE_S = 300.0
 #: Closed coils remembered (their late frames are not taken for a new coil).
 CLOSED_KEPT = 1000
-#: The watch process' niceness over the server's (the lowest priority): it runs on the cycles inference
-#: leaves. At 10 it still took its share of a saturated CPU: line actions cost 7-8 % of ``bench stream``'s
-#: frames/s at 16 streams, against 0.7-5.5 % at 19 (benchmarks/RESULTS.md).
+#: The watch process' niceness over the server's where the idle scheduling class is not available (the
+#: lowest priority). At 10 it still took its share of a saturated CPU: line actions cost 7-8 % of ``bench
+#: stream``'s frames/s at 16 streams, against 0.7-5.5 % at 19 (benchmarks/RESULTS.md).
 NICE = 19
 #: Seconds the monitor waits for one answer of the watch process before it takes it for hung.
 ANSWER_TIMEOUT_S = 120.0
@@ -206,7 +206,7 @@ class WatchDied(RuntimeError):
 
 
 class WatchProcess:
-    """A :class:`CoilWatch` in a process of its own (spawned, :data:`NICE` lower priority); same :meth:`work`.
+    """A :class:`CoilWatch` in a process of its own (spawned, idle priority: :func:`lower_priority`); same :meth:`work`.
 
     One call at a time (the monitor's thread): the frames go over a pipe, the answer comes back.
     """
@@ -254,12 +254,31 @@ class WatchProcess:
         self._conn.close()
 
 
+def lower_priority(nice: int = NICE) -> str:
+    """Puts the calling process in Linux's idle scheduling class, else raises its niceness by ``nice``.
+
+    Why the idle class: a niceness of 19 still has a weight (15 against a serving thread's 1024) and
+    the wake-up preemption of a normal task, so at saturation the watch took some of inference's time;
+    a ``SCHED_IDLE`` task runs only where no normal task is runnable and any waking one preempts it.
+    Unprivileged processes may enter it (Linux >= 2.6.39). Returns what was done, for the log.
+    """
+    if nice and hasattr(os, "SCHED_IDLE"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return "SCHED_IDLE"
+        except OSError as exc:
+            log.warning("event=line_watch_priority: no idle scheduling class (%s); niceness +%d instead", exc, nice)
+    if nice:
+        os.nice(nice)
+        return f"niceness +{nice}"
+    return "unchanged"
+
+
 def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grader: Grader | None,
                 budget: float, nice: int) -> None:
     """The watch process: answers each ``(frames, closed, now)`` with a :class:`WatchResult` (or the error)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if nice:
-        os.nice(nice)
+    lower_priority(nice)
     watch = CoilWatch(line, rules, grader, budget)
     while True:
         try:
@@ -276,4 +295,5 @@ def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grad
         conn.send(answer)
 
 
-__all__ = ["BUDGET", "CoilState", "CoilWatch", "WatchDied", "WatchProcess", "WatchResult", "live_span_mm"]
+__all__ = ["BUDGET", "CoilState", "CoilWatch", "WatchDied", "WatchProcess", "WatchResult", "live_span_mm",
+           "lower_priority"]

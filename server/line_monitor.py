@@ -65,21 +65,32 @@ class AlarmBook:
 
     def raise_alarm(self, alarm: Alarm) -> Alarm:
         """Keeps, counts and publishes ``alarm``; returns it with its id."""
+        return self.raise_alarms([alarm])[0]
+
+    def raise_alarms(self, alarms: Sequence[Alarm]) -> list[Alarm]:
+        """Keeps (one database transaction for all), counts and publishes ``alarms``; returns them with ids."""
+        if not alarms:
+            return []
         try:
-            alarm = self._store.add(alarm) if self._store is not None else alarm
+            alarms = self._store.add_many(alarms) if self._store is not None else list(alarms)
         except StoreUnavailable as exc:
-            log.error("event=alarm_not_stored rule=%s: %s", alarm.rule, exc)
-        with self._lock:
-            if alarm.alarm_id == 0:
-                self._local_id -= 1  # kept in memory only: negative ids never meet the database's
-                alarm = replace(alarm, alarm_id=self._local_id)
-            self._alarms.append(alarm)
-        log.warning("event=alarm id=%d severity=%d %s", alarm.alarm_id, alarm.severity, alarm.message)
+            log.error("event=alarm_not_stored alarms=%d rules=%s: %s", len(alarms),
+                      ",".join(sorted({a.rule for a in alarms})), exc)
+        raised = []
+        for alarm in alarms:
+            with self._lock:
+                if alarm.alarm_id == 0:
+                    self._local_id -= 1  # kept in memory only: negative ids never meet the database's
+                    alarm = replace(alarm, alarm_id=self._local_id)
+                self._alarms.append(alarm)
+            log.warning("event=alarm id=%d severity=%d %s", alarm.alarm_id, alarm.severity, alarm.message)
+            if self._metrics is not None:
+                self._metrics.alarms_raised.labels(alarm.rule).inc()
+            self._publish(alarm)
+            raised.append(alarm)
         if self._metrics is not None:
-            self._metrics.alarms_raised.labels(alarm.rule).inc()
             self._metrics.alarms_unacknowledged.set(len(self.active()))
-        self._publish(alarm)
-        return alarm
+        return raised
 
     def acknowledge(self, alarm_id: int, by: str) -> Alarm:
         """Acknowledges an alarm (the first acknowledgement counts); KeyError for an unknown id."""
@@ -218,8 +229,8 @@ class LineMonitor:
         for summary in closed:
             last_closed = self._closed_coil(summary)
         result = self._work(frames, [s.coil_id for s in closed], time.time())
-        for alarm in result.alarms if result is not None else ():
-            self.book.raise_alarm(alarm)
+        if result is not None:
+            self.book.raise_alarms(result.alarms)
         with self._lock:
             if result is not None:
                 self._last_defect.update(result.last_defect)

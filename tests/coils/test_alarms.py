@@ -82,3 +82,21 @@ def test_alarms_are_stored_and_acknowledged_once(store_url) -> None:  # noqa: F8
         assert alarms.for_coil("C") == [acked] and alarms.for_coil("other") == []
     finally:
         store.close()
+
+
+def test_the_alarms_of_one_evaluation_are_stored_together_each_with_its_own_id(store_url) -> None:  # noqa: F811
+    from server.line_monitor import AlarmBook
+
+    store = CoilStore.open(store_url, two_cameras())
+    try:
+        book = AlarmBook(None, AlarmStore(store))
+        seen = []
+        book.listeners.append(seen.append)
+        raised = book.raise_alarms([Alarm(0, "roll-mark", "periodic", 800, "C", f"cam{n}", 10.0 * n, f"m{n}", 100.0 + n)
+                                    for n in range(3)])
+        ids = [a.alarm_id for a in raised]
+        assert len(set(ids)) == 3 and min(ids) > 0 and seen == raised
+        assert [a.message for a in AlarmStore(store).for_coil("C")] == ["m0", "m1", "m2"]
+        assert book.raise_alarms([]) == [] and [a.alarm_id for a in book.active()] == ids
+    finally:
+        store.close()
