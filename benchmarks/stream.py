@@ -616,7 +616,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(compare with a run without it)")
     parser.add_argument("--coil-db", default=None, metavar="URL",
                         help="also run every stream count through a server tracking coils in this database "
-                        "(sqlite:///coils.db, postgresql://...): coil tracking on against off (needs --line)")
+                        "(sqlite:///coils.db, postgresql://...): coil tracking on against off (needs --line); a "
+                        "SQLite file gives each kind of setting a fresh file beside it (coils-on.db, "
+                        "coils-on-actions.db), so none writes into tables another filled")
     parser.add_argument("--line", type=Path, default=None, metavar="FILE",
                         help="the line description for --coil-db, with at least as many cameras as --streams' "
                         "largest count (trainer synth-line --cameras 16 writes one)")

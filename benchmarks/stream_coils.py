@@ -6,16 +6,21 @@ coils: stream ``i`` is the line's camera ``i`` (the line needs as many cameras a
 stream count: ``trainer synth-line --cameras 16``), all streams of a setting on one coil, each
 camera's frames one frame length apart along it; the coil is ended (``EndCoil``) once its frames
 are answered. The report lists both runs (column "coils") and the frames/s ratio on/off
-per stream count: the price of storing every frame's components before its answer.
+per stream count: the price of storing every frame's components before its answer. A SQLite
+``--coil-db`` file gives each kind of setting (``on``, ``on+actions``) a fresh file beside it
+(:func:`setting_database`): the second would otherwise write into tables the first filled.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 
 def check_coil_settings(coil_db: str | None, line: Path | None, target: str | None, streams: tuple[int, ...]) -> None:
     """``--coil-db`` and ``--line`` come together, with a server bench stream starts, and a line of
@@ -63,6 +68,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def setting_database(url: str, label: str) -> str:
+    """The database of the ``label`` settings: for a SQLite file, a fresh file of its own beside it
+    (``coils.db`` -> ``coils-on.db``, ``coils-on-actions.db``), so no setting writes into a table the
+    one before filled (a larger B-tree, a longer WAL) and the on/off ratios compare like with like.
+    Other databases (PostgreSQL, SQLite in memory) are used as given; their settings share them."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return url
+    path = Path(parsed.database)
+    fresh = path.with_name(f"{path.stem}-{label.replace('+', '-')}{path.suffix}")
+    for stale in (fresh, fresh.with_name(fresh.name + "-wal"), fresh.with_name(fresh.name + "-shm")):
+        if stale.exists():
+            log.info("removing %s: each bench run starts its settings on a fresh database", stale)
+            stale.unlink()
+    return parsed.set(database=str(fresh)).render_as_string(hide_password=False)
+
+
 def coil_shots(line: Path, images: list[Path], streams: int, coil_id: str) -> tuple[dict[str, list], dict]:
     """``images`` dealt to the line's first ``streams`` cameras, all on coil ``coil_id``.
 
@@ -94,6 +118,7 @@ def run_coil_settings(cfg: Any, model: Path, images: list[Path], server_factory:
     """
     settings = []
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())  # coil ids of earlier runs in the same database differ
+    cfg = replace(cfg, coil_db=setting_database(cfg.coil_db, label))
     with tempfile.TemporaryDirectory(prefix="bench-coil-spool-") as spool:
         server = server_factory(cfg, model, Path(spool))
         try:
@@ -105,7 +130,7 @@ def run_coil_settings(cfg: Any, model: Path, images: list[Path], server_factory:
                 shots, lengths = coil_shots(cfg.line, images, streams, f"bench-{stamp}-{label}-{n}")
                 setting = run_setting(server.target, images, streams, cfg.fps, server.metrics_url,
                                       cfg.connect_timeout, shots=shots, coil_lengths=lengths)
-                settings.append({**setting, "coils": label})
+                settings.append({**setting, "coils": label, "coil_db": cfg.coil_db})
         finally:
             server.close()
     return settings
@@ -124,8 +149,12 @@ def coil_ratio_note(settings: list[dict[str, Any]]) -> str | None:
     if actions:
         notes.append("line actions (grades, alarms, OPC UA publishing): frames/s with them on over coil tracking "
                      "alone: " + ", ".join(actions))
+    databases = {s["coils"]: s["coil_db"] for s in settings if s.get("coil_db")}
+    if databases:
+        notes.append("coil databases: " + ", ".join(f"{label} {url}" for label, url in databases.items()))
     return "; ".join(notes) or None
 
 
-__all__ = ["check_coil_settings", "coil_ratio_note", "coil_server_flags", "coil_shots", "run_coil_settings"]
+__all__ = ["check_coil_settings", "coil_ratio_note", "coil_server_flags", "coil_shots", "run_coil_settings",
+           "setting_database"]
 

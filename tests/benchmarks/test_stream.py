@@ -162,11 +162,26 @@ def test_stream_with_coil_tracking_on_against_off(tiny_onnx: Path, tmp_path: Pat
     assert any(note.startswith("coil tracking: frames/s with it on over off") and
                "line actions (grades, alarms, OPC UA publishing): frames/s with them on" in note
                for note in report["notes"])
-    store = CoilStore.open(f"sqlite:///{database}", load_line(line))
-    try:
-        coils = store.list_coils(10)
-    finally:
-        store.close()
-    assert sorted(c.frames for c in coils) == [2, 2, 6, 6, 6, 6] and {c.state for c in coils} == {"closed"}  # warm-ups
+    assert not database.exists()  # each kind of setting on a fresh file of its own, named in the report
+    for label, name in (("on", "coils-on.db"), ("on+actions", "coils-on-actions.db")):
+        assert {s["coil_db"] for s in report["settings"] if s["coils"] == label} == {f"sqlite:///{tmp_path / name}"}
+        store = CoilStore.open(f"sqlite:///{tmp_path / name}", load_line(line))
+        try:
+            coils = store.list_coils(10)
+        finally:
+            store.close()
+        assert sorted(c.frames for c in coils) == [2, 6, 6] and {c.state for c in coils} == {"closed"}  # a warm-up
     assert cli.main(["stream", "--streams", "4", "--coil-db", f"sqlite:///{database}", "--line", str(line)]) == 2
     assert "has 3 cameras, --streams asks for 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("url", "label", "expected"), [
+    ("sqlite:///coils.db", "on", "sqlite:///coils-on.db"),
+    ("sqlite:////data/x/coils.sqlite", "on+actions", "sqlite:////data/x/coils-on-actions.sqlite"),
+    ("sqlite://", "on", "sqlite://"),  # in memory: as given
+    ("postgresql://bench@db/coils", "on+actions", "postgresql://bench@db/coils"),  # shared, as given
+])
+def test_each_kind_of_coil_setting_gets_a_fresh_sqlite_file(url: str, label: str, expected: str) -> None:
+    from benchmarks.stream_coils import setting_database
+
+    assert setting_database(url, label) == expected
