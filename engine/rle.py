@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -80,7 +81,11 @@ def encode(mask: np.ndarray) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _kernel() -> ModuleType | None:
-    """The compiled RLE kernel module, or None where numba is not installed."""
+    """The compiled RLE kernel module, or None where numba is not installed (or the machine is
+    big-endian: the kernel reads eight pixels as one little-endian word)."""
+    if sys.byteorder != "little":
+        log.info("RLE in numpy: the kernel needs a little-endian machine")
+        return None
     try:
         # Imported by its full name: ``from engine import`` would import the package, which imports the
         # backends, which import this module.
