@@ -1,12 +1,13 @@
 """The compiled kernel of :func:`engine.rle.encode_batch` (numba; imported only where numba is installed).
 
-One pass over the masks finds the runs and writes their text. The masks are read as 64-bit words of
-eight neighbouring pixels of a row, walking down each group of eight columns: a word equal to the
-one above it holds no run boundary (in column-major numbering a boundary is a pixel whose upper
-neighbour differs, or, in the top row, whose predecessor at the bottom of the previous column
-differs), so on a line's frames, where defects are blobs, almost every word costs one load and one
-compare. The boundaries of the group's eight columns are then written, column by column, as the
-ASCII digits of "start length" pairs into one growing byte buffer for the whole batch.
+One pass over the masks finds the runs, and the text is written as they are found. The masks are
+read as 64-bit words of eight neighbouring pixels of a row. In column-major numbering a run boundary
+is a pixel whose upper neighbour differs (in the top row: the pixel at the bottom of the previous
+column), so only words that differ from the word above them can hold one: a row-major pass over
+each plane, one vectorised comparison per row, lists them (on a line's masks, where defects are
+blobs, a few per thousand words). Then, group of eight columns by group, the listed words' pixels
+give each column's boundary rows, written as the ASCII digits of "start length" pairs into one
+growing byte buffer for the whole batch.
 """
 
 from __future__ import annotations
@@ -69,31 +70,87 @@ def _write_pair(buf, end, first, start, length):  # pragma: no cover - compiled
 
 
 @compiled
-def _group_boundaries(plane, group, left, rows, counts):  # pragma: no cover - compiled
-    """Rows of the run boundaries of the eight columns of word ``group``, per column.
+def _changed_words(plane, changed_rows, starts, scratch):  # pragma: no cover - compiled
+    """The rows of every word that differs from the word above it, bucketed by group of eight columns.
+
+    One row-major pass (contiguous; a row equal to the one above it is skipped after one vectorised
+    comparison); row 0 of every group is always listed (its pixels follow the bottom of the previous columns).
+    ``changed_rows[starts[g]:starts[g + 1]]`` are group g's rows, in order; ``scratch`` holds
+    ``2 * H * G`` int32.
+    """
+    height, groups = plane.shape
+    hit_rows, hit_groups = scratch[: height * groups], scratch[height * groups :]
+    starts[:] = 0
+    n = 0
+    for g in range(groups):
+        hit_rows[n], hit_groups[n] = 0, g
+        starts[g + 1] += 1
+        n += 1
+    for r in range(1, height):
+        row, above = plane[r], plane[r - 1]
+        diff = np.uint64(0)
+        for g in range(groups):  # vectorised: most rows of a line's masks equal the row above
+            diff |= row[g] ^ above[g]
+        if diff:
+            for g in range(groups):
+                if row[g] != above[g]:
+                    hit_rows[n], hit_groups[n] = r, g
+                    starts[g + 1] += 1
+                    n += 1
+    for g in range(groups):
+        starts[g + 1] += starts[g]
+    placed = starts[:-1].copy()
+    for i in range(n):  # a stable counting sort: each group's rows stay in row order
+        changed_rows[placed[hit_groups[i]]] = hit_rows[i]
+        placed[hit_groups[i]] += 1
+
+
+@compiled
+def _group_boundaries(plane, group, left, changed_rows, rows, counts):  # pragma: no cover - compiled
+    """Rows of the run boundaries of the eight columns of word ``group``, per column, from the rows
+    where its word changes (``changed_rows``).
 
     ``left`` is the flag (0/1) of the pixel at the bottom of the column before the group; returns
     that flag for the group's last column. ``rows[j, :counts[j]]`` are the boundary rows of column j.
     """
     height = plane.shape[0]
     counts[:] = 0
-    # The top row's predecessors are the bottom pixels of the previous columns: shift them one column.
-    above = (_flags(plane[height - 1, group]) << np.uint64(8)) | np.uint64(left)
-    raw_above = ~plane[0, group]  # differs from row 0: row 0 is always checked against ``above``
-    for r in range(height):
-        raw = plane[r, group]
-        if raw == raw_above:
-            continue
-        flags = _flags(raw)
-        changed = flags ^ above
-        if changed:
-            for j in range(8):
-                if (changed >> np.uint64(8 * j)) & np.uint64(1):
-                    rows[j, counts[j]] = r
-                    counts[j] += 1
-        above = flags
-        raw_above = raw
-    return int((_flags(plane[height - 1, group]) >> np.uint64(56)) & np.uint64(1))
+    bottom = _flags(plane[height - 1, group])
+    for r in changed_rows:
+        if r == 0:  # the top row's predecessors: the bottom pixels of the previous columns, shifted one column
+            above = (bottom << np.uint64(8)) | np.uint64(left)
+        else:
+            above = _flags(plane[r - 1, group])
+        changed = _flags(plane[r, group]) ^ above
+        for j in range(8):
+            if (changed >> np.uint64(8 * j)) & np.uint64(1):
+                rows[j, counts[j]] = r
+                counts[j] += 1
+    return int((bottom >> np.uint64(56)) & np.uint64(1))
+
+
+@compiled
+def _encode_plane(plane, width, buf, end, changed_rows, starts, rows, counts):  # pragma: no cover - compiled
+    """Appends one plane's RLE text at ``buf[end:]``; returns (the buffer, the new end)."""
+    height = plane.shape[0]
+    open_at = -1  # column-major index of the open run's first pixel, -1 when none is open
+    first = True
+    left = 0
+    for group in range(plane.shape[1]):
+        left = _group_boundaries(plane, group, left, changed_rows[starts[group] : starts[group + 1]], rows, counts)
+        for j in range(min(8, width - 8 * group)):
+            base = (8 * group + j) * height
+            for i in range(counts[j]):
+                at = base + rows[j, i]
+                if open_at < 0:
+                    open_at = at
+                else:
+                    buf, end = _write_pair(buf, end, first, open_at, at - open_at)
+                    first = False
+                    open_at = -1
+    if open_at >= 0:
+        buf, end = _write_pair(buf, end, first, open_at, height * width - open_at)
+    return buf, end
 
 
 @compiled
@@ -109,28 +166,15 @@ def encode_planes(words, width, buf, ends):  # pragma: no cover - compiled
     Returns:
         The buffer holding all the text (``buf``, or a larger copy).
     """
-    height = words.shape[1]
+    height, groups = words.shape[1], words.shape[2]
+    changed_rows = np.empty(height * groups, dtype=np.int32)
+    scratch = np.empty(2 * height * groups, dtype=np.int32)
+    starts = np.empty(groups + 1, dtype=np.int64)
     rows = np.empty((8, height), dtype=np.int64)
     counts = np.zeros(8, dtype=np.int64)
     end = 0
     for m in range(words.shape[0]):
-        plane = words[m]
-        open_at = -1  # column-major index of the open run's first pixel, -1 when none is open
-        first = True
-        left = 0
-        for group in range(words.shape[2]):
-            left = _group_boundaries(plane, group, left, rows, counts)
-            for j in range(min(8, width - 8 * group)):
-                base = (8 * group + j) * height
-                for i in range(counts[j]):
-                    at = base + rows[j, i]
-                    if open_at < 0:
-                        open_at = at
-                    else:
-                        buf, end = _write_pair(buf, end, first, open_at, at - open_at)
-                        first = False
-                        open_at = -1
-        if open_at >= 0:
-            buf, end = _write_pair(buf, end, first, open_at, height * width - open_at)
+        _changed_words(words[m], changed_rows, starts, scratch)
+        buf, end = _encode_plane(words[m], width, buf, end, changed_rows, starts, rows, counts)
         ends[m] = end
     return buf
