@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.machine import machine_summary
+from benchmarks.naivecheck import SYNTHETIC_POOL
 from benchmarks.pipeline import STAGE_TITLES, STAGES
 
 
@@ -100,11 +101,17 @@ def throughput_markdown(report: dict[str, Any]) -> str:
         verdict = ("within tolerance of" if loose else "equal to") if check["equal"] else "DIFFERENT from"
         out.append(
             f"- {check['backend']} ({check['model']}): outputs {verdict} the naive pipeline's on "
-            f"{check['frames']} frames (masks outside +-{check['band']:g} of the threshold: "
+            f"{check['frames']} frames of {_check_source(check)} (masks outside +-{check['band']:g} of the threshold: "
             f"{check['differing_pixels']} differ; max count difference {check['max_count_difference']})"
         )
     out += [f"- {note}" for note in report.get("notes", [])]
     return "\n".join(out)
+
+
+def _check_source(check: dict[str, Any]) -> str:
+    """Where a naive check's frames came from: the synthetic pool, or the ``--check-data`` folder."""
+    source = check.get("source", SYNTHETIC_POOL)
+    return f"the {source}" if source == SYNTHETIC_POOL else f"--check-data {source}"
 
 
 def append_markdown(path: str | Path, text: str) -> Path:

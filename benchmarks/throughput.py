@@ -86,6 +86,7 @@ class ThroughputConfig:
     threads: int = 0
     reference: Path | None = None
     check_frames: int = 2
+    check_data: Path | None = None
     peak_seconds: float = 2.0
     peak_size: int | None = None
     cache_dir: Path | None = None
@@ -112,6 +113,10 @@ class ThroughputConfig:
                 raise FileNotFoundError(f"--model {path}: no such file")
         if (self.height is None) != (self.width is None):
             raise ValueError("--height and --width go together")
+        if self.check_data is not None and not self.check_frames:
+            raise ValueError("--check-data needs --check-frames >= 1")
+        if self.check_data is not None and not self.check_data.is_dir():
+            raise FileNotFoundError(f"--check-data {self.check_data}: no such folder")
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -150,6 +155,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-frames", type=int, default=2,
                         help="frames on which every backend's outputs are compared with the naive "
                         "pipeline's (0 = no check; default %(default)s)")
+    parser.add_argument("--check-data", type=Path, default=None, metavar="DIR",
+                        help="run the check on the first --check-frames images (by name) of this Severstal-format "
+                        "folder (train_images/) or folder of images, of the model's input size, instead of the "
+                        "synthetic frames; timings stay on the synthetic frames")
     parser.add_argument("--peak-seconds", type=float, default=2.0,
                         help="time spent measuring each matmul peak (default %(default)s)")
     parser.add_argument("--peak-size", type=int, default=None,
@@ -178,6 +187,7 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         threads=args.threads,
         reference=args.reference,
         check_frames=args.check_frames,
+        check_data=args.check_data,
         peak_seconds=args.peak_seconds,
         peak_size=args.peak_size,
         cache_dir=args.cache_dir,
@@ -403,10 +413,11 @@ def _model_info(models: list[Path]) -> tuple[list[dict[str, Any]], dict[Path, in
 
 
 def _time_naive_variants(cfg, backends, reference, frames_pool, peaks, flops_by_model, notes):
-    """Times the naive pipeline(s); returns (rows, the check frames and naive result, or None)."""
+    """Times the naive pipeline(s); returns (rows, the check's frames and naive outputs, or None)."""
     from benchmarks.flops import model_flops
     from benchmarks.naive import NaivePipeline
-    from benchmarks.pipeline import decode_frames, time_naive
+    from benchmarks.naivecheck import check_frames
+    from benchmarks.pipeline import time_naive
 
     rows, naive_check = [], None
     for name in [b for b in backends if b.startswith("naive")]:
@@ -416,6 +427,9 @@ def _time_naive_variants(cfg, backends, reference, frames_pool, peaks, flops_by_
         device = "cuda:0" if is_cuda(VARIANTS[name].device) else "cpu"
         naive = NaivePipeline.from_file(reference, device=device)
         frames = frames_pool(naive.metadata)
+        if naive_check is None and cfg.check_frames:  # first: a bad --check-data folder fails before any timing
+            naive_check = check_frames(cfg.check_data, cfg.check_frames, frames, naive.metadata)
+            naive_check.run_naive(naive)
         log.info("timing the naive pipeline (%s, %d images)", device, cfg.naive_frames)
         m = time_naive(naive, frames, cfg.naive_frames, model=reference.name, warmup=min(cfg.warmup, 1))
         if reference not in flops_by_model:
@@ -424,35 +438,13 @@ def _time_naive_variants(cfg, backends, reference, frames_pool, peaks, flops_by_
         m.flops_per_image = flops_by_model[reference]
         peak = peaks.get(peak_key(device, "fp32"))
         m.peak_flops_per_s = peak.flops_per_s if peak else None
-        if naive_check is None and cfg.check_frames:
-            check = decode_frames(frames[: cfg.check_frames], *naive.metadata.input_size)
-            naive_check = (check, naive.run(check), naive.metadata)
         rows.append(m)
         del naive
+    if naive_check is not None:
+        notes.append(naive_check.note())
+    elif cfg.check_data is not None:
+        notes.append(f"--check-data {cfg.check_data}: not used, no naive pipeline row to check against")
     return rows, naive_check
-
-
-def _check_against_naive(name: str, path: Path, backend: Any, naive_check: Any, notes: list[str]) -> dict | None:
-    from benchmarks.naive import agreement, agreement_band
-
-    check_batch, naive_result, meta = naive_check
-    if backend.max_batch_size is not None and len(check_batch) > backend.max_batch_size:
-        notes.append(f"{name} {path.name}: not compared with the naive pipeline "
-                     f"(--check-frames above the max batch {backend.max_batch_size})")
-        return None
-    from toolchain.parity import tolerance_for
-
-    band = agreement_band(str(backend.precision), str(backend.device))
-    allowed = tolerance_for(backend.precision).max_mask_mismatch if backend.precision in ("bf16", "int8") else 0.0
-    a = agreement(naive_result, backend.infer(check_batch), meta.thresholds, meta.min_areas, band, allowed)
-    if not a.equal:
-        notes.append(
-            f"{name} {path.name}: outputs DIFFER from the naive pipeline's beyond tolerance "
-            f"({a.differing_pixels} mask pixels outside the +-{band} band, "
-            f"{a.count_violations} counts, {a.present_violations} labels)"
-        )
-    return {"backend": name, "model": path.name, "frames": len(check_batch), "precision": backend.precision,
-            **a.to_dict()}
 
 
 def _time_one_backend(cfg, name, path, threads, frames_pool, model_info, flops_by_model, peaks, notes, bandwidth=None):
@@ -528,6 +520,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
     import torch
 
     from benchmarks.machine import describe_machine, usable_cpus
+    from benchmarks.naivecheck import check_against_naive
     from benchmarks.postshare import measure_memory_bandwidth
     from engine.cpu import cpu_features
 
@@ -553,7 +546,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
             try:
                 rows += timed
                 if naive_check is not None:
-                    check = _check_against_naive(name, path, backend, naive_check, notes)
+                    check = check_against_naive(name, path, backend, naive_check, notes)
                     checks += [check] if check else []
             finally:
                 backend.close()
@@ -584,6 +577,7 @@ def _run_throughput(cfg: ThroughputConfig) -> dict[str, Any]:
         "memory_bandwidth": None if bandwidth is None else bandwidth.to_dict(),
         "rows": row_dicts,
         "naive_agreement": checks,
+        "naive_check": None if naive_check is None else naive_check.to_dict(),
         "notes": notes + _standard_notes(threads, machine_before),
         "stages": list(STAGES),
     }

@@ -5,16 +5,30 @@ An encoding is "start length" pairs separated by single spaces; an empty mask is
 
 Everything that reads or writes masks as text calls this module: the training data loader, the
 evaluation, the backends, the server and the client.
+
+:func:`encode_batch`, which the backends and the server call for every frame, runs a compiled kernel
+(:mod:`engine.rle_kernel`, numba: the ``cpu`` extra) that scans the masks and writes the text in one
+pass; without numba it runs :func:`encode_batch_numpy`, which makes the same strings.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import sys
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-__all__ = ["decode", "decode_many", "encode", "encode_batch", "encode_batch_torch", "runs_to_string"]
+__all__ = ["decode", "decode_many", "encode", "encode_batch", "encode_batch_numpy", "encode_batch_torch",
+           "runs_to_string"]
+
+log = logging.getLogger(__name__)
+
+#: First size of the kernel's text buffer (it grows as needed): a line's batch of frames fits.
+_TEXT_BYTES = 1 << 16
 
 
 def _column_range(column_any: np.ndarray) -> tuple[int, int] | None:
@@ -65,16 +79,72 @@ def encode(mask: np.ndarray) -> str:
     return _encode_2d(mask, mask.any(axis=0))
 
 
+@functools.lru_cache(maxsize=1)
+def _kernel() -> ModuleType | None:
+    """The compiled RLE kernel module, or None where numba is not installed (or the machine is
+    big-endian: the kernel reads eight pixels as one little-endian word)."""
+    if sys.byteorder != "little":
+        log.info("RLE in numpy: the kernel needs a little-endian machine")
+        return None
+    try:
+        # Imported by its full name: ``from engine import`` would import the package, which imports the
+        # backends, which import this module.
+        import engine.rle_kernel as compiled_rle
+    except ImportError as exc:
+        if exc.name is not None and exc.name.split(".")[0] == "engine":
+            raise
+        log.info("RLE in numpy: numba is not installed (%s)", exc)
+        return None
+    return compiled_rle
+
+
+def _check_batch(masks: np.ndarray, name: str) -> None:
+    if masks.ndim != 4:
+        raise ValueError(f"{name} expects masks of shape [N, C, H, W], got {masks.shape}")
+
+
 def encode_batch(masks: np.ndarray) -> list[list[str]]:
-    """Encodes masks ``[N, C, H, W]`` into ``N`` lists of ``C`` RLE strings.
+    """Encodes masks ``[N, C, H, W]`` (any dtype; non-zero is foreground) into ``N`` lists of ``C``
+    RLE strings: the compiled kernel where numba is installed, else :func:`encode_batch_numpy`."""
+    masks = np.asarray(masks)
+    _check_batch(masks, "encode_batch")
+    kernel = _kernel()
+    n, c, h, w = masks.shape
+    if kernel is None or n * c * h * w == 0:
+        return encode_batch_numpy(masks)
+    ends = np.empty(n * c, dtype=np.int64)
+    text_bytes = kernel.encode_planes(_words(masks), w, np.empty(_TEXT_BYTES, dtype=np.uint8), ends)
+    text = text_bytes[: ends[-1]].tobytes().decode("ascii")
+    bounds = [0, *ends.tolist()]
+    texts = [text[bounds[m] : bounds[m + 1]] for m in range(n * c)]
+    return [texts[i * c : (i + 1) * c] for i in range(n)]
+
+
+def _words(masks: np.ndarray) -> np.ndarray:
+    """The masks' planes as the kernel reads them: uint64 words ``[N * C, H, ceil(W / 8)]`` of eight
+    pixels each (a copy, zero-padded on the right, only where the layout or the dtype needs one)."""
+    n, c, h, w = masks.shape
+    if masks.dtype == np.bool_:
+        masks = masks.view(np.uint8)
+    elif masks.dtype != np.uint8:
+        masks = (masks != 0).view(np.uint8)
+    planes = masks.reshape(n * c, h, w)
+    if w % 8 or not planes.flags.c_contiguous or planes.ctypes.data % 8:
+        padded = np.zeros((n * c, h, -(-w // 8) * 8), dtype=np.uint8)
+        padded[..., :w] = planes
+        planes = padded
+    return planes.view(np.uint64)
+
+
+def encode_batch_numpy(masks: np.ndarray) -> list[list[str]]:
+    """:func:`encode_batch` in numpy: the fallback without numba, and the kernel's reference in tests.
 
     Which masks are empty, and which columns of the others hold defects, is found for the
     whole batch in one vectorised reduction; only non-empty masks are then scanned, and only
     over their defect columns (most (image, class) pairs on a line are empty).
     """
     masks = np.asarray(masks)
-    if masks.ndim != 4:
-        raise ValueError(f"encode_batch expects masks of shape [N, C, H, W], got {masks.shape}")
+    _check_batch(masks, "encode_batch_numpy")
     n, c = masks.shape[:2]
     column_any = masks.any(axis=2)  # [N, C, W]
     nonempty = column_any.any(axis=2)  # [N, C]

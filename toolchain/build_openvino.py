@@ -62,14 +62,15 @@ class OpenVinoBuildReport:
         )
 
 
-def image_files(directory: Path) -> list[Path]:
-    """The images of a Severstal-format folder (``train_images/``) or of a plain folder, sorted."""
+def image_files(directory: Path, flag: str = "--calibration") -> list[Path]:
+    """The images of a Severstal-format folder (``train_images/``) or of a plain folder, sorted; errors
+    name the folder after ``flag``, the option that gave it."""
     folder = directory / "train_images" if (directory / "train_images").is_dir() else directory
     if not folder.is_dir():
-        raise FileNotFoundError(f"--calibration {directory}: no such folder")
+        raise FileNotFoundError(f"{flag} {directory}: no such folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise ValueError(f"--calibration {directory}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        raise ValueError(f"{flag} {directory}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files
 
 

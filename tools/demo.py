@@ -62,6 +62,8 @@ INDEPENDENT_SEED = 1
 #: Held-out frames (of the training frames; the others calibrate) the int8 IR is compared with the
 #: fp32 graph on: 48 frames are 192 (image, class) labels. The build took 12-35 s on 2 cores.
 INT8_PARITY_FRAMES = 48
+#: Frames of the independent set the bench step checks every row on against the naive pipeline.
+BENCH_CHECK_FRAMES = 8
 
 
 class StepFailed(Exception):
@@ -177,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_and_export(demo, out, run, model)
         target, server = serve(demo, model)
         results = stream_and_score(demo, out, data, run, model, target, args.streams)
-        independent_set(demo, out, run, model, args.independent)
-        bench(demo, out, model, int8=build_int8(demo, data, model))
+        independent = independent_set(demo, out, run, model, args.independent)
+        bench(demo, out, model, build_int8(demo, data, model), independent, min(BENCH_CHECK_FRAMES, args.independent))
         demo.banner("stopping the server (SIGTERM: finish accepted frames, exit 0)")
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
@@ -275,8 +277,9 @@ def stream_and_score(demo: Demo, out: Path, data: Path, run: Path, model: Path, 
     return results
 
 
-def independent_set(demo: Demo, out: Path, run: Path, model: Path, frames: int) -> None:
-    """Step 7: the exported model scored on an independent synthetic set, against predicting nothing."""
+def independent_set(demo: Demo, out: Path, run: Path, model: Path, frames: int) -> Path:
+    """Step 7: the exported model scored on an independent synthetic set, against predicting nothing;
+    returns the set's folder."""
     data = out / "independent"
     demo.banner(f"independent test set: {frames} new strips (synth seed {INDEPENDENT_SEED}), scored with the exported model")
     demo.run("7a-synth-independent", "trainer", "synth", "--out", str(data), "--images", str(frames),
@@ -292,6 +295,7 @@ def independent_set(demo: Demo, out: Path, run: Path, model: Path, frames: int) 
         verdict = "above" if kaggle > floor else "NOT above"
         print(f"  class {k + 1}: Kaggle {kaggle:.4f}, {verdict} predicting nothing ({floor:.4f}); "
               f"confusion [TN FP FN TP] {s['confusion']['per_class'][k]}")
+    return data
 
 
 def build_int8(demo: Demo, data: Path, model: Path) -> bool:
@@ -311,16 +315,19 @@ def build_int8(demo: Demo, data: Path, model: Path) -> bool:
     return True
 
 
-def bench(demo: Demo, out: Path, model: Path, int8: bool) -> None:
+def bench(demo: Demo, out: Path, model: Path, int8: bool, check_data: Path, check_frames: int) -> None:
     """Step 9: the exported model's throughput on every default backend (its int8 IR, beside it, where
-    step 8 built one: without it the int8 peak would be measured for nothing)."""
+    step 8 built one: without it the int8 peak would be measured for nothing). Every row is checked
+    against the naive pipeline on ``check_frames`` frames of ``check_data`` (the independent set: frames
+    like those the model was trained for, which the run never saw), not on the bench's synthetic frames."""
     from benchmarks.throughput import DEFAULT_BACKENDS
 
     demo.banner("bench throughput: the exported model, ONNX Runtime vs OpenVINO vs torch eager vs the naive pipeline")
     demo.run("8-bench", "bench", "throughput", "--model", str(model), "--model", str(model.with_suffix(".pt")),
              "--batch-sizes", "1,4,8",
              "--backends", ",".join(b for b in DEFAULT_BACKENDS if int8 or b != "openvino-int8"),
-             "--frames", "32", "--json", str(out / "bench.json"), "--plot", str(out / "bench.png"))
+             "--frames", "32", "--check-data", str(check_data), "--check-frames", str(check_frames),
+             "--json", str(out / "bench.json"), "--plot", str(out / "bench.png"))
 
 
 def print_outputs(demo: Demo, out: Path, run: Path, model: Path, results: Path) -> None:

@@ -115,10 +115,11 @@ class Backend(abc.ABC):
         """Runs the inspection graph on uint8 frames ``[N, H, W]`` (numpy, or a device tensor)."""
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        """Runs dummy batches so first real requests do not pay for lazy initialisation."""
+        """Runs dummy batches so first real requests do not pay for lazy initialisation (the RLE
+        kernel's compilation included)."""
         h, w = self.metadata.input_size
         for n in batch_sizes:
-            self.infer(np.zeros((n, h, w), dtype=np.uint8))
+            self.infer(np.zeros((n, h, w), dtype=np.uint8)).rle()
 
     def close(self) -> None:
         """Releases runtime resources (sessions, device memory)."""

@@ -187,6 +187,8 @@ def test_default_model_is_built_once_and_reused(tmp_path: Path) -> None:
         (["--batch-sizes", "1,x"], "--batch-sizes must be comma-separated integers"),
         (["--batch-sizes", "0"], "--batch-sizes must be positive"),
         (["--model", "missing.onnx"], "--model missing.onnx: no such file"),
+        (["--check-data", "missing-folder"], "--check-data missing-folder: no such folder"),
+        (["--check-data", ".", "--check-frames", "0"], "--check-data needs --check-frames >= 1"),
     ],
 )
 def test_bad_flags_are_clear_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -273,3 +275,76 @@ def test_a_given_onnx_gets_an_int8_row_where_its_int8_ir_sits_beside_it(tiny_int
     assert "engine build --target openvino --precision int8" in notes[0]
     cfg = ThroughputConfig(models=[tiny_int8], backends=("onnxruntime",))
     assert resolve_models(cfg, [])[0] == [tiny_int8]
+
+
+def _check_folder(root: Path, sizes: dict[str, tuple[int, int]]) -> Path:
+    """A Severstal-format folder (``train_images/``) of grayscale PNGs, named and sized as given, each
+    with its own content (another synthetic seed than the bench's pool)."""
+    import cv2
+
+    from toolchain.parity import synthetic_frames
+
+    images = root / "train_images"
+    images.mkdir(parents=True)
+    for seed, (name, (height, width)) in enumerate(sizes.items(), start=100):
+        cv2.imwrite(str(images / name), synthetic_frames(1, height, width, seed=seed)[0])
+    return root
+
+
+def _throughput_argv(onnx: Path, pt: Path, tmp_path: Path, *extra: str) -> list[str]:
+    """The fastest ``bench throughput`` run with a naive check: one ONNX Runtime row, batch 1."""
+    return ["throughput", "--model", str(onnx), "--model", str(pt), "--backends", "onnxruntime,naive",
+            "--batch-sizes", "1", "--frames", "1", "--min-repeats", "1", "--naive-frames", "1", "--warmup", "0",
+            "--peak-seconds", "0.05", "--peak-size", "128", "--threads", "1", "--json", str(tmp_path / "t.json"),
+            "--plot", str(tmp_path / "t.png"), *extra]
+
+
+def test_check_data_runs_the_check_on_the_folders_first_images(
+    tiny_models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.naive import NaivePipeline
+    from benchmarks.naivecheck import check_frames
+    from benchmarks.pipeline import jpeg_frames
+    from toolchain.build_openvino import read_frames
+
+    onnx, pt = tiny_models
+    folder = _check_folder(tmp_path / "held", {name: (64, 320) for name in ("c.png", "a.png", "d.png", "b.png")})
+    assert cli.main(_throughput_argv(onnx, pt, tmp_path, "--check-data", str(folder), "--check-frames", "3")) == 0
+    stdout = capsys.readouterr().out
+    assert f"on --check-data {folder} with 3 images (a.png, b.png, c.png); timings on the synthetic pool" in stdout
+    assert f"onnxruntime (model.onnx): outputs equal to the naive pipeline's on 3 frames of --check-data {folder}" \
+        in stdout
+
+    report = json.loads((tmp_path / "t.json").read_text())
+    assert report["config"]["check_data"] == str(folder)
+    check = report["naive_check"]
+    assert (check["source"], check["frames"], check["files"]) == (str(folder), 3, ["a.png", "b.png", "c.png"])
+    # The naive outputs recorded are those of the folder's images, not of the synthetic pool's frames.
+    naive = NaivePipeline.from_file(pt)
+    files = [folder / "train_images" / name for name in check["files"]]
+    assert check["naive_counts"] == naive.run(read_frames(files, naive.metadata)).counts.tolist()
+    pool = check_frames(None, 3, jpeg_frames(3, 64, 320), naive.metadata)
+    assert check["naive_counts"] != naive.run(pool.frames).counts.tolist()
+    assert [(c["backend"], c["frames"], c["source"], c["equal"]) for c in report["naive_agreement"]] == [
+        ("onnxruntime", 3, str(folder), True)]
+
+
+def test_check_data_of_another_size_is_refused_naming_the_file(
+    tiny_models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx, pt = tiny_models
+    folder = _check_folder(tmp_path / "held", {"a.png": (64, 320), "b.png": (32, 160)})
+    assert cli.main(_throughput_argv(onnx, pt, tmp_path, "--check-data", str(folder))) == 2
+    err = capsys.readouterr().err
+    assert f"--check-data {folder}: {folder / 'train_images' / 'b.png'}: 32x160 frame, the model takes 64x320" in err
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_without_check_data_the_notes_name_the_synthetic_pool(
+    tiny_models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx, pt = tiny_models
+    assert cli.main(_throughput_argv(onnx, pt, tmp_path)) == 0
+    assert "on the first 2 frames of the synthetic pool (the timed frames)" in capsys.readouterr().out
+    check = json.loads((tmp_path / "t.json").read_text())["naive_check"]
+    assert (check["source"], check["frames"], check["files"]) == ("synthetic pool", 2, [])
