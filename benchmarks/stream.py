@@ -74,6 +74,7 @@ class StreamConfig:
     coil_db: str | None = None
     line: Path | None = None
     line_actions: Path | None = None
+    coil_repeats: int = 1
 
     def __post_init__(self) -> None:
         if not self.streams or any(s < 1 for s in self.streams):
@@ -97,6 +98,8 @@ class StreamConfig:
         check_coil_settings(self.coil_db, self.line, self.target, self.streams)
         if self.line_actions is not None and self.coil_db is None:
             raise ValueError("--line-actions runs beside coil tracking: it needs --coil-db and --line")
+        if self.coil_repeats < 1 or (self.coil_repeats > 1 and self.coil_db is None):
+            raise ValueError(f"--coil-repeats must be >= 1 and goes with --coil-db, got {self.coil_repeats}")
         if self.target is not None and (":" not in self.target or not self.target.rsplit(":", 1)[1].isdigit()):
             raise ValueError(f"--target must be HOST:PORT, got {self.target!r}")
 
@@ -449,16 +452,16 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
             if server is not None:
                 server.close()
         if cfg.coil_db is not None:
-            from benchmarks.stream_coils import run_coil_settings
+            from benchmarks.stream_coils import run_repeated_coil_settings
 
             assert model is not None
             for setting in settings:
                 setting["coils"] = "off"
             factory = InProcessServer if cfg.in_process else SubprocessServer
-            settings += run_coil_settings(cfg, model, images, factory, run_setting)
+            kinds = {"on": factory}
             if cfg.line_actions is not None:
-                settings += run_coil_settings(cfg, model, images, partial(factory, actions=True), run_setting,
-                                              "on+actions")
+                kinds["on+actions"] = partial(factory, actions=True)
+            settings += run_repeated_coil_settings(cfg, model, images, kinds, run_setting)
     raw: dict[int, dict] = {}
     notes = []
     if model is not None:
@@ -548,7 +551,7 @@ def stream_markdown(report: dict[str, Any]) -> str:
         server_ms = s["server_ms_median"]
         raw = s.get("raw_images_per_s")
         rows.append([
-            *([s.get("coils", "off")] if coils else []),
+            *([s.get("coils", "off") + (f" #{s['repeat'] + 1}" if s.get("repeats", 1) > 1 else "")] if coils else []),
             str(s["streams"]),
             "max" if not s["fps_per_stream"] else f"{s['fps_per_stream']:g} ({s['offered_fps']:g} total)",
             str(s["frames"]),
@@ -625,6 +628,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--line-actions", type=Path, default=None, metavar="RULES",
                         help="also run every stream count through a coil-tracking server with grades and alarms "
                         "from this rule file and the OPC UA server on (against coil tracking alone)")
+    parser.add_argument("--coil-repeats", type=int, default=1, metavar="N",
+                        help="run the coil settings (on, and on+actions with --line-actions) N times, alternating "
+                        "which goes first (ABBA), each on a fresh server and database: the ratios are given per "
+                        "pair and as their median, which a slow drift of the machine's speed does not bias "
+                        "(default %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the default model is built (default benchmarks/results/models)")
 
@@ -651,6 +659,7 @@ def run(args: argparse.Namespace) -> int:
         coil_db=args.coil_db,
         line=args.line,
         line_actions=args.line_actions,
+        coil_repeats=args.coil_repeats,
     )
     report = run_stream(cfg)
     table = stream_markdown(report)

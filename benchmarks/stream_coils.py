@@ -14,6 +14,7 @@ per stream count: the price of storing every frame's components before its answe
 from __future__ import annotations
 
 import logging
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -136,13 +137,46 @@ def run_coil_settings(cfg: Any, model: Path, images: list[Path], server_factory:
     return settings
 
 
+def run_repeated_coil_settings(cfg: Any, model: Path, images: list[Path], kinds: dict[str, Any],
+                               run_setting: Any) -> list[dict[str, Any]]:
+    """:func:`run_coil_settings` for every kind (label -> server factory), ``cfg.coil_repeats`` times; the
+    kinds' order reversed every other repeat (on, on+actions, on+actions, on, ...), so a slow drift of
+    the machine's speed weighs on both alike. Each setting's dict carries ``repeat`` and ``repeats``."""
+    settings = []
+    for repeat in range(cfg.coil_repeats):
+        order = list(kinds.items())
+        for label, factory in order if repeat % 2 == 0 else order[::-1]:
+            settings += [{**s, "repeat": repeat, "repeats": cfg.coil_repeats}
+                         for s in run_coil_settings(cfg, model, images, factory, run_setting, label)]
+    return settings
+
+
+def _ratios(settings: list[dict[str, Any]], top: str, bottom: str) -> list[str]:
+    """Per stream count: frames/s of ``top`` over ``bottom`` settings, one ratio per repeat (the single
+    ``off`` setting serves every repeat), with their median where there are several."""
+    def by(label: str) -> dict[int, dict[int, float]]:
+        out: dict[int, dict[int, float]] = {}
+        for s in settings:
+            if s.get("coils") == label and s["frames_per_s"]:
+                out.setdefault(s["streams"], {})[s.get("repeat", 0)] = s["frames_per_s"]
+        return out
+
+    tops, bottoms, parts = by(top), by(bottom), []
+    for n in sorted(tops):
+        if n not in bottoms:
+            continue
+        under = bottoms[n]
+        ratios = [value / under.get(r, under[min(under)]) for r, value in sorted(tops[n].items())]
+        text = f"{n} streams {statistics.median(ratios):.3f}"
+        parts.append(text if len(ratios) == 1 else
+                     f"{text} (median of {len(ratios)}: {', '.join(f'{r:.3f}' for r in ratios)})")
+    return parts
+
+
 def coil_ratio_note(settings: list[dict[str, Any]]) -> str | None:
     """The note comparing frames/s with coil tracking on and off per stream count, or None."""
-    off = {s["streams"]: s["frames_per_s"] for s in settings if s.get("coils") == "off"}
-    on = {s["streams"]: s["frames_per_s"] for s in settings if s.get("coils") == "on"}
-    pairs = [f"{n} streams {on[n] / off[n]:.3f}" for n in sorted(on) if on[n] and off.get(n)]
-    acting = {s["streams"]: s["frames_per_s"] for s in settings if s.get("coils") == "on+actions"}
-    actions = [f"{n} streams {acting[n] / on[n]:.3f}" for n in sorted(acting) if acting[n] and on.get(n)]
+    pairs = _ratios(settings, "on", "off")
+    actions = _ratios(settings, "on+actions", "on")
     notes = []
     if pairs:
         notes.append("coil tracking: frames/s with it on over off, same frames and stream counts: " + ", ".join(pairs))
@@ -156,5 +190,5 @@ def coil_ratio_note(settings: list[dict[str, Any]]) -> str | None:
 
 
 __all__ = ["check_coil_settings", "coil_ratio_note", "coil_server_flags", "coil_shots", "run_coil_settings",
-           "setting_database"]
+           "run_repeated_coil_settings", "setting_database"]
 
