@@ -14,6 +14,7 @@ per stream count: the price of storing every frame's components before its answe
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -127,14 +128,50 @@ def run_coil_settings(cfg: Any, model: Path, images: list[Path], server_factory:
                 shots, lengths = coil_shots(cfg.line, images[: cfg.warmup_frames], 1, f"bench-{stamp}-{label}-warmup")
                 run_setting(server.target, images[: cfg.warmup_frames], 1, 0.0, None, cfg.connect_timeout,
                             shots=shots, coil_lengths=lengths)
+            pid = getattr(getattr(server, "process", None), "pid", None)  # a subprocess server: its CPU is counted
             for n, streams in enumerate(cfg.streams):
                 shots, lengths = coil_shots(cfg.line, images, streams, f"bench-{stamp}-{label}-{n}")
+                before = process_cpu_s(pid)
                 setting = run_setting(server.target, images, streams, cfg.fps, server.metrics_url,
                                       cfg.connect_timeout, shots=shots, coil_lengths=lengths)
-                settings.append({**setting, "coils": label, "coil_db": cfg.coil_db})
+                settings.append({**setting, "coils": label, "coil_db": cfg.coil_db,
+                                 "server_cpu_ms_per_frame": cpu_per_frame(before, process_cpu_s(pid), setting)})
         finally:
             server.close()
     return settings
+
+
+def process_cpu_s(pid: int | None) -> tuple[float, float] | None:
+    """CPU seconds (user + system) of process ``pid`` and of its live child processes (the line watch),
+    from Linux's ``/proc``; None for no pid or where ``/proc`` cannot tell."""
+    if pid is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(path: Path) -> tuple[int, float] | None:  # (parent pid, CPU seconds)
+        try:
+            fields = path.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+
+    own = stat(Path(f"/proc/{pid}/stat"))
+    if own is None:
+        return None
+    children = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (child := stat(entry / "stat")) is not None and child[0] == pid:
+            children += child[1]
+    return own[1], children
+
+
+def cpu_per_frame(before: tuple[float, float] | None, after: tuple[float, float] | None,
+                  setting: dict[str, Any]) -> dict[str, float] | None:
+    """The server's CPU milliseconds per answered frame over one setting: its own process and its children."""
+    frames = setting.get("frames", 0) - setting.get("errors", 0) - setting.get("unanswered", 0)
+    if before is None or after is None or frames <= 0:
+        return None
+    return {"server": 1000 * (after[0] - before[0]) / frames, "children": 1000 * (after[1] - before[1]) / frames}
 
 
 def run_repeated_coil_settings(cfg: Any, model: Path, images: list[Path], kinds: dict[str, Any],
@@ -173,6 +210,25 @@ def _ratios(settings: list[dict[str, Any]], top: str, bottom: str) -> list[str]:
     return parts
 
 
+def _cpu_note(settings: list[dict[str, Any]]) -> str | None:
+    """Server CPU per frame by kind of setting and stream count (medians over repeats): the work each
+    kind costs, which a change in the machine's speed moves far less than frames/s."""
+    parts = []
+    for label in ("on", "on+actions"):
+        by_streams: dict[int, list[dict[str, float]]] = {}
+        for s in settings:
+            if s.get("coils") == label and s.get("server_cpu_ms_per_frame"):
+                by_streams.setdefault(s["streams"], []).append(s["server_cpu_ms_per_frame"])
+        for n, values in sorted(by_streams.items()):
+            own = statistics.median(v["server"] for v in values)
+            children = statistics.median(v["children"] for v in values)
+            parts.append(f"{label} {n} streams {own:.2f} + {children:.2f}")
+    if not parts:
+        return None
+    return ("server CPU ms per answered frame (its process + its child processes, the line watch; medians "
+            "over repeats): " + ", ".join(parts))
+
+
 def coil_ratio_note(settings: list[dict[str, Any]]) -> str | None:
     """The note comparing frames/s with coil tracking on and off per stream count, or None."""
     pairs = _ratios(settings, "on", "off")
@@ -183,6 +239,9 @@ def coil_ratio_note(settings: list[dict[str, Any]]) -> str | None:
     if actions:
         notes.append("line actions (grades, alarms, OPC UA publishing): frames/s with them on over coil tracking "
                      "alone: " + ", ".join(actions))
+    cpu = _cpu_note(settings)
+    if cpu:
+        notes.append(cpu)
     databases = {s["coils"]: s["coil_db"] for s in settings if s.get("coil_db")}
     if databases:
         notes.append("coil databases: " + ", ".join(f"{label} {url}" for label, url in databases.items()))

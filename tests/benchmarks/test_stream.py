@@ -6,6 +6,8 @@ No timing is asserted: every frame must be answered, and every figure present an
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,39 @@ def test_the_ratio_note_pairs_each_repeat_and_takes_the_median() -> None:
     note = coil_ratio_note(settings)
     assert "over off, same frames and stream counts: 16 streams 0.900 (median of 3: 0.900, 0.800, 1.000)" in note
     assert "coil tracking alone: 16 streams 0.950 (median of 3: 0.900, 1.000, 0.950)" in note
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_the_server_cpu_is_read_for_the_process_and_its_children() -> None:
+    import subprocess
+    import sys
+
+    from benchmarks.stream_coils import cpu_per_frame, process_cpu_s
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 0.5: pass\ntime.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 30
+        while (cpu := process_cpu_s(os.getpid())) is not None and cpu[1] < 0.4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cpu is not None and cpu[0] > 0 and 0.4 <= cpu[1] < 5  # the child's busy half second, counted
+    finally:
+        busy.kill()
+        busy.wait()
+    assert process_cpu_s(None) is None and process_cpu_s(busy.pid) is None  # reaped: nothing to read
+    assert cpu_per_frame((1.0, 0.5), (3.0, 1.5), {"frames": 110, "errors": 5, "unanswered": 5}) == {
+        "server": 20.0, "children": 10.0}
+    assert cpu_per_frame(None, (3.0, 1.5), {"frames": 10}) is None
+
+
+def test_the_cpu_note_gives_each_kind_of_setting_its_median_cpu_per_frame() -> None:
+    from benchmarks.stream_coils import coil_ratio_note
+
+    settings = [{"coils": "off", "streams": 16, "frames_per_s": 100.0}]
+    for repeat, (own, child) in enumerate([(6.0, 0.3), (6.4, 0.5), (6.2, 0.4)]):
+        settings += [{"coils": "on", "streams": 16, "frames_per_s": 90.0, "repeat": repeat,
+                      "server_cpu_ms_per_frame": {"server": own - 0.1, "children": 0.0}},
+                     {"coils": "on+actions", "streams": 16, "frames_per_s": 90.0, "repeat": repeat,
+                      "server_cpu_ms_per_frame": {"server": own, "children": child}}]
+    assert "(its process + its child processes, the line watch; medians over repeats): on 16 streams 6.10 + 0.00, " \
+           "on+actions 16 streams 6.20 + 0.40" in coil_ratio_note(settings)
