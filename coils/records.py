@@ -93,23 +93,39 @@ class Component:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickled as plain values with the packed mask (no array object, an eighth of the bytes): the
         serving process pickles every stored frame's components for the line watch's process."""
-        return _unpickle_component, (self.key, self.class_id, self.packed_mask(), *self.mask.shape,
+        return _unpickle_component, (self.key, self.class_id, self.packed_mask(), *self.box_shape,
                                      self.along_start_mm, self.across_start_mm, self.mm_per_px_along,
                                      self.mm_per_px_across, self.pixel_count, self.area_mm2, self.max_probability)
 
+    def __getattr__(self, name: str) -> Any:
+        """Only for attributes not set: the mask of an unpickled component, unpacked when first read (the
+        line watch reads the masks of the few components whose boxes meet another frame's)."""
+        shape = self.__dict__.get("_box_shape") if name == "mask" else None
+        if shape is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        mask = unpack_mask(self.mask_bits, shape)
+        object.__setattr__(self, "mask", mask)
+        return mask
+
+    @property
+    def box_shape(self) -> tuple[int, int]:
+        """The box in pixels (rows along, columns across), without unpacking a packed mask."""
+        shape = self.__dict__.get("_box_shape")
+        return shape if shape is not None else self.mask.shape
+
     @property
     def along_end_mm(self) -> float:
-        return self.along_start_mm + self.mask.shape[0] * self.mm_per_px_along
+        return self.along_start_mm + self.box_shape[0] * self.mm_per_px_along
 
     @property
     def across_end_mm(self) -> float:
-        return self.across_start_mm + self.mask.shape[1] * self.mm_per_px_across
+        return self.across_start_mm + self.box_shape[1] * self.mm_per_px_across
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the key's fields, the box mask as base64 of :func:`pack_mask` and its shape."""
         out = {name: getattr(self, name) for name in _COMPONENT_SCALARS}
         out.update(coil_id=self.key.coil_id, camera_id=self.key.camera_id, frame_id=self.key.frame_id,
-                   mask=base64.b64encode(self.packed_mask()).decode("ascii"), mask_shape=list(self.mask.shape))
+                   mask=base64.b64encode(self.packed_mask()).decode("ascii"), mask_shape=list(self.box_shape))
         return out
 
     @classmethod
@@ -127,7 +143,17 @@ class Component:
 
 
 def _unpickle_component(key: FrameKey, class_id: int, bits: bytes, rows: int, columns: int, *scalars: Any) -> Component:
-    return Component(key, class_id, unpack_mask(bits, (rows, columns)), *scalars, mask_bits=bits)
+    """A pickled component, its mask left packed until read (``Component.__getattr__``)."""
+    if len(bits) != (rows * columns + 7) // 8:
+        raise ValueError(f"a packed {rows}x{columns} mask has {(rows * columns + 7) // 8} bytes, got {len(bits)}")
+    component = object.__new__(Component)
+    values = dict(zip(_UNPICKLED, (key, class_id, *scalars, bits), strict=True))
+    component.__dict__.update(values, _box_shape=(int(rows), int(columns)))
+    return component
+
+
+_UNPICKLED = ("key", "class_id", "along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across",
+              "pixel_count", "area_mm2", "max_probability", "mask_bits")
 
 
 _COMPONENT_SCALARS = ("class_id", "along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across",

@@ -42,8 +42,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: An open coil is evaluated again only after this many times its last evaluation's duration: the
-#: watch's share of a core stays under 1 / BUDGET however long the coil grows.
-BUDGET = 20
+#: watch's share of a core stays under 1 / BUDGET however long the coil grows. At 20 the evaluations of
+#: ``bench stream``'s dense coil (tens of thousands of defects, ~0.5 s an evaluation) were a third of the
+#: watch's CPU, and on a 2-core machine the watch's CPU is the line actions' cost, even in the idle
+#: scheduling class (benchmarks/RESULTS.md); a strip's coil evaluates in milliseconds, so at 100 its
+#: alarms still come within a fraction of a second.
+BUDGET = 100
 #: The search on an open coil: it runs again and again as the coil grows, so each run's chance of a
 #: random find is held 100 times lower than at close (a true repeat passes it a few turns later).
 LIVE_PERIODIC = PeriodicConfig(alpha=1e-6)

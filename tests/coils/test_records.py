@@ -220,6 +220,14 @@ def test_a_component_pickles_with_its_packed_mask_and_comes_back_whole() -> None
         data = pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
         back = pickle.loads(data)
         assert back.key == part.key and back.packed_mask() == part.packed_mask()
+        # the mask stays packed until read: the box's extent needs none of it
+        assert "mask" not in vars(back) and back.box_shape == part.mask.shape
+        assert (back.along_end_mm, back.across_end_mm) == (part.along_end_mm, part.across_end_mm)
+        assert pickle.loads(pickle.dumps(back)).packed_mask() == part.packed_mask()  # and pickles again as it came
+        assert "mask" not in vars(back)
         assert np.array_equal(back.mask, part.mask) and back.mask.dtype == part.mask.dtype
+        assert back.mask is back.mask  # unpacked once
         assert [getattr(back, n) for n in _COMPONENT_SCALARS] == [getattr(part, n) for n in _COMPONENT_SCALARS]
         assert len(data) < 200 + part.mask.size // 8  # the mask travels packed, not as an array of bools
+    with pytest.raises(AttributeError, match="no attribute 'colour'"):
+        back.colour  # noqa: B018 - only the mask is looked up lazily
