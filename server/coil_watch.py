@@ -284,6 +284,7 @@ def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grad
     """The watch process: answers each ``(frames, closed, now)`` with a :class:`WatchResult` (or the error)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lower_priority(nice)
+    gc.disable()  # collected once per call instead (below)
     watch = CoilWatch(line, rules, grader, budget)
     while True:
         try:
@@ -300,7 +301,9 @@ def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grad
         conn.send(answer)
         # The open coils' records live as long as their coils: taken out of the cyclic collector's scans,
         # which otherwise walk them again and again (60 % of unpickling a dense coil's frames). They are
-        # still freed by reference counting when their coil closes (they hold no cycles).
+        # still freed by reference counting when their coil closes (they hold no cycles). Cycles are
+        # collected once per call, among the objects that call made.
+        gc.collect(1)
         gc.freeze()
 
 
