@@ -144,8 +144,7 @@ class Component:
 
 def _unpickle_component(key: FrameKey, class_id: int, bits: bytes, rows: int, columns: int, *scalars: Any) -> Component:
     """A pickled component, its mask left packed until read (``Component.__getattr__``)."""
-    if len(bits) != (rows * columns + 7) // 8:
-        raise ValueError(f"a packed {rows}x{columns} mask has {(rows * columns + 7) // 8} bytes, got {len(bits)}")
+    _check_packed(bits, rows, columns)
     along, across, per_px_along, per_px_across, pixels, area, peak = scalars
     component = object.__new__(Component)
     fields = component.__dict__  # set one by one: a third of the time of a dict built from names (per component)
@@ -165,11 +164,16 @@ def pack_mask(mask: np.ndarray) -> bytes:
     return np.packbits(np.asarray(mask, dtype=bool), axis=None).tobytes()
 
 
+def _check_packed(data: bytes, rows: int, cols: int) -> None:
+    """ValueError when ``data`` is not the size :func:`pack_mask` gives a ``rows`` x ``cols`` mask."""
+    if len(data) != (rows * cols + 7) // 8:
+        raise ValueError(f"a packed {rows}x{cols} mask has {(rows * cols + 7) // 8} bytes, got {len(data)}")
+
+
 def unpack_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     """The bool ``shape`` mask :func:`pack_mask` packed; ValueError when the bytes do not fit the shape."""
     rows, cols = int(shape[0]), int(shape[1])
-    if len(data) != (rows * cols + 7) // 8:
-        raise ValueError(f"a packed {rows}x{cols} mask has {(rows * cols + 7) // 8} bytes, got {len(data)}")
+    _check_packed(data, rows, cols)
     bits = np.unpackbits(np.frombuffer(data, np.uint8), count=rows * cols)
     return bits.view(bool).reshape(rows, cols)
 
