@@ -34,7 +34,7 @@ class AlarmStore:
             for alarm in alarms:
                 row = {k: v for k, v in alarm.to_dict().items() if k != "alarm_id"}
                 alarm_id = connection.execute(schema.alarms.insert().values(**row)).inserted_primary_key[0]
-                kept.append(Alarm(**{**alarm.to_dict(), "alarm_id": int(alarm_id)}))
+                kept.append(Alarm(**row, alarm_id=int(alarm_id)))
         return kept
 
     def acknowledge(self, alarm_id: int, by: str, at_unix_s: float) -> Alarm:

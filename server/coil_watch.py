@@ -259,24 +259,23 @@ class WatchProcess:
         self._conn.close()
 
 
-def lower_priority(nice: int = NICE) -> str:
+def lower_priority(nice: int = NICE) -> None:
     """Puts the calling process in Linux's idle scheduling class, else raises its niceness by ``nice``.
 
     Why the idle class: a niceness of 19 still has a weight (15 against a serving thread's 1024) and
     the wake-up preemption of a normal task, so at saturation the watch took some of inference's time;
     a ``SCHED_IDLE`` task runs only where no normal task is runnable and any waking one preempts it.
-    Unprivileged processes may enter it (Linux >= 2.6.39). Returns what was done, for the log.
+    Unprivileged processes may enter it (Linux >= 2.6.39). ``nice`` 0 leaves the priority as it is.
     """
-    if nice and hasattr(os, "SCHED_IDLE"):
+    if not nice:
+        return
+    if hasattr(os, "SCHED_IDLE"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            return "SCHED_IDLE"
+            return
         except OSError as exc:
             log.warning("event=line_watch_priority: no idle scheduling class (%s); niceness +%d instead", exc, nice)
-    if nice:
-        os.nice(nice)
-        return f"niceness +{nice}"
-    return "unchanged"
+    os.nice(nice)
 
 
 def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grader: Grader | None,
