@@ -148,24 +148,29 @@ class CoilWatch:
 
     def _add_frames(self, frames: Sequence[FrameComponents]) -> dict[str, str]:
         last_defect: dict[str, str] = {}
+        taken: dict[str, list[FrameComponents]] = {}
         for frame in frames:
             coil_id = frame.key.coil_id
-            if coil_id in self._closed:
-                continue
-            coil = self._coils.get(coil_id)
-            if coil is None:
-                coil = self._coils[coil_id] = _OpenCoil(RecordBuilder(self.line), CoilAlarms(self.rules, coil_id))
-            if coil.builder.add_components(frame.key, frame.components):
-                coil.last_frame_at = time.monotonic()
-                coil.frames += 1
-                camera = self.line.camera(frame.key.camera_id)
-                coil.far_end_mm = max(coil.far_end_mm, frame.position_mm + camera.frame_length_mm)
-                coil.dirty = True
+            if coil_id not in self._closed:
+                taken.setdefault(coil_id, []).append(frame)
             if frame.components:
                 c = frame.components[0]
                 last_defect[frame.key.camera_id] = (
                     f"class {c.class_id} at {c.along_start_mm / 1000:.3f} m, {c.across_start_mm:.0f} mm across "
                     f"on coil {coil_id}")
+        for coil_id, coil_frames in taken.items():
+            coil = self._coils.get(coil_id)
+            if coil is None:
+                coil = self._coils[coil_id] = _OpenCoil(RecordBuilder(self.line), CoilAlarms(self.rules, coil_id))
+            # one call for all of a coil's frames: the merge's numpy work once, not once per frame
+            added = coil.builder.add_frames([(frame.key, frame.components) for frame in coil_frames])
+            for frame, new in zip(coil_frames, added):
+                if new:
+                    coil.last_frame_at = time.monotonic()
+                    coil.frames += 1
+                    camera = self.line.camera(frame.key.camera_id)
+                    coil.far_end_mm = max(coil.far_end_mm, frame.position_mm + camera.frame_length_mm)
+                    coil.dirty = True
         return last_defect
 
     def _evaluate_coil(self, coil_id: str, coil: _OpenCoil, now: float, alarms: list[Alarm]) -> CoilState:
