@@ -26,7 +26,6 @@ circumference names that roll.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -128,12 +127,13 @@ def find_periodic(line: Line, records: Sequence[DefectRecord], config: PeriodicC
             new records fell in; the significance still counts the walks of every band.
     """
     config = config or PeriodicConfig()
+    centres = np.array([_along(r) for r in records], np.float64)
     bands = _bands(records, config)
     tests = max(1, sum(len(b) * config.candidates for b in bands.values()))
     found: list[tuple[float, PeriodicDefect]] = []
     for (class_id, band), members in bands.items():
         if only is None or (class_id, band) in only:
-            found += _search_band(line, records, class_id, members, tests, config)
+            found += _search_band(line, records, centres, class_id, members, tests, config)
     kept: list[PeriodicDefect] = []
     taken: set[int] = set()
     for _, defect in sorted(found, key=lambda f: (f[0], -f[1].count)):
@@ -144,13 +144,21 @@ def find_periodic(line: Line, records: Sequence[DefectRecord], config: PeriodicC
     return sorted(kept, key=lambda d: (-d.count, d.class_id, d.first_mm))
 
 
-def _bands(records: Sequence[DefectRecord], config: PeriodicConfig) -> dict[tuple[int, int], list[int]]:
-    """Record indices per (class, band number); band ``b`` covers ``[b, b + 2) * band_mm / 2``."""
-    bands: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, record in enumerate(records):
-        for key in band_keys(record, config):
-            bands[key].append(index)
-    return {key: members for key, members in bands.items() if len(members) >= config.min_count}
+def _bands(records: Sequence[DefectRecord], config: PeriodicConfig) -> dict[tuple[int, int], np.ndarray]:
+    """Record indices (ascending) per (class, band number), the bands in the order their first record comes;
+    band ``b`` covers ``[b, b + 2) * band_mm / 2``. In numpy: a dense coil's window has tens of thousands."""
+    if not records:
+        return {}
+    classes = np.array([r.class_id for r in records], np.int64)
+    across = np.array([(r.across_start_mm + r.across_end_mm) / 2 / (config.band_mm / 2) for r in records])
+    band = np.floor(across).astype(np.int64)  # band_keys' number, the same floats
+    keys = np.stack([np.stack([classes, band], 1), np.stack([classes, band - 1], 1)], 1).reshape(-1, 2)
+    unique, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    sizes = np.bincount(inverse, minlength=len(unique))
+    grouped = np.split(np.argsort(inverse, kind="stable") // 2, np.cumsum(sizes)[:-1])
+    return {(int(unique[u, 0]), int(unique[u, 1])): grouped[u] for u in np.argsort(first, kind="stable").tolist()
+            if sizes[u] >= config.min_count}
 
 
 def band_keys(record: DefectRecord, config: PeriodicConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -159,21 +167,20 @@ def band_keys(record: DefectRecord, config: PeriodicConfig) -> tuple[tuple[int, 
     return (record.class_id, b), (record.class_id, b - 1)
 
 
-def _search_band(line: Line, records: Sequence[DefectRecord], class_id: int, members: list[int], tests: int,
-                 config: PeriodicConfig) -> list[tuple[float, PeriodicDefect]]:
+def _search_band(line: Line, records: Sequence[DefectRecord], centres: np.ndarray, class_id: int,
+                 members: np.ndarray, tests: int, config: PeriodicConfig) -> list[tuple[float, PeriodicDefect]]:
     """Periodic defects in one band: the best walk, its repeats taken out, again, while significant."""
-    order = sorted(members, key=lambda i: _along(records[i]))
+    order = members[np.argsort(centres[members], kind="stable")]  # along, ties in record order
     found: list[tuple[float, PeriodicDefect]] = []
     while len(order) >= config.min_count:
-        positions = np.array([_along(records[i]) for i in order])
+        positions = centres[order]
         best = _best_walk(positions, config, max_period_mm(line, config))
         if best is None or best.log_p + math.log(tests) >= math.log(config.alpha):
             break
         chance = math.exp(best.log_p) * tests
-        found.append((best.log_p, _defect(line, records, class_id, [order[h] for h in best.hits], best, chance,
+        found.append((best.log_p, _defect(line, records, class_id, order[list(best.hits)].tolist(), best, chance,
                                           positions, config)))
-        hit = set(best.hits)
-        order = [i for n, i in enumerate(order) if n not in hit]
+        order = np.delete(order, list(best.hits))
     return found
 
 
