@@ -152,13 +152,14 @@ def _bands(records: Sequence[DefectRecord], config: PeriodicConfig) -> dict[tupl
     classes = np.array([r.class_id for r in records], np.int64)
     across = np.array([(r.across_start_mm + r.across_end_mm) / 2 / (config.band_mm / 2) for r in records])
     band = np.floor(across).astype(np.int64)  # band_keys' number, the same floats
-    keys = np.stack([np.stack([classes, band], 1), np.stack([classes, band - 1], 1)], 1).reshape(-1, 2)
-    unique, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    low, width = int(band.min()) - 1, int(band.max()) - int(band.min()) + 2
+    code = classes * width + (band - low)  # (class, band) as one integer; the record's second band is code - 1
+    unique, first, inverse = np.unique(np.stack([code, code - 1], 1).reshape(-1), return_index=True,
+                                       return_inverse=True)
     sizes = np.bincount(inverse, minlength=len(unique))
     grouped = np.split(np.argsort(inverse, kind="stable") // 2, np.cumsum(sizes)[:-1])
-    return {(int(unique[u, 0]), int(unique[u, 1])): grouped[u] for u in np.argsort(first, kind="stable").tolist()
-            if sizes[u] >= config.min_count}
+    return {(int(unique[u] // width), int(unique[u] % width) + low): grouped[u]
+            for u in np.argsort(first, kind="stable").tolist() if sizes[u] >= config.min_count}
 
 
 def band_keys(record: DefectRecord, config: PeriodicConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -259,7 +260,7 @@ def _walk(positions: np.ndarray, start: int, period: float, p_hit: float, config
     while True:
         turns, chosen = _nearest_per_turn(after, offset, period, limit, tol)
         if len(turns) >= 2 and turns[0] == 0:
-            period, offset = (float(v) for v in np.polyfit(turns, after[chosen], 1))
+            period, offset = (float(v) for v in _fit_line(turns, after[chosen]))
         if period <= 0 or limit * period > after[-1] + tol:
             break
         limit *= 2
@@ -280,8 +281,21 @@ def _nearest_per_turn(after: np.ndarray, offset: float, period: float, limit: fl
     error = np.abs(after - offset - turn * period)
     index = np.flatnonzero((turn >= 0) & (turn <= limit) & (error <= tol))
     order = index[np.lexsort((error[index], turn[index]))]
-    first = np.r_[True, turn[order][1:] != turn[order][:-1]] if order.size else np.zeros(0, bool)
-    return turn[order][first], order[first]
+    turns = turn[order]
+    first = np.ones(len(order), bool)
+    np.not_equal(turns[1:], turns[:-1], out=first[1:])
+    return turns[first], order[first]
+
+
+def _fit_line(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``np.polyfit(x, y, 1)`` (slope, intercept), its very steps and floats without its checks: the walks fit
+    tens of thousands of lines per search of a dense coil, and polyfit's own overhead was a tenth of it."""
+    x = np.asarray(x, np.float64)
+    lhs = np.empty((len(x), 2))
+    lhs[:, 0], lhs[:, 1] = x, 1.0  # np.vander(x, 2)
+    scale = np.sqrt((lhs * lhs).sum(axis=0))
+    lhs /= scale
+    return np.linalg.lstsq(lhs, np.asarray(y, np.float64), len(x) * np.finfo(np.float64).eps)[0] / scale
 
 
 def _log_binomial_tail(hits: int, trials: int, p: float) -> float:
@@ -300,7 +314,7 @@ def _log_binomial_tail(hits: int, trials: int, p: float) -> float:
 def _defect(line: Line, records: Sequence[DefectRecord], class_id: int, indices: list[int], walk: _Walk,
             chance: float, positions: np.ndarray, config: PeriodicConfig) -> PeriodicDefect:
     along = positions[list(walk.hits)]
-    period = float(np.polyfit(np.array(walk.turns, float), along, 1)[0])
+    period = float(_fit_line(np.array(walk.turns, float), along)[0])
     return PeriodicDefect(
         class_id=class_id, across_start_mm=min(records[i].across_start_mm for i in indices),
         across_end_mm=max(records[i].across_end_mm for i in indices), period_mm=period,
