@@ -193,21 +193,28 @@ def _best_walk(positions: np.ndarray, config: PeriodicConfig, max_period_mm: flo
     density = len(positions) / max(span, config.min_period_mm)
     p_hit = 1.0 - math.exp(-2.0 * density * config.tolerance_mm)
     best: _Walk | None = None
-    for period in _candidate_periods(positions, config, max_period_mm):
-        start = _best_start(positions, period, config)
+    periods = _candidate_periods(positions, config, max_period_mm)
+    # the pairs of the longest candidate's first turns once; each candidate takes those within its own
+    pairs = _pairs_within(positions, (FIRST_TURNS + 0.5) * max(periods)) if periods else None
+    for period in periods:
+        start = _best_start(positions, pairs, period, config)
         walk = None if start is None else _walk(positions, start, period, p_hit, config)
         if walk is not None and (best is None or walk.log_p < best.log_p):
             best = walk
     return best
 
 
-def _best_start(positions: np.ndarray, period: float, config: PeriodicConfig) -> int | None:
+def _best_start(positions: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], period: float,
+                config: PeriodicConfig) -> int | None:
     """The record followed by the most records at whole periods within :data:`FIRST_TURNS` turns.
 
     Only the first turns, where the candidate period's error has not yet added up; the walk from
-    the start chosen then re-anchors at every repeat it takes.
+    the start chosen then re-anchors at every repeat it takes. ``pairs``: :func:`_pairs_within` of a
+    reach at least this period's first turns'.
     """
-    first, then = _pairs_within(positions, (FIRST_TURNS + 0.5) * period)
+    first, then = pairs
+    within = positions[then] <= positions[first] + (FIRST_TURNS + 0.5) * period  # _pairs_within's own test
+    first, then = first[within], then[within]
     offsets = positions[then] - positions[first]
     turns = np.rint(offsets / period)
     near = (turns >= 1) & (turns <= FIRST_TURNS) & (np.abs(offsets - turns * period) <= config.tolerance_mm)
