@@ -441,9 +441,11 @@ class RecordBuilder:
         kept, changed = self._records[coil_id], self._changed.pop(coil_id, set())
         for number in changed:
             kept.pop(number, None)
-        find, components = self._sets.find, self._components
+        find, components, members = self._sets.find, self._components, self._members
         for root in {find(number) for number in changed}:
-            kept[root] = record_of([components[m] for m in sorted(self._members.get(root, (root,)))])
+            group = members.get(root)  # None: a component alone
+            kept[root] = _single_record(components[root]) if group is None else record_of(
+                [components[m] for m in sorted(group)])
         return sorted(kept.values(), key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
 
 
@@ -462,14 +464,26 @@ def _boxes(components: Sequence[Component], frames: np.ndarray, first: int) -> B
 _BOX_VALUES = attrgetter("along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across", "class_id")
 
 
+def _single_record(part: Component) -> DefectRecord:
+    """The record of a component that touches no other: its own box, area and frame. Its fields set one by one
+    (as a frozen dataclass' ``__init__`` would, half the time): a dense coil's live view makes tens of thousands."""
+    key, (rows, columns) = part.key, part.box_shape
+    record = object.__new__(DefectRecord)
+    values = record.__dict__
+    values["coil_id"], values["class_id"] = key.coil_id, part.class_id
+    values["along_start_mm"] = part.along_start_mm
+    values["along_end_mm"] = part.along_start_mm + rows * part.mm_per_px_along  # Component.along_end_mm's sum
+    values["across_start_mm"] = part.across_start_mm
+    values["across_end_mm"] = part.across_start_mm + columns * part.mm_per_px_across
+    values["area_mm2"], values["max_probability"] = part.area_mm2, part.max_probability
+    values["frames"], values["cameras"] = ((key.camera_id, key.frame_id),), (key.camera_id,)
+    return record
+
+
 def record_of(parts: Sequence[Component]) -> DefectRecord:
     """The record of one set of touching components: their joint box, summed area, largest probability."""
     if len(parts) == 1:  # most records: one component in one frame
-        (part,) = parts
-        key = part.key
-        return DefectRecord(key.coil_id, part.class_id, part.along_start_mm, part.along_end_mm, part.across_start_mm,
-                            part.across_end_mm, part.area_mm2, part.max_probability,
-                            ((key.camera_id, key.frame_id),), (key.camera_id,))
+        return _single_record(parts[0])
     peaks = [p.max_probability for p in parts if p.max_probability is not None]
     first = parts[0]
     return DefectRecord(
