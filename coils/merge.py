@@ -8,7 +8,10 @@ pixels lie within ``gap_mm`` of each other are one defect. Boxes are compared fi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from itertools import chain
+from operator import attrgetter
 from typing import Protocol
 
 import cv2
@@ -19,9 +22,11 @@ EPSILON_MM = 1e-6
 
 
 class Component(Protocol):
-    """What the touch test reads of a :class:`coils.records.Component`: its box mask and where it lies."""
+    """What the touch test and :class:`Boxes` read of a :class:`coils.records.Component`: its box mask, where it
+    lies, its class."""
 
     mask: np.ndarray
+    class_id: int
     along_start_mm: float
     across_start_mm: float
     mm_per_px_along: float
@@ -32,6 +37,9 @@ class Component(Protocol):
 
     @property
     def across_end_mm(self) -> float: ...
+
+    @property
+    def box_shape(self) -> tuple[int, int]: ...
 
 
 def _raster(component: Component, along0: float, across0: float, cell: float, shape: tuple[int, int]) -> np.ndarray:
@@ -168,8 +176,23 @@ class Boxes:
         return Boxes(*(getattr(self, f.name)[index] for f in fields(self)))
 
     @classmethod
+    def of(cls, components: Sequence[Component], frames: np.ndarray, first: int) -> Boxes:
+        """The boxes of ``components``, numbered from ``first``; ``frames`` a number per component naming its frame."""
+        count = len(components)
+        # read with C-level getters into fromiter: a third of the time of np.array over a list of tuples
+        values = np.fromiter(chain.from_iterable(map(_BOX_VALUES, components)), np.float64, 5 * count).reshape(-1, 5)
+        shapes = np.fromiter(chain.from_iterable([c.box_shape for c in components]), np.int64, 2 * count).reshape(-1, 2)
+        along, across, per_along, per_across, classes = values.T
+        # the same sums as Component.along_end_mm and across_end_mm, so the same floats
+        return cls(along, along + shapes[:, 0] * per_along, across, across + shapes[:, 1] * per_across,
+                   classes.astype(np.int64), frames, np.arange(first, first + count))
+
+    @classmethod
     def concatenate(cls, parts: list[Boxes]) -> Boxes:
         return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+
+_BOX_VALUES = attrgetter("along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across", "class_id")
 
 
 @dataclass(frozen=True)
