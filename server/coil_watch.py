@@ -153,11 +153,13 @@ class CoilWatch:
 
     def _add_frames(self, frames: Sequence[FrameComponents]) -> dict[str, str]:
         last_defect: dict[str, str] = {}
-        taken: dict[str, list[FrameComponents]] = {}
+        taken: dict[str, list[tuple[FrameComponents, float]]] = {}  # per coil: its frames and their far ends
         for frame in frames:
             coil_id = frame.key.coil_id
-            if coil_id not in self._closed:
-                taken.setdefault(coil_id, []).append(frame)
+            if coil_id in self._closed:
+                continue  # a late frame of a closed coil: not taken for a new one
+            far_end_mm = frame.position_mm + self.line.camera(frame.key.camera_id).frame_length_mm  # KeyError first
+            taken.setdefault(coil_id, []).append((frame, far_end_mm))
             if frame.components:
                 c = frame.components[0]
                 last_defect[frame.key.camera_id] = (
@@ -168,13 +170,12 @@ class CoilWatch:
             if coil is None:
                 coil = self._coils[coil_id] = _OpenCoil(RecordBuilder(self.line), CoilAlarms(self.rules, coil_id))
             # one call for all of a coil's frames: the merge's numpy work once, not once per frame
-            added = coil.builder.add_frames([(frame.key, frame.components) for frame in coil_frames])
-            for frame, new in zip(coil_frames, added):
+            added = coil.builder.add_frames([(frame.key, frame.components) for frame, _ in coil_frames])
+            for (_, far_end_mm), new in zip(coil_frames, added):
                 if new:
                     coil.last_frame_at = time.monotonic()
                     coil.frames += 1
-                    camera = self.line.camera(frame.key.camera_id)
-                    coil.far_end_mm = max(coil.far_end_mm, frame.position_mm + camera.frame_length_mm)
+                    coil.far_end_mm = max(coil.far_end_mm, far_end_mm)
                     coil.dirty = True
         return last_defect
 
