@@ -26,7 +26,6 @@ circumference names that roll.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -128,12 +127,13 @@ def find_periodic(line: Line, records: Sequence[DefectRecord], config: PeriodicC
             new records fell in; the significance still counts the walks of every band.
     """
     config = config or PeriodicConfig()
+    centres = np.array([_along(r) for r in records], np.float64)
     bands = _bands(records, config)
     tests = max(1, sum(len(b) * config.candidates for b in bands.values()))
     found: list[tuple[float, PeriodicDefect]] = []
     for (class_id, band), members in bands.items():
         if only is None or (class_id, band) in only:
-            found += _search_band(line, records, class_id, members, tests, config)
+            found += _search_band(line, records, centres, class_id, members, tests, config)
     kept: list[PeriodicDefect] = []
     taken: set[int] = set()
     for _, defect in sorted(found, key=lambda f: (f[0], -f[1].count)):
@@ -144,13 +144,22 @@ def find_periodic(line: Line, records: Sequence[DefectRecord], config: PeriodicC
     return sorted(kept, key=lambda d: (-d.count, d.class_id, d.first_mm))
 
 
-def _bands(records: Sequence[DefectRecord], config: PeriodicConfig) -> dict[tuple[int, int], list[int]]:
-    """Record indices per (class, band number); band ``b`` covers ``[b, b + 2) * band_mm / 2``."""
-    bands: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, record in enumerate(records):
-        for key in band_keys(record, config):
-            bands[key].append(index)
-    return {key: members for key, members in bands.items() if len(members) >= config.min_count}
+def _bands(records: Sequence[DefectRecord], config: PeriodicConfig) -> dict[tuple[int, int], np.ndarray]:
+    """Record indices (ascending) per (class, band number), the bands in the order their first record comes;
+    band ``b`` covers ``[b, b + 2) * band_mm / 2``. In numpy: a dense coil's window has tens of thousands."""
+    if not records:
+        return {}
+    classes = np.array([r.class_id for r in records], np.int64)
+    across = np.array([(r.across_start_mm + r.across_end_mm) / 2 / (config.band_mm / 2) for r in records])
+    band = np.floor(across).astype(np.int64)  # band_keys' number, the same floats
+    low, width = int(band.min()) - 1, int(band.max()) - int(band.min()) + 2
+    code = classes * width + (band - low)  # (class, band) as one integer; the record's second band is code - 1
+    unique, first, inverse = np.unique(np.stack([code, code - 1], 1).reshape(-1), return_index=True,
+                                       return_inverse=True)
+    sizes = np.bincount(inverse, minlength=len(unique))
+    grouped = np.split(np.argsort(inverse, kind="stable") // 2, np.cumsum(sizes)[:-1])
+    return {(int(unique[u] // width), int(unique[u] % width) + low): grouped[u]
+            for u in np.argsort(first, kind="stable").tolist() if sizes[u] >= config.min_count}
 
 
 def band_keys(record: DefectRecord, config: PeriodicConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -159,21 +168,20 @@ def band_keys(record: DefectRecord, config: PeriodicConfig) -> tuple[tuple[int, 
     return (record.class_id, b), (record.class_id, b - 1)
 
 
-def _search_band(line: Line, records: Sequence[DefectRecord], class_id: int, members: list[int], tests: int,
-                 config: PeriodicConfig) -> list[tuple[float, PeriodicDefect]]:
+def _search_band(line: Line, records: Sequence[DefectRecord], centres: np.ndarray, class_id: int,
+                 members: np.ndarray, tests: int, config: PeriodicConfig) -> list[tuple[float, PeriodicDefect]]:
     """Periodic defects in one band: the best walk, its repeats taken out, again, while significant."""
-    order = sorted(members, key=lambda i: _along(records[i]))
+    order = members[np.argsort(centres[members], kind="stable")]  # along, ties in record order
     found: list[tuple[float, PeriodicDefect]] = []
     while len(order) >= config.min_count:
-        positions = np.array([_along(records[i]) for i in order])
+        positions = centres[order]
         best = _best_walk(positions, config, max_period_mm(line, config))
         if best is None or best.log_p + math.log(tests) >= math.log(config.alpha):
             break
         chance = math.exp(best.log_p) * tests
-        found.append((best.log_p, _defect(line, records, class_id, [order[h] for h in best.hits], best, chance,
+        found.append((best.log_p, _defect(line, records, class_id, order[list(best.hits)].tolist(), best, chance,
                                           positions, config)))
-        hit = set(best.hits)
-        order = [i for n, i in enumerate(order) if n not in hit]
+        order = np.delete(order, list(best.hits))
     return found
 
 
@@ -185,21 +193,28 @@ def _best_walk(positions: np.ndarray, config: PeriodicConfig, max_period_mm: flo
     density = len(positions) / max(span, config.min_period_mm)
     p_hit = 1.0 - math.exp(-2.0 * density * config.tolerance_mm)
     best: _Walk | None = None
-    for period in _candidate_periods(positions, config, max_period_mm):
-        start = _best_start(positions, period, config)
+    periods = _candidate_periods(positions, config, max_period_mm)
+    # the pairs of the longest candidate's first turns once; each candidate takes those within its own
+    pairs = _pairs_within(positions, (FIRST_TURNS + 0.5) * max(periods)) if periods else None
+    for period in periods:
+        start = _best_start(positions, pairs, period, config)
         walk = None if start is None else _walk(positions, start, period, p_hit, config)
         if walk is not None and (best is None or walk.log_p < best.log_p):
             best = walk
     return best
 
 
-def _best_start(positions: np.ndarray, period: float, config: PeriodicConfig) -> int | None:
+def _best_start(positions: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], period: float,
+                config: PeriodicConfig) -> int | None:
     """The record followed by the most records at whole periods within :data:`FIRST_TURNS` turns.
 
     Only the first turns, where the candidate period's error has not yet added up; the walk from
-    the start chosen then re-anchors at every repeat it takes.
+    the start chosen then re-anchors at every repeat it takes. ``pairs``: :func:`_pairs_within` of a
+    reach at least this period's first turns'.
     """
-    first, then = _pairs_within(positions, (FIRST_TURNS + 0.5) * period)
+    first, then = pairs
+    within = positions[then] <= positions[first] + (FIRST_TURNS + 0.5) * period  # _pairs_within's own test
+    first, then = first[within], then[within]
     offsets = positions[then] - positions[first]
     turns = np.rint(offsets / period)
     near = (turns >= 1) & (turns <= FIRST_TURNS) & (np.abs(offsets - turns * period) <= config.tolerance_mm)
@@ -252,7 +267,7 @@ def _walk(positions: np.ndarray, start: int, period: float, p_hit: float, config
     while True:
         turns, chosen = _nearest_per_turn(after, offset, period, limit, tol)
         if len(turns) >= 2 and turns[0] == 0:
-            period, offset = (float(v) for v in np.polyfit(turns, after[chosen], 1))
+            period, offset = (float(v) for v in _fit_line(turns, after[chosen]))
         if period <= 0 or limit * period > after[-1] + tol:
             break
         limit *= 2
@@ -273,8 +288,21 @@ def _nearest_per_turn(after: np.ndarray, offset: float, period: float, limit: fl
     error = np.abs(after - offset - turn * period)
     index = np.flatnonzero((turn >= 0) & (turn <= limit) & (error <= tol))
     order = index[np.lexsort((error[index], turn[index]))]
-    first = np.r_[True, turn[order][1:] != turn[order][:-1]] if order.size else np.zeros(0, bool)
-    return turn[order][first], order[first]
+    turns = turn[order]
+    first = np.ones(len(order), bool)
+    np.not_equal(turns[1:], turns[:-1], out=first[1:])
+    return turns[first], order[first]
+
+
+def _fit_line(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``np.polyfit(x, y, 1)`` (slope, intercept), its very steps and floats without its checks: the walks fit
+    tens of thousands of lines per search of a dense coil, and polyfit's own overhead was a tenth of it."""
+    x = np.asarray(x, np.float64)
+    lhs = np.empty((len(x), 2))
+    lhs[:, 0], lhs[:, 1] = x, 1.0  # np.vander(x, 2)
+    scale = np.sqrt((lhs * lhs).sum(axis=0))
+    lhs /= scale
+    return np.linalg.lstsq(lhs, np.asarray(y, np.float64), len(x) * np.finfo(np.float64).eps)[0] / scale
 
 
 def _log_binomial_tail(hits: int, trials: int, p: float) -> float:
@@ -293,7 +321,7 @@ def _log_binomial_tail(hits: int, trials: int, p: float) -> float:
 def _defect(line: Line, records: Sequence[DefectRecord], class_id: int, indices: list[int], walk: _Walk,
             chance: float, positions: np.ndarray, config: PeriodicConfig) -> PeriodicDefect:
     along = positions[list(walk.hits)]
-    period = float(np.polyfit(np.array(walk.turns, float), along, 1)[0])
+    period = float(_fit_line(np.array(walk.turns, float), along)[0])
     return PeriodicDefect(
         class_id=class_id, across_start_mm=min(records[i].across_start_mm for i in indices),
         across_end_mm=max(records[i].across_end_mm for i in indices), period_mm=period,

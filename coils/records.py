@@ -8,7 +8,7 @@ edge. Components of different frames of one coil and class whose pixels touch (w
 cameras in their lanes' overlap, or both at once. Merging is union-find over components:
 
 * incremental: a frame's components are joined to what is already there as the frame arrives
-  (candidates come from a spatial index along the coil), nothing is recomputed;
+  (candidates come from an index of the boxes, :class:`coils.merge.BoxIndex`), nothing is recomputed;
 * order-independent: the sets union-find ends with depend on which pairs touch, not on the order
   the frames came in, so cameras may deliver frames in any interleaving;
 * near-linear: union by size with path halving costs an inverse-Ackermann factor per operation.
@@ -43,12 +43,7 @@ import numpy as np
 
 from coils.labelling import label
 from coils.line import CameraGeometry, Line
-from coils.merge import EPSILON_MM, UnionFind, boxes_meet, pixels_touch
-
-#: Side of one square cell (along x across) of the spatial index that finds merge candidates: a
-#: component is compared only with those whose boxes reach into one of its cells, a handful on a
-#: 16-camera line, where cells as long as the strip is wide would hold every lane's.
-BUCKET_MM = 128.0
+from coils.merge import EPSILON_MM, Boxes, BoxIndex, UnionFind, boxes_meet, pixels_touch
 
 
 @dataclass(frozen=True)
@@ -323,8 +318,7 @@ class RecordBuilder:
         self._components: list[Component] = []
         self._sets = UnionFind()
         self._frames: set[FrameKey] = set()
-        # (coil, class) -> (along, across) cell -> indices of the components whose box reaches into it
-        self._index: dict[tuple[str, int], dict[tuple[int, int], list[int]]] = defaultdict(lambda: defaultdict(list))
+        self._boxes: dict[str, BoxIndex] = {}  # per coil: the merge candidates' index
         # records() kept incrementally: per coil, root -> its record, and the components added or merged
         # away since the last call (their roots' records are made again; every other record is kept)
         self._members: dict[int, list[int]] = {}  # root -> its components, for sets of more than one
@@ -369,48 +363,58 @@ class RecordBuilder:
         Raises:
             ValueError: a component belongs to another frame.
         """
-        if key in self._frames:
-            return False
-        for component in self._take(key, components):
-            self._insert(component)
-        return True
+        return self.add_frames([(key, components)])[0]
+
+    def add_frames(self, frames: Iterable[tuple[FrameKey, Iterable[Component]]]) -> list[bool]:
+        """:meth:`add_components` for many frames at once, the same records: their merge candidates are found
+        together, in numpy (:class:`coils.merge.BoxIndex`), where one frame at a time pays numpy's call costs
+        per frame. The line watch adds each call's frames so.
+
+        Returns:
+            Per frame, False when its key was added before (or earlier in ``frames``): nothing changes for it.
+        """
+        added: list[bool] = []
+        taken: dict[str, list[tuple[int, list[Component]]]] = defaultdict(list)
+        try:
+            for key, components in frames:
+                added.append(key not in self._frames)
+                if added[-1]:
+                    found = self._take(key, components)
+                    if found:
+                        taken[key.coil_id].append((len(self._frames), found))
+        finally:  # a refused frame (ValueError) leaves the frames before it added
+            for coil_id, parts in taken.items():
+                self._merge(coil_id, parts)
+        return added
 
     def _take(self, key: FrameKey, components: Iterable[Component]) -> list[Component]:
         """``components`` of the new frame ``key``, checked; the frame counts as added."""
         found = list(components)
         for component in found:
-            if component.key != key:
+            if component.key is not key and component.key != key:
                 raise ValueError(f"a component of frame {component.key} given for frame {key}")
         self._frames.add(key)
         return found
 
-    def _buckets(self, component: Component) -> list[tuple[int, int]]:
-        """The index cells ``component``'s box reaches into, widened by the merge tolerance."""
-        reach = self.gap_mm + EPSILON_MM
-        along = _cells(component.along_start_mm - reach, component.along_end_mm + reach)
-        across = _cells(component.across_start_mm - reach, component.across_end_mm + reach)
-        return [(a, c) for a in along for c in across]
-
-    def _insert(self, component: Component) -> None:
-        """Adds ``component`` to the sets and the index, joined to every earlier one its pixels touch."""
-        index = self._sets.add()
-        self._components.append(component)
-        self._changed[component.key.coil_id].add(index)
-        buckets = self._index[(component.key.coil_id, component.class_id)]
-        seen: set[int] = set()
-        for bucket in self._buckets(component):
-            members = buckets[bucket]
-            for other in members:
-                if other in seen:
-                    continue
-                seen.add(other)
-                neighbour = self._components[other]
-                # Components of one frame are apart by construction (connected components).
-                if neighbour.key == component.key or self._sets.find(other) == self._sets.find(index):
-                    continue
-                if pixels_touch(neighbour, component, self.gap_mm):
-                    self._join(other, index, component.key.coil_id)
-            members.append(index)  # after the cell's scan: never compared with itself
+    def _merge(self, coil_id: str, parts: list[tuple[int, list[Component]]]) -> None:
+        """Numbers the new frames' components (``(frame number, components)`` of one coil) and joins every pair
+        of different frames whose pixels touch, earlier components or new."""
+        new = [c for _, found in parts for c in found]
+        first = len(self._components)
+        numbers = range(first, first + len(new))
+        self._components += new
+        self._sets.parent += numbers
+        self._sets.size += [1] * len(new)
+        self._changed[coil_id].update(numbers)
+        index = self._boxes.get(coil_id)
+        if index is None:
+            index = self._boxes[coil_id] = BoxIndex(self.gap_mm)
+        frames = np.repeat([number for number, _ in parts], [len(found) for _, found in parts])
+        earlier, later = index.add(Boxes.of(new, frames, first))
+        find, components = self._sets.find, self._components
+        for a, b in zip(earlier.tolist(), later.tolist()):
+            if find(a) != find(b) and pixels_touch(components[a], components[b], self.gap_mm):
+                self._join(a, b, coil_id)
 
     def _join(self, a: int, b: int, coil_id: str) -> None:
         """Unites the sets of ``a`` and ``b``, their members listed under the new root, both old roots changed."""
@@ -435,24 +439,34 @@ class RecordBuilder:
         kept, changed = self._records[coil_id], self._changed.pop(coil_id, set())
         for number in changed:
             kept.pop(number, None)
-        find, components = self._sets.find, self._components
+        find, components, members = self._sets.find, self._components, self._members
         for root in {find(number) for number in changed}:
-            kept[root] = record_of([components[m] for m in sorted(self._members.get(root, (root,)))])
+            group = members.get(root)  # None: a component alone
+            kept[root] = _single_record(components[root]) if group is None else record_of(
+                [components[m] for m in sorted(group)])
         return sorted(kept.values(), key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
 
 
-def _cells(start_mm: float, end_mm: float) -> range:
-    return range(math.floor(start_mm / BUCKET_MM), math.floor(end_mm / BUCKET_MM) + 1)
+def _single_record(part: Component) -> DefectRecord:
+    """The record of a component that touches no other: its own box, area and frame. Its fields set one by one
+    (as a frozen dataclass' ``__init__`` would, half the time): a dense coil's live view makes tens of thousands."""
+    key, (rows, columns) = part.key, part.box_shape
+    record = object.__new__(DefectRecord)
+    values = record.__dict__
+    values["coil_id"], values["class_id"] = key.coil_id, part.class_id
+    values["along_start_mm"] = part.along_start_mm
+    values["along_end_mm"] = part.along_start_mm + rows * part.mm_per_px_along  # Component.along_end_mm's sum
+    values["across_start_mm"] = part.across_start_mm
+    values["across_end_mm"] = part.across_start_mm + columns * part.mm_per_px_across
+    values["area_mm2"], values["max_probability"] = part.area_mm2, part.max_probability
+    values["frames"], values["cameras"] = ((key.camera_id, key.frame_id),), (key.camera_id,)
+    return record
 
 
 def record_of(parts: Sequence[Component]) -> DefectRecord:
     """The record of one set of touching components: their joint box, summed area, largest probability."""
     if len(parts) == 1:  # most records: one component in one frame
-        (part,) = parts
-        key = part.key
-        return DefectRecord(key.coil_id, part.class_id, part.along_start_mm, part.along_end_mm, part.across_start_mm,
-                            part.across_end_mm, part.area_mm2, part.max_probability,
-                            ((key.camera_id, key.frame_id),), (key.camera_id,))
+        return _single_record(parts[0])
     peaks = [p.max_probability for p in parts if p.max_probability is not None]
     first = parts[0]
     return DefectRecord(
@@ -469,6 +483,6 @@ def record_of(parts: Sequence[Component]) -> DefectRecord:
     )
 
 
-__all__ = ["BUCKET_MM", "EPSILON_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
+__all__ = ["EPSILON_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
            "default_gap_mm", "frame_components", "masks_components", "pack_mask", "pixels_touch", "record_of",
            "to_along_across", "unpack_mask"]

@@ -66,6 +66,11 @@ CLOSED_KEPT = 1000
 #: lowest priority). At 10 it still took its share of a saturated CPU: line actions cost 7-8 % of ``bench
 #: stream``'s frames/s at 16 streams, against 0.7-5.5 % at 19 (benchmarks/RESULTS.md).
 NICE = 19
+#: The watch process looks for reference cycles among the objects of one call in this many (and of a call that
+#: failed); the others' are frozen unexamined. The collector found no cycle in any call of a dense coil's
+#: (records, components, finds: none holds one), and walking each call's objects cost 0.02 ms a frame, a
+#: sixth of the watch's whole budget. 1 examines every call's.
+COLLECT_EVERY = 16
 #: Seconds the monitor waits for one answer of the watch process before it takes it for hung.
 ANSWER_TIMEOUT_S = 120.0
 
@@ -148,24 +153,30 @@ class CoilWatch:
 
     def _add_frames(self, frames: Sequence[FrameComponents]) -> dict[str, str]:
         last_defect: dict[str, str] = {}
+        taken: dict[str, list[tuple[FrameComponents, float]]] = {}  # per coil: its frames and their far ends
         for frame in frames:
             coil_id = frame.key.coil_id
             if coil_id in self._closed:
-                continue
-            coil = self._coils.get(coil_id)
-            if coil is None:
-                coil = self._coils[coil_id] = _OpenCoil(RecordBuilder(self.line), CoilAlarms(self.rules, coil_id))
-            if coil.builder.add_components(frame.key, frame.components):
-                coil.last_frame_at = time.monotonic()
-                coil.frames += 1
-                camera = self.line.camera(frame.key.camera_id)
-                coil.far_end_mm = max(coil.far_end_mm, frame.position_mm + camera.frame_length_mm)
-                coil.dirty = True
+                continue  # a late frame of a closed coil: not taken for a new one
+            far_end_mm = frame.position_mm + self.line.camera(frame.key.camera_id).frame_length_mm  # KeyError first
+            taken.setdefault(coil_id, []).append((frame, far_end_mm))
             if frame.components:
                 c = frame.components[0]
                 last_defect[frame.key.camera_id] = (
                     f"class {c.class_id} at {c.along_start_mm / 1000:.3f} m, {c.across_start_mm:.0f} mm across "
                     f"on coil {coil_id}")
+        for coil_id, coil_frames in taken.items():
+            coil = self._coils.get(coil_id)
+            if coil is None:
+                coil = self._coils[coil_id] = _OpenCoil(RecordBuilder(self.line), CoilAlarms(self.rules, coil_id))
+            # one call for all of a coil's frames: the merge's numpy work once, not once per frame
+            added = coil.builder.add_frames([(frame.key, frame.components) for frame, _ in coil_frames])
+            for (_, far_end_mm), new in zip(coil_frames, added):
+                if new:
+                    coil.last_frame_at = time.monotonic()
+                    coil.frames += 1
+                    coil.far_end_mm = max(coil.far_end_mm, far_end_mm)
+                    coil.dirty = True
         return last_defect
 
     def _evaluate_coil(self, coil_id: str, coil: _OpenCoil, now: float, alarms: list[Alarm]) -> CoilState:
@@ -285,6 +296,7 @@ def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grad
     lower_priority(nice)
     gc.disable()  # collected once per call instead (below)
     watch = CoilWatch(line, rules, grader, budget)
+    calls = 0
     while True:
         try:
             request = conn.recv()
@@ -292,17 +304,20 @@ def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grad
             return
         if request is None:
             return
+        calls += 1
         try:
             answer: Any = watch.work(*request)
         except Exception as exc:  # noqa: BLE001 - the error goes back to the monitor, which logs it
             log.exception("event=line_watch_error")
             answer = RuntimeError(f"the line watch failed: {type(exc).__name__}: {exc}")
+            calls = 0  # a traceback holds cycles: collected below
         conn.send(answer)
         # The open coils' records live as long as their coils: taken out of the cyclic collector's scans,
         # which otherwise walk them again and again (60 % of unpickling a dense coil's frames). They are
         # still freed by reference counting when their coil closes (they hold no cycles). Cycles are
-        # collected once per call, among the objects that call made.
-        gc.collect(1)
+        # collected among the objects of one call in COLLECT_EVERY, and of a call that failed.
+        if calls % COLLECT_EVERY == 0:
+            gc.collect(1)
         gc.freeze()
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from coils.columns import ComponentColumns, merged_records
-from coils.merge import boxes_meet, pixels_touch, touch_resampled
+from coils.merge import Boxes, BoxIndex, boxes_meet, pixels_touch, touch_resampled
 from coils.records import Component, FrameKey, RecordBuilder, default_gap_mm, masks_components, pack_mask
 from tests.coils.test_records import ALONG, FRAMES, STRIP, built, frames_of, planted, two_cameras
 
@@ -25,10 +25,10 @@ def columns_of(line, frames, coil_id: str = "C1") -> ComponentColumns:
     return ComponentColumns.from_rows(coil_id, rows)
 
 
-def random_canvas(seed: int) -> np.ndarray:
+def random_canvas(seed: int, defects: int = 30) -> np.ndarray:
     rng = np.random.default_rng(seed)
     canvas = np.zeros((2, FRAMES * ALONG, STRIP), np.uint8)
-    for _ in range(30):
+    for _ in range(defects):
         k, centre = int(rng.integers(2)), (int(rng.integers(STRIP)), int(rng.integers(FRAMES * ALONG)))
         axes = (int(rng.integers(1, 8)), int(rng.integers(1, 14)))
         cv2.ellipse(canvas[k], centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
@@ -77,3 +77,59 @@ def test_the_pixel_grid_touch_test_is_the_resampling_one() -> None:
         assert fast == (boxes_meet(a, b, gap) and touch_resampled(a, b, px, reach)), trial
         touching += fast
     assert 300 < touching < 2700  # both answers were exercised
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_box_index_gives_every_meeting_pair_once_in_any_batches(seed: int) -> None:
+    """Against every pair compared: small cells, so boxes reach into several and pairs share more than one."""
+    rng = np.random.default_rng(seed)
+    count, gap = 400, (0.0, 0.5, 2.0, 0.25)[seed]
+    along = np.round(rng.uniform(0, 300, count), 1)
+    across = np.round(rng.uniform(0, 200, count), 1)
+    boxes = Boxes(along, along + rng.uniform(0.5, 40, count), across, across + rng.uniform(0.5, 30, count),
+                  rng.integers(1, 3, count), rng.integers(0, 40, count), np.arange(count))
+    index = BoxIndex(gap)
+    index.CELL_MM, index.CHUNK = 8.0, 50  # many cells per box, many chunks
+    order = rng.permutation(count)  # boxes in any order, batches of any size
+    cuts = np.sort(rng.choice(np.arange(1, count), 12, replace=False))
+    found: list[tuple[int, int]] = []
+    for batch in np.split(order, cuts):
+        earlier, later = index.add(boxes.take(batch))
+        assert (np.isin(earlier, batch) | np.isin(later, batch)).all()  # every pair has a new box
+        found += zip(earlier.tolist(), later.tolist())
+    assert len(found) == len(set(found))  # once each
+    expected = {(a, b) for a in range(count) for b in range(a + 1, count)
+                if boxes.classes[a] == boxes.classes[b] and boxes.frames[a] != boxes.frames[b]
+                and _meet(boxes, a, b, gap)}
+    assert expected <= set(found) and len(expected) > 50
+
+
+def _meet(boxes: Boxes, a: int, b: int, gap: float) -> bool:
+    slack = gap + 1e-6
+    return bool(boxes.along_start[a] <= boxes.along_end[b] + slack and boxes.along_start[b] <= boxes.along_end[a] + slack
+                and boxes.across_start[a] <= boxes.across_end[b] + slack
+                and boxes.across_start[b] <= boxes.across_end[a] + slack)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_frames_added_together_in_any_batches_are_the_records_of_one_at_a_time(seed: int) -> None:
+    """The line watch adds a call's frames at once (RecordBuilder.add_frames): dense random defects, frames in any
+    order and batches, four lanes wide enough that the index's cells split them, give the close's records."""
+    rng = np.random.default_rng(seed)
+    line = two_cameras(mm_per_px=8.0)  # 54 px across = 432 mm: the index's cells of 128 mm split the strip
+    canvas = random_canvas(seed, defects=80)
+    frames = frames_of(canvas, line, 8.0)
+    expected = merged_records(columns_of(line, frames), default_gap_mm(line))
+    builder = RecordBuilder(line)
+    order = rng.permutation(len(frames)).tolist()
+    while order:
+        size = int(rng.integers(1, 6))
+        batch, order = order[:size], order[size:]
+        parts = []
+        for i in batch:
+            camera, frame_id, position, masks = frames[i]
+            key = FrameKey("C1", camera, frame_id)
+            parts.append((key, masks_components(line, key, position, masks)))
+        assert builder.add_frames(parts + parts[:1]) == [True] * len(parts) + [False]  # a resent frame: nothing
+    assert builder.records("C1") == expected
+    assert len(expected) >= 30 and sum(len(r.frames) > 2 for r in expected) >= 10

@@ -84,3 +84,13 @@ def test_roll_matching_and_json_round_trip() -> None:
 def _centre(record: DefectRecord) -> float:
     return (record.along_start_mm + record.along_end_mm) / 2
 
+
+
+def test_the_walks_line_fit_is_numpys_polyfit_to_the_last_bit() -> None:
+    from coils.periodic import _fit_line
+
+    rng = np.random.default_rng(5)
+    for n in (2, 3, 8, 40, 300):
+        turns = np.sort(rng.choice(np.arange(400), n, replace=False)).astype(float)
+        along = rng.uniform(0, 500) + turns * rng.uniform(300, 3000) + rng.normal(0, 2, n)
+        assert _fit_line(turns, along).tolist() == np.polyfit(turns, along, 1).tolist()
