@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,28 @@ def jpeg_frames(count: int, height: int, width: int, seed: int = 0, quality: int
             raise RuntimeError(f"cv2 could not JPEG-encode a {height}x{width} frame")
         out.append(buf.tobytes())
     return out
+
+
+def folder_frames(directory: Path, count: int, height: int, width: int, flag: str = "--images") -> list[Path]:
+    """The first ``count`` images (fewer where the folder has fewer) of ``directory``, a Severstal-format
+    folder (``train_images/``) or a plain one, each checked to be a readable frame of ``height`` x ``width``.
+
+    Raises:
+        FileNotFoundError, ValueError: no such folder, no images, or an image unreadable or of another size
+            (the error names ``flag``, the folder and the file).
+    """
+    import cv2
+
+    from toolchain.build_openvino import image_files
+
+    files = image_files(directory, flag=flag)[:count]
+    for path in files:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if image is None or image.shape != (height, width):
+            got = "not a readable image" if image is None else f"a {image.shape[0]}x{image.shape[1]} frame"
+            raise ValueError(f"{flag} {directory}: {path.name} is {got}; the model takes {height}x{width} frames "
+                             "(the server does not resize)")
+    return files
 
 
 def decode_frames(jpegs: list[bytes], height: int, width: int) -> np.ndarray:

@@ -75,6 +75,7 @@ class StreamConfig:
     line: Path | None = None
     line_actions: Path | None = None
     coil_repeats: int = 1
+    images: Path | None = None  # stream these frames (a folder) instead of the synthetic strips
 
     def __post_init__(self) -> None:
         if not self.streams or any(s < 1 for s in self.streams):
@@ -89,6 +90,8 @@ class StreamConfig:
             raise ValueError("--max-batch and --raw-repeats must be >= 1; --max-delay-ms and --threads >= 0")
         if self.model is not None and not self.model.is_file():
             raise FileNotFoundError(f"--model {self.model}: no such file")
+        if self.images is not None and not self.images.is_dir():
+            raise FileNotFoundError(f"--images {self.images}: no such folder")
         if self.target is not None and self.in_process:
             raise ValueError("--in-process starts a server; it contradicts --target (a running server)")
         if self.console and self.target is not None:
@@ -401,10 +404,31 @@ def raw_throughput(model: Path, cfg: StreamConfig, pool: list[bytes], batch_size
     return out
 
 
+#: Distinct frames streamed over and over: the synthetic strips made, or the most taken of an ``--images`` folder.
+SYNTHETIC_FRAMES = 16
+FOLDER_FRAMES = 64
+
+
+def frame_pool(cfg: StreamConfig, height: int, width: int, tmp: Path) -> tuple[list[Path], list[bytes]]:
+    """The files the cameras stream (cycled to ``cfg.frames``) and the bytes the raw pipeline times: the first
+    frames of ``cfg.images``, else synthetic strips written to ``tmp``."""
+    from benchmarks.pipeline import folder_frames, jpeg_frames
+
+    if cfg.images is not None:
+        paths = folder_frames(cfg.images, min(cfg.frames, FOLDER_FRAMES), height, width)
+        return paths, [p.read_bytes() for p in paths]
+    pool = jpeg_frames(min(cfg.frames, SYNTHETIC_FRAMES), height, width)
+    paths = []
+    for i, data in enumerate(pool):
+        path = tmp / f"frame{i:03d}.jpg"
+        path.write_bytes(data)
+        paths.append(path)
+    return paths, pool
+
+
 def run_stream(cfg: StreamConfig) -> dict[str, Any]:
     """Starts (or reaches) the server, drives every stream setting, measures the raw pipeline, reports."""
     from benchmarks.machine import describe_machine
-    from benchmarks.pipeline import jpeg_frames
     from benchmarks.stream_coils import coil_ratio_note
 
     model = cfg.model
@@ -429,12 +453,7 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
                 target, metrics_url = cfg.target, cfg.metrics_url
             info = asyncio.run(_model_info(target, cfg.connect_timeout))
             h, w = info.input_height, info.input_width
-            pool = jpeg_frames(min(cfg.frames, 16), h, w)
-            paths = []
-            for i, data in enumerate(pool):
-                path = Path(tmp) / f"frame{i:03d}.jpg"
-                path.write_bytes(data)
-                paths.append(path)
+            paths, pool = frame_pool(cfg, h, w, Path(tmp))
             images = [paths[i % len(paths)] for i in range(cfg.frames)]
             if cfg.warmup_frames:
                 # First calls pay for channel set-up and lazy allocations; keep them out of the figures.
@@ -490,6 +509,9 @@ def run_stream(cfg: StreamConfig) -> dict[str, Any]:
         "decode and RLE (worker threads) with inference, which the sequential raw pipeline does not; "
         "rate-limited at a fixed --fps (throughput = offered load)",
         "client and server share this machine's CPUs",
+        f"frames: the first {len(pool)} images of --images {cfg.images}, cycled" if cfg.images is not None else
+        f"frames: {len(pool)} synthetic strips (benchmarks.pipeline.jpeg_frames), cycled; give --images DIR for "
+        "frames of the model's own kind (a trained model may mark far more of a synthetic strip than of a real one)",
         *([note] if (note := coil_ratio_note(settings)) else []),
         "console: " + (f"open, one viewer following its events for the whole run ({console['updates']} states, "
                        f"{console['images']} images fetched)" if console else "closed (no --console)"),
@@ -595,6 +617,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-url", default=None,
                         help="the running server's Prometheus URL, e.g. http://HOST:9100/metrics (with --target)")
     parser.add_argument("--streams", default="1,4,16", help="stream counts to run (default %(default)s)")
+    parser.add_argument("--images", type=Path, default=None, metavar="DIR",
+                        help=f"stream the first images (up to {FOLDER_FRAMES}) of this folder, cycled, instead of synthetic strips: "
+                        "a Severstal-format folder (train_images/) or a folder of images of the model's input size; "
+                        "frames of the model's own kind give its real defect density")
     parser.add_argument("--fps", type=float, default=0.0,
                         help="frames per second per stream; 0 = as fast as the server takes them (default)")
     parser.add_argument("--frames", type=int, default=32, help="frames per stream count, over all streams "
@@ -660,6 +686,7 @@ def run(args: argparse.Namespace) -> int:
         line=args.line,
         line_actions=args.line_actions,
         coil_repeats=args.coil_repeats,
+        images=args.images,
     )
     report = run_stream(cfg)
     table = stream_markdown(report)

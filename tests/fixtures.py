@@ -17,6 +17,20 @@ TINY_TRAIN_SIZE = (32, 160)
 TINY_UNET = {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [32, 16, 8]}
 
 
+def image_folder(root: Path, sizes: dict[str, tuple[int, int]]) -> Path:
+    """A Severstal-format folder (``train_images/``) of grayscale PNGs, named and sized as given, each
+    with its own content (another synthetic seed than the bench's pool)."""
+    import cv2
+
+    from toolchain.parity import synthetic_frames
+
+    images = root / "train_images"
+    images.mkdir(parents=True)
+    for seed, (name, (height, width)) in enumerate(sizes.items(), start=100):
+        cv2.imwrite(str(images / name), synthetic_frames(1, height, width, seed=seed)[0])
+    return root
+
+
 def make_tiny_run(
     run_dir: Path,
     folds: int = 2,

@@ -257,3 +257,33 @@ def test_the_cpu_note_gives_each_kind_of_setting_its_median_cpu_per_frame() -> N
                       "server_cpu_ms_per_frame": {"server": own, "children": child}}]
     assert "(its process + its child processes, the line watch; medians over repeats): on 16 streams 6.10 + 0.00, " \
            "on+actions 16 streams 6.20 + 0.40" in coil_ratio_note(settings)
+
+
+def test_stream_of_a_folders_images(tiny_onnx: Path, tmp_path: Path) -> None:
+    """--images: the cameras stream the folder's first images (cycled), the raw pipeline times the same ones."""
+    from benchmarks.pipeline import folder_frames
+    from tests.fixtures import image_folder
+
+    folder = image_folder(tmp_path / "own", {name: (64, 320) for name in ("b.png", "a.png", "c.png")})
+    out = tmp_path / "stream.json"
+    rc = cli.main(["stream", "--model", str(tiny_onnx), "--streams", "2", "--frames", "5", "--in-process",
+                   "--images", str(folder), "--raw-repeats", "1", "--max-batch", "4", "--json", str(out)])
+    assert rc == 0
+    report = read_report(out)
+    (s,) = report["settings"]
+    check_setting(s, 5, max_batch=4)
+    assert report["config"]["images"] == str(folder)
+    assert f"frames: the first 3 images of --images {folder}, cycled" in report["notes"]
+    assert [p.name for p in folder_frames(folder, 2, 64, 320)] == ["a.png", "b.png"]
+
+
+def test_stream_refuses_a_folder_image_of_another_size(tiny_onnx: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.fixtures import image_folder
+
+    folder = image_folder(tmp_path / "own", {"a.png": (64, 320), "b.png": (32, 160)})
+    assert cli.main(["stream", "--model", str(tiny_onnx), "--streams", "1", "--frames", "4", "--in-process",
+                     "--images", str(folder), "--raw-repeats", "1"]) != 0
+    assert f"--images {folder}: b.png is a 32x160 frame; the model takes 64x320 frames" in capsys.readouterr().err
+    assert cli.main(["stream", "--model", str(tiny_onnx), "--streams", "1", "--images", "missing"]) != 0
+    assert "--images missing: no such folder" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks import cli
 from benchmarks.pipeline import STAGES
+from tests.fixtures import image_folder
 
 
 def test_flops_counted_two_ways_agree(tiny_models: tuple[Path, Path]) -> None:
@@ -277,20 +278,6 @@ def test_a_given_onnx_gets_an_int8_row_where_its_int8_ir_sits_beside_it(tiny_int
     assert resolve_models(cfg, [])[0] == [tiny_int8]
 
 
-def _check_folder(root: Path, sizes: dict[str, tuple[int, int]]) -> Path:
-    """A Severstal-format folder (``train_images/``) of grayscale PNGs, named and sized as given, each
-    with its own content (another synthetic seed than the bench's pool)."""
-    import cv2
-
-    from toolchain.parity import synthetic_frames
-
-    images = root / "train_images"
-    images.mkdir(parents=True)
-    for seed, (name, (height, width)) in enumerate(sizes.items(), start=100):
-        cv2.imwrite(str(images / name), synthetic_frames(1, height, width, seed=seed)[0])
-    return root
-
-
 def _throughput_argv(onnx: Path, pt: Path, tmp_path: Path, *extra: str) -> list[str]:
     """The fastest ``bench throughput`` run with a naive check: one ONNX Runtime row, batch 1."""
     return ["throughput", "--model", str(onnx), "--model", str(pt), "--backends", "onnxruntime,naive",
@@ -308,7 +295,7 @@ def test_check_data_runs_the_check_on_the_folders_first_images(
     from toolchain.build_openvino import read_frames
 
     onnx, pt = tiny_models
-    folder = _check_folder(tmp_path / "held", {name: (64, 320) for name in ("c.png", "a.png", "d.png", "b.png")})
+    folder = image_folder(tmp_path / "held", {name: (64, 320) for name in ("c.png", "a.png", "d.png", "b.png")})
     assert cli.main(_throughput_argv(onnx, pt, tmp_path, "--check-data", str(folder), "--check-frames", "3")) == 0
     stdout = capsys.readouterr().out
     assert f"on --check-data {folder} with 3 images (a.png, b.png, c.png); timings on the synthetic pool" in stdout
@@ -333,7 +320,7 @@ def test_check_data_of_another_size_is_refused_naming_the_file(
     tiny_models: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     onnx, pt = tiny_models
-    folder = _check_folder(tmp_path / "held", {"a.png": (64, 320), "b.png": (32, 160)})
+    folder = image_folder(tmp_path / "held", {"a.png": (64, 320), "b.png": (32, 160)})
     assert cli.main(_throughput_argv(onnx, pt, tmp_path, "--check-data", str(folder))) == 2
     err = capsys.readouterr().err
     assert f"--check-data {folder}: {folder / 'train_images' / 'b.png'}: 32x160 frame, the model takes 64x320" in err
