@@ -193,6 +193,28 @@ def test_kernel_is_the_resize_then_threshold(low: tuple[int, int], frame: tuple[
     np.testing.assert_array_equal(got["present"], got["counts"] >= np.asarray(meta.min_areas))
 
 
+@pytest.mark.parametrize("images", [1, 3])
+def test_planes_split_between_threads_decide_as_one_thread_does(images: int) -> None:
+    """The batch's planes are shared between the caller and the helper threads: the masks and counts are
+    those of the kernel run over every plane in one thread."""
+    from engine import fastpost
+    from engine.metadata import ModelMetadata
+
+    low, frame = (6, 20), (24, 81)
+    meta = ModelMetadata(thresholds=[0.3, 0.5, 0.7, 0.9], min_areas=[0, 0, 0, 0], input_height=frame[0],
+                         input_width=frame[1], train_height=low[0], train_width=low[1])
+    probs = np.random.default_rng(images).uniform(0, 1, (images, 4, *low)).astype(np.float32)
+    post = fastpost.FastPostprocess(meta)
+    got = post(probs)
+    masks = np.empty((images, 4, *frame), np.uint8)
+    counts = np.empty((images, 4), np.int32)
+    post.kernel.decide(probs, post.thresholds, np.float32(fastpost.MARGIN), *fastpost.resize_axis(low[0], frame[0]),
+                       *fastpost.resize_axis(low[1], frame[1]), masks, counts, 0, images * 4)
+    np.testing.assert_array_equal(got["masks"], masks)
+    np.testing.assert_array_equal(got["counts"], counts)
+    assert fastpost._helpers()[1] == fastpost.usable_cpus() - 1
+
+
 def test_the_choice_is_checked_and_said(tiny_onnx: Path, tmp_path: Path) -> None:
     import onnx
 
