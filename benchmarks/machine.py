@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from engine.cpu import usable_cpus
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Libraries whose version changes the figures -> the distributions that provide them (first
@@ -41,14 +43,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (the affinity mask, not the host's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def memory_gib() -> float | None:

@@ -142,3 +142,11 @@ def cpu_autocast_dtype(amp: bool = True) -> object | None:
     import torch
 
     return torch.bfloat16
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the host's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -32,6 +31,7 @@ import numpy as np
 
 from engine import graph
 from engine.backends.base import InspectionResult, result_from_outputs
+from engine.cpu import usable_cpus
 from engine.devices import BackendUnavailable
 from engine.lowres import GATE_KEY, LOWRES_KEY, FastPathUnavailable
 from engine.metadata import ModelMetadata
@@ -78,14 +78,6 @@ def resize_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     for table in tables:
         table.flags.writeable = False  # shared by every call (cached)
     return tables
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity where the OS says, else the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @functools.cache
@@ -139,7 +131,7 @@ class FastPostprocess:
         threads are idle while it runs, and each plane is written by one thread only."""
         planes = probs.shape[0] * probs.shape[1]
         helpers, extra = _helpers()
-        parts = min(planes, extra + 1)
+        parts = max(1, min(planes, extra + 1))  # an empty batch: one empty part
         bounds = [planes * i // parts for i in range(parts + 1)]
         args = (probs, self.thresholds, np.float32(MARGIN), *axes, masks, counts)
         futures = [helpers.submit(self.kernel.decide, *args, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])] \

@@ -12,7 +12,6 @@ components, few pixels) from passing for the class's typical defect.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -21,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engine.cpu import cpu_features
+from engine.cpu import cpu_features, usable_cpus
 from trainer.data import sample_masks
 from trainer.samples import DataConfig, Sample
 
@@ -156,7 +155,7 @@ def _class_stats(frames: int, total: int, frames_px: float, components: list[np.
 def machine_fingerprint(cuda_device: int | None) -> MachineFingerprint:
     """This machine, training on the CUDA device of that index or (None) on its CPU."""
     features = cpu_features()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cpus()
     gpu, memory = None, None
     if cuda_device is not None:
         import torch
