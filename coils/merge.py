@@ -289,10 +289,12 @@ class UnionFind:
         self.parent: list[int] = list(range(count))
         self.size: list[int] = [1] * count
 
-    def add(self) -> int:
-        self.parent.append(len(self.parent))
-        self.size.append(1)
-        return len(self.parent) - 1
+    def add(self, count: int = 1) -> range:
+        """``count`` new sets of one element each; returns their elements."""
+        added = range(len(self.parent), len(self.parent) + count)
+        self.parent += added
+        self.size += [1] * count
+        return added
 
     def find(self, x: int) -> int:
         parent = self.parent

@@ -400,17 +400,14 @@ class RecordBuilder:
         """Numbers the new frames' components (``(frame number, components)`` of one coil) and joins every pair
         of different frames whose pixels touch, earlier components or new."""
         new = [c for _, found in parts for c in found]
-        first = len(self._components)
-        numbers = range(first, first + len(new))
+        numbers = self._sets.add(len(new))  # the components' numbers: their places in self._components
         self._components += new
-        self._sets.parent += numbers
-        self._sets.size += [1] * len(new)
         self._changed[coil_id].update(numbers)
         index = self._boxes.get(coil_id)
         if index is None:
             index = self._boxes[coil_id] = BoxIndex(self.gap_mm)
         frames = np.repeat([number for number, _ in parts], [len(found) for _, found in parts])
-        earlier, later = index.add(Boxes.of(new, frames, first))
+        earlier, later = index.add(Boxes.of(new, frames, numbers.start))
         find, components = self._sets.find, self._components
         for a, b in zip(earlier.tolist(), later.tolist()):
             if find(a) != find(b) and pixels_touch(components[a], components[b], self.gap_mm):
