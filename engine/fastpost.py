@@ -33,6 +33,7 @@ from engine import graph
 from engine.backends.base import InspectionResult, result_from_outputs
 from engine.cpu import usable_cpus
 from engine.devices import BackendUnavailable
+from engine.kernels import import_kernel
 from engine.lowres import GATE_KEY, LOWRES_KEY, FastPathUnavailable
 from engine.metadata import ModelMetadata
 
@@ -47,13 +48,10 @@ INSTALL_HINT = "pip install 'strip-inspection[cpu]' (or pip install numba)"
 
 def kernel() -> Any:
     """The compiled kernel module; FastPathUnavailable where numba is not installed."""
-    try:
-        from engine import fastpost_kernel
-    except ImportError as exc:
-        if exc.name is not None and exc.name.split(".")[0] == "engine":
-            raise
-        raise FastPathUnavailable(f"numba is not installed ({exc}): {INSTALL_HINT}") from exc
-    return fastpost_kernel
+    module, why_not = import_kernel("engine.fastpost_kernel")
+    if module is None:
+        raise FastPathUnavailable(f"{why_not}: {INSTALL_HINT}")
+    return module
 
 
 @functools.lru_cache(maxsize=16)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.kernels import import_kernel
+
 __all__ = ["decode", "decode_many", "encode", "encode_batch", "encode_batch_numpy", "encode_batch_torch",
            "runs_to_string"]
 
@@ -86,16 +88,10 @@ def _kernel() -> ModuleType | None:
     if sys.byteorder != "little":
         log.info("RLE in numpy: the kernel needs a little-endian machine")
         return None
-    try:
-        # Imported by its full name: ``from engine import`` would import the package, which imports the
-        # backends, which import this module.
-        import engine.rle_kernel as compiled_rle
-    except ImportError as exc:
-        if exc.name is not None and exc.name.split(".")[0] == "engine":
-            raise
-        log.info("RLE in numpy: numba is not installed (%s)", exc)
-        return None
-    return compiled_rle
+    module, why_not = import_kernel("engine.rle_kernel")
+    if module is None:
+        log.info("RLE in numpy: %s", why_not)
+    return module
 
 
 def _check_batch(masks: np.ndarray, name: str) -> None:
