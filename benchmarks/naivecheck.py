@@ -65,19 +65,15 @@ def check_frames(check_data: Path | None, count: int, pool: list[bytes], meta: A
         FileNotFoundError, ValueError: the folder is missing, holds fewer than ``count`` images, or an
             image is unreadable or not of the model's input size (the error names the file).
     """
-    from benchmarks.pipeline import decode_frames
-    from toolchain.build_openvino import image_files, read_frames
+    from benchmarks.pipeline import decode_frames, read_sized
+    from toolchain.build_openvino import image_files
 
     if check_data is None:
         return NaiveCheck(decode_frames(pool[:count], *meta.input_size), SYNTHETIC_POOL)
     files = image_files(check_data, flag="--check-data")
     if len(files) < count:
         raise ValueError(f"--check-data {check_data}: {len(files)} images, --check-frames asks for {count}")
-    try:
-        frames = read_frames(files[:count], meta)
-    except ValueError as exc:
-        raise ValueError(f"--check-data {check_data}: {exc} (frames are not resized: the server takes the "
-                         f"model's input size only)") from None
+    frames = read_sized(files[:count], meta.input_size, "--check-data", check_data)
     return NaiveCheck(frames, str(check_data), [p.name for p in files[:count]])
 
 

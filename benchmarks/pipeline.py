@@ -51,24 +51,29 @@ def jpeg_frames(count: int, height: int, width: int, seed: int = 0, quality: int
 
 def folder_frames(directory: Path, count: int, height: int, width: int, flag: str = "--images") -> list[Path]:
     """The first ``count`` images (fewer where the folder has fewer) of ``directory``, a Severstal-format
-    folder (``train_images/``) or a plain one, each checked to be a readable frame of ``height`` x ``width``.
+    folder (``train_images/``) or a plain one, each checked to be a readable frame of ``height`` x ``width``
+    (:func:`read_sized`).
 
     Raises:
-        FileNotFoundError, ValueError: no such folder, no images, or an image unreadable or of another size
-            (the error names ``flag``, the folder and the file).
+        FileNotFoundError, ValueError: no such folder, no images, or an image unreadable or of another size.
     """
-    import cv2
-
     from toolchain.build_openvino import image_files
 
     files = image_files(directory, flag=flag)[:count]
-    for path in files:
-        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-        if image is None or image.shape != (height, width):
-            got = "not a readable image" if image is None else f"a {image.shape[0]}x{image.shape[1]} frame"
-            raise ValueError(f"{flag} {directory}: {path.name} is {got}; the model takes {height}x{width} frames "
-                             "(the server does not resize)")
+    read_sized(files, (height, width), flag, directory)
     return files
+
+
+def read_sized(files: list[Path], size: tuple[int, int], flag: str, directory: Path) -> np.ndarray:
+    """``engine build --calibration``'s reader (:func:`toolchain.build_openvino.read_frames`) for a bench flag's
+    folder: its error names the flag and the folder, and says that frames are not resized."""
+    from toolchain.build_openvino import read_frames
+
+    try:
+        return read_frames(files, size)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {directory}: {exc} (frames are not resized: the server takes the model's input "
+                         "size only)") from None
 
 
 def decode_frames(jpegs: list[bytes], height: int, width: int) -> np.ndarray:

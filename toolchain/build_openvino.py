@@ -74,18 +74,19 @@ def image_files(directory: Path, flag: str = "--calibration") -> list[Path]:
     return files
 
 
-def read_frames(files: list[Path], meta: ModelMetadata) -> np.ndarray:
-    """Grayscale uint8 frames ``[N, H, W]``; ValueError naming a file that is unreadable or of another size."""
+def read_frames(files: list[Path], size: tuple[int, int]) -> np.ndarray:
+    """Grayscale uint8 frames ``[N, H, W]`` of ``size`` ``(H, W)``, the model's input size; ValueError naming
+    a file that is unreadable or of another size."""
     import cv2
 
-    frames = np.empty((len(files), meta.input_height, meta.input_width), dtype=np.uint8)
+    height, width = size
+    frames = np.empty((len(files), height, width), dtype=np.uint8)
     for i, path in enumerate(files):
         image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         if image is None:
             raise ValueError(f"{path}: not a readable image")
-        if image.shape != meta.input_size:
-            raise ValueError(f"{path}: {image.shape[0]}x{image.shape[1]} frame, the model takes "
-                             f"{meta.input_height}x{meta.input_width}")
+        if image.shape != (height, width):
+            raise ValueError(f"{path}: {image.shape[0]}x{image.shape[1]} frame, the model takes {height}x{width}")
         frames[i] = image
     return frames
 
@@ -113,7 +114,7 @@ def split_frames(
     held = [files[i] for i in order[:parity_count]]
     calib = [files[i] for i in order[parity_count:parity_count + calibration_count]]
     info = {"source": str(directory), "calibration_frames": len(calib), "parity_frames": len(held), "seed": seed}
-    return read_frames(calib, meta), read_frames(held, meta), info
+    return read_frames(calib, meta.input_size), read_frames(held, meta.input_size), info
 
 
 #: OpenVINO operations that carry weights (what "first/last layer" counts).

@@ -284,6 +284,7 @@ def test_stream_refuses_a_folder_image_of_another_size(tiny_onnx: Path, tmp_path
     folder = image_folder(tmp_path / "own", {"a.png": (64, 320), "b.png": (32, 160)})
     assert cli.main(["stream", "--model", str(tiny_onnx), "--streams", "1", "--frames", "4", "--in-process",
                      "--images", str(folder), "--raw-repeats", "1"]) != 0
-    assert f"--images {folder}: b.png is a 32x160 frame; the model takes 64x320 frames" in capsys.readouterr().err
+    assert (f"--images {folder}: {folder / 'train_images' / 'b.png'}: 32x160 frame, the model takes 64x320 (frames "
+            "are not resized") in capsys.readouterr().err
     assert cli.main(["stream", "--model", str(tiny_onnx), "--streams", "1", "--images", "missing"]) != 0
     assert "--images missing: no such folder" in capsys.readouterr().err

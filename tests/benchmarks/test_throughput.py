@@ -309,7 +309,7 @@ def test_check_data_runs_the_check_on_the_folders_first_images(
     # The naive outputs recorded are those of the folder's images, not of the synthetic pool's frames.
     naive = NaivePipeline.from_file(pt)
     files = [folder / "train_images" / name for name in check["files"]]
-    assert check["naive_counts"] == naive.run(read_frames(files, naive.metadata)).counts.tolist()
+    assert check["naive_counts"] == naive.run(read_frames(files, naive.metadata.input_size)).counts.tolist()
     pool = check_frames(None, 3, jpeg_frames(3, 64, 320), naive.metadata)
     assert check["naive_counts"] != naive.run(pool.frames).counts.tolist()
     assert [(c["backend"], c["frames"], c["source"], c["equal"]) for c in report["naive_agreement"]] == [
