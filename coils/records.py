@@ -140,7 +140,14 @@ class Component:
 def _unpickle_component(key: FrameKey, class_id: int, bits: bytes, rows: int, columns: int, *scalars: Any) -> Component:
     """A pickled component, its mask left packed until read (``Component.__getattr__``)."""
     _check_packed(bits, rows, columns)
-    along, across, per_px_along, per_px_across, pixels, area, peak = scalars
+    return packed_component(key, class_id, bits, rows, columns, *scalars)
+
+
+def packed_component(key: FrameKey, class_id: int, bits: bytes, rows: int, columns: int, along: float, across: float,
+                     per_px_along: float, per_px_across: float, pixels: int, area: float,
+                     peak: float | None) -> Component:
+    """A component whose ``rows`` x ``columns`` mask stays packed (``bits``, not checked: the caller did) until
+    read (``Component.__getattr__``): how the line watch's process takes the components it is sent."""
     component = object.__new__(Component)
     fields = component.__dict__  # set one by one: a third of the time of a dict built from names (per component)
     fields["key"], fields["class_id"], fields["mask_bits"], fields["_box_shape"] = key, class_id, bits, (rows, columns)
@@ -481,5 +488,5 @@ def record_of(parts: Sequence[Component]) -> DefectRecord:
 
 
 __all__ = ["EPSILON_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
-           "default_gap_mm", "frame_components", "masks_components", "pack_mask", "pixels_touch", "record_of",
-           "to_along_across", "unpack_mask"]
+           "default_gap_mm", "frame_components", "masks_components", "pack_mask", "packed_component", "pixels_touch",
+           "record_of", "to_along_across", "unpack_mask"]
