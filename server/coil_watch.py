@@ -11,7 +11,8 @@ Why a process of its own: on a dense coil an evaluation is pure Python and numpy
 hundreds of milliseconds; on the server's threads it would hold the interpreter lock the batcher and
 the gRPC handlers need, and at saturation it would take its cycles from inference. In a process in
 the idle scheduling class (:func:`lower_priority`) it runs only on cycles no serving thread wants, and
-the serving process pays only for pickling the frames' components once per interval.
+the serving process pays only for sending the frames' components once per interval, as columns
+(:class:`server.watch_wire.WatchFrames`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from coils.periodic import PeriodicConfig, PeriodicDefect, band_keys, find_perio
 from coils.records import DefectRecord, RecordBuilder
 from coils.store import FrameComponents
 from coils.summary import CoilFacts, summarise
+from server.watch_wire import WatchFrames
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -224,7 +226,8 @@ class WatchDied(RuntimeError):
 class WatchProcess:
     """A :class:`CoilWatch` in a process of its own (spawned, idle priority: :func:`lower_priority`); same :meth:`work`.
 
-    One call at a time (the monitor's thread): the frames go over a pipe, the answer comes back.
+    One call at a time (the monitor's thread): the frames go over a pipe (:class:`server.watch_wire.WatchFrames`),
+    the answer comes back.
     """
 
     def __init__(self, line: Line, rules: Sequence[AlarmRule], grader: Grader | None = None,
@@ -243,7 +246,7 @@ class WatchProcess:
     def work(self, frames: Sequence[FrameComponents], closed: Sequence[str], now: float) -> WatchResult:
         """:meth:`CoilWatch.work` in the watch process; :class:`WatchDied` when it cannot answer."""
         try:
-            self._conn.send((list(frames), list(closed), now))
+            self._conn.send((WatchFrames.of(frames), list(closed), now))
             deadline = time.monotonic() + ANSWER_TIMEOUT_S
             while not self._conn.poll(0.5):
                 if not self._process.is_alive():
@@ -291,7 +294,7 @@ def lower_priority(nice: int = NICE) -> None:
 
 def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grader: Grader | None,
                 budget: float, nice: int) -> None:
-    """The watch process: answers each ``(frames, closed, now)`` with a :class:`WatchResult` (or the error)."""
+    """The watch process: answers each ``(WatchFrames, closed, now)`` with a :class:`WatchResult` (or the error)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lower_priority(nice)
     gc.disable()  # collected once per call instead (below)
@@ -306,7 +309,8 @@ def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grad
             return
         calls += 1
         try:
-            answer: Any = watch.work(*request)
+            frames, closed, now = request
+            answer: Any = watch.work(frames.frames(), closed, now)
         except Exception as exc:  # noqa: BLE001 - the error goes back to the monitor, which logs it
             log.exception("event=line_watch_error")
             answer = RuntimeError(f"the line watch failed: {type(exc).__name__}: {exc}")
