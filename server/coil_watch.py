@@ -99,6 +99,36 @@ class WatchResult:
     last_defect: dict[str, str]
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A :class:`WatchResult` on the pipe: an open coil's state as it was in the last answer is its id only."""
+
+    open_coils: tuple[CoilState | str, ...]
+    alarms: tuple[Alarm, ...]
+    last_defect: dict[str, str]
+
+
+class _SentStates:
+    """The open coils' states of the last answer, on either side of the pipe: a state crosses it whole only when
+    it changed. A dense coil's state (hundreds of periodic defects) changes a few times a minute (:data:`BUDGET`)
+    but is answered four times a second, and unpickling it took the serving process a millisecond each time."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, CoilState] = {}
+
+    def pack(self, result: WatchResult) -> _Answer:
+        """The answer to send (the watch's process)."""
+        states = tuple(s.coil_id if self._states.get(s.coil_id) is s else s for s in result.open_coils)
+        self._states = {s.coil_id: s for s in result.open_coils}
+        return _Answer(states, result.alarms, result.last_defect)
+
+    def unpack(self, answer: _Answer) -> WatchResult:
+        """The result again (the serving process), the unchanged states those of the last answer."""
+        states = tuple(self._states[s] if isinstance(s, str) else s for s in answer.open_coils)
+        self._states = {s.coil_id: s for s in states}
+        return WatchResult(states, answer.alarms, answer.last_defect)
+
+
 @dataclass
 class _OpenCoil:
     builder: RecordBuilder
@@ -227,7 +257,7 @@ class WatchProcess:
     """A :class:`CoilWatch` in a process of its own (spawned, idle priority: :func:`lower_priority`); same :meth:`work`.
 
     One call at a time (the monitor's thread): the frames go over a pipe (:class:`server.watch_wire.WatchFrames`),
-    the answer comes back.
+    the answer comes back (the open coils' states that changed since the last answer, whole).
     """
 
     def __init__(self, line: Line, rules: Sequence[AlarmRule], grader: Grader | None = None,
@@ -238,6 +268,7 @@ class WatchProcess:
                                         name="line-watch", daemon=True)
         self._process.start()
         child.close()
+        self._states = _SentStates()
 
     @property
     def pid(self) -> int | None:
@@ -258,7 +289,7 @@ class WatchProcess:
             raise WatchDied(f"the line watch process is gone: {exc}") from exc
         if isinstance(answer, BaseException):
             raise answer
-        return answer
+        return self._states.unpack(answer)
 
     def close(self) -> None:
         """Asks the process to end; kills it if it does not within 5 s."""
@@ -299,6 +330,7 @@ def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grad
     lower_priority(nice)
     gc.disable()  # collected once per call instead (below)
     watch = CoilWatch(line, rules, grader, budget)
+    states = _SentStates()
     calls = 0
     while True:
         try:
@@ -310,7 +342,7 @@ def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grad
         calls += 1
         try:
             frames, closed, now = request
-            answer: Any = watch.work(frames.frames(), closed, now)
+            answer: Any = states.pack(watch.work(frames.frames(), closed, now))
         except Exception as exc:  # noqa: BLE001 - the error goes back to the monitor, which logs it
             log.exception("event=line_watch_error")
             answer = RuntimeError(f"the line watch failed: {type(exc).__name__}: {exc}")

@@ -16,7 +16,7 @@ from coils.columns import ComponentColumns
 from coils.line import Roll
 from coils.records import FrameKey, masks_components
 from coils.store import FrameComponents
-from server.coil_watch import CoilWatch, WatchProcess
+from server.coil_watch import CoilWatch, WatchProcess, _SentStates
 from server.watch_wire import WatchFrames
 from tests.coils.test_records import ALONG, STRIP, frames_of, two_cameras
 from tests.coils.test_verdict import PERIOD, roll_mark_frames
@@ -89,16 +89,21 @@ def test_the_watch_makes_the_same_records_of_the_wire_as_of_the_frames(line, cal
     assert [a.rule for a in alarms] == ["roll-mark"]
 
 
-def test_the_watch_process_answers_a_dense_call_as_the_watch_in_place_does(line, call) -> None:
+def test_the_watch_process_answers_dense_calls_as_the_watch_in_place_does(line, call) -> None:
+    """Frames as columns one way; the other way, an open coil's state only when it changed (else its id)."""
     rules = parse_alarms(RULES, NAMES)
-    process = WatchProcess(line, rules, grade, budget=0)
+    process, in_place = WatchProcess(line, rules, grade, budget=0), CoilWatch(line, rules, grade, budget=0)
     try:
-        answer = process.work(call, [], 5.0)
+        for n, part in enumerate((call[:60], [], call[60:], [], [])):  # no frames: the coils' states unchanged
+            answer, expected = process.work(part, [], 5.0 + n), in_place.work(part, [], 5.0 + n)
+            assert answer == expected
     finally:
         process.close()
-    expected = CoilWatch(line, rules, grade, budget=0).work(call, [], 5.0)
-    assert answer == expected and [a.rule for a in answer.alarms] == ["roll-mark"]
     assert [c.coil_id for c in answer.open_coils] == ["D1", "D2", "D3"]
+    sender, receiver = _SentStates(), _SentStates()
+    first = receiver.unpack(pickle.loads(pickle.dumps(sender.pack(answer))))
+    again = sender.pack(answer)
+    assert again.open_coils == ("D1", "D2", "D3") and receiver.unpack(again) == first == answer
 
 
 def test_a_packed_mask_of_the_wrong_size_is_refused_naming_the_component(call) -> None:
