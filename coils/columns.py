@@ -31,7 +31,7 @@ from coils.records import (
 )
 
 # What ComponentColumns.of reads of each component, with C-level getters (no Python call per component). The mask's
-# shape is read from the mask: a component made in this process has it (one unpickled packed unpacks it, rightly).
+# shape is read from the mask: a component made by labelling has it; one still packed is unpacked (right, slower).
 _FLOATS = attrgetter("along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across", "area_mm2")
 _INTEGERS = attrgetter("class_id", "pixel_count")
 _SHAPE, _BITS = attrgetter("mask.shape"), attrgetter("mask_bits")

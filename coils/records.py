@@ -86,15 +86,15 @@ class Component:
         return self.mask_bits if self.mask_bits is not None else pack_mask(self.mask)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        """Pickled as plain values with the packed mask (no array object, an eighth of the bytes): the
-        serving process pickles every stored frame's components for the line watch's process."""
+        """Pickled as plain values with the packed mask (no array object, an eighth of the bytes); a call's
+        components go to the line watch's process as columns instead (:mod:`server.watch_wire`)."""
         return _unpickle_component, (self.key, self.class_id, self.packed_mask(), *self.box_shape,
                                      self.along_start_mm, self.across_start_mm, self.mm_per_px_along,
                                      self.mm_per_px_across, self.pixel_count, self.area_mm2, self.max_probability)
 
     def __getattr__(self, name: str) -> Any:
-        """Only for attributes not set: the mask of an unpickled component, unpacked when first read (the
-        line watch reads the masks of the few components whose boxes meet another frame's)."""
+        """Only for attributes not set: the mask of a component made packed (:func:`packed_component`, unpickled),
+        unpacked when first read (the line watch reads the masks of the few whose boxes meet another frame's)."""
         shape = self.__dict__.get("_box_shape") if name == "mask" else None
         if shape is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
