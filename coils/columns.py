@@ -14,11 +14,28 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 
 import numpy as np
 
 from coils.merge import UnionFind, candidate_pairs, pixels_touch
-from coils.records import Component, DefectRecord, FrameKey, record_of, unpack_mask
+from coils.records import (
+    Component,
+    DefectRecord,
+    FrameKey,
+    pack_mask,
+    packed_component,
+    record_of,
+    unpack_mask,
+)
+
+# What ComponentColumns.of reads of each component, with C-level getters (no Python call per component). The mask's
+# shape is read from the mask: a component made by labelling has it; one still packed is unpacked (right, slower).
+_FLOATS = attrgetter("along_start_mm", "across_start_mm", "mm_per_px_along", "mm_per_px_across", "area_mm2")
+_INTEGERS = attrgetter("class_id", "pixel_count")
+_SHAPE, _BITS = attrgetter("mask.shape"), attrgetter("mask_bits")
+_CAMERA, _FRAME, _PEAK = attrgetter("key.camera_id"), attrgetter("key.frame_id"), attrgetter("max_probability")
 
 
 @dataclass(frozen=True)
@@ -57,8 +74,43 @@ class ComponentColumns:
                    np.asarray(areas, np.float64), peaks, np.stack([mask_rows, mask_cols], axis=1).astype(np.int64),
                    masks)
 
+    @classmethod
+    def of(cls, coil_id: str, components: Sequence[Component]) -> ComponentColumns:
+        """The columns of ``components`` (of coil ``coil_id``), read without a Python call per component: how the
+        serving process sends a call's components to the line watch's process (:mod:`server.watch_wire`)."""
+        count = len(components)
+        floats = np.fromiter(chain.from_iterable(map(_FLOATS, components)), np.float64, 5 * count).reshape(count, 5)
+        integers = np.fromiter(chain.from_iterable(map(_INTEGERS, components)), np.int64, 2 * count).reshape(count, 2)
+        shapes = np.fromiter(chain.from_iterable(map(_SHAPE, components)), np.int64, 2 * count).reshape(count, 2)
+        masks = list(map(_BITS, components))
+        if None in masks:  # components made without their packed mask (OpenCV's labelling)
+            masks = [pack_mask(c.mask) if bits is None else bits for c, bits in zip(components, masks)]
+        along, across, per_along, per_across, areas = floats.T
+        return cls(coil_id, list(map(_CAMERA, components)), list(map(_FRAME, components)), integers[:, 0], along,
+                   across, per_along, per_across, integers[:, 1], areas, list(map(_PEAK, components)), shapes, masks)
+
     def __len__(self) -> int:
         return len(self.camera_ids)
+
+    def packed_components(self) -> list[Component]:
+        """Every component as an object, its mask left packed until read (:func:`coils.records.packed_component`):
+        what the line watch's process makes of what :meth:`of` sent. Adjacent components of one frame share its key.
+
+        Raises:
+            ValueError: a packed mask is not the size its shape needs.
+        """
+        _check_mask_sizes(self.packed_masks, self.mask_shapes)
+        keys, key = [], FrameKey(self.coil_id, "", -1)
+        for camera, frame in zip(self.camera_ids, self.frame_ids):
+            if frame != key.frame_id or camera != key.camera_id:
+                key = FrameKey(self.coil_id, camera, frame)
+            keys.append(key)
+        rows, columns = self.mask_shapes.T.tolist() if len(self) else ([], [])
+        # map calls packed_component from C with the columns as lists: no argument list built per component
+        return list(map(packed_component, keys, self.class_ids.tolist(), self.packed_masks, rows, columns,
+                        self.along_start_mm.tolist(), self.across_start_mm.tolist(), self.mm_per_px_along.tolist(),
+                        self.mm_per_px_across.tolist(), self.pixel_counts.tolist(), self.area_mm2.tolist(),
+                        self.max_probability))
 
     def components(self) -> Callable[[int], Component]:
         """A function giving component ``i`` as an object (its mask unpacked), the columns read as lists once."""
@@ -81,6 +133,16 @@ class ComponentColumns:
         starts = np.ones(len(self), bool)
         starts[1:] = (cameras[1:] != cameras[:-1]) | (frames[1:] != frames[:-1])
         return np.cumsum(starts)
+
+
+def _check_mask_sizes(masks: Sequence[bytes], shapes: np.ndarray) -> None:
+    """ValueError naming the first packed mask that is not the size :func:`coils.records.pack_mask` gives its shape."""
+    sizes = np.fromiter(map(len, masks), np.int64, len(masks))
+    wrong = np.flatnonzero(sizes != (shapes[:, 0] * shapes[:, 1] + 7) // 8)
+    if len(wrong):
+        (rows, columns), i = shapes[wrong[0]].tolist(), int(wrong[0])
+        raise ValueError(f"component {i}: a packed {rows}x{columns} mask has {(rows * columns + 7) // 8} bytes, "
+                         f"got {sizes[i]}")
 
 
 def merged_records(columns: ComponentColumns, gap_mm: float) -> list[DefectRecord]:

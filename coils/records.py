@@ -86,15 +86,15 @@ class Component:
         return self.mask_bits if self.mask_bits is not None else pack_mask(self.mask)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        """Pickled as plain values with the packed mask (no array object, an eighth of the bytes): the
-        serving process pickles every stored frame's components for the line watch's process."""
+        """Pickled as plain values with the packed mask (no array object, an eighth of the bytes); a call's
+        components go to the line watch's process as columns instead (:mod:`server.watch_wire`)."""
         return _unpickle_component, (self.key, self.class_id, self.packed_mask(), *self.box_shape,
                                      self.along_start_mm, self.across_start_mm, self.mm_per_px_along,
                                      self.mm_per_px_across, self.pixel_count, self.area_mm2, self.max_probability)
 
     def __getattr__(self, name: str) -> Any:
-        """Only for attributes not set: the mask of an unpickled component, unpacked when first read (the
-        line watch reads the masks of the few components whose boxes meet another frame's)."""
+        """Only for attributes not set: the mask of a component made packed (:func:`packed_component`, unpickled),
+        unpacked when first read (the line watch reads the masks of the few whose boxes meet another frame's)."""
         shape = self.__dict__.get("_box_shape") if name == "mask" else None
         if shape is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
@@ -140,7 +140,14 @@ class Component:
 def _unpickle_component(key: FrameKey, class_id: int, bits: bytes, rows: int, columns: int, *scalars: Any) -> Component:
     """A pickled component, its mask left packed until read (``Component.__getattr__``)."""
     _check_packed(bits, rows, columns)
-    along, across, per_px_along, per_px_across, pixels, area, peak = scalars
+    return packed_component(key, class_id, bits, rows, columns, *scalars)
+
+
+def packed_component(key: FrameKey, class_id: int, bits: bytes, rows: int, columns: int, along: float, across: float,
+                     per_px_along: float, per_px_across: float, pixels: int, area: float,
+                     peak: float | None) -> Component:
+    """A component whose ``rows`` x ``columns`` mask stays packed (``bits``, not checked: the caller did) until
+    read (``Component.__getattr__``): how the line watch's process takes the components it is sent."""
     component = object.__new__(Component)
     fields = component.__dict__  # set one by one: a third of the time of a dict built from names (per component)
     fields["key"], fields["class_id"], fields["mask_bits"], fields["_box_shape"] = key, class_id, bits, (rows, columns)
@@ -481,5 +488,5 @@ def record_of(parts: Sequence[Component]) -> DefectRecord:
 
 
 __all__ = ["EPSILON_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
-           "default_gap_mm", "frame_components", "masks_components", "pack_mask", "pixels_touch", "record_of",
-           "to_along_across", "unpack_mask"]
+           "default_gap_mm", "frame_components", "masks_components", "pack_mask", "packed_component", "pixels_touch",
+           "record_of", "to_along_across", "unpack_mask"]

@@ -11,7 +11,8 @@ Why a process of its own: on a dense coil an evaluation is pure Python and numpy
 hundreds of milliseconds; on the server's threads it would hold the interpreter lock the batcher and
 the gRPC handlers need, and at saturation it would take its cycles from inference. In a process in
 the idle scheduling class (:func:`lower_priority`) it runs only on cycles no serving thread wants, and
-the serving process pays only for pickling the frames' components once per interval.
+the serving process pays only for sending the frames' components once per interval, as columns
+(:class:`server.watch_wire.WatchFrames`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from coils.periodic import PeriodicConfig, PeriodicDefect, band_keys, find_perio
 from coils.records import DefectRecord, RecordBuilder
 from coils.store import FrameComponents
 from coils.summary import CoilFacts, summarise
+from server.watch_wire import WatchFrames
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -95,6 +97,36 @@ class WatchResult:
     open_coils: tuple[CoilState, ...]
     alarms: tuple[Alarm, ...]
     last_defect: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A :class:`WatchResult` on the pipe: an open coil's state as it was in the last answer is its id only."""
+
+    open_coils: tuple[CoilState | str, ...]
+    alarms: tuple[Alarm, ...]
+    last_defect: dict[str, str]
+
+
+class _SentStates:
+    """The open coils' states of the last answer, on either side of the pipe: a state crosses it whole only when
+    it changed. A dense coil's state (hundreds of periodic defects) changes a few times a minute (:data:`BUDGET`)
+    but is answered four times a second, and unpickling it took the serving process a millisecond each time."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, CoilState] = {}
+
+    def pack(self, result: WatchResult) -> _Answer:
+        """The answer to send (the watch's process)."""
+        states = tuple(s.coil_id if self._states.get(s.coil_id) is s else s for s in result.open_coils)
+        self._states = {s.coil_id: s for s in result.open_coils}
+        return _Answer(states, result.alarms, result.last_defect)
+
+    def unpack(self, answer: _Answer) -> WatchResult:
+        """The result again (the serving process), the unchanged states those of the last answer."""
+        states = tuple(self._states[s] if isinstance(s, str) else s for s in answer.open_coils)
+        self._states = {s.coil_id: s for s in states}
+        return WatchResult(states, answer.alarms, answer.last_defect)
 
 
 @dataclass
@@ -224,7 +256,8 @@ class WatchDied(RuntimeError):
 class WatchProcess:
     """A :class:`CoilWatch` in a process of its own (spawned, idle priority: :func:`lower_priority`); same :meth:`work`.
 
-    One call at a time (the monitor's thread): the frames go over a pipe, the answer comes back.
+    One call at a time (the monitor's thread): the frames go over a pipe (:class:`server.watch_wire.WatchFrames`),
+    the answer comes back (the open coils' states that changed since the last answer, whole).
     """
 
     def __init__(self, line: Line, rules: Sequence[AlarmRule], grader: Grader | None = None,
@@ -235,6 +268,7 @@ class WatchProcess:
                                         name="line-watch", daemon=True)
         self._process.start()
         child.close()
+        self._states = _SentStates()
 
     @property
     def pid(self) -> int | None:
@@ -243,7 +277,7 @@ class WatchProcess:
     def work(self, frames: Sequence[FrameComponents], closed: Sequence[str], now: float) -> WatchResult:
         """:meth:`CoilWatch.work` in the watch process; :class:`WatchDied` when it cannot answer."""
         try:
-            self._conn.send((list(frames), list(closed), now))
+            self._conn.send((WatchFrames.of(frames), list(closed), now))
             deadline = time.monotonic() + ANSWER_TIMEOUT_S
             while not self._conn.poll(0.5):
                 if not self._process.is_alive():
@@ -255,7 +289,7 @@ class WatchProcess:
             raise WatchDied(f"the line watch process is gone: {exc}") from exc
         if isinstance(answer, BaseException):
             raise answer
-        return answer
+        return self._states.unpack(answer)
 
     def close(self) -> None:
         """Asks the process to end; kills it if it does not within 5 s."""
@@ -291,11 +325,12 @@ def lower_priority(nice: int = NICE) -> None:
 
 def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grader: Grader | None,
                 budget: float, nice: int) -> None:
-    """The watch process: answers each ``(frames, closed, now)`` with a :class:`WatchResult` (or the error)."""
+    """The watch process: answers each ``(WatchFrames, closed, now)`` with a :class:`WatchResult` (or the error)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lower_priority(nice)
     gc.disable()  # collected once per call instead (below)
     watch = CoilWatch(line, rules, grader, budget)
+    states = _SentStates()
     calls = 0
     while True:
         try:
@@ -306,7 +341,8 @@ def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grad
             return
         calls += 1
         try:
-            answer: Any = watch.work(*request)
+            frames, closed, now = request
+            answer: Any = states.pack(watch.work(frames.frames(), closed, now))
         except Exception as exc:  # noqa: BLE001 - the error goes back to the monitor, which logs it
             log.exception("event=line_watch_error")
             answer = RuntimeError(f"the line watch failed: {type(exc).__name__}: {exc}")
