@@ -225,7 +225,8 @@ def small_model() -> Path:
     """The default: a random-weight bench model (``bench model``, cached) with 64x320 frames, quick on a CPU."""
     from benchmarks.models import BenchModelSpec, ensure_model
 
-    spec = BenchModelSpec(decoder_channels=(32, 16, 8), height=64, width=320, train_height=32, train_width=160)
+    spec = BenchModelSpec(decoder_channels=(32, 16, 8), height=64, width=320, train_height=32, train_width=160,
+                          fit_steps=0)  # failover measures the serving, not the weights
     return ensure_model(spec).onnx
 
 

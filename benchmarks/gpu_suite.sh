@@ -212,9 +212,11 @@ if [[ -z "$BACKENDS" || $HAVE_SMP != 1 ]]; then
 fi
 
 # ----------------------------------------------------------------------------- sizes
+# Random weights (--fit-steps 0): these rows measure GPU speed, and fitting a ResNet-34 U-Net on the
+# machine's CPU would take the suite's whole budget.
 if [[ $DRY_RUN == 1 ]]; then
     MODEL_ARGS=(--encoder resnet18 --decoder-channels 16,8,4 --height 64 --width 320 --train-height 32
-                --train-width 160 --parity-frames 1)
+                --train-width 160 --parity-frames 1 --fit-steps 0)
     BATCHES=1,2
     BENCH_ARGS=(--frames 2 --min-repeats 2 --naive-frames 1 --peak-size 256 --peak-seconds 0.05)
     STREAM_ARGS=(--streams 1,2 --frames 4 --raw-repeats 1 --device cpu)
@@ -222,7 +224,7 @@ if [[ $DRY_RUN == 1 ]]; then
     ENSEMBLE_FOLDS=2
 else
     MODEL_ARGS=(--encoder resnet34 --decoder-channels 256,128,64,32,16 --height 256 --width 1600
-                --train-height 256 --train-width 1600 --fp16 --parity-frames 1)
+                --train-height 256 --train-width 1600 --fp16 --parity-frames 1 --fit-steps 0)
     BATCHES=1,2,4,8,16,32,64
     BENCH_ARGS=(--frames 64 --min-repeats 3 --naive-frames 8 --warmup 2)
     STREAM_ARGS=(--streams 1,4,16 --frames 1024 --max-batch 32 --raw-repeats 5 --device cuda)

@@ -1,10 +1,18 @@
-"""Bench models: random-weight U-Net ensembles exported like trained ones, cached by their settings.
+"""Bench models: U-Net ensembles of the product's architecture exported like trained ones, cached by their settings.
 
-Speed does not depend on the weights, so the bench builds fold checkpoints from randomly
-initialised U-Nets, writes a run directory the way training does, and exports it with the
-product's own exporters (``trainer.export``): an ONNX inspection graph (fp32, optionally fp16) and
-the ``.pt`` ensemble bundle the torch backend and the naive pipeline load. A cache directory
-keyed by the settings (and by the source of the model and exporter) is reused while both match.
+Dense speed does not depend on the weights, but whether a reduced precision stays within tolerance
+does. A randomly initialised U-Net puts every probability near 0.5, so its masks are a threshold on
+noise that any rounding flips (its int8 IR fails parity at mask Dice 0.79, benchmarks/RESULTS.md),
+which says nothing about a trained model. So the default bench model is *fitted*: its weights are
+trained for :data:`FIT_STEPS` steps on synthetic strips (``trainer.synth``), enough for a trained
+model's confident probabilities (thresholds at 0.5), at the same architecture and FLOPs;
+``fit_steps=0`` keeps random weights, with thresholds calibrated to a defect fraction.
+
+The bench writes the folds' checkpoints into a run directory the way training does and exports it
+with the product's own exporters (``trainer.export``): an ONNX inspection graph (fp32, optionally
+fp16) and the ``.pt`` ensemble bundle the torch backend and the naive pipeline load. A cache
+directory keyed by the settings (and by the source of the model, the fit and the exporter) is
+reused while both match.
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO_ROOT / "benchmarks" / "results" / "models"
 # A cached model is rebuilt when any of these change: they define what the files contain.
 SOURCES = ("network/config.py", "network/build.py", "network/processing.py", "network/inspection.py",
-           "network/checkpoint.py", "engine/metadata.py", "trainer/export.py")
+           "network/checkpoint.py", "engine/metadata.py", "trainer/export.py", "trainer/synth.py", "trainer/losses.py",
+           "benchmarks/fit.py")
+#: Training steps of the default bench model (:func:`benchmarks.fit.fit_unet`).
+FIT_STEPS = 300
 
 
 @dataclass(frozen=True)
@@ -42,10 +53,13 @@ class BenchModelSpec:
     train_width: int = 800
     fp16: bool = False  # also export the FP16 graph (TensorRT / ORT CUDA fp16)
     seed: int = 0
-    # Random weights put every probability near 0.5: at the thesis threshold about half of each
-    # frame would be "defect" and RLE would cost far more than on a line. Thresholds are set per
-    # class at the probability quantile that leaves this fraction of pixels above it on synthetic
-    # strip frames; minimum areas are the 1st-place Kaggle solution's (full resolution).
+    # Training steps on synthetic strips (see the module's doc); 0: random weights.
+    fit_steps: int = FIT_STEPS
+    # Random weights only (fit_steps 0): they put every probability near 0.5, so at the thesis
+    # threshold about half of each frame would be "defect" and RLE would cost far more than on a
+    # line. Thresholds are set per class at the probability quantile that leaves this fraction of
+    # pixels above it on synthetic strip frames. A fitted model uses the thesis' 0.5. Minimum areas
+    # are the 1st-place Kaggle solution's (full resolution).
     defect_fraction: float = 0.003
     min_areas: tuple[int, ...] = field(default=(600, 600, 900, 2000))
 
@@ -54,6 +68,8 @@ class BenchModelSpec:
             raise ValueError(f"defect_fraction must lie in (0, 1), got {self.defect_fraction}")
         if self.folds < 1:
             raise ValueError(f"folds must be >= 1, got {self.folds}")
+        if self.fit_steps < 0:
+            raise ValueError(f"fit_steps must be >= 0, got {self.fit_steps}")
         for name in ("height", "width", "train_height", "train_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -63,6 +79,7 @@ class BenchModelSpec:
         return (
             f"{self.encoder}-d{'-'.join(map(str, self.decoder_channels))}-f{self.folds}-"
             f"{self.height}x{self.width}-t{self.train_height}x{self.train_width}"
+            + (f"-fit{self.fit_steps}" if self.fit_steps else "")
         )
 
     def key(self) -> dict[str, Any]:
@@ -116,6 +133,7 @@ def calibrated_thresholds(folds: list[Any], spec: BenchModelSpec, frames: int = 
 def _write_run(spec: BenchModelSpec, run_dir: Path) -> None:
     import torch
 
+    from benchmarks.fit import fit_unet
     from network.build import build_unet
     from network.checkpoint import FoldFacts, save_fold_checkpoint
     from network.config import UNetConfig
@@ -129,6 +147,9 @@ def _write_run(spec: BenchModelSpec, run_dir: Path) -> None:
     class_names = list(DEFAULT_CLASS_NAMES)
     folds = [build_unet(cfg).eval() for _ in range(spec.folds)]
     for fold, unet in enumerate(folds):
+        if spec.fit_steps:
+            fit_unet(unet, spec.fit_steps, (spec.height, spec.width), (spec.train_height, spec.train_width),
+                     seed=spec.seed + fold)
         (run_dir / f"fold{fold}").mkdir(parents=True, exist_ok=True)
         save_fold_checkpoint(
             run_dir / f"fold{fold}" / "best.pt",
@@ -138,7 +159,8 @@ def _write_run(spec: BenchModelSpec, run_dir: Path) -> None:
                       train_size=(spec.train_height, spec.train_width), class_names=tuple(class_names), mean=0.0,
                       std=1.0),
         )
-    postprocess = {"thresholds": calibrated_thresholds(folds, spec), "min_areas": list(spec.min_areas)}
+    thresholds = [0.5] * len(class_names) if spec.fit_steps else calibrated_thresholds(folds, spec)
+    postprocess = {"thresholds": thresholds, "min_areas": list(spec.min_areas)}
     (run_dir / "postprocess.json").write_text(json.dumps(postprocess, indent=2))
 
 
@@ -169,7 +191,8 @@ def ensure_model(
                 return model
         except json.JSONDecodeError:
             pass
-    log.info("building the bench model %s (random weights) in %s", spec.name, directory)
+    log.info("building the bench model %s (%s) in %s", spec.name,
+             f"weights fitted in {spec.fit_steps} steps" if spec.fit_steps else "random weights", directory)
     directory.mkdir(parents=True, exist_ok=True)
     key_path.unlink(missing_ok=True)  # a half-built directory must not look reusable
     run_dir = directory / "run"
@@ -184,12 +207,13 @@ def ensure_model(
 
 # --------------------------------------------------------------------------- CLI: bench model
 
-HELP = "build (or reuse) a random-weight bench model: fp32 ONNX, optional fp16 ONNX, and the .pt bundle"
+HELP = "build (or reuse) a bench model: fp32 ONNX, optional fp16 ONNX, and the .pt bundle"
 DESCRIPTION = (
-    "Writes fold checkpoints of randomly initialised U-Nets as a training run would, then exports them with "
-    "'trainer export' (ONNX inspection graph, optionally its FP16 twin, and the .pt ensemble bundle). Speed "
-    "does not depend on the weights. Reused while the settings and the model/export code are unchanged. "
-    "Prints the files, one per line."
+    "Writes fold checkpoints of U-Nets fitted briefly to synthetic strips (--fit-steps; 0: random weights) as a "
+    "training run would, then exports them with 'trainer export' (ONNX inspection graph, optionally its FP16 "
+    "twin, and the .pt ensemble bundle). Dense speed does not depend on the weights; whether int8 stays within "
+    "tolerance does, and random weights fail it whatever the quantisation. Reused while the settings and the "
+    "model/fit/export code are unchanged. Prints the files, one per line."
 )
 
 
@@ -214,6 +238,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--train-height", type=int, default=None, help="U-Net input height (default height / 2)")
     parser.add_argument("--train-width", type=int, default=None, help="U-Net input width (default width / 2)")
     parser.add_argument("--fp16", action="store_true", help="also export the FP16 graph (TensorRT, ORT CUDA fp16)")
+    parser.add_argument("--fit-steps", type=int, default=defaults.fit_steps,
+                        help="training steps on synthetic strips (default %(default)s; 0: random weights)")
     parser.add_argument("--parity-frames", type=int, default=2,
                         help="frames of the export's self-check against torch eager (default %(default)s)")
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {DEFAULT_CACHE}")
@@ -229,6 +255,7 @@ def run(args: Any) -> int:
         train_height=args.train_height or args.height // 2,
         train_width=args.train_width or args.width // 2,
         fp16=args.fp16,
+        fit_steps=args.fit_steps,
     )
     model = ensure_model(spec, args.cache_dir, parity_frames=args.parity_frames)
     for path in model.files():
@@ -265,4 +292,5 @@ def ensure_int8_ir(onnx_path: Path, calibration_frames: int = 32, parity_frames:
     except BuildParityError as exc:
         refused.write_text(f"the int8 IR was refused: {exc}\n", encoding="utf-8")
         return None, f"the int8 IR was refused: {exc}"
+    refused.unlink(missing_ok=True)  # an older graph's refusal
     return ir, "built"

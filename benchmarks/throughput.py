@@ -1,8 +1,9 @@
 """``bench throughput``: images/sec per backend and batch size, stage by stage, against the naive pipeline.
 
 With no arguments it builds (or reuses) the small default bench model (a one-fold ResNet-18 U-Net
-with a slim decoder at the thesis geometry: 256x1600 camera frames, U-Net at 128x800; random
-weights, see benchmarks.models), and its int8 OpenVINO IR, and measures the reference row
+with a slim decoder at the thesis geometry: 256x1600 camera frames, U-Net at 128x800; weights fitted
+briefly to synthetic strips so that int8 parity means what it means for a trained model, see
+benchmarks.models), and its int8 OpenVINO IR, and measures the reference row
 (``onnxruntime-graph``: the exported graph whole on ONNX Runtime, fp32, as a user would run it), ONNX
 Runtime and OpenVINO fp32/bf16/int8 with their CPU post-processing (engine.fastpost), torch eager
 fp32/bf16 on the CPU, and the naive pipeline. Rows that cannot run here
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.models import FIT_STEPS
 from benchmarks.pipeline import STAGES
 from engine.devices import is_cuda, parse_device
 
@@ -92,6 +94,7 @@ class ThroughputConfig:
     cache_dir: Path | None = None
     encoder: str = "resnet18"
     folds: int = 1
+    fit_steps: int = FIT_STEPS
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in VARIANTS]
@@ -132,7 +135,7 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, action="append", default=[], metavar="FILE",
                         help="model file (.onnx, .pt, .engine); repeat for several. Default: build or reuse "
-                        "the small bench model (random weights) and use its .onnx and .pt")
+                        "the small bench model (--fit-steps) and use its .onnx and .pt")
     parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS),
                         help=f"comma-separated, from: {', '.join(VARIANTS)} (default %(default)s); each runs "
                         "on every --model file of its kind")
@@ -147,6 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None, help="frame width of the default model (1600)")
     parser.add_argument("--encoder", default="resnet18", help="encoder of the default model (default %(default)s)")
     parser.add_argument("--folds", type=int, default=1, help="folds of the default model (default %(default)s)")
+    parser.add_argument("--fit-steps", type=int, default=FIT_STEPS,
+                        help="training steps of the default model on synthetic strips (default %(default)s; 0: "
+                        "random weights, whose int8 IR fails parity whatever the quantisation)")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch and ONNX Runtime (default 0 = one per usable CPU)")
     parser.add_argument("--reference", type=Path, default=None, metavar="FILE.pt",
@@ -193,6 +199,7 @@ def config_from_args(args: argparse.Namespace) -> ThroughputConfig:
         cache_dir=args.cache_dir,
         encoder=args.encoder,
         folds=args.folds,
+        fit_steps=args.fit_steps,
     )
 
 
@@ -223,6 +230,7 @@ def resolve_models(
         width=cfg.width or 1600,
         train_height=(cfg.height or 256) // 2,
         train_width=(cfg.width or 1600) // 2,
+        fit_steps=cfg.fit_steps,
     )
     built = ensure_model(spec, cfg.cache_dir)
     models = [built.onnx, built.pt]

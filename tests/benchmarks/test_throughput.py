@@ -165,7 +165,7 @@ def test_default_model_is_built_once_and_reused(tmp_path: Path) -> None:
     from toolchain.parity import synthetic_frames
 
     spec = BenchModelSpec(decoder_channels=(16, 8, 4), height=64, width=320, train_height=32, train_width=160,
-                          defect_fraction=0.01)
+                          defect_fraction=0.01, fit_steps=0)
     built = ensure_model(spec, tmp_path)
     stamps = [p.stat().st_mtime_ns for p in built.files()]
     again = ensure_model(spec, tmp_path)
@@ -179,6 +179,47 @@ def test_default_model_is_built_once_and_reused(tmp_path: Path) -> None:
     assert np.all(np.abs(fraction - 0.01) < 0.005), fraction
     other = BenchModelSpec(**{**spec.__dict__, "folds": 2})
     assert other.name != spec.name and other.key() != spec.key()
+
+
+def test_fitted_model_is_trained_and_thresholded_at_one_half(tmp_path: Path) -> None:
+    """The default bench model's weights are fitted to synthetic strips: they move from their random start, the
+    loss falls, and the thresholds are the thesis' 0.5 rather than a calibrated quantile."""
+    import torch
+
+    from benchmarks.fit import fit_unet
+    from benchmarks.models import BenchModelSpec, ensure_model
+    from engine.backends import load_backend
+    from network.build import build_unet
+    from network.config import UNetConfig
+    from trainer.losses import SegmentationLoss
+    from trainer.synth import draw_frame
+
+    spec = BenchModelSpec(decoder_channels=(16, 8, 4), height=64, width=320, train_height=32, train_width=160,
+                          fit_steps=30)
+    assert spec.name.endswith("-fit30") and BenchModelSpec(**{**spec.__dict__, "fit_steps": 0}).name != spec.name
+    cfg = UNetConfig(encoder=spec.encoder, encoder_depth=3, decoder_channels=spec.decoder_channels)
+    torch.manual_seed(0)
+    unet = build_unet(cfg)
+    start = {k: v.clone() for k, v in unet.state_dict().items()}
+    rng = np.random.default_rng(7)
+    held_out = [draw_frame(rng, 32, 160, (k,), 4) for k in range(4)]
+    x = torch.from_numpy(np.stack([i for i, _ in held_out])[:, None].astype(np.float32) / 255.0)
+    y = torch.from_numpy(np.stack([m for _, m in held_out]))
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(SegmentationLoss("bce+dice")(unet.eval()(x), y))
+
+    before = loss()
+    fit_unet(unet, spec.fit_steps, (spec.height, spec.width), (spec.train_height, spec.train_width), seed=0)
+    assert not unet.training
+    assert any(not torch.equal(start[k], v) for k, v in unet.state_dict().items())
+    assert loss() < 0.9 * before
+    built = ensure_model(spec, tmp_path)
+    with load_backend(built.onnx, device="cpu") as backend:
+        assert list(backend.metadata.thresholds) == [0.5] * 4
+    with pytest.raises(ValueError, match="fit_steps must be >= 0"):
+        BenchModelSpec(fit_steps=-1)
 
 
 @pytest.mark.parametrize(
