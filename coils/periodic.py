@@ -343,13 +343,30 @@ def _nearest_per_turn(after: np.ndarray, offset: float, period: float, limit: fl
 
 def _fit_line(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``np.polyfit(x, y, 1)`` (slope, intercept), its very steps and floats without its checks: the walks fit
-    tens of thousands of lines per search of a dense coil, and polyfit's own overhead was a tenth of it."""
+    tens of thousands of lines per search of a dense coil, and polyfit's and lstsq's own overhead was most of it.
+
+    The least squares is the gufunc ``np.linalg.lstsq`` calls (numpy 2), called as it calls it; a result that is
+    not finite (lstsq raises where the SVD fails) and an older numpy take ``np.linalg.lstsq`` itself.
+    """
     x = np.asarray(x, np.float64)
     lhs = np.empty((len(x), 2))
     lhs[:, 0], lhs[:, 1] = x, 1.0  # np.vander(x, 2)
     scale = np.sqrt((lhs * lhs).sum(axis=0))
     lhs /= scale
-    return np.linalg.lstsq(lhs, np.asarray(y, np.float64), len(x) * np.finfo(np.float64).eps)[0] / scale
+    y, rcond = np.asarray(y, np.float64), len(x) * _EPS
+    if _LSTSQ is not None:
+        with np.errstate(invalid="ignore"):  # a failed SVD: lstsq below raises its error
+            solution = _LSTSQ(lhs, y[:, np.newaxis], rcond, signature="ddd->ddid")[0][:, 0]
+        if math.isfinite(solution[0]) and math.isfinite(solution[1]):
+            return solution / scale
+    return np.linalg.lstsq(lhs, y, rcond)[0] / scale
+
+
+_EPS = float(np.finfo(np.float64).eps)
+try:
+    from numpy.linalg._umath_linalg import lstsq as _LSTSQ  # numpy >= 2: the one least-squares gufunc
+except ImportError:  # numpy 1.x: lstsq_m and lstsq_n, chosen by shape
+    _LSTSQ = None
 
 
 def _log_binomial_tail(hits: int, trials: int, p: float) -> float:
