@@ -79,27 +79,35 @@ def fit_line(turns, along, n):  # pragma: no cover - compiled
     return slope, intercept
 
 
-#: Line fits :func:`remembered_fit` keeps: a walk's next stage often takes the same repeats again, and other
-#: candidates of the band the same first ones (on a dense coil, 8 fits in 10 repeat an earlier one).
-REMEMBERED = 16
+#: Line fits :func:`remembered_fit` keeps (by a hash of their inputs, one per place), of at most
+#: :data:`REMEMBERED_REPEATS` repeats: a walk's next stage often takes the same repeats again, the band's other
+#: candidates and its search after a find the same walks, and the overlapping band the same records (on a dense
+#: coil's live window, 8 fits in 10 repeat an earlier one; 99 % have at most 27 repeats).
+REMEMBERED, REMEMBERED_REPEATS = 4096, 64  # 4096: the top 12 bits of a 64-bit hash
+_FNV_PRIME = np.uint64(1099511628211)
 
 
 @compiled
-def fit_memory(size):  # pragma: no cover - compiled
-    """Room for :data:`REMEMBERED` fits of up to ``size`` repeats: their counts, the bits of their turns and
-    along positions, their results and the next place to write."""
-    return (np.zeros(REMEMBERED, np.int64), np.empty((REMEMBERED, size), np.int64),
-            np.empty((REMEMBERED, size), np.int64), np.empty((REMEMBERED, 2), np.float64), np.zeros(1, np.int64))
+def fit_memory():  # pragma: no cover - compiled
+    """Room for :data:`REMEMBERED` fits: their counts (0: none), the bits of their turns and along
+    positions, their results."""
+    return (np.zeros(REMEMBERED, np.int64), np.empty((REMEMBERED, REMEMBERED_REPEATS), np.uint64),
+            np.empty((REMEMBERED, REMEMBERED_REPEATS), np.uint64), np.empty((REMEMBERED, 2), np.float64))
 
 
 @compiled(nogil=False)
 def remembered_fit(turns, along, n, memory):  # pragma: no cover - compiled
     """:func:`fit_line`, or the result it gave for the same inputs bit for bit (-0.0 is not 0.0 to LAPACK)."""
-    counts, turn_bits, along_bits, results, slot = memory
-    turns_now, along_now = turns[:n].view(np.int64), along[:n].view(np.int64)
-    for e in range(REMEMBERED):
-        if counts[e] != n:
-            continue
+    if n > REMEMBERED_REPEATS:
+        return fit_line(turns, along, n)
+    counts, turn_bits, along_bits, results = memory
+    turns_now, along_now = turns[:n].view(np.uint64), along[:n].view(np.uint64)
+    code = np.uint64(n)
+    for i in range(n):
+        code = (code ^ turns_now[i]) * _FNV_PRIME
+        code = (code ^ along_now[i]) * _FNV_PRIME
+    e = int(code >> np.uint64(52))  # the top bits: a product's low bits see only the inputs' low bits (zero here)
+    if counts[e] == n:
         same = True
         for i in range(n):
             if turn_bits[e, i] != turns_now[i] or along_bits[e, i] != along_now[i]:
@@ -108,10 +116,8 @@ def remembered_fit(turns, along, n, memory):  # pragma: no cover - compiled
         if same:
             return results[e, 0], results[e, 1]
     slope, intercept = fit_line(turns, along, n)
-    e = slot[0]
     counts[e], turn_bits[e, :n], along_bits[e, :n] = n, turns_now, along_now
     results[e, 0], results[e, 1] = slope, intercept
-    slot[0] = (e + 1) % REMEMBERED
     return slope, intercept
 
 
@@ -330,7 +336,7 @@ def search_bands(positions, records, bounds, min_count, candidates, tol, min_per
     size = 0
     for b in range(len(bounds) - 1):
         size = max(size, bounds[b + 1] - bounds[b])
-    scratch, memory = np.empty((3, size), np.float64), fit_memory(size)
+    scratch, memory = np.empty((3, size), np.float64), fit_memory()
     hits, best_hits = np.empty(size, np.int64), np.empty(size, np.int64)
     turns, best_turns = np.empty(size, np.float64), np.empty(size, np.float64)
     alive, kept = np.empty(size, np.float64), np.empty(size, np.int64)
