@@ -171,12 +171,14 @@ def _bands(records: Sequence[DefectRecord], config: PeriodicConfig) -> dict[tupl
     band = np.floor(across).astype(np.int64)  # band_keys' number, the same floats
     low, width = int(band.min()) - 1, int(band.max()) - int(band.min()) + 2
     code = classes * width + (band - low)  # (class, band) as one integer; the record's second band is code - 1
-    unique, first, inverse = np.unique(np.stack([code, code - 1], 1).reshape(-1), return_index=True,
-                                       return_inverse=True)
-    sizes = np.bincount(inverse, minlength=len(unique))
-    grouped = np.split(np.argsort(inverse, kind="stable") // 2, np.cumsum(sizes)[:-1])
-    return {(int(unique[u] // width), int(unique[u] % width) + low): grouped[u]
-            for u in np.argsort(first, kind="stable").tolist() if sizes[u] >= config.min_count}
+    codes = np.stack([code, code - 1], 1).reshape(-1)
+    order = np.argsort(codes, kind="stable")  # by band, each band's records ascending
+    ordered = codes[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    ends, members = np.append(starts[1:], len(codes)), order // 2
+    unique, first = ordered[starts].tolist(), order[starts]  # a band's first place in ``codes``: its first record
+    return {(unique[u] // width, unique[u] % width + low): members[starts[u]:ends[u]]
+            for u in np.argsort(first, kind="stable").tolist() if ends[u] - starts[u] >= config.min_count}
 
 
 def band_keys(record: DefectRecord, config: PeriodicConfig) -> tuple[tuple[int, int], tuple[int, int]]:
