@@ -25,15 +25,21 @@ circumference names that roll.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from coils.line import Line
 from coils.records import DefectRecord
+from engine.kernels import import_kernel
+
+log = logging.getLogger(__name__)
 
 #: Turns over which a candidate period picks its walk's starting record.
 FIRST_TURNS = 8
@@ -118,22 +124,33 @@ class _Walk:
     log_p: float  # log of the binomial tail probability
 
 
+@dataclass(frozen=True)
+class _Find:
+    band: int  # its place in the bands searched
+    log_p: float  # the walk's log tail probability
+    records: list[int]  # the repeats' record indices, along the strip
+    turns: np.ndarray  # the repeats' turn numbers (floats)
+
+
 def find_periodic(line: Line, records: Sequence[DefectRecord], config: PeriodicConfig | None = None,
-                  only: Collection[tuple[int, int]] | None = None) -> list[PeriodicDefect]:
+                  only: Collection[tuple[int, int]] | None = None, compiled: bool = True) -> list[PeriodicDefect]:
     """The periodic defects among ``records`` (one coil's), most repeats first (see the module's doc).
 
     Args:
         only: search just these (class, band) keys (:func:`band_keys`), e.g. the bands a live view's
             new records fell in; the significance still counts the walks of every band.
+        compiled: False searches with numpy even where numba is installed (the tests compare the two;
+            they give the same finds to the last bit).
     """
     config = config or PeriodicConfig()
     centres = np.array([_along(r) for r in records], np.float64)
     bands = _bands(records, config)
     tests = max(1, sum(len(b) * config.candidates for b in bands.values()))
-    found: list[tuple[float, PeriodicDefect]] = []
-    for (class_id, band), members in bands.items():
-        if only is None or (class_id, band) in only:
-            found += _search_band(line, records, centres, class_id, members, tests, config)
+    searched = [(key, members) for key, members in bands.items() if only is None or key in only]
+    kernel = _kernel() if compiled else None
+    search = _search_compiled if kernel is not None else _search_numpy
+    found = [(f.log_p, _defect(line, records, searched[f.band][0][0], f, tests, centres, config))
+             for f in search(centres, [members for _, members in searched], tests, config, max_period_mm(line, config))]
     kept: list[PeriodicDefect] = []
     taken: set[int] = set()
     for _, defect in sorted(found, key=lambda f: (f[0], -f[1].count)):
@@ -154,12 +171,14 @@ def _bands(records: Sequence[DefectRecord], config: PeriodicConfig) -> dict[tupl
     band = np.floor(across).astype(np.int64)  # band_keys' number, the same floats
     low, width = int(band.min()) - 1, int(band.max()) - int(band.min()) + 2
     code = classes * width + (band - low)  # (class, band) as one integer; the record's second band is code - 1
-    unique, first, inverse = np.unique(np.stack([code, code - 1], 1).reshape(-1), return_index=True,
-                                       return_inverse=True)
-    sizes = np.bincount(inverse, minlength=len(unique))
-    grouped = np.split(np.argsort(inverse, kind="stable") // 2, np.cumsum(sizes)[:-1])
-    return {(int(unique[u] // width), int(unique[u] % width) + low): grouped[u]
-            for u in np.argsort(first, kind="stable").tolist() if sizes[u] >= config.min_count}
+    codes = np.stack([code, code - 1], 1).reshape(-1)
+    order = np.argsort(codes, kind="stable")  # by band, each band's records ascending
+    ordered = codes[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    ends, members = np.append(starts[1:], len(codes)), order // 2
+    unique, first = ordered[starts].tolist(), order[starts]  # a band's first place in ``codes``: its first record
+    return {(unique[u] // width, unique[u] % width + low): members[starts[u]:ends[u]]
+            for u in np.argsort(first, kind="stable").tolist() if ends[u] - starts[u] >= config.min_count}
 
 
 def band_keys(record: DefectRecord, config: PeriodicConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -168,21 +187,51 @@ def band_keys(record: DefectRecord, config: PeriodicConfig) -> tuple[tuple[int, 
     return (record.class_id, b), (record.class_id, b - 1)
 
 
-def _search_band(line: Line, records: Sequence[DefectRecord], centres: np.ndarray, class_id: int,
-                 members: np.ndarray, tests: int, config: PeriodicConfig) -> list[tuple[float, PeriodicDefect]]:
+def _search_numpy(centres: np.ndarray, bands: list[np.ndarray], tests: int, config: PeriodicConfig,
+                  max_period: float) -> list[_Find]:
+    """The finds of every band, band by band in numpy."""
+    return [find for band, members in enumerate(bands)
+            for find in _search_band(centres, band, members, tests, config, max_period)]
+
+
+def _search_band(centres: np.ndarray, band: int, members: np.ndarray, tests: int, config: PeriodicConfig,
+                 max_period: float) -> list[_Find]:
     """Periodic defects in one band: the best walk, its repeats taken out, again, while significant."""
     order = members[np.argsort(centres[members], kind="stable")]  # along, ties in record order
-    found: list[tuple[float, PeriodicDefect]] = []
+    found: list[_Find] = []
     while len(order) >= config.min_count:
         positions = centres[order]
-        best = _best_walk(positions, config, max_period_mm(line, config))
+        best = _best_walk(positions, config, max_period)
         if best is None or best.log_p + math.log(tests) >= math.log(config.alpha):
             break
-        chance = math.exp(best.log_p) * tests
-        found.append((best.log_p, _defect(line, records, class_id, order[list(best.hits)].tolist(), best, chance,
-                                          positions, config)))
+        found.append(_Find(band, best.log_p, order[list(best.hits)].tolist(), np.array(best.turns, np.float64)))
         order = np.delete(order, list(best.hits))
     return found
+
+
+def _search_compiled(centres: np.ndarray, bands: list[np.ndarray], tests: int, config: PeriodicConfig,
+                     max_period: float) -> list[_Find]:
+    """The finds of every band in one call of :func:`coils.periodic_kernel.search_bands`."""
+    kernel = _kernel()
+    assert kernel is not None
+    members = np.concatenate(bands) if bands else np.empty(0, np.int64)
+    band = np.repeat(np.arange(len(bands)), [len(m) for m in bands])
+    order = np.argsort(centres[members], kind="stable")
+    order = order[np.argsort(band[order], kind="stable")]  # by band, then along, ties in record order
+    records = members[order]
+    bounds = np.concatenate([[0], np.cumsum([len(m) for m in bands])]).astype(np.int64)
+    while True:
+        finds, found_records, found_turns = kernel.search_bands(
+            centres[records], records, bounds, int(config.min_count), int(config.candidates),
+            float(config.tolerance_mm), float(config.min_period_mm), float(max_period), math.log(tests),
+            math.log(config.alpha), _lgamma_table(0))
+        if len(finds) == 0 or finds[0, 0] >= 0:
+            break
+        _lgamma_table(int(finds[0, 1]) + 2)  # a walk of more turns than the table held: again with room
+    found_turns = found_turns + 0.0  # rint's -0.0 as the numpy path's int turns give it: lstsq tells them apart
+    ends = [*finds[1:, 2].astype(np.int64).tolist(), len(found_records)]
+    return [_Find(int(b), float(log_p), found_records[int(first):end].tolist(), found_turns[int(first):end])
+            for (b, log_p, first), end in zip(finds.tolist(), ends)]
 
 
 def _best_walk(positions: np.ndarray, config: PeriodicConfig, max_period_mm: float) -> _Walk | None:
@@ -296,13 +345,30 @@ def _nearest_per_turn(after: np.ndarray, offset: float, period: float, limit: fl
 
 def _fit_line(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """``np.polyfit(x, y, 1)`` (slope, intercept), its very steps and floats without its checks: the walks fit
-    tens of thousands of lines per search of a dense coil, and polyfit's own overhead was a tenth of it."""
+    tens of thousands of lines per search of a dense coil, and polyfit's and lstsq's own overhead was most of it.
+
+    The least squares is the gufunc ``np.linalg.lstsq`` calls (numpy 2), called as it calls it; a result that is
+    not finite (lstsq raises where the SVD fails) and an older numpy take ``np.linalg.lstsq`` itself.
+    """
     x = np.asarray(x, np.float64)
     lhs = np.empty((len(x), 2))
     lhs[:, 0], lhs[:, 1] = x, 1.0  # np.vander(x, 2)
     scale = np.sqrt((lhs * lhs).sum(axis=0))
     lhs /= scale
-    return np.linalg.lstsq(lhs, np.asarray(y, np.float64), len(x) * np.finfo(np.float64).eps)[0] / scale
+    y, rcond = np.asarray(y, np.float64), len(x) * _EPS
+    if _LSTSQ is not None:
+        with np.errstate(invalid="ignore"):  # a failed SVD: lstsq below raises its error
+            solution = _LSTSQ(lhs, y[:, np.newaxis], rcond, signature="ddd->ddid")[0][:, 0]
+        if math.isfinite(solution[0]) and math.isfinite(solution[1]):
+            return solution / scale
+    return np.linalg.lstsq(lhs, y, rcond)[0] / scale
+
+
+_EPS = float(np.finfo(np.float64).eps)
+try:
+    from numpy.linalg._umath_linalg import lstsq as _LSTSQ  # numpy >= 2: the one least-squares gufunc
+except ImportError:  # numpy 1.x: lstsq_m and lstsq_n, chosen by shape
+    _LSTSQ = None
 
 
 def _log_binomial_tail(hits: int, trials: int, p: float) -> float:
@@ -315,13 +381,48 @@ def _log_binomial_tail(hits: int, trials: int, p: float) -> float:
     terms = [math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1) + k * log_p
              + (trials - k) * log_q for k in range(hits, trials + 1)]
     peak = max(terms)
-    return peak + math.log(sum(math.exp(t - peak) for t in terms))
+    total = 0.0
+    for term in terms:  # in order, as the compiled kernel adds them (sum() compensates from Python 3.12)
+        total += math.exp(term - peak)
+    return peak + math.log(total)
 
 
-def _defect(line: Line, records: Sequence[DefectRecord], class_id: int, indices: list[int], walk: _Walk,
-            chance: float, positions: np.ndarray, config: PeriodicConfig) -> PeriodicDefect:
-    along = positions[list(walk.hits)]
-    period = float(_fit_line(np.array(walk.turns, float), along)[0])
+def _lgamma_table(size: int) -> np.ndarray:
+    """``math.lgamma(k)`` at ``k`` = 0 (NaN), 1, ... up to at least ``size`` - 1, for the compiled tail
+    (CPython's lgamma, not the C library's the kernel would call)."""
+    global _LGAMMA
+    if len(_LGAMMA) < size:
+        size = max(size, 2 * len(_LGAMMA))
+        _LGAMMA = np.array([math.nan] + [math.lgamma(k) for k in range(1, size)], np.float64)
+    return _LGAMMA
+
+
+_LGAMMA = np.empty(0)
+_lgamma_table(4096)
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel() -> ModuleType | None:
+    """:mod:`coils.periodic_kernel`, or None where numba is not installed (the search runs in numpy)."""
+    module, why_not = import_kernel("coils.periodic_kernel")
+    if module is None:
+        log.info("periodic defects searched in numpy: %s", why_not)
+    return module
+
+
+def warm_up() -> None:
+    """Compiles the search now: seconds where numba's disk cache is cold, better at start than on a coil."""
+    line = Line("warm-up", 1000.0, (), ())
+    records = [DefectRecord("warm-up", 1, a, a + 1.0, 10.0, 11.0, 1.0, None, (), ()) for a in range(0, 2000, 100)]
+    find_periodic(line, records)
+
+
+def _defect(line: Line, records: Sequence[DefectRecord], class_id: int, find: _Find, tests: int,
+            centres: np.ndarray, config: PeriodicConfig) -> PeriodicDefect:
+    indices = find.records
+    along = centres[indices]
+    period = float(_fit_line(find.turns, along)[0])
+    chance = math.exp(find.log_p) * tests
     return PeriodicDefect(
         class_id=class_id, across_start_mm=min(records[i].across_start_mm for i in indices),
         across_end_mm=max(records[i].across_end_mm for i in indices), period_mm=period,

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import math
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -448,7 +449,11 @@ class RecordBuilder:
             group = members.get(root)  # None: a component alone
             kept[root] = _single_record(components[root]) if group is None else record_of(
                 [components[m] for m in sorted(group)])
-        return sorted(kept.values(), key=lambda r: (r.along_start_mm, r.across_start_mm, r.class_id, r.along_end_mm))
+        return sorted(kept.values(), key=_RECORD_ORDER)
+
+
+#: The order of :meth:`RecordBuilder.records`: along start, across start, class, along end.
+_RECORD_ORDER = operator.attrgetter("along_start_mm", "across_start_mm", "class_id", "along_end_mm")
 
 
 def _single_record(part: Component) -> DefectRecord:

@@ -15,17 +15,24 @@ counted. Two things make it cheap:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit
 
 
-def compiled(function):
+def compiled(function=None, *, nogil: bool = True):
     """``function`` compiled without the GIL, its machine code cached on disk where numba can write
-    a cache (beside this file, else its per-user directory); compiled at each start where it cannot."""
+    a cache (beside this file, else its per-user directory); compiled at each start where it cannot.
+
+    ``@compiled(nogil=False)`` keeps the GIL: for a kernel that calls back into Python (``objmode``).
+    """
+    if function is None:
+        return functools.partial(compiled, nogil=nogil)
     try:
-        return njit(cache=True, nogil=True, boundscheck=False)(function)
+        return njit(cache=True, nogil=nogil, boundscheck=False)(function)
     except RuntimeError:  # numba: "cannot cache function ...: no locator available" (read-only install, no HOME)
-        return njit(cache=False, nogil=True, boundscheck=False)(function)
+        return njit(cache=False, nogil=nogil, boundscheck=False)(function)
 
 
 @compiled

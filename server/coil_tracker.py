@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from coils import labelling
+from coils import labelling, periodic
 from coils.line import Line
 from coils.records import Component, DefectRecord, FrameKey, frame_components
 from coils.spool import Spool, SpoolFull
@@ -89,6 +89,7 @@ class CoilTracker:
             coils.store.StoreUnavailable: the database cannot be reached.
         """
         labelling.warm_up()  # the first coil frame's answer must not wait for a compilation
+        periodic.warm_up()  # nor the first coil's close
         store = CoilStore.open(config.db_url, line)
         try:
             spool = Spool(config.spool_dir, config.spool_max_bytes)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from coils import periodic
 from coils.alarms import Alarm, AlarmRule, CoilAlarms
 from coils.line import Line
 from coils.periodic import PeriodicConfig, PeriodicDefect, band_keys, find_periodic, max_period_mm
@@ -329,6 +330,7 @@ def serve_watch(conn: Connection, line: Line, rules: tuple[AlarmRule, ...], grad
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     lower_priority(nice)
     gc.disable()  # collected once per call instead (below)
+    periodic.warm_up()  # the first evaluation must not wait for a compilation
     watch = CoilWatch(line, rules, grader, budget)
     states = _SentStates()
     calls = 0
