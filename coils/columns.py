@@ -24,6 +24,7 @@ from coils.records import (
     Component,
     DefectRecord,
     FrameKey,
+    check_packed,
     pack_mask,
     packed_component,
     record_of,
@@ -136,13 +137,13 @@ class ComponentColumns:
 
 
 def _check_mask_sizes(masks: Sequence[bytes], shapes: np.ndarray) -> None:
-    """ValueError naming the first packed mask that is not the size :func:`coils.records.pack_mask` gives its shape."""
-    sizes = np.fromiter(map(len, masks), np.int64, len(masks))
-    wrong = np.flatnonzero(sizes != (shapes[:, 0] * shapes[:, 1] + 7) // 8)
-    if len(wrong):
-        (rows, columns), i = shapes[wrong[0]].tolist(), int(wrong[0])
-        raise ValueError(f"component {i}: a packed {rows}x{columns} mask has {(rows * columns + 7) // 8} bytes, "
-                         f"got {sizes[i]}")
+    """:func:`coils.records.check_packed` of every packed mask; its ValueError for the first wrong one, naming the
+    component."""
+    for i, (bits, (rows, columns)) in enumerate(zip(masks, shapes.tolist())):
+        try:
+            check_packed(bits, rows, columns)
+        except ValueError as exc:
+            raise ValueError(f"component {i}: {exc}") from None
 
 
 def merged_records(columns: ComponentColumns, gap_mm: float) -> list[DefectRecord]:

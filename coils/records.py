@@ -140,7 +140,7 @@ class Component:
 
 def _unpickle_component(key: FrameKey, class_id: int, bits: bytes, rows: int, columns: int, *scalars: Any) -> Component:
     """A pickled component, its mask left packed until read (``Component.__getattr__``)."""
-    _check_packed(bits, rows, columns)
+    check_packed(bits, rows, columns)
     return packed_component(key, class_id, bits, rows, columns, *scalars)
 
 
@@ -167,7 +167,7 @@ def pack_mask(mask: np.ndarray) -> bytes:
     return np.packbits(np.asarray(mask, dtype=bool), axis=None).tobytes()
 
 
-def _check_packed(data: bytes, rows: int, cols: int) -> None:
+def check_packed(data: bytes, rows: int, cols: int) -> None:
     """ValueError when ``data`` is not the size :func:`pack_mask` gives a ``rows`` x ``cols`` mask."""
     if len(data) != (rows * cols + 7) // 8:
         raise ValueError(f"a packed {rows}x{cols} mask has {(rows * cols + 7) // 8} bytes, got {len(data)}")
@@ -176,7 +176,7 @@ def _check_packed(data: bytes, rows: int, cols: int) -> None:
 def unpack_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     """The bool ``shape`` mask :func:`pack_mask` packed; ValueError when the bytes do not fit the shape."""
     rows, cols = int(shape[0]), int(shape[1])
-    _check_packed(data, rows, cols)
+    check_packed(data, rows, cols)
     bits = np.unpackbits(np.frombuffer(data, np.uint8), count=rows * cols)
     return bits.view(bool).reshape(rows, cols)
 
@@ -493,5 +493,5 @@ def record_of(parts: Sequence[Component]) -> DefectRecord:
 
 
 __all__ = ["EPSILON_MM", "Component", "DefectRecord", "FrameKey", "RecordBuilder", "boxes_meet",
-           "default_gap_mm", "frame_components", "masks_components", "pack_mask", "packed_component", "pixels_touch",
-           "record_of", "to_along_across", "unpack_mask"]
+           "check_packed", "default_gap_mm", "frame_components", "masks_components", "pack_mask", "packed_component",
+           "pixels_touch", "record_of", "to_along_across", "unpack_mask"]
