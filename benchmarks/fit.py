@@ -22,8 +22,8 @@ FIT_LR = 1e-3
 def fit_unet(unet: Any, steps: int, frame_size: tuple[int, int], train_size: tuple[int, int], seed: int) -> None:
     """Trains ``unet`` in place for ``steps`` steps on synthetic strips (``trainer.synth.draw_frame``) at
     the camera's frame size, brought to the U-Net's input size by the graph's own resize (masks: a quarter of a
-    cell's pixels on), on crops a third of its width (whole frames cost three times as much a step and teach no
-    more): AdamW, cosine learning rate, BCE + Dice (``trainer.losses``), fp32. Leaves it in eval mode.
+    cell's pixels on), on crops a third of its width (a step costs a third of a whole frame's): AdamW, cosine
+    learning rate, BCE + Dice (``trainer.losses``), fp32. Leaves it in eval mode.
     """
     import numpy as np
     import torch
